@@ -1,0 +1,1 @@
+"""pytest fixtures for the lab's guest (loaded by conftest.py)."""

@@ -1,0 +1,1 @@
+"""pytest fixtures for the lab's mirror (loaded by conftest.py)."""

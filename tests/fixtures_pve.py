@@ -1,0 +1,1 @@
+"""pytest fixtures for the lab's pve (loaded by conftest.py)."""
