@@ -1,0 +1,51 @@
+"""Chain IDs: one `CHAIN-<UTC yyyymmddThhmmssZ>-<key>` per run of one partition.
+
+The ID is in the run tags, in every log line header, in the template description and in the proof,
+so any one of them leads back to the others.
+"""
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+CHAIN_RE = re.compile(r"^CHAIN-(\d{8}T\d{6}Z)-([a-z][a-z0-9-]*)$")
+TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+
+
+def utc_stamp(when: datetime | None = None) -> str:
+    """`yyyymmddThhmmssZ` in UTC (the toolkit's timestamp, also used for evidence folders)."""
+    when = when or datetime.now(UTC)
+    if when.tzinfo is None:
+        raise ValueError("utc_stamp needs an aware datetime, got a naive one")
+    return when.astimezone(UTC).strftime(TIMESTAMP_FORMAT)
+
+
+@dataclass(frozen=True)
+class ChainId:
+    stamp: str
+    key: str
+
+    def __str__(self) -> str:
+        return f"CHAIN-{self.stamp}-{self.key}"
+
+    @property
+    def started_at(self) -> datetime:
+        return datetime.strptime(self.stamp, TIMESTAMP_FORMAT).replace(tzinfo=UTC)
+
+
+def new_chain_id(key: str, when: datetime | None = None) -> ChainId:
+    chain = ChainId(utc_stamp(when), key)
+    parse_chain_id(str(chain))  # the key must be a valid catalog key
+    return chain
+
+
+def parse_chain_id(text: str) -> ChainId:
+    match = CHAIN_RE.match(text)
+    if not match:
+        raise ValueError(f"not a chain ID (want CHAIN-<yyyymmddThhmmssZ>-<key>): {text!r}")
+    return ChainId(match.group(1), match.group(2))
+
+
+def log_header(chain: ChainId | str, stage: str) -> str:
+    """The header every log line of a run starts with: `[CHAIN-...] [stage]`."""
+    return f"[{chain}] [{stage}]"

@@ -1,0 +1,38 @@
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from packer_assets.chain import log_header, new_chain_id, parse_chain_id, utc_stamp
+
+
+def test_chain_id_format_and_round_trip():
+    when = datetime(2026, 11, 25, 19, 4, 5, tzinfo=UTC)
+    chain = new_chain_id("ubuntu-2204", when)
+    assert str(chain) == "CHAIN-20261125T190405Z-ubuntu-2204"
+    assert parse_chain_id(str(chain)) == chain
+    assert chain.started_at == when
+
+
+def test_stamp_is_utc_whatever_the_input_zone():
+    when = datetime(2026, 11, 25, 21, 0, 0, tzinfo=timezone(timedelta(hours=2)))
+    assert utc_stamp(when) == "20261125T190000Z"
+
+
+def test_naive_datetime_is_refused():
+    with pytest.raises(ValueError, match="naive"):
+        utc_stamp(datetime(2026, 1, 1))
+
+
+@pytest.mark.parametrize("bad", ["CHAIN-2026-ubuntu", "chain-20261125T190405Z-x", "CHAIN-20261125T190405Z-Bad_Key"])
+def test_malformed_chain_ids_are_refused(bad):
+    with pytest.raises(ValueError, match="not a chain ID"):
+        parse_chain_id(bad)
+
+
+def test_bad_key_cannot_make_a_chain_id():
+    with pytest.raises(ValueError):
+        new_chain_id("Ubuntu 22.04")
+
+
+def test_log_header():
+    assert log_header("CHAIN-20261125T190405Z-rocky-9", "build") == "[CHAIN-20261125T190405Z-rocky-9] [build]"
