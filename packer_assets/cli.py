@@ -1,0 +1,93 @@
+"""The `packer-assets` command: catalog checks and the lab.
+
+Every failure prints one line naming what is wrong and exits 2; no traceback for expected errors.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_LAB_STATE = Path(".lab")
+
+
+def _catalog_check(args) -> int:
+    from .catalog import check_catalog
+
+    for line in check_catalog(args.catalog):
+        print(line)
+    return 0
+
+
+def _lab(args) -> int:
+    from .lab import service
+
+    state = args.state
+    if args.lab_command == "up":
+        info = service.up(state, args.catalog)
+        print(f"lab running (pid {info['pid']}); env file: {service.LabPaths(state.resolve()).env_file}")
+        _print_endpoints(info)
+    elif args.lab_command == "down":
+        print("lab stopped" if service.down(state) else f"no lab was running for {state}")
+    elif args.lab_command == "status":
+        info = service.running_state(state)
+        if not info:
+            print(f"lab: not running ({state})")
+            return 3
+        print(f"lab: running (pid {info['pid']})")
+        _print_endpoints(info)
+    else:  # publish, corrupt, repair
+        result = service.control(state, args.lab_command, args.key)
+        print(json.dumps({"key": args.key, args.lab_command: result}))
+    return 0
+
+
+def _print_endpoints(info: dict) -> None:
+    for name in ("pve_url", "ca_file", "mirror_url", "guest"):
+        if name in info:
+            print(f"  {name}: {info[name]}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="packer-assets", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    catalog = sub.add_parser("catalog", help="the template catalog")
+    catalog_sub = catalog.add_subparsers(dest="catalog_command", required=True)
+    check = catalog_sub.add_parser("check", help="validate templates/catalog.yaml and list its templates")
+    check.add_argument("--catalog", type=Path, default=None, help="catalog file (default: PACKER_ASSETS_CATALOG "
+                       "or templates/catalog.yaml)")
+    check.set_defaults(func=_catalog_check)
+
+    lab = sub.add_parser("lab", help="the embedded lab: fake PVE API, ISO mirror, guest SSH")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True)
+    for name, text in (("up", "start the lab in the background"), ("down", "stop the lab `up` started"),
+                       ("status", "is the lab running, and where"), ("publish", "publish a new ISO release of KEY"),
+                       ("corrupt", "serve a corrupted ISO for KEY"), ("repair", "undo corrupt for KEY")):
+        cmd = lab_sub.add_parser(name, help=text)
+        cmd.add_argument("--state", type=Path, default=DEFAULT_LAB_STATE, help="state folder (default .lab)")
+        if name == "up":
+            cmd.add_argument("--catalog", type=Path, default=None)
+        if name in ("publish", "corrupt", "repair"):
+            cmd.add_argument("key")
+        cmd.set_defaults(func=_lab)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .catalog import CatalogError
+    from .envfile import EnvFileError
+    from .lab.service import LabError
+    from .settings import SettingsError
+
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except (CatalogError, EnvFileError, LabError, SettingsError) as exc:
+        print(f"packer-assets: {exc}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
