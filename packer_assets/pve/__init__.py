@@ -1,0 +1,1 @@
+"""Proxmox operations on a proxmoxer `ProxmoxAPI` handed in (no Dagster, no lab)."""

@@ -1,0 +1,286 @@
+"""Bootstrap API access for builds: role, automation user, ACLs, API token, discovery.
+
+What `init-proxmox-env.sh` did, idempotent: every object is read first and only created or changed
+when it differs. The toolkit's reuse rule for the token holds: a secret we already have is proven by
+logging in with it and kept; a token whose secret we do not have is replaced; rotation happens only
+when asked. Discovery runs before any change, so a missing storage or bridge changes nothing.
+"""
+
+import ipaddress
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from proxmoxer import ProxmoxAPI
+from proxmoxer.core import ResourceException
+
+from .client import Endpoint, PveAccessError, connect, translated_errors
+
+# What a Packer build (create, configure, boot, type, template), ISO staging and the smoke test
+# (clone, start, agent, destroy) need, on every PVE version.
+COMMON_PRIVILEGES = (
+    "Datastore.AllocateSpace", "Datastore.AllocateTemplate", "Datastore.Audit",
+    "SDN.Use", "Sys.Audit",
+    "VM.Allocate", "VM.Audit", "VM.Clone", "VM.Config.CDROM", "VM.Config.CPU", "VM.Config.Cloudinit",
+    "VM.Config.Disk", "VM.Config.HWType", "VM.Config.Memory", "VM.Config.Network", "VM.Config.Options",
+    "VM.Console", "VM.PowerMgmt",
+)
+# PVE 9 dropped VM.Monitor (guest-agent access became VM.GuestAgent.*) and lets download-url run with
+# Sys.AccessNetwork; before 9, download-url needs Sys.Audit + Sys.Modify and the agent VM.Monitor.
+PVE9_PRIVILEGES = ("VM.GuestAgent.Audit", "Sys.AccessNetwork")
+PVE8_PRIVILEGES = ("VM.Monitor", "Sys.Modify")
+
+
+class BootstrapError(RuntimeError):
+    """A bootstrap step failed; the message names the object (node, storage, user, token, ...)."""
+
+
+def pve_major(version: str) -> int:
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError:
+        raise BootstrapError(f"/version: cannot read the PVE version from {version!r}") from None
+
+
+def required_privileges(version: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    specific = PVE9_PRIVILEGES if pve_major(version) >= 9 else PVE8_PRIVILEGES
+    return tuple(sorted(set(COMMON_PRIVILEGES) | set(specific) | set(extra)))
+
+
+@dataclass(frozen=True)
+class BootstrapConfig:
+    user: str = "automation@pve"
+    role: str = "PackerBuilder"
+    token_name: str = "packer"
+    privsep: bool = True
+    rotate: bool = False
+    node: str | None = None
+    vm_storage: str | None = None
+    iso_storage: str | None = None
+    bridge: str | None = None
+    http_bind_address: str | None = None
+    http_port: int = 8802
+    extra_privileges: tuple[str, ...] = ()
+
+    @property
+    def token_id(self) -> str:
+        return f"{self.user}!{self.token_name}"
+
+
+@dataclass(frozen=True)
+class Discovery:
+    node: str
+    node_ip: str
+    vm_storage: str
+    iso_storage: str
+    bridge: str
+    http_bind_address: str
+    http_port: int
+
+
+@dataclass
+class BootstrapResult:
+    pve_version: str
+    token_id: str
+    token_secret: str = field(repr=False)
+    token_action: str  # reused | created | replaced | rotated
+    privileges: tuple[str, ...]
+    discovery: Discovery
+    changes: list[str]
+
+
+# ------------------------------------------------------------------ discovery
+
+
+def _pick(kind: str, wanted: str | None, candidates: list[str], everything: list[str]) -> str:
+    if wanted:
+        if wanted not in candidates:
+            why = "exists but does not qualify" if wanted in everything else "does not exist"
+            raise BootstrapError(f"configured {kind} {wanted!r} {why} (usable: {', '.join(candidates) or 'none'})")
+        return wanted
+    if not candidates:
+        raise BootstrapError(f"no usable {kind} found (seen: {', '.join(everything) or 'none'}); configure one")
+    return candidates[0]
+
+
+def discover_node(api: ProxmoxAPI, wanted: str | None) -> str:
+    nodes = api.nodes.get()
+    online = sorted(n["node"] for n in nodes if n.get("status") == "online")
+    everything = sorted(n["node"] for n in nodes)
+    if wanted:
+        return _pick("node", wanted, online, everything)
+    if len(online) > 1:
+        raise BootstrapError(f"several nodes are online ({', '.join(online)}): choose one with the node setting")
+    return _pick("node", None, online, everything)
+
+
+def discover_storage(api: ProxmoxAPI, node: str, content: str, wanted: str | None) -> str:
+    stores = api.nodes(node).storage.get()
+    everything = sorted(s["storage"] for s in stores)
+    usable = [s for s in stores if s.get("enabled", 1) and s.get("active")
+              and content in str(s.get("content", "")).split(",")]
+    # Most free space first: the one a human would pick on a fresh node.
+    usable.sort(key=lambda s: (-int(s.get("avail") or 0), s["storage"]))
+    kind = "VM storage (content images)" if content == "images" else "ISO storage (content iso)"
+    return _pick(f"{kind} on node {node}", wanted, [s["storage"] for s in usable], everything)
+
+
+def discover_bridge(api: ProxmoxAPI, node: str, wanted: str | None) -> str:
+    bridges = [i for i in api.nodes(node).network.get(type="any_bridge")]
+    everything = sorted(b["iface"] for b in bridges)
+    active = sorted(b["iface"] for b in bridges if b.get("active"))
+    if not wanted and "vmbr0" in active:
+        return "vmbr0"
+    return _pick(f"bridge on node {node}", wanted, active if not wanted else everything, everything)
+
+
+def discover_node_ip(api: ProxmoxAPI, node: str, endpoint: Endpoint) -> str:
+    for entry in api.cluster.status.get():
+        if entry.get("type") == "node" and entry.get("name") == node and entry.get("ip"):
+            return entry["ip"]
+    return socket.gethostbyname(endpoint.host)
+
+
+def local_address_towards(ip: str) -> str:
+    """The control host's address on the route to ip: where the installer fetches its files from."""
+    if ipaddress.ip_address(ip).is_loopback:
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((ip, 9))  # UDP connect sends nothing; it only picks the route
+        return probe.getsockname()[0]
+
+
+def discover(api: ProxmoxAPI, endpoint: Endpoint, config: BootstrapConfig) -> Discovery:
+    node = discover_node(api, config.node)
+    node_ip = discover_node_ip(api, node, endpoint)
+    api_ip = socket.gethostbyname(endpoint.host)
+    return Discovery(
+        node=node,
+        node_ip=node_ip,
+        vm_storage=discover_storage(api, node, "images", config.vm_storage),
+        iso_storage=discover_storage(api, node, "iso", config.iso_storage),
+        bridge=discover_bridge(api, node, config.bridge),
+        http_bind_address=config.http_bind_address or local_address_towards(api_ip),
+        http_port=config.http_port,
+    )
+
+
+# ------------------------------------------------------------------ access objects
+
+
+def ensure_role(api: ProxmoxAPI, role: str, privileges: tuple[str, ...], changes: list[str]) -> None:
+    roles = {r["roleid"]: r for r in api.access.roles.get()}
+    wanted = ",".join(privileges)
+    if role not in roles:
+        api.access.roles.post(roleid=role, privs=wanted)
+        changes.append(f"created role {role}")
+        return
+    have = set(filter(None, str(roles[role].get("privs", "")).split(",")))
+    if have != set(privileges):
+        api.access.roles(role).put(privs=wanted)
+        changes.append(f"set role {role} privileges (was missing {sorted(set(privileges) - have)}, "
+                       f"had extra {sorted(have - set(privileges))})")
+
+
+def ensure_user(api: ProxmoxAPI, user: str, changes: list[str]) -> None:
+    if user not in {u["userid"] for u in api.access.users.get()}:
+        api.access.users.post(userid=user, comment="packer-assets automation (templates)")
+        changes.append(f"created user {user}")
+
+
+def ensure_acl(api: ProxmoxAPI, path: str, role: str, kind: str, ugid: str, changes: list[str]) -> None:
+    for entry in api.access.acl.get():
+        if (entry.get("path"), entry.get("roleid"), entry.get("type"), entry.get("ugid")) == (path, role, kind, ugid):
+            return
+    api.access.acl.put(path=path, roles=role, propagate=1, **{f"{kind}s": ugid})
+    changes.append(f"granted {role} on {path} to {kind} {ugid}")
+
+
+def token_works(endpoint: Endpoint, config: BootstrapConfig, secret: str) -> bool:
+    try:
+        connect(endpoint, config.user, token_name=config.token_name, token_secret=secret)
+    except PveAccessError as exc:
+        if "authentication failed" in str(exc):
+            return False
+        raise
+    return True
+
+
+def ensure_token(api: ProxmoxAPI, endpoint: Endpoint, config: BootstrapConfig, known_secret: str | None,
+                 changes: list[str]) -> tuple[str, str]:
+    """(secret, action): reuse a working known secret unless rotating; otherwise (re)create the token."""
+    tokens = api.access.users(config.user).token
+    exists = config.token_name in {t["tokenid"] for t in tokens.get()}
+    if known_secret and not config.rotate and exists and token_works(endpoint, config, known_secret):
+        return known_secret, "reused"
+    if exists:
+        tokens(config.token_name).delete()
+    created = tokens(config.token_name).post(privsep=int(config.privsep),
+                                             comment="packer-assets builds (made by proxmox_env)")
+    action = "rotated" if config.rotate and exists else "replaced" if exists else "created"
+    changes.append(f"{action} token {config.token_id}")
+    return created["value"], action
+
+
+def bootstrap(endpoint: Endpoint, admin_user: str, *, known_secret: str | None, config: BootstrapConfig,
+              admin_password: str | None = None, admin_token_name: str | None = None,
+              admin_token_secret: str | None = None,
+              save_secret: Callable[[str], None] | None = None) -> BootstrapResult:
+    """Run the whole bootstrap. save_secret is called as soon as a new secret exists, before anything
+    else can fail, so a created token's secret is never lost."""
+    admin = connect(endpoint, admin_user, password=admin_password, token_name=admin_token_name,
+                    token_secret=admin_token_secret)
+    who = f"{admin_user}!{admin_token_name}" if admin_token_name else admin_user
+    changes: list[str] = []
+    with translated_errors(endpoint, who):
+        try:
+            version = str(admin.version.get()["version"])
+            found = discover(admin, endpoint, config)
+            privileges = required_privileges(version, config.extra_privileges)
+            ensure_role(admin, config.role, privileges, changes)
+            ensure_user(admin, config.user, changes)
+            ensure_acl(admin, "/", config.role, "user", config.user, changes)
+            secret, action = ensure_token(admin, endpoint, config, known_secret, changes)
+            if action != "reused" and save_secret:
+                save_secret(secret)
+            if config.privsep:
+                ensure_acl(admin, "/", config.role, "token", config.token_id, changes)
+        except ResourceException as exc:
+            raise BootstrapError(f"{endpoint.base}: {exc}") from None
+    return BootstrapResult(version, config.token_id, secret, action, privileges, found, changes)
+
+
+def env_file_values(result: BootstrapResult, endpoint: Endpoint) -> dict[str, str]:
+    """`infra/env/.env.proxmox`: the toolkit's names plus those Packer, Terraform bpg and Telmate read."""
+    found, token_id, secret = result.discovery, result.token_id, result.token_secret
+    values = {
+        # the toolkit
+        "PROXMOX_API_URL": endpoint.api_url,
+        "PROXMOX_TOKEN_ID": token_id,
+        "PROXMOX_TOKEN_SECRET": secret,
+        "PROXMOX_NODE": found.node,
+        "PROXMOX_NODE_IP": found.node_ip,
+        "PROXMOX_VM_STORAGE": found.vm_storage,
+        "PROXMOX_ISO_STORAGE": found.iso_storage,
+        "PROXMOX_BRIDGE": found.bridge,
+        "PROXMOX_HTTP_BIND_ADDRESS": found.http_bind_address,
+        "PROXMOX_HTTP_PORT": str(found.http_port),
+        # packer-plugin-proxmox
+        "PROXMOX_URL": endpoint.api_url,
+        "PROXMOX_USERNAME": token_id,
+        "PROXMOX_TOKEN": secret,
+        # Terraform bpg/proxmox
+        "PROXMOX_VE_ENDPOINT": endpoint.base + "/",
+        "PROXMOX_VE_API_TOKEN": f"{token_id}={secret}",
+        # Terraform Telmate/proxmox
+        "PM_API_URL": endpoint.api_url,
+        "PM_API_TOKEN_ID": token_id,
+        "PM_API_TOKEN_SECRET": secret,
+    }
+    if endpoint.ca_file:
+        values["PROXMOX_CA_FILE"] = str(endpoint.ca_file)
+    if endpoint.fingerprint:
+        values["PROXMOX_TLS_FINGERPRINT"] = endpoint.fingerprint
+    if endpoint.insecure:
+        values["PROXMOX_INSECURE"] = "1"
+    return values

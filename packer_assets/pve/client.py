@@ -1,0 +1,131 @@
+"""Connecting to the Proxmox API with proxmoxer, and turning its failures into one clear error.
+
+TLS is verified: against a CA file, a pinned certificate fingerprint, or the system store. Only an
+explicit `insecure=True` turns verification off. Error messages name the URL and the user or token,
+never a password or secret.
+"""
+
+import hashlib
+import logging
+import ssl
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import requests
+from proxmoxer import ProxmoxAPI
+from proxmoxer.core import AuthenticationError, ResourceException
+
+log = logging.getLogger(__name__)
+# proxmoxer logs request bodies at INFO and response bodies at DEBUG: a created token's secret
+# would reach any log handler set to those levels.
+for _name in ("proxmoxer", "proxmoxer.core", "proxmoxer.backends.https"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+DEFAULT_TIMEOUT = 15
+
+
+class PveAccessError(RuntimeError):
+    """The API could not be reached, trusted or logged in to; the message says which and where."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the API is and how to trust it (no credentials)."""
+
+    url: str  # https://host:port, with or without /api2/json
+    ca_file: str | None = None
+    fingerprint: str | None = None
+    insecure: bool = False
+    timeout: int = DEFAULT_TIMEOUT
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.base).hostname or ""
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.base).port or 8006
+
+    @property
+    def base(self) -> str:
+        return self.url.rstrip("/").removesuffix("/api2/json")
+
+    @property
+    def api_url(self) -> str:
+        return self.base + "/api2/json"
+
+    def verify(self) -> str | bool:
+        if self.insecure:
+            log.warning("TLS verification of %s is OFF (insecure was asked for)", self.base)
+            return False
+        if self.fingerprint:
+            self.check_fingerprint()
+            # The pinned certificate is checked above; requests cannot pin, so it skips chain checks.
+            return False
+        return self.ca_file or True
+
+    def check_fingerprint(self) -> None:
+        try:
+            pem = ssl.get_server_certificate((self.host, self.port), timeout=self.timeout)
+        except OSError as exc:
+            raise PveAccessError(f"{self.base}: cannot reach the API to check its certificate: {exc}") from None
+        digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest().upper()
+        seen = ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+        if seen != self.fingerprint.upper():
+            raise PveAccessError(f"{self.base}: TLS certificate fingerprint {seen} does not match the pinned "
+                                 f"{self.fingerprint.upper()}")
+
+
+def _who(user: str, token_name: str | None) -> str:
+    return f"{user}!{token_name}" if token_name else user
+
+
+def connect(endpoint: Endpoint, user: str, *, password: str | None = None, token_name: str | None = None,
+            token_secret: str | None = None, check: bool = True) -> ProxmoxAPI:
+    """A logged-in ProxmoxAPI (password or API token); with check, /version is read to prove access."""
+    who = _who(user, token_name)
+    kwargs = dict(port=endpoint.port, user=user, backend="https", timeout=endpoint.timeout)
+    if token_name:
+        kwargs.update(token_name=token_name, token_value=token_secret)
+    else:
+        kwargs.update(password=password)
+    with translated_errors(endpoint, who):
+        api = ProxmoxAPI(endpoint.host, verify_ssl=endpoint.verify(), **kwargs)
+        if check:
+            api.version.get()
+    return api
+
+
+class translated_errors:  # noqa: N801 - used as a context manager, reads like one
+    """Turn proxmoxer/requests failures into one PveAccessError naming the URL and identity."""
+
+    def __init__(self, endpoint: Endpoint, who: str):
+        self.endpoint, self.who = endpoint, who
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, _tb):
+        if exc is None or isinstance(exc, PveAccessError):
+            return False
+        where = self.endpoint.base
+        if isinstance(exc, requests.exceptions.SSLError):
+            raise PveAccessError(f"{where}: TLS verification failed (wrong CA file or certificate?): "
+                                 f"{_short(exc)}") from None
+        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+            raise PveAccessError(f"{where}: API unreachable: {_short(exc)}") from None
+        if isinstance(exc, AuthenticationError) or (isinstance(exc, ResourceException) and exc.status_code == 401):
+            raise PveAccessError(f"{where}: authentication failed for {self.who} (wrong password, or the token "
+                                 "was deleted or its secret is wrong)") from None
+        if isinstance(exc, ResourceException) and exc.status_code == 403:
+            raise PveAccessError(f"{where}: {self.who} is not allowed: {exc.content.strip()}") from None
+        return False
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc)
+    # requests nests urllib3's reason; keep the innermost, readable part.
+    for marker in ("SSLError(", "NewConnectionError(", "ConnectTimeoutError("):
+        if marker in text:
+            text = text[text.index(marker):]
+    return text[:300]
