@@ -1,0 +1,701 @@
+"""The template catalog: `templates/catalog.yaml`, validated into frozen pydantic models.
+
+One entry per template key (= one Dagster partition). A bad catalog fails before any side effect
+with ONE `CatalogError` whose lines read `<file>: <key>: <field>: <problem>`, where <key> is a
+template key, `templates[<i>]` (an entry without a usable key), `defaults`, `top-level` or
+`environment`.
+
+Rules the models enforce beyond plain types (documented here because they are choices):
+- every mapping rejects unknown fields (typos must not pass), including `defaults`;
+- `templates` is a list, so a duplicate key is visible (and an error); duplicate YAML mapping keys
+  are errors too;
+- an entry deep-merges over `defaults` (mappings merge, the entry wins; lists and scalars replace);
+- an ISO has exactly one of `checksum_url` (SHA256SUMS / CHECKSUM file) or `checksum`
+  (`sha256:<64 hex>` or `sha512:<128 hex>`); `filename` (name on the PVE ISO storage) defaults to
+  the last segment of the URL path and must end in `.iso`;
+- `hardware`: `efi: true` <=> `bios: ovmf` (a template booted by OVMF needs an EFI vars disk to
+  keep its boot entries); `tpm: true` requires `bios: ovmf`; windows families need a `w*` os_type,
+  the others a Linux/other one;
+- `vmid_range` lies within 100..999999999, first <= last, holds at least `retention + 1` VMIDs
+  (the new template is built beside the kept ones), and no two entries' ranges overlap;
+- `install_user.password_env` is the NAME of an environment variable, never the password; error
+  messages never echo it;
+- `autoinstall_schema` (the Subiquity release whose autoinstall schema applies) is ubuntu-only.
+
+Mirror: `PACKER_ASSETS_ISO_MIRROR=<base>` rewrites every upstream ISO / checksum URL to
+`<base>/<host[:port]>/<path>[?query]`. Models keep the upstream `url` and expose
+`effective_url` / `effective_checksum_url`; `provenance()` carries both.
+
+No Dagster import here: this is the ground floor.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal, get_args
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
+
+CATALOG_ENV = "PACKER_ASSETS_CATALOG"
+MIRROR_ENV = "PACKER_ASSETS_ISO_MIRROR"
+DEFAULT_CATALOG = PurePosixPath("templates/catalog.yaml")
+CATALOG_VERSION = 1
+
+Family = Literal["ubuntu", "debian", "rocky", "windows"]
+FAMILIES: tuple[str, ...] = get_args(Family)
+UNATTENDED = {"ubuntu": "autoinstall", "debian": "preseed", "rocky": "kickstart", "windows": "autounattend"}
+KEY_RE = re.compile(r"^[a-z][a-z0-9-]*$")
+ENV_NAME_RE = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+ISO_FILENAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*\.iso$")
+VMID_MIN, VMID_MAX = 100, 999_999_999
+WINDOWS_OS_TYPES = ("wxp", "w2k", "w2k3", "w2k8", "wvista", "win7", "win8", "win10", "win11")
+OTHER_OS_TYPES = ("l24", "l26", "solaris", "other")
+OsType = Literal["wxp", "w2k", "w2k3", "w2k8", "wvista", "win7", "win8", "win10", "win11",
+                 "l24", "l26", "solaris", "other"]  # Proxmox `ostype`
+_CHECKSUM_HEX_LEN = {"sha256": 64, "sha512": 128}
+
+
+class CatalogError(ValueError):
+    """A catalog problem; every line names the file, the key and the field."""
+
+
+class _FieldError(ValueError):
+    """Raised inside a model validator to point at a field below the model being validated."""
+
+    def __init__(self, field_path: str, message: str):
+        super().__init__(message)
+        self.field_path = field_path
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+def check_http_url(value: str) -> str:
+    """Return `value` if it is an absolute http(s) URL with a host, else raise ValueError."""
+    if not value or any(ch.isspace() for ch in value):
+        raise ValueError("must be an http(s) URL without spaces")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"must be an http:// or https:// URL (scheme is {parts.scheme or 'missing'!r})")
+    if not parts.hostname:
+        raise ValueError("must be an http(s) URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not carry credentials (user:password@); the catalog is logged")
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise ValueError("has a malformed port") from None
+    return value
+
+
+def check_mirror_base(value: str) -> str:
+    """A mirror base URL: an http(s) URL with a host and no query or fragment. Returns it."""
+    check_http_url(value)
+    parts = urlsplit(value)
+    if parts.query or parts.fragment:
+        raise ValueError("must be a base URL without ?query or #fragment")
+    return value
+
+
+def mirror_url(url: str, base: str) -> str:
+    """`<base>/<upstream host[:port]>/<upstream path>[?query]`; the fragment is dropped."""
+    up = urlsplit(url)
+    host = up.hostname or ""
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    if up.port is not None:
+        host = f"{host}:{up.port}"
+    out = f"{base.rstrip('/')}/{host}/{up.path.lstrip('/')}"
+    return f"{out}?{up.query}" if up.query else out
+
+
+def mirror_from_env(env: Mapping[str, str]) -> str | None:
+    """The mirror base from `PACKER_ASSETS_ISO_MIRROR` (unset or blank: None). Raises ValueError."""
+    value = (env.get(MIRROR_ENV) or "").strip()
+    return check_mirror_base(value) if value else None
+
+
+def parse_checksum(value: str) -> tuple[str, str]:
+    """`'sha256:<hex>'` -> `('sha256', '<lower-case hex>')`; raises ValueError when malformed."""
+    algo, sep, digest = value.partition(":")
+    algo = algo.strip().lower()
+    if not sep or algo not in _CHECKSUM_HEX_LEN:
+        raise ValueError("must be 'sha256:<64 hex digits>' or 'sha512:<128 hex digits>'")
+    want = _CHECKSUM_HEX_LEN[algo]
+    if len(digest) != want:
+        raise ValueError(f"{algo} needs exactly {want} hex digits, got {len(digest)}")
+    if not re.fullmatch(r"[0-9a-fA-F]+", digest):
+        raise ValueError(f"{algo} digest must be hex digits only (0-9, a-f)")
+    return algo, digest.lower()
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Mappings merge recursively, `override` wins; lists and scalars (and None) replace."""
+    out = dict(base)
+    for name, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(name), Mapping):
+            out[name] = deep_merge(out[name], value)
+        else:
+            out[name] = value
+    return out
+
+
+def _url_basename(url: str) -> str:
+    return PurePosixPath(urlsplit(url).path).name
+
+
+# ---------------------------------------------------------------- field types
+
+
+def _norm_checksum(value: str) -> str:
+    algo, digest = parse_checksum(value)
+    return f"{algo}:{digest}"
+
+
+def _check_key(value: str) -> str:
+    if not KEY_RE.match(value):
+        raise ValueError("must start with a lower-case letter and hold only a-z, 0-9 and '-'")
+    return value
+
+
+def _check_env_name(value: str) -> str:
+    if not ENV_NAME_RE.match(value):  # never echo the value: it may be a pasted password
+        raise ValueError(
+            "must be the NAME of an environment variable (like PACKER_INSTALL_PASSWORD: "
+            "A-Z, 0-9, '_'), never the secret itself"
+        )
+    return value
+
+
+def _check_filename(value: str) -> str:
+    if not ISO_FILENAME_RE.match(value):
+        raise ValueError(
+            f"{value!r} is not a plain file name ending in .iso "
+            "(taken from the url when not given; set filename explicitly)"
+        )
+    return value
+
+
+def _check_packer_dir(value: str) -> str:
+    path = PurePosixPath(value)
+    if path.is_absolute() or ".." in path.parts or "\\" in value:
+        raise ValueError("must be a relative POSIX path without '..', like templates/ubuntu")
+    if len(path.parts) < 2 or path.parts[0] != "templates":
+        raise ValueError("must be a folder under templates/, like templates/ubuntu")
+    return path.as_posix()
+
+
+Url = Annotated[str, AfterValidator(check_http_url)]
+Checksum = Annotated[str, AfterValidator(_norm_checksum)]
+IsoFilename = Annotated[str, AfterValidator(_check_filename)]
+Key = Annotated[str, AfterValidator(_check_key)]
+EnvName = Annotated[str, AfterValidator(_check_env_name)]
+PackerDir = Annotated[str, AfterValidator(_check_packer_dir)]
+Tag = Annotated[str, Field(pattern=r"^[a-z0-9_][a-z0-9_+.-]*$")]  # Proxmox tag syntax
+Vmid = Annotated[int, Field(ge=VMID_MIN, le=VMID_MAX)]
+Retention = Annotated[int, Field(ge=1)]
+Cores = Annotated[int, Field(ge=1, le=512)]
+Sockets = Annotated[int, Field(ge=1, le=16)]
+MemoryMiB = Annotated[int, Field(ge=256)]
+DiskSize = Annotated[str, Field(pattern=r"^[1-9][0-9]*[MGT]$")]  # Proxmox size: 32G, 512M, 1T
+Machine = Annotated[str, Field(pattern=r"^(pc|q35|pc-(i440fx|q35)-\d+\.\d+(\+pve\d+)?)$")]
+Bios = Literal["seabios", "ovmf"]
+UserName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")]
+SubiquityRelease = Annotated[str, Field(pattern=r"^\d{2}\.\d{2}(\.\d+)?$")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- models
+
+
+class IsoSource(_Model):
+    """An upstream ISO: `url` plus exactly one of `checksum_url` / `checksum`."""
+
+    url: Url
+    checksum_url: Url | None = None
+    checksum: Checksum | None = None
+    filename: IsoFilename  # defaults to the URL's last path segment
+    _mirror: str | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_filename(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "filename" not in data and isinstance(data.get("url"), str):
+            data = {**data, "filename": _url_basename(data["url"])}
+        return data
+
+    @model_validator(mode="after")
+    def _one_checksum(self) -> IsoSource:
+        if self.checksum_url and self.checksum:
+            raise _FieldError("checksum", "give checksum_url or checksum, not both")
+        if not self.checksum_url and not self.checksum:
+            raise _FieldError(
+                "checksum",
+                "missing: give checksum_url (a SHA256SUMS/CHECKSUM file) or checksum ('sha256:<64 hex>')",
+            )
+        return self
+
+    @property
+    def upstream_name(self) -> str:
+        """The file name to look up in the checksum file (last segment of the upstream URL)."""
+        return _url_basename(self.url)
+
+    @property
+    def checksum_algorithm(self) -> str | None:
+        return self.checksum.partition(":")[0] if self.checksum else None
+
+    @property
+    def checksum_hex(self) -> str | None:
+        return self.checksum.partition(":")[2] if self.checksum else None
+
+    @property
+    def mirror(self) -> str | None:
+        return self._mirror
+
+    @property
+    def effective_url(self) -> str:
+        return mirror_url(self.url, self._mirror) if self._mirror else self.url
+
+    @property
+    def effective_checksum_url(self) -> str | None:
+        if self.checksum_url is None or not self._mirror:
+            return self.checksum_url
+        return mirror_url(self.checksum_url, self._mirror)
+
+    def with_mirror(self, base: str | None) -> IsoSource:
+        """A copy whose effective URLs go through `base` (None: upstream)."""
+        copy = self.model_copy()
+        copy._mirror = check_mirror_base(base) if base else None
+        return copy
+
+    def provenance(self) -> dict[str, str | None]:
+        """Upstream and effective URLs side by side (for metadata and proofs)."""
+        return {
+            "url": self.url,
+            "effective_url": self.effective_url,
+            "checksum_url": self.checksum_url,
+            "effective_checksum_url": self.effective_checksum_url,
+            "checksum": self.checksum,
+            "filename": self.filename,
+            "mirror": self._mirror,
+        }
+
+
+class ExtraIso(IsoSource):
+    """A further ISO attached to the build VM (e.g. virtio-win drivers)."""
+
+    name: Key
+
+
+class Hardware(_Model):
+    cores: Cores
+    sockets: Sockets = 1
+    memory: MemoryMiB  # MiB
+    disk: DiskSize
+    bios: Bios
+    efi: bool = False
+    tpm: bool = False
+    machine: Machine | None = None
+    os_type: OsType
+
+    @model_validator(mode="after")
+    def _firmware(self) -> Hardware:
+        if self.efi and self.bios != "ovmf":
+            raise _FieldError("efi", "efi: true needs bios: ovmf")
+        if self.bios == "ovmf" and not self.efi:
+            raise _FieldError("efi", "bios: ovmf needs efi: true (an EFI vars disk keeps the boot entries)")
+        if self.tpm and self.bios != "ovmf":
+            raise _FieldError("tpm", "tpm: true needs bios: ovmf and efi: true")
+        return self
+
+
+class HardwareDefaults(_Model):
+    """`defaults.hardware`: the same fields as `hardware`, all optional."""
+
+    cores: Cores | None = None
+    sockets: Sockets | None = None
+    memory: MemoryMiB | None = None
+    disk: DiskSize | None = None
+    bios: Bios | None = None
+    efi: bool | None = None
+    tpm: bool | None = None
+    machine: Machine | None = None
+    os_type: OsType | None = None
+
+
+class VmidRange(_Model):
+    first: Vmid
+    last: Vmid
+
+    @model_validator(mode="after")
+    def _ordered(self) -> VmidRange:
+        if self.first > self.last:
+            raise _FieldError("last", f"last ({self.last}) is below first ({self.first})")
+        return self
+
+    @property
+    def size(self) -> int:
+        return self.last - self.first + 1
+
+    def __contains__(self, vmid: object) -> bool:
+        return isinstance(vmid, int) and self.first <= vmid <= self.last
+
+    def overlaps(self, other: VmidRange) -> bool:
+        return self.first <= other.last and other.first <= self.last
+
+    def __str__(self) -> str:
+        return f"{self.first}-{self.last}"
+
+
+class InstallUser(_Model):
+    name: UserName
+    password_env: EnvName
+    ssh_authorized_keys_env: EnvName | None = None
+
+
+class InstallUserDefaults(_Model):
+    name: UserName | None = None
+    password_env: EnvName | None = None
+    ssh_authorized_keys_env: EnvName | None = None
+
+
+class Defaults(_Model):
+    """The `defaults:` section: shared values every entry deep-merges over."""
+
+    hardware: HardwareDefaults | None = None
+    install_user: InstallUserDefaults | None = None
+    retention: Retention | None = None
+    tags: tuple[Tag, ...] | None = None
+
+
+class TemplateEntry(_Model):
+    key: Key
+    family: Family
+    description: str | None = None
+    tags: tuple[Tag, ...] = ()
+    iso: IsoSource
+    extra_isos: tuple[ExtraIso, ...] = ()
+    hardware: Hardware
+    vmid_range: VmidRange
+    packer_dir: PackerDir
+    install_user: InstallUser
+    retention: Retention
+    autoinstall_schema: SubiquityRelease | None = None  # ubuntu only: the Subiquity release
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TemplateEntry:
+        seen: dict[str, int] = {}
+        for i, extra in enumerate(self.extra_isos):
+            if extra.name in seen:
+                raise _FieldError(f"extra_isos[{i}].name", f"duplicate name {extra.name!r} (also extra_isos[{seen[extra.name]}])")
+            seen[extra.name] = i
+        if self.autoinstall_schema is not None and self.family != "ubuntu":
+            raise _FieldError("autoinstall_schema", f"only ubuntu entries take it (family is {self.family})")
+        windows_os = self.hardware.os_type in WINDOWS_OS_TYPES
+        if windows_os != (self.family == "windows"):
+            want = "a Windows type (win11, win10, ...)" if self.family == "windows" else "l26 (or l24/other)"
+            raise _FieldError("hardware.os_type", f"{self.hardware.os_type!r} does not fit family {self.family}; use {want}")
+        if self.vmid_range.size < self.retention + 1:
+            raise _FieldError(
+                "vmid_range",
+                f"{self.vmid_range} holds {self.vmid_range.size} VMIDs; retention {self.retention} needs at least "
+                f"{self.retention + 1} (the new build sits beside the kept templates)",
+            )
+        return self
+
+    @property
+    def unattended(self) -> str:
+        """The unattended-install mechanism: autoinstall, preseed, kickstart or autounattend."""
+        return UNATTENDED[self.family]
+
+    def all_isos(self) -> list[IsoSource]:
+        """The boot ISO first, then the extra ISOs."""
+        return [self.iso, *self.extra_isos]
+
+
+# ---------------------------------------------------------------- the catalog
+
+
+@dataclass(frozen=True)
+class Catalog:
+    path: Path
+    display: str  # how messages name the file
+    root: Path
+    mirror: str | None
+    defaults: Defaults
+    entries: Mapping[str, TemplateEntry] = field(repr=False)
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def get(self, key: str) -> TemplateEntry:
+        try:
+            return self.entries[key]
+        except KeyError:
+            known = ", ".join(self.entries) or "(none)"
+            raise CatalogError(f"{self.display}: {key}: unknown template key; known keys: {known}") from None
+
+    __getitem__ = get
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.entries
+
+    def __iter__(self) -> Iterator[TemplateEntry]:
+        return iter(self.entries.values())
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def packer_path(self, key: str) -> Path:
+        return self.root / self.get(key).packer_dir
+
+    def summary_rows(self) -> list[dict[str, str]]:
+        rows = []
+        for e in self:
+            rows.append({
+                "key": e.key,
+                "family": e.family,
+                "unattended": e.unattended,
+                "vmids": str(e.vmid_range),
+                "retention": str(e.retention),
+                "iso": e.iso.filename,
+                "iso_url": e.iso.effective_url,
+                "checksum": e.iso.checksum or f"file:{e.iso.effective_checksum_url}",
+                "extra_isos": ", ".join(x.name for x in e.extra_isos),
+                "packer_dir": e.packer_dir,
+            })
+        return rows
+
+
+def resolve_catalog_path(path: str | os.PathLike[str] | None, env: Mapping[str, str], root: Path) -> Path:
+    chosen = Path(path) if path is not None else Path(env.get(CATALOG_ENV) or DEFAULT_CATALOG)
+    return chosen if chosen.is_absolute() else root / chosen
+
+
+def _display(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key repeated within one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error(display: str, exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    return f"{display}: top-level: {where}YAML error: {problem}"
+
+
+def _loc_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _model_fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the model found by walking `loc` from `model` ([] if lost)."""
+    current: type[BaseModel] | None = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        info = current.model_fields.get(part) if current else None
+        if info is None:
+            return []
+        candidates = [info.annotation, *get_args(info.annotation)]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return list(current.model_fields) if current else []
+
+
+def _error_lines(display: str, label: str, model: type[BaseModel], exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        message = err["msg"]
+        kind = err["type"]
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, _FieldError):
+            loc = loc + tuple(cause.field_path.split("."))
+        if kind == "extra_forbidden":
+            allowed = _model_fields_at(model, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            message = f"unknown field (did you mean {close[0]!r}?)" if close else f"unknown field (allowed: {', '.join(allowed)})"
+        elif kind == "missing":
+            message = "missing required field"
+        elif kind == "literal_error":
+            message = f"{message}; got {err['input']!r}"
+        elif kind in ("value_error", "assertion_error"):
+            message = message.split(", ", 1)[1] if ", " in message else message
+        field_path = _loc_path(loc) or "(entry)"
+        lines.append(f"{display}: {label}: {field_path}: {message}")
+    return lines
+
+
+def _validate(model: type[BaseModel], data: Any, display: str, label: str, errors: list[str]) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors.extend(_error_lines(display, label, model, exc))
+        return None
+
+
+def load_catalog(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    root: str | os.PathLike[str] | None = None,
+) -> Catalog:
+    """Read, validate and return the catalog, or raise ONE CatalogError listing every problem.
+
+    path: default `$PACKER_ASSETS_CATALOG`, else `templates/catalog.yaml`; relative paths are taken
+    from `root` (default: the current directory). env: default os.environ (read only).
+    """
+    env = os.environ if env is None else env
+    root_path = Path(root) if root is not None else Path.cwd()
+    cat_path = resolve_catalog_path(path, env, root_path)
+    display = _display(cat_path, root_path)
+    errors: list[str] = []
+
+    try:
+        mirror = mirror_from_env(env)
+    except ValueError as exc:
+        errors.append(f"{display}: environment: {MIRROR_ENV}: {exc} (like http://127.0.0.1:8081 or https://mirror.example.com/isos)")
+        mirror = None
+
+    try:
+        text = cat_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CatalogError(f"{display}: top-level: catalog file not found (set {CATALOG_ENV} or pass a path)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CatalogError(f"{display}: top-level: cannot read catalog: {exc.__class__.__name__}") from None
+    try:
+        doc = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise CatalogError(_yaml_error(display, exc)) from None
+
+    if doc is None:
+        raise CatalogError(f"{display}: top-level: catalog is empty (want version, defaults, templates)")
+    if not isinstance(doc, dict):
+        raise CatalogError(f"{display}: top-level: must be a mapping with version, defaults, templates")
+    allowed = ("version", "defaults", "templates")
+    for name in doc:
+        if name not in allowed:
+            close = difflib.get_close_matches(str(name), allowed, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"allowed: {', '.join(allowed)}"
+            errors.append(f"{display}: top-level: {name}: unknown field ({hint})")
+    if doc.get("version") != CATALOG_VERSION:
+        errors.append(f"{display}: top-level: version: must be {CATALOG_VERSION}, got {doc.get('version')!r}")
+
+    raw_defaults = doc.get("defaults") or {}
+    defaults = _validate(Defaults, raw_defaults, display, "defaults", errors) if isinstance(raw_defaults, dict) else None
+    if not isinstance(raw_defaults, dict):
+        errors.append(f"{display}: defaults: (section): must be a mapping")
+    defaults_ok = defaults is not None  # else entries would only echo the defaults' problems
+
+    raw_templates = doc.get("templates")
+    if not isinstance(raw_templates, list) or not raw_templates:
+        what = "is missing" if raw_templates is None else "must be a non-empty list of entries"
+        errors.append(f"{display}: top-level: templates: {what}")
+        raw_templates = []
+
+    entries: dict[str, TemplateEntry] = {}
+    first_index: dict[str, int] = {}
+    for i, raw in enumerate(raw_templates):
+        raw_key = raw.get("key") if isinstance(raw, dict) else None
+        label = raw_key if isinstance(raw_key, str) and raw_key.strip() else f"templates[{i}]"
+        if not isinstance(raw, dict):
+            errors.append(f"{display}: {label}: (entry): must be a mapping")
+            continue
+        if isinstance(raw_key, str) and raw_key in first_index:
+            errors.append(f"{display}: {label}: key: duplicate key (templates[{first_index[raw_key]}] and templates[{i}])")
+            continue
+        if isinstance(raw_key, str):
+            first_index[raw_key] = i
+        if not defaults_ok:
+            continue
+        entry = _validate(TemplateEntry, deep_merge(raw_defaults, raw), display, label, errors)
+        if entry is not None:
+            entries[entry.key] = entry
+
+    ordered = sorted(entries.values(), key=lambda e: (e.vmid_range.first, e.vmid_range.last))
+    for a_i, a in enumerate(ordered):
+        for b in ordered[a_i + 1:]:
+            if b.vmid_range.first > a.vmid_range.last:
+                break
+            errors.append(
+                f"{display}: {b.key}: vmid_range: {b.vmid_range} overlaps {a.key} ({a.vmid_range}); "
+                "each key owns its range"
+            )
+
+    if errors:
+        raise CatalogError("\n".join(errors))
+    for entry in entries.values():
+        for iso in entry.all_isos():
+            iso._mirror = mirror
+    return Catalog(cat_path, display, root_path, mirror, defaults or Defaults(), entries)
+
+
+def check_catalog(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    root: str | os.PathLike[str] | None = None,
+    check_dirs: bool = True,
+) -> list[str]:
+    """Human lines for `packer-assets catalog check`; raises CatalogError on any problem.
+
+    check_dirs: also require every entry's packer_dir to exist under the root.
+    """
+    catalog = load_catalog(path, env, root)
+    if check_dirs:
+        missing = [
+            f"{catalog.display}: {e.key}: packer_dir: folder {e.packer_dir} does not exist under {catalog.root}"
+            for e in catalog
+            if not (catalog.root / e.packer_dir).is_dir()
+        ]
+        if missing:
+            raise CatalogError("\n".join(missing))
+    lines = [
+        f"catalog {catalog.display}: {len(catalog)} templates, version {CATALOG_VERSION}",
+        f"iso mirror: {catalog.mirror}" if catalog.mirror else "iso mirror: none (upstream URLs)",
+    ]
+    for row in catalog.summary_rows():
+        extra = f" +{row['extra_isos']}" if row["extra_isos"] else ""
+        lines.append(
+            f"{row['key']}: {row['family']}/{row['unattended']} vmids {row['vmids']} keep {row['retention']} "
+            f"iso {row['iso']}{extra} checksum {row['checksum']} dir {row['packer_dir']}"
+        )
+    return lines
