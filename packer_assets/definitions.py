@@ -1,5 +1,39 @@
-"""The one place that builds the Dagster definitions (`dagster dev`, `dagster asset materialize -m`)."""
+"""The one place that builds the Dagster definitions (`dagster dev`, `dagster asset materialize -m`).
+
+Env files (the lab's, or a site's) are read into the environment first, the way Dagster reads `.env`,
+so resources take their secrets through dg.EnvVar whichever way they were provided.
+"""
+
+import os
 
 import dagster as dg
 
-defs = dg.Definitions(assets=[])
+from .defs import assets, checks
+from .defs.resources import ProjectSettings, ProxmoxBootstrap
+from .settings import export_env_files
+
+export_env_files()
+
+
+def _env(name: str):
+    """dg.EnvVar for a variable that is set (resolved at run time, never stored), else None."""
+    return dg.EnvVar(name) if os.environ.get(name) else None
+
+
+defs = dg.Definitions(
+    assets=[assets.proxmox_env],
+    asset_checks=[checks.token_authenticates, checks.token_privileges],
+    resources={
+        "project": ProjectSettings(root=os.environ.get("PACKER_ASSETS_ROOT", ".")),
+        "pve_admin": ProxmoxBootstrap(
+            api_url=os.environ.get("PROXMOX_URL") or os.environ.get("PROXMOX_API_URL") or "https://pve.invalid:8006",
+            ca_file=os.environ.get("PROXMOX_CA_FILE") or None,
+            fingerprint=os.environ.get("PROXMOX_TLS_FINGERPRINT") or None,
+            insecure=os.environ.get("PROXMOX_INSECURE") == "1",
+            admin_user=os.environ.get("PROXMOX_BOOTSTRAP_USER", "root@pam"),
+            admin_password=_env("PROXMOX_BOOTSTRAP_PASSWORD"),
+            admin_token_name=os.environ.get("PROXMOX_BOOTSTRAP_TOKEN_NAME") or None,
+            admin_token_secret=_env("PROXMOX_BOOTSTRAP_TOKEN_SECRET"),
+        ),
+    },
+)

@@ -85,3 +85,99 @@ def latest(parent: Path, link_name: str = "latest") -> Path | None:
     """The folder `latest` points at, or None."""
     link = Path(parent) / link_name
     return link.resolve() if link.is_symlink() else None
+
+
+# ------------------------------------------------------------------ run logs and proof bundles
+
+
+class Redactor:
+    """Replaces every known secret by *** (longest first, so a secret inside another goes too)."""
+
+    def __init__(self, secrets: list[str] | tuple[str, ...] = ()):
+        self._secrets: list[str] = []
+        for secret in secrets:
+            self.add(secret)
+
+    def add(self, secret: str | None) -> None:
+        # Short values (a port, "1") would shred the log; nothing that short is a real secret.
+        if secret and len(secret) >= 6 and secret not in self._secrets:
+            self._secrets.append(secret)
+            self._secrets.sort(key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+class RunLog:
+    """A log file for one run: every line prefixed by the chain header, secrets redacted, also echoed.
+
+    The file is appended line by line (a crash keeps what was written); `latest` is swapped only on
+    `close()`, so it always points at a log that ended.
+    """
+
+    def __init__(self, path: Path, chain: str, redact: Redactor | None = None, echo=None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.chain = chain
+        self.redact = redact or Redactor()
+        self.echo = echo
+        self._out = open(self.path, "a", encoding="utf-8")
+
+    def line(self, stage: str, text: str) -> str:
+        clean = self.redact(text.rstrip("\n"))
+        entry = f"[{self.chain}] [{stage}] {clean}"
+        self._out.write(entry + "\n")
+        self._out.flush()
+        if self.echo:
+            self.echo(entry)
+        return entry
+
+    def close(self) -> Path:
+        if not self._out.closed:
+            self._out.close()
+            swap_latest(self.path.parent)
+        return self.path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as src:
+        for block in iter(lambda: src.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_proof_bundle(proof_dir: Path, readme: str, proof: dict, log_file: Path, log_name: str) -> Path:
+    """README.md, proof.json and a copy of the log in a fresh folder, then `latest` swapped to it.
+
+    The folder is assembled under a temp name and renamed into place: a reader sees all of it or none.
+    """
+    import json
+    import shutil
+
+    proof_dir = Path(proof_dir)
+    if proof_dir.exists():
+        raise FileExistsError(f"proof folder already exists, refusing to overwrite: {proof_dir}")
+    staging = proof_dir.with_name(f".{proof_dir.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        shutil.copyfile(log_file, staging / log_name)
+        atomic_write(staging / "README.md", readme)
+        atomic_write(staging / "proof.json", json.dumps(proof, indent=2, sort_keys=True) + "\n")
+        os.replace(staging, proof_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    swap_latest(proof_dir)
+    return proof_dir

@@ -115,3 +115,16 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         insecure=insecure,
         sources=tuple(sorted(set(origin.values()))),
     )
+
+
+def export_env_files(env: "os._Environ[str] | None" = None) -> list[str]:
+    """Put values from the env files into the process environment where it has none (like Dagster's .env).
+
+    Returns the names set. The process environment always wins.
+    """
+    target = os.environ if env is None else env
+    values, origin = merged_environment(dict(target))
+    added = [name for name in values if name not in target and origin.get(name, "environment") != "environment"]
+    for name in added:
+        target[name] = values[name]
+    return added

@@ -284,3 +284,70 @@ def env_file_values(result: BootstrapResult, endpoint: Endpoint) -> dict[str, st
     if endpoint.insecure:
         values["PROXMOX_INSECURE"] = "1"
     return values
+
+
+# ------------------------------------------------------------------ checks
+
+
+def needed_grants(privileges: tuple[str, ...], found: Discovery) -> dict[str, set[str]]:
+    """Which privilege must hold on which path for a build, staging and the smoke test."""
+    paths = {
+        "VM.": ["/vms"],
+        "Datastore.": sorted({f"/storage/{found.vm_storage}", f"/storage/{found.iso_storage}"}),
+        "Sys.": [f"/nodes/{found.node}"],
+        "SDN.": [f"/sdn/zones/localnetwork/{found.bridge}"],
+    }
+    grants: dict[str, set[str]] = {}
+    for priv in privileges:
+        for prefix, where in paths.items():
+            if priv.startswith(prefix):
+                for path in where:
+                    grants.setdefault(path, set()).add(priv)
+    return grants
+
+
+def missing_privileges(api_as_token: ProxmoxAPI, grants: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(path, privilege) pairs the token lacks, asked of /access/permissions as the token itself."""
+    missing = []
+    for path, privs in sorted(grants.items()):
+        held = api_as_token.access.permissions.get(path=path).get(path, {})
+        missing += [(path, priv) for priv in sorted(privs) if not held.get(priv)]
+    return missing
+
+
+@dataclass(frozen=True)
+class BuildAccess:
+    """What `infra/env/.env.proxmox` gives every later step: where, as whom, and on what."""
+
+    endpoint: Endpoint
+    token_id: str
+    token_secret: str = field(repr=False)
+    discovery: Discovery
+
+    @property
+    def user(self) -> str:
+        return self.token_id.partition("!")[0]
+
+    @property
+    def token_name(self) -> str:
+        return self.token_id.partition("!")[2]
+
+    def connect(self) -> ProxmoxAPI:
+        return connect(self.endpoint, self.user, token_name=self.token_name, token_secret=self.token_secret)
+
+
+def build_access(values: dict[str, str], source: str) -> BuildAccess:
+    """Read the env file's values; a missing one is named with the file it should be in."""
+    def need(name: str) -> str:
+        if not values.get(name):
+            raise BootstrapError(f"{source}: {name} is missing (materialize proxmox_env / run `make init`)")
+        return values[name]
+
+    endpoint = Endpoint(need("PROXMOX_API_URL"), ca_file=values.get("PROXMOX_CA_FILE") or None,
+                        fingerprint=values.get("PROXMOX_TLS_FINGERPRINT") or None,
+                        insecure=values.get("PROXMOX_INSECURE") == "1")
+    found = Discovery(node=need("PROXMOX_NODE"), node_ip=values.get("PROXMOX_NODE_IP", ""),
+                      vm_storage=need("PROXMOX_VM_STORAGE"), iso_storage=need("PROXMOX_ISO_STORAGE"),
+                      bridge=need("PROXMOX_BRIDGE"), http_bind_address=need("PROXMOX_HTTP_BIND_ADDRESS"),
+                      http_port=int(need("PROXMOX_HTTP_PORT")))
+    return BuildAccess(endpoint, need("PROXMOX_TOKEN_ID"), need("PROXMOX_TOKEN_SECRET"), found)

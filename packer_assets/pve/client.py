@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import requests
+import requests.adapters
+import urllib3
 from proxmoxer import ProxmoxAPI
 from proxmoxer.core import AuthenticationError, ResourceException
 
@@ -60,7 +62,8 @@ class Endpoint:
             return False
         if self.fingerprint:
             self.check_fingerprint()
-            # The pinned certificate is checked above; requests cannot pin, so it skips chain checks.
+            # Pinned: the fingerprint, not a CA chain, is what is trusted (see PinnedAdapter).
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
             return False
         return self.ca_file or True
 
@@ -74,6 +77,22 @@ class Endpoint:
         if seen != self.fingerprint.upper():
             raise PveAccessError(f"{self.base}: TLS certificate fingerprint {seen} does not match the pinned "
                                  f"{self.fingerprint.upper()}")
+
+
+class PinnedAdapter(requests.adapters.HTTPAdapter):
+    """Accept exactly the certificate with this SHA-256 fingerprint (urllib3's assert_fingerprint)."""
+
+    def __init__(self, fingerprint: str):
+        self.fingerprint = fingerprint.replace(":", "").lower()
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs):
+        kwargs["assert_fingerprint"] = self.fingerprint
+        return super().init_poolmanager(*args, **kwargs)
+
+    def cert_verify(self, conn, url, verify, cert):
+        conn.assert_fingerprint = self.fingerprint
+        return super().cert_verify(conn, url, verify, cert)
 
 
 def _who(user: str, token_name: str | None) -> str:
@@ -91,6 +110,9 @@ def connect(endpoint: Endpoint, user: str, *, password: str | None = None, token
         kwargs.update(password=password)
     with translated_errors(endpoint, who):
         api = ProxmoxAPI(endpoint.host, verify_ssl=endpoint.verify(), **kwargs)
+        if endpoint.fingerprint:
+            # Every later connection of the session is pinned too, not only the first check.
+            api._store["session"].mount(endpoint.base, PinnedAdapter(endpoint.fingerprint))
         if check:
             api.version.get()
     return api

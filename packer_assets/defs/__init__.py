@@ -1,0 +1,1 @@
+"""The Dagster shell: resources, assets, checks (and later sensors, schedules, jobs). Thin by design."""

@@ -1,0 +1,55 @@
+"""Resources: where the project writes and how it reaches Proxmox. Secrets arrive through dg.EnvVar."""
+
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from ..evidence import Layout
+from ..pve.bootstrap import BootstrapConfig
+from ..pve.client import Endpoint
+from ..pve.init_env import AdminLogin
+
+
+class ProjectSettings(dg.ConfigurableResource):
+    """The output root for env files, logs, proofs and rendered files."""
+
+    root: str = Field(default=".", description="output root (PACKER_ASSETS_ROOT)")
+
+    def layout(self) -> Layout:
+        return Layout(Path(self.root).resolve())
+
+
+class ProxmoxBootstrap(dg.ConfigurableResource):
+    """Admin access used once by `proxmox_env` to create the build user, role, ACLs and token."""
+
+    api_url: str = Field(description="https://host:8006/api2/json (PROXMOX_URL)")
+    ca_file: str | None = Field(default=None, description="CA certificate of the API (PROXMOX_CA_FILE)")
+    fingerprint: str | None = Field(default=None, description="pinned SHA-256 fingerprint instead of a CA")
+    insecure: bool = Field(default=False, description="turn TLS verification off (explicit, logged)")
+    admin_user: str = "root@pam"
+    admin_password: str | None = Field(default=None, description="PROXMOX_BOOTSTRAP_PASSWORD")
+    admin_token_name: str | None = None
+    admin_token_secret: str | None = Field(default=None, description="PROXMOX_BOOTSTRAP_TOKEN_SECRET")
+    user: str = "automation@pve"
+    role: str = "PackerBuilder"
+    token_name: str = "packer"
+    privsep: bool = True
+    node: str | None = None
+    vm_storage: str | None = None
+    iso_storage: str | None = None
+    bridge: str | None = None
+    http_bind_address: str | None = None
+    http_port: int = 8802
+
+    def endpoint(self) -> Endpoint:
+        return Endpoint(self.api_url, ca_file=self.ca_file, fingerprint=self.fingerprint, insecure=self.insecure)
+
+    def admin(self) -> AdminLogin:
+        return AdminLogin(self.admin_user, self.admin_password, self.admin_token_name, self.admin_token_secret)
+
+    def config(self, rotate: bool = False) -> BootstrapConfig:
+        return BootstrapConfig(user=self.user, role=self.role, token_name=self.token_name, privsep=self.privsep,
+                               rotate=rotate, node=self.node, vm_storage=self.vm_storage,
+                               iso_storage=self.iso_storage, bridge=self.bridge,
+                               http_bind_address=self.http_bind_address, http_port=self.http_port)
