@@ -5,6 +5,8 @@ so any one of them leads back to the others.
 """
 
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -37,6 +39,19 @@ def new_chain_id(key: str, when: datetime | None = None) -> ChainId:
     chain = ChainId(utc_stamp(when), key)
     parse_chain_id(str(chain))  # the key must be a valid catalog key
     return chain
+
+
+def fresh_chain_id(key: str, taken: Callable[[str], bool]) -> ChainId:
+    """A chain ID whose stamp is not taken yet (its evidence folder does not exist).
+
+    Two runs of one key in the same second would share a chain ID and an evidence folder; waiting for
+    the next second keeps the format exact and costs at most a second.
+    """
+    while True:
+        chain = new_chain_id(key)
+        if not taken(chain.stamp):
+            return chain
+        time.sleep(1.0 - (time.time() % 1.0) + 0.001)
 
 
 def parse_chain_id(text: str) -> ChainId:

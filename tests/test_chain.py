@@ -36,3 +36,13 @@ def test_bad_key_cannot_make_a_chain_id():
 
 def test_log_header():
     assert log_header("CHAIN-20261125T190405Z-rocky-9", "build") == "[CHAIN-20261125T190405Z-rocky-9] [build]"
+
+
+def test_fresh_chain_id_waits_for_a_free_second():
+    from packer_assets.chain import fresh_chain_id
+
+    seen = []
+    first = fresh_chain_id("debian-12", lambda stamp: False)
+    second = fresh_chain_id("debian-12", lambda stamp: seen.append(stamp) or stamp == first.stamp)
+    assert second.stamp > first.stamp or second.stamp not in {first.stamp}
+    assert second.stamp != first.stamp

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from ..chain import new_chain_id
+from ..chain import fresh_chain_id
 from ..pve.init_env import run_init
 from .resources import ProjectSettings, ProxmoxBootstrap
 
@@ -29,9 +29,10 @@ def tag_run(context: dg.AssetExecutionContext, chain: str) -> None:
 def proxmox_env(
     context: dg.AssetExecutionContext, config: ProxmoxEnvConfig, project: ProjectSettings, pve_admin: ProxmoxBootstrap
 ) -> dg.MaterializeResult:
-    chain = new_chain_id("init")
+    layout = project.layout()
+    chain = fresh_chain_id("init", lambda stamp: layout.init_log_dir(stamp).exists())
     tag_run(context, str(chain))
-    outcome = run_init(project.layout(), pve_admin.endpoint(), pve_admin.admin(), pve_admin.config(config.rotate),
+    outcome = run_init(layout, pve_admin.endpoint(), pve_admin.admin(), pve_admin.config(config.rotate),
                        chain, run_id=context.run.run_id, echo=print)
     result, found = outcome.result, outcome.result.discovery
     context.log.info(f"[{chain}] token {result.token_id} {result.token_action}; {len(result.changes)} change(s)")
