@@ -6,9 +6,16 @@ BIN := $(VENV)/bin
 LAB_STATE ?= .lab
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: demo test venv packer lab-up lab-down lab-status catalog-check clean
+# The lab's env file when a lab is up and the caller named no other.
+PACKER_ASSETS_ENV_FILE ?= $(if $(wildcard $(LAB_STATE)/lab.env),$(CURDIR)/$(LAB_STATE)/lab.env,)
+export PACKER_ASSETS_ENV_FILE
+DAGSTER := $(BIN)/dagster asset materialize -m packer_assets.definitions
 
-demo: venv packer lab-up catalog-check lab-status ## lab + catalog check (later: every asset for every template)
+.PHONY: init demo test venv packer lab-up lab-down lab-status catalog-check clean
+
+demo: venv packer lab-up catalog-check ## lab + catalog check + proxmox_env (later: every asset of every template)
+	$(MAKE) init PACKER_ASSETS_ENV_FILE=$(CURDIR)/$(LAB_STATE)/lab.env
+	$(MAKE) lab-status
 	@echo "Lab running. Point the project at it with: export PACKER_ASSETS_ENV_FILE=$(CURDIR)/$(LAB_STATE)/lab.env"
 	@echo "Stop it with: make lab-down"
 
@@ -30,6 +37,10 @@ packer: ## Debian's packer, or a clear message where we cannot install it
 	else \
 	  echo "packer is not installed: run 'sudo apt-get install packer' (or install HashiCorp's packer)"; exit 1; \
 	fi
+
+init: venv ## materialize proxmox_env: API user, role, token, infra/env/.env.proxmox
+	@mkdir -p $(DAGSTER_HOME)
+	$(DAGSTER) --select proxmox_env
 
 lab-up: venv
 	$(BIN)/packer-assets lab up --state $(LAB_STATE)

@@ -20,6 +20,10 @@ def _env(name: str):
     return dg.EnvVar(name) if os.environ.get(name) else None
 
 
+def _value(name: str, default=None):
+    return os.environ.get(name) or default
+
+
 defs = dg.Definitions(
     assets=[assets.proxmox_env],
     asset_checks=[checks.token_authenticates, checks.token_privileges],
@@ -34,6 +38,17 @@ defs = dg.Definitions(
             admin_password=_env("PROXMOX_BOOTSTRAP_PASSWORD"),
             admin_token_name=os.environ.get("PROXMOX_BOOTSTRAP_TOKEN_NAME") or None,
             admin_token_secret=_env("PROXMOX_BOOTSTRAP_TOKEN_SECRET"),
+            # the toolkit's names; after a first init, .env.proxmox pins what was discovered
+            user=_value("PROXMOX_AUTOMATION_USER", "automation@pve"),
+            role=_value("PROXMOX_ROLE", "PackerBuilder"),
+            token_name=_value("PROXMOX_TOKEN_NAME", "packer"),
+            privsep=_value("PROXMOX_PRIVSEP", "1") != "0",
+            node=_value("PROXMOX_NODE"),
+            vm_storage=_value("PROXMOX_VM_STORAGE"),
+            iso_storage=_value("PROXMOX_ISO_STORAGE"),
+            bridge=_value("PROXMOX_BRIDGE"),
+            http_bind_address=_value("PROXMOX_HTTP_BIND_ADDRESS"),
+            http_port=int(_value("PROXMOX_HTTP_PORT", "8802")),
         ),
     },
 )

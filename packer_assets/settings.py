@@ -17,6 +17,8 @@ from .evidence import Layout
 
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off", ""}
+# The shell toolkit's init config: KEY=value lines, read as defaults so its users need nothing new.
+TOOLKIT_CONF = Path("control/tools/provision/init/.conf/proxmox.conf")
 FINGERPRINT_RE = re.compile(r"^([0-9A-Fa-f]{2}:){31}[0-9A-Fa-f]{2}$")
 
 
@@ -67,7 +69,9 @@ def merged_environment(env: Mapping[str, str] | None = None) -> tuple[dict[str, 
     root = Path(env.get("PACKER_ASSETS_ROOT") or ".").resolve()
     values: dict[str, str] = {}
     origin: dict[str, str] = {}
-    files = [Layout(root).env_file]
+    layout = Layout(root)
+    # Lowest first: the shell toolkit's config (migration), then our own files, then an explicit one.
+    files = [root / TOOLKIT_CONF, layout.secrets_file, layout.env_file]
     if env.get("PACKER_ASSETS_ENV_FILE"):
         files.append(Path(env["PACKER_ASSETS_ENV_FILE"]))
     for path in files:
@@ -76,6 +80,11 @@ def merged_environment(env: Mapping[str, str] | None = None) -> tuple[dict[str, 
                 values[name], origin[name] = value, str(path)
     for name, value in env.items():
         values[name], origin[name] = value, "environment"
+    if not values.get("PROXMOX_URL") and values.get("PROXMOX_HOST"):
+        # the toolkit named the node, not the URL
+        port = values.get("PROXMOX_PORT") or "8006"
+        values["PROXMOX_URL"] = f"https://{values['PROXMOX_HOST']}:{port}/api2/json"
+        origin["PROXMOX_URL"] = origin["PROXMOX_HOST"]
     values.setdefault("PACKER_ASSETS_ROOT", str(root))
     return values, origin
 

@@ -49,3 +49,19 @@ def test_bad_settings_name_the_variable(tmp_path, env, message):
     with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
         load_settings({"PACKER_ASSETS_ROOT": str(tmp_path), **env})
     assert "environment" in str(err.value)
+
+
+def test_toolkit_config_is_read_as_defaults(tmp_path):
+    from packer_assets.settings import TOOLKIT_CONF, export_env_files
+
+    conf = tmp_path / TOOLKIT_CONF
+    conf.parent.mkdir(parents=True)
+    conf.write_text("PROXMOX_HOST=pve.lan\nPROXMOX_NODE=pve1\nPROXMOX_VM_STORAGE=local-zfs\n")
+    write_env_file(tmp_path / "control/secrets.env", {"PROXMOX_TOKEN_SECRET": "s3cret-value"})
+    settings = load_settings({"PACKER_ASSETS_ROOT": str(tmp_path)})
+    assert settings.proxmox_url == "https://pve.lan:8006/api2/json"
+    env = {"PACKER_ASSETS_ROOT": str(tmp_path), "PROXMOX_NODE": "pve2"}
+    added = export_env_files(env)
+    assert env["PROXMOX_NODE"] == "pve2"  # the environment wins
+    assert env["PROXMOX_VM_STORAGE"] == "local-zfs" and "PROXMOX_VM_STORAGE" in added
+    assert env["PROXMOX_TOKEN_SECRET"] == "s3cret-value"
