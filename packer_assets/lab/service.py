@@ -64,8 +64,8 @@ class LabPaths:
 class ControlServer:
     """POST /<action>/<key> with the token from state.json: the running lab's mirror controls."""
 
-    def __init__(self, token: str, actions: dict[str, Callable[[str], object]]):
-        self.token, self.actions = token, actions
+    def __init__(self, token: str, actions: dict[str, Callable[[str], object]], keys: list[str]):
+        self.token, self.actions, self.keys = token, actions, keys
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -76,10 +76,9 @@ class ControlServer:
                 handler = server.actions.get(action)
                 if handler is None:
                     return self._send(404, {"error": f"unknown action {action!r}"})
-                try:
-                    return self._send(200, {"result": handler(key)})
-                except (KeyError, ValueError) as exc:
-                    return self._send(400, {"error": str(exc)})
+                if key not in server.keys:
+                    return self._send(400, {"error": f"unknown key {key!r} (known: {', '.join(server.keys)})"})
+                return self._send(200, {"result": handler(key)})
 
             def _send(self, status, body):
                 data = json.dumps(body).encode()
@@ -113,15 +112,16 @@ def _credentials(paths: LabPaths) -> dict[str, str]:
     return creds
 
 
-def serve(state: Path, catalog_path: Path | None) -> None:
+def serve(state: Path, catalog_path: Path, root: Path) -> None:
     from .stack import LabStack  # the heavy imports (fakepve, paramiko) only in the lab process
 
     paths = LabPaths(state)
     creds = _credentials(paths)
-    stack = LabStack.start(state, catalog_path, creds["LAB_ROOT_PASSWORD"], creds["LAB_GUEST_PASSWORD"])
+    stack = LabStack.start(state, catalog_path, creds["LAB_ROOT_PASSWORD"], creds["LAB_GUEST_PASSWORD"], root=root)
     token = secrets.token_urlsafe(24)
     control = ControlServer(token, {"publish": stack.mirror.publish, "corrupt": lambda k: stack.mirror.corrupt(k, True),
-                                    "repair": lambda k: stack.mirror.corrupt(k, False)})
+                                    "repair": lambda k: stack.mirror.corrupt(k, False)},
+                            keys=sorted(stack.mirror.items))
     write_env_file(paths.env_file, stack.env(), header="Written by `packer-assets lab up`: points the project at the lab.")
     info = {"pid": os.getpid(), "argv": sys.argv, "started": time.time(), "control_port": control.port,
             "control_token": token, **stack.describe()}
@@ -165,16 +165,20 @@ def running_state(state: Path) -> dict | None:
     return None
 
 
-def up(state: Path, catalog_path: Path | None = None) -> dict:
+def up(state: Path, catalog_path: Path | None = None, root: Path | None = None) -> dict:
+    """Start the lab for the catalog (default: the project's, as `catalog check` finds it)."""
+    from ..catalog import load_catalog
+
     paths = LabPaths(state.resolve())
     info = running_state(paths.state)
     if info:
         return info
+    root = (root or Path.cwd()).resolve()
+    catalog = load_catalog(catalog_path, root=root)  # a broken catalog fails here, before any process
     paths.state.mkdir(parents=True, exist_ok=True)
     paths.state_json.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", SERVICE_MODULE, "--state", str(paths.state)]
-    if catalog_path:
-        argv += ["--catalog", str(Path(catalog_path).resolve())]
+    argv = [sys.executable, "-m", SERVICE_MODULE, "--state", str(paths.state), "--catalog", str(catalog.path),
+            "--root", str(root)]
     with open(paths.log, "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=paths.state)
@@ -224,9 +228,10 @@ def control(state: Path, action: str, key: str) -> object:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=SERVICE_MODULE)
     parser.add_argument("--state", required=True, type=Path)
-    parser.add_argument("--catalog", type=Path)
+    parser.add_argument("--catalog", type=Path, required=True)
+    parser.add_argument("--root", type=Path, required=True)
     args = parser.parse_args(argv)
-    serve(args.state, args.catalog)
+    serve(args.state, args.catalog, args.root)
 
 
 if __name__ == "__main__":
