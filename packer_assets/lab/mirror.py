@@ -211,7 +211,10 @@ class IsoMirror:
         self._server = ThreadingHTTPServer((self.host, self._port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name=f"lab-mirror:{self.port}", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},  # stop() waits up to one poll interval
+            name=f"lab-mirror:{self.port}",
+            daemon=True,
         )
         self._thread.start()
         return self
