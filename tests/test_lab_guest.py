@@ -269,3 +269,22 @@ def test_packer_null_builder_provisions_through_the_guest(lab_guest, guest_passw
     assert lab_guest.local_path("/tmp/payload.txt").read_text() == "payload\n"
     assert lab_guest.local_path("/opt/tree/sub/leaf.txt").read_text() == "leaf\n"
     assert {m for m, _ in lab_guest.uploads} == {transfer}
+
+
+def test_further_login_names_share_the_credentials(tmp_path):
+    import paramiko
+
+    from packer_assets.lab.guest import LabGuest
+
+    with LabGuest(tmp_path / "g", "packer", password="pw-123456", also_accept=["Administrator"]) as guest:
+        for user, ok in (("Administrator", True), ("packer", True), ("root", False)):
+            client = paramiko.SSHClient()
+            client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+            try:
+                client.connect("127.0.0.1", guest.port, username=user, password="pw-123456", look_for_keys=False,
+                               allow_agent=False, timeout=10)
+                assert ok, user
+            except paramiko.AuthenticationException:
+                assert not ok, user
+            finally:
+                client.close()

@@ -43,6 +43,7 @@ class LabGuest:
         port: int = 0,
         host_key_path: str | os.PathLike[str] | None = None,
         exec_handler: ExecHandler | None = None,
+        also_accept: Iterable[str] = (),
     ):
         """`authorized_keys`: paramiko keys or OpenSSH public key lines ("ssh-ed25519 AAAA... c").
 
@@ -52,6 +53,8 @@ class LabGuest:
         self.state_dir = Path(state_dir)
         self.files_dir = self.state_dir / "files"
         self.username, self._password = username, password
+        # Further login names with the same credentials (the catalog's Windows user, say).
+        self.usernames = {username, *also_accept}
         self._authorized = {_key_blob(k) for k in authorized_keys}
         self.host, self._port = host, port
         self.exec_handler = exec_handler
@@ -246,14 +249,14 @@ class _Server(paramiko.ServerInterface):
     def check_auth_password(self, username: str, password: str) -> int:
         ok = (
             self.guest._password is not None
-            and username == self.guest.username
+            and username in self.guest.usernames
             and _same(password, self.guest._password)
         )
         self.guest.auth_log.append((username, "password", ok))
         return paramiko.AUTH_SUCCESSFUL if ok else paramiko.AUTH_FAILED
 
     def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
-        ok = username == self.guest.username and key.asbytes() in self.guest._authorized
+        ok = username in self.guest.usernames and key.asbytes() in self.guest._authorized
         self.guest.auth_log.append((username, "publickey", ok))
         return paramiko.AUTH_SUCCESSFUL if ok else paramiko.AUTH_FAILED
 

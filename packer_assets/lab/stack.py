@@ -83,7 +83,7 @@ class LabStack:
         served = ServedPve(pve, pki).start()
         mirror = IsoMirror(state / "mirror", mirror_items(catalog)).start()
         users = sorted({entry.install_user.name for entry in catalog})
-        guest = LabGuest(state / "guest", username=users[0], password=guest_password).start()
+        guest = LabGuest(state / "guest", username=users[0], password=guest_password, also_accept=users[1:]).start()
         return cls(state, pki, served, mirror, guest, catalog, lab_catalog_path, root_password, guest_password)
 
     def env(self) -> dict[str, str]:
