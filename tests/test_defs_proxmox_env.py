@@ -78,3 +78,19 @@ def test_no_secret_in_the_event_log_or_output(resources, lab_pve, capfd, tmp_pat
         for secret in secrets:
             assert secret not in text
         assert "token_action" in text  # the scan saw the metadata
+
+
+def test_ssh_path_through_dagster(lab_sshd, lab_pve, tmp_path):
+    resources = {
+        "project": ProjectSettings(root=str(tmp_path / "project")),
+        "pve_admin": ProxmoxBootstrap(api_url=lab_pve.url + "/api2/json", method="ssh", ssh_host=lab_sshd.host,
+                                      ssh_port=lab_sshd.port, ssh_key_file=str(lab_sshd.client_key),
+                                      known_hosts=str(lab_sshd.known_hosts)),
+    }
+    with dg.instance_for_test() as instance:
+        result = materialize(resources, instance)
+        assert result.success
+        assert {n: e.passed for n, e in check_results(result).items()} == {"token_authenticates": True,
+                                                                         "token_privileges": True}
+        values = read_env_file(tmp_path / "project/infra/env/.env.proxmox")
+        assert values["PROXMOX_CA_FILE"].endswith("infra/env/pve-root-ca.pem")

@@ -32,7 +32,7 @@ def proxmox_env(
     layout = project.layout()
     chain = fresh_chain_id("init", lambda stamp: layout.init_log_dir(stamp).exists())
     tag_run(context, str(chain))
-    outcome = run_init(layout, pve_admin.endpoint(), pve_admin.admin(), pve_admin.config(config.rotate),
+    outcome = run_init(layout, pve_admin.endpoint(), pve_admin.bootstrapper(), pve_admin.config(config.rotate),
                        chain, run_id=context.run.run_id, echo=print)
     result, found = outcome.result, outcome.result.discovery
     context.log.info(f"[{chain}] token {result.token_id} {result.token_action}; {len(result.changes)} change(s)")

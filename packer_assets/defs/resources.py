@@ -8,7 +8,8 @@ from pydantic import Field
 from ..evidence import Layout
 from ..pve.bootstrap import BootstrapConfig
 from ..pve.client import Endpoint
-from ..pve.init_env import AdminLogin
+from ..pve.init_env import AdminLogin, Bootstrapper
+from ..pve.ssh import SshBootstrap, SshTarget
 
 
 class ProjectSettings(dg.ConfigurableResource):
@@ -41,6 +42,22 @@ class ProxmoxBootstrap(dg.ConfigurableResource):
     bridge: str | None = None
     http_bind_address: str | None = None
     http_port: int = 8802
+    method: str = Field(default="api", description="api (admin login over HTTPS) or ssh (script run on the node)")
+    ssh_host: str | None = Field(default=None, description="node address for the SSH path (PROXMOX_SSH_HOST)")
+    ssh_port: int = 22
+    ssh_user: str = "root"
+    ssh_key_file: str | None = None
+    ssh_password: str | None = Field(default=None, description="PROXMOX_SSH_PASSWORD (prefer a key)")
+    known_hosts: str | None = Field(default=None, description="known_hosts file (default ~/.ssh/known_hosts)")
+    trust_on_first_use: bool = Field(default=False, description="accept and record an unknown host key")
+
+    def bootstrapper(self) -> AdminLogin | Bootstrapper:
+        if self.method == "api":
+            return self.admin()
+        if self.method != "ssh" or not self.ssh_host:
+            raise ValueError(f"pve_admin.method={self.method!r}: use 'api', or 'ssh' with ssh_host set")
+        return SshBootstrap(SshTarget(self.ssh_host, self.ssh_port, self.ssh_user, self.ssh_key_file,
+                                      self.ssh_password, self.known_hosts, self.trust_on_first_use))
 
     def endpoint(self) -> Endpoint:
         return Endpoint(self.api_url, ca_file=self.ca_file, fingerprint=self.fingerprint, insecure=self.insecure)

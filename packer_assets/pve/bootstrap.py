@@ -87,6 +87,8 @@ class BootstrapResult:
     privileges: tuple[str, ...]
     discovery: Discovery
     changes: list[str]
+    # The node's CA certificate (PEM), when the bootstrap could fetch it (the SSH path does).
+    ca_pem: str | None = field(default=None, repr=False)
 
 
 # ------------------------------------------------------------------ discovery
@@ -150,17 +152,21 @@ def local_address_towards(ip: str) -> str:
         return probe.getsockname()[0]
 
 
+def http_bind_address(endpoint: Endpoint, config: BootstrapConfig) -> str:
+    """The configured address, else the control host's address towards the API (both paths use this)."""
+    return config.http_bind_address or local_address_towards(socket.gethostbyname(endpoint.host))
+
+
 def discover(api: ProxmoxAPI, endpoint: Endpoint, config: BootstrapConfig) -> Discovery:
     node = discover_node(api, config.node)
     node_ip = discover_node_ip(api, node, endpoint)
-    api_ip = socket.gethostbyname(endpoint.host)
     return Discovery(
         node=node,
         node_ip=node_ip,
         vm_storage=discover_storage(api, node, "images", config.vm_storage),
         iso_storage=discover_storage(api, node, "iso", config.iso_storage),
         bridge=discover_bridge(api, node, config.bridge),
-        http_bind_address=config.http_bind_address or local_address_towards(api_ip),
+        http_bind_address=http_bind_address(endpoint, config),
         http_port=config.http_port,
     )
 

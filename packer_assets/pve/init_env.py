@@ -4,20 +4,28 @@ The toolkit's outputs, path for path: `infra/env/.env.proxmox` and `control/secr
 atomic), `output/logs/packer/init/<ts>/init-packer.log` and
 `docs/proof/platform/packer-builds/init/<ts>/` (README.md, proof.json, the log), each with `latest`.
 A failed init keeps its log, writes no proof and leaves both env files as they were.
+
+How the role, user, token and discovery come about is pluggable (a `Bootstrapper`): over the API
+as an admin (`ApiBootstrap`, what an `AdminLogin` means) or over SSH as root on the node
+(`packer_assets.pve.ssh.SshBootstrap`). The log, env files and proof are the same for both.
 """
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 from .. import __version__
 from ..chain import ChainId
 from ..envfile import read_env_file, write_env_file
-from ..evidence import Layout, Redactor, RunLog, sha256_file, write_proof_bundle
+from ..evidence import Layout, Redactor, RunLog, atomic_write, sha256_file, write_proof_bundle
 from .bootstrap import BootstrapConfig, BootstrapResult, bootstrap, env_file_values
 from .client import Endpoint
 
 SECRET_KEY = "PROXMOX_TOKEN_SECRET"
+# The node's CA as the SSH path fetches it; PROXMOX_CA_FILE points here unless trust was configured.
+CA_FILE = Path("infra/env/pve-root-ca.pem")
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,42 @@ class AdminLogin:
     @property
     def who(self) -> str:
         return f"{self.user}!{self.token_name}" if self.token_name else self.user
+
+
+class Bootstrapper(Protocol):
+    """One way to bootstrap. Called with the endpoint, the config, the secret we hold (or None),
+    save_secret (call it the moment a new secret exists) and note (a line for the init log)."""
+
+    method: str  # "api" | "ssh", recorded in the proof
+    fetches_ca: bool  # True: the result carries the node's CA (ca_pem)
+
+    def describe(self, endpoint: Endpoint) -> str: ...
+
+    def secrets(self) -> list[str | None]: ...
+
+    def __call__(self, endpoint: Endpoint, config: BootstrapConfig, known_secret: str | None,
+                 save_secret: Callable[[str], None], note: Callable[[str], object]) -> BootstrapResult: ...
+
+
+@dataclass(frozen=True)
+class ApiBootstrap:
+    """The API path: an admin login (root@pam's password or an admin token) does it all over HTTPS."""
+
+    admin: AdminLogin
+    method = "api"
+    fetches_ca = False
+
+    def describe(self, endpoint: Endpoint) -> str:
+        return f"bootstrap {endpoint.base} as {self.admin.who}"
+
+    def secrets(self) -> list[str | None]:
+        return [self.admin.password, self.admin.token_secret]
+
+    def __call__(self, endpoint, config, known_secret, save_secret, note) -> BootstrapResult:
+        admin = self.admin
+        return bootstrap(endpoint, admin.user, admin_password=admin.password, admin_token_name=admin.token_name,
+                         admin_token_secret=admin.token_secret, known_secret=known_secret, config=config,
+                         save_secret=save_secret)
 
 
 @dataclass(frozen=True)
@@ -57,24 +101,40 @@ def save_secret(layout: Layout, token_id: str, secret: str) -> None:
     write_env_file(layout.secrets_file, values, header="API token secret for packer-assets (mode 0600)")
 
 
-def run_init(layout: Layout, endpoint: Endpoint, admin: AdminLogin, config: BootstrapConfig, chain: ChainId,
-             run_id: str | None = None, echo=None) -> InitOutcome:
+def explicit_trust(endpoint: Endpoint) -> bool:
+    return bool(endpoint.ca_file or endpoint.fingerprint or endpoint.insecure)
+
+
+def run_init(layout: Layout, endpoint: Endpoint, admin: "AdminLogin | Bootstrapper", config: BootstrapConfig,
+             chain: ChainId, run_id: str | None = None, echo=None) -> InitOutcome:
+    """admin: an AdminLogin (the API path) or any Bootstrapper (e.g. SshBootstrap)."""
+    method = ApiBootstrap(admin) if isinstance(admin, AdminLogin) else admin
     started = datetime.now(UTC)
     secret = known_secret(layout)
-    redact = Redactor([admin.password, admin.token_secret, secret])
+    redact = Redactor([*method.secrets(), secret])
+    ca_path = (layout.root / CA_FILE).absolute()  # absolute: the env file is read from anywhere
+    use_fetched_ca = method.fetches_ca and not explicit_trust(endpoint)
+    # Without configured trust, the CA an earlier run fetched is what proves the known secret over TLS.
+    if use_fetched_ca and ca_path.exists():
+        endpoint = replace(endpoint, ca_file=str(ca_path))
     log_file = layout.init_log_dir(chain.stamp) / "init-packer.log"
     with RunLog(log_file, str(chain), redact, echo) as log:
-        log.line("init", f"bootstrap {endpoint.base} as {admin.who}: user {config.user}, role {config.role}, "
+        log.line("init", f"{method.describe(endpoint)}: user {config.user}, role {config.role}, "
                          f"token {config.token_id} (privsep={int(config.privsep)}, rotate={int(config.rotate)})")
         try:
-            result = bootstrap(endpoint, admin.user, admin_password=admin.password,
-                               admin_token_name=admin.token_name, admin_token_secret=admin.token_secret,
-                               known_secret=secret, config=config,
-                               save_secret=lambda new: (redact.add(new), save_secret(layout, config.token_id, new)))
+            result = method(endpoint, config, secret,
+                            lambda new: (redact.add(new), save_secret(layout, config.token_id, new)),
+                            lambda text: log.line(method.method, text))
         except Exception as exc:
             log.line("error", f"{type(exc).__name__}: {exc}")
             raise
         redact.add(result.token_secret)
+        if result.ca_pem:
+            atomic_write(ca_path, result.ca_pem)
+            log.line("init", f"wrote the node's CA certificate to {ca_path}")
+            if use_fetched_ca:
+                # The CA came over an SSH connection whose host key was verified: TLS is verified from now on.
+                endpoint = replace(endpoint, ca_file=str(ca_path))
         write_env_file(layout.env_file, env_file_values(result, endpoint),
                        header=f"Written by packer-assets proxmox_env ({chain}); mode 0600, holds the token secret")
         for change in result.changes or ["nothing to change"]:
@@ -84,6 +144,7 @@ def run_init(layout: Layout, endpoint: Endpoint, admin: AdminLogin, config: Boot
         log.line("init", f"wrote {layout.env_file} and {layout.secrets_file}")
     proof = {
         "kind": "init",
+        "bootstrap": method.method,
         "chain_id": str(chain),
         "dagster_run_id": run_id,
         "tool_version": __version__,
@@ -109,6 +170,7 @@ def run_init(layout: Layout, endpoint: Endpoint, admin: AdminLogin, config: Boot
 
 def init_readme(proof: dict) -> str:
     rows = [("Chain ID", proof["chain_id"]), ("Dagster run", proof["dagster_run_id"] or "-"),
+            ("Bootstrap", proof.get("bootstrap", "api")),
             ("API", proof["api_url"]), ("TLS trust", proof["tls"]), ("PVE version", proof["pve_version"]),
             ("Node", proof["discovery"]["node"]), ("VM storage", proof["discovery"]["vm_storage"]),
             ("ISO storage", proof["discovery"]["iso_storage"]), ("Bridge", proof["discovery"]["bridge"]),
