@@ -1,0 +1,37 @@
+"""Unattended-install rendering and the validators of each ecosystem (core: no Dagster import).
+
+- `render_unattended(entry, env, out_dir)` -> `RenderResult`: render, validate, then write.
+- `build_answer_iso(files, path)` -> (path, sha256): the Windows answer ISO (pycdlib, Joliet).
+- `validate_*`: one function per format, each returning a `Verdict`.
+"""
+
+from .answer_iso import build_answer_iso, read_answer_iso
+from .engine import (
+    ANSWER_ISO_NAME,
+    RenderError,
+    RenderedFile,
+    RenderResult,
+    content_hash,
+    make_environment,
+    render_files,
+    render_unattended,
+)
+from .passwords import PasswordError, sha512_crypt_hash, verify_sha512_crypt, windows_decode, windows_encode
+from .validators import (
+    Expected,
+    ValidatorUnavailable,
+    Verdict,
+    resolve_schema_dir,
+    validate_autoinstall,
+    validate_autounattend,
+    validate_kickstart,
+    validate_preseed,
+)
+
+__all__ = [
+    "ANSWER_ISO_NAME", "Expected", "PasswordError", "RenderError", "RenderResult", "RenderedFile",
+    "ValidatorUnavailable", "Verdict", "build_answer_iso", "content_hash", "make_environment",
+    "read_answer_iso", "render_files", "render_unattended", "resolve_schema_dir", "sha512_crypt_hash",
+    "validate_autoinstall", "validate_autounattend", "validate_kickstart", "validate_preseed",
+    "verify_sha512_crypt", "windows_decode", "windows_encode",
+]
