@@ -208,8 +208,7 @@ class IsoMirror:
             pass
 
         Handler.mirror = mirror
-        self._server = ThreadingHTTPServer((self.host, self._port), Handler)
-        self._server.daemon_threads = True
+        self._server = _Server((self.host, self._port), Handler)
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.05},  # stop() waits up to one poll interval
@@ -233,7 +232,14 @@ class IsoMirror:
         self.stop()
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # a sensor tick opens many connections at once; 5 (the default) stalls them
+
+
 class _Handler(BaseHTTPRequestHandler):
+    # Without this every response stalls ~40 ms on delayed ACKs (Nagle), which a many-key sensor tick feels.
+    disable_nagle_algorithm = True
     mirror: IsoMirror
     protocol_version = "HTTP/1.1"  # keep-alive, as download clients expect
 
