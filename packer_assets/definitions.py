@@ -8,7 +8,7 @@ import os
 
 import dagster as dg
 
-from .defs import assets, checks
+from .defs import assets, checks, jobs, sensors
 from .defs.resources import ProjectSettings, ProxmoxBootstrap
 from .settings import export_env_files
 
@@ -25,7 +25,9 @@ def _value(name: str, default=None):
 
 
 defs = dg.Definitions(
-    assets=[assets.proxmox_env],
+    assets=[assets.proxmox_env, assets.iso_release, assets.unattended_files, assets.staged_iso],
+    jobs=[jobs.bootstrap_job, jobs.rebuild_job],
+    sensors=[sensors.iso_checksum_sensor],
     asset_checks=[checks.token_authenticates, checks.token_privileges],
     resources={
         "project": ProjectSettings(root=os.environ.get("PACKER_ASSETS_ROOT", ".")),

@@ -1,9 +1,14 @@
 """Assets: each body calls the core and reports the result as metadata."""
 
+import os
+
 import dagster as dg
 
 from ..chain import fresh_chain_id
 from ..pve.init_env import run_init
+from ..pve.staging import stage_entry
+from ..render import render_unattended
+from .partitions import template_partitions
 from .resources import ProjectSettings, ProxmoxBootstrap
 
 CHAIN_TAG = "packer-assets/chain-id"
@@ -66,3 +71,86 @@ def access_fingerprint(proof: dict) -> str:
 
     basis = {k: proof[k] for k in ("api_url", "token_id", "discovery")}
     return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ per template key
+
+iso_release = dg.AssetSpec(
+    "iso_release",
+    partitions_def=template_partitions,
+    group_name="isos",
+    kinds={"http"},
+    owners=OWNERS,
+    description="The upstream ISO (and extra ISOs) of a template key: external state, observed by "
+    "iso_checksum_sensor with the published checksum as its data version.",
+)
+
+
+@dg.asset(
+    partitions_def=template_partitions,
+    group_name="templates",
+    kinds={"jinja"},
+    owners=OWNERS,
+    description="user-data/meta-data, preseed.cfg, ks.cfg or Autounattend.xml (+ answer ISO) rendered from "
+    "templates/<family>/ into output/rendered/<key>/, each checked by its ecosystem's validator. "
+    "The data version is the hash of the rendered content, so an unchanged render leaves builds fresh.",
+)
+def unattended_files(context: dg.AssetExecutionContext, project: ProjectSettings) -> dg.MaterializeResult:
+    key = context.partition_key
+    layout = project.layout()
+    catalog = project.catalog()
+    result = render_unattended(catalog.get(key), os.environ, layout.rendered_dir(key), root=catalog.root)
+    meta = result.metadata()
+    rows = "\n".join(f"| `{name}` | `{f['sha256'][:16]}` | {f['size']} | "
+                     + ", ".join(f"{v}: {verdict}" for v, verdict in f["verdicts"].items()) + " |"
+                     for name, f in meta["files"].items())
+    context.log.info(f"{key}: rendered {len(meta['files'])} file(s), content hash {result.content_hash[:16]}")
+    return dg.MaterializeResult(
+        metadata={
+            "rendered_dir": dg.MetadataValue.path(str(result.out_dir)),
+            "files": dg.MetadataValue.md("| file | sha256 | bytes | validators |\n|---|---|---|---|\n" + rows),
+            "content_hash": result.content_hash,
+            "answer_iso": dg.MetadataValue.json(meta.get("answer_iso")),
+        },
+        data_version=dg.DataVersion(result.content_hash),
+    )
+
+
+@dg.asset(
+    partitions_def=template_partitions,
+    deps=[iso_release, proxmox_env],
+    group_name="isos",
+    kinds={"proxmox"},
+    owners=OWNERS,
+    description="The ISO(s) of a key on the node's ISO storage, downloaded by Proxmox itself (download-url with "
+    "the checksum, so no ISO byte passes through this host) under a volume name carrying the release.",
+)
+def staged_iso(context: dg.AssetExecutionContext, project: ProjectSettings) -> dg.MaterializeResult:
+    key = context.partition_key
+    access = project.build_access()
+    node, storage = access.discovery.node, access.discovery.iso_storage
+    staged = stage_entry(access.connect(), node, storage, project.catalog().get(key),
+                         on_progress=lambda line: context.log.debug(f"{key}: {line}"))
+    for name, iso in staged.items():
+        verb = "downloaded by the node" if iso.downloaded else "already staged"
+        context.log.info(f"{key}: {name} {iso.volid} {verb} ({iso.size} bytes, {iso.seconds:.1f}s)")
+    boot = staged["iso"]
+    return dg.MaterializeResult(
+        metadata={
+            "volid": boot.volid,
+            "size": boot.size,
+            "checksum": boot.checksum,
+            "algorithm": boot.algorithm,
+            "source_url": dg.MetadataValue.url(boot.source),
+            "seconds": boot.seconds,
+            "bytes_through_control_host": sum(i.bytes_through_control_host for i in staged.values()),
+            "downloaded": boot.downloaded,
+            "isos": dg.MetadataValue.json({name: iso.metadata() for name, iso in staged.items()}),
+        },
+        data_version=dg.DataVersion(staged_version(staged)),
+    )
+
+
+def staged_version(staged: dict) -> str:
+    """The data version of a key's ISOs: every checksum, so a new virtio-win release counts too."""
+    return ";".join(f"{name}={staged[name].checksum}" for name in sorted(staged))

@@ -5,7 +5,10 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from ..catalog import Catalog, load_catalog
+from ..envfile import read_env_file
 from ..evidence import Layout
+from ..pve.bootstrap import BuildAccess, build_access
 from ..pve.bootstrap import BootstrapConfig
 from ..pve.client import Endpoint
 from ..pve.init_env import AdminLogin, Bootstrapper
@@ -19,6 +22,17 @@ class ProjectSettings(dg.ConfigurableResource):
 
     def layout(self) -> Layout:
         return Layout(Path(self.root).resolve())
+
+    def catalog(self) -> Catalog:
+        """The catalog as the environment names it (PACKER_ASSETS_CATALOG, mirror), read per run."""
+        return load_catalog()
+
+    def build_access(self) -> BuildAccess:
+        """Where and as whom builds talk to Proxmox: what proxmox_env wrote."""
+        env_file = self.layout().env_file
+        if not env_file.exists():
+            raise FileNotFoundError(f"{env_file} does not exist: materialize proxmox_env first (`make init`)")
+        return build_access(read_env_file(env_file), str(env_file))
 
 
 class ProxmoxBootstrap(dg.ConfigurableResource):

@@ -1,0 +1,19 @@
+"""Jobs: the bootstrap, and one partitioned rebuild of a key (kept apart: mixing the unpartitioned
+proxmox_env into a partitioned selection breaks the UI's backfill options)."""
+
+import dagster as dg
+
+from . import assets
+
+bootstrap_job = dg.define_asset_job(
+    "bootstrap", selection=dg.AssetSelection.assets(assets.proxmox_env),
+    description="proxmox_env and its checks: API user, role, token, .env.proxmox.",
+)
+
+REBUILD_ASSETS = [assets.unattended_files, assets.staged_iso]
+
+rebuild_job = dg.define_asset_job(
+    "rebuild_template",
+    selection=dg.AssetSelection.assets(*REBUILD_ASSETS),
+    description="Everything a template key needs, for one partition: rendered files, staged ISO, build, proof.",
+)

@@ -1,0 +1,100 @@
+"""unattended_files, staged_iso and iso_checksum_sensor through Dagster, against the in-process lab."""
+
+import dagster as dg
+import pytest
+
+from packer_assets.defs import assets, sensors
+from packer_assets.defs.resources import ProjectSettings
+
+ISO_ASSETS = [assets.iso_release, assets.unattended_files, assets.staged_iso]
+
+
+def materialize(lab_project, instance, selection, key):
+    return dg.materialize(ISO_ASSETS, selection=selection, partition_key=key, instance=instance,
+                          resources={"project": ProjectSettings(root=str(lab_project.root))}, raise_on_error=False)
+
+
+def iso_volumes(pve):
+    return sorted(v for v in pve.storages["local"].get("volumes", {}) if v.startswith("iso/"))
+
+
+def test_unattended_files_data_version_is_the_content_hash(lab_project):
+    with dg.instance_for_test() as instance:
+        first = materialize(lab_project, instance, [assets.unattended_files], "ubuntu-2204")
+        second = materialize(lab_project, instance, [assets.unattended_files], "ubuntu-2204")
+        assert first.success and second.success
+        versions = [r.asset_materializations_for_node("unattended_files")[0].tags[sensors.DATA_VERSION_TAG]
+                    for r in (first, second)]
+        assert versions[0] == versions[1]
+        assert (lab_project.layout.rendered_dir("ubuntu-2204") / "user-data").exists()
+
+
+def test_staged_iso_downloads_once_and_reports_metadata(lab_project):
+    pve, mirror = lab_project.pve, lab_project.mirror
+    with dg.instance_for_test() as instance:
+        first = materialize(lab_project, instance, [assets.staged_iso], "debian-12")
+        assert first.success
+        meta = first.asset_materializations_for_node("staged_iso")[0].metadata
+        assert meta["checksum"].value == mirror.sha256("debian-12")
+        assert meta["bytes_through_control_host"].value == 0
+        assert meta["volid"].value in [f"local:{v}" for v in iso_volumes(pve)]
+        downloads = len(pve.downloads)
+        second = materialize(lab_project, instance, [assets.staged_iso], "debian-12")
+        assert second.success and len(pve.downloads) == downloads
+        assert second.asset_materializations_for_node("staged_iso")[0].metadata["downloaded"].value is False
+
+
+def test_corrupted_mirror_image_fails_and_leaves_no_volume(lab_project):
+    lab_project.mirror.corrupt("rocky-9")
+    before = iso_volumes(lab_project.pve)
+    with dg.instance_for_test() as instance:
+        result = materialize(lab_project, instance, [assets.staged_iso], "rocky-9")
+    assert not result.success
+    failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
+    assert "checksum mismatch" in str(failure.event_specific_data.error)
+    assert iso_volumes(lab_project.pve) == before
+
+
+def tick(instance, cursor=None):
+    context = dg.build_sensor_context(instance=instance, cursor=cursor)
+    return sensors.iso_checksum_sensor(context)
+
+
+def test_sensor_first_tick_publish_and_unchanged(lab_project):
+    mirror = lab_project.mirror
+    keys = lab_project.stack.catalog.keys()
+    with dg.instance_for_test() as instance:
+        assert materialize(lab_project, instance, [assets.staged_iso], "ubuntu-2204").success
+        first = tick(instance)
+        # first sight: every key observed; only keys never built are requested
+        assert sorted(o.partition for o in first.asset_events) == sorted(keys)
+        assert sorted(r.partition_key for r in first.run_requests) == sorted(k for k in keys if k != "ubuntu-2204")
+        mirror.hits.clear()
+        unchanged = tick(instance, first.cursor)
+        assert unchanged.run_requests == [] and unchanged.asset_events == []
+        assert {status for (path, status) in mirror.hits} == {304}
+        new = mirror.publish("ubuntu-2204")
+        changed = tick(instance, unchanged.cursor)
+        assert [(r.partition_key, r.run_key) for r in changed.run_requests] == [("ubuntu-2204",
+                                                                                 f"ubuntu-2204:sha256:{new}")]
+        assert [(o.partition, o.tags[sensors.DATA_VERSION_TAG]) for o in changed.asset_events] == [
+            ("ubuntu-2204", f"sha256:{new}")]
+
+
+def test_sensor_keeps_going_when_one_source_fails(lab_project, monkeypatch):
+    with dg.instance_for_test() as instance:
+        first = tick(instance)
+        monkeypatch.setenv("PACKER_ASSETS_ISO_MIRROR", lab_project.mirror.base_url + "/nowhere")
+        broken = tick(instance, first.cursor)
+        assert broken.run_requests == []
+        assert broken.cursor == first.cursor  # failed keys keep their state
+
+
+@pytest.mark.parametrize("key", ["windows-2022"])
+def test_extra_iso_change_rebuilds_its_key(lab_project, key):
+    with dg.instance_for_test() as instance:
+        first = tick(instance)
+        lab_project.mirror.publish(f"{key}--virtio-win")
+        changed = tick(instance, first.cursor)
+        assert [r.partition_key for r in changed.run_requests] == [key]
+        assert ";virtio-win=sha256:" in changed.run_requests[0].run_key
