@@ -233,7 +233,12 @@ class IsoSource(_Model):
     checksum_url: Url | None = None
     checksum: Checksum | None = None
     filename: IsoFilename  # defaults to the URL's last path segment
+    # OpenPGP keyring (path under the project root) that signed the checksum file; signature_url is a
+    # detached signature (absent: the checksum file is clearsigned). Checked before the file is trusted.
+    keyring: str | None = None
+    signature_url: Url | None = None
     _mirror: str | None = PrivateAttr(default=None)
+    _keyring_path: Path | None = PrivateAttr(default=None)
 
     @model_validator(mode="before")
     @classmethod
@@ -251,7 +256,16 @@ class IsoSource(_Model):
                 "checksum",
                 "missing: give checksum_url (a SHA256SUMS/CHECKSUM file) or checksum ('sha256:<64 hex>')",
             )
+        if self.keyring and not self.checksum_url:
+            raise _FieldError("keyring", "a keyring verifies a checksum file: give checksum_url too")
+        if self.signature_url and not self.keyring:
+            raise _FieldError("signature_url", "a signature needs a keyring to check it against")
         return self
+
+    @property
+    def keyring_path(self) -> Path | None:
+        """The keyring as an absolute path (resolved against the project root at load)."""
+        return self._keyring_path
 
     @property
     def upstream_name(self) -> str:
@@ -661,11 +675,18 @@ def load_catalog(
                 "each key owns its range"
             )
 
+    for entry in entries.values():
+        for i, iso in enumerate(entry.all_isos()):
+            if iso.keyring and not (root_path / iso.keyring).is_file():
+                where = "iso" if i == 0 else f"extra_isos[{i - 1}]"
+                errors.append(f"{display}: {entry.key}: {where}.keyring: file {iso.keyring} does not exist under "
+                              f"{root_path}")
     if errors:
         raise CatalogError("\n".join(errors))
     for entry in entries.values():
         for iso in entry.all_isos():
             iso._mirror = mirror
+            iso._keyring_path = (root_path / iso.keyring).resolve() if iso.keyring else None
     return Catalog(cat_path, display, root_path, mirror, defaults or Defaults(), entries)
 
 

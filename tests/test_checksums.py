@@ -298,3 +298,51 @@ def test_gnu_escaped_names():
     # coreutils marks a line whose name holds a backslash or newline with a leading backslash
     line = "\\" + "aa" * 32 + "  we\\\\ird\\nname.iso\n"
     assert ChecksumFile.parse(line).names == ["we\\ird\nname.iso"]
+
+
+def test_catalog_keyring_is_used_by_staging_resolution(iso_mirror, signer, tmp_path, monkeypatch):
+    """keyring + signature_url in the catalog reach the resolver staging uses (and a bad path is named)."""
+    from packer_assets.catalog import CatalogError, load_catalog
+    from packer_assets.pve import staging
+
+    item = iso_mirror.items["debian-12"]
+    sums = iso_mirror.root / item.checksum_path.lstrip("/")
+    sums.with_name("SHA256SUMS.sign").write_bytes(signer.detach(sums.read_bytes()))
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys/debian.gpg").write_bytes(signer.keyring.read_bytes())
+    text = f"""version: 1
+defaults:
+  hardware: {{cores: 1, memory: 1024, disk: 8G, bios: seabios, os_type: l26}}
+  install_user: {{name: packer, password_env: PW}}
+  retention: 1
+templates:
+  - key: debian-12
+    family: debian
+    iso:
+      url: https:/{item.iso_path}
+      checksum_url: https:/{item.checksum_path}
+      keyring: KEYRING
+      signature_url: https:/{item.checksum_path}.sign
+    vmid_range: {{first: 9000, last: 9009}}
+    packer_dir: templates/debian
+"""
+    catalog_file = tmp_path / "catalog.yaml"
+    catalog_file.write_text(text.replace("KEYRING", "keys/debian.gpg"))
+    env = {"PACKER_ASSETS_ISO_MIRROR": iso_mirror.base_url}
+    iso = load_catalog(catalog_file, env=env, root=tmp_path).get("debian-12").iso
+    assert iso.keyring_path == (tmp_path / "keys/debian.gpg").resolve()
+    resolved = resolve_checksum(iso, keyring=iso.keyring_path, signature_url=iso.signature_url)
+    assert resolved.hex == iso_mirror.sha256("debian-12")
+    seen = {}
+
+    def spy(iso_arg, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop before touching the API")
+
+    monkeypatch.setattr(staging, "resolve_checksum", spy)
+    with pytest.raises(RuntimeError, match="stop before"):
+        staging.stage_iso(None, "pve1", "local", iso)
+    assert (seen["keyring"], seen["signature_url"]) == (iso.keyring_path, iso.signature_url)
+    catalog_file.write_text(text.replace("KEYRING", "keys/missing.gpg"))
+    with pytest.raises(CatalogError, match=r"debian-12: iso.keyring: file keys/missing.gpg does not exist"):
+        load_catalog(catalog_file, env=env, root=tmp_path)
