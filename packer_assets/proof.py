@@ -1,0 +1,192 @@
+"""The build proof: a pydantic model, its JSON Schema, the README table and the bundle on disk.
+
+`docs/proof/platform/packer-builds/builds/<key>/<ts>/` holds README.md, proof.json and packer.log;
+`latest` points at the newest. The JSON Schema in `docs/schema/build-proof.schema.json` is generated
+from `BuildProof` (`python -m packer_assets.proof` rewrites it); a test keeps the two equal.
+
+A proof exists only for a build that passed its checks: the model refuses a failed or missing
+check, and `write_build_proof` refuses a log whose sha256 differs from the one recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .chain import CHAIN_RE, parse_chain_id
+from .evidence import Layout, sha256_file, write_proof_bundle
+
+SCHEMA_FILE = Path("docs/schema/build-proof.schema.json")
+LOG_NAME = "packer.log"
+SCHEMA_VERSION = 1
+
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="sha256, 64 lower-case hex digits")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TemplateRef(_Model):
+    """The Proxmox template the build produced."""
+
+    vmid: int = Field(ge=100, description="The template's VMID (from the key's vmid_range).")
+    name: str = Field(description="The template's name, `<key>-<yyyymmddhhmmss>` (UTC build time).")
+    node: str = Field(description="The node the template lives on.")
+    tags: list[str] = Field(default_factory=list, description="Its PVE tags, as they were when the proof was written.")
+
+
+class IsoRef(_Model):
+    """The installation ISO the template was built from."""
+
+    url: str = Field(description="The upstream URL in the catalog.")
+    effective_url: str = Field(description="The URL actually fetched (differs from `url` behind a mirror).")
+    checksum: str = Field(description="`<algorithm>:<hex>` the node verified the download against.")
+    volid: str = Field(description="The ISO's volume on the node's ISO storage, e.g. `local:iso/x.iso`.")
+
+
+class Timings(_Model):
+    """When the build ran, and how long each stage took."""
+
+    started_at: datetime = Field(description="Start of the run (UTC, ISO 8601).")
+    finished_at: datetime = Field(description="End of the run (UTC, ISO 8601).")
+    stages: dict[str, float] = Field(default_factory=dict,
+                                     description="Seconds per stage, in run order (e.g. stage_iso, packer_build, "
+                                                 "finish, smoke_test, promote).")
+
+    @property
+    def seconds(self) -> float:
+        return (self.finished_at - self.started_at).total_seconds()
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Timings:
+        if self.finished_at < self.started_at:
+            raise ValueError("finished_at is before started_at")
+        return self
+
+
+class CheckResult(_Model):
+    """One check of the build (an asset check in Dagster)."""
+
+    name: str = Field(description="The check's name, e.g. `smoke_test` or `packer_validate`.")
+    passed: bool = Field(description="Whether it passed (always true in a proof).")
+    description: str = Field(description="What was checked and what was seen, in one sentence.")
+    details: dict[str, Any] = Field(default_factory=dict, description="Facts the check recorded.")
+
+
+class BuildProof(_Model):
+    """Evidence of one successful, checked template build (proof.json)."""
+
+    model_config = ConfigDict(title="packer-assets build proof")
+
+    schema_version: Literal[1] = Field(default=SCHEMA_VERSION, description="Version of this format.")
+    kind: Literal["build"] = Field(default="build", description="Always `build` (init proofs have `init`).")
+    chain_id: str = Field(pattern=CHAIN_RE.pattern,
+                          description="`CHAIN-<UTC yyyymmddThhmmssZ>-<key>`: the ID in the run tags, every log line "
+                                      "and the template description.")
+    key: str = Field(description="The catalog template key (= the Dagster partition).")
+    dagster_run_id: str | None = Field(default=None, description="The Dagster run that built it, if any.")
+    template: TemplateRef = Field(description="The template built (promoted when the proof was written).")
+    iso: IsoRef = Field(description="The installation ISO.")
+    rendered_files: dict[str, Sha256] = Field(description="Unattended files served to the installer: name -> sha256.")
+    packer_template_sha256: Sha256 | None = Field(default=None, description="sha256 of the Packer template used.")
+    packer_version: str = Field(description="`packer version` of the binary that ran.")
+    timings: Timings = Field(description="Start, end and seconds per stage.")
+    checks: list[CheckResult] = Field(min_length=1, description="Every check run on the template; all passed.")
+    log_sha256: Sha256 = Field(description="sha256 of packer.log next to this file.")
+    input_fingerprint: Sha256 = Field(description="sha256 over ISO checksum, rendered files, Packer template and "
+                                                  "catalog entry; equal fingerprints mean nothing to rebuild.")
+    tool_version: str = Field(description="The packer-assets version that ran the build.")
+    previous_template_vmid: int | None = Field(default=None,
+                                               description="The template that was promoted before this one.")
+    pruned_vmids: list[int] = Field(default_factory=list, description="Older templates removed by retention.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BuildProof:
+        if parse_chain_id(self.chain_id).key != self.key:
+            raise ValueError(f"chain ID {self.chain_id} is not of key {self.key}")
+        failed = [c.name for c in self.checks if not c.passed]
+        if failed:
+            raise ValueError(f"a proof is only written for a build whose checks passed; failed: {', '.join(failed)}")
+        return self
+
+    @property
+    def stamp(self) -> str:
+        """The proof folder's name: the chain ID's timestamp (as for the build log)."""
+        return parse_chain_id(self.chain_id).stamp
+
+
+def build_proof_schema() -> dict[str, Any]:
+    """The JSON Schema of proof.json (what `docs/schema/build-proof.schema.json` holds)."""
+    schema = BuildProof.model_json_schema(mode="serialization")
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$comment": "Generated from packer_assets.proof.BuildProof by `python -m packer_assets.proof`; "
+                        "do not edit.",
+            **schema}
+
+
+def schema_text() -> str:
+    return json.dumps(build_proof_schema(), indent=2) + "\n"
+
+
+def write_schema(root: Path = Path(".")) -> Path:
+    path = Path(root) / SCHEMA_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(schema_text(), encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------ README
+
+
+def _cell(value: object) -> str:
+    text = "-" if value is None or value == "" else str(value)
+    return "`" + text.replace("|", "\\|").replace("`", "'") + "`"
+
+
+def render_build_readme(proof: BuildProof) -> str:
+    """The proof as Markdown: a summary table, then stages, checks and rendered files."""
+    t = proof.template
+    rows = [("Chain ID", proof.chain_id), ("Key", proof.key), ("Dagster run", proof.dagster_run_id),
+            ("Template", f"{t.vmid} {t.name} on {t.node}"), ("Tags", ";".join(t.tags)),
+            ("ISO", proof.iso.url), ("ISO fetched from", proof.iso.effective_url),
+            ("ISO checksum", proof.iso.checksum), ("ISO volume", proof.iso.volid),
+            ("Packer", proof.packer_version), ("Packer template sha256", proof.packer_template_sha256),
+            ("Input fingerprint", proof.input_fingerprint),
+            ("Started", proof.timings.started_at.isoformat()), ("Finished", proof.timings.finished_at.isoformat()),
+            ("Duration", f"{proof.timings.seconds:.1f} s"),
+            ("Previous template", proof.previous_template_vmid),
+            ("Pruned", ", ".join(map(str, proof.pruned_vmids)) or None),
+            ("Log sha256", proof.log_sha256), ("Tool", f"packer-assets {proof.tool_version}")]
+    out = [f"# Template build {proof.chain_id}", "", "| | |", "|---|---|"]
+    out += [f"| {name} | {_cell(value)} |" for name, value in rows]
+    out += ["", "## Stages", "", "| Stage | Seconds |", "|---|---:|"]
+    out += [f"| {name} | {seconds:.1f} |" for name, seconds in proof.timings.stages.items()] or ["| - | - |"]
+    out += ["", "## Checks", "", "| Check | Result | Description |", "|---|---|---|"]
+    out += [f"| {c.name} | {'passed' if c.passed else 'FAILED'} | {c.description.replace('|', '/')} |"
+            for c in proof.checks]
+    out += ["", "## Rendered files", "", "| File | sha256 |", "|---|---|"]
+    out += [f"| {name} | {_cell(digest)} |" for name, digest in sorted(proof.rendered_files.items())] or ["| - | - |"]
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------ the bundle
+
+
+def write_build_proof(layout: Layout, proof: BuildProof, log_file: Path) -> Path:
+    """README.md, proof.json and packer.log in `builds/<key>/<ts>/`, then `latest` swapped to it."""
+    log_file = Path(log_file)
+    actual = sha256_file(log_file)
+    if actual != proof.log_sha256:
+        raise ValueError(f"{log_file}: sha256 {actual} differs from the proof's log_sha256 {proof.log_sha256}")
+    return write_proof_bundle(layout.build_proof_dir(proof.key, proof.stamp), render_build_readme(proof),
+                              proof.model_dump(mode="json"), log_file, LOG_NAME)
+
+
+if __name__ == "__main__":  # python -m packer_assets.proof [root]: regenerate the committed schema
+    print(write_schema(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(".")))

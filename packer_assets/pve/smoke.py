@@ -1,0 +1,287 @@
+"""The smoke test of a new template: clone it, boot the clone, hear from its guest agent, remove the clone.
+
+What `test-template.sh` did, without leaving clones behind: the clone is stopped and destroyed in
+every case (a `finally`), and a failure to clean up is reported, never hidden: in the error of a
+failed test, or as a failure of its own (step `cleanup`) after a passing one.
+
+Steps, as errors name them: clone, configure, start, agent, osinfo, network, cleanup.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+from proxmoxer import ProxmoxAPI
+from proxmoxer.core import ResourceException
+
+from ..catalog import TemplateEntry
+from ..proof import CheckResult
+from .templates import (
+    SMOKE_TAG,
+    TASK_TIMEOUT,
+    TOOL_TAG,
+    TemplateError,
+    allocate_vmid,
+    cloudinit_drive,
+    destroy_vm,
+    find_guest,
+    join_tags,
+    said,
+    wait_task,
+)
+
+DEFAULT_CI_USER = "packer-smoke"
+# Interfaces that say nothing about the template's network.
+LOOPBACK_NAMES = ("lo", "Loopback Pseudo-Interface 1")
+
+
+class SmokeTestError(RuntimeError):
+    """The smoke test failed at `step`; the message names the step, the template and the clone."""
+
+    def __init__(self, step: str, template_vmid: int, clone_vmid: int | None, key: str, reason: str,
+                 cleanup: str | None = None):
+        self.step, self.template_vmid, self.clone_vmid, self.key = step, template_vmid, clone_vmid, key
+        self.reason, self.cleanup = reason, cleanup
+        text = (f"{key}: smoke test of template {template_vmid} failed at step {step!r} "
+                f"(clone {clone_vmid if clone_vmid is not None else '-'}): {reason}")
+        super().__init__(text + (f"; cleanup: {cleanup}" if cleanup else ""))
+
+
+@dataclass(frozen=True)
+class SmokeStep:
+    name: str
+    seconds: float
+    passed: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class SmokeResult:
+    template_vmid: int
+    clone_vmid: int
+    os_info: dict[str, Any]
+    interfaces: list[dict[str, Any]]
+    ips: list[str]
+    seconds: float
+    steps: tuple[SmokeStep, ...] = field(default_factory=tuple)
+
+    @property
+    def os_name(self) -> str:
+        return str(self.os_info.get("pretty-name") or self.os_info.get("name") or "unknown OS")
+
+    def check_result(self) -> CheckResult:
+        """The result as a proof's check entry."""
+        return CheckResult(
+            name="smoke_test", passed=True,
+            description=f"clone {self.clone_vmid} of template {self.template_vmid} booted; the guest agent reported "
+                        f"{self.os_name} with {', '.join(self.ips)}; the clone was destroyed",
+            details={"clone_vmid": self.clone_vmid, "os": self.os_name, "ips": list(self.ips),
+                     "seconds": round(self.seconds, 1),
+                     "steps": {s.name: round(s.seconds, 2) for s in self.steps}})
+
+
+def encode_sshkeys(keys: str) -> str:
+    """`sshkeys` as PVE wants it: percent-encoded once more than the form encoding.
+
+    PVE's schema (format `urlencoded`) accepts only `[-%a-zA-Z0-9_.!~*'()]`, and it URI-unescapes the
+    value again when it writes the cloud-init data. So the value handed to proxmoxer is
+    `quote(keys, safe="")` (spaces as %20, not `+`, which PVE would keep as `+`), and on the wire it
+    is encoded twice: `ssh-ed25519%2520AAAA...`.
+    """
+    return quote(keys.strip() + "\n", safe="")
+
+
+def guest_ips(interfaces: list[dict[str, Any]]) -> list[str]:
+    """Addresses of the guest's real interfaces: no loopback interface, no link-local address."""
+    ips = []
+    for iface in interfaces:
+        if iface.get("name") in LOOPBACK_NAMES:
+            continue
+        for addr in iface.get("ip-addresses") or []:
+            ip = str(addr.get("ip-address", ""))
+            if ip and not ip.lower().startswith("fe80:") and not ip.startswith("169.254."):
+                ips.append(ip)
+    return ips
+
+
+class _Run:
+    """Step bookkeeping: times each step; turns any failure in it into one SmokeTestError naming it."""
+
+    def __init__(self, key: str, template_vmid: int):
+        self.key, self.template_vmid = key, template_vmid
+        self.clone_vmid: int | None = None
+        self.clone_name: str | None = None
+        self.created = False  # True once PVE accepted our clone request: from then on the VMID is ours
+        self.steps: list[SmokeStep] = []
+
+    def error(self, step: str, reason: str) -> SmokeTestError:
+        return SmokeTestError(step, self.template_vmid, self.clone_vmid, self.key, reason)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        except SmokeTestError:
+            self.steps.append(SmokeStep(name, time.monotonic() - started, False))
+            raise
+        except (ResourceException, TemplateError, OSError, ValueError, KeyError) as exc:
+            reason = said(exc) if isinstance(exc, ResourceException) else str(exc)
+            self.steps.append(SmokeStep(name, time.monotonic() - started, False, reason))
+            raise self.error(name, reason) from exc
+        self.steps.append(SmokeStep(name, time.monotonic() - started, True))
+
+
+def _poll(run: _Run, step: str, deadline: float, poll: float, attempt) -> Any:
+    """attempt() until it returns something truthy; a 500 (agent not up yet) is retried, others are not."""
+    last = "no answer"
+    while True:
+        try:
+            answer = attempt()
+            if answer:
+                return answer
+            last = "no usable answer yet"
+        except ResourceException as exc:
+            if exc.status_code != 500:
+                raise
+            last = said(exc)
+        if time.monotonic() >= deadline:
+            raise run.error(step, f"gave up after waiting; last: {last}")
+        time.sleep(poll)
+
+
+def smoke_test(api: ProxmoxAPI, node: str, template_vmid: int, entry: TemplateEntry, *,
+               clone_vmid: int | None = None, ssh_public_key: str | None = None, ci_user: str = DEFAULT_CI_USER,
+               storage: str | None = None, timeout: float = 600.0, task_timeout: float = TASK_TIMEOUT,
+               poll: float = 2.0) -> SmokeResult:
+    """Full-clone template_vmid to clone_vmid (a free VMID of the key's range; allocated when None),
+    set a cloud-init user and SSH key (Linux; Windows templates have no cloud-init drive, the key is
+    not used), start it, wait for the guest agent and an address (up to `timeout` seconds from the
+    start), read OS info and network, then stop and destroy the clone, whatever happened.
+
+    Raises SmokeTestError naming the step; its message also says how the cleanup went."""
+    run = _Run(entry.key, template_vmid)
+    started = time.monotonic()
+    try:
+        result = _test(api, node, template_vmid, entry, run, clone_vmid, ssh_public_key, ci_user, storage,
+                       timeout, task_timeout, poll)
+    except BaseException as exc:
+        cleaned, note = _cleanup(api, node, run, task_timeout)
+        if isinstance(exc, SmokeTestError):
+            raise SmokeTestError(exc.step, template_vmid, run.clone_vmid, entry.key, exc.reason, note) from exc
+        if not cleaned:
+            exc.add_note(f"smoke test cleanup: {note}")
+        raise
+    cleaned, note = _cleanup(api, node, run, task_timeout)
+    if not cleaned:
+        raise SmokeTestError("cleanup", template_vmid, run.clone_vmid, entry.key, note)
+    return SmokeResult(template_vmid, result["clone_vmid"], result["os_info"], result["interfaces"], result["ips"],
+                       time.monotonic() - started, tuple(run.steps))
+
+
+def _cleanup(api: ProxmoxAPI, node: str, run: _Run, task_timeout: float) -> tuple[bool, str | None]:
+    """Stop and destroy the clone: (True, what happened) or (False, the failure)."""
+    if not run.created:
+        return True, None
+    started = time.monotonic()
+    try:
+        found = find_guest(api, run.clone_vmid)
+        if found is not None and found.name != run.clone_name:
+            run.steps.append(SmokeStep("cleanup", time.monotonic() - started, False))
+            return False, (f"VM {run.clone_vmid} is not our clone (named {found.name!r}, not {run.clone_name!r}); "
+                           "left alone")
+        destroyed = found is not None and destroy_vm(api, found.node or node, run.clone_vmid, timeout=task_timeout)
+        left = find_guest(api, run.clone_vmid)
+    except Exception as exc:  # noqa: BLE001 - any failure here must be reported, not raised over the test's own
+        run.steps.append(SmokeStep("cleanup", time.monotonic() - started, False, str(exc)))
+        return False, f"FAILED to destroy clone {run.clone_vmid}, remove it by hand: {exc}"
+    if left is not None:
+        run.steps.append(SmokeStep("cleanup", time.monotonic() - started, False))
+        return False, f"FAILED: clone {run.clone_vmid} still exists after its destroy task; remove it by hand"
+    run.steps.append(SmokeStep("cleanup", time.monotonic() - started, True))
+    return True, f"clone {run.clone_vmid} destroyed" if destroyed else f"clone {run.clone_vmid} was already gone"
+
+
+def _test(api, node, template_vmid, entry, run: _Run, clone_vmid, ssh_public_key, ci_user, storage, timeout,
+          task_timeout, poll) -> dict[str, Any]:
+    linux = entry.family != "windows"
+    with run.step("clone"):
+        if clone_vmid is None:
+            clone_vmid = allocate_vmid(api, entry, exclude=[template_vmid])
+        run.clone_vmid = clone_vmid
+        if clone_vmid not in entry.vmid_range or clone_vmid == template_vmid:
+            raise run.error("clone", f"clone VMID {clone_vmid} must be a free VMID of the key's range "
+                                     f"{entry.vmid_range} other than the template's")
+        if find_guest(api, clone_vmid) is not None:
+            raise run.error("clone", f"VMID {clone_vmid} is in use")
+        params = dict(newid=clone_vmid, full=1, name=f"{entry.key}-smoke-{template_vmid}",
+                      description=f"Temporary smoke-test clone of template {template_vmid} (packer-assets); "
+                                  "destroyed when the test ends.")
+        if storage:
+            params["storage"] = storage
+        run.clone_name = params["name"]
+        try:
+            upid = api.nodes(node).qemu(template_vmid).clone.post(**params)
+        except ResourceException:
+            raise  # PVE refused it: nothing was created, and the VMID may be someone else's
+        except Exception:
+            # No answer (network): the clone may exist anyway; it is ours if it carries our name.
+            run.created = True  # _cleanup destroys it only if it carries our name
+            raise
+        run.created = True
+        wait_task(api, upid, f"clone {template_vmid} -> {clone_vmid}", task_timeout)
+
+    clone = api.nodes(node).qemu(clone_vmid)
+    with run.step("configure"):
+        config = clone.config.get()
+        # The clone inherits the template's tags (maybe the promotion tag) and description: replace both,
+        # so it is never taken for a template of the key.
+        updates: dict[str, Any] = {"tags": join_tags([TOOL_TAG, entry.key, SMOKE_TAG])}
+        if linux:
+            if cloudinit_drive(config) is None:
+                raise run.error("configure", "the template has no cloud-init drive (finish_template adds one)")
+            updates["ciuser"] = ci_user
+            if ssh_public_key:
+                updates["sshkeys"] = encode_sshkeys(ssh_public_key)
+            if "net0" in config:
+                updates["ipconfig0"] = "ip=dhcp"
+        clone.config.put(**updates)
+        agent_on = _agent_enabled(config)
+
+    with run.step("start"):
+        wait_task(api, clone.status.start.post(), f"start clone {clone_vmid}", task_timeout)
+
+    deadline = time.monotonic() + timeout  # the guest's boot: agent up and an address, together
+    with run.step("agent"):
+        if not agent_on:
+            raise run.error("agent", "the template does not enable the QEMU guest agent (agent=1 in its config)")
+        _poll(run, "agent", deadline, poll, lambda: clone.agent.ping.post() or True)
+
+    with run.step("osinfo"):
+        os_info = clone.agent("get-osinfo").get().get("result") or {}
+        if not os_info:
+            raise run.error("osinfo", "the guest agent returned no OS information")
+
+    with run.step("network"):
+        interfaces = _poll(run, "network", deadline, poll,
+                           lambda: _with_ips(clone.agent("network-get-interfaces").get().get("result") or []))
+    return {"clone_vmid": clone_vmid, "os_info": os_info, "interfaces": interfaces, "ips": guest_ips(interfaces)}
+
+
+def _with_ips(interfaces: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    return interfaces if guest_ips(interfaces) else None
+
+
+def _agent_enabled(config: dict[str, Any]) -> bool:
+    """PVE's `agent` option enables the agent: `1`, `enabled=1`, `1,fstrim_cloned_disks=1`, ..."""
+    for part in str(config.get("agent", "0")).split(","):
+        name, eq, value = part.partition("=")
+        flag = value if eq and name.strip() == "enabled" else None if eq else name
+        if flag is not None and flag.strip().lower() in ("1", "yes", "on", "true"):
+            return True
+    return False

@@ -1,0 +1,564 @@
+"""The template lifecycle through the API: VMID, finishing, up-to-date rule, cleanup, promotion, retention.
+
+Everything takes a proxmoxer `ProxmoxAPI` (the build token) and works with the PackerBuilder role.
+
+Ownership. A VM is "ours for key K" when it is a QEMU guest tagged `packer-assets` and `K`, named
+`K-<yyyymmddhhmmss>`. Promotion, pruning and the up-to-date rule only ever look at such VMs; a VM of
+another key, an untagged VM or a renamed one is never promoted, pruned or compared.
+
+Promotion tag. The promoted template carries `packer-assets-latest` next to the key tag. A bare
+`latest` is a tag people use for their own VMs; a prefixed one cannot be confused with theirs and
+is still a valid PVE tag (`[a-z0-9_][a-z0-9_+.-]*`).
+
+Order (the caller's duty, see `template` and its smoke-test check): build under a new VMID ->
+`finish_template` -> smoke test -> `promote` -> `prune`. A failed build or smoke test ends in
+`destroy_build_vm`, which refuses the promoted template: nothing is destroyed before its
+successor passed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from proxmoxer import ProxmoxAPI
+from proxmoxer.core import ResourceException
+from proxmoxer.tools import Tasks
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..catalog import TemplateEntry, VmidRange
+
+TOOL_TAG = "packer-assets"
+LATEST_TAG = "packer-assets-latest"
+SMOKE_TAG = "packer-assets-smoke"
+DESCRIPTION_PREFIX = "packer-assets: "
+NAME_STAMP = "%Y%m%d%H%M%S"
+TASK_TIMEOUT = 300.0
+# PVE's drive keys; which of them may take a new cloud-init drive, in the order we try them
+# (ide2 is the install CD-ROM by convention, ide3 is where Packer puts its own cloud-init drive).
+DRIVE_KEY = re.compile(r"^(ide[0-3]|sata[0-5]|scsi\d+|virtio\d+)$")
+CLOUDINIT_SLOTS = ("ide3", "ide1", "ide0", *(f"sata{n}" for n in range(6)))
+CLOUDINIT_VOLUME = re.compile(r"(^|[:/])(vm-\d+-)?cloudinit(\.(raw|qcow2|vmdk))?$")
+TAG_SPLIT = re.compile(r"[;, ]+")
+
+
+class TemplateError(RuntimeError):
+    """A lifecycle step failed or was refused; the message names the VMID, the key and the reason."""
+
+
+class VmidRangeFull(TemplateError):
+    """Every VMID of the key's range is in use."""
+
+
+# ------------------------------------------------------------------ small helpers
+
+
+def said(exc: ResourceException) -> str:
+    """PVE's own words for a failed request."""
+    return f"HTTP {exc.status_code} {exc.status_message}: {str(exc.content).strip()}".strip()
+
+
+def split_tags(text: str | None) -> list[str]:
+    """PVE's tag list (`a;b`, also `a,b` / `a b` as PVE accepts them) as lower-case names."""
+    return [t.lower() for t in TAG_SPLIT.split(text or "") if t]
+
+
+def join_tags(tags: Iterable[str]) -> str:
+    """The API's form: `;`-separated, sorted, no duplicates (what PVE writes with sorted tag order)."""
+    return ";".join(sorted({t.lower() for t in tags if t}))
+
+
+def template_tags(key: str, extra: Iterable[str] = ()) -> list[str]:
+    """The tags of a built template: the tool, the key and the catalog entry's own tags."""
+    return sorted({TOOL_TAG, key, *extra})
+
+
+def template_name(key: str, when: datetime | None = None) -> str:
+    """`<key>-<yyyymmddhhmmss>` (UTC): the name sorts by build time, which `prune` relies on."""
+    when = when or datetime.now(UTC)
+    if when.tzinfo is None:
+        raise ValueError("template_name needs an aware datetime, got a naive one")
+    return f"{key}-{when.astimezone(UTC).strftime(NAME_STAMP)}"
+
+
+def name_time(key: str, name: str | None) -> datetime | None:
+    """The build time in a template name of key, or None if the name is not ours."""
+    found = re.fullmatch(re.escape(key) + r"-(\d{14})", name or "")
+    if not found:
+        return None
+    try:
+        return datetime.strptime(found.group(1), NAME_STAMP).replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def wait_task(api: ProxmoxAPI, upid: str | None, what: str, timeout: float = TASK_TIMEOUT,
+              poll: float = 0.5) -> None:
+    """Wait for a task and raise TemplateError (with the task's exit status) unless it ended OK.
+
+    Some calls answer null instead of a UPID when there was nothing to do: that is success.
+    """
+    if not upid:
+        return
+    node = Tasks.decode_upid(upid)["node"]
+    deadline = time.monotonic() + timeout
+    while True:
+        status = api.nodes(node).tasks(upid).status.get()
+        if status.get("status") == "stopped":
+            if status.get("exitstatus") != "OK":
+                raise TemplateError(f"{what}: task {upid} failed: {status.get('exitstatus')}")
+            return
+        if time.monotonic() >= deadline:
+            raise TemplateError(f"{what}: task {upid} did not finish within {timeout:g}s")
+        time.sleep(poll)
+
+
+# ------------------------------------------------------------------ the cluster's guests
+
+
+@dataclass(frozen=True)
+class Guest:
+    """One VM or container as /cluster/resources lists it."""
+
+    vmid: int
+    node: str
+    kind: str  # qemu | lxc
+    name: str
+    tags: tuple[str, ...]
+    template: bool
+    status: str
+    lock: str | None = None
+
+    @classmethod
+    def of(cls, item: Mapping[str, Any]) -> Guest:
+        return cls(vmid=int(item["vmid"]), node=str(item.get("node", "")), kind=str(item.get("type", "")),
+                   name=str(item.get("name") or ""), tags=tuple(split_tags(item.get("tags"))),
+                   template=bool(int(item.get("template") or 0)), status=str(item.get("status", "")),
+                   lock=item.get("lock") or None)
+
+    def ours(self, key: str) -> bool:
+        """A QEMU guest tagged with the tool and the key, named `<key>-<timestamp>`."""
+        return (self.kind == "qemu" and TOOL_TAG in self.tags and key in self.tags
+                and name_time(key, self.name) is not None)
+
+    @property
+    def promoted(self) -> bool:
+        return LATEST_TAG in self.tags
+
+
+def guests(api: ProxmoxAPI) -> dict[int, Guest]:
+    """vmid -> Guest, VMs and containers of the whole cluster (those the caller may audit)."""
+    return {g.vmid: g for g in (Guest.of(i) for i in api.cluster.resources.get(type="vm"))}
+
+
+def find_guest(api: ProxmoxAPI, vmid: int) -> Guest | None:
+    return guests(api).get(int(vmid))
+
+
+def list_templates(api: ProxmoxAPI, key: str, vmid_range: VmidRange | None = None) -> list[Guest]:
+    """Our templates of key (template=1), newest first by the time in their name, then by VMID."""
+    found = [g for g in guests(api).values() if g.template and g.ours(key)
+             and (vmid_range is None or g.vmid in vmid_range)]
+    return sorted(found, key=lambda g: (name_time(key, g.name), g.vmid), reverse=True)
+
+
+# ------------------------------------------------------------------ VMIDs
+
+
+def allocate_vmid(api: ProxmoxAPI, entry: TemplateEntry, exclude: Iterable[int] = ()) -> int:
+    """The lowest free VMID of the key's range.
+
+    /cluster/resources shows what the caller may audit (VMs and containers on every node); each
+    candidate is then confirmed with /cluster/nextid?vmid=X, which PVE answers from the cluster's own
+    VMID list whatever the caller may see. Two builds of one key racing for one VMID are settled by
+    PVE's create, which refuses an existing VMID.
+    """
+    used = set(guests(api)) | {int(v) for v in exclude}
+    for vmid in range(entry.vmid_range.first, entry.vmid_range.last + 1):
+        if vmid in used:
+            continue
+        try:
+            api.cluster.nextid.get(vmid=vmid)
+        except ResourceException as exc:
+            if exc.status_code == 400:  # "VM <vmid> already exists": a guest we may not see
+                continue
+            raise TemplateError(f"{entry.key}: /cluster/nextid?vmid={vmid}: {said(exc)}") from None
+        return vmid
+    raise VmidRangeFull(f"{entry.key}: no free VMID in its range {entry.vmid_range} (all "
+                        f"{entry.vmid_range.size} in use); prune old templates or widen vmid_range in the catalog")
+
+
+# ------------------------------------------------------------------ description
+
+
+class TemplateDescription(BaseModel):
+    """What a template's description records; `render()` writes it, `read_description()` reads it back."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")  # ignore: a newer tool may add fields
+
+    chain_id: str
+    key: str
+    iso_url: str
+    iso_checksum: str
+    iso_volid: str | None = None
+    input_fingerprint: str
+    built_at: datetime
+    tool_version: str
+    packer_version: str | None = None
+
+    def render(self) -> str:
+        """A Markdown block for the Notes panel, then one machine-readable line (keep it last)."""
+        rows = [("Chain ID", self.chain_id), ("ISO", self.iso_url), ("ISO volume", self.iso_volid or "-"),
+                ("ISO checksum", self.iso_checksum), ("Input fingerprint", self.input_fingerprint),
+                ("Built", self.built_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")),
+                ("Packer", self.packer_version or "-"), ("Tool", f"packer-assets {self.tool_version}")]
+        table = "\n".join(f"| {name} | `{value}` |" for name, value in rows)
+        return (f"**Template `{self.key}`**, built by packer-assets. The last line is read by the tool: "
+                f"do not edit it.\n\n| | |\n|---|---|\n{table}\n\n"
+                f"{DESCRIPTION_PREFIX}{self.model_dump_json()}\n")
+
+
+def read_description(text: str | None) -> TemplateDescription | None:
+    """The record in a description (its last `packer-assets: {json}` line), or None if there is none."""
+    for line in reversed((text or "").splitlines()):
+        if line.startswith(DESCRIPTION_PREFIX):
+            try:
+                return TemplateDescription.model_validate_json(line[len(DESCRIPTION_PREFIX):])
+            except ValidationError:
+                return None
+    return None
+
+
+# ------------------------------------------------------------------ finishing a template
+
+
+def split_drive(value: str) -> tuple[str, dict[str, str]]:
+    """`local:iso/x.iso,media=cdrom,size=1G` -> ('local:iso/x.iso', {'media': 'cdrom', 'size': '1G'})."""
+    volume, *rest = str(value).split(",")
+    props = dict(part.partition("=")[::2] for part in rest if part)
+    if "=" in volume:  # `file=...` form
+        name, _, val = volume.partition("=")
+        props[name] = val
+        volume = props.pop("file", "")
+    return volume, props
+
+
+def is_cloudinit(volume: str) -> bool:
+    return bool(CLOUDINIT_VOLUME.search(volume))
+
+
+def iso_cdroms(config: Mapping[str, Any]) -> list[str]:
+    """Drive keys holding an ISO image (install ISO, drivers ISO, answer ISO), not the cloud-init drive."""
+    out = []
+    for key, value in config.items():
+        if DRIVE_KEY.match(key):
+            volume, props = split_drive(value)
+            if props.get("media") == "cdrom" and volume not in ("none", "cdrom", "") and not is_cloudinit(volume):
+                out.append(key)
+    return sorted(out)
+
+
+def cloudinit_drive(config: Mapping[str, Any]) -> str | None:
+    for key, value in config.items():
+        if DRIVE_KEY.match(key) and is_cloudinit(split_drive(value)[0]):
+            return key
+    return None
+
+
+def free_cloudinit_slot(config: Mapping[str, Any], where: str = "") -> str:
+    for slot in CLOUDINIT_SLOTS:
+        if slot not in config:
+            return slot
+    raise TemplateError(f"{where}: no free slot for a cloud-init drive (tried {', '.join(CLOUDINIT_SLOTS)})")
+
+
+@dataclass(frozen=True)
+class FinishedTemplate:
+    vmid: int
+    node: str
+    name: str
+    tags: tuple[str, ...]
+    ejected: tuple[str, ...]  # drive keys whose ISO was ejected
+    cloudinit: str | None  # the cloud-init drive's key (None: none, as for Windows)
+    cloudinit_added: bool
+    converted: bool  # True if this call made it a template (Packer had not)
+
+
+def finish_template(api: ProxmoxAPI, node: str, vmid: int, *, family: str, vm_storage: str,
+                    description: TemplateDescription, tags: Iterable[str] | None = None, name: str | None = None,
+                    timeout: float = TASK_TIMEOUT) -> FinishedTemplate:
+    """After Packer: eject every ISO, give a Linux template its cloud-init drive, write description and
+    tags (`packer-assets`, the key, plus `tags`), and convert it to a template if Packer did not.
+
+    Ejecting through the API is what works on every Packer version (1.6.6's `unmount_iso` fails on the
+    `size=` PVE appends). The cloud-init drive stays: clones take their user, keys and IP from it.
+    """
+    vm = api.nodes(node).qemu(vmid)
+    where = f"{description.key}: VM {vmid} on {node}"
+    try:
+        if vm.status.current.get().get("status") == "running":
+            raise TemplateError(f"{where}: still running; Packer did not shut it down, it cannot become a template")
+        config = vm.config.get()
+        updates: dict[str, Any] = {key: "none,media=cdrom" for key in iso_cdroms(config)}
+        ejected = tuple(updates)
+        slot, added = cloudinit_drive(config), False
+        if family != "windows" and slot is None:
+            slot, added = free_cloudinit_slot(config, where), True
+            updates[slot] = f"{vm_storage}:cloudinit"
+        # The tool's and the key's tags always: without them the template would not be ours to promote.
+        updates["tags"] = join_tags(template_tags(description.key, tags or ()))
+        updates["description"] = description.render()
+        if name:
+            updates["name"] = name
+        # POST: the asynchronous form, since allocating the cloud-init volume is storage work.
+        wait_task(api, vm.config.post(**updates), f"{where}: configure", timeout)
+        converted = not int(vm.config.get().get("template") or 0)
+        if converted:
+            wait_task(api, vm.template.post(), f"{where}: convert to template", timeout)
+        final = vm.config.get()
+    except ResourceException as exc:
+        raise TemplateError(f"{where}: {said(exc)}") from None
+    if not int(final.get("template") or 0):
+        raise TemplateError(f"{where}: still not a template after conversion")
+    return FinishedTemplate(vmid, node, str(final.get("name", "")), tuple(split_tags(final.get("tags"))), ejected,
+                            slot, added, converted)
+
+
+# ------------------------------------------------------------------ up-to-date rule
+
+
+# Entry fields that never change what is built: how many templates to keep.
+NOT_BUILD_INPUTS = frozenset({"retention"})
+
+
+def catalog_entry_json(entry: TemplateEntry) -> str:
+    """The entry as canonical JSON (sorted keys), without NOT_BUILD_INPUTS. The ISO mirror is not part
+    of it either (a private attribute): fetching the same ISO elsewhere does not make a template old."""
+    return json.dumps(entry.model_dump(mode="json", exclude=set(NOT_BUILD_INPUTS)), sort_keys=True,
+                      separators=(",", ":"))
+
+
+def input_fingerprint(iso_checksum: str, rendered_files: Mapping[str, str], packer_template_sha256: str,
+                      catalog_entry_json: str | Mapping[str, Any]) -> str:
+    """sha256 hex over everything a build depends on, in a canonical form (key order and JSON
+    whitespace do not matter)."""
+    entry = catalog_entry_json
+    if isinstance(entry, str):
+        try:
+            entry = json.loads(entry)
+        except ValueError:
+            pass  # not JSON: hashed as the text it is
+    blob = json.dumps({"v": 1, "iso_checksum": iso_checksum, "rendered_files": dict(sorted(rendered_files.items())),
+                       "packer_template_sha256": packer_template_sha256, "catalog_entry": entry},
+                      sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def promoted_template(api: ProxmoxAPI, key: str) -> Guest | None:
+    """The template of key tagged `packer-assets-latest`. Should several carry it (a promotion cut
+    short between its two steps), the newest wins, which is the one promote() was moving it to."""
+    promoted = [g for g in list_templates(api, key) if g.promoted]
+    return promoted[0] if promoted else None
+
+
+def template_description(api: ProxmoxAPI, guest: Guest) -> TemplateDescription | None:
+    return read_description(api.nodes(guest.node).qemu(guest.vmid).config.get().get("description"))
+
+
+def is_up_to_date(api: ProxmoxAPI, key: str, fingerprint: str) -> tuple[bool, int | None]:
+    """(True, vmid) when the promoted template was built from exactly these inputs; otherwise
+    (False, the promoted vmid or None when nothing is promoted). Forcing a build is the caller's choice."""
+    promoted = promoted_template(api, key)
+    if promoted is None:
+        return False, None
+    recorded = template_description(api, promoted)
+    return (recorded is not None and recorded.input_fingerprint == fingerprint), promoted.vmid
+
+
+# ------------------------------------------------------------------ destroying
+
+
+def destroy_vm(api: ProxmoxAPI, node: str, vmid: int, *, timeout: float = TASK_TIMEOUT, poll: float = 0.5) -> bool:
+    """Stop (if running) and destroy a VM with its disks, waiting for each task. No guards: callers
+    check ownership first. False if the VM did not exist.
+
+    Only root may `skiplock`, so a locked VM (a create, clone or shutdown task still holding it) is
+    waited for; if the lock stays, the error says so and names what would clear it.
+    """
+    vm = api.nodes(node).qemu(vmid)
+    where = f"VM {vmid} on {node}"
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                status = vm.status.current.get()
+            except ResourceException as exc:
+                if _gone(exc):
+                    return False
+                raise
+            if not status.get("lock"):
+                break
+            if time.monotonic() >= deadline:
+                raise TemplateError(f"{where}: locked ({status['lock']}) for {timeout:g}s; only root can override "
+                                    f"it (`qm unlock {vmid}` on {node}), then destroy it")
+            time.sleep(poll)
+        if status.get("status") != "stopped":
+            wait_task(api, vm.status.stop.post(), f"{where}: stop", max(1.0, deadline - time.monotonic()))
+        wait_task(api, vm.delete(purge=1, **{"destroy-unreferenced-disks": 1}), f"{where}: destroy",
+                  max(1.0, deadline - time.monotonic()))
+    except ResourceException as exc:
+        if _gone(exc):
+            return False
+        raise TemplateError(f"{where}: {said(exc)}") from None
+    return True
+
+
+def _gone(exc: ResourceException) -> bool:
+    return exc.status_code == 500 and "does not exist" in str(exc.content)
+
+
+def destroy_build_vm(api: ProxmoxAPI, node: str, vmid: int, entry: TemplateEntry, *,
+                     timeout: float = TASK_TIMEOUT) -> bool:
+    """Remove whatever a failed build left at vmid (running or not, template or not, with its disks).
+
+    Guards, checked before anything is changed: vmid must lie in the key's range; the VM must not be
+    the promoted template, nor carry the tool's tag without the key's (another key's VM). Idempotent:
+    False when nothing was left, True when this call removed something.
+
+    Disks without a VM count too: Packer allocates disks before it creates the VM, so a failed create
+    leaves volumes owned by vmid. Deleting a volume directly needs Datastore.Allocate, which the
+    PackerBuilder role does not hold; so a placeholder VM is created at vmid and destroyed with
+    `destroy-unreferenced-disks=1`, which PVE lets VM.Allocate do.
+    """
+    if vmid not in entry.vmid_range:
+        raise TemplateError(f"{entry.key}: refusing to destroy VM {vmid}: outside the key's range {entry.vmid_range}")
+    guest = find_guest(api, vmid)
+    if guest is None:
+        return _destroy_orphans(api, node, vmid, entry, timeout)
+    if guest.kind != "qemu":
+        raise TemplateError(f"{entry.key}: refusing to destroy {vmid}: it is a container, not a build VM")
+    if guest.promoted:
+        raise TemplateError(f"{entry.key}: refusing to destroy VM {vmid} ({guest.name}): it is the promoted template")
+    if TOOL_TAG in guest.tags and entry.key not in guest.tags:
+        raise TemplateError(f"{entry.key}: refusing to destroy VM {vmid} ({guest.name}): it belongs to another key "
+                            f"(tags {';'.join(guest.tags)})")
+    return destroy_vm(api, guest.node or node, vmid, timeout=timeout)
+
+
+def orphan_volumes(api: ProxmoxAPI, node: str, vmid: int) -> list[str]:
+    """Image volumes owned by vmid on the node's storages (with or without a VM)."""
+    found: set[str] = set()
+    for store in api.nodes(node).storage.get(content="images", enabled=1):
+        for item in api.nodes(node).storage(store["storage"]).content.get(content="images", vmid=vmid):
+            found.add(item["volid"])
+    return sorted(found)
+
+
+def _destroy_orphans(api: ProxmoxAPI, node: str, vmid: int, entry: TemplateEntry, timeout: float) -> bool:
+    where = f"{entry.key}: VM {vmid} on {node}"
+    try:
+        if not orphan_volumes(api, node, vmid):
+            return False
+        wait_task(api, api.nodes(node).qemu.post(vmid=vmid, name=f"cleanup-{vmid}",
+                                                 description="Placeholder of packer-assets, to remove orphaned disks"),
+                  f"{where}: placeholder for orphaned disks", timeout)
+    except ResourceException as exc:
+        raise TemplateError(f"{where}: orphaned disks: {said(exc)}") from None
+    destroy_vm(api, node, vmid, timeout=timeout)
+    return True
+
+
+# ------------------------------------------------------------------ promotion and retention
+
+
+def _set_tags(api: ProxmoxAPI, guest: Guest, tags: Iterable[str]) -> None:
+    # PUT: a tag change is a plain config write; the digest refuses it if someone changed the VM meanwhile.
+    vm = api.nodes(guest.node).qemu(guest.vmid)
+    vm.config.put(tags=join_tags(tags), digest=vm.config.get()["digest"])
+
+
+@dataclass(frozen=True)
+class Promotion:
+    vmid: int
+    previous: tuple[int, ...]  # templates the tag was taken from
+
+
+def promote(api: ProxmoxAPI, node: str, key: str, new_vmid: int) -> Promotion:
+    """Move `packer-assets-latest` to new_vmid. Call it only after new_vmid's smoke test passed.
+
+    The new template is tagged first, then the tag is taken from the others: there is never a moment
+    without a promoted template, and if this is cut short in between, promoted_template() picks the
+    newest, i.e. the new one.
+    """
+    templates = list_templates(api, key)
+    new = next((g for g in templates if g.vmid == new_vmid), None)
+    if new is None:
+        raise TemplateError(f"{key}: refusing to promote VM {new_vmid}: not a template of this key "
+                            f"(tagged {TOOL_TAG};{key}, named {key}-<timestamp>)")
+    if new.node != node:
+        raise TemplateError(f"{key}: VM {new_vmid} is on node {new.node}, not {node}")
+    try:
+        if not new.promoted:
+            _set_tags(api, new, [*new.tags, LATEST_TAG])
+        previous = [g for g in templates if g.promoted and g.vmid != new_vmid]
+        for old in previous:
+            _set_tags(api, old, [t for t in old.tags if t != LATEST_TAG])
+    except ResourceException as exc:
+        raise TemplateError(f"{key}: promoting VM {new_vmid}: {said(exc)}") from None
+    return Promotion(new_vmid, tuple(g.vmid for g in previous))
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    destroyed: tuple[int, ...]  # oldest first
+    failed: Mapping[int, str]  # vmid -> why it could not be destroyed (e.g. linked clones still use it)
+
+
+def prune(api: ProxmoxAPI, node: str, key: str, retention: int, keep: Iterable[int] = (), *,
+          vmid_range: VmidRange | None = None, timeout: float = TASK_TIMEOUT) -> PruneResult:
+    """Destroy the oldest templates of key beyond `retention`.
+
+    Age is the timestamp in the name, not the VMID: VMIDs are reused lowest-first, so a new template
+    may have a lower VMID than an old one. Counted are the promoted template and those older than it;
+    templates newer than the promoted one (a build not yet promoted, or one whose test failed) are
+    neither counted nor touched, and without a promoted template nothing is pruned: nothing goes
+    before a successor has passed. Never destroyed: the promoted template, anything in `keep`, and
+    anything not ours for key (see the module docstring). A template PVE will not destroy (linked
+    clones still use its disks) is reported in `failed` and the others are still pruned.
+    """
+    if retention < 1:
+        raise ValueError(f"{key}: retention must be at least 1, got {retention}")
+    templates = list_templates(api, key, vmid_range)
+    promoted = next((g for g in templates if g.promoted), None)
+    if promoted is None:
+        return PruneResult((), {})
+    candidates = templates[templates.index(promoted):]  # the promoted one and older, newest first
+    keep = set(keep)
+    doomed = [g for g in candidates[retention:] if g.vmid not in keep and not g.promoted]
+    destroyed, failed = [], {}
+    for guest in reversed(doomed):
+        fresh = find_guest(api, guest.vmid)  # the tags could have moved since the listing
+        if fresh is None or fresh.promoted or not fresh.ours(key) or not fresh.template:
+            continue
+        try:
+            if destroy_vm(api, fresh.node or node, fresh.vmid, timeout=timeout):
+                destroyed.append(fresh.vmid)
+        except TemplateError as exc:
+            failed[fresh.vmid] = str(exc)
+    return PruneResult(tuple(destroyed), failed)
+
+
+__all__ = [
+    "LATEST_TAG", "SMOKE_TAG", "TOOL_TAG", "FinishedTemplate", "Guest", "Promotion", "PruneResult",
+    "TemplateDescription",
+    "TemplateError", "VmidRangeFull", "allocate_vmid", "catalog_entry_json", "destroy_build_vm", "destroy_vm",
+    "find_guest", "finish_template", "input_fingerprint", "is_up_to_date", "list_templates", "orphan_volumes",
+    "promote",
+    "promoted_template", "prune", "read_description", "template_name", "template_tags", "wait_task",
+]
