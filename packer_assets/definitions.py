@@ -8,7 +8,7 @@ import os
 
 import dagster as dg
 
-from .defs import assets, checks, jobs, sensors
+from .defs import assets, checks, jobs, schedules, sensors
 from .defs.resources import ProjectSettings, ProxmoxBootstrap
 from .settings import export_env_files
 
@@ -25,9 +25,13 @@ def _value(name: str, default=None):
 
 
 defs = dg.Definitions(
-    assets=[assets.proxmox_env, assets.iso_release, assets.unattended_files, assets.staged_iso],
+    # Code references: the UI links every asset to the function that defines it.
+    assets=dg.with_source_code_references(
+        [assets.proxmox_env, assets.iso_release, assets.unattended_files, assets.staged_iso]
+    ),
     jobs=[jobs.bootstrap_job, jobs.rebuild_job],
     sensors=[sensors.iso_checksum_sensor],
+    schedules=[schedules.weekly_rebuild],
     asset_checks=[checks.token_authenticates, checks.token_privileges],
     resources={
         "project": ProjectSettings(root=os.environ.get("PACKER_ASSETS_ROOT", ".")),

@@ -1,0 +1,16 @@
+from datetime import UTC, datetime
+
+import dagster as dg
+
+from packer_assets.catalog import load_catalog
+from packer_assets.defs.schedules import weekly_rebuild
+
+
+def test_weekly_rebuild_requests_one_run_per_key_with_a_run_key():
+    when = datetime(2026, 11, 29, 3, 0, tzinfo=UTC)
+    with dg.instance_for_test() as instance:
+        requests = weekly_rebuild(dg.build_schedule_context(instance=instance, scheduled_execution_time=when))
+    assert [r.partition_key for r in requests] == list(load_catalog().keys())
+    assert {r.run_key for r in requests} == {f"weekly:20261129:{k}" for k in load_catalog().keys()}
+    assert weekly_rebuild.cron_schedule == "0 3 * * 0"
+    assert weekly_rebuild.execution_timezone == "UTC"
