@@ -1,0 +1,394 @@
+"""`packer build` as a watched subprocess: streamed, parsed, bounded in time, cancellable.
+
+- Packer runs in its own session / process group (start_new_session): a Ctrl-C or a SIGTERM meant for
+  the calling process never reaches it directly, so Packer gets exactly the signals sent here.
+- Credentials travel only in `env` (see env.py); argv is `packer build -machine-readable -color=false
+  <workdir>` and the variables come from the work directory's *.auto.pkrvars.json.
+- Every output line goes to the RunLog (redacted, chain-prefixed, echoed to stdout by the log's echo);
+  stage lines (`==> source: ...`) and errors also go to `on_stage`, in the calling thread.
+- Stopping (cancel_event set, overall timeout, or ANY BaseException in the calling thread while it
+  waits: KeyboardInterrupt, SystemExit, Dagster's interrupt): ONE SIGINT to the group, which is what
+  Packer's own Ctrl-C cleanup (stop + delete the VM) answers to; a grace period; then SIGKILL to the
+  group if anything is left. A second interrupt during the grace period skips to SIGKILL.
+- The leader is not reaped until the group is known empty (waitid WNOWAIT), so its process group ID
+  cannot be reused by an unrelated process while signals are still being sent to it.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..chain import ChainId
+from ..evidence import Layout, Redactor, RunLog
+
+DEFAULT_GRACE = 60.0
+STRAGGLER_GRACE = 5.0  # after packer exited: how long its plugins may take to follow
+LOG_NAME = "packer.log"
+_COMMA = "%!(PACKER_COMMA)"
+
+
+class PackerError(RuntimeError):
+    """A build that did not produce a template; the message names the log and the first errors."""
+
+    def __init__(self, message: str, *, log_path: Path | None, errors: Iterable[str] = (),
+                 exit_code: int | None = None, reason: str = "failed"):
+        super().__init__(message)
+        self.log_path = log_path
+        self.errors = list(errors)
+        self.exit_code = exit_code
+        self.reason = reason
+
+
+class PackerCancelled(PackerError):
+    """Stopped on request (cancel_event)."""
+
+
+class PackerTimeout(PackerError):
+    """Stopped because the overall timeout passed."""
+
+
+@dataclass
+class PackerResult:
+    artifact_id: str | None
+    vmid: int | None
+    exit_code: int
+    errors: list[str]
+    duration: float
+    log_path: Path
+    stages: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MachineLine:
+    timestamp: str
+    target: str
+    type: str
+    data: tuple[str, ...]
+
+
+def unescape(value: str) -> str:
+    return value.replace(_COMMA, ",").replace("\\n", "\n").replace("\\r", "\r")
+
+
+def parse_machine_line(line: str) -> MachineLine | None:
+    """`timestamp,target,type,data...` (Packer's -machine-readable), or None for any other line."""
+    parts = line.rstrip("\r\n").split(",")
+    if len(parts) < 3 or not parts[0].isdigit():
+        return None
+    return MachineLine(parts[0], parts[1], parts[2], tuple(unescape(p) for p in parts[3:]))
+
+
+def open_build_log(layout: Layout, key: str, chain: ChainId, redactor: Redactor | None = None,
+                   echo: Callable[[str], None] | None = None) -> RunLog:
+    """`output/logs/packer/builds/<key>/<chain stamp>/packer.log`; `latest` moves when it is closed."""
+    return RunLog(layout.build_log_dir(key, chain.stamp) / LOG_NAME, str(chain), redactor, echo or echo_stdout)
+
+
+# ------------------------------------------------------------------ the stream
+
+
+class _Stream:
+    """Turns output lines into log lines, stage callbacks, errors and the artifact."""
+
+    def __init__(self, log, on_stage: Callable[[str], None] | None):
+        self.log = log
+        self.redact = getattr(log, "redact", None) or (lambda text: text)
+        self.on_stage = on_stage
+        self.errors: list[str] = []
+        self.stages: list[str] = []
+        self.artifacts: dict[str, dict[str, str]] = {}
+
+    def _error(self, text: str) -> None:
+        text = self.redact(text.strip())
+        if text and text not in self.errors:
+            self.errors.append(text)
+            if self.on_stage:
+                self.on_stage("error: " + text)
+
+    def feed(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        msg = parse_machine_line(line)
+        if msg is None:
+            if line.strip():
+                self.log.line("packer", line)
+            return
+        if msg.type == "ui" and len(msg.data) >= 2:
+            kind, text = msg.data[0], ",".join(msg.data[1:])
+            for part in text.splitlines() or [""]:
+                self.log.line("packer:error" if kind == "error" else "packer", part)
+            if kind == "error":
+                self._error(text)
+            elif kind == "say" and text.startswith("==> "):
+                clean = self.redact(text)
+                self.stages.append(clean)
+                if self.on_stage:
+                    self.on_stage(clean)
+            return
+        if msg.type == "artifact" and len(msg.data) >= 2:
+            index, name, value = msg.data[0], msg.data[1], ",".join(msg.data[2:])
+            self.artifacts.setdefault(index, {})[name] = value
+        if msg.type == "error" and msg.data:
+            self._error(",".join(msg.data))
+        self.log.line("packer", " ".join(filter(None, [msg.target, msg.type, *msg.data])))
+
+    def artifact_id(self) -> str | None:
+        for index in sorted(self.artifacts):
+            if self.artifacts[index].get("id"):
+                return self.artifacts[index]["id"]
+        return None
+
+
+# ------------------------------------------------------------------ process group helpers
+
+
+def _exited(pid: int) -> bool:
+    """Has the child exited? Leaves it unreaped (a zombie holds its PID and process group ID)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in process group `pgid`, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                rest = fh.read().decode(errors="replace").rpartition(")")[2].split()
+        except OSError:
+            continue
+        if len(rest) > 2 and rest[0] != "Z" and int(rest[2]) == pgid:
+            found.append(int(entry))
+    return found
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+# ------------------------------------------------------------------ run
+
+
+class _Run:
+    def __init__(self, proc: subprocess.Popen, stream: _Stream, log, grace: float):
+        self.proc, self.stream, self.log, self.grace = proc, stream, log, grace
+        self.pgid = proc.pid  # start_new_session: the leader's PID is the group's ID
+        self.lines: queue.Queue = queue.Queue()
+        self.eof = threading.Event()
+        self.reader = threading.Thread(target=self._read, name=f"packer-{proc.pid}-stdout", daemon=True)
+        self.reader.start()
+        self.signals: list[str] = []
+
+    def _read(self) -> None:
+        try:
+            for raw in iter(self.proc.stdout.readline, b""):
+                self.lines.put(raw)
+        finally:
+            self.eof.set()
+            self.lines.put(None)
+
+    def pump(self, wait: float) -> None:
+        """Feed every waiting line to the stream; wait up to `wait` seconds for the first."""
+        try:
+            item = self.lines.get(timeout=wait)
+        except queue.Empty:
+            return
+        while item is not None:
+            self.stream.feed(item)
+            try:
+                item = self.lines.get_nowait()
+            except queue.Empty:
+                return
+
+    def finished(self) -> bool:
+        return _exited(self.proc.pid) and self.eof.is_set()
+
+    def wait_exit(self, seconds: float) -> bool:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if _exited(self.proc.pid):
+                return True
+            self.pump(0.1)
+        return _exited(self.proc.pid)
+
+    def stop(self, why: str) -> None:
+        """One SIGINT, the grace period, then SIGKILL for whatever is left of the group."""
+        self.log.line("packer-runner", f"{why}: SIGINT to packer's process group {self.pgid}; waiting up to "
+                                       f"{self.grace:g}s for packer's own cleanup")
+        if _signal_group(self.pgid, signal.SIGINT):
+            self.signals.append("SIGINT")
+        try:
+            exited = self.wait_exit(self.grace)
+        except BaseException:
+            self.log.line("packer-runner", "interrupted again during the grace period: SIGKILL now")
+            self.kill()
+            raise
+        if not exited:
+            self.log.line("packer-runner", f"packer did not exit within {self.grace:g}s: SIGKILL to the group")
+            self.kill()
+        # Exited in time: plugins still finishing get STRAGGLER_GRACE in reap() before any SIGKILL.
+
+    def kill(self) -> None:
+        if group_members(self.pgid) and _signal_group(self.pgid, signal.SIGKILL):
+            self.signals.append("SIGKILL")
+
+    def reap(self) -> int:
+        """Make sure nothing of the group is left, then reap the leader."""
+        if not _exited(self.proc.pid):
+            self.kill()
+        if group_members(self.pgid):
+            # Packer exited, some plugin did not: give it a moment, then kill it.
+            end = time.monotonic() + STRAGGLER_GRACE
+            try:
+                while group_members(self.pgid) and time.monotonic() < end:
+                    time.sleep(0.05)
+            finally:  # also when interrupted while waiting: nothing of the group outlives the run
+                if group_members(self.pgid):
+                    self.log.line("packer-runner", f"processes left in group {self.pgid} after packer exited: "
+                                                   "SIGKILL")
+                    self.kill()
+        code = self.proc.wait()
+        self.reader.join(timeout=5)
+        while not self.lines.empty():
+            self.pump(0)
+        self.proc.stdout.close()
+        return code
+
+
+def run_packer(workdir: Path, env: dict[str, str], log, *, timeout: float | None = None,
+               on_stage: Callable[[str], None] | None = None, cancel_event: threading.Event | None = None,
+               grace: float = DEFAULT_GRACE, packer: str = "packer", extra_args: Iterable[str] = (),
+               poll: float = 0.1) -> PackerResult:
+    """Run `packer build` on a prepared work directory; see the module doc.
+
+    log: a RunLog (or anything with `.line(stage, text)`, `.path` and optionally `.redact`); it is not
+    closed here (the caller may log more and closes it, which moves `latest`).
+    Returns a PackerResult for a build that made an artifact; raises PackerCancelled / PackerTimeout /
+    PackerError otherwise; an interrupt of the calling thread is re-raised after the group is gone.
+    """
+    workdir = Path(workdir).resolve()
+    log_path = Path(getattr(log, "path", "")) if getattr(log, "path", None) else None
+    binary = shutil.which(packer, path=env.get("PATH")) if os.sep not in packer else packer
+    if not binary or not workdir.is_dir():
+        what = f"packer binary {packer!r} not found on PATH" if not binary else f"work directory {workdir} missing"
+        log.line("packer-runner", what)
+        raise PackerError(f"{what}; log: {log_path}", log_path=log_path)
+    argv = [binary, "build", "-machine-readable", "-color=false", *extra_args, str(workdir)]
+    log.line("packer-runner", "run: " + " ".join(argv))
+    log.line("packer-runner", "environment: " + ", ".join(sorted(env)))  # names only
+
+    stream = _Stream(log, on_stage)
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    except OSError as exc:
+        log.line("packer-runner", f"cannot start packer: {exc}")
+        raise PackerError(f"cannot start {binary}: {exc.strerror}; log: {log_path}", log_path=log_path) from None
+    run = _Run(proc, stream, log, grace)
+    reason, interrupt, exited_at = None, None, None
+    try:
+        try:
+            while not run.finished():
+                run.pump(poll)
+                if cancel_event is not None and cancel_event.is_set():
+                    reason = "cancelled"
+                elif timeout is not None and time.monotonic() - started > timeout:
+                    reason = "timeout"
+                if reason:
+                    break
+                if _exited(proc.pid) and not run.eof.is_set():
+                    # Packer exited but something still holds its output pipe: give it a moment, then
+                    # let reap() deal with the group rather than hang here.
+                    exited_at = exited_at or time.monotonic()
+                    if time.monotonic() - exited_at > STRAGGLER_GRACE:
+                        break
+        except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt, SystemExit, Dagster's interrupt
+            interrupt, reason = exc, "interrupted"
+        if reason and not _exited(proc.pid):
+            run.stop({"cancelled": "cancel requested", "timeout": f"timeout after {timeout:g}s" if timeout else "",
+                      "interrupted": f"interrupted ({type(interrupt).__name__})"}[reason])
+    finally:
+        code = run.reap()
+    duration = time.monotonic() - started
+    errors = stream.errors
+    log.line("packer-runner", f"packer exited {code} after {duration:.1f}s"
+                              + (f" ({reason}; signals sent: {', '.join(run.signals) or 'none'})" if reason else ""))
+    if interrupt is not None:
+        raise interrupt
+    first = "; ".join(errors[:3]) or "no error lines"
+    if reason == "cancelled":
+        raise PackerCancelled(f"packer build cancelled (exit {code}); log: {log_path}; first errors: {first}",
+                              log_path=log_path, errors=errors, exit_code=code, reason=reason)
+    if reason == "timeout":
+        raise PackerTimeout(f"packer build timed out after {timeout:g}s (exit {code}); log: {log_path}; "
+                            f"first errors: {first}", log_path=log_path, errors=errors, exit_code=code, reason=reason)
+    if code != 0:
+        raise PackerError(f"packer build failed (exit {code}); log: {log_path}; first errors: {first}",
+                          log_path=log_path, errors=errors, exit_code=code)
+    artifact = stream.artifact_id()
+    if artifact is None:
+        raise PackerError(f"packer build exited 0 but reported no artifact; log: {log_path}",
+                          log_path=log_path, errors=errors, exit_code=code)
+    vmid = int(artifact) if artifact.isdigit() else None
+    return PackerResult(artifact, vmid, code, errors, duration, log_path, stream.stages)
+
+
+# ------------------------------------------------------------------ validate / init
+
+
+@dataclass
+class PackerCheck:
+    ok: bool
+    exit_code: int
+    output: str
+    argv: list[str]
+
+
+def _simple(argv: list[str], workdir: Path, env: dict[str, str], timeout: float, redact=None) -> PackerCheck:
+    try:
+        done = subprocess.run(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=timeout, start_new_session=True, check=False)
+        code, output = done.returncode, (done.stdout + done.stderr)
+    except subprocess.TimeoutExpired as exc:
+        code, output = -1, f"{argv[1]} timed out after {timeout:g}s: {exc.output or ''}"
+    output = redact(output) if redact else output
+    return PackerCheck(code == 0, code, output.strip(), argv)
+
+
+def packer_validate(workdir: Path, env: dict[str, str], *, packer: str = "packer", syntax_only: bool = False,
+                    timeout: float = 120.0, redact=None) -> PackerCheck:
+    """`packer validate [-syntax-only] <workdir>` (1.6.6's full validate checks the builder config
+    without connecting; it needs a login configured: env.validate_env gives a placeholder one)."""
+    binary = shutil.which(packer, path=env.get("PATH")) or packer
+    argv = [binary, "validate", *(["-syntax-only"] if syntax_only else []), str(Path(workdir).resolve())]
+    return _simple(argv, Path(workdir), env, timeout, redact)
+
+
+def packer_init(workdir: Path, env: dict[str, str], *, packer: str = "packer", timeout: float = 600.0,
+                redact=None) -> PackerCheck:
+    """`packer init <workdir>`: installs required_plugins (only generated where caps.needs_init)."""
+    binary = shutil.which(packer, path=env.get("PATH")) or packer
+    return _simple([binary, "init", str(Path(workdir).resolve())], Path(workdir), env, timeout, redact)
+
+
+def echo_stdout(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()

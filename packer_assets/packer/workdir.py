@@ -1,0 +1,308 @@
+"""A work directory per build: the family's Packer template, the HTTP files, the variables.
+
+    <workdir>/<family>.pkr.hcl          the entry's template, its version-specific region rewritten
+    <workdir>/plugins.pkr.hcl           `required_plugins` (only where Packer needs `packer init`)
+    <workdir>/build.auto.pkrvars.json   every variable but the secrets; Packer loads *.auto.pkrvars.*
+                                        by itself, so nothing about the build is on its command line
+    <workdir>/http/                     the rendered unattended files, served by Packer's HTTP server
+    <workdir>/packer-assets.json        what was prepared and why: capabilities, gaps, file hashes
+
+Version differences: each template carries ONE marked region (`# >>> packer-assets:
+version-specific` .. `# <<< ...`) holding the 1.6.6 form (`iso_file = var.iso_file`); it is replaced
+by `version_region(caps)`, which only ever refers to variables, so the values still come from the
+var file. Attributes that exist in every version but are needed by some only (storage_pool_type) are
+variables set to null where not needed: HCL treats null as unset.
+
+Capability gaps (an entry asks for what the installed Packer cannot do: OVMF/EFI/TPM/machine on
+1.6.6, extra CD-ROMs on 1.6.6, EFI/TPM blocks on plugins < 1.2.0) are REFUSED by default with one
+`PackerCapabilityError` naming the key, each field, the version that has it and the installed one.
+`allow_degraded=True` (the lab's choice, an explicit one) builds without them instead: the values fall
+back (SeaBIOS, no EFI/TPM disk, no extra ISOs) and every gap is recorded as a warning in
+`Workdir.warnings` and packer-assets.json.
+
+Secrets never reach these files: PKR_VAR_ssh_password and the login variables go to packer's
+environment (packer/env.py); `prepare_workdir(secrets=...)` re-reads every written file to prove it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..catalog import TemplateEntry
+from .version import PLUGIN_CONSTRAINT, PLUGIN_SOURCE, PLUGIN_SPLIT_CORE, EFI_TPM_PLUGIN, PackerCapabilities, vtext
+
+VAR_FILE = "build.auto.pkrvars.json"
+PLUGINS_FILE = "plugins.pkr.hcl"
+MANIFEST = "packer-assets.json"
+HTTP_DIR = "http"
+REGION_START = "# >>> packer-assets: version-specific"
+REGION_END = "# <<< packer-assets: version-specific"
+
+# PVE storage type -> the builder's `storage_pool_type` word (packer 1.6.6 / plugin < 1.1.0).
+_POOL_TYPES = {"lvmthin": "lvm-thin", "dir": "directory"}
+# File storages keep disks as files: qcow2 there (snapshots, thin); block storages take raw.
+_FILE_STORAGES = {"dir", "nfs", "cifs", "glusterfs"}
+
+
+class WorkdirError(ValueError):
+    """The work directory cannot be prepared (template, HTTP files, a secret in a file)."""
+
+
+class PackerCapabilityError(WorkdirError):
+    """The catalog entry asks for what the installed Packer cannot build (and degrading was not allowed)."""
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """The non-secret settings of one build, beyond the catalog entry's hardware."""
+
+    vm_id: int
+    vm_name: str
+    node: str
+    iso_file: str                        # boot ISO volume, e.g. local:iso/ubuntu-24.04.iso
+    vm_storage: str
+    vm_storage_type: str                 # the storage's PVE type: lvmthin, dir, zfspool, ...
+    bridge: str
+    http_bind_address: str | None
+    http_port_min: int
+    http_port_max: int
+    ssh_username: str
+    ssh_host: str | None = None          # None: the address the guest agent reports
+    ssh_port: int = 22
+    ssh_timeout: str | None = None       # None: the family's default in the template
+    extra_iso_files: tuple[str, ...] = ()  # volumes: the Windows answer ISO, virtio-win, ...
+    description: str = ""
+    tags: tuple[str, ...] = ()
+    boot_wait: str | None = None         # None: the family's default
+    boot_command: tuple[str, ...] | None = None
+    cpu_type: str = "host"
+    insecure_skip_tls_verify: bool = False
+
+
+@dataclass(frozen=True)
+class Gap:
+    field: str
+    wanted: str
+    needs: str
+    fallback: str
+
+    def line(self, key: str, caps: PackerCapabilities) -> str:
+        return (f"{key}: {self.field}: {self.wanted} needs {self.needs}; installed: {caps.describe()} "
+                f"(degraded: {self.fallback})")
+
+
+@dataclass
+class Workdir:
+    path: Path
+    template: Path
+    var_file: Path
+    http_dir: Path
+    variables: dict
+    capabilities: PackerCapabilities
+    gaps: list[Gap] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+
+
+# ------------------------------------------------------------------ version differences
+
+
+def capability_gaps(entry: TemplateEntry, plan: BuildPlan, caps: PackerCapabilities) -> list[Gap]:
+    hw = entry.hardware
+    plugin = f"packer >= {vtext(PLUGIN_SPLIT_CORE)} (packer-plugin-proxmox)"
+    blocks = f"packer-plugin-proxmox >= {vtext(EFI_TPM_PLUGIN)} (efi_config / tpm_config)"
+    gaps = []
+    if hw.bios == "ovmf" and not (caps.firmware and caps.efi_tpm_blocks):
+        # OVMF without an EFI vars disk forgets its boot entries: no EFI disk means no OVMF either.
+        gaps.append(Gap("hardware.bios", "ovmf", plugin if not caps.firmware else blocks, "seabios"))
+    if hw.efi and not caps.efi_tpm_blocks:
+        gaps.append(Gap("hardware.efi", "an EFI vars disk", blocks, "none"))
+    if hw.tpm and not caps.efi_tpm_blocks:
+        gaps.append(Gap("hardware.tpm", "a TPM 2.0 state disk", blocks, "none"))
+    if hw.machine and not caps.firmware:
+        gaps.append(Gap("hardware.machine", hw.machine, plugin, "the default machine (i440fx)"))
+    if plan.extra_iso_files and not caps.additional_isos:
+        gaps.append(Gap("extra_isos", ", ".join(plan.extra_iso_files),
+                        f"packer >= {vtext(PLUGIN_SPLIT_CORE)} (packer 1.6.6's HCL2 decoder rejects "
+                        "additional_iso_files)", "not attached: an installer that needs them will not finish"))
+    return gaps
+
+
+def version_region(caps: PackerCapabilities) -> str:
+    """The HCL that replaces the template's version-specific region (variables only, no values)."""
+    lines = []
+    if caps.boot_iso_block:
+        lines += ["boot_iso {", '  type     = "ide"', '  index    = "2"', "  iso_file = var.iso_file",
+                  "  unmount  = true", "}"]
+    else:
+        # No unmount_iso on 1.6.6: it fails after the template exists (PVE appends size= to the cdrom
+        # entry). The template lifecycle ejects the ISO through the API afterwards, on every version.
+        lines += ["iso_file = var.iso_file"]
+    if caps.additional_isos:
+        bus = ('  type     = "sata"', "  index    = additional_iso_files.key") if caps.boot_iso_block else \
+              ('  device   = "sata${additional_iso_files.key}"',)
+        lines += ['dynamic "additional_iso_files" {', "  for_each = var.extra_iso_files", "  content {",
+                  *("  " + b for b in bus), "    iso_file = additional_iso_files.value",
+                  "    unmount  = true", "  }", "}"]
+    if caps.firmware:
+        lines += ["bios    = var.bios", "machine = var.machine"]
+    if caps.efi_tpm_blocks:
+        lines += ['dynamic "efi_config" {', "  for_each = var.efi ? [1] : []", "  content {",
+                  "    efi_storage_pool  = var.vm_storage", '    efi_type          = "4m"',
+                  "    pre_enrolled_keys = true", "  }", "}",
+                  'dynamic "tpm_config" {', "  for_each = var.tpm ? [1] : []", "  content {",
+                  "    tpm_storage_pool = var.vm_storage", '    tpm_version      = "v2.0"', "  }", "}"]
+    if caps.tags:
+        lines += ['tags = join(";", var.tags)']
+    else:
+        lines += ["# tags: not in this builder; the template lifecycle sets them through the API"]
+    header = f"# generated for {caps.describe()} by packer_assets/packer/workdir.py"
+    return "\n".join(["  " + header] + ["  " + line for line in lines])
+
+
+def plugins_hcl(caps: PackerCapabilities) -> str | None:
+    if not caps.needs_init:
+        return None
+    return ("# generated by packer_assets/packer/workdir.py: packer >= 1.10 ships no builders\n"
+            "packer {\n  required_plugins {\n    proxmox = {\n"
+            f'      version = "{PLUGIN_CONSTRAINT}"\n      source  = "{PLUGIN_SOURCE}"\n'
+            "    }\n  }\n}\n")
+
+
+def splice_region(text: str, region: str, name: str) -> str:
+    starts = [i for i, line in enumerate(text.splitlines()) if line.strip().startswith(REGION_START)]
+    ends = [i for i, line in enumerate(text.splitlines()) if line.strip().startswith(REGION_END)]
+    if len(starts) != 1 or len(ends) != 1 or ends[0] < starts[0]:
+        raise WorkdirError(f"{name}: needs exactly one '{REGION_START}' ... '{REGION_END}' region "
+                           f"(found {len(starts)} start and {len(ends)} end markers)")
+    lines = text.splitlines()
+    return "\n".join(lines[:starts[0] + 1] + [region] + lines[ends[0]:]) + "\n"
+
+
+# ------------------------------------------------------------------ variables
+
+
+def variables_for(entry: TemplateEntry, plan: BuildPlan, caps: PackerCapabilities, degraded: bool) -> dict:
+    hw = entry.hardware
+    bios, efi, tpm, machine = hw.bios, hw.efi, hw.tpm, hw.machine
+    extra = list(plan.extra_iso_files)
+    if degraded:
+        gaps = {g.field for g in capability_gaps(entry, plan, caps)}
+        bios = "seabios" if "hardware.bios" in gaps else bios
+        efi = False if "hardware.efi" in gaps else efi
+        tpm = False if "hardware.tpm" in gaps else tpm
+        machine = None if "hardware.machine" in gaps else machine
+        extra = [] if "extra_isos" in gaps else extra
+    pool_type = None
+    if caps.needs_storage_pool_type:
+        pool_type = _POOL_TYPES.get(plan.vm_storage_type, plan.vm_storage_type)
+    return {
+        "node": plan.node,
+        "vm_id": plan.vm_id,
+        "vm_name": plan.vm_name,
+        "template_description": plan.description,
+        "tags": list(plan.tags),
+        "iso_file": plan.iso_file,
+        "extra_iso_files": extra,
+        "vm_storage": plan.vm_storage,
+        "disk_storage_pool_type": pool_type,
+        "disk_format": "qcow2" if plan.vm_storage_type in _FILE_STORAGES else "raw",
+        "bridge": plan.bridge,
+        "http_bind_address": plan.http_bind_address,
+        "http_port_min": plan.http_port_min,
+        "http_port_max": plan.http_port_max,
+        "ssh_host": plan.ssh_host,
+        "ssh_port": plan.ssh_port,
+        "ssh_username": plan.ssh_username,
+        "ssh_timeout": plan.ssh_timeout,
+        "cores": hw.cores,
+        "sockets": hw.sockets,
+        "memory": hw.memory,
+        "disk_size": hw.disk,
+        "os_type": hw.os_type,
+        "cpu_type": plan.cpu_type,
+        "bios": bios,
+        "machine": machine,
+        "efi": efi,
+        "tpm": tpm,
+        "boot_wait": plan.boot_wait,
+        "boot_command": list(plan.boot_command) if plan.boot_command is not None else None,
+        "insecure_skip_tls_verify": plan.insecure_skip_tls_verify,
+    }
+
+
+# ------------------------------------------------------------------ the directory
+
+
+def find_template(root: Path, entry: TemplateEntry) -> Path:
+    folder = Path(root) / entry.packer_dir
+    found = sorted(folder.glob("*.pkr.hcl"))
+    if len(found) != 1:
+        raise WorkdirError(f"{entry.key}: packer_dir: {entry.packer_dir} must hold exactly one *.pkr.hcl "
+                           f"(found {len(found)}: {', '.join(p.name for p in found) or 'none'})")
+    return found[0]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def prepare_workdir(workdir: Path, entry: TemplateEntry, plan: BuildPlan, caps: PackerCapabilities, *,
+                    root: Path, http_dir: Path | None = None, allow_degraded: bool = False,
+                    secrets: Iterable[str] = ()) -> Workdir:
+    """Fill an empty (or missing) `workdir` for one build of `entry`; see the module doc."""
+    gaps = capability_gaps(entry, plan, caps)
+    if gaps and not allow_degraded:
+        raise PackerCapabilityError(
+            "\n".join(g.line(entry.key, caps) for g in gaps)
+            + "\nupgrade Packer, change the catalog entry, or allow a degraded build explicitly (allow_degraded)")
+    source = find_template(root, entry)
+    workdir = Path(workdir)
+    if workdir.exists() and any(workdir.iterdir()):
+        raise WorkdirError(f"{workdir}: work directory is not empty; every build gets a fresh one")
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    template = workdir / source.name
+    template.write_text(splice_region(source.read_text(encoding="utf-8"), version_region(caps), str(source)),
+                        encoding="utf-8")
+    plugins = plugins_hcl(caps)
+    if plugins:
+        (workdir / PLUGINS_FILE).write_text(plugins, encoding="utf-8")
+    http = workdir / HTTP_DIR
+    if http_dir is not None:
+        if not Path(http_dir).is_dir():
+            raise WorkdirError(f"{entry.key}: rendered HTTP files: {http_dir} is not a directory")
+        shutil.copytree(http_dir, http, symlinks=False)
+    else:
+        http.mkdir()
+
+    variables = variables_for(entry, plan, caps, degraded=bool(gaps))
+    var_file = workdir / VAR_FILE
+    var_file.write_text(json.dumps(variables, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    files = {p.relative_to(workdir).as_posix(): _sha256(p) for p in sorted(workdir.rglob("*")) if p.is_file()}
+    warnings = [f"degraded build: {g.line(entry.key, caps)}" for g in gaps]
+    if not caps.tags and plan.tags:
+        warnings.append(f"{entry.key}: tags: {caps.describe()} cannot set tags; set them through the API")
+    manifest = {"key": entry.key, "family": entry.family, "template": source.as_posix(),
+                "capabilities": caps.as_dict(), "gaps": [g.__dict__ for g in gaps], "warnings": warnings,
+                "files": files}
+    (workdir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    _assert_no_secret(workdir, secrets)
+    return Workdir(workdir, template, var_file, http, variables, caps, gaps, warnings, files)
+
+
+def _assert_no_secret(workdir: Path, secrets: Iterable[str]) -> None:
+    wanted = [s.encode() for s in secrets if s]
+    for path in workdir.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            if any(s in data for s in wanted):
+                # Name the file, never the secret.
+                raise WorkdirError(f"{path}: a secret ended up in the work directory; refusing to build")

@@ -1,0 +1,102 @@
+"""Shared pieces of the packer tests: a build plan for a catalog entry, fake packer scripts, and a
+watcher of the command lines in a process group."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+
+from packer_assets.catalog import TemplateEntry, load_catalog
+from packer_assets.packer.runner import group_members
+from packer_assets.packer.workdir import BuildPlan
+
+REPO = Path(__file__).resolve().parent.parent
+PACKER = "/usr/bin/packer"
+
+
+def catalog():
+    return load_catalog(root=REPO, env={})
+
+
+def plan_for(entry: TemplateEntry, **over) -> BuildPlan:
+    extra = tuple(f"local:iso/{x.filename}" for x in entry.extra_isos)
+    if entry.family == "windows":
+        extra += (f"local:iso/{entry.key}-answers.iso",)
+    values = dict(vm_id=entry.vmid_range.first, vm_name=f"{entry.key}-20250101000000", node="pve1",
+                  iso_file=f"local:iso/{entry.iso.filename}", vm_storage="local-lvm", vm_storage_type="lvmthin",
+                  bridge="vmbr0", http_bind_address=None, http_port_min=8802, http_port_max=8812,
+                  ssh_username=entry.install_user.name, extra_iso_files=extra,
+                  description=f"packer-assets {entry.key}", tags=tuple(entry.tags))
+    values.update(over)
+    return BuildPlan(**values)
+
+
+def fake_packer(folder: Path, body: str, name: str = "packer") -> Path:
+    """An executable bash script standing in for packer."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def child_groups(parent: int) -> set[int]:
+    """Process groups of the direct children of `parent` that lead their own group."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                rest = fh.read().decode(errors="replace").rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(rest[1]) == parent and int(rest[2]) == int(entry):
+            found.add(int(entry))
+    return found
+
+
+class GroupWatcher:
+    """Samples, while a build runs, the command lines of every process in the packer's process group
+    (packer is started in a new session from this process: its group ID is its PID)."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.argvs: set[str] = set()
+        self.groups: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        me = os.getpid()
+        while not self._stop.is_set():
+            for group in child_groups(me) - {me}:
+                self.groups.add(group)
+            for group in self.groups:
+                for pid in group_members(group):
+                    line = cmdline(pid)
+                    if line:
+                        self.argvs.add(line)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(5)
+
+    def leftovers(self) -> list[int]:
+        return [pid for group in self.groups for pid in group_members(group)]
