@@ -9,7 +9,7 @@ import os
 import dagster as dg
 
 from .defs import assets, checks, jobs, schedules, sensors
-from .defs.resources import ProjectSettings, ProxmoxBootstrap
+from .defs.resources import PackerSettings, ProjectSettings, ProxmoxBootstrap
 from .settings import export_env_files
 
 export_env_files()
@@ -27,13 +27,24 @@ def _value(name: str, default=None):
 defs = dg.Definitions(
     # Code references: the UI links every asset to the function that defines it.
     assets=dg.with_source_code_references(
-        [assets.proxmox_env, assets.iso_release, assets.unattended_files, assets.staged_iso]
+        [assets.proxmox_env, assets.iso_release, assets.unattended_files, assets.staged_iso, assets.template,
+         assets.template_proof]
     ),
     jobs=[jobs.bootstrap_job, jobs.rebuild_job],
     sensors=[sensors.iso_checksum_sensor],
     schedules=[schedules.weekly_rebuild],
     asset_checks=[checks.token_authenticates, checks.token_privileges],
     resources={
+        "packer": PackerSettings(
+            binary=_value("PACKER_BINARY", "packer"),
+            allow_degraded=_value("PACKER_ASSETS_ALLOW_DEGRADED", "0") == "1",
+            ssh_host=_value("PACKER_ASSETS_SSH_HOST"),
+            ssh_port=int(_value("PACKER_ASSETS_SSH_PORT", "0")) or None,
+            ssh_timeout=_value("PACKER_ASSETS_SSH_TIMEOUT"),
+            boot_wait=_value("PACKER_ASSETS_BOOT_WAIT"),
+            build_user=_value("PROXMOX_BUILD_USER"),
+            build_password=_env("PROXMOX_BUILD_PASSWORD"),
+        ),
         "project": ProjectSettings(root=os.environ.get("PACKER_ASSETS_ROOT", ".")),
         "pve_admin": ProxmoxBootstrap(
             api_url=os.environ.get("PROXMOX_URL") or os.environ.get("PROXMOX_API_URL") or "https://pve.invalid:8006",

@@ -8,9 +8,11 @@ LINEAGE: dict[str, set[str]] = {
     "iso_release": set(),
     "unattended_files": set(),
     "staged_iso": {"iso_release", "proxmox_env"},
+    "template": {"unattended_files", "staged_iso", "proxmox_env"},
+    "template_proof": {"template"},
 }
 ASSET_KEYS = set(LINEAGE)
-CHECKS = {("proxmox_env", "token_authenticates"), ("proxmox_env", "token_privileges")}
+CHECKS = {("proxmox_env", "token_authenticates"), ("proxmox_env", "token_privileges"), ("template", "smoke_test")}
 
 
 def test_definitions_load():

@@ -4,12 +4,13 @@ import os
 
 import dagster as dg
 
+from ..build import build_template, latest_record, write_proof
 from ..chain import fresh_chain_id
 from ..pve.init_env import run_init
 from ..pve.staging import stage_entry
 from ..render import render_unattended
 from .partitions import template_partitions
-from .resources import ProjectSettings, ProxmoxBootstrap
+from .resources import PackerSettings, ProjectSettings, ProxmoxBootstrap
 
 CHAIN_TAG = "packer-assets/chain-id"
 OWNERS = ["team:platform"]
@@ -154,3 +155,90 @@ def staged_iso(context: dg.AssetExecutionContext, project: ProjectSettings) -> d
 def staged_version(staged: dict) -> str:
     """The data version of a key's ISOs: every checksum, so a new virtio-win release counts too."""
     return ";".join(f"{name}={staged[name].checksum}" for name in sorted(staged))
+
+
+class TemplateConfig(dg.Config):
+    force: bool = False  # build even when the promoted template's input fingerprint is unchanged
+
+
+@dg.asset(
+    partitions_def=template_partitions,
+    deps=[unattended_files, staged_iso, proxmox_env],
+    group_name="templates",
+    kinds={"packer", "proxmox"},
+    owners=OWNERS,
+    pool="packer_builds",
+    check_specs=[dg.AssetCheckSpec("smoke_test", asset="template", blocking=True,
+                                   description="Full clone, cloud-init user and key, boot, guest agent answers "
+                                   "with OS and network; the clone is destroyed in every case.")],
+    description="`packer build` of the key under a new VMID, finished through the API (ISO ejected, cloud-init "
+    "drive, description with chain ID and input fingerprint), smoke-tested, then promoted "
+    "(tag packer-assets-latest) and older ones pruned to the retention count. Skipped when the promoted "
+    "template's input fingerprint is unchanged.",
+)
+def template(
+    context: dg.AssetExecutionContext, config: TemplateConfig, project: ProjectSettings, packer: PackerSettings
+) -> dg.MaterializeResult:
+    key = context.partition_key
+    layout, catalog = project.layout(), project.catalog()
+    entry, access = catalog.get(key), project.build_access()
+    rendered = layout.rendered_dir(key)
+    if not rendered.is_dir():
+        raise FileNotFoundError(f"{rendered} does not exist: materialize unattended_files[{key}] first")
+    staged = stage_entry(access.connect(), access.discovery.node, access.discovery.iso_storage, entry)
+    chain = fresh_chain_id(key, lambda stamp: layout.build_log_dir(key, stamp).exists())
+    tag_run(context, str(chain))
+    outcome = build_template(
+        layout, entry, access, packer.credentials(access), os.environ.get(entry.install_user.password_env, ""),
+        staged, rendered, chain, packer.settings(config.force), catalog_root=catalog.root,
+        run_id=context.run.run_id, on_stage=lambda line: context.log.info(f"[{chain}] {line}"),
+    )
+    meta = {"chain_id": str(chain), "fingerprint": outcome.fingerprint, "vmid": outcome.vmid,
+            "up_to_date": outcome.skipped}
+    if outcome.skipped:
+        context.log.info(f"[{chain}] {key}: promoted template {outcome.vmid} was built from these inputs: skipped")
+        smoke = dg.AssetCheckResult(check_name="smoke_test", passed=True,
+                                    description=f"up to date: template {outcome.vmid} passed when it was built")
+        return dg.MaterializeResult(metadata=meta, check_results=[smoke],
+                                    data_version=dg.DataVersion(outcome.fingerprint))
+    meta.update(name=outcome.name, node=access.discovery.node,
+                build_log=dg.MetadataValue.path(str(outcome.log_file)),
+                warnings=dg.MetadataValue.json(outcome.warnings))
+    if outcome.smoke_error:
+        context.log.error(f"[{chain}] smoke test failed, new template destroyed: {outcome.smoke_error}")
+        smoke = dg.AssetCheckResult(check_name="smoke_test", passed=False, description=outcome.smoke_error)
+        return dg.MaterializeResult(metadata={**meta, "promoted": False}, check_results=[smoke],
+                                    data_version=dg.DataVersion(outcome.fingerprint))
+    meta.update(promoted=True, previous_vmid=outcome.previous_vmid, pruned=dg.MetadataValue.json(outcome.pruned))
+    smoke = dg.AssetCheckResult(check_name="smoke_test", passed=True, metadata={
+        "clone_vmid": outcome.smoke["clone_vmid"], "os": outcome.smoke["os"],
+        "ips": dg.MetadataValue.json(outcome.smoke["ips"]), "seconds": outcome.smoke["seconds"]})
+    return dg.MaterializeResult(metadata=meta, check_results=[smoke], data_version=dg.DataVersion(outcome.fingerprint))
+
+
+@dg.asset(
+    partitions_def=template_partitions,
+    deps=[template],
+    group_name="templates",
+    kinds={"json"},
+    owners=OWNERS,
+    description="The evidence bundle docs/proof/platform/packer-builds/builds/<key>/<ts>/ (README.md, proof.json "
+    "per docs/schema/build-proof.schema.json, packer.log) of the latest build, written only for a build whose "
+    "smoke test passed; `latest` points at it.",
+)
+def template_proof(context: dg.AssetExecutionContext, project: ProjectSettings) -> dg.MaterializeResult:
+    key, layout = context.partition_key, project.layout()
+    folder, record = latest_record(layout, key)
+    if record is None:
+        raise RuntimeError(f"{key}: the latest build ({folder.name}) has no successful record: no proof is written "
+                           f"for a failed build (see {folder / 'packer.log'})")
+    proof_dir = layout.build_proof_dir(key, folder.name)
+    if not proof_dir.exists():  # an up-to-date run re-proves nothing: its build's proof stands
+        write_proof(layout, record, folder / "packer.log")
+    context.log.info(f"[{record['chain_id']}] proof {proof_dir}")
+    return dg.MaterializeResult(
+        metadata={"chain_id": record["chain_id"], "proof": dg.MetadataValue.path(str(proof_dir)),
+                  "readme": dg.MetadataValue.md((proof_dir / "README.md").read_text()),
+                  "template_vmid": record["template"]["vmid"]},
+        data_version=dg.DataVersion(record["input_fingerprint"]),
+    )

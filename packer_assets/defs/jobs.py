@@ -10,7 +10,7 @@ bootstrap_job = dg.define_asset_job(
     description="proxmox_env and its checks: API user, role, token, .env.proxmox.",
 )
 
-REBUILD_ASSETS = [assets.unattended_files, assets.staged_iso]
+REBUILD_ASSETS = [assets.unattended_files, assets.staged_iso, assets.template, assets.template_proof]
 
 rebuild_job = dg.define_asset_job(
     "rebuild_template",

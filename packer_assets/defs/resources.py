@@ -5,7 +5,9 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from ..build import BuildSettings
 from ..catalog import Catalog, load_catalog
+from ..packer.version import BuildCredentials
 from ..envfile import read_env_file
 from ..evidence import Layout
 from ..pve.bootstrap import BuildAccess, build_access
@@ -84,3 +86,31 @@ class ProxmoxBootstrap(dg.ConfigurableResource):
                                rotate=rotate, node=self.node, vm_storage=self.vm_storage,
                                iso_storage=self.iso_storage, bridge=self.bridge,
                                http_bind_address=self.http_bind_address, http_port=self.http_port)
+
+
+class PackerSettings(dg.ConfigurableResource):
+    """How `packer build` runs here. Credentials: the token from .env.proxmox, or (Packer < 1.7.1,
+    which has no token login) a password login for builds through PROXMOX_BUILD_USER/PASSWORD."""
+
+    binary: str = "packer"
+    allow_degraded: bool = Field(default=False, description="build without EFI/TPM/extra ISOs where the "
+                                 "installed Packer cannot do them (recorded as warnings); the lab sets it")
+    ssh_host: str | None = Field(default=None, description="communicator address override (the lab's guest)")
+    ssh_port: int | None = None
+    ssh_timeout: str | None = None
+    boot_wait: str | None = None
+    timeout_seconds: float = 4 * 3600
+    grace_seconds: float = Field(default=60.0, description="after one SIGINT, how long Packer may clean up")
+    smoke_timeout_seconds: float = 600.0
+    build_user: str | None = Field(default=None, description="PROXMOX_BUILD_USER (password login)")
+    build_password: str | None = Field(default=None, description="PROXMOX_BUILD_PASSWORD")
+
+    def settings(self, force: bool = False) -> BuildSettings:
+        return BuildSettings(packer=self.binary, allow_degraded=self.allow_degraded, ssh_host=self.ssh_host,
+                             ssh_port=self.ssh_port, ssh_timeout=self.ssh_timeout, boot_wait=self.boot_wait,
+                             timeout=self.timeout_seconds, grace=self.grace_seconds,
+                             smoke_timeout=self.smoke_timeout_seconds, force=force)
+
+    def credentials(self, access: BuildAccess) -> BuildCredentials:
+        return BuildCredentials(token_id=access.token_id, token_secret=access.token_secret,
+                                user=self.build_user, password=self.build_password)

@@ -18,7 +18,7 @@ from .jobs import rebuild_job
 
 # The tag Dagster reads an observation's data version from (dagster._core.definitions.data_version).
 DATA_VERSION_TAG = "dagster/data_version"
-BUILT_ASSET = dg.AssetKey("staged_iso")  # the last asset of the rebuild selection so far
+BUILT_ASSET = dg.AssetKey("template")
 INTERVAL = int(os.environ.get("PACKER_ASSETS_SENSOR_INTERVAL", "3600"))
 
 

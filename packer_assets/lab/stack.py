@@ -98,6 +98,13 @@ class LabStack:
             # Debian's packer ignores loopback agent addresses: builds talk to the lab guest directly.
             "PACKER_ASSETS_SSH_HOST": self.guest.host,
             "PACKER_ASSETS_SSH_PORT": str(self.guest.port),
+            "PACKER_ASSETS_SSH_TIMEOUT": "60s",
+            "PACKER_ASSETS_BOOT_WAIT": "100ms",
+            # Debian's packer 1.6.6 cannot do EFI/TPM/extra CDs nor log in with a token: the lab builds
+            # degraded (recorded as warnings) and lets packer log in as root with a password.
+            "PACKER_ASSETS_ALLOW_DEGRADED": "1",
+            "PROXMOX_BUILD_USER": "root@pam",
+            "PROXMOX_BUILD_PASSWORD": self.root_password,
         }
         for entry in self.catalog:
             values[entry.install_user.password_env] = self.guest_password

@@ -1,0 +1,231 @@
+"""One template build, start to finish, in the core (no Dagster): what build-wrapper.sh,
+test-template.sh and chain-lib.sh did, without their gaps.
+
+Order, and why: the up-to-date rule first (an unchanged input builds nothing); a free VMID of the key;
+Packer in a prepared work directory; then the template is finished through the API (ISO ejected,
+cloud-init drive, description with the chain ID and input fingerprint); the smoke test clones it; only
+a template that passed is promoted (`packer-assets-latest`) and only then are old ones pruned. Any
+failure destroys the build VM (never a promoted template), keeps the log and writes no record, so no
+proof can follow.
+"""
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from . import __version__
+from .catalog import TemplateEntry
+from .chain import ChainId
+from .checksums import Checksum
+from .evidence import Layout, Redactor, atomic_write, sha256_file
+from .packer.env import packer_env
+from .packer.runner import open_build_log, packer_init, run_packer
+from .packer.version import BuildCredentials, detect_packer
+from .packer.workdir import BuildPlan, find_template, prepare_workdir
+from .proof import BuildProof, CheckResult, IsoRef, TemplateRef, Timings, write_build_proof
+from .pve.bootstrap import BuildAccess
+from .pve.smoke import SmokeTestError, smoke_test
+from .pve.staging import StagedIso, upload_iso
+from .pve.templates import (
+    TemplateDescription,
+    allocate_vmid,
+    catalog_entry_json,
+    destroy_build_vm,
+    finish_template,
+    input_fingerprint,
+    is_up_to_date,
+    promote,
+    prune,
+    template_name,
+    template_tags,
+)
+
+RECORD = "build.json"
+ANSWER_ISO = "autounattend.iso"
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """How builds run here (not what is built: that is the catalog)."""
+
+    packer: str = "packer"
+    allow_degraded: bool = False  # build without what the installed Packer cannot do (EFI/TPM on 1.6.6)
+    ssh_host: str | None = None   # the lab: Debian's packer ignores loopback addresses from the agent
+    ssh_port: int | None = None
+    ssh_timeout: str | None = None
+    boot_wait: str | None = None
+    timeout: float = 4 * 3600
+    grace: float = 60.0
+    smoke_timeout: float = 600.0
+    force: bool = False
+
+
+@dataclass
+class BuildOutcome:
+    key: str
+    chain_id: str
+    fingerprint: str
+    skipped: bool                 # up to date: nothing was built
+    vmid: int | None
+    name: str | None = None
+    log_file: Path | None = None
+    record_file: Path | None = None
+    smoke: dict | None = None     # the smoke test's facts (passed builds only)
+    smoke_error: str | None = None  # a failed smoke test (the new template was destroyed)
+    previous_vmid: int | None = None
+    pruned: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def rendered_hashes(rendered_dir: Path) -> dict[str, str]:
+    """name -> sha256 of what the installer is served (the answer ISO is built from these files)."""
+    return {p.name: sha256_file(p) for p in sorted(Path(rendered_dir).iterdir()) if p.is_file() and p.name != ANSWER_ISO}
+
+
+def fingerprint_of(entry: TemplateEntry, staged: dict[str, StagedIso], rendered_dir: Path, root: Path) -> str:
+    isos = ";".join(f"{name}={staged[name].algorithm}:{staged[name].checksum}" for name in sorted(staged))
+    return input_fingerprint(isos, rendered_hashes(rendered_dir), sha256_file(find_template(root, entry)),
+                             catalog_entry_json(entry))
+
+
+def _storage_type(api, node: str, storage: str) -> str:
+    # the node's storage list needs only Datastore.Audit (GET /storage/{id} wants Datastore.Allocate)
+    for item in api.nodes(node).storage.get():
+        if item["storage"] == storage:
+            return item["type"]
+    raise RuntimeError(f"storage {storage!r} is not listed on node {node} (re-run proxmox_env)")
+
+
+def _answer_iso(api, access: BuildAccess, entry: TemplateEntry, rendered_dir: Path) -> str | None:
+    """Windows: the answer ISO the project built, uploaded (checksum verified while streaming)."""
+    path = Path(rendered_dir) / ANSWER_ISO
+    if entry.family != "windows" or not path.exists():
+        return None
+    checksum = Checksum("sha256", sha256_file(path))
+    staged = upload_iso(api, access.discovery.node, access.discovery.iso_storage, path, checksum,
+                        filename=f"{entry.key}-answers.iso")
+    return staged.volid
+
+
+def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, credentials: BuildCredentials,
+                   ssh_password: str, staged: dict[str, StagedIso], rendered_dir: Path, chain: ChainId,
+                   settings: BuildSettings, *, catalog_root: Path, run_id: str | None = None,
+                   on_stage=None, cancel_event=None, echo=print) -> BuildOutcome:
+    started = datetime.now(UTC)
+    key, found = entry.key, access.discovery
+    fingerprint = fingerprint_of(entry, staged, rendered_dir, catalog_root)
+    api = access.connect()
+    up_to_date, current = is_up_to_date(api, key, fingerprint)
+    if up_to_date and not settings.force:
+        return BuildOutcome(key, str(chain), fingerprint, True, current)
+
+    caps = detect_packer(settings.packer)
+    vmid, name = allocate_vmid(api, entry), template_name(key, started)
+    extra = [staged[n].volid for n in sorted(staged) if n != "iso"]
+    answer = _answer_iso(api, access, entry, rendered_dir)
+    plan = BuildPlan(vm_id=vmid, vm_name=name, node=found.node, iso_file=staged["iso"].volid,
+                     vm_storage=found.vm_storage, vm_storage_type=_storage_type(api, found.node, found.vm_storage),
+                     bridge=found.bridge, http_bind_address=found.http_bind_address,
+                     http_port_min=found.http_port, http_port_max=found.http_port + 10,
+                     ssh_username=entry.install_user.name, ssh_host=settings.ssh_host,
+                     ssh_port=settings.ssh_port or 22, ssh_timeout=settings.ssh_timeout,
+                     extra_iso_files=tuple(extra + ([answer] if answer else [])),
+                     description=f"packer-assets {key} {chain} (building)", tags=tuple(template_tags(key)),
+                     boot_wait=settings.boot_wait)
+    workdir = layout.root / "output/work" / key / chain.stamp
+    shutil.rmtree(workdir, ignore_errors=True)
+    penv = packer_env(access.endpoint, caps, credentials, ssh_password=ssh_password, workdir=workdir.parent)
+    prepared = prepare_workdir(workdir, entry, plan, caps, root=catalog_root, http_dir=rendered_dir,
+                               allow_degraded=settings.allow_degraded, secrets=penv.secrets)
+    redact = Redactor([*penv.secrets, ssh_password])
+    description = TemplateDescription(chain_id=str(chain), key=key, iso_url=staged["iso"].source,
+                                      iso_checksum=f"{staged['iso'].algorithm}:{staged['iso'].checksum}",
+                                      iso_volid=staged["iso"].volid, input_fingerprint=fingerprint,
+                                      built_at=started, tool_version=__version__,
+                                      packer_version=caps.packer_version)
+    stages: dict[str, float] = {}
+    with open_build_log(layout, key, chain, redact, echo=echo) as log:
+        for warning in prepared.warnings:
+            log.line("warning", warning)
+        try:
+            if caps.needs_init:
+                packer_init(workdir, penv.env, packer=settings.packer, redact=redact)
+            result = run_packer(workdir, penv.env, log, timeout=settings.timeout, on_stage=on_stage,
+                                cancel_event=cancel_event, grace=settings.grace, packer=settings.packer)
+            stages["packer"] = round(result.duration, 3)
+            finish_template(api, found.node, vmid, family=entry.family, vm_storage=found.vm_storage,
+                            description=description, name=name)
+            log.line("finish", f"template {vmid} ({name}) finished: ISO ejected, description and tags written")
+        except BaseException as exc:
+            log.line("error", f"{type(exc).__name__}: {redact(str(exc))}")
+            _destroy(api, found.node, vmid, entry, log)
+            raise
+        try:
+            smoke = smoke_test(api, found.node, vmid, entry, timeout=settings.smoke_timeout)
+        except SmokeTestError as exc:
+            log.line("smoke", f"FAILED: {exc}; destroying the new template {vmid}, the promoted one stays")
+            _destroy(api, found.node, vmid, entry, log)
+            return BuildOutcome(key, str(chain), fingerprint, False, vmid, name, log.path, smoke_error=str(exc))
+        stages["smoke"] = smoke.seconds
+        log.line("smoke", f"passed: clone {smoke.clone_vmid} booted, agent answered, ips {smoke.ips}")
+        promotion = promote(api, found.node, key, vmid)
+        pruned = prune(api, found.node, key, entry.retention, keep={vmid})
+        log.line("promote", f"{vmid} is now packer-assets-latest (before: {promotion.previous}); "
+                            f"pruned {pruned.destroyed or 'nothing'}")
+        for vm, why in pruned.failed.items():
+            log.line("warning", f"prune of {vm} failed: {why}")
+    previous = promotion.previous[0] if promotion.previous else None
+    smoke_facts = {"clone_vmid": smoke.clone_vmid, "os": smoke.os_name, "ips": smoke.ips, "seconds": smoke.seconds}
+    outcome = BuildOutcome(key, str(chain), fingerprint, False, vmid, name, log.path, smoke=smoke_facts,
+                           previous_vmid=previous, pruned=list(pruned.destroyed), warnings=list(prepared.warnings))
+    record = {
+        "chain_id": str(chain), "key": key, "dagster_run_id": run_id, "tool_version": __version__,
+        "template": {"vmid": vmid, "name": name, "node": found.node, "tags": template_tags(key)},
+        "iso": {"url": staged["iso"].source, "effective_url": staged["iso"].source,
+                "checksum": f"{staged['iso'].algorithm}:{staged['iso'].checksum}", "volid": staged["iso"].volid},
+        "rendered_files": rendered_hashes(rendered_dir), "packer_version": caps.packer_version,
+        "packer_template_sha256": sha256_file(find_template(catalog_root, entry)),
+        "timings": {"started_at": started.isoformat(), "finished_at": datetime.now(UTC).isoformat(),
+                    "stages": stages},
+        "smoke": smoke_facts,
+        "input_fingerprint": fingerprint, "previous_template_vmid": previous,
+        "pruned_vmids": list(pruned.destroyed), "warnings": list(prepared.warnings),
+        "log_sha256": sha256_file(log.path),
+    }
+    outcome.record_file = atomic_write(log.path.parent / RECORD, json.dumps(record, indent=2, default=str) + "\n")
+    return outcome
+
+
+def _destroy(api, node: str, vmid: int, entry: TemplateEntry, log) -> None:
+    try:
+        if destroy_build_vm(api, node, vmid, entry):
+            log.line("cleanup", f"build VM {vmid} destroyed")
+    except Exception as exc:  # reported, never hiding the original failure
+        log.line("cleanup", f"could not destroy build VM {vmid}: {exc}")
+
+
+def latest_record(layout: Layout, key: str) -> tuple[Path, dict | None]:
+    """(log folder of the key's latest build, its record or None when that build did not succeed)."""
+    folder = layout.build_log_dir(key, "latest")
+    record = folder / RECORD
+    return folder.resolve(), (json.loads(record.read_text()) if record.exists() else None)
+
+
+def write_proof(layout: Layout, record: dict, log_file: Path) -> Path:
+    """template_proof: the bundle of a build that passed its checks (the record exists only then)."""
+    proof = BuildProof(
+        chain_id=record["chain_id"], key=record["key"], dagster_run_id=record.get("dagster_run_id"),
+        template=TemplateRef(**record["template"]), iso=IsoRef(**record["iso"]),
+        rendered_files=record["rendered_files"], packer_template_sha256=record.get("packer_template_sha256"),
+        packer_version=record["packer_version"], timings=Timings(**record["timings"]),
+        checks=[CheckResult(name="smoke_test", passed=True,
+                            description=f"clone {record['smoke']['clone_vmid']} booted {record['smoke']['os']}, "
+                                        f"guest agent answered with {record['smoke']['ips']}",
+                            details=record["smoke"])],
+        log_sha256=record["log_sha256"], input_fingerprint=record["input_fingerprint"],
+        tool_version=record["tool_version"], previous_template_vmid=record.get("previous_template_vmid"),
+        pruned_vmids=record.get("pruned_vmids", []))
+    return write_build_proof(layout, proof, log_file)
+

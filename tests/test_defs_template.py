@@ -1,0 +1,98 @@
+"""template and template_proof through Dagster: a real Debian packer 1.6.6 build against the lab."""
+
+import json
+import os
+import shutil
+
+import dagster as dg
+import jsonschema
+import pytest
+
+from packer_assets.defs import assets, jobs
+from packer_assets.defs.resources import PackerSettings, ProjectSettings
+from packer_assets.proof import build_proof_schema
+
+pytestmark = pytest.mark.skipif(shutil.which("packer") is None, reason="needs the packer binary")
+KEY = "debian-12"
+
+
+def resources(lab_project, **packer):
+    stack = lab_project.stack
+    settings = dict(allow_degraded=True, ssh_host=stack.guest.host, ssh_port=stack.guest.port, ssh_timeout="60s",
+                    boot_wait="100ms", build_user="root@pam", build_password=stack.root_password,
+                    grace_seconds=10, smoke_timeout_seconds=60)
+    settings.update(packer)
+    return {"project": ProjectSettings(root=str(lab_project.root)), "packer": PackerSettings(**settings)}
+
+
+def rebuild(lab_project, instance, key=KEY, **packer):
+    return dg.materialize(jobs.REBUILD_ASSETS + [assets.iso_release], partition_key=key, instance=instance,
+                          resources=resources(lab_project, **packer), raise_on_error=False,
+                          selection=jobs.REBUILD_ASSETS)
+
+
+def templates_of(pve, key=KEY):
+    return {vm.vmid: vm.config.get("tags", "") for vm in pve.vms if vm.template and key in vm.config.get("tags", "")}
+
+
+def test_build_promote_prove_then_up_to_date(lab_project):
+    pve, layout = lab_project.pve, lab_project.layout
+    with dg.instance_for_test() as instance:
+        first = rebuild(lab_project, instance)
+        assert first.success, [e.message for e in first.all_events if e.is_failure]
+        meta = first.asset_materializations_for_node("template")[0].metadata
+        vmid = meta["vmid"].value
+        assert meta["promoted"].value is True and meta["up_to_date"].value is False
+        assert "packer-assets-latest" in templates_of(pve)[vmid]
+        assert [vm for vm in pve.vms if not vm.template] == []  # the smoke clone is gone
+        proof_dir = layout.root / "docs/proof/platform/packer-builds/builds" / KEY / "latest"
+        assert sorted(p.name for p in proof_dir.iterdir()) == ["README.md", "packer.log", "proof.json"]
+        proof = json.loads((proof_dir / "proof.json").read_text())
+        jsonschema.validate(proof, build_proof_schema())
+        assert proof["chain_id"] == meta["chain_id"].value and proof["template"]["vmid"] == vmid
+        assert instance.get_run_by_id(first.run_id).tags["packer-assets/chain-id"] == meta["chain_id"].value
+
+        second = rebuild(lab_project, instance)
+        assert second.success
+        again = second.asset_materializations_for_node("template")[0].metadata
+        assert again["up_to_date"].value is True and again["vmid"].value == vmid
+        assert list(templates_of(pve)) == [vmid]  # nothing new was built
+        proofs = [p for p in proof_dir.parent.iterdir() if p.name != "latest"]
+        assert len(proofs) == 1
+
+
+def test_packer_crash_leaves_no_vm_no_proof_and_names_the_log(lab_project, tmp_path):
+    fake = tmp_path / "packer"
+    real = shutil.which("packer")
+    # the real binary for `packer version`, a crash for `packer build`
+    fake.write_text(f"#!/bin/bash\nif [ \"$1\" = build ]; then echo '1,,ui,error,boom: plugin crashed'; exit 1; fi\n"
+                    f"exec {real} \"$@\"\n")
+    fake.chmod(0o755)
+    with dg.instance_for_test() as instance:
+        result = rebuild(lab_project, instance, binary=str(fake))
+    assert not result.success
+    failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
+    text = str(failure.event_specific_data.error)
+    assert "packer.log" in text and "boom" in text
+    assert [vm for vm in lab_project.pve.vms if KEY in vm.config.get("tags", "")] == []
+    assert not (lab_project.root / "docs/proof/platform/packer-builds/builds" / KEY).exists()
+    logs = lab_project.root / "output/logs/packer/builds" / KEY
+    assert (logs / "latest" / "packer.log").exists()
+
+
+def test_no_secret_in_logs_events_or_proofs(lab_project, capfd):
+    stack = lab_project.stack
+    with dg.instance_for_test() as instance:
+        assert rebuild(lab_project, instance).success
+        events = "".join(repr(e) for r in instance.get_runs() for e in instance.all_logs(r.run_id))
+    out = capfd.readouterr()
+    secrets = [stack.root_password, stack.guest_password,
+               open(lab_project.layout.secrets_file).read().split("PROXMOX_TOKEN_SECRET='")[1].split("'")[0]]
+    texts = [events, out.out, out.err]
+    for folder in ("output", "docs"):
+        for path in (lab_project.root / folder).rglob("*"):
+            if path.is_file() and path.name not in ("user-data", "preseed.cfg", "ks.cfg"):
+                texts.append(path.read_text(errors="replace"))
+    for secret in secrets:
+        assert all(secret not in t for t in texts)
+    assert os.environ["PACKER_INSTALL_PASSWORD"] == stack.guest_password
