@@ -20,8 +20,8 @@ from .catalog import TemplateEntry
 from .chain import ChainId
 from .checksums import Checksum
 from .evidence import Layout, Redactor, atomic_write, sha256_file
-from .packer.env import packer_env
-from .packer.runner import open_build_log, packer_init, run_packer
+from .packer.env import packer_env, validate_env
+from .packer.runner import PackerCheck, open_build_log, packer_init, packer_validate, run_packer
 from .packer.version import BuildCredentials, detect_packer
 from .packer.workdir import BuildPlan, find_template, prepare_workdir
 from .proof import BuildProof, CheckResult, IsoRef, TemplateRef, Timings, write_build_proof
@@ -229,3 +229,20 @@ def write_proof(layout: Layout, record: dict, log_file: Path) -> Path:
         pruned_vmids=record.get("pruned_vmids", []))
     return write_build_proof(layout, proof, log_file)
 
+
+
+def validate_build(entry: TemplateEntry, rendered_dir: Path, workdir: Path, settings: BuildSettings, *,
+                   catalog_root: Path) -> PackerCheck:
+    """`packer validate` of the key's template on a work directory prepared as a build would be, with
+    placeholder node values (validate checks the builder config without connecting)."""
+    caps = detect_packer(settings.packer)
+    plan = BuildPlan(vm_id=entry.vmid_range.first, vm_name=template_name(entry.key), node="validate",
+                     iso_file=f"local:iso/{entry.iso.filename}", vm_storage="local-lvm", vm_storage_type="lvmthin",
+                     bridge="vmbr0", http_bind_address=None, http_port_min=8802, http_port_max=8812,
+                     ssh_username=entry.install_user.name, ssh_host=settings.ssh_host,
+                     ssh_port=settings.ssh_port or 22, extra_iso_files=tuple(
+                         f"local:iso/{x.filename}" for x in entry.extra_isos), tags=tuple(template_tags(entry.key)))
+    shutil.rmtree(workdir, ignore_errors=True)
+    prepare_workdir(workdir, entry, plan, caps, root=catalog_root, http_dir=rendered_dir,
+                    allow_degraded=settings.allow_degraded)
+    return packer_validate(workdir, validate_env().env, packer=settings.packer)

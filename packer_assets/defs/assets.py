@@ -4,7 +4,7 @@ import os
 
 import dagster as dg
 
-from ..build import build_template, latest_record, write_proof
+from ..build import build_template, latest_record, validate_build, write_proof
 from ..chain import fresh_chain_id
 from ..pve.init_env import run_init
 from ..pve.staging import stage_entry
@@ -90,17 +90,28 @@ iso_release = dg.AssetSpec(
 @dg.asset(
     partitions_def=template_partitions,
     group_name="templates",
-    kinds={"jinja"},
+    kinds={"jinja", "packer"},
     owners=OWNERS,
+    check_specs=[dg.AssetCheckSpec("packer_validate", asset="unattended_files", blocking=True,
+                                   description="`packer validate` with the real binary on a work directory "
+                                   "prepared as the build's, with these rendered files.")],
     description="user-data/meta-data, preseed.cfg, ks.cfg or Autounattend.xml (+ answer ISO) rendered from "
     "templates/<family>/ into output/rendered/<key>/, each checked by its ecosystem's validator. "
     "The data version is the hash of the rendered content, so an unchanged render leaves builds fresh.",
 )
-def unattended_files(context: dg.AssetExecutionContext, project: ProjectSettings) -> dg.MaterializeResult:
+def unattended_files(
+    context: dg.AssetExecutionContext, project: ProjectSettings, packer: PackerSettings
+) -> dg.MaterializeResult:
     key = context.partition_key
     layout = project.layout()
     catalog = project.catalog()
-    result = render_unattended(catalog.get(key), os.environ, layout.rendered_dir(key), root=catalog.root)
+    entry = catalog.get(key)
+    result = render_unattended(entry, os.environ, layout.rendered_dir(key), root=catalog.root)
+    check = validate_build(entry, result.out_dir, layout.root / "output/work" / key / "validate", packer.settings(),
+                           catalog_root=catalog.root)
+    validated = dg.AssetCheckResult(check_name="packer_validate", passed=check.ok,
+                                    description="packer validate passed" if check.ok else check.output[-2000:],
+                                    metadata={"argv": " ".join(check.argv)})
     meta = result.metadata()
     rows = "\n".join(f"| `{name}` | `{f['sha256'][:16]}` | {f['size']} | "
                      + ", ".join(f"{v}: {verdict}" for v, verdict in f["verdicts"].items()) + " |"
@@ -113,6 +124,7 @@ def unattended_files(context: dg.AssetExecutionContext, project: ProjectSettings
             "content_hash": result.content_hash,
             "answer_iso": dg.MetadataValue.json(meta.get("answer_iso")),
         },
+        check_results=[validated],
         data_version=dg.DataVersion(result.content_hash),
     )
 
