@@ -1,0 +1,61 @@
+"""The `packer-assets` command as a user runs it: catalog check and validate (validate-all.sh)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+needs_packer = pytest.mark.skipif(shutil.which("packer") is None, reason="needs the packer binary")
+
+
+def cli(*args, cwd=REPO, **env):
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("PACKER_ASSETS_", "PACKER_INSTALL"))}
+    full.update(env)
+    return subprocess.run([sys.executable, "-m", "packer_assets.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=full, timeout=300)
+
+
+def test_catalog_check_lists_every_key():
+    proc = cli("catalog", "check")
+    assert proc.returncode == 0, proc.stderr
+    for key in ("ubuntu-2204", "ubuntu-2404", "debian-12", "rocky-9", "windows-2022"):
+        assert f"{key}:" in proc.stdout
+
+
+def test_broken_catalog_is_one_line_and_exit_2(tmp_path):
+    bad = tmp_path / "catalog.yaml"
+    bad.write_text((REPO / "templates/catalog.yaml").read_text().replace("family: rocky", "family: rocky-linux"))
+    proc = cli("catalog", "check", "--catalog", str(bad))
+    assert proc.returncode == 2
+    assert "rocky-9: family:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@needs_packer
+def test_validate_renders_and_packer_validates(tmp_path):
+    proc = cli("validate", "debian-12", "rocky-9", PACKER_INSTALL_PASSWORD="pw-for-validate",
+               PACKER_ASSETS_ROOT=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ok   debian-12: 1 file(s) [preseed], packer validate" in proc.stdout
+    assert "ok   rocky-9: 1 file(s) [kickstart], packer validate" in proc.stdout
+    assert (tmp_path / "output/rendered/rocky-9/ks.cfg").exists()
+    assert "pw-for-validate" not in proc.stdout + proc.stderr
+
+
+@needs_packer
+def test_validate_reports_a_broken_packer_template(tmp_path):
+    shutil.copytree(REPO / "templates", tmp_path / "templates")
+    hcl = tmp_path / "templates/rocky/rocky.pkr.hcl"
+    hcl.write_text(hcl.read_text().replace("scsi_controller", "scsi_controler"))
+    proc = cli("validate", "rocky-9", cwd=tmp_path, PACKER_INSTALL_PASSWORD="pw", PACKER_ASSETS_ROOT=str(tmp_path),
+               PYTHONPATH=str(REPO))
+    assert proc.returncode == 1
+    assert "FAIL rocky-9: packer validate" in proc.stdout
+
+
+def test_validate_names_a_missing_password(tmp_path):
+    proc = cli("validate", "debian-12", PACKER_ASSETS_ROOT=str(tmp_path))
+    assert proc.returncode == 1 and "PACKER_INSTALL_PASSWORD is unset" in proc.stdout
