@@ -12,7 +12,8 @@ LINEAGE: dict[str, set[str]] = {
     "template_proof": {"template"},
 }
 ASSET_KEYS = set(LINEAGE)
-CHECKS = {("proxmox_env", "token_authenticates"), ("proxmox_env", "token_privileges"), ("template", "smoke_test")}
+CHECKS = {("proxmox_env", "token_authenticates"), ("proxmox_env", "token_privileges"), ("template", "smoke_test"),
+          ("unattended_files", "packer_validate")}
 
 
 def test_definitions_load():
