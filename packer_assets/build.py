@@ -23,7 +23,7 @@ from .evidence import Layout, Redactor, atomic_write, sha256_file
 from .packer.env import packer_env, validate_env
 from .packer.runner import PackerCheck, open_build_log, packer_init, packer_validate, run_packer
 from .packer.version import BuildCredentials, detect_packer
-from .packer.workdir import BuildPlan, find_template, prepare_workdir
+from .packer.workdir import BuildPlan, prepare_workdir, template_sha256
 from .proof import BuildProof, CheckResult, IsoRef, TemplateRef, Timings, write_build_proof
 from .pve.bootstrap import BuildAccess
 from .pve.smoke import SmokeTestError, smoke_test
@@ -86,7 +86,8 @@ def rendered_hashes(rendered_dir: Path) -> dict[str, str]:
 
 def fingerprint_of(entry: TemplateEntry, staged: dict[str, StagedIso], rendered_dir: Path, root: Path) -> str:
     isos = ";".join(f"{name}={staged[name].algorithm}:{staged[name].checksum}" for name in sorted(staged))
-    return input_fingerprint(isos, rendered_hashes(rendered_dir), sha256_file(find_template(root, entry)),
+    # template_sha256: the family's template AND templates/common/common.pkr.hcl, one input
+    return input_fingerprint(isos, rendered_hashes(rendered_dir), template_sha256(root, entry),
                              catalog_entry_json(entry))
 
 
@@ -186,7 +187,7 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
         "iso": {"url": staged["iso"].source, "effective_url": staged["iso"].source,
                 "checksum": f"{staged['iso'].algorithm}:{staged['iso'].checksum}", "volid": staged["iso"].volid},
         "rendered_files": rendered_hashes(rendered_dir), "packer_version": caps.packer_version,
-        "packer_template_sha256": sha256_file(find_template(catalog_root, entry)),
+        "packer_template_sha256": prepared.template_sha256,
         "timings": {"started_at": started.isoformat(), "finished_at": datetime.now(UTC).isoformat(),
                     "stages": stages},
         "smoke": smoke_facts,

@@ -94,7 +94,9 @@ class BuildProof(_Model):
     template: TemplateRef = Field(description="The template built (promoted when the proof was written).")
     iso: IsoRef = Field(description="The installation ISO.")
     rendered_files: dict[str, Sha256] = Field(description="Unattended files served to the installer: name -> sha256.")
-    packer_template_sha256: Sha256 | None = Field(default=None, description="sha256 of the Packer template used.")
+    packer_template_sha256: Sha256 | None = Field(
+        default=None, description="sha256 of the Packer input used: the family's template and "
+                                  "templates/common/common.pkr.hcl, combined (packer.workdir.template_sha256).")
     packer_version: str = Field(description="`packer version` of the binary that ran.")
     timings: Timings = Field(description="Start, end and seconds per stage.")
     checks: list[CheckResult] = Field(min_length=1, description="Every check run on the template; all passed.")

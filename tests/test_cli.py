@@ -49,7 +49,7 @@ def test_validate_renders_and_packer_validates(tmp_path):
 def test_validate_reports_a_broken_packer_template(tmp_path):
     shutil.copytree(REPO / "templates", tmp_path / "templates")
     hcl = tmp_path / "templates/rocky/rocky.pkr.hcl"
-    hcl.write_text(hcl.read_text().replace("scsi_controller", "scsi_controler"))
+    hcl.write_text(hcl.read_text().replace("cloud_init_storage_pool", "cloud_init_storage_pol"))
     proc = cli("validate", "rocky-9", cwd=tmp_path, PACKER_INSTALL_PASSWORD="pw", PACKER_ASSETS_ROOT=str(tmp_path),
                PYTHONPATH=str(REPO))
     assert proc.returncode == 1

@@ -40,14 +40,14 @@ def test_packer_validate_check_fails_on_a_broken_template(lab_project, tmp_path,
     copy = tmp_path / "repo"
     shutil.copytree(repo / "templates", copy / "templates")
     hcl = copy / "templates/rocky/rocky.pkr.hcl"
-    hcl.write_text(hcl.read_text().replace("scsi_controller", "scsi_controler"))
+    hcl.write_text(hcl.read_text().replace("cloud_init_storage_pool", "cloud_init_storage_pol"))
     monkeypatch.chdir(copy)  # the catalog's packer_dir resolves here now
     monkeypatch.setenv("PACKER_ASSETS_CATALOG", str(lab_project.stack.catalog_path))
     with dg.instance_for_test() as instance:
         result = materialize(lab_project, instance, [assets.unattended_files], "rocky-9")
     checks = [e.asset_check_evaluation_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
     assert [(c.check_name, c.passed) for c in checks] == [("packer_validate", False)]
-    assert "scsi_controler" in checks[0].description
+    assert "cloud_init_storage_pol" in checks[0].description
 
 
 def test_staged_iso_downloads_once_and_reports_metadata(lab_project):

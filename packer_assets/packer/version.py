@@ -2,7 +2,7 @@
 
 `detect_packer()` asks the binary once (`packer version`, and `packer plugins installed` where that
 exists), caches the answer per binary (path, mtime, size) and plugin directory, and turns it into
-`PackerCapabilities`. Everything else (the work directory's generated `version.pkr.hcl`, the
+`PackerCapabilities`. Everything else (the version region of the work directory's common.pkr.hcl, the
 login environment) reads only the capabilities, never a version number.
 
 What differs, and from which version (conservative: a feature is claimed only from a release that

@@ -1,13 +1,22 @@
-"""A work directory per build: the family's Packer template, the HTTP files, the variables.
+"""A work directory per build: the family's Packer template, the common file, the HTTP files, the variables.
 
-    <workdir>/<family>.pkr.hcl          the entry's template, its version-specific region rewritten
+    <workdir>/<family>.pkr.hcl          the entry's template (`find_template`: the one *.pkr.hcl of its
+                                        packer_dir), as it is: the family's boot, provisioners, build
+    <workdir>/common.pkr.hcl            templates/common/common.pkr.hcl, shared by every family: all
+                                        variables, shared locals and the one proxmox-iso source (the
+                                        family's build block names it), its version-specific region
+                                        rewritten
     <workdir>/plugins.pkr.hcl           `required_plugins` (only where Packer needs `packer init`)
     <workdir>/build.auto.pkrvars.json   every variable but the secrets; Packer loads *.auto.pkrvars.*
                                         by itself, so nothing about the build is on its command line
     <workdir>/http/                     the rendered unattended files, served by Packer's HTTP server
-    <workdir>/packer-assets.json        what was prepared and why: capabilities, gaps, file hashes
+    <workdir>/packer-assets.json        what was prepared and why: capabilities, gaps, file hashes, the
+                                        sha256 of both source files and their combined `template_sha256`
 
-Version differences: each template carries ONE marked region (`# >>> packer-assets:
+The two source files are one input: `template_sha256` hashes both (the input fingerprint and the build
+record use it), so an edit of the shared file counts as a changed input for every key.
+
+Version differences: the common file carries ONE marked region (`# >>> packer-assets:
 version-specific` .. `# <<< ...`) holding the 1.6.6 form (`iso_file = var.iso_file`); it is replaced
 by `version_region(caps)`, which only ever refers to variables, so the values still come from the
 var file. Attributes that exist in every version but are needed by some only (storage_pool_type) are
@@ -40,6 +49,7 @@ VAR_FILE = "build.auto.pkrvars.json"
 PLUGINS_FILE = "plugins.pkr.hcl"
 MANIFEST = "packer-assets.json"
 HTTP_DIR = "http"
+COMMON_TEMPLATE = "templates/common/common.pkr.hcl"  # under the catalog root
 REGION_START = "# >>> packer-assets: version-specific"
 REGION_END = "# <<< packer-assets: version-specific"
 
@@ -99,7 +109,8 @@ class Gap:
 @dataclass
 class Workdir:
     path: Path
-    template: Path
+    template: Path                       # the family's template
+    common: Path                         # the common file, its version region rewritten
     var_file: Path
     http_dir: Path
     variables: dict
@@ -107,6 +118,7 @@ class Workdir:
     gaps: list[Gap] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    template_sha256: str = ""            # both source files as prepared (see template_sha256())
 
 
 # ------------------------------------------------------------------ version differences
@@ -240,12 +252,40 @@ def variables_for(entry: TemplateEntry, plan: BuildPlan, caps: PackerCapabilitie
 
 
 def find_template(root: Path, entry: TemplateEntry) -> Path:
+    """The family's own template: the one *.pkr.hcl of the entry's packer_dir."""
     folder = Path(root) / entry.packer_dir
     found = sorted(folder.glob("*.pkr.hcl"))
     if len(found) != 1:
         raise WorkdirError(f"{entry.key}: packer_dir: {entry.packer_dir} must hold exactly one *.pkr.hcl "
                            f"(found {len(found)}: {', '.join(p.name for p in found) or 'none'})")
+    if found[0].name in (Path(COMMON_TEMPLATE).name, PLUGINS_FILE):
+        raise WorkdirError(f"{entry.key}: {found[0]}: the name {found[0].name} is taken in the work directory; "
+                           "rename the template")
     return found[0]
+
+
+def common_template(root: Path) -> Path:
+    """The file every family's work directory gets next to its template (variables, the shared source)."""
+    path = Path(root) / COMMON_TEMPLATE
+    if not path.is_file():
+        raise WorkdirError(f"{COMMON_TEMPLATE}: the common Packer file is missing under {root}")
+    return path
+
+
+def template_files(root: Path, entry: TemplateEntry) -> tuple[Path, Path]:
+    """(the family's template, the common file): together, the Packer configuration of `entry`."""
+    return find_template(root, entry), common_template(root)
+
+
+def template_sha256(root: Path, entry: TemplateEntry) -> str:
+    """ONE sha256 over both source files, each in its role: the Packer input of a build."""
+    family, common = template_files(root, entry)
+    return _combined_sha256(_sha256(family), _sha256(common))
+
+
+def _combined_sha256(template_sha: str, common_sha: str) -> str:
+    blob = json.dumps({"common": common_sha, "template": template_sha}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _sha256(path: Path) -> str:
@@ -261,15 +301,20 @@ def prepare_workdir(workdir: Path, entry: TemplateEntry, plan: BuildPlan, caps: 
         raise PackerCapabilityError(
             "\n".join(g.line(entry.key, caps) for g in gaps)
             + "\nupgrade Packer, change the catalog entry, or allow a degraded build explicitly (allow_degraded)")
-    source = find_template(root, entry)
+    source, common_source = template_files(root, entry)
+    source_bytes, common_bytes = source.read_bytes(), common_source.read_bytes()
+    source_text, common_text = source_bytes.decode("utf-8"), common_bytes.decode("utf-8")
+    if REGION_START in source_text or REGION_END in source_text:
+        raise WorkdirError(f"{source}: holds a version-specific marker; the region lives in {COMMON_TEMPLATE} only")
     workdir = Path(workdir)
     if workdir.exists() and any(workdir.iterdir()):
         raise WorkdirError(f"{workdir}: work directory is not empty; every build gets a fresh one")
     workdir.mkdir(parents=True, exist_ok=True)
 
     template = workdir / source.name
-    template.write_text(splice_region(source.read_text(encoding="utf-8"), version_region(caps), str(source)),
-                        encoding="utf-8")
+    template.write_text(source_text, encoding="utf-8")
+    common = workdir / common_source.name
+    common.write_text(splice_region(common_text, version_region(caps), str(common_source)), encoding="utf-8")
     plugins = plugins_hcl(caps)
     if plugins:
         (workdir / PLUGINS_FILE).write_text(plugins, encoding="utf-8")
@@ -285,17 +330,22 @@ def prepare_workdir(workdir: Path, entry: TemplateEntry, plan: BuildPlan, caps: 
     var_file = workdir / VAR_FILE
     var_file.write_text(json.dumps(variables, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
+    # The sources as read (the work directory's common file differs from its source by the region).
+    source_sha, common_sha = hashlib.sha256(source_bytes).hexdigest(), hashlib.sha256(common_bytes).hexdigest()
     files = {p.relative_to(workdir).as_posix(): _sha256(p) for p in sorted(workdir.rglob("*")) if p.is_file()}
     warnings = [f"degraded build: {g.line(entry.key, caps)}" for g in gaps]
     if not caps.tags and plan.tags:
         warnings.append(f"{entry.key}: tags: {caps.describe()} cannot set tags; set them through the API")
     manifest = {"key": entry.key, "family": entry.family, "template": source.as_posix(),
-                "capabilities": caps.as_dict(), "gaps": [g.__dict__ for g in gaps], "warnings": warnings,
-                "files": files}
+                "common": common_source.as_posix(),
+                "sources": {source.as_posix(): source_sha, common_source.as_posix(): common_sha},
+                "template_sha256": _combined_sha256(source_sha, common_sha), "capabilities": caps.as_dict(),
+                "gaps": [g.__dict__ for g in gaps], "warnings": warnings, "files": files}
     (workdir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     _assert_no_secret(workdir, secrets)
-    return Workdir(workdir, template, var_file, http, variables, caps, gaps, warnings, files)
+    return Workdir(workdir, template, common, var_file, http, variables, caps, gaps, warnings, files,
+                   manifest["template_sha256"])
 
 
 def _assert_no_secret(workdir: Path, secrets: Iterable[str]) -> None:

@@ -1,193 +1,39 @@
 # Rocky Linux 9 (minimal ISO, kickstart) as a Proxmox template.
 #
-# Run only from a work directory prepared by packer_assets/packer/workdir.py, which adds:
-#   build.auto.pkrvars.json   every non-secret variable below (VMID, node, ISO volume, storage, ...)
-#   http/                     the rendered ks.cfg (fetched by Anaconda from Packer's HTTP server)
-#   the region between the ">>> / <<< packer-assets: version-specific" markers, rewritten for the
-#   installed Packer (packer_assets/packer/version.py): top-level iso_file on 1.6.6, a boot_iso {}
-#   block, extra ISOs, bios/machine, efi_config/tpm_config and tags on current packer-plugin-proxmox.
-# Secrets never appear here or in the var file: PROXMOX_URL + PROXMOX_USERNAME + PROXMOX_TOKEN or
-# PROXMOX_PASSWORD (the API login), PKR_VAR_ssh_password (the install user's password) and
-# SSL_CERT_FILE (the CA of the API's certificate) come from packer's environment.
-#
-# The variable block is the same in every family's template (tests/test_packer_workdir.py holds
-# them to that); only locals, the source's family settings and the provisioners differ.
-
-variable "node" { type = string }
-variable "vm_id" { type = number }
-variable "vm_name" { type = string }
-variable "template_description" {
-  type    = string
-  default = ""
-}
-variable "tags" {
-  type    = list(string)
-  default = []
-}
-variable "iso_file" {
-  type        = string
-  description = "The boot ISO, already on the node's ISO storage (e.g. local:iso/ubuntu-24.04.iso)."
-}
-variable "extra_iso_files" {
-  type    = list(string)
-  default = []
-}
-variable "vm_storage" { type = string }
-variable "disk_storage_pool_type" {
-  type        = string
-  default     = null
-  description = "Set only for builders that still need it (packer 1.6.6): lvm-thin, directory, zfspool, ..."
-}
-variable "disk_format" {
-  type    = string
-  default = "raw"
-}
-variable "bridge" { type = string }
-variable "http_bind_address" {
-  type    = string
-  default = null
-}
-variable "http_port_min" {
-  type    = number
-  default = 8802
-}
-variable "http_port_max" {
-  type    = number
-  default = 8802
-}
-variable "ssh_host" {
-  type        = string
-  default     = null
-  description = "null: the address the guest agent reports."
-}
-variable "ssh_port" {
-  type    = number
-  default = 22
-}
-variable "ssh_username" { type = string }
-variable "ssh_password" {
-  type      = string
-  sensitive = true
-}
-variable "ssh_timeout" {
-  type        = string
-  default     = null
-  description = "null: the family's default (how long an unattended install may take)."
-}
-variable "cores" { type = number }
-variable "sockets" {
-  type    = number
-  default = 1
-}
-variable "memory" { type = number }
-variable "disk_size" { type = string }
-variable "os_type" { type = string }
-variable "cpu_type" {
-  type    = string
-  default = "host"
-}
-variable "bios" {
-  type    = string
-  default = "seabios"
-}
-variable "machine" {
-  type    = string
-  default = null
-}
-variable "efi" {
-  type    = bool
-  default = false
-}
-variable "tpm" {
-  type    = bool
-  default = false
-}
-variable "boot_wait" {
-  type    = string
-  default = null
-}
-variable "boot_command" {
-  type    = list(string)
-  default = null
-}
-variable "insecure_skip_tls_verify" {
-  type    = bool
-  default = false
-}
+# Run only from a work directory prepared by packer_assets/packer/workdir.py, which puts
+# templates/common/common.pkr.hcl next to this file: every variable (none are declared here), the
+# shared proxmox-iso source "base" with its version-specific region, the shared locals (sudo,
+# generalize). This file holds what is Rocky's own: its boot and SSH-timeout defaults, the cloud-init
+# drive, the provisioners. Packer refuses an attribute set both here and in the shared source.
+#   http/   the rendered ks.cfg (fetched by Anaconda from Packer's HTTP server)
 
 locals {
+  # This family's defaults: the shared source uses them where var.boot_command, var.ssh_timeout or
+  # var.boot_wait is null.
+  #
   # isolinux (BIOS): <up> selects "Install Rocky Linux" (the default is the media test), <tab>
   # opens its kernel line; text mode and the kickstart URL are appended.
-  boot_command = var.boot_command != null ? var.boot_command : [
+  default_boot_command = [
     "<up><tab> inst.text inst.ks=http://{{ .HTTPIP }}:{{ .HTTPPort }}/ks.cfg<enter>",
   ]
-  ssh_timeout = var.ssh_timeout != null ? var.ssh_timeout : "60m"
-  boot_wait   = var.boot_wait != null ? var.boot_wait : "5s"
-}
-
-source "proxmox-iso" "rocky" {
-  node                     = var.node
-  insecure_skip_tls_verify = var.insecure_skip_tls_verify
-
-  vm_id                = var.vm_id
-  vm_name              = var.vm_name
-  template_name        = var.vm_name
-  template_description = var.template_description
-
-  # >>> packer-assets: version-specific (rewritten per installed Packer by packer_assets/packer/workdir.py)
-  iso_file = var.iso_file
-  # <<< packer-assets: version-specific
-
-  os       = var.os_type
-  cpu_type = var.cpu_type
-  cores    = var.cores
-  sockets  = var.sockets
-  memory   = var.memory
-
-  qemu_agent      = true
-  scsi_controller = "virtio-scsi-single"
-
-  network_adapters {
-    model  = "virtio"
-    bridge = var.bridge
-  }
-
-  disks {
-    type              = "scsi"
-    disk_size         = var.disk_size
-    storage_pool      = var.vm_storage
-    storage_pool_type = var.disk_storage_pool_type
-    format            = var.disk_format
-  }
-
-  # Clones take their IP, user and SSH keys from a cloud-init drive (Terraform, `qm set`).
-  cloud_init              = true
-  cloud_init_storage_pool = var.vm_storage
-
-  http_directory    = "${path.root}/http"
-  http_bind_address = var.http_bind_address
-  http_port_min     = var.http_port_min
-  http_port_max     = var.http_port_max
-  boot_wait         = local.boot_wait
-  boot_command      = local.boot_command
-
-  communicator = "ssh"
-  ssh_host     = var.ssh_host
-  ssh_port     = var.ssh_port
-  ssh_username = var.ssh_username
-  ssh_password = var.ssh_password
-  ssh_timeout  = local.ssh_timeout
+  default_ssh_timeout = "60m"
+  default_boot_wait   = "5s"
 }
 
 build {
-  sources = ["source.proxmox-iso.rocky"]
+  source "source.proxmox-iso.base" {
+    name = "rocky"
 
-  # sudo reads the install password from stdin; Packer uploads it in its env-var file (removed after
-  # the step), so it is in no command line on the guest and no log here.
+    # Clones take their IP, user and SSH keys from a cloud-init drive (Terraform, `qm set`).
+    cloud_init              = true
+    cloud_init_storage_pool = var.vm_storage
+  }
+
+  # sudo with the install password on stdin, never on a command line (local.sudo_*).
   provisioner "shell" {
-    environment_vars = ["BUILD_SUDO_PASSWORD=${var.ssh_password}"]
+    environment_vars = local.sudo_environment
     use_env_var_file = true
-    execute_command  = "chmod +x {{ .Path }}; . {{ .EnvVarFile }} && printf '%s\\n' \"$BUILD_SUDO_PASSWORD\" | sudo -S -p '' env -u BUILD_SUDO_PASSWORD sh -eu {{ .Path }}"
+    execute_command  = local.sudo_execute_command
     inline = [
       # First boot's cloud-init must be finished before anything is changed (exit 2: done, with warnings).
       "cloud-init status --wait || [ $? -eq 2 ]",
@@ -197,17 +43,11 @@ build {
     ]
   }
 
-  # Last: forget this install's identity, so every clone is a new machine to cloud-init, systemd and sshd.
+  # Last: forget this install's identity (local.generalize_linux).
   provisioner "shell" {
-    environment_vars = ["BUILD_SUDO_PASSWORD=${var.ssh_password}"]
+    environment_vars = local.sudo_environment
     use_env_var_file = true
-    execute_command  = "chmod +x {{ .Path }}; . {{ .EnvVarFile }} && printf '%s\\n' \"$BUILD_SUDO_PASSWORD\" | sudo -S -p '' env -u BUILD_SUDO_PASSWORD sh -eu {{ .Path }}"
-    inline = [
-      "cloud-init clean --logs --seed",
-      "truncate -s 0 /etc/machine-id",
-      "rm -f /var/lib/dbus/machine-id",
-      "rm -f /etc/ssh/ssh_host_*",
-      "sync",
-    ]
+    execute_command  = local.sudo_execute_command
+    inline           = local.generalize_linux
   }
 }

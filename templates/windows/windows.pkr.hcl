@@ -1,186 +1,33 @@
 # Windows Server (Autounattend on an answer ISO, OpenSSH for Packer) as a Proxmox template.
 #
-# Run only from a work directory prepared by packer_assets/packer/workdir.py, which adds:
-#   build.auto.pkrvars.json   every non-secret variable below (VMID, node, ISO volume, storage, ...)
-#   http/                     empty: the answer file is on its own small ISO (render/answer_iso.py),
-#                             attached with virtio-win as extra CD-ROMs (extra_iso_files)
-#   the region between the ">>> / <<< packer-assets: version-specific" markers, rewritten for the
-#   installed Packer (packer_assets/packer/version.py): top-level iso_file on 1.6.6, a boot_iso {}
-#   block, extra ISOs, bios/machine, efi_config/tpm_config and tags on current packer-plugin-proxmox.
-# Secrets never appear here or in the var file: PROXMOX_URL + PROXMOX_USERNAME + PROXMOX_TOKEN or
-# PROXMOX_PASSWORD (the API login), PKR_VAR_ssh_password (the install user's password) and
-# SSL_CERT_FILE (the CA of the API's certificate) come from packer's environment.
-#
-# The variable block is the same in every family's template (tests/test_packer_workdir.py holds
-# them to that); only locals, the source's family settings and the provisioners differ.
-
-variable "node" { type = string }
-variable "vm_id" { type = number }
-variable "vm_name" { type = string }
-variable "template_description" {
-  type    = string
-  default = ""
-}
-variable "tags" {
-  type    = list(string)
-  default = []
-}
-variable "iso_file" {
-  type        = string
-  description = "The boot ISO, already on the node's ISO storage (e.g. local:iso/ubuntu-24.04.iso)."
-}
-variable "extra_iso_files" {
-  type    = list(string)
-  default = []
-}
-variable "vm_storage" { type = string }
-variable "disk_storage_pool_type" {
-  type        = string
-  default     = null
-  description = "Set only for builders that still need it (packer 1.6.6): lvm-thin, directory, zfspool, ..."
-}
-variable "disk_format" {
-  type    = string
-  default = "raw"
-}
-variable "bridge" { type = string }
-variable "http_bind_address" {
-  type    = string
-  default = null
-}
-variable "http_port_min" {
-  type    = number
-  default = 8802
-}
-variable "http_port_max" {
-  type    = number
-  default = 8802
-}
-variable "ssh_host" {
-  type        = string
-  default     = null
-  description = "null: the address the guest agent reports."
-}
-variable "ssh_port" {
-  type    = number
-  default = 22
-}
-variable "ssh_username" { type = string }
-variable "ssh_password" {
-  type      = string
-  sensitive = true
-}
-variable "ssh_timeout" {
-  type        = string
-  default     = null
-  description = "null: the family's default (how long an unattended install may take)."
-}
-variable "cores" { type = number }
-variable "sockets" {
-  type    = number
-  default = 1
-}
-variable "memory" { type = number }
-variable "disk_size" { type = string }
-variable "os_type" { type = string }
-variable "cpu_type" {
-  type    = string
-  default = "host"
-}
-variable "bios" {
-  type    = string
-  default = "seabios"
-}
-variable "machine" {
-  type    = string
-  default = null
-}
-variable "efi" {
-  type    = bool
-  default = false
-}
-variable "tpm" {
-  type    = bool
-  default = false
-}
-variable "boot_wait" {
-  type    = string
-  default = null
-}
-variable "boot_command" {
-  type    = list(string)
-  default = null
-}
-variable "insecure_skip_tls_verify" {
-  type    = bool
-  default = false
-}
+# Run only from a work directory prepared by packer_assets/packer/workdir.py, which puts
+# templates/common/common.pkr.hcl next to this file: every variable (none are declared here), the
+# shared proxmox-iso source "base" with its version-specific region, the shared locals. This file
+# holds what is Windows' own: its boot and SSH-timeout defaults, no cloud-init drive, the
+# provisioners. Packer refuses an attribute set both here and in the shared source.
+#   http/   empty: the answer file is on its own small ISO (render/answer_iso.py), attached with
+#           virtio-win as extra CD-ROMs (extra_iso_files)
 
 locals {
+  # This family's defaults: the shared source uses them where var.boot_command, var.ssh_timeout or
+  # var.boot_wait is null.
+  #
   # "Press any key to boot from CD or DVD": a few presses while the prompt is up; Setup then finds
   # Autounattend.xml at the root of the answer ISO (an extra CD-ROM) by itself.
-  boot_command = var.boot_command != null ? var.boot_command : [
+  default_boot_command = [
     "<spacebar><wait><spacebar><wait><spacebar>",
   ]
-  ssh_timeout = var.ssh_timeout != null ? var.ssh_timeout : "120m"
-  boot_wait   = var.boot_wait != null ? var.boot_wait : "2s"
-}
-
-source "proxmox-iso" "windows" {
-  node                     = var.node
-  insecure_skip_tls_verify = var.insecure_skip_tls_verify
-
-  vm_id                = var.vm_id
-  vm_name              = var.vm_name
-  template_name        = var.vm_name
-  template_description = var.template_description
-
-  # >>> packer-assets: version-specific (rewritten per installed Packer by packer_assets/packer/workdir.py)
-  iso_file = var.iso_file
-  # <<< packer-assets: version-specific
-
-  os       = var.os_type
-  cpu_type = var.cpu_type
-  cores    = var.cores
-  sockets  = var.sockets
-  memory   = var.memory
-
-  qemu_agent      = true
-  scsi_controller = "virtio-scsi-single"
-
-  network_adapters {
-    model  = "virtio"
-    bridge = var.bridge
-  }
-
-  disks {
-    type              = "scsi"
-    disk_size         = var.disk_size
-    storage_pool      = var.vm_storage
-    storage_pool_type = var.disk_storage_pool_type
-    format            = var.disk_format
-  }
-
-  # No cloud-init drive: Windows clones are specialized by sysprep's OOBE pass, not by cloud-init.
-  cloud_init = false
-
-  http_directory    = "${path.root}/http"
-  http_bind_address = var.http_bind_address
-  http_port_min     = var.http_port_min
-  http_port_max     = var.http_port_max
-  boot_wait         = local.boot_wait
-  boot_command      = local.boot_command
-
-  communicator = "ssh"
-  ssh_host     = var.ssh_host
-  ssh_port     = var.ssh_port
-  ssh_username = var.ssh_username
-  ssh_password = var.ssh_password
-  ssh_timeout  = local.ssh_timeout
+  default_ssh_timeout = "120m"
+  default_boot_wait   = "2s"
 }
 
 build {
-  sources = ["source.proxmox-iso.windows"]
+  source "source.proxmox-iso.base" {
+    name = "windows"
+
+    # No cloud-init drive: Windows clones are specialized by sysprep's OOBE pass, not by cloud-init.
+    cloud_init = false
+  }
 
   # The SSH session (OpenSSH Server set up by the answer ISO's firstlogon.ps1, PowerShell as its
   # shell) is the Administrator's, elevated: no sudo dance here.
