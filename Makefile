@@ -10,8 +10,11 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 PACKER_ASSETS_ENV_FILE ?= $(if $(wildcard $(LAB_STATE)/lab.env),$(CURDIR)/$(LAB_STATE)/lab.env,)
 export PACKER_ASSETS_ENV_FILE
 DAGSTER := $(BIN)/dagster asset materialize -m packer_assets.definitions
+# `make ui`: where the webserver listens.
+UI_HOST ?= 127.0.0.1
+UI_PORT ?= 3000
 
-.PHONY: init demo test venv packer lab-up lab-down lab-status catalog-check clean
+.PHONY: init demo test bench ui venv packer dagster-home lab-up lab-down lab-status catalog-check clean
 
 demo: venv packer lab-up catalog-check ## lab + catalog check + proxmox_env (later: every asset of every template)
 	$(MAKE) init PACKER_ASSETS_ENV_FILE=$(CURDIR)/$(LAB_STATE)/lab.env
@@ -21,6 +24,12 @@ demo: venv packer lab-up catalog-check ## lab + catalog check + proxmox_env (lat
 
 test: venv ## the whole test suite (needs packer and openssh-server: .ci/run installs them)
 	$(BIN)/pytest
+
+bench: venv ## benchmarks that need no packer build: they print figures, they do not fail (bench/README.md)
+	$(BIN)/python bench/upload_hash_throughput.py
+	$(BIN)/python bench/isowatch_tick.py
+	$(BIN)/python bench/sensor_tick.py
+	$(BIN)/python bench/definitions_load.py
 
 venv: $(VENV)/.installed
 
@@ -38,9 +47,23 @@ packer: ## Debian's packer, or a clear message where we cannot install it
 	  echo "packer is not installed: run 'sudo apt-get install packer' (or install HashiCorp's packer)"; exit 1; \
 	fi
 
-init: venv ## materialize proxmox_env: API user, role, token, infra/env/.env.proxmox
-	@mkdir -p $(DAGSTER_HOME)
+init: venv dagster-home ## materialize proxmox_env: API user, role, token, infra/env/.env.proxmox
 	$(DAGSTER) --select proxmox_env
+
+ui: venv packer lab-up dagster-home ## the lab + `dagster dev` (webserver and daemon) on http://$(UI_HOST):$(UI_PORT)
+	@[ -f "$${PACKER_ASSETS_ROOT:-.}/infra/env/.env.proxmox" ] || $(MAKE) init PACKER_ASSETS_ENV_FILE=$(abspath $(LAB_STATE))/lab.env
+	@echo "Dagster UI on http://$(UI_HOST):$(UI_PORT) (Ctrl-C stops it; the lab keeps running: make lab-down)"
+	PACKER_ASSETS_ENV_FILE=$(abspath $(LAB_STATE))/lab.env $(BIN)/dagster dev -m packer_assets.definitions -h $(UI_HOST) -p $(UI_PORT)
+
+# The instance: the repo's dagster.yaml (SQLite under DAGSTER_HOME, queued runs, one run per key,
+# pool packer_builds = 2) linked into DAGSTER_HOME. A dagster.yaml of your own there is left alone.
+dagster-home:
+	@mkdir -p "$(DAGSTER_HOME)"
+	@if [ ! -e "$(DAGSTER_HOME)/dagster.yaml" ] || [ -L "$(DAGSTER_HOME)/dagster.yaml" ]; then \
+	  ln -sfn "$(CURDIR)/dagster.yaml" "$(DAGSTER_HOME)/dagster.yaml"; \
+	else \
+	  echo "$(DAGSTER_HOME)/dagster.yaml is your own file: kept (the repo's is $(CURDIR)/dagster.yaml)"; \
+	fi
 
 lab-up: venv
 	$(BIN)/packer-assets lab up --state $(LAB_STATE)

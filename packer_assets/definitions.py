@@ -8,11 +8,14 @@ import os
 
 import dagster as dg
 
-from .defs import assets, checks, jobs, schedules, sensors
-from .defs.resources import PackerSettings, ProjectSettings, ProxmoxBootstrap
 from .settings import export_env_files
 
+# Before the defs are imported: the partitions are read from the catalog at import (defs/partitions.py),
+# and the catalog an env file names (PACKER_ASSETS_CATALOG, e.g. the lab's) must be the one they come from.
 export_env_files()
+
+from .defs import assets, checks, jobs, schedules, sensors  # noqa: E402
+from .defs.resources import PackerSettings, ProjectSettings, ProxmoxBootstrap  # noqa: E402
 
 
 def _env(name: str):
@@ -31,6 +34,15 @@ defs = dg.Definitions(
          assets.template_proof]
     ),
     jobs=[jobs.bootstrap_job, jobs.rebuild_job],
+    # Every step of a run in the run's own process. Dagster's default (multiprocess) starts one more
+    # Python process per step, each importing Dagster and these definitions again (4 per rebuild, each
+    # 1.5-3 s of CPU and ~130 MiB): in the lab that was most of a rebuild's wall time and, with several
+    # runs at once, what kept the pool from filling (bench/README.md, items 1 and 3). Given up:
+    # unattended_files and staged_iso no longer overlap inside one run (seconds of rendering beside a
+    # download), and a crashing step takes its run's process with it (the run fails either way). Pools
+    # (op granularity) and run cancellation (one SIGINT to packer, its cleanup, the build VM destroyed)
+    # behave the same.
+    executor=dg.in_process_executor,
     sensors=[sensors.iso_checksum_sensor],
     schedules=[schedules.weekly_rebuild],
     asset_checks=[checks.token_authenticates, checks.token_privileges],

@@ -44,3 +44,30 @@ def test_rebuild_job_leaves_the_unpartitioned_bootstrap_out():
     job = definitions.defs.resolve_job_def("rebuild_template")
     keys = {k.to_user_string() for k in job.asset_layer.selected_asset_keys}
     assert "proxmox_env" not in keys and "staged_iso" in keys
+
+
+def test_partitions_come_from_the_catalog_an_env_file_names(tmp_path):
+    """PACKER_ASSETS_ENV_FILE (the lab's lab.env, a site's file) is read before the partitions are: a catalog
+    it names is the one the code location partitions by (found by bench/parallel_scaling.py)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from packer_assets.envfile import write_env_file
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    doc = yaml.safe_load(open(os.path.join(repo, "templates/catalog.yaml")).read())
+    doc["templates"] = [t for t in doc["templates"] if t["key"] == "debian-12"]
+    doc["templates"][0]["key"] = "only-this-key"
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump(doc))
+    env_file = write_env_file(tmp_path / "site.env", {"PACKER_ASSETS_CATALOG": str(catalog)})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PACKER_ASSETS_", "PYTEST_"))}
+    env["PACKER_ASSETS_ENV_FILE"] = str(env_file)
+    code = ("from packer_assets import definitions as d; import dagster as dg; "
+            "print(d.defs.resolve_asset_graph().get(dg.AssetKey('template')).partitions_def.get_partition_keys())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=repo, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "['only-this-key']"
