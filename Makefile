@@ -14,12 +14,14 @@ DAGSTER := $(BIN)/dagster asset materialize -m packer_assets.definitions
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 3000
 
-.PHONY: init demo test bench ui venv packer dagster-home lab-up lab-down lab-status catalog-check clean
+.PHONY: init demo build build-all validate test bench ui venv packer dagster-home lab-up lab-down lab-status catalog-check clean
 
-demo: venv packer lab-up catalog-check ## lab + catalog check + proxmox_env (later: every asset of every template)
-	$(MAKE) init PACKER_ASSETS_ENV_FILE=$(CURDIR)/$(LAB_STATE)/lab.env
+demo: venv packer lab-up catalog-check ## the lab, then every asset of every template against it
+	$(MAKE) init PACKER_ASSETS_ENV_FILE=$(abspath $(LAB_STATE))/lab.env
+	$(MAKE) build-all PACKER_ASSETS_ENV_FILE=$(abspath $(LAB_STATE))/lab.env
 	$(MAKE) lab-status
-	@echo "Lab running. Point the project at it with: export PACKER_ASSETS_ENV_FILE=$(CURDIR)/$(LAB_STATE)/lab.env"
+	@echo "Proofs: docs/proof/platform/packer-builds/builds/<key>/latest/README.md"
+	@echo "Lab running. Point the project at it with: export PACKER_ASSETS_ENV_FILE=$(abspath $(LAB_STATE))/lab.env"
 	@echo "Stop it with: make lab-down"
 
 test: venv ## the whole test suite (needs packer and openssh-server: .ci/run installs them)
@@ -49,6 +51,20 @@ packer: ## Debian's packer, or a clear message where we cannot install it
 
 init: venv dagster-home ## materialize proxmox_env: API user, role, token, infra/env/.env.proxmox
 	$(DAGSTER) --select proxmox_env
+
+# The rebuild of one key, as the toolkit's build-wrapper.sh: make build KEY=debian-12
+REBUILD := unattended_files,staged_iso,template,template_proof
+build: venv dagster-home
+	@[ -n "$(KEY)" ] || { echo "usage: make build KEY=<template key> (see: make catalog-check)"; exit 2; }
+	$(DAGSTER) --select $(REBUILD) --partition $(KEY)
+
+build-all: venv dagster-home ## every key, one after the other
+	@set -e; for key in $$($(BIN)/python -c "from packer_assets.settings import export_env_files; export_env_files(); \
+	  from packer_assets.catalog import load_catalog; print(' '.join(load_catalog().keys()))"); do \
+	  $(MAKE) --no-print-directory build KEY=$$key; done
+
+validate: venv ## render and validate every key, then packer validate (validate-all.sh)
+	$(BIN)/packer-assets validate
 
 ui: venv packer lab-up dagster-home ## the lab + `dagster dev` (webserver and daemon) on http://$(UI_HOST):$(UI_PORT)
 	@[ -f "$${PACKER_ASSETS_ROOT:-.}/infra/env/.env.proxmox" ] || $(MAKE) init PACKER_ASSETS_ENV_FILE=$(abspath $(LAB_STATE))/lab.env
