@@ -141,7 +141,7 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
     prepared = prepare_workdir(workdir, entry, plan, caps, root=catalog_root, http_dir=rendered_dir,
                                allow_degraded=settings.allow_degraded, secrets=penv.secrets)
     redact = Redactor([*penv.secrets, ssh_password])
-    description = TemplateDescription(chain_id=str(chain), key=key, iso_url=staged["iso"].source,
+    description = TemplateDescription(chain_id=str(chain), key=key, iso_url=entry.iso.url,
                                       iso_checksum=f"{staged['iso'].algorithm}:{staged['iso'].checksum}",
                                       iso_volid=staged["iso"].volid, input_fingerprint=fingerprint,
                                       built_at=started, tool_version=__version__,
@@ -184,7 +184,7 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
     record = {
         "chain_id": str(chain), "key": key, "dagster_run_id": run_id, "tool_version": __version__,
         "template": {"vmid": vmid, "name": name, "node": found.node, "tags": template_tags(key)},
-        "iso": {"url": staged["iso"].source, "effective_url": staged["iso"].source,
+        "iso": {"url": entry.iso.url, "effective_url": staged["iso"].source,
                 "checksum": f"{staged['iso'].algorithm}:{staged['iso'].checksum}", "volid": staged["iso"].volid},
         "rendered_files": rendered_hashes(rendered_dir), "packer_version": caps.packer_version,
         "packer_template_sha256": prepared.template_sha256,

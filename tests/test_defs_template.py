@@ -50,6 +50,9 @@ def test_build_promote_prove_then_up_to_date(lab_project):
         proof = json.loads((proof_dir / "proof.json").read_text())
         jsonschema.validate(proof, build_proof_schema())
         assert proof["chain_id"] == meta["chain_id"].value and proof["template"]["vmid"] == vmid
+        # provenance: the catalog's upstream URL, and the mirror URL the node actually fetched
+        assert proof["iso"]["url"].startswith("https://cdimage.debian.org/")
+        assert proof["iso"]["effective_url"].startswith(lab_project.mirror.base_url)
         assert instance.get_run_by_id(first.run_id).tags["packer-assets/chain-id"] == meta["chain_id"].value
 
         second = rebuild(lab_project, instance)
