@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from packer_assets.catalog import TemplateEntry, load_catalog
-from packer_assets.packer.runner import group_members
+from packer_assets.packer.runner import group_members, proc_stats
 from packer_assets.packer.workdir import BuildPlan
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,18 +53,7 @@ def cmdline(pid: int) -> str:
 
 def child_groups(parent: int) -> set[int]:
     """Process groups of the direct children of `parent` that lead their own group."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                rest = fh.read().decode(errors="replace").rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(rest[1]) == parent and int(rest[2]) == int(entry):
-            found.add(int(entry))
-    return found
+    return {pid for pid, _state, ppid, pgid in proc_stats() if ppid == parent and pgid == pid}
 
 
 class GroupWatcher:

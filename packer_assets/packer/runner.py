@@ -159,9 +159,8 @@ def _exited(pid: int) -> bool:
         return True
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes in process group `pgid`, from /proc."""
-    found = []
+def proc_stats():
+    """(pid, state, ppid, pgid) of every process, from /proc/<pid>/stat (the fields after the name)."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -170,9 +169,13 @@ def group_members(pgid: int) -> list[int]:
                 rest = fh.read().decode(errors="replace").rpartition(")")[2].split()
         except OSError:
             continue
-        if len(rest) > 2 and rest[0] != "Z" and int(rest[2]) == pgid:
-            found.append(int(entry))
-    return found
+        if len(rest) > 2:
+            yield int(entry), rest[0], int(rest[1]), int(rest[2])
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in process group `pgid`, from /proc."""
+    return [pid for pid, state, _ppid, group in proc_stats() if state != "Z" and group == pgid]
 
 
 def _signal_group(pgid: int, sig: int) -> bool:
