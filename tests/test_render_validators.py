@@ -155,6 +155,17 @@ def test_preseed_treats_a_warning_with_exit_0_as_a_failure(rendered):
     _one(validate_preseed(text), "Unknown type strnig")
 
 
+def test_preseed_checks_running_at_once_do_not_fail_each_other(rendered):
+    # debconf-set-selections locks the system debconf database even with -c: concurrent runs rendering
+    # Debian keys failed with "exited 1" and no message until each check got its own database.
+    from concurrent.futures import ThreadPoolExecutor
+
+    text = rendered["debian-12"][0]["preseed.cfg"]
+    with ThreadPoolExecutor(8) as pool:
+        verdicts = list(pool.map(lambda _i: validate_preseed(text), range(24)))
+    assert all(v.ok for v in verdicts), [v.messages for v in verdicts if not v.ok][:3]
+
+
 def test_preseed_round_trip_checks_user_and_hash(rendered):
     files, context = rendered["debian-12"]
     text = files["preseed.cfg"].replace(context["password_hash"], "$6$other$hash")

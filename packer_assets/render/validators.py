@@ -263,7 +263,8 @@ def validate_preseed(text: str, expected: Expected | None = None) -> Verdict:
             out.write(text)
         proc = subprocess.run(
             [tool, "-c", str(path)], capture_output=True, text=True, timeout=60,
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"},
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8",
+                 "DEBCONF_SYSTEMRC": str(_private_debconf(Path(tmp)))},
         )
     output = (proc.stdout + proc.stderr).strip()
     messages = [f"debconf-set-selections: {line}" for line in output.splitlines()]
@@ -272,6 +273,18 @@ def validate_preseed(text: str, expected: Expected | None = None) -> Verdict:
     if expected is not None and not messages:
         messages += _preseed_round_trip(text, expected)
     return _verdict(name, messages)
+
+
+def _private_debconf(folder: Path) -> Path:
+    """A debconf.conf whose databases are files in `folder`. Even with -c, debconf-set-selections opens
+    (and locks) the system's debconf database; a second check running at the same moment (two keys
+    rendered by concurrent runs) then finds it locked and exits 1 without a word (-c silences the
+    warning). With its own empty databases each check is independent; the parse is the same."""
+    conf = folder / "debconf.conf"
+    conf.write_text(f"Config: configdb\nTemplates: templatedb\n\n"
+                    f"Name: configdb\nDriver: File\nFilename: {folder / 'config.dat'}\n\n"
+                    f"Name: templatedb\nDriver: File\nMode: 644\nFilename: {folder / 'templates.dat'}\n")
+    return conf
 
 
 def parse_preseed(text: str) -> dict[str, tuple[str, str]]:
