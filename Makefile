@@ -14,7 +14,7 @@ DAGSTER := $(BIN)/dagster asset materialize -m packer_assets.definitions
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 3000
 
-.PHONY: init demo build build-all validate test bench ui venv packer dagster-home lab-up lab-down lab-status catalog-check clean
+.PHONY: init demo build build-all validate test bench bench-builds ui venv packer dagster-home lab-up lab-down lab-status catalog-check clean
 
 demo: venv packer lab-up catalog-check ## the lab, then every asset of every template against it
 	$(MAKE) init PACKER_ASSETS_ENV_FILE=$(abspath $(LAB_STATE))/lab.env
@@ -32,6 +32,11 @@ bench: venv ## benchmarks that need no packer build: they print figures, they do
 	$(BIN)/python bench/isowatch_tick.py
 	$(BIN)/python bench/sensor_tick.py
 	$(BIN)/python bench/definitions_load.py
+
+bench-builds: venv packer ## benchmarks with real packer builds in a lab of their own (~6 min): overhead, no-op rerun, scaling
+	$(BIN)/python bench/build_overhead.py
+	$(BIN)/python bench/noop_rerun.py
+	$(BIN)/python bench/parallel_scaling.py
 
 venv: $(VENV)/.installed
 
