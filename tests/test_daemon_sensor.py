@@ -6,6 +6,8 @@ must lead, by the daemon's own ticks, to one rebuild run of that key that succee
 """
 
 
+import time
+
 import dagster as dg
 import pytest
 import yaml
@@ -93,4 +95,11 @@ def test_sensor_and_schedule_run_under_the_daemon(lab_project, local_home, tmp_p
         assert {r.job_name for r in tick} == {"rebuild_template"}
         assert {r.tags["packer-assets/trigger"] for r in tick} == {"weekly"}
         assert len({r.tags["dagster/run_key"] for r in tick}) == len(keys)
+        # The daemon creates a tick's runs, then submits each to the queue: wait out that moment.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            tick = [instance.get_run_by_id(r.run_id) for r in tick]
+            if all(r.status != dg.DagsterRunStatus.NOT_STARTED for r in tick):
+                break
+            time.sleep(0.5)
         assert {r.status for r in tick} == {dg.DagsterRunStatus.QUEUED}
