@@ -32,6 +32,8 @@ from pathlib import Path
 
 import yaml
 
+from packer_assets.packer.runner import proc_table  # noqa: F401 - the samplers below use it
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PACKER = shutil.which("packer") or "/usr/bin/packer"
@@ -175,9 +177,6 @@ def _status(pid: int) -> dict[str, int]:
     return out
 
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
 def _pss(pid: int) -> int:
     """Proportional set size in kB (shared pages divided among their users): what a tree really holds."""
     try:
@@ -188,26 +187,6 @@ def _pss(pid: int) -> int:
     except OSError:
         pass
     return 0
-
-
-def proc_table(cpu: dict | None = None) -> dict[int, tuple[int, list[str]]]:
-    """pid -> (ppid, argv) of every readable process; with `cpu`, also pid -> utime+stime seconds into it."""
-    table = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                stat = f.read().decode(errors="replace")
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        table[int(entry.name)] = (int(fields[1]), argv)
-        if cpu is not None:
-            cpu[int(entry.name)] = (int(fields[11]) + int(fields[12])) / _TICK
-    return table
 
 
 def is_packer(argv: list[str]) -> bool:

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from packer_assets.packer.runner import proc_table
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -120,24 +122,6 @@ def dagster_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> s
 # ------------------------------------------------------------------ observing packer processes
 
 
-def _proc_table() -> dict[int, tuple[int, list[str]]]:
-    """pid -> (ppid, argv) of every process we can read."""
-    table = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                stat = f.read().decode(errors="replace")
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        table[int(entry.name)] = (ppid, argv)
-    return table
-
-
 def is_packer_build(argv: list[str]) -> bool:
     """`packer build ...` itself (not its plugin children, which are `packer plugin ...`)."""
     return bool(argv) and os.path.basename(argv[0]) == "packer" and "build" in argv[1:2]
@@ -171,7 +155,7 @@ class PackerWatch:
     def _run(self):
         while not self._stop.is_set():
             now = time.time()
-            table = _proc_table()
+            table = proc_table()
             roots = self.roots()
             live = set()
             for pid, (_ppid, argv) in table.items():

@@ -159,18 +159,41 @@ def _exited(pid: int) -> bool:
         return True
 
 
+def _stat_fields(pid: str) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state, ppid, pgid, ...), None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().decode(errors="replace").rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
 def proc_stats():
-    """(pid, state, ppid, pgid) of every process, from /proc/<pid>/stat (the fields after the name)."""
+    """(pid, state, ppid, pgid) of every process, from /proc/<pid>/stat."""
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+        fields = _stat_fields(entry) if entry.isdigit() else None
+        if fields and len(fields) > 2:
+            yield int(entry), fields[0], int(fields[1]), int(fields[2])
+
+
+def proc_table(cpu: dict | None = None) -> dict[int, tuple[int, list[str]]]:
+    """pid -> (ppid, argv) of every readable process; with `cpu`, also pid -> utime+stime seconds into it
+    (the tests and benchmarks watch packer's process tree with it)."""
+    table = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        fields = _stat_fields(entry) if entry.isdigit() else None
         try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                rest = fh.read().decode(errors="replace").rpartition(")")[2].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                argv = [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
         except OSError:
             continue
-        if len(rest) > 2:
-            yield int(entry), rest[0], int(rest[1]), int(rest[2])
+        if not fields or len(fields) < 13:
+            continue
+        table[int(entry)] = (int(fields[1]), argv)
+        if cpu is not None:
+            cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    return table
 
 
 def group_members(pgid: int) -> list[int]:
