@@ -14,7 +14,14 @@ DAGSTER := $(BIN)/dagster asset materialize -m packer_assets.definitions
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 3000
 
-.PHONY: init demo build build-all validate test bench bench-builds ui venv packer dagster-home lab-up lab-down lab-status catalog-check clean
+# What the suite needs from the system: the real packer, a real sshd and ssh/scp for the SSH paths,
+# debconf (preseed validation), gnupg (checksum signatures), PostgreSQL (deploy/'s instance, a cluster
+# of the tests' own on loopback), Chromium + ChromeDriver (the UI test).
+TEST_PACKAGES := packer openssh-server openssh-client debconf gnupg postgresql chromium chromium-driver
+# pytest arguments, e.g. `make test PYTEST_ARGS="-m 'not slow'"` (markers: pyproject.toml)
+PYTEST_ARGS ?=
+
+.PHONY: init demo build build-all validate test test-deps test-fast bench bench-builds ui venv packer dagster-home lab-up lab-down lab-status catalog-check clean
 
 demo: venv packer lab-up catalog-check ## the lab, then every asset of every template against it
 	$(MAKE) init PACKER_ASSETS_ENV_FILE=$(abspath $(LAB_STATE))/lab.env
@@ -24,8 +31,14 @@ demo: venv packer lab-up catalog-check ## the lab, then every asset of every tem
 	@echo "Lab running. Point the project at it with: export PACKER_ASSETS_ENV_FILE=$(abspath $(LAB_STATE))/lab.env"
 	@echo "Stop it with: make lab-down"
 
-test: venv ## the whole test suite (needs packer and openssh-server: .ci/run installs them)
-	$(BIN)/pytest
+test: test-deps venv ## the whole test suite; installs what it needs first (as root with apt), else says what is missing
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: venv ## the unit tests alone: no lab, packer, sshd, PostgreSQL, Dagster processes or browser
+	$(BIN)/pytest -m "not (lab or packer or sshd or postgres or e2e or browser)" $(PYTEST_ARGS)
+
+test-deps:
+	@tools/system-packages.sh $(TEST_PACKAGES)
 
 bench: venv ## benchmarks that need no packer build: they print figures, they do not fail (bench/README.md)
 	$(BIN)/python bench/upload_hash_throughput.py
@@ -41,18 +54,14 @@ bench-builds: venv packer ## benchmarks with real packer builds in a lab of thei
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@tools/system-packages.sh python3-venv
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[lab,dev]'
 	touch $@
 
-packer: ## Debian's packer, or a clear message where we cannot install it
-	@command -v packer >/dev/null && exit 0; \
-	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq packer; \
-	else \
-	  echo "packer is not installed: run 'sudo apt-get install packer' (or install HashiCorp's packer)"; exit 1; \
-	fi
+packer: ## Debian's packer (any packer on PATH counts), or a clear message where we cannot install it
+	@tools/system-packages.sh packer
 
 init: venv dagster-home ## materialize proxmox_env: API user, role, token, infra/env/.env.proxmox
 	$(DAGSTER) --select proxmox_env

@@ -1,4 +1,79 @@
-"""Shared fixtures. The lab's fixtures live in fixtures_<part>.py, one module per lab part."""
+"""Shared fixtures and the suite's markers. The lab's fixtures live in fixtures_<part>.py, one module per lab part.
 
-pytest_plugins = ["fixtures_lab", "fixtures_pve", "fixtures_mirror", "fixtures_guest", "fixtures_sshd",
-                  "fixtures_postgres"]
+Markers say what a test needs beyond the Python core (registered in pyproject.toml):
+  lab       the in-process lab (the `lab` extra: fakepve, cryptography)
+  packer    the real packer binary
+  sshd      a real OpenSSH server (openssh-server) and client
+  postgres  a real PostgreSQL server (postgresql)
+  e2e       real Dagster processes (daemon, code server, webserver)
+  browser   Chromium and ChromeDriver
+A test gets its markers from the fixtures it uses (below) or from its module. `make test` installs
+everything; elsewhere a test whose needs are missing is skipped, and the reason is in the summary.
+`make test-fast` (`pytest -m "not (lab or packer or sshd or postgres or e2e or browser)"`) runs the
+unit tests alone.
+"""
+
+import glob
+import importlib.util
+import os
+import shutil
+
+import pytest
+
+HAVE_LAB = all(importlib.util.find_spec(name) is not None for name in ("fakepve", "cryptography"))
+
+pytest_plugins = ["fixtures_postgres"]
+if HAVE_LAB:  # the fixture modules import the lab; without its extra, the tests that use them are skipped
+    pytest_plugins += ["fixtures_lab", "fixtures_pve", "fixtures_mirror", "fixtures_guest", "fixtures_sshd"]
+
+INSTALL = "make test installs it"
+
+
+def _missing_lab() -> str | None:
+    return None if HAVE_LAB else f"needs the lab extra: pip install -e '.[lab,dev]' ({INSTALL})"
+
+
+def _missing_commands(package: str, *commands: str) -> str | None:
+    absent = [c for c in commands if not (shutil.which(c) or os.access(c, os.X_OK))]
+    return f"needs {', '.join(absent)}: apt-get install {package} ({INSTALL})" if absent else None
+
+
+def _missing_postgres() -> str | None:
+    return None if glob.glob("/usr/lib/postgresql/*/bin/initdb") else f"needs PostgreSQL: apt-get install postgresql ({INSTALL})"
+
+
+def _missing_browser() -> str | None:
+    if importlib.util.find_spec("selenium") is None:
+        return f"needs selenium (the dev extra: pip install -e '.[lab,dev]', {INSTALL})"
+    return _missing_commands("chromium chromium-driver", "chromium", "chromedriver")
+
+
+REQUIREMENTS = {
+    "lab": _missing_lab,
+    "packer": lambda: _missing_commands("packer", "packer"),
+    "sshd": lambda: _missing_commands("openssh-server openssh-client", "/usr/sbin/sshd", "ssh", "ssh-keygen", "scp"),
+    "postgres": _missing_postgres,
+    "e2e": lambda: None,
+    "browser": _missing_browser,
+}
+
+# fixture -> the markers a test using it gets
+FIXTURE_MARKS = {
+    "lab_project": ("lab",), "lab_pki": ("lab",), "lab_pve_serving": ("lab",), "lab_pve": ("lab",),
+    "pve_root": ("lab",), "pve_login": ("lab",), "iso_mirror": ("lab",), "mirror_root": ("lab",),
+    "mirror_items": ("lab",), "lab_guest": ("lab",), "guest_ssh": ("lab",), "guest_client_key": ("lab",),
+    "lab_sshd": ("lab", "sshd"), "ssh_keys": ("sshd",), "postgres_server": ("postgres",),
+    "browser": ("browser",), "webserver": ("e2e",),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    missing = {mark: check() for mark, check in REQUIREMENTS.items()}
+    for item in items:
+        for fixture in item.fixturenames:
+            for mark in FIXTURE_MARKS.get(fixture, ()):
+                item.add_marker(mark)
+        for mark in REQUIREMENTS:
+            if item.get_closest_marker(mark) is not None and missing[mark]:
+                item.add_marker(pytest.mark.skip(reason=missing[mark]))
+                break

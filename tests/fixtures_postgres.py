@@ -45,7 +45,7 @@ def _bin(name: str) -> str:
     for root in PG_ROOTS:
         if (root / name).exists():
             return str(root / name)
-    pytest.fail(f"{name} not found under /usr/lib/postgresql/*/bin: apt-get install postgresql (see .ci/run)")
+    pytest.fail(f"{name} not found under /usr/lib/postgresql/*/bin: apt-get install postgresql (make test installs it)")
 
 
 def _as_owner():

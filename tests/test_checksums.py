@@ -1,6 +1,7 @@
 """Checksum files: real-world formats, conditional fetches against the lab mirror, gpg signatures."""
 
 import socket
+import shutil
 import subprocess
 
 import pytest
@@ -218,6 +219,8 @@ def _gpg(home, *args, stdin=None):
 def signer(tmp_path_factory):
     """A signing key made for the test (no passphrase), its exported public keyring (binary and
     armoured), and a second, unrelated key."""
+    if not (shutil.which("gpg") and shutil.which("gpgconf")):
+        pytest.skip("needs gpg: apt-get install gnupg (make test installs it)")
     base = tmp_path_factory.mktemp("gpg")
     keys = {}
     for who in ("signer", "stranger"):
@@ -241,7 +244,9 @@ def signer(tmp_path_factory):
         @staticmethod
         def detach(data, armor=False):
             return _gpg(keys["signer"], "--detach-sign", *(["--armor"] if armor else []), stdin=data)
-    return Signer
+    yield Signer
+    for home in keys.values():  # key generation and signing started a gpg-agent per home: end them
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True, check=False)
 
 
 def test_clearsigned_file_verifies_and_only_the_signed_text_is_returned(signer):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-needs_packer = pytest.mark.skipif(shutil.which("packer") is None, reason="needs the packer binary")
+needs_packer = pytest.mark.packer
 
 
 def cli(*args, cwd=REPO, **env):

@@ -15,6 +15,8 @@ import yaml
 from dagster_procs import BIN, REPO, Proc, dagster_cli, dagster_env, wait_for
 from packer_assets.defs import sensors
 
+pytestmark = [pytest.mark.e2e, pytest.mark.lab, pytest.mark.packer]
+
 MODULE = ["-m", "packer_assets.definitions"]
 KEY = "debian-12"
 TERMINAL = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}

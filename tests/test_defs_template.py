@@ -12,7 +12,7 @@ from packer_assets.defs import assets, jobs
 from packer_assets.defs.resources import PackerSettings, ProjectSettings
 from packer_assets.proof import build_proof_schema
 
-pytestmark = pytest.mark.skipif(shutil.which("packer") is None, reason="needs the packer binary")
+pytestmark = pytest.mark.packer
 KEY = "debian-12"
 
 

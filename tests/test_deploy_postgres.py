@@ -22,6 +22,8 @@ from dagster._core.events import DagsterEventType
 from dagster_procs import (REPO, BIN, PackerWatch, Proc, dagster_cli, dagster_env, free_port, max_overlap,
                            port_open, wait_for)
 
+pytestmark = [pytest.mark.e2e, pytest.mark.postgres, pytest.mark.lab, pytest.mark.packer]
+
 # The code location and job under test: the project's own rebuild job, whose template[key] step runs
 # `packer build` (Debian's packer against the lab) in pool packer_builds.
 CODE = ["-m", "packer_assets.definitions"]

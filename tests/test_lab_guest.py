@@ -10,6 +10,9 @@ import threading
 import paramiko
 import pytest
 
+pytestmark = pytest.mark.lab
+pytest.importorskip("fakepve", reason="needs the lab extra: pip install -e '.[lab,dev]' (make test installs it)")
+
 from fixtures_guest import GUEST_USER, guest_ssh_client
 from packer_assets.lab.guest import LabGuest
 
@@ -135,7 +138,7 @@ def test_scp_rejects_bad_names_and_source_mode(lab_guest, guest_ssh):
     assert run(guest_ssh, "scp -f /etc/passwd")[0] == 1
 
 
-needs_scp = pytest.mark.skipif(not shutil.which("scp"), reason="openssh-client scp not installed")
+needs_scp = pytest.mark.sshd
 
 
 @needs_scp
@@ -212,7 +215,7 @@ def test_host_key_persists_across_restart(guest_state_dir, guest_password):
     assert LabGuest(guest_state_dir.parent / "elsewhere", "packer").host_key_fingerprint != fingerprint
 
 
-@pytest.mark.skipif(not shutil.which("ssh-keygen"), reason="ssh-keygen not installed")
+@pytest.mark.sshd
 def test_fingerprint_matches_ssh_keygen(lab_guest, tmp_path):
     pub = tmp_path / "host.pub"
     pub.write_text(lab_guest.known_hosts_line().split(" ", 1)[1] + "\n")
@@ -224,7 +227,7 @@ def test_fingerprint_matches_ssh_keygen(lab_guest, tmp_path):
 
 # ---- the real consumer: Debian's packer 1.6.6 and its Go SSH communicator -------------------------
 
-needs_packer = pytest.mark.skipif(not shutil.which("packer"), reason="packer binary not installed")
+needs_packer = pytest.mark.packer
 
 
 @needs_packer

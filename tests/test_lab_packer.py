@@ -15,13 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.lab
+pytest.importorskip("fakepve", reason="needs the lab extra: pip install -e '.[lab,dev]' (make test installs it)")
 from proxmoxer.core import ResourceException
 
 from packer_assets.lab.certs import make_lab_pki
 from packer_assets.lab.pve_packer import keys_to_text
 
 PACKER = "/usr/bin/packer"
-needs_packer = pytest.mark.skipif(not os.path.exists(PACKER), reason="Debian packer 1.6.6 (/usr/bin/packer) is absent")
+needs_packer = pytest.mark.packer
 
 TEMPLATE = Path(__file__).parent / "data" / "packer" / "minimal" / "minimal.pkr.hcl"
 NODE = "pve1"

@@ -11,6 +11,9 @@ import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
+pytestmark = pytest.mark.lab
+pytest.importorskip("fakepve", reason="needs the lab extra: pip install -e '.[lab,dev]' (make test installs it)")
 from cryptography import x509
 from fixtures_pve import pve_client
 from proxmoxer import AuthenticationError, ResourceException

@@ -5,6 +5,9 @@ import subprocess
 
 import pytest
 
+pytestmark = pytest.mark.lab
+pytest.importorskip("fakepve", reason="needs the lab extra: pip install -e '.[lab,dev]' (make test installs it)")
+
 from packer_assets.lab.pvecli import install_shims, split_args
 
 

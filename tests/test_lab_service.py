@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.lab
+pytest.importorskip("fakepve", reason="needs the lab extra: pip install -e '.[lab,dev]' (make test installs it)")
 import requests
 
 from packer_assets.envfile import read_env_file

@@ -12,6 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.lab
+pytest.importorskip("fakepve", reason="needs the lab extra: pip install -e '.[lab,dev]' (make test installs it)")
 from packer_helpers import PACKER, REPO, GroupWatcher, catalog, fake_packer, plan_for
 from test_lab_packer import host_ipv4
 
@@ -31,7 +34,7 @@ from packer_assets.packer.version import BuildCredentials, detect_packer
 from packer_assets.packer.workdir import prepare_workdir
 from packer_assets.pve.client import Endpoint
 
-needs_packer = pytest.mark.skipif(not os.path.exists(PACKER), reason="Debian packer 1.6.6 (/usr/bin/packer) is absent")
+needs_packer = pytest.mark.packer
 ISO_SIZE = 4 * 1024 ** 2
 # packer 1.6.6 types {{ .HTTPIP }} only with a non-loopback IPv4 on this host ("No host IP found").
 HTTP_IP = host_ipv4()

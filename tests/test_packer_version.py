@@ -21,7 +21,7 @@ from packer_assets.packer.version import (
     parse_plugin_version,
 )
 
-needs_packer = pytest.mark.skipif(not os.path.exists(PACKER), reason="Debian packer 1.6.6 (/usr/bin/packer) is absent")
+needs_packer = pytest.mark.packer
 TOKEN = BuildCredentials(token_id="automation@pve!packer", token_secret="tok-5ecret-0123")
 PASSWORD = BuildCredentials(user="automation@pve", password="pw-5ecret-4567")
 BOTH = BuildCredentials("automation@pve!packer", "tok-5ecret-0123", "automation@pve", "pw-5ecret-4567")

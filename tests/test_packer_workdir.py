@@ -32,7 +32,7 @@ from packer_assets.packer.workdir import (
 )
 from packer_assets.pve.client import Endpoint
 
-needs_packer = pytest.mark.skipif(not os.path.exists(PACKER), reason="Debian packer 1.6.6 (/usr/bin/packer) is absent")
+needs_packer = pytest.mark.packer
 OLD = capabilities_for((1, 6, 6), binary=PACKER)
 MIDDLE = capabilities_for((1, 8, 7))
 NEW = capabilities_for((1, 11, 2), (1, 2, 2))

@@ -7,6 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+pytestmark = pytest.mark.lab
+pytest.importorskip("fakepve", reason="needs the lab extra: pip install -e '.[lab,dev]' (make test installs it)")
+
 from packer_assets.chain import new_chain_id
 from packer_assets.envfile import read_env_file, write_env_file
 from packer_assets.evidence import Layout, latest

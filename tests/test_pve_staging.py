@@ -7,6 +7,9 @@ import socket
 
 import pytest
 
+pytestmark = pytest.mark.lab
+pytest.importorskip("fakepve", reason="needs the lab extra: pip install -e '.[lab,dev]' (make test installs it)")
+
 from packer_assets.catalog import IsoSource, TemplateEntry
 from packer_assets.checksums import Checksum
 from packer_assets.lab.iso import make_iso

@@ -32,10 +32,10 @@ from packer_assets.render.engine import (
     yaml_value,
 )
 from packer_assets.render.passwords import ADMIN_SUFFIX, USER_SUFFIX
-from packer_assets.render.validators import UNATTEND_NS, parse_preseed
+from packer_assets.render.validators import SHIPPED_SCHEMA_DIR, UNATTEND_NS, parse_preseed
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMAS = (REPO / ".." / "shared" / "schemas").resolve()
+SCHEMAS = SHIPPED_SCHEMA_DIR
 NASTY_PASSWORD = "pa<&\"' :#\\$`ss wörd 😀 $(reboot)"
 LONG_KEY = "ssh-rsa " + "A" * 700 + " ops@example.org \"q'uote\" $HOME <&>"
 ENV = {
@@ -307,7 +307,7 @@ def test_missing_schemas_are_a_clear_error_not_a_pass(catalog, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_schema_dir_comes_from_the_env_mapping_then_the_shared_default(catalog, tmp_path):
+def test_schema_dir_comes_from_the_env_mapping_then_the_shipped_default(catalog, tmp_path):
     from packer_assets.render import resolve_schema_dir
 
     assert resolve_schema_dir({}, PROJECT_ROOT) == SCHEMAS

@@ -50,3 +50,18 @@ def test_windows_encoding_matches_microsofts_documented_example():
         assert windows_decode(windows_encode(password, USER_SUFFIX), USER_SUFFIX) == password
     assert windows_decode("not base64!", USER_SUFFIX) is None
     assert windows_decode(windows_encode("x", USER_SUFFIX), ADMIN_SUFFIX) is None
+
+
+def test_the_native_crypt_agrees_with_the_pure_python_one():
+    """The system's crypt_r (used when present) and libpass's builtin backend write the same hash."""
+    from passlib.handlers.sha2_crypt import sha512_crypt as reference
+
+    from packer_assets.render import passwords
+
+    assert passwords._NATIVE is not None, "no crypt_r in the system's libcrypt: every Linux has one"
+    builtin = reference.using(rounds=1000)  # not 5000: the default, which passlib leaves out of the string
+    builtin.set_backend("builtin")
+    for password in ("pw", "pä$$ wörd 😀", "x" * 300, " lead\ttab"):
+        assert passwords._crypt(password, "saltsalt", 1000) == builtin.using(salt="saltsalt").hash(password)
+    full = passwords.sha512_crypt_hash("pä$$ wörd", "abcdefgh")
+    assert full == reference.using(salt="abcdefgh", rounds=passwords.CRYPT_ROUNDS).hash("pä$$ wörd")

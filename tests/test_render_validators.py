@@ -8,6 +8,7 @@ import pytest
 from packer_assets.catalog import load_catalog
 from packer_assets.render import render_files
 from packer_assets.render.validators import (
+    SHIPPED_SCHEMA_DIR,
     Expected,
     ValidatorUnavailable,
     validate_autoinstall,
@@ -17,7 +18,7 @@ from packer_assets.render.validators import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMAS = (REPO / ".." / "shared" / "schemas").resolve()
+SCHEMAS = SHIPPED_SCHEMA_DIR
 ENV = {"PACKER_INSTALL_PASSWORD": "Secret-123", "PACKER_SSH_AUTHORIZED_KEYS": "ssh-ed25519 AAAAC3Nz x@y"}
 SALT = "fixedsaltfortest"  # an explicit salt: the hash is computed once per family
 
@@ -228,3 +229,16 @@ def test_autounattend_rejects_the_wrong_namespace_and_broken_xml(rendered):
 def test_autounattend_round_trip_decodes_the_passwords(rendered):
     text = rendered["windows-2022"][0]["Autounattend.xml"]
     _one(validate_autounattend(text, Expected(password="another")), "round trip", "AdministratorPassword")
+
+
+def test_shipped_schemas_match_their_provenance_table():
+    """Every schema in the package is listed in schemas/SOURCES.md with its sha256, and every row's file
+    is there: an updated schema comes with an updated provenance row, and the licences ship beside them."""
+    import hashlib
+
+    sources = (SCHEMAS / "SOURCES.md").read_text()
+    rows = dict(re.findall(r"^\| `([^`]+\.json)` \|.*\| `([0-9a-f]{64})` \|$", sources, re.M))
+    shipped = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in SCHEMAS.glob("*.json")}
+    assert rows == shipped
+    for licence in re.findall(r"\]\((LICENSE-[^)]+)\)", sources):
+        assert (SCHEMAS / licence).stat().st_size > 10_000, licence

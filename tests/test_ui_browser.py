@@ -15,6 +15,8 @@ import requests
 
 from dagster_procs import BIN, REPO, Proc, dagster_env, free_port, wait_for
 
+pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.lab]
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 OUTPUT = REPO / "test-output"
@@ -29,7 +31,7 @@ def browser(tmp_path):
 
     for binary in (CHROMIUM, CHROMEDRIVER):
         if not Path(binary).exists():
-            pytest.fail(f"{binary} is missing: apt-get install chromium chromium-driver (see .ci/run)")
+            pytest.fail(f"{binary} is missing: apt-get install chromium chromium-driver (make test installs it)")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -319,8 +319,8 @@ def render_unattended(
     """Render, validate and write `entry`'s unattended files into `out_dir`; see the module doc.
 
     env: where the password (and `PACKER_ASSETS_SCHEMA_DIR`, `PACKER_ASSETS_SALT_SEED`) are read.
-    schema_dir: validation schemas (default `$PACKER_ASSETS_SCHEMA_DIR`, else `../shared/schemas`,
-    relative to `root`). root: the project root holding `templates/` (default: this checkout).
+    schema_dir: validation schemas (default `$PACKER_ASSETS_SCHEMA_DIR`, relative to `root`, else the
+    schemas shipped in `packer_assets/render/schemas/`). root: the project root holding `templates/` (default: this checkout).
     salt: an explicit crypt salt instead of the derived one.
     """
     root = Path(root) if root is not None else PROJECT_ROOT

@@ -1,7 +1,10 @@
 """Install passwords: read from the environment mapping, hashed for Linux, encoded for Windows.
 
-Linux installers get only a SHA-512 crypt hash (`$6$...`), made with `libpass` (the maintained
-fork of passlib, same `passlib.hash` API). The salt is not random: a random salt would change the
+Linux installers get only a SHA-512 crypt hash (`$6$...`), made by the system's crypt library
+(libxcrypt/glibc `crypt_r` through ctypes, as every Linux has it: ~2x faster than pure Python for the
+656,000 rounds) and otherwise by `libpass` (the maintained fork of passlib, same `passlib.hash` API);
+both give the same string. A hash is kept in memory for the process, keyed by (password, salt): a
+re-render of the same key costs nothing, and what is written is the same full-strength hash. The salt is not random: a random salt would change the
 rendered files on every run, and the rendered content is the asset's data version (an unchanged
 render must leave downstream fresh). The salt is therefore derived by HMAC-SHA256 from
 (template key, password) keyed with a per-site seed:
@@ -22,9 +25,13 @@ Nothing here logs or echoes the password; error messages name only the variable 
 from __future__ import annotations
 
 import base64
+import ctypes
+import ctypes.util
 import hashlib
 import hmac
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
+from functools import lru_cache
 
 from passlib.hash import sha512_crypt
 
@@ -65,15 +72,50 @@ def derive_salt(key: str, password: str, seed: str = DEFAULT_SALT_SEED) -> str:
     return "".join(_CRYPT_ALPHABET[b % 64] for b in digest[:SALT_LEN])
 
 
+def _native_crypt() -> Callable[[bytes, bytes], bytes | None] | None:
+    """`crypt_r` of the system's libcrypt, or None where there is none (the pure-Python backend is used)."""
+    name = ctypes.util.find_library("crypt")
+    try:
+        crypt_r = ctypes.CDLL(name or "libcrypt.so.1").crypt_r
+    except (OSError, AttributeError):
+        return None
+    crypt_r.restype = ctypes.c_char_p
+    crypt_r.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p]
+
+    def run(phrase: bytes, setting: bytes) -> bytes | None:
+        # struct crypt_data: 32 KiB in libxcrypt, ~128 KiB in old glibc; zeroed, one per call (thread-safe)
+        data = ctypes.create_string_buffer(1 << 18)
+        return crypt_r(phrase, setting, data)
+
+    return run
+
+
+_NATIVE = _native_crypt()
+
+
+@lru_cache(maxsize=64)
+def _crypt(password: str, salt: str, rounds: int = CRYPT_ROUNDS) -> str:
+    setting = f"$6$rounds={rounds}${salt}$"
+    if _NATIVE is not None and "\x00" not in password:
+        out = _NATIVE(password.encode("utf-8"), setting.encode("ascii"))
+        # libxcrypt answers a failure with None or a string starting with "*"
+        if out and out.startswith(setting.encode("ascii")):
+            return out.decode("ascii")
+    return sha512_crypt.using(salt=salt, rounds=rounds).hash(password)
+
+
 def sha512_crypt_hash(password: str, salt: str) -> str:
     """`$6$rounds=656000$<salt>$<hash>` (glibc crypt(3) format, what every Linux installer takes)."""
     if not salt or len(salt) > SALT_LEN or any(ch not in _CRYPT_ALPHABET for ch in salt):
         raise PasswordError(f"a crypt salt must be 1-{SALT_LEN} characters of [./0-9A-Za-z]")
-    return sha512_crypt.using(salt=salt, rounds=CRYPT_ROUNDS).hash(password)
+    return _crypt(password, salt)
 
 
 def verify_sha512_crypt(password: str, hashed: str) -> bool:
-    return sha512_crypt.verify(password, hashed)
+    match = re.fullmatch(r"\$6\$rounds=(\d+)\$([./0-9A-Za-z]{1,16})\$[./0-9A-Za-z]{86}", hashed)
+    if match is None:
+        return sha512_crypt.verify(password, hashed)  # another form of $6$: the library's parser
+    return hmac.compare_digest(_crypt(password, match.group(2), int(match.group(1))), hashed)
 
 
 def windows_encode(password: str, suffix: str) -> str:

@@ -31,6 +31,8 @@ import yaml
 from .passwords import ADMIN_SUFFIX, USER_SUFFIX, windows_decode
 
 SCHEMA_DIR_ENV = "PACKER_ASSETS_SCHEMA_DIR"
+# The schemas shipped as package data (provenance and licences: schemas/SOURCES.md).
+SHIPPED_SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 CLOUD_CONFIG_SCHEMA = "schema-cloud-config-v1.json"
 NETWORK_V2_SCHEMA = "schema-network-config-v2.json"
 UNATTEND_NS = "urn:schemas-microsoft-com:unattend"
@@ -78,8 +80,10 @@ def _verdict(name: str, messages: list[str]) -> Verdict:
 
 
 def resolve_schema_dir(env: Mapping[str, str] | None, root: Path, schema_dir: str | Path | None = None) -> Path:
-    """`schema_dir` if given, else `$PACKER_ASSETS_SCHEMA_DIR`, else `../shared/schemas`; relative to `root`."""
-    chosen = schema_dir or (env or {}).get(SCHEMA_DIR_ENV) or "../shared/schemas"
+    """`schema_dir` if given, else `$PACKER_ASSETS_SCHEMA_DIR` (relative to `root`), else the shipped schemas."""
+    chosen = schema_dir or (env or {}).get(SCHEMA_DIR_ENV)
+    if not chosen:
+        return SHIPPED_SCHEMA_DIR
     path = Path(chosen)
     return (path if path.is_absolute() else root / path).resolve()
 
