@@ -33,7 +33,7 @@ defs = dg.Definitions(
         [assets.proxmox_env, assets.iso_release, assets.unattended_files, assets.staged_iso, assets.template,
          assets.template_proof]
     ),
-    jobs=[jobs.bootstrap_job, jobs.rebuild_job],
+    jobs=[jobs.bootstrap_job, jobs.rebuild_job, jobs.check_proxmox_env_job],
     # Every step of a run in the run's own process. Dagster's default (multiprocess) starts one more
     # Python process per step, each importing Dagster and these definitions again (4 per rebuild, each
     # 1.5-3 s of CPU and ~130 MiB): in the lab that was most of a rebuild's wall time and, with several

@@ -6,7 +6,6 @@ must lead, by the daemon's own ticks, to one rebuild run of that key that succee
 """
 
 
-import time
 
 import dagster as dg
 import pytest
@@ -98,10 +97,7 @@ def test_sensor_and_schedule_run_under_the_daemon(lab_project, local_home, tmp_p
         assert {r.tags["packer-assets/trigger"] for r in tick} == {"weekly"}
         assert len({r.tags["dagster/run_key"] for r in tick}) == len(keys)
         # The daemon creates a tick's runs, then submits each to the queue: wait out that moment.
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            tick = [instance.get_run_by_id(r.run_id) for r in tick]
-            if all(r.status != dg.DagsterRunStatus.NOT_STARTED for r in tick):
-                break
-            time.sleep(0.5)
+        ids = [r.run_id for r in tick]
+        tick = wait_for(lambda: (runs := [instance.get_run_by_id(i) for i in ids]) and all(
+            r.status != dg.DagsterRunStatus.NOT_STARTED for r in runs) and runs, 300, "the tick's runs to be queued")
         assert {r.status for r in tick} == {dg.DagsterRunStatus.QUEUED}

@@ -1,18 +1,22 @@
 """deploy/ for real: PostgreSQL, a gRPC code server and `dagster-daemon run` as separate processes.
 
 A backfill of several keys, plus a second run of one key, goes through the queued run coordinator
-of deploy/dagster.yaml; the daemon launches the runs against the lab. Asserted from what happened:
+of deploy/dagster.yaml; the daemon launches the runs against the lab. The limits are proven by
+construction, not by luck of timing: the lab guest holds every build at its first provisioner
+command (a gate the test controls) until all the other keys' builds are queued and blocked by the
+pool, and no more builds than the limit may ever reach the gate. Asserted from what happened:
 - the `packer build` processes alive at once (sampled from /proc) never exceed the pool limit;
-- the pool step's execution intervals (from the event log in Postgres) agree, and the limit was
-  really tested: some build was held back by the pool while the pool was full;
+- the pool step's execution intervals (from the event log in Postgres) agree, and every build held
+  back by the pool started only after another build had finished;
 - the two runs of one key never overlap (tag limit on dagster/partition).
 The pool limit is set to 1 with the documented `dagster instance concurrency set` (it wins over the
-file's default_limit of 2): with several keys' runs in flight, builds then have to wait for each other.
+file's default_limit of 2). Raise POOL_LIMIT in the CLI call alone and the gate sees two builds: the test fails.
 """
 
 import json
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import dagster as dg
@@ -74,12 +78,38 @@ def deployment(lab_project, postgres_server, tmp_path, monkeypatch):
             proc.stop()
 
 
+class BuildGate:
+    """The lab guest's exec handler: each build's first command waits here until `open()`. A build runs
+    its provisioner commands one at a time, so the number waiting is the number of builds in progress."""
+
+    def __init__(self):
+        self._open = threading.Event()
+        self._lock = threading.Lock()
+        self.waiting = 0
+        self.most_waiting = 0
+
+    def __call__(self, command: str) -> tuple[int, bytes]:
+        with self._lock:
+            self.waiting += 1
+            self.most_waiting = max(self.most_waiting, self.waiting)
+        try:
+            self._open.wait(600)
+        finally:
+            with self._lock:
+                self.waiting -= 1
+        return 0, b""
+
+    def open(self) -> None:
+        self._open.set()
+
+
 def run_records(instance):
     return instance.get_run_records(dg.RunsFilter(job_name=JOB))
 
 
-def test_daemon_runs_keys_within_the_pool_and_one_run_per_key(deployment):
+def test_daemon_runs_keys_within_the_pool_and_one_run_per_key(deployment, lab_project):
     home, env, instance, procs = deployment
+    gate = lab_project.stack.guest.exec_handler = BuildGate()
     code, daemon = procs
     assert type(instance.run_storage).__name__ == "PostgresRunStorage"
     workspace = ["-w", str(home / "workspace.yaml")]
@@ -90,14 +120,29 @@ def test_daemon_runs_keys_within_the_pool_and_one_run_per_key(deployment):
         dagster_cli(["job", "backfill", "-j", JOB, *workspace, "--partitions", REPEATED, "--noprompt"], env)
         total = len(KEYS) + 1
 
+        def state() -> str:
+            return "\n".join([f"builds at the gate: {gate.waiting}",
+                              str([(r.dagster_run.tags.get("dagster/partition"), r.dagster_run.status)
+                                   for r in run_records(instance)]), code.tail(), daemon.tail()])
+
+        def others_blocked():
+            """True once one build is at the gate and every other key's build waits for the pool."""
+            assert gate.most_waiting <= POOL_LIMIT, f"{gate.most_waiting} builds ran at once (pool limit {POOL_LIMIT})"
+            runs = run_records(instance)
+            held = {r.dagster_run.run_id for r in runs if blocked_times(instance, r.dagster_run.run_id, POOL_STEP)}
+            return gate.waiting == POOL_LIMIT and len(held) >= len(KEYS) - POOL_LIMIT
+
+        # generous: this only bounds how long a broken setup takes to fail, nothing depends on it
+        wait_for(others_blocked, 600, "one build at the gate and the other keys' builds blocked by the pool",
+                 interval=1, on_timeout=state)
+        gate.open()
+
         def finished():
             records = run_records(instance)
             return len(records) == total and all(r.dagster_run.status in TERMINAL for r in records) and records
 
-        records = wait_for(finished, 240, f"{total} runs of {JOB} to finish", interval=1,
-                           on_timeout=lambda: "\n".join([str([(r.dagster_run.tags.get("dagster/partition"),
-                                                               r.dagster_run.status) for r in run_records(instance)]),
-                                                         code.tail(), daemon.tail()]))
+        records = wait_for(finished, 900, f"{total} runs of {JOB} to finish", interval=1, on_timeout=state)
+    assert gate.most_waiting <= POOL_LIMIT, f"{gate.most_waiting} builds ran at once (pool limit {POOL_LIMIT})"
     failed = [r.dagster_run.run_id for r in records if r.dagster_run.status != dg.DagsterRunStatus.SUCCESS]
     assert not failed, "\n".join(failure_text(instance, run_id) for run_id in failed)
 
@@ -115,20 +160,21 @@ def test_daemon_runs_keys_within_the_pool_and_one_run_per_key(deployment):
     # The same from Dagster's own event log (Postgres): the pool step's start..end intervals.
     steps = {r.dagster_run.run_id: step_interval(instance, r.dagster_run.run_id, POOL_STEP) for r in records}
     assert max_overlap(list(steps.values())) <= POOL_LIMIT
-    # And the limit was really tested: builds were held back by the pool, and each one held back
-    # started only after another build, running when it began to wait, had finished.
+    # And the limit was really tested (by construction: the gate held one build until the others were
+    # blocked): each build held back started only after another build, running when it began to wait,
+    # had finished.
     blocked = {run_id: blocked_times(instance, run_id, POOL_STEP) for run_id in steps}
     blocked = {run_id: min(times) for run_id, times in blocked.items() if times}
-    assert blocked, "no build ever waited for the pool: the limit was never tested"
+    assert len(blocked) >= len(KEYS) - POOL_LIMIT, "fewer builds waited for the pool than the gate saw"
     for run_id, since in blocked.items():
         start = steps[run_id][0]
         freed = [end for other, (_s, end) in steps.items() if other != run_id and since <= end <= start]
         assert freed, f"run {run_id}: its build waited from {since} but no other build ended before it started {start}"
 
-    # One run per key at a time: the repeated key's second run was queued while the first was going,
-    # and the two are disjoint.
+    # One run per key at a time: the repeated key's second run was queued while the first was going
+    # (it was submitted before the gate opened), and the two are disjoint.
     first, second = sorted(by_key[REPEATED], key=lambda r: r.start_time)
-    assert second.create_timestamp.timestamp() < first.end_time, "the second run came too late to test the limit"
+    assert second.create_timestamp.timestamp() < first.end_time
     assert first.end_time <= second.start_time, (
         f"two runs of {REPEATED} overlapped: {first.start_time}-{first.end_time} and "
         f"{second.start_time}-{second.end_time}")

@@ -17,3 +17,10 @@ rebuild_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets(*REBUILD_ASSETS),
     description="Everything a template key needs, for one partition: rendered files, staged ISO, build, proof.",
 )
+
+# dagster 1.13's CLI has no `dagster asset check`: the checks alone are this job
+# (`dagster job execute -j check_proxmox_env -m packer_assets.definitions`).
+check_proxmox_env_job = dg.define_asset_job(
+    "check_proxmox_env", selection=dg.AssetSelection.checks_for_assets(assets.proxmox_env),
+    description="The checks of proxmox_env alone (token logs in, holds every privilege), without changing anything.",
+)
