@@ -59,9 +59,21 @@ CATALOG_VERSION = 1
 Family = Literal["ubuntu", "debian", "rocky", "windows"]
 FAMILIES: tuple[str, ...] = get_args(Family)
 UNATTENDED = {"ubuntu": "autoinstall", "debian": "preseed", "rocky": "kickstart", "windows": "autounattend"}
-KEY_RE = re.compile(r"^[a-z][a-z0-9-]*$")
-ENV_NAME_RE = re.compile(r"^[A-Z_][A-Z0-9_]*$")
-ISO_FILENAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*\.iso$")
+# Whole-string patterns, used with fullmatch (`$` would let a trailing newline through).
+KEY_RE = re.compile(r"[a-z][a-z0-9-]*")
+ENV_NAME_RE = re.compile(r"[A-Z_][A-Z0-9_]*")
+ISO_FILENAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*\.iso")
+# A key names the template's VM, `<key>-<yyyymmddhhmmss>`, which Proxmox wants a DNS label (<= 63).
+KEY_MAX = 48
+# The staged volume is `<name>.<12 hex>.iso`; file names stop at 255 bytes.
+ISO_FILENAME_MAX = 200
+# Install users a Linux installer refuses, or that would make the build log in as a system account.
+RESERVED_USERS = frozenset({
+    "root", "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news", "uucp", "proxy", "www-data",
+    "backup", "list", "irc", "gnats", "nobody", "nogroup", "adm", "admin", "sudo", "wheel", "operator",
+    "shutdown", "halt", "ftp", "sshd", "messagebus", "polkitd", "systemd-network", "systemd-resolve",
+    "systemd-timesync", "_apt", "tss", "ubuntu", "cloud-user",
+})
 VMID_MIN, VMID_MAX = 100, 999_999_999
 WINDOWS_OS_TYPES = ("wxp", "w2k", "w2k3", "w2k8", "wvista", "win7", "win8", "win10", "win11")
 OTHER_OS_TYPES = ("l24", "l26", "solaris", "other")
@@ -168,13 +180,16 @@ def _norm_checksum(value: str) -> str:
 
 
 def _check_key(value: str) -> str:
-    if not KEY_RE.match(value):
-        raise ValueError("must start with a lower-case letter and hold only a-z, 0-9 and '-'")
+    if not KEY_RE.fullmatch(value):
+        raise ValueError(f"{value!r} must start with a lower-case letter and hold only a-z, 0-9 and '-'")
+    if len(value) > KEY_MAX:
+        raise ValueError(f"is {len(value)} characters long; at most {KEY_MAX} (the VM name <key>-<yyyymmddhhmmss> "
+                         "must be a DNS label of at most 63)")
     return value
 
 
 def _check_env_name(value: str) -> str:
-    if not ENV_NAME_RE.match(value):  # never echo the value: it may be a pasted password
+    if not ENV_NAME_RE.fullmatch(value):  # never echo the value: it may be a pasted password
         raise ValueError(
             "must be the NAME of an environment variable (like PACKER_INSTALL_PASSWORD: "
             "A-Z, 0-9, '_'), never the secret itself"
@@ -183,11 +198,13 @@ def _check_env_name(value: str) -> str:
 
 
 def _check_filename(value: str) -> str:
-    if not ISO_FILENAME_RE.match(value):
+    if not ISO_FILENAME_RE.fullmatch(value):
         raise ValueError(
             f"{value!r} is not a plain file name ending in .iso "
             "(taken from the url when not given; set filename explicitly)"
         )
+    if len(value) > ISO_FILENAME_MAX:
+        raise ValueError(f"is {len(value)} characters long; at most {ISO_FILENAME_MAX}")
     return value
 
 
@@ -421,6 +438,9 @@ class TemplateEntry(_Model):
             if extra.name in seen:
                 raise _FieldError(f"extra_isos[{i}].name", f"duplicate name {extra.name!r} (also extra_isos[{seen[extra.name]}])")
             seen[extra.name] = i
+        if self.family != "windows" and self.install_user.name.lower() in RESERVED_USERS:
+            raise _FieldError("install_user.name", f"{self.install_user.name!r} is reserved (a system account or "
+                              "root, which Linux installers refuse as the first user): choose another name")
         if self.autoinstall_schema is not None and self.family != "ubuntu":
             raise _FieldError("autoinstall_schema", f"only ubuntu entries take it (family is {self.family})")
         windows_os = self.hardware.os_type in WINDOWS_OS_TYPES
@@ -678,7 +698,9 @@ def load_catalog(
     first_index: dict[str, int] = {}
     for i, raw in enumerate(raw_templates):
         raw_key = raw.get("key") if isinstance(raw, dict) else None
-        label = raw_key if isinstance(raw_key, str) and raw_key.strip() else f"templates[{i}]"
+        # the key names the entry in messages, unless it would break the one line or flood it
+        plain = isinstance(raw_key, str) and raw_key.strip() and raw_key.isprintable() and len(raw_key) <= KEY_MAX
+        label = raw_key if plain else f"templates[{i}]"
         if not isinstance(raw, dict):
             errors.append(f"{display}: {label}: (entry): must be a mapping")
             continue
@@ -703,10 +725,14 @@ def load_catalog(
                 "each key owns its range"
             )
 
+    inside = root_path.resolve()
     for entry in entries.values():
         for i, iso in enumerate(entry.all_isos()):
-            if iso.keyring and not (root_path / iso.keyring).is_file():
-                where = "iso" if i == 0 else f"extra_isos[{i - 1}]"
+            where = "iso" if i == 0 else f"extra_isos[{i - 1}]"
+            if iso.keyring and not (inside / iso.keyring).resolve().is_relative_to(inside):
+                errors.append(f"{display}: {entry.key}: {where}.keyring: {iso.keyring} is outside the project root "
+                              f"{inside}: keep keyrings under it (e.g. keys/debian.gpg)")
+            elif iso.keyring and not (root_path / iso.keyring).is_file():
                 errors.append(f"{display}: {entry.key}: {where}.keyring: file {iso.keyring} does not exist under "
                               f"{root_path}")
     if errors:

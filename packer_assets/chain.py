@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-CHAIN_RE = re.compile(r"^CHAIN-(\d{8}T\d{6}Z)-([a-z][a-z0-9-]*)$")
+CHAIN_RE = re.compile(r"CHAIN-(\d{8}T\d{6}Z)-([a-z][a-z0-9-]*)")  # fullmatch: no trailing newline
 TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 
 
@@ -55,7 +55,7 @@ def fresh_chain_id(key: str, taken: Callable[[str], bool]) -> ChainId:
 
 
 def parse_chain_id(text: str) -> ChainId:
-    match = CHAIN_RE.match(text)
+    match = CHAIN_RE.fullmatch(text)
     if not match:
         raise ValueError(f"not a chain ID (want CHAIN-<yyyymmddThhmmssZ>-<key>): {text!r}")
     return ChainId(match.group(1), match.group(2))

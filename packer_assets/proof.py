@@ -86,7 +86,7 @@ class BuildProof(_Model):
 
     schema_version: Literal[1] = Field(default=SCHEMA_VERSION, description="Version of this format.")
     kind: Literal["build"] = Field(default="build", description="Always `build` (init proofs have `init`).")
-    chain_id: str = Field(pattern=CHAIN_RE.pattern,
+    chain_id: str = Field(pattern=f"^{CHAIN_RE.pattern}$",
                           description="`CHAIN-<UTC yyyymmddThhmmssZ>-<key>`: the ID in the run tags, every log line "
                                       "and the template description.")
     key: str = Field(description="The catalog template key (= the Dagster partition).")

@@ -296,6 +296,23 @@ BROKEN = [
     ("no-templates", _set("templates", []), "top-level", "templates", "non-empty list"),
     ("entry-not-a-mapping", _set("templates.0", "alpha"), "templates[0]", "(entry)", "must be a mapping"),
     ("entry-without-key", _delete("templates.0.key"), "templates[0]", "key", "missing required field"),
+    # whole-string checks and lengths: a trailing newline or a name no VM, partition or file can carry
+    ("key-trailing-newline", _set("templates.0.key", "alpha\n"), "templates[0]", "key", "'alpha\\n' must start"),
+    ("key-too-long", _set("templates.0.key", "a" * 301), "templates[0]", "key", "301 characters long; at most 48"),
+    ("iso-filename-newline", _set("templates.0.iso.filename", "alpha.iso\n"), "alpha", "iso.filename",
+     "not a plain file name"),
+    ("iso-filename-too-long", _set("templates.0.iso.filename", "a" * 250 + ".iso"), "alpha", "iso.filename",
+     "at most 200"),
+    ("env-name-newline", _set("templates.0.install_user", {"password_env": "PACKER_PW\n"}), "alpha",
+     "install_user.password_env", "NAME of an environment variable"),
+    ("install-user-root", _set("templates.0.install_user", {"name": "root"}), "alpha", "install_user.name",
+     "'root' is reserved"),
+    ("install-user-system", _set("templates.0.install_user", {"name": "daemon"}), "alpha", "install_user.name",
+     "reserved"),
+    ("keyring-absolute", _set("templates.0.iso.keyring", "/etc/passwd"), "alpha", "iso.keyring",
+     "outside the project root"),
+    ("keyring-escapes", _set("templates.0.iso.keyring", "../../../etc/hostname"), "alpha", "iso.keyring",
+     "outside the project root"),
 ]
 
 

@@ -23,7 +23,8 @@ def test_naive_datetime_is_refused():
         utc_stamp(datetime(2026, 1, 1))
 
 
-@pytest.mark.parametrize("bad", ["CHAIN-2026-ubuntu", "chain-20261125T190405Z-x", "CHAIN-20261125T190405Z-Bad_Key"])
+@pytest.mark.parametrize("bad", ["CHAIN-2026-ubuntu", "chain-20261125T190405Z-x", "CHAIN-20261125T190405Z-Bad_Key",
+                                 "CHAIN-20261125T190405Z-ubuntu-2204\n"])
 def test_malformed_chain_ids_are_refused(bad):
     with pytest.raises(ValueError, match="not a chain ID"):
         parse_chain_id(bad)
