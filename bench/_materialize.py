@@ -153,11 +153,13 @@ def step_seconds(instance, run_id: str) -> dict[str, float]:
 
 
 def packer_in_pipeline(lab: BenchLab, key: str) -> dict[str, float]:
-    from packer_assets.build import latest_record
+    import json
+
+    from packer_assets.build import RECORD
     from packer_assets.evidence import Layout
 
-    _folder, record = latest_record(Layout(lab.root), key)
-    return record["timings"]["stages"] if record else {}
+    record = Layout(lab.root).build_log_dir(key, "latest") / RECORD  # the build just run
+    return json.loads(record.read_text())["timings"]["stages"] if record.is_file() else {}
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import __version__
 from .catalog import TemplateEntry
-from .chain import ChainId
+from .chain import ChainId, parse_chain_id
 from .checksums import Checksum
 from .evidence import Layout, Redactor, atomic_write, sha256_file
 from .packer.env import packer_env, validate_env
@@ -37,7 +37,9 @@ from .pve.templates import (
     input_fingerprint,
     is_up_to_date,
     promote,
+    promoted_template,
     prune,
+    template_description,
     template_name,
     template_tags,
 )
@@ -207,11 +209,27 @@ def _destroy(api, node: str, vmid: int, entry: TemplateEntry, log) -> None:
         log.line("cleanup", f"could not destroy build VM {vmid}: {exc}")
 
 
-def latest_record(layout: Layout, key: str) -> tuple[Path, dict | None]:
-    """(log folder of the key's latest build, its record or None when that build did not succeed)."""
-    folder = layout.build_log_dir(key, "latest")
+class NoPromotedBuild(RuntimeError):
+    """The key has no promoted template whose build record is in this output root: nothing to prove."""
+
+
+def promoted_record(layout: Layout, api, key: str) -> tuple[Path, dict]:
+    """(log folder, record) of the build of the key's promoted template, found by the chain ID in the
+    template's description, whatever the logs' `latest` points at (a failed or interrupted build after
+    it keeps its log, and must not hide the build that is in use)."""
+    guest = promoted_template(api, key)
+    if guest is None:
+        raise NoPromotedBuild(f"{key}: no template is promoted (tag packer-assets-latest) on the node: build it first")
+    described = template_description(api, guest)
+    if described is None:
+        raise NoPromotedBuild(f"{key}: promoted template {guest.vmid} has no packer-assets description: "
+                              "it was not built by this tool")
+    folder = layout.build_log_dir(key, parse_chain_id(described.chain_id).stamp)
     record = folder / RECORD
-    return folder.resolve(), (json.loads(record.read_text()) if record.exists() else None)
+    if not record.is_file():
+        raise NoPromotedBuild(f"{key}: the record of promoted template {guest.vmid} ({described.chain_id}) is not "
+                              f"in this output root: {record} is missing")
+    return folder, json.loads(record.read_text())
 
 
 def write_proof(layout: Layout, record: dict, log_file: Path) -> Path:

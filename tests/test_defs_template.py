@@ -25,10 +25,20 @@ def resources(lab_project, **packer):
     return {"project": ProjectSettings(root=str(lab_project.root)), "packer": PackerSettings(**settings)}
 
 
-def rebuild(lab_project, instance, key=KEY, **packer):
+def rebuild(lab_project, instance, key=KEY, force=False, **packer):
     return dg.materialize(jobs.REBUILD_ASSETS + [assets.iso_release], partition_key=key, instance=instance,
                           resources=resources(lab_project, **packer), raise_on_error=False,
-                          selection=jobs.REBUILD_ASSETS)
+                          selection=jobs.REBUILD_ASSETS,
+                          run_config={"ops": {"template": {"config": {"force": force}}}})
+
+
+def crashing_packer(folder) -> str:
+    """The real binary for `packer version`, a crash for `packer build`."""
+    fake = folder / "packer"
+    fake.write_text(f"#!/bin/bash\nif [ \"$1\" = build ]; then echo '1,,ui,error,boom: plugin crashed'; exit 1; fi\n"
+                    f"exec {shutil.which('packer')} \"$@\"\n")
+    fake.chmod(0o755)
+    return str(fake)
 
 
 def templates_of(pve, key=KEY):
@@ -65,14 +75,8 @@ def test_build_promote_prove_then_up_to_date(lab_project):
 
 
 def test_packer_crash_leaves_no_vm_no_proof_and_names_the_log(lab_project, tmp_path):
-    fake = tmp_path / "packer"
-    real = shutil.which("packer")
-    # the real binary for `packer version`, a crash for `packer build`
-    fake.write_text(f"#!/bin/bash\nif [ \"$1\" = build ]; then echo '1,,ui,error,boom: plugin crashed'; exit 1; fi\n"
-                    f"exec {real} \"$@\"\n")
-    fake.chmod(0o755)
     with dg.instance_for_test() as instance:
-        result = rebuild(lab_project, instance, binary=str(fake))
+        result = rebuild(lab_project, instance, binary=crashing_packer(tmp_path))
     assert not result.success
     failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
     text = str(failure.event_specific_data.error)
@@ -81,6 +85,28 @@ def test_packer_crash_leaves_no_vm_no_proof_and_names_the_log(lab_project, tmp_p
     assert not (lab_project.root / "docs/proof/platform/packer-builds/builds" / KEY).exists()
     logs = lab_project.root / "output/logs/packer/builds" / KEY
     assert (logs / "latest" / "packer.log").exists()
+
+
+def test_a_rerun_after_a_failed_build_proves_the_promoted_template(lab_project, tmp_path):
+    """The failed build's log is the newest (`latest`), yet the rerun finds the template up to date and
+    template_proof proves the build of the promoted template."""
+    layout = lab_project.layout
+    with dg.instance_for_test() as instance:
+        good = rebuild(lab_project, instance)
+        assert good.success
+        vmid = good.asset_materializations_for_node("template")[0].metadata["vmid"].value
+        chain = good.asset_materializations_for_node("template")[0].metadata["chain_id"].value
+        failed = rebuild(lab_project, instance, force=True, binary=crashing_packer(tmp_path))
+        assert not failed.success
+        newest = layout.build_log_dir(KEY, "latest").resolve()
+        assert not (newest / "build.json").exists() and "boom" in (newest / "packer.log").read_text()
+
+        rerun = rebuild(lab_project, instance)
+        assert rerun.success, [e.message for e in rerun.all_events if e.is_failure]
+        assert rerun.asset_materializations_for_node("template")[0].metadata["up_to_date"].value is True
+        proved = rerun.asset_materializations_for_node("template_proof")[0].metadata
+        assert proved["template_vmid"].value == vmid and proved["chain_id"].value == chain
+    assert list(templates_of(lab_project.pve)) == [vmid]
 
 
 def test_no_secret_in_logs_events_or_proofs(lab_project, capfd):

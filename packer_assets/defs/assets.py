@@ -4,7 +4,7 @@ import os
 
 import dagster as dg
 
-from ..build import build_template, latest_record, validate_build, write_proof
+from ..build import build_template, promoted_record, validate_build, write_proof
 from ..chain import fresh_chain_id
 from ..pve.init_env import run_init
 from ..pve.staging import stage_entry
@@ -235,15 +235,13 @@ def template(
     kinds={"json"},
     owners=OWNERS,
     description="The evidence bundle docs/proof/platform/packer-builds/builds/<key>/<ts>/ (README.md, proof.json "
-    "per docs/schema/build-proof.schema.json, packer.log) of the latest build, written only for a build whose "
-    "smoke test passed; `latest` points at it.",
+    "per docs/schema/build-proof.schema.json, packer.log) of the promoted template's build, written only for a "
+    "build whose smoke test passed; `latest` points at it.",
 )
 def template_proof(context: dg.AssetExecutionContext, project: ProjectSettings) -> dg.MaterializeResult:
     key, layout = context.partition_key, project.layout()
-    folder, record = latest_record(layout, key)
-    if record is None:
-        raise RuntimeError(f"{key}: the latest build ({folder.name}) has no successful record: no proof is written "
-                           f"for a failed build (see {folder / 'packer.log'})")
+    # the promoted template's build, not the newest log: a failed build writes a log but never a record
+    folder, record = promoted_record(layout, project.build_access().connect(), key)
     proof_dir = layout.build_proof_dir(key, folder.name)
     if not proof_dir.exists():  # an up-to-date run re-proves nothing: its build's proof stands
         write_proof(layout, record, folder / "packer.log")
