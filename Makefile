@@ -21,7 +21,7 @@ TEST_PACKAGES := packer openssh-server openssh-client debconf gnupg postgresql c
 # pytest arguments, e.g. `make test PYTEST_ARGS="-m 'not slow'"` (markers: pyproject.toml)
 PYTEST_ARGS ?=
 
-.PHONY: init demo build build-all validate test test-deps test-fast bench bench-builds ui venv packer dagster-home lab-up lab-down lab-status catalog-check clean
+.PHONY: settings-check init demo build build-all validate test test-deps test-fast bench bench-builds ui venv packer dagster-home lab-up lab-down lab-status catalog-check clean
 
 demo: venv packer lab-up catalog-check ## the lab, then every asset of every template against it
 	$(MAKE) init PACKER_ASSETS_ENV_FILE=$(abspath $(LAB_STATE))/lab.env
@@ -63,16 +63,20 @@ $(VENV)/.installed: pyproject.toml
 packer: ## Debian's packer (any packer on PATH counts), or a clear message where we cannot install it
 	@tools/system-packages.sh packer
 
-init: venv dagster-home ## materialize proxmox_env: API user, role, token, infra/env/.env.proxmox
+# One line naming the variable and where it came from, instead of a traceback from the definitions' load.
+settings-check: venv
+	@$(BIN)/packer-assets settings >/dev/null
+
+init: venv dagster-home settings-check ## materialize proxmox_env: API user, role, token, infra/env/.env.proxmox
 	$(DAGSTER) --select proxmox_env
 
 # The rebuild of one key, as the toolkit's build-wrapper.sh: make build KEY=debian-12
 REBUILD := unattended_files,staged_iso,template,template_proof
-build: venv dagster-home
+build: venv dagster-home settings-check
 	@[ -n "$(KEY)" ] || { echo "usage: make build KEY=<template key> (see: make catalog-check)"; exit 2; }
 	$(DAGSTER) --select $(REBUILD) --partition $(KEY)
 
-build-all: venv dagster-home ## every key, one after the other
+build-all: venv dagster-home settings-check ## every key, one after the other
 	@set -e; for key in $$($(BIN)/python -c "from packer_assets.settings import export_env_files; export_env_files(); \
 	  from packer_assets.catalog import load_catalog; print(' '.join(load_catalog().keys()))"); do \
 	  $(MAKE) --no-print-directory build KEY=$$key; done

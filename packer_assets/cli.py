@@ -26,16 +26,16 @@ def _validate(args) -> int:
 
     from .build import BuildSettings, validate_build
     from .catalog import load_catalog
-    from .evidence import Layout
     from .packer.workdir import PackerCapabilityError
     from .render import RenderError, render_unattended
-    from .settings import export_env_files
+    from .settings import export_env_files, load_settings
 
+    found = load_settings()  # the one validated model, as definitions.py reads it
     export_env_files()
     catalog = load_catalog(args.catalog)
-    layout = Layout(Path(os.environ.get("PACKER_ASSETS_ROOT", ".")).resolve())
-    degraded = args.allow_degraded or os.environ.get("PACKER_ASSETS_ALLOW_DEGRADED") == "1"  # the lab sets it
-    settings = BuildSettings(packer=os.environ.get("PACKER_BINARY", "packer"), allow_degraded=degraded)
+    layout = found.layout
+    degraded = args.allow_degraded or found.allow_degraded  # the lab sets PACKER_ASSETS_ALLOW_DEGRADED
+    settings = BuildSettings(packer=found.packer_binary, allow_degraded=degraded)
     failed = 0
     for key in args.keys or catalog.keys():
         entry = catalog.get(key)
@@ -59,6 +59,21 @@ def _validate(args) -> int:
             print(f"FAIL {key}: packer validate: {check.output.strip().splitlines()[-1] if check.output else ''}")
             failed += 1
     return 1 if failed else 0
+
+
+def _settings(args) -> int:
+    """Every setting the live path reads, checked as definitions.py checks it, with where each came from.
+    No secret is read into the model, so none is printed."""
+    from dataclasses import fields
+
+    from .settings import load_settings
+
+    found = load_settings()
+    for item in fields(found):
+        print(f"{item.name}: {getattr(found, item.name)}")
+    if found.insecure:
+        print(f"warning: TLS verification of the API is OFF (PROXMOX_INSECURE=1 from {found.insecure_origin})")
+    return 0
 
 
 def _lab(args) -> int:
@@ -101,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "or templates/catalog.yaml)")
     check.set_defaults(func=_catalog_check)
 
+    settings = sub.add_parser("settings", help="check every setting as the definitions read them and print "
+                              "them (no secrets); exit 2 naming the variable and where it came from")
+    settings.set_defaults(func=_settings)
     validate = sub.add_parser("validate", help="render and validate every key, then packer validate (validate-all.sh)")
     validate.add_argument("keys", nargs="*", help="keys to validate (default: all)")
     validate.add_argument("--catalog", type=Path, default=None)

@@ -1,15 +1,19 @@
 """The one place that builds the Dagster definitions (`dagster dev`, `dagster asset materialize -m`).
 
-Env files (the lab's, or a site's) are read into the environment first, the way Dagster reads `.env`,
-so resources take their secrets through dg.EnvVar whichever way they were provided.
+Settings are read once, through the one validated model (`settings.load_settings`: the environment over
+the env files, the lab's or a site's): a contradiction or a bad value stops the load with one line naming
+the variable and where it came from, before anything runs. The env files' values are then exported into
+the environment, the way Dagster reads `.env`, so resources take their secrets through dg.EnvVar
+whichever way they were provided.
 """
 
 import os
 
 import dagster as dg
 
-from .settings import export_env_files
+from .settings import export_env_files, load_settings
 
+SETTINGS = load_settings()
 # Before the defs are imported: the partitions are read from the catalog at import (defs/partitions.py),
 # and the catalog an env file names (PACKER_ASSETS_CATALOG, e.g. the lab's) must be the one they come from.
 export_env_files()
@@ -21,10 +25,6 @@ from .defs.resources import PackerSettings, ProjectSettings, ProxmoxBootstrap  #
 def _env(name: str):
     """dg.EnvVar for a variable that is set (resolved at run time, never stored), else None."""
     return dg.EnvVar(name) if os.environ.get(name) else None
-
-
-def _value(name: str, default=None):
-    return os.environ.get(name) or default
 
 
 defs = dg.Definitions(
@@ -48,44 +48,45 @@ defs = dg.Definitions(
     asset_checks=[checks.token_authenticates, checks.token_privileges],
     resources={
         "packer": PackerSettings(
-            binary=_value("PACKER_BINARY", "packer"),
-            allow_degraded=_value("PACKER_ASSETS_ALLOW_DEGRADED", "0") == "1",
-            ssh_host=_value("PACKER_ASSETS_SSH_HOST"),
-            ssh_port=int(_value("PACKER_ASSETS_SSH_PORT", "0")) or None,
-            ssh_timeout=_value("PACKER_ASSETS_SSH_TIMEOUT"),
-            boot_wait=_value("PACKER_ASSETS_BOOT_WAIT"),
-            build_user=_value("PROXMOX_BUILD_USER"),
+            binary=SETTINGS.packer_binary,
+            allow_degraded=SETTINGS.allow_degraded,
+            ssh_host=SETTINGS.packer_ssh_host,
+            ssh_port=SETTINGS.packer_ssh_port,
+            ssh_timeout=SETTINGS.packer_ssh_timeout,
+            boot_wait=SETTINGS.boot_wait,
+            build_user=SETTINGS.build_user,
             build_password=_env("PROXMOX_BUILD_PASSWORD"),
         ),
-        "project": ProjectSettings(root=os.environ.get("PACKER_ASSETS_ROOT", ".")),
+        "project": ProjectSettings(root=str(SETTINGS.root)),
         "pve_admin": ProxmoxBootstrap(
-            api_url=os.environ.get("PROXMOX_URL") or os.environ.get("PROXMOX_API_URL") or "https://pve.invalid:8006",
-            ca_file=os.environ.get("PROXMOX_CA_FILE") or None,
-            fingerprint=os.environ.get("PROXMOX_TLS_FINGERPRINT") or None,
-            insecure=os.environ.get("PROXMOX_INSECURE") == "1",
-            admin_user=os.environ.get("PROXMOX_BOOTSTRAP_USER", "root@pam"),
+            api_url=SETTINGS.proxmox_url or "https://pve.invalid:8006",
+            ca_file=str(SETTINGS.ca_file) if SETTINGS.ca_file else None,
+            fingerprint=SETTINGS.fingerprint,
+            insecure=SETTINGS.insecure,
+            insecure_origin=SETTINGS.insecure_origin,
+            admin_user=SETTINGS.bootstrap_user,
             admin_password=_env("PROXMOX_BOOTSTRAP_PASSWORD"),
-            admin_token_name=os.environ.get("PROXMOX_BOOTSTRAP_TOKEN_NAME") or None,
+            admin_token_name=SETTINGS.bootstrap_token_name,
             admin_token_secret=_env("PROXMOX_BOOTSTRAP_TOKEN_SECRET"),
             # the toolkit's names; after a first init, .env.proxmox pins what was discovered
-            user=_value("PROXMOX_AUTOMATION_USER", "automation@pve"),
-            role=_value("PROXMOX_ROLE", "PackerBuilder"),
-            token_name=_value("PROXMOX_TOKEN_NAME", "packer"),
-            privsep=_value("PROXMOX_PRIVSEP", "1") != "0",
-            node=_value("PROXMOX_NODE"),
-            vm_storage=_value("PROXMOX_VM_STORAGE"),
-            iso_storage=_value("PROXMOX_ISO_STORAGE"),
-            bridge=_value("PROXMOX_BRIDGE"),
-            http_bind_address=_value("PROXMOX_HTTP_BIND_ADDRESS"),
-            http_port=int(_value("PROXMOX_HTTP_PORT", "8802")),
-            method=_value("PROXMOX_BOOTSTRAP_METHOD", "api"),
-            ssh_host=_value("PROXMOX_SSH_HOST"),
-            ssh_port=int(_value("PROXMOX_SSH_PORT", "22")),
-            ssh_user=_value("PROXMOX_SSH_USER", "root"),
-            ssh_key_file=_value("PROXMOX_SSH_KEY_FILE"),
+            user=SETTINGS.automation_user,
+            role=SETTINGS.role,
+            token_name=SETTINGS.token_name,
+            privsep=SETTINGS.privsep,
+            node=SETTINGS.node,
+            vm_storage=SETTINGS.vm_storage,
+            iso_storage=SETTINGS.iso_storage,
+            bridge=SETTINGS.bridge,
+            http_bind_address=SETTINGS.http_bind_address,
+            http_port=SETTINGS.http_port,
+            method=SETTINGS.bootstrap_method,
+            ssh_host=SETTINGS.ssh_host,
+            ssh_port=SETTINGS.ssh_port,
+            ssh_user=SETTINGS.ssh_user,
+            ssh_key_file=SETTINGS.ssh_key_file,
             ssh_password=_env("PROXMOX_SSH_PASSWORD"),
-            known_hosts=_value("PROXMOX_SSH_KNOWN_HOSTS"),
-            trust_on_first_use=_value("PROXMOX_SSH_TRUST_ON_FIRST_USE", "0") == "1",
+            known_hosts=SETTINGS.ssh_known_hosts,
+            trust_on_first_use=SETTINGS.ssh_trust_on_first_use,
         ),
     },
 )

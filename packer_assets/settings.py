@@ -7,6 +7,7 @@ one-off override needs no file edit.
 
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +29,46 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
+    """Everything the live path (definitions, CLI, Makefile) reads from the environment, validated once.
+
+    Secrets are not held here: resources take them through dg.EnvVar by name.
+    """
+
     root: Path
     proxmox_url: str | None
     ca_file: Path | None
     fingerprint: str | None
     insecure: bool
     sources: tuple[str, ...]
+    insecure_origin: str | None = None  # where PROXMOX_INSECURE=1 came from (logged on every run)
+    # proxmox_env: bootstrap login, what to create, what to use (configured names win over discovery)
+    bootstrap_user: str = "root@pam"
+    bootstrap_token_name: str | None = None
+    bootstrap_method: str = "api"
+    automation_user: str = "automation@pve"
+    role: str = "PackerBuilder"
+    token_name: str = "packer"
+    privsep: bool = True
+    node: str | None = None
+    vm_storage: str | None = None
+    iso_storage: str | None = None
+    bridge: str | None = None
+    http_bind_address: str | None = None
+    http_port: int = 8802
+    ssh_host: str | None = None
+    ssh_port: int = 22
+    ssh_user: str = "root"
+    ssh_key_file: str | None = None
+    ssh_known_hosts: str | None = None
+    ssh_trust_on_first_use: bool = False
+    # builds
+    packer_binary: str = "packer"
+    allow_degraded: bool = False
+    packer_ssh_host: str | None = None
+    packer_ssh_port: int | None = None
+    packer_ssh_timeout: str | None = None
+    boot_wait: str | None = None
+    build_user: str | None = None
 
     @property
     def layout(self) -> Layout:
@@ -77,6 +112,10 @@ def merged_environment(env: Mapping[str, str] | None = None) -> tuple[dict[str, 
     for path in files:
         if path.is_file():
             for name, value in read_env_file(path).items():
+                # .env.proxmox records the last init's choice; turning TLS verification off must be asked
+                # for on each init, never inherited from that record
+                if name == "PROXMOX_INSECURE" and path == layout.env_file:
+                    continue
                 values[name], origin[name] = value, str(path)
     for name, value in env.items():
         values[name], origin[name] = value, "environment"
@@ -90,39 +129,106 @@ def merged_environment(env: Mapping[str, str] | None = None) -> tuple[dict[str, 
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read and check every setting; the first bad one is a SettingsError naming the variable and where it
+    came from (`environment` or the env file), before anything has run."""
     values, origin = merged_environment(env)
+    root = Path(values["PACKER_ASSETS_ROOT"]).resolve()
 
     def where(name: str) -> str:
         return origin.get(name, "environment")
 
-    url = values.get("PROXMOX_API_URL") or values.get("PROXMOX_URL") or None
+    def text(name: str, default: str | None = None) -> str | None:
+        value = values.get(name)
+        if value is None or value == "":
+            return default
+        if value != value.strip() or not value.isprintable():
+            raise SettingsError(f"{where(name)}: {name} has leading/trailing white space or a control character "
+                                "(a stray newline?)")
+        return value
+
+    def flag(name: str, default: bool) -> bool:
+        value = values.get(name)
+        return default if value is None or value == "" else _flag(name, value, where(name))
+
+    def port(name: str, default: int | None) -> int | None:
+        value = text(name)
+        if value is None:
+            return default
+        if not value.isdigit() or not 1 <= int(value) <= 65535:
+            raise SettingsError(f"{where(name)}: {name}={value!r} is not a TCP port (1-65535)")
+        return int(value)
+
+    def existing_file(name: str) -> str | None:
+        value = text(name)
+        if value is not None and not Path(value).expanduser().is_file():
+            raise SettingsError(f"{where(name)}: {name}={value!r} does not exist")
+        return value
+
+    url_name = "PROXMOX_API_URL" if values.get("PROXMOX_API_URL") else "PROXMOX_URL"
+    url = text(url_name)
     if url:
-        name = "PROXMOX_API_URL" if values.get("PROXMOX_API_URL") else "PROXMOX_URL"
         parts = urlsplit(url)
         if parts.scheme != "https" or not parts.hostname:
-            raise SettingsError(f"{where(name)}: {name}={url!r} must be an https:// URL with a host")
-    ca_file = values.get("PROXMOX_CA_FILE") or None
-    if ca_file and not Path(ca_file).is_file():
-        raise SettingsError(f"{where('PROXMOX_CA_FILE')}: PROXMOX_CA_FILE={ca_file!r} does not exist")
-    fingerprint = values.get("PROXMOX_TLS_FINGERPRINT") or None
-    if fingerprint and not FINGERPRINT_RE.match(fingerprint):
+            raise SettingsError(f"{where(url_name)}: {url_name}={url!r} must be an https:// URL with a host")
+    ca_file = existing_file("PROXMOX_CA_FILE")
+    if ca_file:
+        try:
+            ssl.create_default_context(cafile=ca_file)
+        except (ssl.SSLError, ValueError) as exc:
+            raise SettingsError(f"{where('PROXMOX_CA_FILE')}: PROXMOX_CA_FILE={ca_file!r} is not a PEM CA "
+                                f"certificate ({exc.__class__.__name__})") from None
+    fingerprint = text("PROXMOX_TLS_FINGERPRINT")
+    if fingerprint and not FINGERPRINT_RE.fullmatch(fingerprint):
         raise SettingsError(
             f"{where('PROXMOX_TLS_FINGERPRINT')}: PROXMOX_TLS_FINGERPRINT must be a SHA-256 fingerprint "
             "as PVE shows it (32 colon-separated hex bytes)"
         )
-    insecure = _flag("PROXMOX_INSECURE", values.get("PROXMOX_INSECURE", "0"), where("PROXMOX_INSECURE"))
+    insecure = flag("PROXMOX_INSECURE", False)
     if insecure and (ca_file or fingerprint):
+        trusted = "PROXMOX_CA_FILE" if ca_file else "PROXMOX_TLS_FINGERPRINT"
         raise SettingsError(
-            f"{where('PROXMOX_INSECURE')}: PROXMOX_INSECURE=1 contradicts PROXMOX_CA_FILE/PROXMOX_TLS_FINGERPRINT; "
+            f"{where('PROXMOX_INSECURE')}: PROXMOX_INSECURE=1 contradicts {trusted} (from {where(trusted)}); "
             "choose one way to trust the API"
         )
+    method = text("PROXMOX_BOOTSTRAP_METHOD", "api")
+    if method not in ("api", "ssh"):
+        raise SettingsError(f"{where('PROXMOX_BOOTSTRAP_METHOD')}: PROXMOX_BOOTSTRAP_METHOD={method!r}: use api or ssh")
+    if method == "ssh" and not text("PROXMOX_SSH_HOST"):
+        raise SettingsError(f"{where('PROXMOX_BOOTSTRAP_METHOD')}: PROXMOX_BOOTSTRAP_METHOD=ssh needs PROXMOX_SSH_HOST")
     return Settings(
-        root=Path(values["PACKER_ASSETS_ROOT"]).resolve(),
+        root=root,
         proxmox_url=url,
         ca_file=Path(ca_file).resolve() if ca_file else None,
         fingerprint=fingerprint.upper() if fingerprint else None,
         insecure=insecure,
         sources=tuple(sorted(set(origin.values()))),
+        insecure_origin=where("PROXMOX_INSECURE") if insecure else None,
+        bootstrap_user=text("PROXMOX_BOOTSTRAP_USER", "root@pam"),
+        bootstrap_token_name=text("PROXMOX_BOOTSTRAP_TOKEN_NAME"),
+        bootstrap_method=method,
+        automation_user=text("PROXMOX_AUTOMATION_USER", "automation@pve"),
+        role=text("PROXMOX_ROLE", "PackerBuilder"),
+        token_name=text("PROXMOX_TOKEN_NAME", "packer"),
+        privsep=flag("PROXMOX_PRIVSEP", True),
+        node=text("PROXMOX_NODE"),
+        vm_storage=text("PROXMOX_VM_STORAGE"),
+        iso_storage=text("PROXMOX_ISO_STORAGE"),
+        bridge=text("PROXMOX_BRIDGE"),
+        http_bind_address=text("PROXMOX_HTTP_BIND_ADDRESS"),
+        http_port=port("PROXMOX_HTTP_PORT", 8802),
+        ssh_host=text("PROXMOX_SSH_HOST"),
+        ssh_port=port("PROXMOX_SSH_PORT", 22),
+        ssh_user=text("PROXMOX_SSH_USER", "root"),
+        ssh_key_file=existing_file("PROXMOX_SSH_KEY_FILE"),
+        ssh_known_hosts=text("PROXMOX_SSH_KNOWN_HOSTS"),
+        ssh_trust_on_first_use=flag("PROXMOX_SSH_TRUST_ON_FIRST_USE", False),
+        packer_binary=text("PACKER_BINARY", "packer"),
+        allow_degraded=flag("PACKER_ASSETS_ALLOW_DEGRADED", False),
+        packer_ssh_host=text("PACKER_ASSETS_SSH_HOST"),
+        packer_ssh_port=port("PACKER_ASSETS_SSH_PORT", None),
+        packer_ssh_timeout=text("PACKER_ASSETS_SSH_TIMEOUT"),
+        boot_wait=text("PACKER_ASSETS_BOOT_WAIT"),
+        build_user=text("PROXMOX_BUILD_USER"),
     )
 
 

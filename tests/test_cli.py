@@ -59,3 +59,21 @@ def test_validate_reports_a_broken_packer_template(tmp_path):
 def test_validate_names_a_missing_password(tmp_path):
     proc = cli("validate", "debian-12", PACKER_ASSETS_ROOT=str(tmp_path))
     assert proc.returncode == 1 and "PACKER_INSTALL_PASSWORD is unset" in proc.stdout
+
+
+def test_settings_contradiction_is_one_line_from_the_cli_and_make(tmp_path):
+    import certifi
+
+    bad = {"PROXMOX_INSECURE": "1", "PROXMOX_CA_FILE": certifi.where(), "PACKER_ASSETS_ROOT": str(tmp_path)}
+    proc = cli("settings", **bad)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == ("packer-assets: environment: PROXMOX_INSECURE=1 contradicts PROXMOX_CA_FILE "
+                           "(from environment); choose one way to trust the API\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PACKER_ASSETS_", "PROXMOX_"))}
+    made = subprocess.run(["make", "--no-print-directory", "init", "PACKER_ASSETS_ENV_FILE="], cwd=REPO,
+                          env={**env, **bad, "DAGSTER_HOME": str(tmp_path / "home")}, capture_output=True,
+                          text=True, timeout=300)
+    assert made.returncode != 0 and "contradicts PROXMOX_CA_FILE" in made.stderr
+    assert "Traceback" not in made.stderr and not (tmp_path / "infra").exists()
+    ok = cli("settings", PACKER_ASSETS_ROOT=str(tmp_path), PROXMOX_HTTP_PORT="8802")
+    assert ok.returncode == 0 and "http_port: 8802" in ok.stdout

@@ -1,7 +1,16 @@
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import certifi
 import pytest
 
 from packer_assets.envfile import write_env_file
 from packer_assets.settings import SettingsError, load_settings
+
+CA = certifi.where()  # a real PEM bundle: the CA file must load
 
 
 def test_defaults_verify_tls_with_the_system_store(tmp_path):
@@ -12,8 +21,7 @@ def test_defaults_verify_tls_with_the_system_store(tmp_path):
 
 
 def test_env_file_supplies_values_and_the_environment_wins(tmp_path):
-    ca = tmp_path / "ca.pem"
-    ca.write_text("x")
+    ca = Path(CA)
     write_env_file(tmp_path / "infra/env/.env.proxmox", {"PROXMOX_URL": "https://pve1:8006/api2/json",
                                                          "PROXMOX_CA_FILE": str(ca)})
     settings = load_settings({"PACKER_ASSETS_ROOT": str(tmp_path)})
@@ -43,6 +51,15 @@ def test_insecure_is_explicit(tmp_path):
         ({"PROXMOX_TLS_FINGERPRINT": "AB:CD"}, "PROXMOX_TLS_FINGERPRINT must be a SHA-256"),
         ({"PROXMOX_INSECURE": "maybe"}, "PROXMOX_INSECURE='maybe' is not a yes/no"),
         ({"PROXMOX_INSECURE": "1", "PROXMOX_TLS_FINGERPRINT": ":".join(["AB"] * 32)}, "contradicts"),
+        ({"PROXMOX_INSECURE": "1", "PROXMOX_CA_FILE": CA}, "PROXMOX_INSECURE=1 contradicts PROXMOX_CA_FILE"),
+        ({"PROXMOX_CA_FILE": "/etc/hostname"}, "is not a PEM CA certificate"),
+        ({"PROXMOX_HTTP_PORT": "70000"}, "PROXMOX_HTTP_PORT='70000' is not a TCP port"),
+        ({"PACKER_ASSETS_SSH_PORT": "ssh"}, "PACKER_ASSETS_SSH_PORT='ssh' is not a TCP port"),
+        ({"PROXMOX_NODE": "pve1\n"}, "PROXMOX_NODE has leading/trailing white space"),
+        ({"PROXMOX_PRIVSEP": "perhaps"}, "PROXMOX_PRIVSEP='perhaps' is not a yes/no"),
+        ({"PROXMOX_BOOTSTRAP_METHOD": "telnet"}, "use api or ssh"),
+        ({"PROXMOX_BOOTSTRAP_METHOD": "ssh"}, "needs PROXMOX_SSH_HOST"),
+        ({"PROXMOX_SSH_KEY_FILE": "/nonexistent/id_ed25519"}, "does not exist"),
     ],
 )
 def test_bad_settings_name_the_variable(tmp_path, env, message):
@@ -65,3 +82,43 @@ def test_toolkit_config_is_read_as_defaults(tmp_path):
     assert env["PROXMOX_NODE"] == "pve2"  # the environment wins
     assert env["PROXMOX_VM_STORAGE"] == "local-zfs" and "PROXMOX_VM_STORAGE" in added
     assert env["PROXMOX_TOKEN_SECRET"] == "s3cret-value"
+
+
+def test_insecure_with_a_ca_from_an_env_file_names_both_origins(tmp_path):
+    lab = write_env_file(tmp_path / "lab.env", {"PROXMOX_CA_FILE": CA})
+    with pytest.raises(SettingsError) as err:
+        load_settings({"PACKER_ASSETS_ROOT": str(tmp_path), "PACKER_ASSETS_ENV_FILE": str(lab),
+                       "PROXMOX_INSECURE": "1"})
+    assert str(err.value).startswith("environment: PROXMOX_INSECURE=1 contradicts PROXMOX_CA_FILE")
+    assert f"(from {lab})" in str(err.value)
+
+
+def test_insecure_is_never_inherited_from_the_env_file_init_writes(tmp_path):
+    """.env.proxmox records an earlier init's PROXMOX_INSECURE=1; the next run verifies TLS unless asked again."""
+    write_env_file(tmp_path / "infra/env/.env.proxmox", {"PROXMOX_INSECURE": "1", "PROXMOX_NODE": "pve1"})
+    settings = load_settings({"PACKER_ASSETS_ROOT": str(tmp_path)})
+    assert settings.insecure is False and settings.node == "pve1"
+    asked = load_settings({"PACKER_ASSETS_ROOT": str(tmp_path), "PROXMOX_INSECURE": "1"})
+    assert asked.insecure is True and asked.insecure_origin == "environment"
+
+
+def test_definitions_refuse_a_contradiction_before_any_api_call(tmp_path):
+    """`dagster asset materialize --select proxmox_env` with insecure AND a CA: one error naming both, and
+    the API (a listening socket here) is never contacted."""
+    with socket.socket() as api:
+        api.bind(("127.0.0.1", 0))
+        api.listen(8)
+        api.setblocking(False)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PROXMOX_", "PACKER_ASSETS_", "DAGSTER_"))}
+        env.update(PACKER_ASSETS_ROOT=str(tmp_path), DAGSTER_HOME=str(tmp_path), PROXMOX_INSECURE="1",
+                   PROXMOX_CA_FILE=CA, PROXMOX_URL=f"https://127.0.0.1:{api.getsockname()[1]}/api2/json",
+                   PROXMOX_BOOTSTRAP_PASSWORD="not-used")
+        (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        proc = subprocess.run([str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "--select",
+                               "proxmox_env", "-m", "packer_assets.definitions"], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        with pytest.raises(BlockingIOError):
+            api.accept()  # nobody connected
+    assert proc.returncode != 0
+    assert "environment: PROXMOX_INSECURE=1 contradicts PROXMOX_CA_FILE (from environment)" in proc.stderr
+    assert not (tmp_path / "infra/env/.env.proxmox").exists()

@@ -38,6 +38,9 @@ def proxmox_env(
     layout = project.layout()
     chain = fresh_chain_id("init", lambda stamp: layout.init_log_dir(stamp).exists())
     tag_run(context, str(chain))
+    if pve_admin.insecure:  # an explicit choice, said on every run that makes it
+        context.log.warning(f"[{chain}] TLS verification of {pve_admin.api_url} is OFF: PROXMOX_INSECURE=1 "
+                            f"from {pve_admin.insecure_origin or 'the run config'}")
     outcome = run_init(layout, pve_admin.endpoint(), pve_admin.bootstrapper(), pve_admin.config(config.rotate),
                        chain, run_id=context.run.run_id, echo=print)
     result, found = outcome.result, outcome.result.discovery
@@ -200,6 +203,9 @@ def template(
     staged = stage_entry(access.connect(), access.discovery.node, access.discovery.iso_storage, entry)
     chain = fresh_chain_id(key, lambda stamp: layout.build_log_dir(key, stamp).exists())
     tag_run(context, str(chain))
+    if access.endpoint.insecure:
+        context.log.warning(f"[{chain}] TLS verification of {access.endpoint.base} is OFF: PROXMOX_INSECURE=1 "
+                            f"in {layout.env_file} (written by an init that asked for it)")
     outcome = build_template(
         layout, entry, access, packer.credentials(access), os.environ.get(entry.install_user.password_env, ""),
         staged, rendered, chain, packer.settings(config.force), catalog_root=catalog.root,

@@ -44,6 +44,7 @@ class ProxmoxBootstrap(dg.ConfigurableResource):
     ca_file: str | None = Field(default=None, description="CA certificate of the API (PROXMOX_CA_FILE)")
     fingerprint: str | None = Field(default=None, description="pinned SHA-256 fingerprint instead of a CA")
     insecure: bool = Field(default=False, description="turn TLS verification off (explicit, logged)")
+    insecure_origin: str | None = Field(default=None, description="where PROXMOX_INSECURE=1 came from")
     admin_user: str = "root@pam"
     admin_password: str | None = Field(default=None, description="PROXMOX_BOOTSTRAP_PASSWORD")
     admin_token_name: str | None = None
