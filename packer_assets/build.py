@@ -11,6 +11,7 @@ proof can follow.
 
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -137,7 +138,7 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
                      extra_iso_files=tuple(extra + ([answer] if answer else [])),
                      description=f"packer-assets {key} {chain} (building)", tags=tuple(template_tags(key)),
                      boot_wait=settings.boot_wait)
-    workdir = layout.root / "output/work" / key / chain.stamp
+    workdir = layout.work_dir(key) / chain.stamp
     shutil.rmtree(workdir, ignore_errors=True)
     penv = packer_env(access.endpoint, caps, credentials, ssh_password=ssh_password, workdir=workdir.parent)
     prepared = prepare_workdir(workdir, entry, plan, caps, root=catalog_root, http_dir=rendered_dir,
@@ -250,10 +251,12 @@ def write_proof(layout: Layout, record: dict, log_file: Path) -> Path:
 
 
 
-def validate_build(entry: TemplateEntry, rendered_dir: Path, workdir: Path, settings: BuildSettings, *,
+def validate_build(entry: TemplateEntry, rendered_dir: Path, work_parent: Path, settings: BuildSettings, *,
                    catalog_root: Path) -> PackerCheck:
     """`packer validate` of the key's template on a work directory prepared as a build would be, with
-    placeholder node values (validate checks the builder config without connecting)."""
+    placeholder node values (validate checks the builder config without connecting). The directory is
+    this call's own (`<work_parent>/validate-*`, removed after): validations of one key at once never
+    share one."""
     caps = detect_packer(settings.packer)
     plan = BuildPlan(vm_id=entry.vmid_range.first, vm_name=template_name(entry.key), node="validate",
                      iso_file=f"local:iso/{entry.iso.filename}", vm_storage="local-lvm", vm_storage_type="lvmthin",
@@ -261,7 +264,11 @@ def validate_build(entry: TemplateEntry, rendered_dir: Path, workdir: Path, sett
                      ssh_username=entry.install_user.name, ssh_host=settings.ssh_host,
                      ssh_port=settings.ssh_port or 22, extra_iso_files=tuple(
                          f"local:iso/{x.filename}" for x in entry.extra_isos), tags=tuple(template_tags(entry.key)))
-    shutil.rmtree(workdir, ignore_errors=True)
-    prepare_workdir(workdir, entry, plan, caps, root=catalog_root, http_dir=rendered_dir,
-                    allow_degraded=settings.allow_degraded)
-    return packer_validate(workdir, validate_env().env, packer=settings.packer)
+    Path(work_parent).mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="validate-", dir=work_parent))
+    try:
+        prepare_workdir(workdir, entry, plan, caps, root=catalog_root, http_dir=rendered_dir,
+                        allow_degraded=settings.allow_degraded)
+        return packer_validate(workdir, validate_env().env, packer=settings.packer)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -47,7 +47,7 @@ def _validate(args) -> int:
             continue
         verdicts = ", ".join(sorted({v.validator for f in result.files for v in f.verdicts}))
         try:
-            check = validate_build(entry, result.out_dir, layout.root / "output/work" / key / "validate", settings,
+            check = validate_build(entry, result.out_dir, layout.work_dir(key), settings,
                                    catalog_root=catalog.root)
         except PackerCapabilityError as exc:
             print(f"FAIL {key}: {exc} (--allow-degraded accepts this)")
@@ -56,7 +56,8 @@ def _validate(args) -> int:
         if check.ok:
             print(f"ok   {key}: {len(result.files)} file(s) [{verdicts}], packer validate")
         else:
-            print(f"FAIL {key}: packer validate: {check.output.strip().splitlines()[-1] if check.output else ''}")
+            said = check.output.strip().splitlines()[-1] if check.output.strip() else f"exit {check.exit_code}, no output"
+            print(f"FAIL {key}: packer validate: {said}")
             failed += 1
     return 1 if failed else 0
 

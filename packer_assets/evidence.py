@@ -17,6 +17,8 @@ BUILD_LOGS = Path("output/logs/packer/builds")
 INIT_PROOFS = Path("docs/proof/platform/packer-builds/init")
 BUILD_PROOFS = Path("docs/proof/platform/packer-builds/builds")
 RENDERED = Path("output/rendered")
+WORK = Path("output/work")
+LOCKS = Path("output/locks")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,14 @@ class Layout:
 
     def rendered_dir(self, key: str) -> Path:
         return self.root / RENDERED / key
+
+    def work_dir(self, key: str) -> Path:
+        """`output/work/<key>/`: one work directory per build (`<ts>/`) or validation (`validate-*/`)."""
+        return self.root / WORK / key
+
+    def lock_file(self, key: str) -> Path:
+        """`output/locks/<key>.lock`: held by the run that works on the key (see locks.py)."""
+        return self.root / LOCKS / f"{key}.lock"
 
 
 def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> Path:

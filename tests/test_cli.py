@@ -77,3 +77,17 @@ def test_settings_contradiction_is_one_line_from_the_cli_and_make(tmp_path):
     assert "Traceback" not in made.stderr and not (tmp_path / "infra").exists()
     ok = cli("settings", PACKER_ASSETS_ROOT=str(tmp_path), PROXMOX_HTTP_PORT="8802")
     assert ok.returncode == 0 and "http_port: 8802" in ok.stdout
+
+
+@needs_packer
+def test_three_validates_of_one_key_at_once_all_pass(tmp_path):
+    """Each validation prepares its own work directory: none removes another's under it."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("PACKER_ASSETS_", "PACKER_INSTALL"))}
+    full.update(PACKER_INSTALL_PASSWORD="pw", PACKER_ASSETS_ROOT=str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, "-m", "packer_assets.cli", "validate", "debian-12"], cwd=REPO,
+                              env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(3)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    assert all("ok   debian-12:" in out for out in outputs)
+    assert list((tmp_path / "output/work/debian-12").iterdir()) == []  # each removed its own

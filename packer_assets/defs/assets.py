@@ -6,6 +6,8 @@ import dagster as dg
 
 from ..build import build_template, promoted_record, validate_build, write_proof
 from ..chain import fresh_chain_id
+from ..evidence import Layout
+from ..locks import hold_key
 from ..pve.init_env import run_init
 from ..pve.staging import stage_entry
 from ..render import render_unattended
@@ -18,6 +20,14 @@ OWNERS = ["team:platform"]
 
 class ProxmoxEnvConfig(dg.Config):
     rotate: bool = False  # create a new token secret even though the known one still works
+
+
+def hold_partition(context: dg.AssetExecutionContext, project: ProjectSettings) -> tuple[str, Layout]:
+    """The partition's key, with the key's lock taken for the rest of the run (locks.py): a second run of
+    the key, started by anything, waits here and says for whom."""
+    key, layout = context.partition_key, project.layout()
+    hold_key(layout.lock_file(key), key, context.run.run_id, on_wait=context.log.warning)
+    return key, layout
 
 
 def tag_run(context: dg.AssetExecutionContext, chain: str) -> None:
@@ -105,12 +115,11 @@ iso_release = dg.AssetSpec(
 def unattended_files(
     context: dg.AssetExecutionContext, project: ProjectSettings, packer: PackerSettings
 ) -> dg.MaterializeResult:
-    key = context.partition_key
-    layout = project.layout()
+    key, layout = hold_partition(context, project)
     catalog = project.catalog()
     entry = catalog.get(key)
     result = render_unattended(entry, os.environ, layout.rendered_dir(key), root=catalog.root)
-    check = validate_build(entry, result.out_dir, layout.root / "output/work" / key / "validate", packer.settings(),
+    check = validate_build(entry, result.out_dir, layout.work_dir(key), packer.settings(),
                            catalog_root=catalog.root)
     validated = dg.AssetCheckResult(check_name="packer_validate", passed=check.ok,
                                     description="packer validate passed" if check.ok else check.output[-2000:],
@@ -142,7 +151,7 @@ def unattended_files(
     "the checksum, so no ISO byte passes through this host) under a volume name carrying the release.",
 )
 def staged_iso(context: dg.AssetExecutionContext, project: ProjectSettings) -> dg.MaterializeResult:
-    key = context.partition_key
+    key, _layout = hold_partition(context, project)
     access = project.build_access()
     node, storage = access.discovery.node, access.discovery.iso_storage
     staged = stage_entry(access.connect(), node, storage, project.catalog().get(key),
@@ -194,8 +203,8 @@ class TemplateConfig(dg.Config):
 def template(
     context: dg.AssetExecutionContext, config: TemplateConfig, project: ProjectSettings, packer: PackerSettings
 ) -> dg.MaterializeResult:
-    key = context.partition_key
-    layout, catalog = project.layout(), project.catalog()
+    key, layout = hold_partition(context, project)
+    catalog = project.catalog()
     entry, access = catalog.get(key), project.build_access()
     rendered = layout.rendered_dir(key)
     if not rendered.is_dir():
@@ -245,7 +254,7 @@ def template(
     "build whose smoke test passed; `latest` points at it.",
 )
 def template_proof(context: dg.AssetExecutionContext, project: ProjectSettings) -> dg.MaterializeResult:
-    key, layout = context.partition_key, project.layout()
+    key, layout = hold_partition(context, project)
     # the promoted template's build, not the newest log: a failed build writes a log but never a record
     folder, record = promoted_record(layout, project.build_access().connect(), key)
     proof_dir = layout.build_proof_dir(key, folder.name)
