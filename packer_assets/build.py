@@ -37,6 +37,7 @@ from .pve.templates import (
     finish_template,
     input_fingerprint,
     is_up_to_date,
+    leftover_vms,
     promote,
     promoted_template,
     prune,
@@ -46,6 +47,7 @@ from .pve.templates import (
 )
 
 RECORD = "build.json"
+VM_RECORD = "build-vm.json"  # in the work directory from before packer starts until the build VM is settled
 ANSWER_ISO = "autounattend.iso"
 
 
@@ -80,6 +82,7 @@ class BuildOutcome:
     previous_vmid: int | None = None
     pruned: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    swept: list[str] = field(default_factory=list)  # leftovers of dead runs removed before this build
 
 
 def rendered_hashes(rendered_dir: Path) -> dict[str, str]:
@@ -121,9 +124,10 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
     key, found = entry.key, access.discovery
     fingerprint = fingerprint_of(entry, staged, rendered_dir, catalog_root)
     api = access.connect()
+    swept = sweep_leftovers(api, found.node, entry, layout)
     up_to_date, current = is_up_to_date(api, key, fingerprint)
     if up_to_date and not settings.force:
-        return BuildOutcome(key, str(chain), fingerprint, True, current)
+        return BuildOutcome(key, str(chain), fingerprint, True, current, swept=swept)
 
     caps = detect_packer(settings.packer)
     vmid, name = allocate_vmid(api, entry), template_name(key, started)
@@ -150,7 +154,10 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
                                       built_at=started, tool_version=__version__,
                                       packer_version=caps.packer_version)
     stages: dict[str, float] = {}
+    vm_record = atomic_write(workdir / VM_RECORD, json.dumps({"vmid": vmid, "name": name, "run_id": run_id}) + "\n")
     with open_build_log(layout, key, chain, redact, echo=echo) as log:
+        for line in swept:
+            log.line("cleanup", line)
         for warning in prepared.warnings:
             log.line("warning", warning)
         try:
@@ -164,16 +171,20 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
             log.line("finish", f"template {vmid} ({name}) finished: ISO ejected, description and tags written")
         except BaseException as exc:
             log.line("error", f"{type(exc).__name__}: {redact(str(exc))}")
-            _destroy(api, found.node, vmid, entry, log)
+            if _destroy(api, found.node, vmid, entry, log):
+                vm_record.unlink(missing_ok=True)
             raise
         try:
             smoke = smoke_test(api, found.node, vmid, entry, timeout=settings.smoke_timeout)
         except SmokeTestError as exc:
             log.line("smoke", f"FAILED: {exc}; destroying the new template {vmid}, the promoted one stays")
-            _destroy(api, found.node, vmid, entry, log)
-            return BuildOutcome(key, str(chain), fingerprint, False, vmid, name, log.path, smoke_error=str(exc))
+            if _destroy(api, found.node, vmid, entry, log):
+                vm_record.unlink(missing_ok=True)
+            return BuildOutcome(key, str(chain), fingerprint, False, vmid, name, log.path, smoke_error=str(exc),
+                                swept=swept)
         stages["smoke"] = smoke.seconds
         log.line("smoke", f"passed: clone {smoke.clone_vmid} booted, agent answered, ips {smoke.ips}")
+        vm_record.unlink(missing_ok=True)  # a template that passed: no longer a build VM
         promotion = promote(api, found.node, key, vmid)
         pruned = prune(api, found.node, key, entry.retention, keep={vmid})
         log.line("promote", f"{vmid} is now packer-assets-latest (before: {promotion.previous}); "
@@ -183,7 +194,8 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
     previous = promotion.previous[0] if promotion.previous else None
     smoke_facts = {"clone_vmid": smoke.clone_vmid, "os": smoke.os_name, "ips": smoke.ips, "seconds": smoke.seconds}
     outcome = BuildOutcome(key, str(chain), fingerprint, False, vmid, name, log.path, smoke=smoke_facts,
-                           previous_vmid=previous, pruned=list(pruned.destroyed), warnings=list(prepared.warnings))
+                           previous_vmid=previous, pruned=list(pruned.destroyed), warnings=list(prepared.warnings),
+                           swept=swept)
     record = {
         "chain_id": str(chain), "key": key, "dagster_run_id": run_id, "tool_version": __version__,
         "template": {"vmid": vmid, "name": name, "node": found.node, "tags": template_tags(key)},
@@ -199,15 +211,59 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
         "log_sha256": sha256_file(log.path),
     }
     outcome.record_file = atomic_write(log.path.parent / RECORD, json.dumps(record, indent=2, default=str) + "\n")
+    prune_work_dirs(layout, entry)
     return outcome
 
 
-def _destroy(api, node: str, vmid: int, entry: TemplateEntry, log) -> None:
+def _destroy(api, node: str, vmid: int, entry: TemplateEntry, log) -> bool:
+    """True when nothing of the build VM is left."""
     try:
         if destroy_build_vm(api, node, vmid, entry):
             log.line("cleanup", f"build VM {vmid} destroyed")
+        return True
     except Exception as exc:  # reported, never hiding the original failure
-        log.line("cleanup", f"could not destroy build VM {vmid}: {exc}")
+        log.line("cleanup", f"could not destroy build VM {vmid}: {exc} (the key's next build removes it)")
+        return False
+
+
+def sweep_leftovers(api, node: str, entry: TemplateEntry, layout: Layout) -> list[str]:
+    """Remove what dead runs of the key left on the node; one line per thing removed.
+
+    The caller holds the key's lock, so no live run of the key owns any of it: build VMs, smoke clones
+    and placeholders of the key that are not templates (found by name in the key's VMID range), and
+    the VMIDs of build records whose build never settled (packer allocates disks before the VM exists,
+    so a record may name a VMID with disks and no VM)."""
+    lines = []
+    for guest in leftover_vms(api, entry.key, entry.vmid_range):
+        destroy_build_vm(api, guest.node or node, guest.vmid, entry)
+        lines.append(f"leftover VM {guest.vmid} ({guest.name}, {guest.status}) of a run that did not finish: "
+                     "stopped and destroyed")
+    for record in sorted(layout.work_dir(entry.key).glob(f"*/{VM_RECORD}")):
+        try:
+            vmid = int(json.loads(record.read_text())["vmid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            record.unlink(missing_ok=True)
+            continue
+        if vmid in entry.vmid_range and destroy_build_vm(api, node, vmid, entry):
+            lines.append(f"leftovers of build VM {vmid} (record {record.parent.name}) removed")
+        record.unlink(missing_ok=True)
+    return lines
+
+
+def prune_work_dirs(layout: Layout, entry: TemplateEntry) -> list[Path]:
+    """After a successful build: keep the work directories of the key's last `work_dirs` successful
+    builds; those of failed builds before it go (a failed build's stays until this next success)."""
+    removed, kept = [], 0
+    for folder in sorted((p for p in layout.work_dir(entry.key).iterdir() if p.is_dir() and p.name[:1].isdigit()),
+                         reverse=True):
+        succeeded = (layout.build_log_dir(entry.key, folder.name) / RECORD).is_file()
+        if succeeded and kept < entry.work_dirs:
+            kept += 1
+            continue
+        if succeeded or kept:  # a failure older than a success: done with it
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 class NoPromotedBuild(RuntimeError):

@@ -226,6 +226,7 @@ PackerDir = Annotated[str, AfterValidator(_check_packer_dir)]
 Tag = Annotated[str, Field(pattern=r"^[a-z0-9_][a-z0-9_+.-]*$")]  # Proxmox tag syntax
 Vmid = Annotated[int, Field(ge=VMID_MIN, le=VMID_MAX)]
 Retention = Annotated[int, Field(ge=1)]
+WorkDirsKept = Annotated[int, Field(ge=1)]
 Cores = Annotated[int, Field(ge=1, le=512)]
 Sockets = Annotated[int, Field(ge=1, le=16)]
 MemoryMiB = Annotated[int, Field(ge=256)]
@@ -414,6 +415,7 @@ class Defaults(_Model):
     hardware: HardwareDefaults | None = None
     install_user: InstallUserDefaults | None = None
     retention: Retention | None = None
+    work_dirs: WorkDirsKept | None = None
     tags: tuple[Tag, ...] | None = None
 
 
@@ -429,6 +431,9 @@ class TemplateEntry(_Model):
     packer_dir: PackerDir
     install_user: InstallUser
     retention: Retention
+    # work directories output/work/<key>/<ts>/ kept of the last successful builds; a failed build's is
+    # kept too, until the next success
+    work_dirs: WorkDirsKept = 3
     autoinstall_schema: SubiquityRelease | None = None  # ubuntu only: the Subiquity release
 
     @model_validator(mode="after")

@@ -125,3 +125,41 @@ def test_no_secret_in_logs_events_or_proofs(lab_project, capfd):
     for secret in secrets:
         assert all(secret not in t for t in texts)
     assert os.environ["PACKER_INSTALL_PASSWORD"] == stack.guest_password
+
+
+def test_leftovers_of_a_dead_run_are_swept_by_the_next_build(lab_project):
+    """A running, untagged build VM and disks without a VM (packer allocates them first), as a killed run
+    leaves them: the key's next run removes both, even when it has nothing to build, and says so."""
+    from fixtures_pve import pve_client
+
+    from packer_assets.build import VM_RECORD
+    from packer_assets.pve.templates import orphan_volumes, wait_task
+
+    stack, layout = lab_project.stack, lab_project.layout
+    api = pve_client(lab_project.pve, stack.pki.ca_file, user="root@pam", password=stack.root_password)
+    node = api.nodes.get()[0]["node"]
+    with dg.instance_for_test() as instance:
+        assert rebuild(lab_project, instance).success  # a promoted template: the next run is a no-op
+        wait_task(api, api.nodes(node).qemu.post(vmid=9390, name="debian-12-20261130022857", scsi0="local-lvm:1"),
+                  "leftover VM")
+        wait_task(api, api.nodes(node).qemu(9390).status.start.post(), "start it")
+        wait_task(api, api.nodes(node).qemu.post(vmid=9392, name="debian-12-smoke-9301"), "smoke clone")
+        api.nodes(node).storage("local-lvm").content.post(vmid=9393, filename="vm-9393-disk-0", size="1G")
+        record = layout.work_dir(KEY) / "20261130T022857Z" / VM_RECORD
+        record.parent.mkdir(parents=True)
+        record.write_text(json.dumps({"vmid": 9393, "name": "debian-12-20261130022857", "run_id": "dead"}))
+        # not ours: another name in the range, and a template; both stay
+        wait_task(api, api.nodes(node).qemu.post(vmid=9394, name="someone-elses-vm"), "foreign VM")
+
+        again = rebuild(lab_project, instance)
+        logged = [e.user_message for e in instance.all_logs(again.run_id)]
+    assert again.success
+    meta = again.asset_materializations_for_node("template")[0].metadata
+    assert meta["up_to_date"].value is True
+    swept = "\n".join(meta["swept"].value)
+    assert "leftover VM 9390 (debian-12-20261130022857, running)" in swept
+    assert "leftover VM 9392 (debian-12-smoke-9301" in swept and "build VM 9393" in swept
+    left = {vm.vmid for vm in lab_project.pve.vms}
+    assert not {9390, 9392, 9393} & left and 9394 in left
+    assert orphan_volumes(api, node, 9393) == [] and not record.exists()
+    assert any("leftover VM 9390" in m for m in logged)  # in the run's log, not only in metadata

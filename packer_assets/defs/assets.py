@@ -12,6 +12,7 @@ from ..pve.init_env import run_init
 from ..pve.staging import stage_entry
 from ..render import render_unattended
 from .partitions import template_partitions
+from .recovery import recover
 from .resources import PackerSettings, ProjectSettings, ProxmoxBootstrap
 
 CHAIN_TAG = "packer-assets/chain-id"
@@ -26,6 +27,7 @@ def hold_partition(context: dg.AssetExecutionContext, project: ProjectSettings) 
     """The partition's key, with the key's lock taken for the rest of the run (locks.py): a second run of
     the key, started by anything, waits here and says for whom."""
     key, layout = context.partition_key, project.layout()
+    recover(context)  # dead runs closed and their pool slots freed, before this run may need one
     hold_key(layout.lock_file(key), key, context.run.run_id, on_wait=context.log.warning)
     return key, layout
 
@@ -46,6 +48,7 @@ def proxmox_env(
     context: dg.AssetExecutionContext, config: ProxmoxEnvConfig, project: ProjectSettings, pve_admin: ProxmoxBootstrap
 ) -> dg.MaterializeResult:
     layout = project.layout()
+    recover(context)
     chain = fresh_chain_id("init", lambda stamp: layout.init_log_dir(stamp).exists())
     tag_run(context, str(chain))
     if pve_admin.insecure:  # an explicit choice, said on every run that makes it
@@ -220,8 +223,10 @@ def template(
         staged, rendered, chain, packer.settings(config.force), catalog_root=catalog.root,
         run_id=context.run.run_id, on_stage=lambda line: context.log.info(f"[{chain}] {line}"),
     )
+    for line in outcome.swept:
+        context.log.warning(f"[{chain}] {key}: {line}")
     meta = {"chain_id": str(chain), "fingerprint": outcome.fingerprint, "vmid": outcome.vmid,
-            "up_to_date": outcome.skipped}
+            "up_to_date": outcome.skipped, "swept": dg.MetadataValue.json(outcome.swept)}
     if outcome.skipped:
         context.log.info(f"[{chain}] {key}: promoted template {outcome.vmid} was built from these inputs: skipped")
         smoke = dg.AssetCheckResult(check_name="smoke_test", passed=True,

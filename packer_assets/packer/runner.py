@@ -12,10 +12,14 @@
   group if anything is left. A second interrupt during the grace period skips to SIGKILL.
 - The leader is not reaped until the group is known empty (waitid WNOWAIT), so its process group ID
   cannot be reused by an unrelated process while signals are still being sent to it.
+- Packer dies with its run: it is started with PR_SET_PDEATHSIG = SIGINT, so should the calling process
+  die without a word (`kill -9`, the OOM killer), Packer gets the same one SIGINT and cleans up as if
+  cancelled, instead of going on alone; whatever it leaves, the key's next build sweeps.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import shutil
@@ -31,6 +35,8 @@ from pathlib import Path
 from ..chain import ChainId
 from ..evidence import Layout, Redactor, RunLog
 
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # looked up before any fork
+PR_SET_PDEATHSIG = 1
 DEFAULT_GRACE = 60.0
 STRAGGLER_GRACE = 5.0  # after packer exited: how long its plugins may take to follow
 LOG_NAME = "packer.log"
@@ -157,6 +163,34 @@ def _exited(pid: int) -> bool:
         return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:
         return True
+
+
+def _interrupt_when_parent_dies(parent: int) -> Callable[[], None]:
+    """For preexec_fn (runs in the child between fork and exec: async-signal-safe calls only)."""
+    def setup() -> None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGINT)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGINT)
+    return setup
+
+
+def process_alive(pid: int, started_before: float | None = None) -> bool:
+    """Is `pid` a live (non-zombie) process? With `started_before` (a Unix time): and is it the process
+    that was running then, not a later one that reuses the PID?"""
+    fields = _stat_fields(str(pid))
+    if not fields or len(fields) < 20 or fields[0] in ("Z", "X"):
+        return False
+    if started_before is None:
+        return True
+    return _boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK") <= started_before + 1.0
+
+
+def _boot_time() -> float:
+    with open("/proc/stat", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    return 0.0
 
 
 def _stat_fields(pid: str) -> list[str] | None:
@@ -324,7 +358,8 @@ def run_packer(workdir: Path, env: dict[str, str], log, *, timeout: float | None
     started = time.monotonic()
     try:
         proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_interrupt_when_parent_dies(os.getpid()))
     except OSError as exc:
         log.line("packer-runner", f"cannot start packer: {exc}")
         raise PackerError(f"cannot start {binary}: {exc.strerror}; log: {log_path}", log_path=log_path) from None

@@ -161,6 +161,16 @@ def find_guest(api: ProxmoxAPI, vmid: int) -> Guest | None:
     return guests(api).get(int(vmid))
 
 
+def leftover_vms(api: ProxmoxAPI, key: str, vmid_range: VmidRange) -> list[Guest]:
+    """QEMU guests of the key's range that are not templates and carry a name only this tool gives: a
+    build VM `<key>-<yyyymmddhhmmss>`, a smoke clone `<key>-smoke-<vmid>`, a disk-cleanup placeholder
+    `cleanup-<vmid>`. Leftovers of a dead run only to a caller that holds the key's lock (locks.py):
+    then no live run of the key can own them."""
+    ours = re.compile(rf"{re.escape(key)}-smoke-\d+|cleanup-\d+")
+    return sorted((g for g in guests(api).values() if g.kind == "qemu" and not g.template and g.vmid in vmid_range
+                   and (name_time(key, g.name) is not None or ours.fullmatch(g.name))), key=lambda g: g.vmid)
+
+
 def list_templates(api: ProxmoxAPI, key: str, vmid_range: VmidRange | None = None) -> list[Guest]:
     """Our templates of key (template=1), newest first by the time in their name, then by VMID."""
     found = [g for g in guests(api).values() if g.template and g.ours(key)
@@ -333,8 +343,8 @@ def finish_template(api: ProxmoxAPI, node: str, vmid: int, *, family: str, vm_st
 # ------------------------------------------------------------------ up-to-date rule
 
 
-# Entry fields that never change what is built: how many templates to keep.
-NOT_BUILD_INPUTS = frozenset({"retention"})
+# Entry fields that never change what is built: how many templates and work directories to keep.
+NOT_BUILD_INPUTS = frozenset({"retention", "work_dirs"})
 
 
 def catalog_entry_json(entry: TemplateEntry) -> str:
