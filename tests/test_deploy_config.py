@@ -226,6 +226,16 @@ def test_every_instance_file_has_the_same_limits(tmp_path, monkeypatch):
     assert dagster_instance_config(str(rendered))[0]["concurrency"]["pools"]["default_limit"] == POOL_DEFAULT
 
 
+def test_every_instance_enables_run_monitoring_and_frees_the_slots_of_ended_runs(tmp_path, monkeypatch):
+    for name, value in PG_ENV.items():
+        monkeypatch.setenv(name, value)
+    for path in (LOCAL, DEPLOY, DOCKER):
+        monitoring = processed(tmp_path, path)["run_monitoring"]
+        assert monitoring["enabled"] is True and monitoring["free_slots_after_run_end_seconds"] > 0, path
+    helm = yaml.safe_load(HELM.read_text())["dagsterDaemon"]["runMonitoring"]
+    assert helm["enabled"] is True and helm["freeSlotsAfterRunEndSeconds"] > 0
+
+
 def test_workspace_names_a_grpc_code_location_from_the_environment(monkeypatch):
     monkeypatch.setenv("DAGSTER_CODE_HOST", "code-location")
     monkeypatch.setenv("DAGSTER_CODE_PORT", "4000")

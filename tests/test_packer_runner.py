@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -428,3 +429,40 @@ def test_a_binary_that_cannot_start_is_a_packer_error(tmp_path):
     bad.chmod(0o755)
     with pytest.raises(PackerError, match="cannot start"):
         run_packer(tmp_path, fake_env(bad.parent), ListLog(tmp_path / "l"), packer=str(bad))
+
+
+RUN_IN_CHILD = """
+import sys
+from pathlib import Path
+from packer_assets.evidence import RunLog
+from packer_assets.packer.runner import run_packer
+workdir, script, record = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+env = {"PATH": "/usr/bin:/bin", "PACKER_FAKE_RECORD": record}
+run_packer(workdir, env, RunLog(workdir / "packer.log", "CHAIN-20261130T000000Z-x"), packer=script)
+"""
+
+
+def test_packer_gets_one_sigint_when_its_run_is_killed(tmp_path):
+    """kill -9 of the process running packer (the OOM killer, a lost pod): packer is told as if cancelled,
+    through PR_SET_PDEATHSIG, instead of going on alone in its own session."""
+    script, record = trapper(tmp_path, polite=False)
+    run = subprocess.Popen([sys.executable, "-c", RUN_IN_CHILD, str(tmp_path), str(script), str(record)])
+    started = []
+    try:
+        wait_for(record, 2, timeout=120)
+        started = [int(line.split()[1]) for line in record.read_text().splitlines() if line.startswith("started")]
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait(30)
+        deadline = time.monotonic() + 120  # bounds a failure only
+        while not any(line.endswith(" main") for line in int_lines(record)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        told = [line for line in int_lines(record) if line.endswith(" main")]
+        assert len(told) == 1 and int(told[0].split()[1]) in started, record.read_text()
+    finally:
+        if run.poll() is None:
+            run.kill()
+        for pid in started:  # the fake packer ignores SIGINT: end its group
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
