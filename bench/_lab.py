@@ -84,7 +84,7 @@ class BenchLab:
         env_file = write_env_file(tmp / "lab.env", stack.env(), header="benchmark lab (bench/_lab.py)")
         # proxmox_env, as the tests' lab_project fixture runs it: API user, role, token, .env.proxmox
         run_init(Layout(root), Endpoint(stack.served.url, ca_file=str(stack.pki.ca_file)),
-                 AdminLogin("root@pam", stack.root_password), BootstrapConfig(), new_chain_id("init"),
+                 AdminLogin("root@pam", stack.root_password), BootstrapConfig(build_password=True), new_chain_id("init"),
                  echo=lambda _line: None)
         return cls(stack, tmp, root, env_file)
 

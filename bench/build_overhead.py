@@ -73,6 +73,7 @@ class PackerAlone:
     def prepare(self, n: int) -> tuple[Path, dict[str, str], int]:
         from packer_assets.build import _storage_type
         from packer_assets.chain import new_chain_id
+        from packer_assets.envfile import read_env_file
         from packer_assets.packer.env import packer_env
         from packer_assets.packer.version import BuildCredentials, detect_packer
         from packer_assets.packer.workdir import BuildPlan, prepare_workdir
@@ -97,8 +98,9 @@ class PackerAlone:
                          description=f"packer-assets {self.key} {chain} (benchmark: packer alone)",
                          tags=tuple(template_tags(self.key)), boot_wait=env["PACKER_ASSETS_BOOT_WAIT"])
         workdir = self.layout.root / "output/work-alone" / self.key / chain.stamp
+        kept = read_env_file(self.layout.secrets_file)  # proxmox_env gave the automation user Packer's password
         creds = BuildCredentials(token_id=self.access.token_id, token_secret=self.access.token_secret,
-                                 user=env["PROXMOX_BUILD_USER"], password=env["PROXMOX_BUILD_PASSWORD"])
+                                 user=kept["PROXMOX_BUILD_USER"], password=kept["PROXMOX_BUILD_PASSWORD"])
         penv = packer_env(self.access.endpoint, caps, creds, ssh_password=env[entry.install_user.password_env],
                           workdir=workdir.parent)
         prepare_workdir(workdir, entry, plan, caps, root=REPO, http_dir=rendered, allow_degraded=True,

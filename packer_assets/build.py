@@ -26,7 +26,7 @@ from .packer.runner import PackerCheck, open_build_log, packer_init, packer_vali
 from .packer.version import BuildCredentials, detect_packer
 from .packer.workdir import BuildPlan, prepare_workdir, template_sha256
 from .proof import BuildProof, CheckResult, IsoRef, TemplateRef, Timings, write_build_proof
-from .pve.bootstrap import BuildAccess
+from .pve.bootstrap import BuildAccess, token_privilege_gaps
 from .pve.smoke import SmokeTestError, smoke_test
 from .pve.staging import StagedIso, upload_iso
 from .pve.templates import (
@@ -129,6 +129,11 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
     if up_to_date and not settings.force:
         return BuildOutcome(key, str(chain), fingerprint, True, current, swept=swept)
 
+    _grants, missing = token_privilege_gaps(api, found)
+    if missing:  # before packer: a missing privilege would otherwise show up after a whole build
+        lacks = "; ".join(f"{priv} on {path}" for path, priv in missing)
+        raise BuildPrivilegeError(f"{key}: token {access.token_id} lacks {lacks}: nothing was built "
+                                  "(run `make init` to set the role back, or grant it)")
     caps = detect_packer(settings.packer)
     vmid, name = allocate_vmid(api, entry), template_name(key, started)
     extra = [staged[n].volid for n in sorted(staged) if n != "iso"]
@@ -264,6 +269,10 @@ def prune_work_dirs(layout: Layout, entry: TemplateEntry) -> list[Path]:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
+
+
+class BuildPrivilegeError(RuntimeError):
+    """The token lacks a privilege a build needs: found before packer starts."""
 
 
 class NoPromotedBuild(RuntimeError):

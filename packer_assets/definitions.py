@@ -87,6 +87,8 @@ defs = dg.Definitions(
             ssh_password=_env("PROXMOX_SSH_PASSWORD"),
             known_hosts=SETTINGS.ssh_known_hosts,
             trust_on_first_use=SETTINGS.ssh_trust_on_first_use,
+            build_login=SETTINGS.build_login,
+            packer_binary=SETTINGS.packer_binary,
         ),
     },
 )

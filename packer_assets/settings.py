@@ -69,6 +69,7 @@ class Settings:
     packer_ssh_timeout: str | None = None
     boot_wait: str | None = None
     build_user: str | None = None
+    build_login: str = "auto"  # how Packer logs in: token, password (the automation user's), auto (by version)
 
     @property
     def layout(self) -> Layout:
@@ -195,6 +196,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError(f"{where('PROXMOX_BOOTSTRAP_METHOD')}: PROXMOX_BOOTSTRAP_METHOD={method!r}: use api or ssh")
     if method == "ssh" and not text("PROXMOX_SSH_HOST"):
         raise SettingsError(f"{where('PROXMOX_BOOTSTRAP_METHOD')}: PROXMOX_BOOTSTRAP_METHOD=ssh needs PROXMOX_SSH_HOST")
+    build_login = text("PROXMOX_BUILD_LOGIN", "auto")
+    if build_login not in ("auto", "token", "password"):
+        raise SettingsError(f"{where('PROXMOX_BUILD_LOGIN')}: PROXMOX_BUILD_LOGIN={build_login!r}: use auto, token "
+                            "or password")
     return Settings(
         root=root,
         proxmox_url=url,
@@ -229,6 +234,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         packer_ssh_timeout=text("PACKER_ASSETS_SSH_TIMEOUT"),
         boot_wait=text("PACKER_ASSETS_BOOT_WAIT"),
         build_user=text("PROXMOX_BUILD_USER"),
+        build_login=build_login,
     )
 
 

@@ -46,7 +46,7 @@ def lab_project(tmp_path, monkeypatch):
         root = tmp_path / "project"
         monkeypatch.setenv("PACKER_ASSETS_ROOT", str(root))
         run_init(Layout(root), Endpoint(stack.served.url, ca_file=str(stack.pki.ca_file)),
-                 AdminLogin("root@pam", stack.root_password), BootstrapConfig(), new_chain_id("init"))
+                 AdminLogin("root@pam", stack.root_password), BootstrapConfig(build_password=True), new_chain_id("init"))
         yield LabProject(stack, root)
     finally:
         stack.stop()

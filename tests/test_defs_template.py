@@ -9,6 +9,7 @@ import jsonschema
 import pytest
 
 from packer_assets.defs import assets, jobs
+from packer_assets.envfile import read_env_file
 from packer_assets.defs.resources import PackerSettings, ProjectSettings
 from packer_assets.proof import build_proof_schema
 
@@ -18,8 +19,10 @@ KEY = "debian-12"
 
 def resources(lab_project, **packer):
     stack = lab_project.stack
+    # Packer 1.6.6 logs in as the automation user, with the password proxmox_env gave it (never as root)
+    kept = read_env_file(lab_project.layout.secrets_file)
     settings = dict(allow_degraded=True, ssh_host=stack.guest.host, ssh_port=stack.guest.port, ssh_timeout="60s",
-                    boot_wait="100ms", build_user="root@pam", build_password=stack.root_password,
+                    boot_wait="100ms", build_user=kept["PROXMOX_BUILD_USER"], build_password=kept["PROXMOX_BUILD_PASSWORD"],
                     grace_seconds=10, smoke_timeout_seconds=60)
     settings.update(packer)
     return {"project": ProjectSettings(root=str(lab_project.root)), "packer": PackerSettings(**settings)}
@@ -47,9 +50,13 @@ def templates_of(pve, key=KEY):
 
 def test_build_promote_prove_then_up_to_date(lab_project):
     pve, layout = lab_project.pve, lab_project.layout
+    pve.requests.clear()
     with dg.instance_for_test() as instance:
         first = rebuild(lab_project, instance)
         assert first.success, [e.message for e in first.all_events if e.is_failure]
+        # packer 1.6.6 logged in as the automation user (the password proxmox_env gave it), never as root
+        logins = [str(body) for _m, path, body in pve.requests if path.endswith("/access/ticket")]
+        assert logins and all("automation" in login and "root" not in login for login in logins), logins
         meta = first.asset_materializations_for_node("template")[0].metadata
         vmid = meta["vmid"].value
         assert meta["promoted"].value is True and meta["up_to_date"].value is False
@@ -163,3 +170,25 @@ def test_leftovers_of_a_dead_run_are_swept_by_the_next_build(lab_project):
     assert not {9390, 9392, 9393} & left and 9394 in left
     assert orphan_volumes(api, node, 9393) == [] and not record.exists()
     assert any("leftover VM 9390" in m for m in logged)  # in the run's log, not only in metadata
+
+
+def test_a_token_without_vm_clone_fails_before_packer_starts(lab_project):
+    """The smoke test clones as the token: without VM.Clone the build would fail after a whole packer run."""
+    from fixtures_pve import pve_client
+
+    from packer_assets.pve.bootstrap import required_privileges
+
+    stack = lab_project.stack
+    root = pve_client(lab_project.pve, stack.pki.ca_file, user="root@pam", password=stack.root_password)
+    privs = [p for p in required_privileges(root.version.get()["version"]) if p != "VM.Clone"]
+    root.access.roles("PackerBuilder").put(privs=",".join(privs))
+    with dg.instance_for_test() as instance:
+        result = rebuild(lab_project, instance)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert failure.step_key == "template" and "lacks VM.Clone on /vms: nothing was built" in str(
+        failure.event_specific_data.error)
+    # packer never started: no build work directory, no build log, no VM
+    assert [p.name for p in lab_project.layout.work_dir(KEY).iterdir()] == []
+    assert not lab_project.layout.build_log_dir(KEY, "latest").exists()
+    assert [vm for vm in lab_project.pve.vms if KEY in str(vm.config.get("name", ""))] == []

@@ -212,3 +212,34 @@ def test_pinned_session_refuses_another_certificate(endpoint, lab_pve, lab_pki):
     api._store["session"].close()
     with pytest.raises(Exception, match="[Ff]ingerprint"):
         api.version.get()
+
+
+def test_build_password_for_an_old_packer_is_set_kept_and_never_logged(layout, endpoint, admin, lab_pve):
+    """Packer < 1.7.1 has no token login: the automation user gets a password, kept 0600 beside the token,
+    proven by logging in and reused on the next init; a wrong one is replaced."""
+    from packer_assets.pve.bootstrap import password_works
+
+    first = init(layout, endpoint, admin, build_password=True)
+    kept = read_env_file(layout.secrets_file)
+    password = kept["PROXMOX_BUILD_PASSWORD"]
+    assert kept["PROXMOX_BUILD_USER"] == "automation@pve" and len(password) >= 24
+    assert stat.S_IMODE(layout.secrets_file.stat().st_mode) == 0o600
+    assert first.result.build_password_action == "set" and first.proof["build_login"] == "password as automation@pve"
+    assert password_works(endpoint, "automation@pve", password)
+    assert password not in first.log_file.read_text() and password not in str(first.proof)
+
+    again = init(layout, endpoint, admin, build_password=True)
+    assert again.result.build_password_action == "reused"
+    assert read_env_file(layout.secrets_file)["PROXMOX_BUILD_PASSWORD"] == password
+
+    write_env_file(layout.secrets_file, {**read_env_file(layout.secrets_file), "PROXMOX_BUILD_PASSWORD": "wrong-one-1"})
+    replaced = init(layout, endpoint, admin, build_password=True)
+    assert replaced.result.build_password_action == "set"
+    assert password_works(endpoint, "automation@pve", read_env_file(layout.secrets_file)["PROXMOX_BUILD_PASSWORD"])
+
+
+def test_build_password_needs_a_password_login_for_the_bootstrap(layout, endpoint, admin, pve_root):
+    made = pve_root.access.users("root@pam").token("admin").post(privsep=0)
+    by_token = AdminLogin("root@pam", token_name="admin", token_secret=made["value"])
+    with pytest.raises(BootstrapError, match="needs a password login for the bootstrap: PVE refuses it to API tokens"):
+        init(layout, endpoint, by_token, build_password=True)

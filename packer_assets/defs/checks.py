@@ -3,7 +3,7 @@
 import dagster as dg
 
 from ..envfile import read_env_file
-from ..pve.bootstrap import BootstrapError, build_access, missing_privileges, needed_grants, required_privileges
+from ..pve.bootstrap import BootstrapError, build_access, token_privilege_gaps
 from ..pve.client import PveAccessError
 from .assets import proxmox_env
 from .resources import ProjectSettings
@@ -33,9 +33,7 @@ def token_authenticates(project: ProjectSettings) -> dg.AssetCheckResult:
 def token_privileges(project: ProjectSettings) -> dg.AssetCheckResult:
     try:
         access = _access(project)
-        api = access.connect()
-        grants = needed_grants(required_privileges(api.version.get()["version"]), access.discovery)
-        missing = missing_privileges(api, grants)
+        grants, missing = token_privilege_gaps(access.connect(), access.discovery)
     except (BootstrapError, PveAccessError) as exc:
         return dg.AssetCheckResult(passed=False, description=str(exc))
     checked = {path: sorted(privs) for path, privs in grants.items()}

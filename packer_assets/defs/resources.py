@@ -7,7 +7,7 @@ from pydantic import Field
 
 from ..build import BuildSettings
 from ..catalog import Catalog, load_catalog
-from ..packer.version import BuildCredentials
+from ..packer.version import BuildCredentials, PackerVersionError, detect_packer
 from ..envfile import read_env_file
 from ..evidence import Layout
 from ..pve.bootstrap import BuildAccess, build_access
@@ -67,6 +67,10 @@ class ProxmoxBootstrap(dg.ConfigurableResource):
     ssh_password: str | None = Field(default=None, description="PROXMOX_SSH_PASSWORD (prefer a key)")
     known_hosts: str | None = Field(default=None, description="known_hosts file (default ~/.ssh/known_hosts)")
     trust_on_first_use: bool = Field(default=False, description="accept and record an unknown host key")
+    build_login: str = Field(default="auto", description="PROXMOX_BUILD_LOGIN: how Packer logs in. token; password "
+                             "(proxmox_env gives the automation user one, kept in control/secrets.env); auto: "
+                             "password when the installed Packer has no token login (< 1.7.1)")
+    packer_binary: str = Field(default="packer", description="the Packer whose version `auto` asks")
 
     def bootstrapper(self) -> AdminLogin | Bootstrapper:
         if self.method == "api":
@@ -86,7 +90,16 @@ class ProxmoxBootstrap(dg.ConfigurableResource):
         return BootstrapConfig(user=self.user, role=self.role, token_name=self.token_name, privsep=self.privsep,
                                rotate=rotate, node=self.node, vm_storage=self.vm_storage,
                                iso_storage=self.iso_storage, bridge=self.bridge,
-                               http_bind_address=self.http_bind_address, http_port=self.http_port)
+                               http_bind_address=self.http_bind_address, http_port=self.http_port,
+                               build_password=self.wants_build_password())
+
+    def wants_build_password(self) -> bool:
+        if self.build_login != "auto":
+            return self.build_login == "password"
+        try:
+            return not detect_packer(self.packer_binary).token_auth
+        except PackerVersionError:
+            return False  # no usable packer here: builds will say what they need
 
 
 class PackerSettings(dg.ConfigurableResource):

@@ -101,10 +101,9 @@ class LabStack:
             "PACKER_ASSETS_SSH_TIMEOUT": "60s",
             "PACKER_ASSETS_BOOT_WAIT": "100ms",
             # Debian's packer 1.6.6 cannot do EFI/TPM/extra CDs nor log in with a token: the lab builds
-            # degraded (recorded as warnings) and lets packer log in as root with a password.
+            # degraded (recorded as warnings), and packer logs in as the automation user with the password
+            # proxmox_env gives it (PROXMOX_BUILD_LOGIN=auto), never as root.
             "PACKER_ASSETS_ALLOW_DEGRADED": "1",
-            "PROXMOX_BUILD_USER": "root@pam",
-            "PROXMOX_BUILD_PASSWORD": self.root_password,
         }
         for entry in self.catalog:
             values[entry.install_user.password_env] = self.guest_password

@@ -7,6 +7,7 @@ when asked. Discovery runs before any change, so a missing storage or bridge cha
 """
 
 import ipaddress
+import secrets
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,6 +62,9 @@ class BootstrapConfig:
     http_bind_address: str | None = None
     http_port: int = 8802
     extra_privileges: tuple[str, ...] = ()
+    # Give the automation user a password, for a Packer that cannot log in with a token (< 1.7.1): builds
+    # then run with the automation user's rights, not root's.
+    build_password: bool = False
 
     @property
     def token_id(self) -> str:
@@ -89,6 +93,9 @@ class BootstrapResult:
     changes: list[str]
     # The node's CA certificate (PEM), when the bootstrap could fetch it (the SSH path does).
     ca_pem: str | None = field(default=None, repr=False)
+    # The automation user's password for Packer's login (config.build_password), and what happened to it.
+    build_password: str | None = field(default=None, repr=False)
+    build_password_action: str | None = None  # reused | set
 
 
 # ------------------------------------------------------------------ discovery
@@ -228,12 +235,41 @@ def ensure_token(api: ProxmoxAPI, endpoint: Endpoint, config: BootstrapConfig, k
     return created["value"], action
 
 
+def password_works(endpoint: Endpoint, user: str, password: str) -> bool:
+    try:
+        connect(endpoint, user, password=password)
+    except PveAccessError as exc:
+        if "authentication failed" in str(exc):
+            return False
+        raise
+    return True
+
+
+def ensure_build_password(api: ProxmoxAPI, endpoint: Endpoint, config: BootstrapConfig, known: str | None,
+                          admin_user: str, admin_password: str | None, changes: list[str]) -> tuple[str, str]:
+    """(password, action): a known password that still logs in is kept; otherwise a new one is set.
+    PVE lets only a password login (not an API token) set passwords, and wants the admin's own password
+    to confirm unless the admin is root@pam."""
+    if known and password_works(endpoint, config.user, known):
+        return known, "reused"
+    if not admin_password:
+        raise BootstrapError(f"setting a password for {config.user} (Packer < 1.7.1 logs in with one) needs a "
+                             "password login for the bootstrap: PVE refuses it to API tokens "
+                             "(set PROXMOX_BOOTSTRAP_PASSWORD, or PROXMOX_BUILD_LOGIN=token with a newer Packer)")
+    new = secrets.token_urlsafe(24)
+    confirm = {} if admin_user == "root@pam" else {"confirmation-password": admin_password}
+    api.access.password.put(userid=config.user, password=new, **confirm)
+    changes.append(f"set a password for {config.user} (Packer's login)")
+    return new, "set"
+
+
 def bootstrap(endpoint: Endpoint, admin_user: str, *, known_secret: str | None, config: BootstrapConfig,
               admin_password: str | None = None, admin_token_name: str | None = None,
               admin_token_secret: str | None = None,
-              save_secret: Callable[[str], None] | None = None) -> BootstrapResult:
-    """Run the whole bootstrap. save_secret is called as soon as a new secret exists, before anything
-    else can fail, so a created token's secret is never lost."""
+              save_secret: Callable[[str], None] | None = None, known_password: str | None = None,
+              save_password: Callable[[str], None] | None = None) -> BootstrapResult:
+    """Run the whole bootstrap. save_secret (save_password) is called as soon as a new secret (password)
+    exists, before anything else can fail, so a created token's secret is never lost."""
     admin = connect(endpoint, admin_user, password=admin_password, token_name=admin_token_name,
                     token_secret=admin_token_secret)
     who = f"{admin_user}!{admin_token_name}" if admin_token_name else admin_user
@@ -251,9 +287,17 @@ def bootstrap(endpoint: Endpoint, admin_user: str, *, known_secret: str | None, 
                 save_secret(secret)
             if config.privsep:
                 ensure_acl(admin, "/", config.role, "token", config.token_id, changes)
+            password, password_action = None, None
+            if config.build_password:
+                password, password_action = ensure_build_password(
+                    admin, endpoint, config, known_password, admin_user,
+                    admin_password if not admin_token_name else None, changes)
+                if password_action != "reused" and save_password:
+                    save_password(password)
         except ResourceException as exc:
             raise BootstrapError(f"{endpoint.base}: {exc}") from None
-    return BootstrapResult(version, config.token_id, secret, action, privileges, found, changes)
+    return BootstrapResult(version, config.token_id, secret, action, privileges, found, changes,
+                           build_password=password, build_password_action=password_action)
 
 
 def env_file_values(result: BootstrapResult, endpoint: Endpoint) -> dict[str, str]:
@@ -319,6 +363,13 @@ def missing_privileges(api_as_token: ProxmoxAPI, grants: dict[str, set[str]]) ->
         held = api_as_token.access.permissions.get(path=path).get(path, {})
         missing += [(path, priv) for priv in sorted(privs) if not held.get(priv)]
     return missing
+
+
+def token_privilege_gaps(api_as_token: ProxmoxAPI, found: Discovery) -> tuple[dict[str, set[str]], list[tuple[str, str]]]:
+    """(what a build needs where, the (path, privilege) pairs the token lacks): the check `token_privileges`
+    and the build's own check before packer starts ask the same."""
+    grants = needed_grants(required_privileges(str(api_as_token.version.get()["version"])), found)
+    return grants, missing_privileges(api_as_token, grants)
 
 
 @dataclass(frozen=True)

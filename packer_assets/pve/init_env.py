@@ -24,6 +24,8 @@ from .bootstrap import BootstrapConfig, BootstrapResult, bootstrap, env_file_val
 from .client import Endpoint
 
 SECRET_KEY = "PROXMOX_TOKEN_SECRET"
+# Packer's password login as the automation user (Packer < 1.7.1), kept beside the token secret.
+BUILD_USER_KEY, BUILD_PASSWORD_KEY = "PROXMOX_BUILD_USER", "PROXMOX_BUILD_PASSWORD"
 # The node's CA as the SSH path fetches it; PROXMOX_CA_FILE points here unless trust was configured.
 CA_FILE = Path("infra/env/pve-root-ca.pem")
 
@@ -54,7 +56,9 @@ class Bootstrapper(Protocol):
     def secrets(self) -> list[str | None]: ...
 
     def __call__(self, endpoint: Endpoint, config: BootstrapConfig, known_secret: str | None,
-                 save_secret: Callable[[str], None], note: Callable[[str], object]) -> BootstrapResult: ...
+                 save_secret: Callable[[str], None], note: Callable[[str], object],
+                 known_password: str | None = None,
+                 save_password: Callable[[str], None] | None = None) -> BootstrapResult: ...
 
 
 @dataclass(frozen=True)
@@ -71,11 +75,12 @@ class ApiBootstrap:
     def secrets(self) -> list[str | None]:
         return [self.admin.password, self.admin.token_secret]
 
-    def __call__(self, endpoint, config, known_secret, save_secret, note) -> BootstrapResult:
+    def __call__(self, endpoint, config, known_secret, save_secret, note, known_password=None,
+                 save_password=None) -> BootstrapResult:
         admin = self.admin
         return bootstrap(endpoint, admin.user, admin_password=admin.password, admin_token_name=admin.token_name,
                          admin_token_secret=admin.token_secret, known_secret=known_secret, config=config,
-                         save_secret=save_secret)
+                         save_secret=save_secret, known_password=known_password, save_password=save_password)
 
 
 @dataclass(frozen=True)
@@ -88,17 +93,27 @@ class InitOutcome:
     proof: dict
 
 
+def _secrets(layout: Layout) -> dict[str, str]:
+    return read_env_file(layout.secrets_file) if layout.secrets_file.exists() else {}
+
+
 def known_secret(layout: Layout) -> str | None:
-    if not layout.secrets_file.exists():
-        return None
-    return read_env_file(layout.secrets_file).get(SECRET_KEY) or None
+    return _secrets(layout).get(SECRET_KEY) or None
+
+
+def known_build_password(layout: Layout, user: str) -> str | None:
+    values = _secrets(layout)
+    return (values.get(BUILD_PASSWORD_KEY) or None) if values.get(BUILD_USER_KEY) == user else None
+
+
+def save_secrets(layout: Layout, **values: str) -> None:
+    """Update control/secrets.env (0600, atomic), keeping any other secrets the toolkit kept there."""
+    merged = {**_secrets(layout), **values}
+    write_env_file(layout.secrets_file, merged, header="API token secret for packer-assets (mode 0600)")
 
 
 def save_secret(layout: Layout, token_id: str, secret: str) -> None:
-    """Update the token in control/secrets.env, keeping any other secrets the toolkit kept there."""
-    values = read_env_file(layout.secrets_file) if layout.secrets_file.exists() else {}
-    values.update(PROXMOX_TOKEN_ID=token_id, PROXMOX_TOKEN_SECRET=secret)
-    write_env_file(layout.secrets_file, values, header="API token secret for packer-assets (mode 0600)")
+    save_secrets(layout, PROXMOX_TOKEN_ID=token_id, PROXMOX_TOKEN_SECRET=secret)
 
 
 def explicit_trust(endpoint: Endpoint) -> bool:
@@ -111,7 +126,8 @@ def run_init(layout: Layout, endpoint: Endpoint, admin: "AdminLogin | Bootstrapp
     method = ApiBootstrap(admin) if isinstance(admin, AdminLogin) else admin
     started = datetime.now(UTC)
     secret = known_secret(layout)
-    redact = Redactor([*method.secrets(), secret])
+    password = known_build_password(layout, config.user) if config.build_password else None
+    redact = Redactor([*method.secrets(), secret, password])
     ca_path = (layout.root / CA_FILE).absolute()  # absolute: the env file is read from anywhere
     use_fetched_ca = method.fetches_ca and not explicit_trust(endpoint)
     # Without configured trust, the CA an earlier run fetched is what proves the known secret over TLS.
@@ -124,7 +140,9 @@ def run_init(layout: Layout, endpoint: Endpoint, admin: "AdminLogin | Bootstrapp
         try:
             result = method(endpoint, config, secret,
                             lambda new: (redact.add(new), save_secret(layout, config.token_id, new)),
-                            lambda text: log.line(method.method, text))
+                            lambda text: log.line(method.method, text), known_password=password,
+                            save_password=lambda new: (redact.add(new), save_secrets(
+                                layout, **{BUILD_USER_KEY: config.user, BUILD_PASSWORD_KEY: new})))
         except Exception as exc:
             log.line("error", f"{type(exc).__name__}: {exc}")
             raise
@@ -140,6 +158,9 @@ def run_init(layout: Layout, endpoint: Endpoint, admin: "AdminLogin | Bootstrapp
         for change in result.changes or ["nothing to change"]:
             log.line("init", change)
         log.line("init", f"PVE {result.pve_version}; token {result.token_id} {result.token_action}")
+        if result.build_password_action:
+            log.line("init", f"Packer logs in as {config.user} with a password ({result.build_password_action}; "
+                             f"in {layout.secrets_file})")
         log.line("discover", ", ".join(f"{k}={v}" for k, v in asdict(result.discovery).items()))
         log.line("init", f"wrote {layout.env_file} and {layout.secrets_file}")
     proof = {
@@ -156,6 +177,7 @@ def run_init(layout: Layout, endpoint: Endpoint, admin: "AdminLogin | Bootstrapp
         "pve_version": result.pve_version,
         "token_id": result.token_id,
         "token_action": result.token_action,
+        "build_login": f"password as {config.user}" if result.build_password_action else "token",
         "role": config.role,
         "privileges": list(result.privileges),
         "changes": result.changes,

@@ -335,5 +335,10 @@ class SshBootstrap:
     def secrets(self) -> list[str | None]:
         return [self.target.password]
 
-    def __call__(self, endpoint, config, known_secret, save_secret, note) -> BootstrapResult:
+    def __call__(self, endpoint, config, known_secret, save_secret, note, known_password=None,
+                 save_password=None) -> BootstrapResult:
+        if config.build_password:
+            # Setting it here would put the password on the node's command line (pvesh's argv).
+            note(f"not setting a password for {config.user} over SSH: a Packer without token login (< 1.7.1) "
+                 "needs PROXMOX_BUILD_USER/PROXMOX_BUILD_PASSWORD set by you, or the API bootstrap")
         return ssh_bootstrap(self.target, endpoint, config, known_secret, save_secret, note)
