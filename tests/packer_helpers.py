@@ -1,5 +1,5 @@
-"""Shared pieces of the packer tests: a build plan for a catalog entry, fake packer scripts, and a
-watcher of the command lines in a process group."""
+"""Shared pieces of the packer tests: a build plan for a catalog entry, fake packer scripts, a
+watcher of the command lines in a process group, and a gate that holds builds in the lab guest."""
 
 from __future__ import annotations
 
@@ -89,3 +89,33 @@ class GroupWatcher:
 
     def leftovers(self) -> list[int]:
         return [pid for group in self.groups for pid in group_members(group)]
+
+
+class BuildGate:
+    """The lab guest's exec handler (`stack.guest.exec_handler = gate`): every provisioner command waits
+    here until `open()`. A build runs its commands one at a time, so `waiting` is the number of builds
+    in progress, and `most_waiting` the most that ever were at once. What waits here is in `packer build`
+    with its VM on the node and, under Dagster, its pool slot claimed."""
+
+    def __init__(self):
+        self._open = threading.Event()
+        self._lock = threading.Lock()
+        self.waiting = 0
+        self.most_waiting = 0
+
+    def __call__(self, command: str) -> tuple[int, bytes]:
+        with self._lock:
+            self.waiting += 1
+            self.most_waiting = max(self.most_waiting, self.waiting)
+        try:
+            self._open.wait(600)
+        finally:
+            with self._lock:
+                self.waiting -= 1
+        return 0, b""
+
+    def held(self) -> bool:
+        return self.most_waiting > 0
+
+    def open(self) -> None:
+        self._open.set()

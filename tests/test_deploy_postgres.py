@@ -16,13 +16,13 @@ file's default_limit of 2). Raise POOL_LIMIT in the CLI call alone and the gate 
 import json
 import re
 import shutil
-import threading
 from pathlib import Path
 
 import dagster as dg
 import pytest
 from dagster._core.events import DagsterEventType
 
+from packer_helpers import BuildGate
 from dagster_procs import (REPO, BIN, PackerWatch, Proc, dagster_cli, dagster_env, free_port, max_overlap,
                            port_open, wait_for)
 
@@ -76,31 +76,6 @@ def deployment(lab_project, postgres_server, tmp_path, monkeypatch):
     finally:
         for proc in reversed(procs):
             proc.stop()
-
-
-class BuildGate:
-    """The lab guest's exec handler: each build's first command waits here until `open()`. A build runs
-    its provisioner commands one at a time, so the number waiting is the number of builds in progress."""
-
-    def __init__(self):
-        self._open = threading.Event()
-        self._lock = threading.Lock()
-        self.waiting = 0
-        self.most_waiting = 0
-
-    def __call__(self, command: str) -> tuple[int, bytes]:
-        with self._lock:
-            self.waiting += 1
-            self.most_waiting = max(self.most_waiting, self.waiting)
-        try:
-            self._open.wait(600)
-        finally:
-            with self._lock:
-                self.waiting -= 1
-        return 0, b""
-
-    def open(self) -> None:
-        self._open.set()
 
 
 def run_records(instance):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from dagster_procs import BIN, wait_for
+from packer_helpers import BuildGate
 from packer_assets.locks import KeyBusy, hold_key, holder, release_key
 
 HOLD = """
@@ -87,14 +88,7 @@ def test_kill_9_of_the_holder_frees_the_key_even_with_its_child_alive(tmp_path):
 def test_two_cli_runs_of_one_key_build_once(lab_project, tmp_path):
     """The first run is held at the gate (the lab guest's first provisioner command) while the second
     starts: the second waits on the key lock, says for whom, then finds the template up to date."""
-    gate, held = threading.Event(), threading.Event()
-
-    def hold_first_build(command):
-        held.set()
-        gate.wait(600)
-        return 0, b""
-
-    lab_project.stack.guest.exec_handler = hold_first_build
+    gate = lab_project.stack.guest.exec_handler = BuildGate()
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "CHECKPOINT_DISABLE": "1"}
     (tmp_path / "home").mkdir()
     argv = [str(BIN / "dagster"), "asset", "materialize", "--select", "unattended_files,staged_iso,template,template_proof",
@@ -104,16 +98,16 @@ def test_two_cli_runs_of_one_key_build_once(lab_project, tmp_path):
         first = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
     second = None
     try:
-        wait_for(held.is_set, 600, "the first build to reach the gate", on_timeout=logs[0].read_text)
+        wait_for(gate.held, 600, "the first build to reach the gate", on_timeout=logs[0].read_text)
         with open(logs[1], "w") as out:
             second = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
         wait_for(lambda: "is working on this key: waiting for it to finish" in logs[1].read_text(), 600,
                  "the second run to wait for the first", on_timeout=logs[1].read_text)
-        gate.set()
+        gate.open()
         assert first.wait(600) == 0, logs[0].read_text()[-3000:]
         assert second.wait(600) == 0, logs[1].read_text()[-3000:]
     finally:
-        gate.set()
+        gate.open()
         for proc in (first, second):
             if proc and proc.poll() is None:
                 proc.kill()

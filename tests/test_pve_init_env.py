@@ -217,7 +217,7 @@ def test_pinned_session_refuses_another_certificate(endpoint, lab_pve, lab_pki):
 def test_build_password_for_an_old_packer_is_set_kept_and_never_logged(layout, endpoint, admin, lab_pve):
     """Packer < 1.7.1 has no token login: the automation user gets a password, kept 0600 beside the token,
     proven by logging in and reused on the next init; a wrong one is replaced."""
-    from packer_assets.pve.bootstrap import password_works
+    from packer_assets.pve.bootstrap import logs_in
 
     first = init(layout, endpoint, admin, build_password=True)
     kept = read_env_file(layout.secrets_file)
@@ -225,7 +225,7 @@ def test_build_password_for_an_old_packer_is_set_kept_and_never_logged(layout, e
     assert kept["PROXMOX_BUILD_USER"] == "automation@pve" and len(password) >= 24
     assert stat.S_IMODE(layout.secrets_file.stat().st_mode) == 0o600
     assert first.result.build_password_action == "set" and first.proof["build_login"] == "password as automation@pve"
-    assert password_works(endpoint, "automation@pve", password)
+    assert logs_in(endpoint, "automation@pve", password=password)
     assert password not in first.log_file.read_text() and password not in str(first.proof)
 
     again = init(layout, endpoint, admin, build_password=True)
@@ -235,7 +235,7 @@ def test_build_password_for_an_old_packer_is_set_kept_and_never_logged(layout, e
     write_env_file(layout.secrets_file, {**read_env_file(layout.secrets_file), "PROXMOX_BUILD_PASSWORD": "wrong-one-1"})
     replaced = init(layout, endpoint, admin, build_password=True)
     assert replaced.result.build_password_action == "set"
-    assert password_works(endpoint, "automation@pve", read_env_file(layout.secrets_file)["PROXMOX_BUILD_PASSWORD"])
+    assert logs_in(endpoint, "automation@pve", password=read_env_file(layout.secrets_file)["PROXMOX_BUILD_PASSWORD"])
 
 
 def test_build_password_needs_a_password_login_for_the_bootstrap(layout, endpoint, admin, pve_root):

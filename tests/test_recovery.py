@@ -10,12 +10,12 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
 
 import dagster as dg
 import pytest
 
 from dagster_procs import BIN, REPO, dagster_cli, dagster_env, wait_for
+from packer_helpers import BuildGate
 from packer_assets.defs.recovery import PID_TAG
 
 pytestmark = [pytest.mark.lab, pytest.mark.packer, pytest.mark.e2e]
@@ -35,26 +35,19 @@ def test_kill_9_mid_build_then_the_next_builds_recover_by_themselves(lab_project
     env = dagster_env(home, {"PACKER_ASSETS_ENV_FILE": ""})
     dagster_cli(["instance", "concurrency", "set", "packer_builds", "1"], env)
 
-    gate, held = threading.Event(), threading.Event()
-
-    def hold_build(command):
-        held.set()
-        gate.wait(600)
-        return 0, b""
-
-    lab_project.stack.guest.exec_handler = hold_build
+    gate = lab_project.stack.guest.exec_handler = BuildGate()
     log = tmp_path / "killed-run.log"
     with open(log, "w") as out:
         doomed = subprocess.Popen([str(BIN / "dagster"), "asset", "materialize", "--select", ASSETS, "--partition",
                                    KILLED, "-m", "packer_assets.definitions"], env=env, cwd=REPO, stdout=out,
                                   stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for(held.is_set, 600, "the build to reach its provisioner", on_timeout=log.read_text)
+        wait_for(gate.held, 600, "the build to reach its provisioner", on_timeout=log.read_text)
         assert vms_of(lab_project.pve, KILLED, template=False), "packer's build VM should exist by now"
         os.kill(doomed.pid, signal.SIGKILL)  # the run's process only, as the OOM killer would
         doomed.wait(60)
     finally:
-        gate.set()
+        gate.open()
         if doomed.poll() is None:
             doomed.kill()
 

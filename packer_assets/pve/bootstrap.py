@@ -209,14 +209,19 @@ def ensure_acl(api: ProxmoxAPI, path: str, role: str, kind: str, ugid: str, chan
     changes.append(f"granted {role} on {path} to {kind} {ugid}")
 
 
-def token_works(endpoint: Endpoint, config: BootstrapConfig, secret: str) -> bool:
+def logs_in(endpoint: Endpoint, user: str, **credentials: str) -> bool:
+    """Whether these credentials (password=..., or token_name= + token_secret=) log in; other failures raise."""
     try:
-        connect(endpoint, config.user, token_name=config.token_name, token_secret=secret)
+        connect(endpoint, user, **credentials)
     except PveAccessError as exc:
         if "authentication failed" in str(exc):
             return False
         raise
     return True
+
+
+def token_works(endpoint: Endpoint, config: BootstrapConfig, secret: str) -> bool:
+    return logs_in(endpoint, config.user, token_name=config.token_name, token_secret=secret)
 
 
 def ensure_token(api: ProxmoxAPI, endpoint: Endpoint, config: BootstrapConfig, known_secret: str | None,
@@ -235,22 +240,12 @@ def ensure_token(api: ProxmoxAPI, endpoint: Endpoint, config: BootstrapConfig, k
     return created["value"], action
 
 
-def password_works(endpoint: Endpoint, user: str, password: str) -> bool:
-    try:
-        connect(endpoint, user, password=password)
-    except PveAccessError as exc:
-        if "authentication failed" in str(exc):
-            return False
-        raise
-    return True
-
-
 def ensure_build_password(api: ProxmoxAPI, endpoint: Endpoint, config: BootstrapConfig, known: str | None,
                           admin_user: str, admin_password: str | None, changes: list[str]) -> tuple[str, str]:
     """(password, action): a known password that still logs in is kept; otherwise a new one is set.
     PVE lets only a password login (not an API token) set passwords, and wants the admin's own password
     to confirm unless the admin is root@pam."""
-    if known and password_works(endpoint, config.user, known):
+    if known and logs_in(endpoint, config.user, password=known):
         return known, "reused"
     if not admin_password:
         raise BootstrapError(f"setting a password for {config.user} (Packer < 1.7.1 logs in with one) needs a "
