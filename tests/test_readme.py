@@ -24,6 +24,7 @@ RUN = [
     ("packer-assets lab up", None),  # a no-op on the lab make demo started
     ("packer-assets lab status", None),
     ("export PACKER_ASSETS_ENV_FILE=$PWD/.lab/lab.env", None),
+    ("packer-assets settings", None),
     ("packer-assets catalog check", None),
     ("make catalog-check", None),
     ("make lab-status", None),
