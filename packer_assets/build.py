@@ -45,6 +45,7 @@ from .pve.templates import (
     template_name,
     template_tags,
 )
+from .errors import OperationError
 
 RECORD = "build.json"
 VM_RECORD = "build-vm.json"  # in the work directory from before packer starts until the build VM is settled
@@ -271,11 +272,11 @@ def prune_work_dirs(layout: Layout, entry: TemplateEntry) -> list[Path]:
     return removed
 
 
-class BuildPrivilegeError(RuntimeError):
+class BuildPrivilegeError(OperationError):
     """The token lacks a privilege a build needs: found before packer starts."""
 
 
-class NoPromotedBuild(RuntimeError):
+class NoPromotedBuild(OperationError):
     """The key has no promoted template whose build record is in this output root: nothing to prove."""
 
 

@@ -50,6 +50,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from .errors import ConfigError
 
 CATALOG_ENV = "PACKER_ASSETS_CATALOG"
 MIRROR_ENV = "PACKER_ASSETS_ISO_MIRROR"
@@ -82,7 +83,7 @@ OsType = Literal["wxp", "w2k", "w2k3", "w2k8", "wvista", "win7", "win8", "win10"
 _CHECKSUM_HEX_LEN = {"sha256": 64, "sha512": 128}
 
 
-class CatalogError(ValueError):
+class CatalogError(ConfigError):
     """A catalog problem; every line names the file, the key and the field."""
 
 

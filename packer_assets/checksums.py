@@ -32,6 +32,7 @@ import requests
 
 from . import __version__
 from .catalog import IsoSource, mirror_url
+from .errors import OperationError
 
 # hex length -> algorithm; exactly the set PVE's download-url/upload take as `checksum-algorithm`.
 HEX_ALGORITHMS = {32: "md5", 40: "sha1", 56: "sha224", 64: "sha256", 96: "sha384", 128: "sha512"}
@@ -44,7 +45,7 @@ _BSD = re.compile(r"^([A-Za-z][A-Za-z0-9-]*) ?\((.+)\) ?= ?([0-9A-Fa-f]+)$")
 _GNU = re.compile(r"^(\\?)([0-9A-Fa-f]+) [ *]?(.+)$")
 
 
-class ChecksumError(RuntimeError):
+class ChecksumError(OperationError):
     """A checksum could not be had or trusted; the message names the URL/source and the file."""
 
 

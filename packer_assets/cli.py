@@ -143,16 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .catalog import CatalogError
-    from .envfile import EnvFileError
-    from .packer.workdir import PackerCapabilityError, WorkdirError
-    from .lab.service import LabError
-    from .settings import SettingsError
+    from .errors import PackerAssetsError
 
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except (CatalogError, EnvFileError, LabError, SettingsError, PackerCapabilityError, WorkdirError) as exc:
+    except PackerAssetsError as exc:  # any of the project's errors is one line; anything else is a bug
         print(f"packer-assets: {exc}", file=sys.stderr)
         code = 2
     sys.exit(code)

@@ -11,12 +11,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .evidence import atomic_write
+from .errors import ConfigError
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SECRET_MODE = 0o600
 
 
-class EnvFileError(ValueError):
+class EnvFileError(ConfigError):
     """A malformed env file or value; the message names the file and the line or key."""
 
 

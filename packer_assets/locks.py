@@ -19,12 +19,13 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from .errors import OperationError
 
 # lock file -> descriptor, for the locks this process holds
 _HELD: dict[Path, int] = {}
 
 
-class KeyBusy(RuntimeError):
+class KeyBusy(OperationError):
     """Another live run holds the key (only raised when not waiting)."""
 
 

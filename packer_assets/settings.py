@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from .envfile import read_env_file
 from .evidence import Layout
+from .errors import ConfigError
 
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off", ""}
@@ -23,7 +24,7 @@ TOOLKIT_CONF = Path("control/tools/provision/init/.conf/proxmox.conf")
 FINGERPRINT_RE = re.compile(r"^([0-9A-Fa-f]{2}:){31}[0-9A-Fa-f]{2}$")
 
 
-class SettingsError(ValueError):
+class SettingsError(ConfigError):
     """A setting with a bad value; the message names the variable and where it came from."""
 
 

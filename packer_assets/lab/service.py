@@ -27,13 +27,14 @@ import requests
 
 from ..envfile import read_env_file, write_env_file
 from ..evidence import atomic_write
+from ..errors import OperationError
 
 SERVICE_MODULE = "packer_assets.lab.service"
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 
 
-class LabError(RuntimeError):
+class LabError(OperationError):
     """The lab could not be started, reached or stopped; the message says what to look at."""
 
 

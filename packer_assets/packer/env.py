@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..pve.client import Endpoint
 from .version import BuildCredentials, PackerCapabilities, auth_env
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ INHERITED = ("PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "XDG_CONFIG_HOME", "PAC
 VALIDATE_LOGIN = {"PROXMOX_USERNAME": "validate@pve", "PROXMOX_PASSWORD": "validate-only"}
 
 
-class PackerEnvError(ValueError):
+class PackerEnvError(ConfigError):
     """The API endpoint cannot be trusted the way Packer needs (pinned certificate mismatch, ...)."""
 
 

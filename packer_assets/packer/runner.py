@@ -34,6 +34,7 @@ from pathlib import Path
 
 from ..chain import ChainId
 from ..evidence import Layout, Redactor, RunLog
+from ..errors import OperationError
 
 _PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # looked up before any fork
 PR_SET_PDEATHSIG = 1
@@ -43,7 +44,7 @@ LOG_NAME = "packer.log"
 _COMMA = "%!(PACKER_COMMA)"
 
 
-class PackerError(RuntimeError):
+class PackerError(OperationError):
     """A build that did not produce a template; the message names the log and the first errors."""
 
     def __init__(self, message: str, *, log_path: Path | None, errors: Iterable[str] = (),

@@ -34,6 +34,7 @@ import subprocess
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from ..errors import ConfigError, OperationError
 
 Version = tuple[int, int, int]
 
@@ -56,11 +57,11 @@ _PLUGIN_RE = re.compile(r"packer-plugin-proxmox_v(\d+)\.(\d+)\.(\d+)")
 _PROBE_ENV = ("PATH", "HOME", "TMPDIR", "XDG_CONFIG_HOME", "PACKER_PLUGIN_PATH", "PACKER_CONFIG_DIR")
 
 
-class PackerVersionError(RuntimeError):
+class PackerVersionError(OperationError):
     """The packer binary is missing or did not say its version."""
 
 
-class PackerAuthError(ValueError):
+class PackerAuthError(ConfigError):
     """The build credentials do not fit what the installed Packer can log in with."""
 
 

@@ -44,6 +44,7 @@ from pathlib import Path
 
 from ..catalog import TemplateEntry
 from .version import PLUGIN_CONSTRAINT, PLUGIN_SOURCE, PLUGIN_SPLIT_CORE, EFI_TPM_PLUGIN, PackerCapabilities, vtext
+from ..errors import ConfigError
 
 VAR_FILE = "build.auto.pkrvars.json"
 PLUGINS_FILE = "plugins.pkr.hcl"
@@ -59,7 +60,7 @@ _POOL_TYPES = {"lvmthin": "lvm-thin", "dir": "directory"}
 _FILE_STORAGES = {"dir", "nfs", "cifs", "glusterfs"}
 
 
-class WorkdirError(ValueError):
+class WorkdirError(ConfigError):
     """The work directory cannot be prepared (template, HTTP files, a secret in a file)."""
 
 

@@ -16,6 +16,7 @@ from proxmoxer import ProxmoxAPI
 from proxmoxer.core import ResourceException
 
 from .client import Endpoint, PveAccessError, connect, translated_errors
+from ..errors import OperationError
 
 # What a Packer build (create, configure, boot, type, template), ISO staging and the smoke test
 # (clone, start, agent, destroy) need, on every PVE version.
@@ -32,7 +33,7 @@ PVE9_PRIVILEGES = ("VM.GuestAgent.Audit", "Sys.AccessNetwork")
 PVE8_PRIVILEGES = ("VM.Monitor", "Sys.Modify")
 
 
-class BootstrapError(RuntimeError):
+class BootstrapError(OperationError):
     """A bootstrap step failed; the message names the object (node, storage, user, token, ...)."""
 
 

@@ -16,6 +16,7 @@ import requests.adapters
 import urllib3
 from proxmoxer import ProxmoxAPI
 from proxmoxer.core import AuthenticationError, ResourceException
+from ..errors import OperationError
 
 log = logging.getLogger(__name__)
 # proxmoxer logs request bodies at INFO and response bodies at DEBUG: a created token's secret
@@ -26,7 +27,7 @@ for _name in ("proxmoxer", "proxmoxer.core", "proxmoxer.backends.https"):
 DEFAULT_TIMEOUT = 15
 
 
-class PveAccessError(RuntimeError):
+class PveAccessError(OperationError):
     """The API could not be reached, trusted or logged in to; the message says which and where."""
 
 

@@ -34,13 +34,14 @@ from .templates import (
     said,
     wait_task,
 )
+from ..errors import OperationError
 
 DEFAULT_CI_USER = "packer-smoke"
 # Interfaces that say nothing about the template's network.
 LOOPBACK_NAMES = ("lo", "Loopback Pseudo-Interface 1")
 
 
-class SmokeTestError(RuntimeError):
+class SmokeTestError(OperationError):
     """The smoke test failed at `step`; the message names the step, the template and the clone."""
 
     def __init__(self, step: str, template_vmid: int, clone_vmid: int | None, key: str, reason: str,

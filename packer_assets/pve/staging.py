@@ -37,17 +37,18 @@ from proxmoxer.tools import Tasks
 
 from ..catalog import IsoSource, TemplateEntry
 from ..checksums import Checksum, ChecksumFile, resolve_checksum
+from ..errors import OperationError
 
 Progress = Callable[[str], None]
 _RELEASE = re.compile(r"\.[0-9a-f]{12}\.iso$")
 
 
-class StagingError(RuntimeError):
+class StagingError(OperationError):
     """Staging failed; the message names the volume, and for a task its UPID and exit status."""
 
 
-class ChecksumMismatch(ValueError):
-    """Raised by HashingReader at the end of the file (a ValueError so urllib3 does not retry it)."""
+class ChecksumMismatch(OperationError, ValueError):
+    """Raised by HashingReader at the end of the file (also a ValueError, so urllib3 does not retry it)."""
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from proxmoxer.tools import Tasks
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..catalog import TemplateEntry, VmidRange
+from ..errors import OperationError
 
 TOOL_TAG = "packer-assets"
 LATEST_TAG = "packer-assets-latest"
@@ -48,7 +49,7 @@ CLOUDINIT_VOLUME = re.compile(r"(^|[:/])(vm-\d+-)?cloudinit(\.(raw|qcow2|vmdk))?
 TAG_SPLIT = re.compile(r"[;, ]+")
 
 
-class TemplateError(RuntimeError):
+class TemplateError(OperationError):
     """A lifecycle step failed or was refused; the message names the VMID, the key and the reason."""
 
 

@@ -31,6 +31,7 @@ from types import SimpleNamespace
 import pycdlib
 
 from ..evidence import atomic_write
+from ..errors import ConfigError
 
 VOLUME_ID = "AUTOUNATTEND"
 DEFAULT_EPOCH = 946_684_800  # 2000-01-01T00:00:00Z: any fixed, non-zero instant will do
@@ -40,7 +41,7 @@ _CLOCK_LOCK = threading.Lock()
 _JOLIET_NAME = re.compile(r"^[^/\\:*?\"<>|;\x00-\x1f]{1,64}$")
 
 
-class AnswerIsoError(ValueError):
+class AnswerIsoError(ConfigError):
     """Files that cannot go on the answer ISO (name, collision)."""
 
 

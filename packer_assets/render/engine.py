@@ -50,6 +50,7 @@ from .validators import (
     validate_preseed,
     validate_yaml_mapping,
 )
+from ..errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 ANSWER_ISO_NAME = "autounattend.iso"
@@ -62,11 +63,11 @@ WINDOWS_IMAGE_NAME = "Windows Server 2022 SERVERSTANDARD"
 WINDOWS_VIRTIO_OS = "2k22"
 
 
-class RenderError(ValueError):
+class RenderError(ConfigError):
     """One render problem (or several, one per line), naming the key, the file and the cause."""
 
 
-class UnsafeValue(ValueError):
+class UnsafeValue(ConfigError):
     """A value that its format cannot carry (a line break in a one-line field)."""
 
 

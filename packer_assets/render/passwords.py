@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping
 from functools import lru_cache
 
 from passlib.hash import sha512_crypt
+from ..errors import ConfigError
 
 SALT_SEED_ENV = "PACKER_ASSETS_SALT_SEED"
 DEFAULT_SALT_SEED = "packer-assets/v1"
@@ -49,7 +50,7 @@ ADMIN_SUFFIX = "AdministratorPassword"
 USER_SUFFIX = "Password"
 
 
-class PasswordError(ValueError):
+class PasswordError(ConfigError):
     """The install password is missing or unusable; the message never holds the value."""
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from .passwords import ADMIN_SUFFIX, USER_SUFFIX, windows_decode
+from ..errors import OperationError
 
 SCHEMA_DIR_ENV = "PACKER_ASSETS_SCHEMA_DIR"
 # The schemas shipped as package data (provenance and licences: schemas/SOURCES.md).
@@ -44,7 +45,7 @@ _WEAK_ERRORS = ("required", "oneOf", "anyOf")
 MAX_MESSAGES = 20  # a broken file can yield hundreds of schema errors; the first ones say enough
 
 
-class ValidatorUnavailable(RuntimeError):
+class ValidatorUnavailable(OperationError):
     """The validator could not run (missing schema file or tool); nothing was checked."""
 
 
