@@ -31,11 +31,15 @@ demo: venv packer lab-up catalog-check ## the lab, then every asset of every tem
 	@echo "Lab running. Point the project at it with: export PACKER_ASSETS_ENV_FILE=$(abspath $(LAB_STATE))/lab.env"
 	@echo "Stop it with: make lab-down"
 
+# The tests make their own labs and instances: nothing of a lab `make demo` left (PACKER_ASSETS_ENV_FILE)
+# or of $(DAGSTER_HOME) reaches them (tests/conftest.py also clears the project's variables).
+PYTEST := env -u PACKER_ASSETS_ENV_FILE -u DAGSTER_HOME $(BIN)/pytest
+
 test: test-deps venv ## the whole test suite; installs what it needs first (as root with apt), else says what is missing
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 test-fast: venv ## the unit tests alone: no lab, packer, sshd, PostgreSQL, Dagster processes or browser
-	$(BIN)/pytest -m "not (lab or packer or sshd or postgres or e2e or browser)" $(PYTEST_ARGS)
+	$(PYTEST) -m "not (lab or packer or sshd or postgres or e2e or browser)" $(PYTEST_ARGS)
 
 test-deps:
 	@tools/system-packages.sh $(TEST_PACKAGES)

@@ -20,6 +20,24 @@ import shutil
 
 import pytest
 
+# Hermetic: what a developer's shell or `make` exported (a lab's PACKER_ASSETS_ENV_FILE left by `make demo`,
+# a site's PROXMOX_* settings) must not reach the tests; each test sets what it needs.
+PROJECT_VARIABLES = ("PACKER_ASSETS_", "PROXMOX_", "PACKER_INSTALL_", "PACKER_SSH_", "PACKER_BINARY", "PM_API_",
+                     "DAGSTER_HOME", "DAGSTER_PG_", "DAGSTER_CODE_")
+for _name in [n for n in os.environ if n.startswith(PROJECT_VARIABLES)]:
+    del os.environ[_name]
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Undo whatever a test left in os.environ: importing packer_assets.definitions exports the env files
+    of the project it loads (as Dagster reads `.env`), which must not leak into the next test's lab."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
 HAVE_LAB = all(importlib.util.find_spec(name) is not None for name in ("fakepve", "cryptography"))
 
 pytest_plugins = ["fixtures_postgres"]
