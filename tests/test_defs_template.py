@@ -140,23 +140,24 @@ def test_leftovers_of_a_dead_run_are_swept_by_the_next_build(lab_project):
     from fixtures_pve import pve_client
 
     from packer_assets.build import VM_RECORD
-    from packer_assets.pve.templates import orphan_volumes, wait_task
+    from packer_assets.pve.tasks import run_task
+    from packer_assets.pve.templates import orphan_volumes
 
     stack, layout = lab_project.stack, lab_project.layout
     api = pve_client(lab_project.pve, stack.pki.ca_file, user="root@pam", password=stack.root_password)
     node = api.nodes.get()[0]["node"]
     with dg.instance_for_test() as instance:
         assert rebuild(lab_project, instance).success  # a promoted template: the next run is a no-op
-        wait_task(api, api.nodes(node).qemu.post(vmid=9390, name="debian-12-20261130022857", scsi0="local-lvm:1"),
+        run_task(api, api.nodes(node).qemu.post(vmid=9390, name="debian-12-20261130022857", scsi0="local-lvm:1"),
                   "leftover VM")
-        wait_task(api, api.nodes(node).qemu(9390).status.start.post(), "start it")
-        wait_task(api, api.nodes(node).qemu.post(vmid=9392, name="debian-12-smoke-9301"), "smoke clone")
+        run_task(api, api.nodes(node).qemu(9390).status.start.post(), "start it")
+        run_task(api, api.nodes(node).qemu.post(vmid=9392, name="debian-12-smoke-9301"), "smoke clone")
         api.nodes(node).storage("local-lvm").content.post(vmid=9393, filename="vm-9393-disk-0", size="1G")
         record = layout.work_dir(KEY) / "20261130T022857Z" / VM_RECORD
         record.parent.mkdir(parents=True)
         record.write_text(json.dumps({"vmid": 9393, "name": "debian-12-20261130022857", "run_id": "dead"}))
         # not ours: another name in the range, and a template; both stay
-        wait_task(api, api.nodes(node).qemu.post(vmid=9394, name="someone-elses-vm"), "foreign VM")
+        run_task(api, api.nodes(node).qemu.post(vmid=9394, name="someone-elses-vm"), "foreign VM")
 
         again = rebuild(lab_project, instance)
         logged = [e.user_message for e in instance.all_logs(again.run_id)]

@@ -26,8 +26,8 @@ from packer_assets.pve.staging import (
     stage_entry,
     stage_iso,
     upload_iso,
-    wait_task,
 )
+from packer_assets.pve.tasks import follow_task
 from fixtures_mirror import LAB_MIRROR_ITEMS
 
 NODE, STORAGE = "pve1", "local"
@@ -252,11 +252,11 @@ def test_prune_with_the_build_token_names_the_missing_privilege(build_api, pve_r
         prune_isos(build_api, NODE, STORAGE, [source(iso_mirror, "rocky-9-boot").filename], keep_count=1)
 
 
-def test_wait_task_passes_every_log_line(pve_root, lab_pve, iso_mirror):
+def test_follow_task_passes_every_log_line(pve_root, lab_pve, iso_mirror):
     iso = source(iso_mirror, "rocky-9")
     upid = pve_root.nodes(NODE).storage(STORAGE)("download-url").post(
         url=iso.effective_url, content="iso", filename="plain.iso")
     lines = []
-    status = wait_task(pve_root, upid, timeout=10, on_progress=lines.append, poll_interval=0.05, log_interval=0.1)
+    status = follow_task(pve_root, upid, timeout=10, on_progress=lines.append, poll=0.05, log_interval=0.1)
     assert status["exitstatus"] == "OK"
     assert [entry["t"] for entry in pve_root.nodes(NODE).tasks(upid).log.get(limit=1000)] == lines

@@ -21,9 +21,10 @@ from proxmoxer.core import ResourceException
 
 from ..catalog import TemplateEntry
 from ..proof import CheckResult
+from ..errors import OperationError
+from .tasks import TASK_TIMEOUT, TaskError, run_task, said
 from .templates import (
     SMOKE_TAG,
-    TASK_TIMEOUT,
     TOOL_TAG,
     TemplateError,
     allocate_vmid,
@@ -31,10 +32,7 @@ from .templates import (
     destroy_vm,
     find_guest,
     join_tags,
-    said,
-    wait_task,
 )
-from ..errors import OperationError
 
 DEFAULT_CI_USER = "packer-smoke"
 # Interfaces that say nothing about the template's network.
@@ -131,7 +129,7 @@ class _Run:
         except SmokeTestError:
             self.steps.append(SmokeStep(name, time.monotonic() - started, False))
             raise
-        except (ResourceException, TemplateError, OSError, ValueError, KeyError) as exc:
+        except (ResourceException, TemplateError, TaskError, OSError, ValueError, KeyError) as exc:
             reason = said(exc) if isinstance(exc, ResourceException) else str(exc)
             self.steps.append(SmokeStep(name, time.monotonic() - started, False, reason))
             raise self.error(name, reason) from exc
@@ -235,7 +233,7 @@ def _test(api, node, template_vmid, entry, run: _Run, clone_vmid, ssh_public_key
             run.created = True  # _cleanup destroys it only if it carries our name
             raise
         run.created = True
-        wait_task(api, upid, f"clone {template_vmid} -> {clone_vmid}", task_timeout)
+        run_task(api, upid, f"clone {template_vmid} -> {clone_vmid}", task_timeout)
 
     clone = api.nodes(node).qemu(clone_vmid)
     with run.step("configure"):
@@ -255,7 +253,7 @@ def _test(api, node, template_vmid, entry, run: _Run, clone_vmid, ssh_public_key
         agent_on = _agent_enabled(config)
 
     with run.step("start"):
-        wait_task(api, clone.status.start.post(), f"start clone {clone_vmid}", task_timeout)
+        run_task(api, clone.status.start.post(), f"start clone {clone_vmid}", task_timeout)
 
     deadline = time.monotonic() + timeout  # the guest's boot: agent up and an address, together
     with run.step("agent"):

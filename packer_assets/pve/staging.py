@@ -25,7 +25,7 @@ import io
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -33,13 +33,12 @@ from urllib.parse import quote
 import requests
 from proxmoxer import ProxmoxAPI
 from proxmoxer.core import ResourceException
-from proxmoxer.tools import Tasks
 
 from ..catalog import IsoSource, TemplateEntry
 from ..checksums import Checksum, ChecksumFile, resolve_checksum
 from ..errors import OperationError
+from .tasks import Progress, TaskError, TaskTimeout, follow_task, run_task, said
 
-Progress = Callable[[str], None]
 _RELEASE = re.compile(r"\.[0-9a-f]{12}\.iso$")
 
 
@@ -79,7 +78,7 @@ def iso_volumes(api: ProxmoxAPI, node: str, storage: str) -> dict[str, dict]:
     try:
         items = api.nodes(node).storage(storage).content.get(content="iso")
     except ResourceException as exc:
-        raise StagingError(f"{node}/{storage}: cannot list ISO content: {_said(exc)}") from None
+        raise StagingError(f"{node}/{storage}: cannot list ISO content: {said(exc)}") from None
     return {item["volid"]: item for item in items}
 
 
@@ -87,56 +86,12 @@ def _volid(storage: str, filename: str) -> str:
     return f"{storage}:iso/{filename}"
 
 
-def _said(exc: ResourceException) -> str:
-    return f"HTTP {exc.status_code} {exc.status_message}: {str(exc.content).strip()}".strip()
-
-
-# ------------------------------------------------------------------ tasks
-
-
-def wait_task(api: ProxmoxAPI, upid: str, *, timeout: float, on_progress: Progress | None = None,
-              poll_interval: float = 1.0, log_interval: float = 5.0) -> dict:
-    """Wait for a task (proxmoxer's Tasks.blocking_status, in slices of log_interval) and pass each new
-    task-log line to on_progress between slices. Returns the final status; on timeout the task is
-    asked to stop and StagingError is raised."""
-    node = Tasks.decode_upid(upid)["node"]
-    deadline = time.monotonic() + timeout
-    seen = 0
-    while True:
-        left = deadline - time.monotonic()
-        status = Tasks.blocking_status(api, upid, timeout=max(0.0, min(log_interval, left)),
-                                       polling_interval=poll_interval)
-        if on_progress is not None:
-            seen = _follow_log(api, node, upid, seen, on_progress)
-        if status is not None:
-            return status
-        if time.monotonic() >= deadline:
-            status = api.nodes(node).tasks(upid).status.get()  # blocking_status gives None if its slice ran out
-            if status.get("status") == "stopped":
-                return status
-            try:
-                api.nodes(node).tasks(upid).delete()  # stop it: a late finish would surprise the next run
-            except ResourceException:
-                pass
-            raise StagingError(f"task {upid} did not finish within {timeout:g}s (asked the node to stop it)")
-
-
-def _follow_log(api: ProxmoxAPI, node: str, upid: str, seen: int, on_progress: Progress) -> int:
-    while True:
-        lines = api.nodes(node).tasks(upid).log.get(start=seen, limit=500)
-        for line in lines:
-            on_progress(line.get("t", ""))
-        seen += len(lines)
-        if len(lines) < 500:
-            return seen
-
-
 def _finish_task(api: ProxmoxAPI, node: str, storage: str, upid: str, volid: str, what: str, *,
                  timeout: float, on_progress: Progress | None, poll_interval: float) -> None:
     """Wait; on failure make sure the node left no volume, then raise with exit status and UPID."""
     try:
-        status = wait_task(api, upid, timeout=timeout, on_progress=on_progress, poll_interval=poll_interval)
-    except StagingError as exc:
+        status = follow_task(api, upid, timeout=timeout, on_progress=on_progress, poll=poll_interval)
+    except TaskTimeout as exc:
         raise StagingError(f"{volid}: {what}: {exc}{_cleanup(api, node, storage, volid)}") from None
     if status.get("exitstatus") != "OK":
         raise StagingError(f"{volid}: {what} task {upid} failed: {status.get('exitstatus')}"
@@ -160,11 +115,12 @@ def delete_volume(api: ProxmoxAPI, node: str, storage: str, volid: str, timeout:
         upid = api.nodes(node).storage(storage).content(quote(volid, safe="")).delete()
     except ResourceException as exc:
         hint = f" (needs Datastore.Allocate on /storage/{storage})" if exc.status_code == 403 else ""
-        raise StagingError(f"{volid}: cannot delete: {_said(exc)}{hint}") from None
+        raise StagingError(f"{volid}: cannot delete: {said(exc)}{hint}") from None
     if upid:
-        status = wait_task(api, upid, timeout=timeout, poll_interval=0.2)
-        if status.get("exitstatus") != "OK":
-            raise StagingError(f"{volid}: delete task {upid} failed: {status.get('exitstatus')}")
+        try:
+            run_task(api, upid, f"{volid}: delete", timeout, poll=0.2)
+        except TaskError as exc:
+            raise StagingError(str(exc)) from None
 
 
 # ------------------------------------------------------------------ download-url
@@ -187,7 +143,7 @@ def stage_iso(api: ProxmoxAPI, node: str, storage: str, iso: IsoSource, checksum
                 url=url, content="iso", filename=filename, checksum=checksum.hex,
                 **{"checksum-algorithm": checksum.algorithm})
         except ResourceException as exc:
-            raise StagingError(f"{volid}: {node} refused download-url of {url}: {_said(exc)}") from None
+            raise StagingError(f"{volid}: {node} refused download-url of {url}: {said(exc)}") from None
         except requests.RequestException as exc:
             raise StagingError(f"{volid}: download-url of {url} could not be requested: {exc}") from None
         _finish_task(api, node, storage, upid, volid, f"download of {url}", timeout=timeout,
@@ -335,7 +291,7 @@ def upload_iso(api: ProxmoxAPI, node: str, storage: str, path: str | os.PathLike
             raise StagingError(f"{volid}: refused to upload: {exc}; the upload was cut off before its last block"
                                f"{_cleanup(api, node, storage, volid)}") from None
         except ResourceException as exc:
-            raise StagingError(f"{volid}: {node} refused the upload of {source}: {_said(exc)}") from None
+            raise StagingError(f"{volid}: {node} refused the upload of {source}: {said(exc)}") from None
         except requests.RequestException as exc:
             raise StagingError(f"{volid}: the upload of {source} failed: {exc}"
                                f"{_cleanup(api, node, storage, volid)}") from None

@@ -29,18 +29,17 @@ from typing import Any
 
 from proxmoxer import ProxmoxAPI
 from proxmoxer.core import ResourceException
-from proxmoxer.tools import Tasks
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..catalog import TemplateEntry, VmidRange
 from ..errors import OperationError
+from .tasks import TASK_TIMEOUT, TaskError, run_task, said
 
 TOOL_TAG = "packer-assets"
 LATEST_TAG = "packer-assets-latest"
 SMOKE_TAG = "packer-assets-smoke"
 DESCRIPTION_PREFIX = "packer-assets: "
 NAME_STAMP = "%Y%m%d%H%M%S"
-TASK_TIMEOUT = 300.0
 # PVE's drive keys; which of them may take a new cloud-init drive, in the order we try them
 # (ide2 is the install CD-ROM by convention, ide3 is where Packer puts its own cloud-init drive).
 DRIVE_KEY = re.compile(r"^(ide[0-3]|sata[0-5]|scsi\d+|virtio\d+)$")
@@ -58,11 +57,6 @@ class VmidRangeFull(TemplateError):
 
 
 # ------------------------------------------------------------------ small helpers
-
-
-def said(exc: ResourceException) -> str:
-    """PVE's own words for a failed request."""
-    return f"HTTP {exc.status_code} {exc.status_message}: {str(exc.content).strip()}".strip()
 
 
 def split_tags(text: str | None) -> list[str]:
@@ -97,27 +91,6 @@ def name_time(key: str, name: str | None) -> datetime | None:
         return datetime.strptime(found.group(1), NAME_STAMP).replace(tzinfo=UTC)
     except ValueError:
         return None
-
-
-def wait_task(api: ProxmoxAPI, upid: str | None, what: str, timeout: float = TASK_TIMEOUT,
-              poll: float = 0.5) -> None:
-    """Wait for a task and raise TemplateError (with the task's exit status) unless it ended OK.
-
-    Some calls answer null instead of a UPID when there was nothing to do: that is success.
-    """
-    if not upid:
-        return
-    node = Tasks.decode_upid(upid)["node"]
-    deadline = time.monotonic() + timeout
-    while True:
-        status = api.nodes(node).tasks(upid).status.get()
-        if status.get("status") == "stopped":
-            if status.get("exitstatus") != "OK":
-                raise TemplateError(f"{what}: task {upid} failed: {status.get('exitstatus')}")
-            return
-        if time.monotonic() >= deadline:
-            raise TemplateError(f"{what}: task {upid} did not finish within {timeout:g}s")
-        time.sleep(poll)
 
 
 # ------------------------------------------------------------------ the cluster's guests
@@ -328,10 +301,10 @@ def finish_template(api: ProxmoxAPI, node: str, vmid: int, *, family: str, vm_st
         if name:
             updates["name"] = name
         # POST: the asynchronous form, since allocating the cloud-init volume is storage work.
-        wait_task(api, vm.config.post(**updates), f"{where}: configure", timeout)
+        run_task(api, vm.config.post(**updates), f"{where}: configure", timeout)
         converted = not int(vm.config.get().get("template") or 0)
         if converted:
-            wait_task(api, vm.template.post(), f"{where}: convert to template", timeout)
+            run_task(api, vm.template.post(), f"{where}: convert to template", timeout)
         final = vm.config.get()
     except ResourceException as exc:
         raise TemplateError(f"{where}: {said(exc)}") from None
@@ -420,8 +393,8 @@ def destroy_vm(api: ProxmoxAPI, node: str, vmid: int, *, timeout: float = TASK_T
                                     f"it (`qm unlock {vmid}` on {node}), then destroy it")
             time.sleep(poll)
         if status.get("status") != "stopped":
-            wait_task(api, vm.status.stop.post(), f"{where}: stop", max(1.0, deadline - time.monotonic()))
-        wait_task(api, vm.delete(purge=1, **{"destroy-unreferenced-disks": 1}), f"{where}: destroy",
+            run_task(api, vm.status.stop.post(), f"{where}: stop", max(1.0, deadline - time.monotonic()))
+        run_task(api, vm.delete(purge=1, **{"destroy-unreferenced-disks": 1}), f"{where}: destroy",
                   max(1.0, deadline - time.monotonic()))
     except ResourceException as exc:
         if _gone(exc):
@@ -476,7 +449,7 @@ def _destroy_orphans(api: ProxmoxAPI, node: str, vmid: int, entry: TemplateEntry
     try:
         if not orphan_volumes(api, node, vmid):
             return False
-        wait_task(api, api.nodes(node).qemu.post(vmid=vmid, name=f"cleanup-{vmid}",
+        run_task(api, api.nodes(node).qemu.post(vmid=vmid, name=f"cleanup-{vmid}",
                                                  description="Placeholder of packer-assets, to remove orphaned disks"),
                   f"{where}: placeholder for orphaned disks", timeout)
     except ResourceException as exc:
@@ -560,7 +533,7 @@ def prune(api: ProxmoxAPI, node: str, key: str, retention: int, keep: Iterable[i
         try:
             if destroy_vm(api, fresh.node or node, fresh.vmid, timeout=timeout):
                 destroyed.append(fresh.vmid)
-        except TemplateError as exc:
+        except (TemplateError, TaskError) as exc:
             failed[fresh.vmid] = str(exc)
     return PruneResult(tuple(destroyed), failed)
 
@@ -571,5 +544,5 @@ __all__ = [
     "TemplateError", "VmidRangeFull", "allocate_vmid", "catalog_entry_json", "destroy_build_vm", "destroy_vm",
     "find_guest", "finish_template", "input_fingerprint", "is_up_to_date", "list_templates", "orphan_volumes",
     "promote",
-    "promoted_template", "prune", "read_description", "template_name", "template_tags", "wait_task",
+    "promoted_template", "prune", "read_description", "template_name", "template_tags",
 ]
