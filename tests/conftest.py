@@ -13,10 +13,12 @@ everything; elsewhere a test whose needs are missing is skipped, and the reason 
 unit tests alone.
 """
 
+import atexit
 import glob
 import importlib.util
 import os
 import shutil
+import tempfile
 
 import pytest
 
@@ -26,6 +28,11 @@ PROJECT_VARIABLES = ("PACKER_ASSETS_", "PROXMOX_", "PACKER_INSTALL_", "PACKER_SS
                      "DAGSTER_HOME", "DAGSTER_PG_", "DAGSTER_CODE_")
 for _name in [n for n in os.environ if n.startswith(PROJECT_VARIABLES)]:
     del os.environ[_name]
+# Nor what `make demo` left in the checkout (infra/env/.env.proxmox, control/secrets.env): the output root
+# is an empty folder unless a test names its own. Test modules import packer_assets.definitions at
+# collection, which exports the root's env files into the process environment.
+os.environ["PACKER_ASSETS_ROOT"] = _EMPTY_ROOT = tempfile.mkdtemp(prefix="packer-assets-tests-root-")
+atexit.register(shutil.rmtree, _EMPTY_ROOT, True)
 
 
 @pytest.fixture(autouse=True)
