@@ -157,14 +157,19 @@ class RunLog:
         self.close()
 
 
-def sha256_file(path: Path) -> str:
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB blocks (ISOs do not fit in memory): the one file hasher."""
     import hashlib
 
-    digest = hashlib.sha256()
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as src:
         for block in iter(lambda: src.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    return file_digest(path, "sha256")
 
 
 def write_proof_bundle(proof_dir: Path, readme: str, proof: dict, log_file: Path, log_name: str) -> Path:

@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from packer_assets.evidence import sha256_file
 from packer_assets.lab.iso import make_iso
 
 STATE_FILE = ".lab-mirror.json"  # {key: release}; dotfiles are never served
@@ -36,12 +37,6 @@ class MirrorItem:
     checksum_path: str | None = None
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def checksum_text(name: str, entries: dict[str, str], sizes: dict[str, int]) -> str:
@@ -144,7 +139,7 @@ class IsoMirror:
 
     def sha256(self, key: str) -> str:
         """The published checksum of key's ISO (what the checksum files say)."""
-        return _sha256_file(self._file(self.items[key].iso_path))
+        return sha256_file(self._file(self.items[key].iso_path))
 
     def release(self, key: str) -> int:
         return self._releases[key]

@@ -31,6 +31,7 @@ from fakepve.server import API, USER, ok, params
 from fakepve.shapes import PRIVILEGES, networks
 from fakepve.storage import _is_file
 
+from packer_assets.evidence import file_digest
 from packer_assets.lab.pve_packer import PackerCompat
 
 # ------------------------------------------------------------------ privileges and roles
@@ -592,12 +593,6 @@ def encode_text(text):
     return re.sub(r"[\x00-\x1f\x7f-\xff:\\]", lambda m: "\\x{0:02x}".format(ord(m.group(0))), text)
 
 
-def file_hash(path, algorithm):
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def parse_multipart(body, content_type):
@@ -749,7 +744,7 @@ class LabTransfer:
         """download_file_from_url when the file is there: keep it if the checksum matches, else refuse."""
         if not algorithm:
             raise TaskError("refusing to override existing file '{0}'".format(pve_path))
-        got = file_hash(path, algorithm)
+        got = file_digest(path, algorithm)
         if got.lower() != expected.lower():
             log.append("calculating checksum of existing file...")
             raise TaskError("checksum mismatch: got '{0}' != expect '{1}', aborting".format(got, expected))

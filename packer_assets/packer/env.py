@@ -13,15 +13,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..pve.client import Endpoint
+from ..pve.client import Endpoint, PveAccessError
 from .version import BuildCredentials, PackerCapabilities, auth_env
 from ..errors import ConfigError
 
@@ -61,12 +59,10 @@ def tls_env(endpoint: Endpoint, workdir: Path) -> dict[str, str]:
         return {"SSL_CERT_FILE": str(Path(endpoint.ca_file).resolve())}
     if endpoint.fingerprint:
         # Packer cannot pin a fingerprint; it can trust one certificate as its only root.
-        pem = ssl.get_server_certificate((endpoint.host, endpoint.port), timeout=endpoint.timeout)
-        digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest().upper()
-        seen = ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
-        if seen != endpoint.fingerprint.upper():
-            raise PackerEnvError(f"{endpoint.base}: TLS certificate fingerprint {seen} does not match the pinned "
-                                 f"{endpoint.fingerprint.upper()}")
+        try:
+            pem = endpoint.check_fingerprint()
+        except PveAccessError as exc:
+            raise PackerEnvError(str(exc)) from None
         pinned = Path(workdir) / "pve-pinned-cert.pem"
         pinned.write_text(pem)
         return {"SSL_CERT_FILE": str(pinned.resolve())}

@@ -45,6 +45,7 @@ from pathlib import Path
 from ..catalog import TemplateEntry
 from .version import PLUGIN_CONSTRAINT, PLUGIN_SOURCE, PLUGIN_SPLIT_CORE, EFI_TPM_PLUGIN, PackerCapabilities, vtext
 from ..errors import ConfigError
+from ..evidence import sha256_file
 
 VAR_FILE = "build.auto.pkrvars.json"
 PLUGINS_FILE = "plugins.pkr.hcl"
@@ -281,7 +282,7 @@ def template_files(root: Path, entry: TemplateEntry) -> tuple[Path, Path]:
 def template_sha256(root: Path, entry: TemplateEntry) -> str:
     """ONE sha256 over both source files, each in its role: the Packer input of a build."""
     family, common = template_files(root, entry)
-    return _combined_sha256(_sha256(family), _sha256(common))
+    return _combined_sha256(sha256_file(family), sha256_file(common))
 
 
 def _combined_sha256(template_sha: str, common_sha: str) -> str:
@@ -289,8 +290,6 @@ def _combined_sha256(template_sha: str, common_sha: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def prepare_workdir(workdir: Path, entry: TemplateEntry, plan: BuildPlan, caps: PackerCapabilities, *,
@@ -333,7 +332,7 @@ def prepare_workdir(workdir: Path, entry: TemplateEntry, plan: BuildPlan, caps: 
 
     # The sources as read (the work directory's common file differs from its source by the region).
     source_sha, common_sha = hashlib.sha256(source_bytes).hexdigest(), hashlib.sha256(common_bytes).hexdigest()
-    files = {p.relative_to(workdir).as_posix(): _sha256(p) for p in sorted(workdir.rglob("*")) if p.is_file()}
+    files = {p.relative_to(workdir).as_posix(): sha256_file(p) for p in sorted(workdir.rglob("*")) if p.is_file()}
     warnings = [f"degraded build: {g.line(entry.key, caps)}" for g in gaps]
     if not caps.tags and plan.tags:
         warnings.append(f"{entry.key}: tags: {caps.describe()} cannot set tags; set them through the API")

@@ -68,7 +68,8 @@ class Endpoint:
             return False
         return self.ca_file or True
 
-    def check_fingerprint(self) -> None:
+    def check_fingerprint(self) -> str:
+        """The API's certificate (PEM), if its SHA-256 fingerprint is the pinned one; PveAccessError if not."""
         try:
             pem = ssl.get_server_certificate((self.host, self.port), timeout=self.timeout)
         except OSError as exc:
@@ -78,6 +79,7 @@ class Endpoint:
         if seen != self.fingerprint.upper():
             raise PveAccessError(f"{self.base}: TLS certificate fingerprint {seen} does not match the pinned "
                                  f"{self.fingerprint.upper()}")
+        return pem
 
 
 class PinnedAdapter(requests.adapters.HTTPAdapter):
