@@ -71,14 +71,14 @@ class PackerAlone:
         self.lab_env = lab_env
 
     def prepare(self, n: int) -> tuple[Path, dict[str, str], int]:
-        from packer_assets.build import _storage_type
+        from packer_assets.build import BuildSettings, storage_type, plan_build
         from packer_assets.chain import new_chain_id
         from packer_assets.envfile import read_env_file
         from packer_assets.packer.env import packer_env
         from packer_assets.packer.version import BuildCredentials, detect_packer
-        from packer_assets.packer.workdir import BuildPlan, prepare_workdir
+        from packer_assets.packer.workdir import prepare_workdir
         from packer_assets.pve.staging import stage_entry
-        from packer_assets.pve.templates import allocate_vmid, template_name, template_tags
+        from packer_assets.pve.templates import allocate_vmid, template_name
 
         entry, found, env = self.entry, self.access.discovery, self.lab_env
         api = self.access.connect()
@@ -87,16 +87,13 @@ class PackerAlone:
         caps = detect_packer(PACKER)
         vmid = allocate_vmid(api, entry)
         chain = new_chain_id(self.key)
-        plan = BuildPlan(vm_id=vmid, vm_name=template_name(self.key) + f"-alone{n}", node=found.node,
-                         iso_file=staged["iso"].volid, vm_storage=found.vm_storage,
-                         vm_storage_type=_storage_type(api, found.node, found.vm_storage), bridge=found.bridge,
-                         http_bind_address=found.http_bind_address, http_port_min=found.http_port,
-                         http_port_max=found.http_port + 10, ssh_username=entry.install_user.name,
-                         ssh_host=env["PACKER_ASSETS_SSH_HOST"], ssh_port=int(env["PACKER_ASSETS_SSH_PORT"]),
-                         ssh_timeout=env["PACKER_ASSETS_SSH_TIMEOUT"],
-                         extra_iso_files=tuple(staged[x].volid for x in sorted(staged) if x != "iso"),
-                         description=f"packer-assets {self.key} {chain} (benchmark: packer alone)",
-                         tags=tuple(template_tags(self.key)), boot_wait=env["PACKER_ASSETS_BOOT_WAIT"])
+        settings = BuildSettings(ssh_host=env["PACKER_ASSETS_SSH_HOST"], ssh_port=int(env["PACKER_ASSETS_SSH_PORT"]),
+                                 ssh_timeout=env["PACKER_ASSETS_SSH_TIMEOUT"], boot_wait=env["PACKER_ASSETS_BOOT_WAIT"])
+        plan = plan_build(entry, settings, vmid=vmid, name=template_name(self.key) + f"-alone{n}", node=found.node,
+                          iso_volid=staged["iso"].volid, extra_volids=[staged[x].volid for x in sorted(staged) if x != "iso"],
+                          vm_storage=found.vm_storage, vm_storage_type=storage_type(api, found.node, found.vm_storage),
+                          bridge=found.bridge, http_bind_address=found.http_bind_address, http_port=found.http_port,
+                          description=f"packer-assets {self.key} {chain} (benchmark: packer alone)")
         workdir = self.layout.root / "output/work-alone" / self.key / chain.stamp
         kept = read_env_file(self.layout.secrets_file)  # proxmox_env gave the automation user Packer's password
         creds = BuildCredentials(token_id=self.access.token_id, token_secret=self.access.token_secret,

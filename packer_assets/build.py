@@ -12,6 +12,7 @@ proof can follow.
 import json
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -98,7 +99,20 @@ def fingerprint_of(entry: TemplateEntry, staged: dict[str, StagedIso], rendered_
                              catalog_entry_json(entry))
 
 
-def _storage_type(api, node: str, storage: str) -> str:
+def plan_build(entry: TemplateEntry, settings: BuildSettings, *, vmid: int, name: str, node: str, iso_volid: str,
+               extra_volids: Iterable[str] = (), vm_storage: str, vm_storage_type: str, bridge: str,
+               http_bind_address: str | None, http_port: int, description: str = "") -> BuildPlan:
+    """The one BuildPlan constructor (builds, validation and the benchmarks): the catalog entry and the
+    build settings, placed on a node."""
+    return BuildPlan(vm_id=vmid, vm_name=name, node=node, iso_file=iso_volid, vm_storage=vm_storage,
+                     vm_storage_type=vm_storage_type, bridge=bridge, http_bind_address=http_bind_address,
+                     http_port_min=http_port, http_port_max=http_port + 10, ssh_username=entry.install_user.name,
+                     ssh_host=settings.ssh_host, ssh_port=settings.ssh_port or 22, ssh_timeout=settings.ssh_timeout,
+                     extra_iso_files=tuple(extra_volids), description=description,
+                     tags=tuple(template_tags(entry.key)), boot_wait=settings.boot_wait)
+
+
+def storage_type(api, node: str, storage: str) -> str:
     # the node's storage list needs only Datastore.Audit (GET /storage/{id} wants Datastore.Allocate)
     for item in api.nodes(node).storage.get():
         if item["storage"] == storage:
@@ -139,15 +153,11 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
     vmid, name = allocate_vmid(api, entry), template_name(key, started)
     extra = [staged[n].volid for n in sorted(staged) if n != "iso"]
     answer = _answer_iso(api, access, entry, rendered_dir)
-    plan = BuildPlan(vm_id=vmid, vm_name=name, node=found.node, iso_file=staged["iso"].volid,
-                     vm_storage=found.vm_storage, vm_storage_type=_storage_type(api, found.node, found.vm_storage),
-                     bridge=found.bridge, http_bind_address=found.http_bind_address,
-                     http_port_min=found.http_port, http_port_max=found.http_port + 10,
-                     ssh_username=entry.install_user.name, ssh_host=settings.ssh_host,
-                     ssh_port=settings.ssh_port or 22, ssh_timeout=settings.ssh_timeout,
-                     extra_iso_files=tuple(extra + ([answer] if answer else [])),
-                     description=f"packer-assets {key} {chain} (building)", tags=tuple(template_tags(key)),
-                     boot_wait=settings.boot_wait)
+    plan = plan_build(entry, settings, vmid=vmid, name=name, node=found.node, iso_volid=staged["iso"].volid,
+                      extra_volids=extra + ([answer] if answer else []), vm_storage=found.vm_storage,
+                      vm_storage_type=storage_type(api, found.node, found.vm_storage), bridge=found.bridge,
+                      http_bind_address=found.http_bind_address, http_port=found.http_port,
+                      description=f"packer-assets {key} {chain} (building)")
     workdir = layout.work_dir(key) / chain.stamp
     shutil.rmtree(workdir, ignore_errors=True)
     penv = packer_env(access.endpoint, caps, credentials, ssh_password=ssh_password, workdir=workdir.parent)
@@ -324,12 +334,10 @@ def validate_build(entry: TemplateEntry, rendered_dir: Path, work_parent: Path, 
     this call's own (`<work_parent>/validate-*`, removed after): validations of one key at once never
     share one."""
     caps = detect_packer(settings.packer)
-    plan = BuildPlan(vm_id=entry.vmid_range.first, vm_name=template_name(entry.key), node="validate",
-                     iso_file=f"local:iso/{entry.iso.filename}", vm_storage="local-lvm", vm_storage_type="lvmthin",
-                     bridge="vmbr0", http_bind_address=None, http_port_min=8802, http_port_max=8812,
-                     ssh_username=entry.install_user.name, ssh_host=settings.ssh_host,
-                     ssh_port=settings.ssh_port or 22, extra_iso_files=tuple(
-                         f"local:iso/{x.filename}" for x in entry.extra_isos), tags=tuple(template_tags(entry.key)))
+    plan = plan_build(entry, settings, vmid=entry.vmid_range.first, name=template_name(entry.key), node="validate",
+                      iso_volid=f"local:iso/{entry.iso.filename}",
+                      extra_volids=[f"local:iso/{x.filename}" for x in entry.extra_isos], vm_storage="local-lvm",
+                      vm_storage_type="lvmthin", bridge="vmbr0", http_bind_address=None, http_port=8802)
     Path(work_parent).mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="validate-", dir=work_parent))
     try:
