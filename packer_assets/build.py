@@ -26,6 +26,7 @@ from .packer.env import packer_env, validate_env
 from .packer.runner import PackerCheck, open_build_log, packer_init, packer_validate, run_packer
 from .packer.version import BuildCredentials, detect_packer
 from .packer.workdir import BuildPlan, prepare_workdir, template_sha256
+from .render import ANSWER_ISO_NAME
 from .proof import BuildProof, CheckResult, IsoRef, TemplateRef, Timings, write_build_proof
 from .pve.bootstrap import BuildAccess, token_privilege_gaps
 from .pve.smoke import SmokeTestError, smoke_test
@@ -50,7 +51,6 @@ from .errors import OperationError
 
 RECORD = "build.json"
 VM_RECORD = "build-vm.json"  # in the work directory from before packer starts until the build VM is settled
-ANSWER_ISO = "autounattend.iso"
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class BuildOutcome:
 
 def rendered_hashes(rendered_dir: Path) -> dict[str, str]:
     """name -> sha256 of what the installer is served (the answer ISO is built from these files)."""
-    return {p.name: sha256_file(p) for p in sorted(Path(rendered_dir).iterdir()) if p.is_file() and p.name != ANSWER_ISO}
+    return {p.name: sha256_file(p) for p in sorted(Path(rendered_dir).iterdir()) if p.is_file() and p.name != ANSWER_ISO_NAME}
 
 
 def fingerprint_of(entry: TemplateEntry, staged: dict[str, StagedIso], rendered_dir: Path, root: Path) -> str:
@@ -122,7 +122,7 @@ def storage_type(api, node: str, storage: str) -> str:
 
 def _answer_iso(api, access: BuildAccess, entry: TemplateEntry, rendered_dir: Path) -> str | None:
     """Windows: the answer ISO the project built, uploaded (checksum verified while streaming)."""
-    path = Path(rendered_dir) / ANSWER_ISO
+    path = Path(rendered_dir) / ANSWER_ISO_NAME
     if entry.family != "windows" or not path.exists():
         return None
     checksum = Checksum("sha256", sha256_file(path))

@@ -50,6 +50,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from .digests import Checksum
 from .errors import ConfigError
 
 CATALOG_ENV = "PACKER_ASSETS_CATALOG"
@@ -80,7 +81,7 @@ WINDOWS_OS_TYPES = ("wxp", "w2k", "w2k3", "w2k8", "wvista", "win7", "win8", "win
 OTHER_OS_TYPES = ("l24", "l26", "solaris", "other")
 OsType = Literal["wxp", "w2k", "w2k3", "w2k8", "wvista", "win7", "win8", "win10", "win11",
                  "l24", "l26", "solaris", "other"]  # Proxmox `ostype`
-_CHECKSUM_HEX_LEN = {"sha256": 64, "sha512": 128}
+CATALOG_ALGORITHMS = ("sha256", "sha512")
 
 
 class CatalogError(ConfigError):
@@ -144,17 +145,13 @@ def mirror_from_env(env: Mapping[str, str]) -> str | None:
 
 
 def parse_checksum(value: str) -> tuple[str, str]:
-    """`'sha256:<hex>'` -> `('sha256', '<lower-case hex>')`; raises ValueError when malformed."""
-    algo, sep, digest = value.partition(":")
-    algo = algo.strip().lower()
-    if not sep or algo not in _CHECKSUM_HEX_LEN:
+    """`'sha256:<hex>'` -> `('sha256', '<lower-case hex>')`; raises ValueError when malformed. The catalog
+    pins with sha256 or sha512 only (digests.Checksum parses the form)."""
+    algo, sep, _digest = value.partition(":")
+    if not sep or algo.strip().lower() not in CATALOG_ALGORITHMS:
         raise ValueError("must be 'sha256:<64 hex digits>' or 'sha512:<128 hex digits>'")
-    want = _CHECKSUM_HEX_LEN[algo]
-    if len(digest) != want:
-        raise ValueError(f"{algo} needs exactly {want} hex digits, got {len(digest)}")
-    if not re.fullmatch(r"[0-9a-fA-F]+", digest):
-        raise ValueError(f"{algo} digest must be hex digits only (0-9, a-f)")
-    return algo, digest.lower()
+    checksum = Checksum.parse(value)
+    return checksum.algorithm, checksum.hex
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -219,7 +216,7 @@ def _check_packer_dir(value: str) -> str:
 
 
 Url = Annotated[str, AfterValidator(check_http_url)]
-Checksum = Annotated[str, AfterValidator(_norm_checksum)]
+ChecksumText = Annotated[str, AfterValidator(_norm_checksum)]  # 'sha256:<hex>', normalised
 IsoFilename = Annotated[str, AfterValidator(_check_filename)]
 Key = Annotated[str, AfterValidator(_check_key)]
 EnvName = Annotated[str, AfterValidator(_check_env_name)]
@@ -250,7 +247,7 @@ class IsoSource(_Model):
 
     url: Url
     checksum_url: Url | None = None
-    checksum: Checksum | None = None
+    checksum: ChecksumText | None = None
     filename: IsoFilename  # defaults to the URL's last path segment
     # OpenPGP keyring (path under the project root) that signed the checksum file; signature_url is a
     # detached signature (absent: the checksum file is clearsigned). Checked before the file is trusted.

@@ -32,11 +32,10 @@ import requests
 
 from . import __version__
 from .catalog import IsoSource, mirror_url
+from .digests import ALGORITHMS, HEX_ALGORITHMS, Checksum
 from .errors import OperationError
 
 # hex length -> algorithm; exactly the set PVE's download-url/upload take as `checksum-algorithm`.
-HEX_ALGORITHMS = {32: "md5", 40: "sha1", 56: "sha224", 64: "sha256", 96: "sha384", 128: "sha512"}
-ALGORITHMS = frozenset(HEX_ALGORITHMS.values())
 _STRENGTH = ("sha512", "sha384", "sha256", "sha224", "sha1", "md5")  # preferred first
 MAX_CHECKSUM_FILE = 4 << 20  # a checksum file is kilobytes; a bigger body is a wrong URL (an ISO?)
 USER_AGENT = f"packer-assets/{__version__}"
@@ -47,41 +46,6 @@ _GNU = re.compile(r"^(\\?)([0-9A-Fa-f]+) [ *]?(.+)$")
 
 class ChecksumError(OperationError):
     """A checksum could not be had or trusted; the message names the URL/source and the file."""
-
-
-@dataclass(frozen=True)
-class Checksum:
-    algorithm: str  # md5 | sha1 | sha224 | sha256 | sha384 | sha512
-    hex: str  # lower case
-
-    def __post_init__(self):
-        algo, digest = self.algorithm.lower(), self.hex.lower()
-        if algo not in ALGORITHMS:
-            raise ValueError(f"unsupported checksum algorithm {self.algorithm!r} (want one of {sorted(ALGORITHMS)})")
-        if HEX_ALGORITHMS.get(len(digest)) != algo or not re.fullmatch(r"[0-9a-f]+", digest):
-            raise ValueError(f"{algo} needs {_hex_len(algo)} hex digits, got {self.hex!r}")
-        object.__setattr__(self, "algorithm", algo)
-        object.__setattr__(self, "hex", digest)
-
-    @classmethod
-    def parse(cls, value: str) -> Checksum:
-        """`'sha256:<hex>'` (the catalog's and the cursor's form)."""
-        algo, sep, digest = value.partition(":")
-        if not sep:
-            raise ValueError(f"checksum {value!r} is not '<algorithm>:<hex>'")
-        return cls(algo.strip(), digest.strip())
-
-    @property
-    def short(self) -> str:
-        """The first 12 hex digits: the release fragment of a staged volume name."""
-        return self.hex[:12]
-
-    def __str__(self) -> str:
-        return f"{self.algorithm}:{self.hex}"
-
-
-def _hex_len(algo: str) -> int:
-    return next(n for n, a in HEX_ALGORITHMS.items() if a == algo)
 
 
 def _norm_algorithm(name: str) -> str:

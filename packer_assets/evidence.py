@@ -17,6 +17,7 @@ BUILD_LOGS = Path("output/logs/packer/builds")
 INIT_PROOFS = Path("docs/proof/platform/packer-builds/init")
 BUILD_PROOFS = Path("docs/proof/platform/packer-builds/builds")
 RENDERED = Path("output/rendered")
+BUILD_LOG_NAME = "packer.log"  # in each build's log folder and its proof bundle
 WORK = Path("output/work")
 LOCKS = Path("output/locks")
 

@@ -19,10 +19,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .chain import CHAIN_RE, parse_chain_id
-from .evidence import Layout, sha256_file, write_proof_bundle
+from .evidence import BUILD_LOG_NAME, Layout, sha256_file, write_proof_bundle
 
 SCHEMA_FILE = Path("docs/schema/build-proof.schema.json")
-LOG_NAME = "packer.log"
 SCHEMA_VERSION = 1
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="sha256, 64 lower-case hex digits")]
@@ -187,7 +186,7 @@ def write_build_proof(layout: Layout, proof: BuildProof, log_file: Path) -> Path
     if actual != proof.log_sha256:
         raise ValueError(f"{log_file}: sha256 {actual} differs from the proof's log_sha256 {proof.log_sha256}")
     return write_proof_bundle(layout.build_proof_dir(proof.key, proof.stamp), render_build_readme(proof),
-                              proof.model_dump(mode="json"), log_file, LOG_NAME)
+                              proof.model_dump(mode="json"), log_file, BUILD_LOG_NAME)
 
 
 if __name__ == "__main__":  # python -m packer_assets.proof [root]: regenerate the committed schema

@@ -33,14 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..chain import ChainId
-from ..evidence import Layout, Redactor, RunLog
+from ..evidence import BUILD_LOG_NAME, Layout, Redactor, RunLog
 from ..errors import OperationError
 
 _PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # looked up before any fork
 PR_SET_PDEATHSIG = 1
 DEFAULT_GRACE = 60.0
 STRAGGLER_GRACE = 5.0  # after packer exited: how long its plugins may take to follow
-LOG_NAME = "packer.log"
 _COMMA = "%!(PACKER_COMMA)"
 
 
@@ -98,7 +97,7 @@ def parse_machine_line(line: str) -> MachineLine | None:
 def open_build_log(layout: Layout, key: str, chain: ChainId, redactor: Redactor | None = None,
                    echo: Callable[[str], None] | None = None) -> RunLog:
     """`output/logs/packer/builds/<key>/<chain stamp>/packer.log`; `latest` moves when it is closed."""
-    return RunLog(layout.build_log_dir(key, chain.stamp) / LOG_NAME, str(chain), redactor, echo or echo_stdout)
+    return RunLog(layout.build_log_dir(key, chain.stamp) / BUILD_LOG_NAME, str(chain), redactor, echo or echo_stdout)
 
 
 # ------------------------------------------------------------------ the stream
