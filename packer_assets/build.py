@@ -23,7 +23,7 @@ from .chain import ChainId, parse_chain_id
 from .checksums import Checksum
 from .evidence import Layout, Redactor, atomic_write, sha256_file
 from .packer.env import packer_env, validate_env
-from .packer.runner import PackerCheck, open_build_log, packer_init, packer_validate, run_packer
+from .packer.runner import PackerCheck, PackerError, open_build_log, packer_init, packer_validate, run_packer
 from .packer.version import BuildCredentials, detect_packer
 from .packer.workdir import BuildPlan, prepare_workdir, template_sha256
 from .render import ANSWER_ISO_NAME
@@ -177,8 +177,13 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
         for warning in prepared.warnings:
             log.line("warning", warning)
         try:
-            if caps.needs_init:
-                packer_init(workdir, penv.env, packer=settings.packer, redact=redact)
+            if caps.needs_init:  # installs the plugins required_plugins names
+                init = packer_init(workdir, penv.env, packer=settings.packer, redact=redact)
+                for line in init.output.splitlines():
+                    log.line("packer-init", line)
+                if not init.ok:
+                    raise PackerError(f"packer init failed (exit {init.exit_code}); log: {log.path}",
+                                      log_path=log.path)
             result = run_packer(workdir, penv.env, log, timeout=settings.timeout, on_stage=on_stage,
                                 cancel_event=cancel_event, grace=settings.grace, packer=settings.packer)
             stages["packer"] = round(result.duration, 3)

@@ -501,9 +501,6 @@ class Catalog:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def packer_path(self, key: str) -> Path:
-        return self.root / self.get(key).packer_dir
-
     def summary_rows(self) -> list[dict[str, str]]:
         rows = []
         for e in self:

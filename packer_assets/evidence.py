@@ -10,6 +10,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .chain import log_header
+
 ENV_FILE = Path("infra/env/.env.proxmox")
 SECRETS_FILE = Path("control/secrets.env")
 INIT_LOGS = Path("output/logs/packer/init")
@@ -138,7 +140,7 @@ class RunLog:
 
     def line(self, stage: str, text: str) -> str:
         clean = self.redact(text.rstrip("\n"))
-        entry = f"[{self.chain}] [{stage}] {clean}"
+        entry = f"{log_header(self.chain, stage)} {clean}"
         self._out.write(entry + "\n")
         self._out.flush()
         if self.echo:

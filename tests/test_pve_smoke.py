@@ -50,8 +50,7 @@ def test_smoke_test_passes_and_the_clone_is_gone(api, lab_pve, entry):
     sent = [body for method, path, body in lab_pve.requests
             if method == "PUT" and path.endswith(f"/qemu/{CLONE}/config")]
     assert b"ciuser=packer-smoke" in sent[0] and b"sshkeys=ssh-ed25519%2520AAAA" in sent[0]
-    check = result.check_result()
-    assert check.passed and check.details["ips"] == ["192.0.2.50"] and "Ubuntu" in check.description
+    assert result.ips == ["192.0.2.50"] and "Ubuntu" in result.os_name
 
 
 def test_the_clone_vmid_is_allocated_from_the_range_when_not_given(api, lab_pve, entry):

@@ -20,7 +20,6 @@ from proxmoxer import ProxmoxAPI
 from proxmoxer.core import ResourceException
 
 from ..catalog import TemplateEntry
-from ..proof import CheckResult
 from ..errors import OperationError
 from .tasks import TASK_TIMEOUT, TaskError, run_task, said
 from .templates import (
@@ -73,15 +72,6 @@ class SmokeResult:
     def os_name(self) -> str:
         return str(self.os_info.get("pretty-name") or self.os_info.get("name") or "unknown OS")
 
-    def check_result(self) -> CheckResult:
-        """The result as a proof's check entry."""
-        return CheckResult(
-            name="smoke_test", passed=True,
-            description=f"clone {self.clone_vmid} of template {self.template_vmid} booted; the guest agent reported "
-                        f"{self.os_name} with {', '.join(self.ips)}; the clone was destroyed",
-            details={"clone_vmid": self.clone_vmid, "os": self.os_name, "ips": list(self.ips),
-                     "seconds": round(self.seconds, 1),
-                     "steps": {s.name: round(s.seconds, 2) for s in self.steps}})
 
 
 def encode_sshkeys(keys: str) -> str:
