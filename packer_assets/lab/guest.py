@@ -181,7 +181,10 @@ class LabGuest:
             else:
                 status = 0
         except Exception as e:  # a lab bug must still end the channel, or the client hangs
-            chan.sendall_stderr(f"lab guest: {type(e).__name__}: {e}\n".encode())
+            try:
+                chan.sendall_stderr(f"lab guest: {type(e).__name__}: {e}\n".encode())
+            except (OSError, EOFError, paramiko.SSHException):
+                pass  # the client went away (a killed packer mid-upload): nobody to tell
         finally:
             _finish(chan, status)
 
