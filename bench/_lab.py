@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from packer_assets.packer.runner import proc_table  # noqa: F401 - the samplers below use it
+from packer_assets.procs import proc_table  # noqa: F401 - the samplers below use it
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from packer_assets.packer.runner import proc_table
+from packer_assets.procs import proc_table
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from packer_assets.catalog import TemplateEntry, load_catalog
-from packer_assets.packer.runner import group_members, proc_stats
+from packer_assets.procs import group_members, proc_stats
 from packer_assets.packer.workdir import BuildPlan
 
 REPO = Path(__file__).resolve().parent.parent

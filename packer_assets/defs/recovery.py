@@ -18,7 +18,7 @@ import socket
 import dagster as dg
 from dagster._core.events import DagsterEventType
 
-from ..packer.runner import process_alive
+from ..procs import process_alive
 
 HOST_TAG = "packer-assets/host"
 PID_TAG = "packer-assets/pid"
