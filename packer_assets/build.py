@@ -12,7 +12,7 @@ proof can follow.
 import json
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +26,7 @@ from .packer.env import packer_env, validate_env
 from .packer.runner import PackerCheck, PackerError, open_build_log, packer_init, packer_validate, run_packer
 from .packer.version import BuildCredentials, detect_packer
 from .packer.workdir import BuildPlan, prepare_workdir, template_sha256
-from .render import ANSWER_ISO_NAME
+from .render import ANSWER_ISO_NAME, RenderResult, render_unattended
 from .proof import BuildProof, CheckResult, IsoRef, TemplateRef, Timings, write_build_proof
 from .pve.bootstrap import BuildAccess, token_privilege_gaps
 from .pve.smoke import SmokeTestError, smoke_test
@@ -330,6 +330,15 @@ def write_proof(layout: Layout, record: dict, log_file: Path) -> Path:
         pruned_vmids=record.get("pruned_vmids", []))
     return write_build_proof(layout, proof, log_file)
 
+
+
+def render_and_validate(layout: Layout, entry: TemplateEntry, env: Mapping[str, str], settings: BuildSettings, *,
+                        catalog_root: Path) -> tuple[RenderResult, PackerCheck]:
+    """unattended_files and `packer-assets validate`: render the key's files (each checked by its own
+    validator; RenderError if one fails, the previous render kept), then `packer validate` on them."""
+    result = render_unattended(entry, env, layout.rendered_dir(entry.key), root=catalog_root)
+    return result, validate_build(entry, result.out_dir, layout.work_dir(entry.key), settings,
+                                  catalog_root=catalog_root)
 
 
 def validate_build(entry: TemplateEntry, rendered_dir: Path, work_parent: Path, settings: BuildSettings, *,

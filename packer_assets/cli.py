@@ -24,10 +24,10 @@ def _validate(args) -> int:
     """validate-all.sh: render and validate every key (or those named), then `packer validate` each."""
     import os
 
-    from .build import BuildSettings, validate_build
+    from .build import BuildSettings, render_and_validate
     from .catalog import load_catalog
     from .packer.workdir import PackerCapabilityError
-    from .render import RenderError, render_unattended
+    from .render import RenderError
     from .settings import export_env_files, load_settings
 
     found = load_settings()  # the one validated model, as definitions.py reads it
@@ -40,19 +40,16 @@ def _validate(args) -> int:
     for key in args.keys or catalog.keys():
         entry = catalog.get(key)
         try:
-            result = render_unattended(entry, os.environ, layout.rendered_dir(key), root=catalog.root)
+            result, check = render_and_validate(layout, entry, os.environ, settings, catalog_root=catalog.root)
         except RenderError as exc:
             print(f"FAIL {key}: render: {exc}")
             failed += 1
             continue
-        verdicts = ", ".join(sorted({v.validator for f in result.files for v in f.verdicts}))
-        try:
-            check = validate_build(entry, result.out_dir, layout.work_dir(key), settings,
-                                   catalog_root=catalog.root)
         except PackerCapabilityError as exc:
             print(f"FAIL {key}: {exc} (--allow-degraded accepts this)")
             failed += 1
             continue
+        verdicts = ", ".join(sorted({v.validator for f in result.files for v in f.verdicts}))
         if check.ok:
             print(f"ok   {key}: {len(result.files)} file(s) [{verdicts}], packer validate")
         else:

@@ -4,13 +4,12 @@ import os
 
 import dagster as dg
 
-from ..build import build_template, promoted_record, validate_build, write_proof
+from ..build import build_template, promoted_record, render_and_validate, write_proof
 from ..chain import fresh_chain_id
 from ..evidence import Layout
 from ..locks import hold_key
 from ..pve.init_env import run_init
 from ..pve.staging import stage_entry
-from ..render import render_unattended
 from .partitions import template_partitions
 from .recovery import recover
 from .resources import PackerSettings, ProjectSettings, ProxmoxBootstrap
@@ -121,9 +120,7 @@ def unattended_files(
     key, layout = hold_partition(context, project)
     catalog = project.catalog()
     entry = catalog.get(key)
-    result = render_unattended(entry, os.environ, layout.rendered_dir(key), root=catalog.root)
-    check = validate_build(entry, result.out_dir, layout.work_dir(key), packer.settings(),
-                           catalog_root=catalog.root)
+    result, check = render_and_validate(layout, entry, os.environ, packer.settings(), catalog_root=catalog.root)
     validated = dg.AssetCheckResult(check_name="packer_validate", passed=check.ok,
                                     description="packer validate passed" if check.ok else check.output[-2000:],
                                     metadata={"argv": " ".join(check.argv)})
