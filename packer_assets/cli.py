@@ -62,13 +62,16 @@ def _validate(args) -> int:
 def _settings(args) -> int:
     """Every setting the live path reads, checked as definitions.py checks it, with where each came from.
     No secret is read into the model, so none is printed."""
-    from dataclasses import fields
+    from dataclasses import fields, is_dataclass
 
     from .settings import load_settings
 
     found = load_settings()
     for item in fields(found):
-        print(f"{item.name}: {getattr(found, item.name)}")
+        value = getattr(found, item.name)
+        for name, shown in ([(f"{item.name}.{f.name}", getattr(value, f.name)) for f in fields(value)]
+                            if is_dataclass(value) else [(item.name, value)]):
+            print(f"{name}: {shown}")
     if found.insecure:
         print(f"warning: TLS verification of the API is OFF (PROXMOX_INSECURE=1 from {found.insecure_origin})")
     return 0

@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .envfile import read_env_file
+from .pve.bootstrap import BootstrapConfig
 from .evidence import Layout
 from .errors import ConfigError
 
@@ -46,16 +47,7 @@ class Settings:
     bootstrap_user: str = "root@pam"
     bootstrap_token_name: str | None = None
     bootstrap_method: str = "api"
-    automation_user: str = "automation@pve"
-    role: str = "PackerBuilder"
-    token_name: str = "packer"
-    privsep: bool = True
-    node: str | None = None
-    vm_storage: str | None = None
-    iso_storage: str | None = None
-    bridge: str | None = None
-    http_bind_address: str | None = None
-    http_port: int = 8802
+    bootstrap: BootstrapConfig = BootstrapConfig()  # user, role, token, node, storages, bridge, HTTP bind
     ssh_host: str | None = None
     ssh_port: int = 22
     ssh_user: str = "root"
@@ -212,16 +204,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         bootstrap_user=text("PROXMOX_BOOTSTRAP_USER", "root@pam"),
         bootstrap_token_name=text("PROXMOX_BOOTSTRAP_TOKEN_NAME"),
         bootstrap_method=method,
-        automation_user=text("PROXMOX_AUTOMATION_USER", "automation@pve"),
-        role=text("PROXMOX_ROLE", "PackerBuilder"),
-        token_name=text("PROXMOX_TOKEN_NAME", "packer"),
-        privsep=flag("PROXMOX_PRIVSEP", True),
-        node=text("PROXMOX_NODE"),
-        vm_storage=text("PROXMOX_VM_STORAGE"),
-        iso_storage=text("PROXMOX_ISO_STORAGE"),
-        bridge=text("PROXMOX_BRIDGE"),
-        http_bind_address=text("PROXMOX_HTTP_BIND_ADDRESS"),
-        http_port=port("PROXMOX_HTTP_PORT", 8802),
+        bootstrap=BootstrapConfig(
+            user=text("PROXMOX_AUTOMATION_USER", "automation@pve"), role=text("PROXMOX_ROLE", "PackerBuilder"),
+            token_name=text("PROXMOX_TOKEN_NAME", "packer"), privsep=flag("PROXMOX_PRIVSEP", True),
+            node=text("PROXMOX_NODE"), vm_storage=text("PROXMOX_VM_STORAGE"), iso_storage=text("PROXMOX_ISO_STORAGE"),
+            bridge=text("PROXMOX_BRIDGE"), http_bind_address=text("PROXMOX_HTTP_BIND_ADDRESS"),
+            http_port=port("PROXMOX_HTTP_PORT", 8802)),
         ssh_host=text("PROXMOX_SSH_HOST"),
         ssh_port=port("PROXMOX_SSH_PORT", 22),
         ssh_user=text("PROXMOX_SSH_USER", "root"),

@@ -76,7 +76,7 @@ def test_settings_contradiction_is_one_line_from_the_cli_and_make(tmp_path):
     assert made.returncode != 0 and "contradicts PROXMOX_CA_FILE" in made.stderr
     assert "Traceback" not in made.stderr and not (tmp_path / "infra").exists()
     ok = cli("settings", PACKER_ASSETS_ROOT=str(tmp_path), PROXMOX_HTTP_PORT="8802")
-    assert ok.returncode == 0 and "http_port: 8802" in ok.stdout
+    assert ok.returncode == 0 and "bootstrap.http_port: 8802" in ok.stdout
 
 
 @needs_packer

@@ -97,7 +97,7 @@ def test_insecure_is_never_inherited_from_the_env_file_init_writes(tmp_path):
     """.env.proxmox records an earlier init's PROXMOX_INSECURE=1; the next run verifies TLS unless asked again."""
     write_env_file(tmp_path / "infra/env/.env.proxmox", {"PROXMOX_INSECURE": "1", "PROXMOX_NODE": "pve1"})
     settings = load_settings({"PACKER_ASSETS_ROOT": str(tmp_path)})
-    assert settings.insecure is False and settings.node == "pve1"
+    assert settings.insecure is False and settings.bootstrap.node == "pve1"
     asked = load_settings({"PACKER_ASSETS_ROOT": str(tmp_path), "PROXMOX_INSECURE": "1"})
     assert asked.insecure is True and asked.insecure_origin == "environment"
 

@@ -37,6 +37,12 @@ class ProjectSettings(dg.ConfigurableResource):
         return build_access(read_env_file(env_file), str(env_file))
 
 
+# The fields ProxmoxBootstrap shares with BootstrapConfig: Dagster needs them as the resource's own config
+# schema (launchpad, run config); config_fields() and config() are the one mapping between the two.
+BOOTSTRAP_FIELDS = ("user", "role", "token_name", "privsep", "node", "vm_storage", "iso_storage", "bridge",
+                    "http_bind_address", "http_port")
+
+
 class ProxmoxBootstrap(dg.ConfigurableResource):
     """Admin access used once by `proxmox_env` to create the build user, role, ACLs and token."""
 
@@ -86,11 +92,12 @@ class ProxmoxBootstrap(dg.ConfigurableResource):
     def admin(self) -> AdminLogin:
         return AdminLogin(self.admin_user, self.admin_password, self.admin_token_name, self.admin_token_secret)
 
+    @classmethod
+    def config_fields(cls, config: BootstrapConfig) -> dict:
+        return {name: getattr(config, name) for name in BOOTSTRAP_FIELDS}
+
     def config(self, rotate: bool = False) -> BootstrapConfig:
-        return BootstrapConfig(user=self.user, role=self.role, token_name=self.token_name, privsep=self.privsep,
-                               rotate=rotate, node=self.node, vm_storage=self.vm_storage,
-                               iso_storage=self.iso_storage, bridge=self.bridge,
-                               http_bind_address=self.http_bind_address, http_port=self.http_port,
+        return BootstrapConfig(**{name: getattr(self, name) for name in BOOTSTRAP_FIELDS}, rotate=rotate,
                                build_password=self.wants_build_password())
 
     def wants_build_password(self) -> bool:
