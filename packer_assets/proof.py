@@ -1,8 +1,9 @@
-"""The build proof: a pydantic model, its JSON Schema, the README table and the bundle on disk.
+"""The proofs: pydantic models, their JSON Schemas, the README tables and the bundles on disk.
 
 `docs/proof/platform/packer-builds/builds/<key>/<ts>/` holds README.md, proof.json and packer.log;
-`latest` points at the newest. The JSON Schema in `docs/schema/build-proof.schema.json` is generated
-from `BuildProof` (`python -m packer_assets.proof` rewrites it); a test keeps the two equal.
+`docs/proof/platform/packer-builds/init/<ts>/` README.md, proof.json and init-packer.log; `latest`
+points at the newest of each. The JSON Schemas in `docs/schema/` (build-proof, init-proof) are generated
+from `BuildProof` and `InitProof` (`python -m packer_assets.proof` rewrites them); a test keeps them equal.
 
 A proof exists only for a build that passed its checks: the model refuses a failed or missing
 check, and `write_build_proof` refuses a log whose sha256 differs from the one recorded.
@@ -22,6 +23,7 @@ from .chain import CHAIN_RE, parse_chain_id
 from .evidence import BUILD_LOG_NAME, Layout, sha256_file, write_proof_bundle
 
 SCHEMA_FILE = Path("docs/schema/build-proof.schema.json")
+INIT_SCHEMA_FILE = Path("docs/schema/init-proof.schema.json")
 SCHEMA_VERSION = 1
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="sha256, 64 lower-case hex digits")]
@@ -122,24 +124,86 @@ class BuildProof(_Model):
         return parse_chain_id(self.chain_id).stamp
 
 
-def build_proof_schema() -> dict[str, Any]:
-    """The JSON Schema of proof.json (what `docs/schema/build-proof.schema.json` holds)."""
-    schema = BuildProof.model_json_schema(mode="serialization")
+class Discovered(_Model):
+    """What proxmox_env found (configured names win): where builds run."""
+
+    node: str = Field(description="The node builds run on.")
+    node_ip: str = Field(description="The node's address.")
+    vm_storage: str = Field(description="Storage for VM disks.")
+    iso_storage: str = Field(description="Storage for ISO images.")
+    bridge: str = Field(description="The network bridge of build VMs.")
+    http_bind_address: str = Field(description="The address Packer's HTTP server binds to.")
+    http_port: int = Field(ge=1, le=65535, description="The first port of Packer's HTTP server range.")
+
+
+class InitProof(_Model):
+    """Evidence of one proxmox_env run: API access for builds was set up (proof.json of an init bundle)."""
+
+    model_config = ConfigDict(title="packer-assets init proof")
+
+    schema_version: Literal[1] = Field(default=SCHEMA_VERSION, description="Version of this format.")
+    kind: Literal["init"] = Field(default="init", description="Always `init` (build proofs have `build`).")
+    bootstrap: Literal["api", "ssh"] = Field(description="How: an admin login over the API, or the script over SSH.")
+    chain_id: str = Field(pattern=f"^{CHAIN_RE.pattern}$", description="`CHAIN-<UTC yyyymmddThhmmssZ>-init`.")
+    dagster_run_id: str | None = Field(default=None, description="The Dagster run, if any.")
+    tool_version: str = Field(description="The packer-assets version that ran.")
+    started_at: datetime = Field(description="Start (UTC, ISO 8601).")
+    finished_at: datetime = Field(description="End (UTC, ISO 8601).")
+    api_url: str = Field(description="The API, `https://host:port/api2/json`.")
+    tls: Literal["ca_file", "fingerprint", "insecure", "system"] = Field(description="How the API's TLS was trusted.")
+    pve_version: str = Field(description="The PVE version the API reported.")
+    token_id: str = Field(description="The build token, `user@realm!name` (never its secret).")
+    token_action: Literal["reused", "created", "replaced", "rotated"] = Field(description="What happened to it.")
+    build_login: str = Field(description="How Packer logs in: `token`, or `password as <user>` (Packer < 1.7.1).")
+    role: str = Field(description="The role holding the build's privileges.")
+    privileges: list[str] = Field(description="The role's privileges, for this PVE version.")
+    changes: list[str] = Field(description="What this run changed on the node (empty: nothing).")
+    discovery: Discovered = Field(description="Where builds run.")
+    env_file: str = Field(description="The env file written, relative to the output root.")
+    log_sha256: Sha256 = Field(description="sha256 of init-packer.log next to this file.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InitProof:
+        if parse_chain_id(self.chain_id).key != "init":
+            raise ValueError(f"chain ID {self.chain_id} is not an init chain ID")
+        if self.finished_at < self.started_at:
+            raise ValueError("finished_at is before started_at")
+        return self
+
+
+def _schema(model: type[BaseModel]) -> dict[str, Any]:
     return {"$schema": "https://json-schema.org/draft/2020-12/schema",
-            "$comment": "Generated from packer_assets.proof.BuildProof by `python -m packer_assets.proof`; "
+            "$comment": f"Generated from packer_assets.proof.{model.__name__} by `python -m packer_assets.proof`; "
                         "do not edit.",
-            **schema}
+            **model.model_json_schema(mode="serialization")}
 
 
-def schema_text() -> str:
-    return json.dumps(build_proof_schema(), indent=2) + "\n"
+def build_proof_schema() -> dict[str, Any]:
+    """The JSON Schema of a build's proof.json (what `docs/schema/build-proof.schema.json` holds)."""
+    return _schema(BuildProof)
 
 
-def write_schema(root: Path = Path(".")) -> Path:
-    path = Path(root) / SCHEMA_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(schema_text(), encoding="utf-8")
-    return path
+def init_proof_schema() -> dict[str, Any]:
+    """The JSON Schema of an init's proof.json (what `docs/schema/init-proof.schema.json` holds)."""
+    return _schema(InitProof)
+
+
+SCHEMAS = {SCHEMA_FILE: build_proof_schema, INIT_SCHEMA_FILE: init_proof_schema}
+
+
+def schema_text(file: Path = SCHEMA_FILE) -> str:
+    return json.dumps(SCHEMAS[file](), indent=2) + "\n"
+
+
+def write_schema(root: Path = Path(".")) -> list[Path]:
+    """Both committed schemas, regenerated under root."""
+    written = []
+    for file in SCHEMAS:
+        path = Path(root) / file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(schema_text(file), encoding="utf-8")
+        written.append(path)
+    return written
 
 
 # ------------------------------------------------------------------ README
@@ -176,6 +240,20 @@ def render_build_readme(proof: BuildProof) -> str:
     return "\n".join(out) + "\n"
 
 
+def render_init_readme(proof: InitProof) -> str:
+    found = proof.discovery
+    rows = [("Chain ID", proof.chain_id), ("Dagster run", proof.dagster_run_id), ("Bootstrap", proof.bootstrap),
+            ("API", proof.api_url), ("TLS trust", proof.tls), ("PVE version", proof.pve_version),
+            ("Node", found.node), ("VM storage", found.vm_storage), ("ISO storage", found.iso_storage),
+            ("Bridge", found.bridge), ("Token", f"{proof.token_id} ({proof.token_action})"),
+            ("Packer login", proof.build_login), ("Role", proof.role), ("Log sha256", proof.log_sha256)]
+    out = [f"# Proxmox API bootstrap {proof.chain_id}", "", "| | |", "|---|---|"]
+    out += [f"| {name} | {_cell(value)} |" for name, value in rows]
+    out += ["", "## Changes", ""] + ([f"- {c}" for c in proof.changes] or ["- nothing to change"])
+    out += ["", f"## Privileges of {proof.role}", "", ", ".join(proof.privileges)]
+    return "\n".join(out) + "\n"
+
+
 # ------------------------------------------------------------------ the bundle
 
 
@@ -189,5 +267,12 @@ def write_build_proof(layout: Layout, proof: BuildProof, log_file: Path) -> Path
                               proof.model_dump(mode="json"), log_file, BUILD_LOG_NAME)
 
 
-if __name__ == "__main__":  # python -m packer_assets.proof [root]: regenerate the committed schema
-    print(write_schema(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(".")))
+def write_init_proof(layout: Layout, proof: InitProof, log_file: Path) -> Path:
+    """README.md, proof.json and init-packer.log in `init/<ts>/`, then `latest` swapped to it."""
+    return write_proof_bundle(layout.init_proof_dir(parse_chain_id(proof.chain_id).stamp), render_init_readme(proof),
+                              proof.model_dump(mode="json"), log_file, Path(log_file).name)
+
+
+if __name__ == "__main__":  # python -m packer_assets.proof [root]: regenerate the committed schemas
+    for written in write_schema(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(".")):
+        print(written)

@@ -10,7 +10,10 @@ from pydantic import ValidationError
 
 from packer_assets.evidence import Layout, latest, sha256_file
 from packer_assets.proof import (
+    INIT_SCHEMA_FILE,
     SCHEMA_FILE,
+    InitProof,
+    init_proof_schema,
     BuildProof,
     CheckResult,
     build_proof_schema,
@@ -70,11 +73,27 @@ def test_the_schema_documents_every_field():
         assert definition.get("description"), name
 
 
-def test_the_committed_schema_is_the_generated_one():
-    committed = REPO / SCHEMA_FILE
-    assert committed.exists(), f"{SCHEMA_FILE} is missing: run `python -m packer_assets.proof`"
-    assert committed.read_text(encoding="utf-8") == schema_text(), \
-        f"{SCHEMA_FILE} is stale: run `python -m packer_assets.proof`"
+@pytest.mark.parametrize("file", [SCHEMA_FILE, INIT_SCHEMA_FILE], ids=["build", "init"])
+def test_the_committed_schema_is_the_generated_one(file):
+    committed = REPO / file
+    assert committed.exists(), f"{file} is missing: run `python -m packer_assets.proof`"
+    assert committed.read_text(encoding="utf-8") == schema_text(file), \
+        f"{file} is stale: run `python -m packer_assets.proof`"
+
+
+def test_the_init_schema_documents_every_field_and_refuses_a_build_chain():
+    schema = init_proof_schema()
+    assert schema["title"] == "packer-assets init proof"
+    for name, prop in schema["properties"].items():
+        assert prop.get("description") or "$ref" in prop or "allOf" in prop, name
+    with pytest.raises(ValidationError, match="not an init chain ID"):
+        InitProof(bootstrap="api", chain_id="CHAIN-20261125T100000Z-ubuntu-2204", tool_version="0.1.0",
+                  started_at=datetime(2026, 11, 25, tzinfo=UTC), finished_at=datetime(2026, 11, 25, tzinfo=UTC),
+                  api_url="https://pve:8006/api2/json", tls="system", pve_version="9.0.3", token_id="a@pve!p",
+                  token_action="created", build_login="token", role="R", privileges=[], changes=[],
+                  discovery={"node": "n", "node_ip": "1.2.3.4", "vm_storage": "v", "iso_storage": "i",
+                             "bridge": "vmbr0", "http_bind_address": "1.2.3.5", "http_port": 8802},
+                  env_file="infra/env/.env.proxmox", log_sha256="0" * 64)
 
 
 def test_a_proof_needs_passed_checks_and_a_matching_key():

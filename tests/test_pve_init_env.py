@@ -243,3 +243,17 @@ def test_build_password_needs_a_password_login_for_the_bootstrap(layout, endpoin
     by_token = AdminLogin("root@pam", token_name="admin", token_secret=made["value"])
     with pytest.raises(BootstrapError, match="needs a password login for the bootstrap: PVE refuses it to API tokens"):
         init(layout, endpoint, by_token, build_password=True)
+
+
+def test_the_init_proof_validates_against_its_committed_schema(layout, endpoint, admin):
+    import json
+    from pathlib import Path
+
+    import jsonschema
+
+    outcome = init(layout, endpoint, admin)
+    schema = json.loads((Path(__file__).resolve().parents[1] / "docs/schema/init-proof.schema.json").read_text())
+    on_disk = json.loads((outcome.proof_dir / "proof.json").read_text())
+    jsonschema.validate(on_disk, schema)
+    assert on_disk == outcome.proof and on_disk["kind"] == "init"
+    assert "| Packer login | `token` |" in (outcome.proof_dir / "README.md").read_text()

@@ -3,6 +3,7 @@ in an export of the repository (so the developer's own `.lab`, outputs and Dagst
 starting with `make demo`. Every other command the README shows is listed with the reason it is not
 run here; a README command in neither list fails the test, so a new one cannot slip in unchecked."""
 
+import json
 import os
 import re
 import shlex
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from test_standalone import export_repository
@@ -120,6 +122,8 @@ def check_after(command: str, clone: Path, proc: subprocess.CompletedProcess) ->
     if command == "make demo":
         for key in KEYS:
             assert (proofs / key / "latest/proof.json").is_file(), f"make demo left no proof for {key}"
+        init = json.loads((clone / "docs/proof/platform/packer-builds/init/latest/proof.json").read_text())
+        jsonschema.validate(init, json.loads((REPO / "docs/schema/init-proof.schema.json").read_text()))
         assert (clone / "infra/env/.env.proxmox").is_file()
     elif command == "packer-assets validate":
         assert all(f"ok   {key}:" in proc.stdout for key in KEYS), proc.stdout
@@ -127,9 +131,9 @@ def check_after(command: str, clone: Path, proc: subprocess.CompletedProcess) ->
         text = proc.stdout + proc.stderr
         assert "token_authenticates" in text and "token_privileges" in text, text[-2000:]
         assert "ASSET_CHECK_EVALUATION" in text and "RUN_SUCCESS" in text, text[-2000:]
-    elif command == "python -m packer_assets.proof":  # regenerated in the export: the committed schema is current
-        name = "docs/schema/build-proof.schema.json"
-        assert (clone / name).read_text() == (REPO / name).read_text()
+    elif command == "python -m packer_assets.proof":  # regenerated in the export: the committed schemas are current
+        for name in ("docs/schema/build-proof.schema.json", "docs/schema/init-proof.schema.json"):
+            assert (clone / name).read_text() == (REPO / name).read_text()
     elif command == "make clean":
         assert not (clone / ".lab").exists() and not (clone / "output").exists()
 

@@ -19,7 +19,8 @@ from typing import Protocol
 from .. import __version__
 from ..chain import ChainId
 from ..envfile import read_env_file, write_env_file
-from ..evidence import Layout, Redactor, RunLog, atomic_write, sha256_file, write_proof_bundle
+from ..evidence import Layout, Redactor, RunLog, atomic_write, sha256_file
+from ..proof import InitProof, write_init_proof
 from .bootstrap import BootstrapConfig, BootstrapResult, bootstrap, env_file_values
 from .client import Endpoint
 
@@ -163,43 +164,15 @@ def run_init(layout: Layout, endpoint: Endpoint, admin: "AdminLogin | Bootstrapp
                              f"in {layout.secrets_file})")
         log.line("discover", ", ".join(f"{k}={v}" for k, v in asdict(result.discovery).items()))
         log.line("init", f"wrote {layout.env_file} and {layout.secrets_file}")
-    proof = {
-        "kind": "init",
-        "bootstrap": method.method,
-        "chain_id": str(chain),
-        "dagster_run_id": run_id,
-        "tool_version": __version__,
-        "started_at": started.isoformat(),
-        "finished_at": datetime.now(UTC).isoformat(),
-        "api_url": endpoint.api_url,
-        "tls": "ca_file" if endpoint.ca_file else "fingerprint" if endpoint.fingerprint else
-               "insecure" if endpoint.insecure else "system",
-        "pve_version": result.pve_version,
-        "token_id": result.token_id,
-        "token_action": result.token_action,
-        "build_login": f"password as {config.user}" if result.build_password_action else "token",
-        "role": config.role,
-        "privileges": list(result.privileges),
-        "changes": result.changes,
-        "discovery": asdict(result.discovery),
-        "env_file": str(layout.env_file.relative_to(layout.root)),
-        "log_sha256": sha256_file(log_file),
-    }
-    proof_dir = write_proof_bundle(layout.init_proof_dir(chain.stamp), init_readme(proof), proof, log_file,
-                                   "init-packer.log")
-    return InitOutcome(result, layout.env_file, layout.secrets_file, log_file, proof_dir, proof)
-
-
-def init_readme(proof: dict) -> str:
-    rows = [("Chain ID", proof["chain_id"]), ("Dagster run", proof["dagster_run_id"] or "-"),
-            ("Bootstrap", proof.get("bootstrap", "api")),
-            ("API", proof["api_url"]), ("TLS trust", proof["tls"]), ("PVE version", proof["pve_version"]),
-            ("Node", proof["discovery"]["node"]), ("VM storage", proof["discovery"]["vm_storage"]),
-            ("ISO storage", proof["discovery"]["iso_storage"]), ("Bridge", proof["discovery"]["bridge"]),
-            ("Token", f"{proof['token_id']} ({proof['token_action']})"), ("Role", proof["role"]),
-            ("Log sha256", proof["log_sha256"])]
-    table = "\n".join(f"| {name} | `{value}` |" for name, value in rows)
-    changes = "\n".join(f"- {c}" for c in proof["changes"]) or "- nothing to change"
-    privs = ", ".join(proof["privileges"])
-    return (f"# Proxmox API bootstrap {proof['chain_id']}\n\n| | |\n|---|---|\n{table}\n\n"
-            f"## Changes\n\n{changes}\n\n## Privileges of {proof['role']}\n\n{privs}\n")
+    proof = InitProof(
+        bootstrap=method.method, chain_id=str(chain), dagster_run_id=run_id, tool_version=__version__,
+        started_at=started, finished_at=datetime.now(UTC), api_url=endpoint.api_url,
+        tls="ca_file" if endpoint.ca_file else "fingerprint" if endpoint.fingerprint else
+            "insecure" if endpoint.insecure else "system",
+        pve_version=result.pve_version, token_id=result.token_id, token_action=result.token_action,
+        build_login=f"password as {config.user}" if result.build_password_action else "token",
+        role=config.role, privileges=list(result.privileges), changes=result.changes,
+        discovery=asdict(result.discovery), env_file=str(layout.env_file.relative_to(layout.root)),
+        log_sha256=sha256_file(log_file))
+    proof_dir = write_init_proof(layout, proof, log_file)
+    return InitOutcome(result, layout.env_file, layout.secrets_file, log_file, proof_dir, proof.model_dump(mode="json"))
