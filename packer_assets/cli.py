@@ -60,13 +60,17 @@ def _validate(args) -> int:
 
 
 def _settings(args) -> int:
-    """Every setting the live path reads, checked as definitions.py checks it, with where each came from.
-    No secret is read into the model, so none is printed."""
+    """Every setting the live path reads, and the catalog, checked as definitions.py checks them. No secret
+    is read into the model, so none is printed."""
     from dataclasses import fields, is_dataclass
 
-    from .settings import load_settings
+    from .catalog import load_catalog
+    from .settings import export_env_files, load_settings
 
     found = load_settings()
+    export_env_files()  # as definitions.py does: the catalog an env file names is the one checked
+    catalog = load_catalog()  # the definitions' partitions come from it: a broken one is one line here
+    print(f"catalog: {catalog.display} ({len(catalog)} keys)")
     for item in fields(found):
         value = getattr(found, item.name)
         for name, shown in ([(f"{item.name}.{f.name}", getattr(value, f.name)) for f in fields(value)]

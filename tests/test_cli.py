@@ -91,3 +91,16 @@ def test_three_validates_of_one_key_at_once_all_pass(tmp_path):
     assert [p.returncode for p in procs] == [0, 0, 0], outputs
     assert all("ok   debian-12:" in out for out in outputs)
     assert list((tmp_path / "output/work/debian-12").iterdir()) == []  # each removed its own
+
+
+def test_make_build_with_a_broken_catalog_is_one_line_not_a_traceback(tmp_path):
+    """A key with a trailing newline used to pass and then kill every `make build` in the definitions' load."""
+    broken = tmp_path / "catalog.yaml"
+    broken.write_text((REPO / "templates/catalog.yaml").read_text().replace("key: debian-12", 'key: "debian-12\\n"'))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PACKER_ASSETS_", "PROXMOX_"))}
+    env.update(PACKER_ASSETS_CATALOG=str(broken), PACKER_ASSETS_ROOT=str(tmp_path), DAGSTER_HOME=str(tmp_path / "home"))
+    made = subprocess.run(["make", "--no-print-directory", "build", "KEY=debian-12", "PACKER_ASSETS_ENV_FILE="],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert made.returncode != 0 and "Traceback" not in made.stderr
+    line = next(ln for ln in made.stderr.splitlines() if ln.startswith("packer-assets: "))
+    assert f"{broken}: templates[" in line and "key: 'debian-12\\n' must start with a lower-case letter" in line
