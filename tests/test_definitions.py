@@ -21,6 +21,14 @@ def test_definitions_load():
     definitions.defs.resolve_all_job_defs()
 
 
+def test_every_job_runs_its_steps_in_the_run_process():
+    """defs/recovery.py judges a run by the PID its first step records: that is the run's own process only
+    with the in-process executor (a multiprocess step's PID ends with the step, and a live run would be
+    closed as dead). Also the reason the key lock of the first step covers the whole run."""
+    for job in definitions.defs.resolve_all_job_defs():
+        assert job.executor_def.name == dg.in_process_executor.name, job.name
+
+
 def test_asset_keys_and_lineage_are_pinned():
     graph = definitions.defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}

@@ -6,7 +6,8 @@ monitoring cannot tell with the default run launcher (it has no worker health ch
 runs without a daemon at all. So every run, at its first per-key step, looks for runs of this instance
 whose worker is gone, marks each failed with the reason, frees its pool slots, and says so.
 
-A run's worker is known by the tags the first step writes (`packer-assets/host`, `packer-assets/pid`).
+A run's worker is known by the tags the first step writes (`packer-assets/host`, `packer-assets/pid`):
+the run's own process, because every job runs its steps in process (definitions.py; a test pins it).
 A run that died before writing them is judged only on a single-host (SQLite) instance, by the PID of
 the process that reported its start. A PID now held by a process that started after the run did
 counts as gone (PIDs are reused).
