@@ -14,8 +14,8 @@ is never the lab's; and the benchmark can read what the lab saw: `pve.downloads`
 here the way `packer-assets lab up` writes `.lab/lab.env`) named by PACKER_ASSETS_ENV_FILE, plus
 PACKER_ASSETS_ROOT and DAGSTER_HOME, and runs in the repository (packer_dir paths are relative to it).
 
-Also: a counting shim for PACKER_BINARY, and a /proc sampler for process trees (how many `packer
-build` at once, peak RSS of each process).
+Also: a counting shim for PACKER_BINARY; the /proc sampler for process trees (how many `packer build` at
+once, peak RSS of each process) is packer_assets.lab.proctree.TreeSampler, re-exported here.
 """
 
 from __future__ import annotations
@@ -25,14 +25,13 @@ import os
 import secrets
 import shutil
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from packer_assets.procs import proc_table  # noqa: F401 - the samplers below use it
+from packer_assets.lab.proctree import TreeSampler, is_packer  # noqa: F401 - the benchmarks import them from here
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -160,120 +159,6 @@ def packer_calls(log: Path) -> dict[str, int]:
         sub = next((p for p in parts[1:] if not p.startswith("-")), "?")
         counts[sub] = counts.get(sub, 0) + 1
     return counts
-
-
-# ------------------------------------------------------------------ /proc
-
-
-def _status(pid: int) -> dict[str, int]:
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(("VmHWM:", "VmRSS:")):
-                    out[line[:5]] = int(line.split()[1])
-    except OSError:
-        pass
-    return out
-
-
-def _pss(pid: int) -> int:
-    """Proportional set size in kB (shared pages divided among their users): what a tree really holds."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def is_packer(argv: list[str]) -> bool:
-    return bool(argv) and os.path.basename(argv[0]) == "packer"
-
-
-def is_packer_build(argv: list[str]) -> bool:
-    return is_packer(argv) and "build" in argv[1:2]
-
-
-def descendants(table: dict[int, tuple[int, list[str]]], roots: set[int]) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _argv) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    out, todo = set(), [r for r in roots if r in table]
-    while todo:
-        pid = todo.pop()
-        if pid in out:
-            continue
-        out.add(pid)
-        todo.extend(children.get(pid, ()))
-    return out
-
-
-@dataclass
-class TreeSampler:
-    """Samples /proc every `interval` s for the processes under `roots()`: how many top-level `packer build`
-    at once (packer 1.6.6 re-executes itself and starts plugin processes: one build is counted once), the
-    peak VmHWM of every process seen (kB, with its argv), the peaks of the tree's summed VmRSS and summed
-    Pss (shared pages counted once: packer's 5 processes map one 107 MB binary), and CPU seconds.
-    (Not wait4's ru_maxrss: Linux carries the forking Python parent's RSS over exec into it.)"""
-
-    roots: object  # callable -> set[int]
-    interval: float = 0.05
-    max_builds: int = 0
-    builds_seen: set = field(default_factory=set)
-    hwm: dict = field(default_factory=dict)        # pid -> (kB, argv)
-    peak_tree_rss: int = 0
-    peak_tree_pss: int = 0
-    samples: int = 0
-    cpu: dict = field(default_factory=dict)        # pid -> CPU seconds (last sample: misses a process's last 50 ms)
-
-    def __post_init__(self):
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="tree-sampler")
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(5)
-
-    def _run(self):
-        while not self._stop.is_set():
-            cpu: dict[int, float] = {}
-            table = proc_table(cpu)
-            tree = descendants(table, set(self.roots()))
-            for pid in tree:
-                self.cpu[pid] = max(self.cpu.get(pid, 0.0), cpu.get(pid, 0.0))
-            builds, rss, pss = set(), 0, 0
-            for pid in tree:
-                argv = table[pid][1]
-                status = _status(pid)
-                rss += status.get("VmRSS", 0)
-                pss += _pss(pid)
-                if status.get("VmHWM", 0) > self.hwm.get(pid, (0, None))[0]:
-                    self.hwm[pid] = (status["VmHWM"], argv)
-                if is_packer_build(argv) and not is_packer_build(table.get(table[pid][0], (0, []))[1]):
-                    builds.add(pid)
-            self.builds_seen |= builds
-            self.max_builds = max(self.max_builds, len(builds))
-            self.peak_tree_rss = max(self.peak_tree_rss, rss)
-            self.peak_tree_pss = max(self.peak_tree_pss, pss)
-            self.samples += 1
-            self._stop.wait(self.interval)
-
-    @property
-    def cpu_seconds(self) -> float:
-        """CPU time (user + system) of every process seen in the tree, summed."""
-        return sum(self.cpu.values())
-
-    def peak(self, match) -> tuple[int, list[str] | None]:
-        """(largest VmHWM in kB, its argv) among the processes whose argv satisfies match(argv)."""
-        found = [(kb, argv) for kb, argv in self.hwm.values() if argv and match(argv)]
-        return max(found, key=lambda x: x[0]) if found else (0, None)
 
 
 def mib(kb: int) -> str:

@@ -1,8 +1,9 @@
 """Real Dagster processes for the end-to-end tests: code server, daemon, webserver; and what they did.
 
 Every process is started in its own session and stopped by its process group id (its own pid), so a
-test ends exactly what it started. PackerWatch polls /proc for `packer build` processes under given
-ancestors: the concurrency the tests assert is observed, not inferred from Dagster's bookkeeping.
+test ends exactly what it started. The packer builds under them are watched with
+packer_assets.lab.proctree.TreeSampler: the concurrency the tests assert is observed, not inferred from
+Dagster's bookkeeping.
 """
 
 import os
@@ -13,10 +14,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-
-from packer_assets.procs import proc_table
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -120,62 +119,6 @@ def dagster_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> s
 
 
 # ------------------------------------------------------------------ observing packer processes
-
-
-def is_packer_build(argv: list[str]) -> bool:
-    """`packer build ...` itself (not its plugin children, which are `packer plugin ...`)."""
-    return bool(argv) and os.path.basename(argv[0]) == "packer" and "build" in argv[1:2]
-
-
-@dataclass
-class PackerWatch:
-    """Samples /proc every `interval` seconds for `packer build` processes descending from `roots`.
-
-    A build is the top `packer build` process of its tree: packer runs itself again as a child
-    (panicwrap) and forks, and those are the same build.
-    """
-
-    roots: Callable[[], set[int]]
-    interval: float = 0.05
-    samples: list[tuple[float, frozenset[int]]] = field(default_factory=list)
-    seen: dict[int, tuple[float, float, list[str]]] = field(default_factory=dict)
-
-    def __post_init__(self):
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="packer-watch")
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(5)
-
-    def _run(self):
-        while not self._stop.is_set():
-            now = time.time()
-            table = proc_table()
-            roots = self.roots()
-            live = set()
-            for pid, (_ppid, argv) in table.items():
-                if not is_packer_build(argv):
-                    continue
-                if is_packer_build(table.get(table[pid][0], (0, []))[1]):
-                    continue  # packer re-executes itself (panicwrap) and forks: count each build once
-                ancestor, hops = table[pid][0], 0
-                while ancestor and ancestor not in roots and ancestor in table and hops < 64:
-                    ancestor, hops = table[ancestor][0], hops + 1
-                if ancestor in roots:
-                    live.add(pid)
-                    first = self.seen.get(pid, (now, now, argv))[0]
-                    self.seen[pid] = (first, now, argv)
-            self.samples.append((now, frozenset(live)))
-            self._stop.wait(self.interval)
-
-    @property
-    def max_concurrent(self) -> int:
-        return max((len(live) for _t, live in self.samples), default=0)
 
 
 def max_overlap(intervals: list[tuple[float, float]]) -> int:

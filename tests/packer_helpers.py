@@ -1,16 +1,12 @@
-"""Shared pieces of the packer tests: a build plan for a catalog entry, fake packer scripts, a
-watcher of the command lines in a process group, and a gate that holds builds in the lab guest."""
+"""Shared pieces of the packer tests: a build plan for a catalog entry, fake packer scripts and a gate that holds builds in the lab guest."""
 
 from __future__ import annotations
 
-import os
 import stat
 import threading
-import time
 from pathlib import Path
 
 from packer_assets.catalog import TemplateEntry, load_catalog
-from packer_assets.procs import group_members, proc_stats
 from packer_assets.packer.workdir import BuildPlan
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,54 +37,6 @@ def fake_packer(folder: Path, body: str, name: str = "packer") -> Path:
     path.write_text("#!/bin/bash\n" + body)
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path
-
-
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def child_groups(parent: int) -> set[int]:
-    """Process groups of the direct children of `parent` that lead their own group."""
-    return {pid for pid, _state, ppid, pgid in proc_stats() if ppid == parent and pgid == pid}
-
-
-class GroupWatcher:
-    """Samples, while a build runs, the command lines of every process in the packer's process group
-    (packer is started in a new session from this process: its group ID is its PID)."""
-
-    def __init__(self, interval: float = 0.02):
-        self.interval = interval
-        self.argvs: set[str] = set()
-        self.groups: set[int] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        me = os.getpid()
-        while not self._stop.is_set():
-            for group in child_groups(me) - {me}:
-                self.groups.add(group)
-            for group in self.groups:
-                for pid in group_members(group):
-                    line = cmdline(pid)
-                    if line:
-                        self.argvs.add(line)
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(5)
-
-    def leftovers(self) -> list[int]:
-        return [pid for group in self.groups for pid in group_members(group)]
 
 
 class BuildGate:

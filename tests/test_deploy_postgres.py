@@ -21,10 +21,20 @@ from pathlib import Path
 import dagster as dg
 import pytest
 from dagster._core.events import DagsterEventType
-
+from dagster_procs import (
+    BIN,
+    REPO,
+    Proc,
+    dagster_cli,
+    dagster_env,
+    free_port,
+    max_overlap,
+    port_open,
+    wait_for,
+)
 from packer_helpers import BuildGate
-from dagster_procs import (REPO, BIN, PackerWatch, Proc, dagster_cli, dagster_env, free_port, max_overlap,
-                           port_open, wait_for)
+
+from packer_assets.lab.proctree import TreeSampler
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres, pytest.mark.lab, pytest.mark.packer]
 
@@ -90,7 +100,7 @@ def test_daemon_runs_keys_within_the_pool_and_one_run_per_key(deployment, lab_pr
     workspace = ["-w", str(home / "workspace.yaml")]
     dagster_cli(["instance", "concurrency", "set", POOL, str(POOL_LIMIT)], env)
     assert instance.event_log_storage.get_concurrency_info(POOL).limit == POOL_LIMIT
-    with PackerWatch(roots=lambda: {code.pid, daemon.pid}) as watch:
+    with TreeSampler(roots=lambda: {code.pid, daemon.pid}, memory=False) as watch:
         dagster_cli(["job", "backfill", "-j", JOB, *workspace, "--partitions", ",".join(KEYS), "--noprompt"], env)
         dagster_cli(["job", "backfill", "-j", JOB, *workspace, "--partitions", REPEATED, "--noprompt"], env)
         total = len(KEYS) + 1
@@ -130,7 +140,7 @@ def test_daemon_runs_keys_within_the_pool_and_one_run_per_key(deployment, lab_pr
     # template up to date and builds nothing), never more of them at once than the limit.
     built = {m.group(1) for _f, _l, argv in watch.seen.values() for m in [re.search(r"/work/([^/]+)/", argv[-1])] if m}
     assert built == set(KEYS), f"packer builds seen for {sorted(built)}, expected {KEYS}: {watch.seen}"
-    assert watch.max_concurrent <= POOL_LIMIT, f"{watch.max_concurrent} packer builds at once (limit {POOL_LIMIT})"
+    assert watch.max_builds <= POOL_LIMIT, f"{watch.max_builds} packer builds at once (limit {POOL_LIMIT})"
 
     # The same from Dagster's own event log (Postgres): the pool step's start..end intervals.
     steps = {r.dagster_run.run_id: step_interval(instance, r.dagster_run.run_id, POOL_STEP) for r in records}
@@ -157,7 +167,7 @@ def test_daemon_runs_keys_within_the_pool_and_one_run_per_key(deployment, lab_pr
     OUTPUT.mkdir(exist_ok=True)
     (OUTPUT / "deploy-postgres-concurrency.json").write_text(json.dumps({
         "pool_limit": POOL_LIMIT,
-        "max_packer_builds_at_once": watch.max_concurrent,
+        "max_packer_builds_at_once": watch.max_builds,
         "max_pool_steps_at_once": max_overlap(list(steps.values())),
         "builds_held_back_by_the_pool": len(blocked),
         "packer_builds": [{"pid": pid, "seconds": round(last - first_seen, 2)}

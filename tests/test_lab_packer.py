@@ -21,7 +21,9 @@ pytest.importorskip("fakepve", reason="needs the lab extra: pip install -e '.[la
 from proxmoxer.core import ResourceException
 
 from packer_assets.lab.certs import make_lab_pki
+from packer_assets.lab.proctree import cmdline, descendants
 from packer_assets.lab.pve_packer import keys_to_text
+from packer_assets.procs import proc_table
 
 PACKER = "/usr/bin/packer"
 needs_packer = pytest.mark.packer
@@ -55,35 +57,6 @@ def host_ipv4():
     finally:
         sock.close()
     return None
-
-
-def descendants(pid):
-    """Pids of the process tree below pid (from /proc)."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/{0}/stat".format(entry), "rb") as fh:
-                stat = fh.read().decode(errors="replace")
-        except OSError:
-            continue
-        ppid = int(stat.rpartition(")")[2].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def cmdline(pid):
-    try:
-        with open("/proc/{0}/cmdline".format(pid), "rb") as fh:
-            return fh.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 @dataclass
@@ -164,7 +137,7 @@ def run_packer(workdir, *, pve, ca_file, guest, proxmox_password, ssh_password, 
                 if time.monotonic() > deadline:
                     proc.kill()
                     break
-                argvs.update(filter(None, (cmdline(p) for p in [proc.pid] + descendants(proc.pid))))
+                argvs.update(filter(None, map(cmdline, descendants(proc_table(), {proc.pid}))))
                 time.sleep(0.05)
         finally:
             if proc.poll() is None:

@@ -16,11 +16,12 @@ import pytest
 
 pytestmark = pytest.mark.lab
 pytest.importorskip("fakepve", reason="needs the lab extra: pip install -e '.[lab,dev]' (make test installs it)")
-from packer_helpers import PACKER, REPO, GroupWatcher, catalog, fake_packer, plan_for
+from packer_helpers import PACKER, REPO, catalog, fake_packer, plan_for
 from test_lab_packer import host_ipv4
 
 from packer_assets.chain import new_chain_id
 from packer_assets.evidence import Layout, Redactor, latest
+from packer_assets.lab.proctree import GroupSampler
 from packer_assets.packer.env import PackerEnvError, packer_env
 from packer_assets.packer.runner import (
     PackerCancelled,
@@ -94,7 +95,7 @@ def test_a_real_build_in_the_lab(lab_pve_serving, lab_pki, pve_root, lab_guest, 
     chain = new_chain_id(entry.key)
     layout = Layout(tmp_path / "root")
     stages = []
-    with GroupWatcher() as watcher:
+    with GroupSampler() as watcher:
         with open_build_log(layout, entry.key, chain, Redactor(penv.secrets)) as log:
             result = run_packer(workdir, penv.env, log, timeout=120, on_stage=stages.append, grace=10)
 
@@ -159,7 +160,7 @@ def test_cancelling_a_real_build_lets_packer_clean_up(lab_pve_serving, lab_pki, 
 
         log = open_build_log(Layout(tmp_path / "root"), entry.key, new_chain_id(entry.key), Redactor(penv.secrets),
                              echo=lambda _line: None)
-        with GroupWatcher() as watcher, log, pytest.raises(PackerCancelled) as err:
+        with GroupSampler() as watcher, log, pytest.raises(PackerCancelled) as err:
             run_packer(workdir, penv.env, log, timeout=120, on_stage=on_stage, cancel_event=cancel, grace=30)
     finally:
         closed.close()
@@ -303,7 +304,7 @@ def test_cancel_sends_one_sigint_then_sigkill_after_the_grace_period(tmp_path, p
     log = ListLog(tmp_path / "packer.log")
     start_cancel_when_started(record, cancel)
     grace = 2.0
-    with GroupWatcher() as watcher:
+    with GroupSampler() as watcher:
         began = time.monotonic()
         with pytest.raises(PackerCancelled) as err:
             run_packer(tmp_path, env, log, packer=str(script), cancel_event=cancel, grace=grace)
@@ -324,7 +325,7 @@ def test_cancel_sends_one_sigint_then_sigkill_after_the_grace_period(tmp_path, p
 def test_timeout_takes_the_same_path(tmp_path):
     script, record = trapper(tmp_path, polite=False)
     env = dict(fake_env(script.parent), PACKER_FAKE_RECORD=str(record))
-    with GroupWatcher() as watcher, pytest.raises(PackerTimeout) as err:
+    with GroupSampler() as watcher, pytest.raises(PackerTimeout) as err:
         run_packer(tmp_path, env, ListLog(tmp_path / "packer.log"), packer=str(script), timeout=5, grace=1)
     assert "timed out after 5s" in str(err.value) and str(tmp_path / "packer.log") in str(err.value)
     # packer's own trap is set first thing; 5 s is ample for that even on a loaded machine
@@ -345,7 +346,7 @@ def test_an_exception_in_the_calling_thread_stops_packer_and_is_reraised(tmp_pat
         raise FakeDagsterInterrupt()
 
     log = ListLog(tmp_path / "packer.log")
-    with GroupWatcher() as watcher, pytest.raises(FakeDagsterInterrupt):
+    with GroupSampler() as watcher, pytest.raises(FakeDagsterInterrupt):
         run_packer(tmp_path, env, log, packer=str(script), on_stage=on_stage, grace=5)
     assert len(int_lines(record)) == 2
     assert "interrupted (FakeDagsterInterrupt)" in log.text()
@@ -363,7 +364,7 @@ def test_ctrl_c_of_the_caller_reaches_packer_once_through_the_runner(tmp_path):
         signal.pthread_kill(main, signal.SIGINT)
 
     threading.Thread(target=press_ctrl_c, daemon=True).start()
-    with GroupWatcher() as watcher, pytest.raises(KeyboardInterrupt):
+    with GroupSampler() as watcher, pytest.raises(KeyboardInterrupt):
         run_packer(tmp_path, env, ListLog(tmp_path / "packer.log"), packer=str(script), grace=5)
     assert len(int_lines(record)) == 2
     assert watcher.leftovers() == []
