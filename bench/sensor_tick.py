@@ -47,7 +47,9 @@ def child(gc_freeze: bool) -> int:
     sys.stdout = sys.stderr  # keep the protocol channel clean
     import dagster as dg
 
-    from packer_assets.defs.sensors import iso_checksum_sensor
+    from packer_assets.defs.sensors import build_iso_checksum_sensor
+
+    iso_checksum_sensor = build_iso_checksum_sensor(3600)
 
     if gc_freeze:  # what `gc.collect(); gc.freeze()` at the end of definitions.py would do
         import gc

@@ -43,8 +43,8 @@ defs = dg.Definitions(
     # (op granularity) and run cancellation (one SIGINT to packer, its cleanup, the build VM destroyed)
     # behave the same.
     executor=dg.in_process_executor,
-    sensors=[sensors.iso_checksum_sensor],
-    schedules=[schedules.weekly_rebuild],
+    sensors=[sensors.build_iso_checksum_sensor(SETTINGS.sensor_interval)],
+    schedules=[schedules.build_weekly_rebuild(SETTINGS.rebuild_cron)],
     asset_checks=[checks.token_authenticates, checks.token_privileges],
     resources={
         "packer": PackerSettings(

@@ -23,6 +23,8 @@ FALSE = {"0", "false", "no", "off", ""}
 # The shell toolkit's init config: KEY=value lines, read as defaults so its users need nothing new.
 TOOLKIT_CONF = Path("control/tools/provision/init/.conf/proxmox.conf")
 FINGERPRINT_RE = re.compile(r"^([0-9A-Fa-f]{2}:){31}[0-9A-Fa-f]{2}$")
+# Five cron fields of numbers, ranges, steps, lists, `*` and names (mon, jan); Dagster checks the rest.
+CRON_RE = re.compile(r"[\w*/,-]+( [\w*/,-]+){4}")
 
 
 class SettingsError(ConfigError):
@@ -63,6 +65,9 @@ class Settings:
     boot_wait: str | None = None
     build_user: str | None = None
     build_login: str = "auto"  # how Packer logs in: token, password (the automation user's), auto (by version)
+    # automation
+    sensor_interval: int = 3600  # seconds between iso_checksum_sensor ticks
+    rebuild_cron: str = "0 3 * * 0"  # weekly_rebuild, UTC: Sunday 03:00
 
     @property
     def layout(self) -> Layout:
@@ -193,6 +198,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if build_login not in ("auto", "token", "password"):
         raise SettingsError(f"{where('PROXMOX_BUILD_LOGIN')}: PROXMOX_BUILD_LOGIN={build_login!r}: use auto, token "
                             "or password")
+    interval = text("PACKER_ASSETS_SENSOR_INTERVAL", str(Settings.sensor_interval))
+    if not interval.isdigit() or int(interval) < 1:
+        raise SettingsError(f"{where('PACKER_ASSETS_SENSOR_INTERVAL')}: PACKER_ASSETS_SENSOR_INTERVAL={interval!r} "
+                            "is not a whole number of seconds (1 or more)")
+    cron = text("PACKER_ASSETS_REBUILD_CRON", Settings.rebuild_cron)
+    if not CRON_RE.fullmatch(cron):
+        raise SettingsError(f"{where('PACKER_ASSETS_REBUILD_CRON')}: PACKER_ASSETS_REBUILD_CRON={cron!r} is not a "
+                            "five-field cron expression (minute hour day month weekday)")
     return Settings(
         root=root,
         proxmox_url=url,
@@ -224,6 +237,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         boot_wait=text("PACKER_ASSETS_BOOT_WAIT"),
         build_user=text("PROXMOX_BUILD_USER"),
         build_login=build_login,
+        sensor_interval=int(interval),
+        rebuild_cron=cron,
     )
 
 

@@ -78,7 +78,7 @@ def test_corrupted_mirror_image_fails_and_leaves_no_volume(lab_project):
 
 def tick(instance, cursor=None):
     context = dg.build_sensor_context(instance=instance, cursor=cursor)
-    return sensors.iso_checksum_sensor(context)
+    return sensors.build_iso_checksum_sensor(3600)(context)
 
 
 def test_sensor_first_tick_publish_and_unchanged(lab_project):

@@ -3,7 +3,10 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from packer_assets.catalog import load_catalog
-from packer_assets.defs.schedules import weekly_rebuild
+from packer_assets.defs.schedules import build_weekly_rebuild
+from packer_assets.settings import Settings
+
+weekly_rebuild = build_weekly_rebuild(Settings.rebuild_cron)
 
 
 def test_weekly_rebuild_requests_one_run_per_key_with_a_run_key():

@@ -1,4 +1,5 @@
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -60,12 +61,29 @@ def test_insecure_is_explicit(tmp_path):
         ({"PROXMOX_BOOTSTRAP_METHOD": "telnet"}, "use api or ssh"),
         ({"PROXMOX_BOOTSTRAP_METHOD": "ssh"}, "needs PROXMOX_SSH_HOST"),
         ({"PROXMOX_SSH_KEY_FILE": "/nonexistent/id_ed25519"}, "does not exist"),
+        ({"PACKER_ASSETS_SENSOR_INTERVAL": "1h"}, "PACKER_ASSETS_SENSOR_INTERVAL='1h' is not a whole number of seconds"),
+        ({"PACKER_ASSETS_SENSOR_INTERVAL": "0"}, "PACKER_ASSETS_SENSOR_INTERVAL='0' is not a whole number"),
+        ({"PACKER_ASSETS_REBUILD_CRON": "0 3 * *"}, "PACKER_ASSETS_REBUILD_CRON='0 3 * *' is not a five-field cron"),
+        ({"PACKER_ASSETS_REBUILD_CRON": "@weekly; rm"}, "is not a five-field cron"),
     ],
 )
 def test_bad_settings_name_the_variable(tmp_path, env, message):
-    with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
+    with pytest.raises(SettingsError, match=re.escape(message)) as err:
         load_settings({"PACKER_ASSETS_ROOT": str(tmp_path), **env})
     assert "environment" in str(err.value)
+
+
+def test_sensor_interval_and_rebuild_cron_reach_the_definitions(tmp_path):
+    settings = load_settings({"PACKER_ASSETS_ROOT": str(tmp_path)})
+    assert (settings.sensor_interval, settings.rebuild_cron) == (3600, "0 3 * * 0")
+    settings = load_settings({"PACKER_ASSETS_ROOT": str(tmp_path), "PACKER_ASSETS_SENSOR_INTERVAL": "600",
+                              "PACKER_ASSETS_REBUILD_CRON": "30 2 * * mon"})
+    assert (settings.sensor_interval, settings.rebuild_cron) == (600, "30 2 * * mon")
+    from packer_assets.defs.schedules import build_weekly_rebuild
+    from packer_assets.defs.sensors import build_iso_checksum_sensor
+
+    assert build_iso_checksum_sensor(settings.sensor_interval).minimum_interval_seconds == 600
+    assert build_weekly_rebuild(settings.rebuild_cron).cron_schedule == "30 2 * * mon"
 
 
 def test_toolkit_config_is_read_as_defaults(tmp_path):

@@ -8,7 +8,6 @@ built, so turning the sensor on does not rebuild every template at once.
 """
 
 import json
-import os
 
 import dagster as dg
 
@@ -19,7 +18,6 @@ from .jobs import rebuild_job
 # The tag Dagster reads an observation's data version from (dagster._core.definitions.data_version).
 DATA_VERSION_TAG = "dagster/data_version"
 BUILT_ASSET = dg.AssetKey("template")
-INTERVAL = int(os.environ.get("PACKER_ASSETS_SENSOR_INTERVAL", "3600"))
 
 
 def iso_sources(catalog) -> dict[str, tuple[str, object]]:
@@ -43,33 +41,38 @@ def key_version(key: str, cursor: dict, names: list[str]) -> str | None:
     return ";".join(parts)
 
 
-@dg.sensor(
-    job=rebuild_job,
-    minimum_interval_seconds=INTERVAL,
-    default_status=dg.DefaultSensorStatus.STOPPED,
-    description="Polls every key's ISO checksum file; a changed checksum rebuilds that key.",
-)
-def iso_checksum_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-    sources = iso_sources(load_catalog())
-    result = poll({name: iso for name, (_key, iso) in sources.items()}, json.loads(context.cursor or "{}"))
-    for name, message in result.errors.items():
-        context.log.warning(f"{name}: {message} (keeps its last known checksum)")
-    by_key: dict[str, list[str]] = {}
-    for name, (key, _iso) in sources.items():
-        by_key.setdefault(key, []).append(name)
-    built = context.instance.get_materialized_partitions(BUILT_ASSET)
-    observations, requests = [], []
-    for key, names in by_key.items():
-        version = key_version(key, result.cursor, names)
-        changed = any(n in result.changed for n in names)
-        first = any(n in result.first_seen for n in names)
-        if version is None or not (changed or first):
-            continue
-        observations.append(dg.AssetObservation(asset_key="iso_release", partition=key,
-                                                tags={DATA_VERSION_TAG: version}))
-        if changed or key not in built:
-            requests.append(dg.RunRequest(partition_key=key, run_key=f"{key}:{version}",
-                                          tags={"packer-assets/trigger": "iso-change" if changed else "first-sight"}))
-    context.log.info(f"{len(sources)} ISO source(s): {len(result.changed)} changed, {len(result.first_seen)} new, "
-                     f"{len(result.errors)} failed; {len(requests)} rebuild(s) requested")
-    return dg.SensorResult(run_requests=requests, asset_events=observations, cursor=json.dumps(result.cursor))
+def build_iso_checksum_sensor(interval_seconds: int) -> dg.SensorDefinition:
+    """The sensor, ticking every `interval_seconds` (settings: PACKER_ASSETS_SENSOR_INTERVAL)."""
+
+    @dg.sensor(
+        job=rebuild_job,
+        minimum_interval_seconds=interval_seconds,
+        default_status=dg.DefaultSensorStatus.STOPPED,
+        description="Polls every key's ISO checksum file; a changed checksum rebuilds that key.",
+    )
+    def iso_checksum_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        sources = iso_sources(load_catalog())
+        result = poll({name: iso for name, (_key, iso) in sources.items()}, json.loads(context.cursor or "{}"))
+        for name, message in result.errors.items():
+            context.log.warning(f"{name}: {message} (keeps its last known checksum)")
+        by_key: dict[str, list[str]] = {}
+        for name, (key, _iso) in sources.items():
+            by_key.setdefault(key, []).append(name)
+        built = context.instance.get_materialized_partitions(BUILT_ASSET)
+        observations, requests = [], []
+        for key, names in by_key.items():
+            version = key_version(key, result.cursor, names)
+            changed = any(n in result.changed for n in names)
+            first = any(n in result.first_seen for n in names)
+            if version is None or not (changed or first):
+                continue
+            observations.append(dg.AssetObservation(asset_key="iso_release", partition=key,
+                                                    tags={DATA_VERSION_TAG: version}))
+            if changed or key not in built:
+                requests.append(dg.RunRequest(partition_key=key, run_key=f"{key}:{version}",
+                                              tags={"packer-assets/trigger": "iso-change" if changed else "first-sight"}))
+        context.log.info(f"{len(sources)} ISO source(s): {len(result.changed)} changed, {len(result.first_seen)} new, "
+                         f"{len(result.errors)} failed; {len(requests)} rebuild(s) requested")
+        return dg.SensorResult(run_requests=requests, asset_events=observations, cursor=json.dumps(result.cursor))
+
+    return iso_checksum_sensor
