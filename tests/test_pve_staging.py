@@ -21,7 +21,6 @@ from packer_assets.pve.staging import (
     HashingReader,
     StagingError,
     iso_volumes,
-    prune_isos,
     release_filename,
     stage_entry,
     stage_iso,
@@ -212,44 +211,6 @@ def test_hashing_reader_reads_once_and_withholds_the_last_block_on_mismatch(tmp_
         with pytest.raises(ChecksumMismatch, match="expected 0000"):
             reader.read(4096)
         assert len(got) == 8192 and not reader.verified
-
-
-# ------------------------------------------------------------------ pruning
-
-
-def stage_releases(api, mirror, key, count):
-    """count releases of key staged, oldest first, with distinct ctimes (the lab's clock is in seconds)."""
-    staged = []
-    for i in range(count):
-        if i:
-            mirror.publish(key)
-        staged.append(stage_iso(api, NODE, STORAGE, source(mirror, key), **FAST))
-    return staged
-
-
-def set_ctimes(lab_pve, volids):
-    for i, volid in enumerate(volids):
-        lab_pve.storages[STORAGE]["volumes"][volid.split(":", 1)[1]]["ctime"] = 1_700_000_000 + i
-
-
-def test_prune_keeps_newest_and_referenced_releases(pve_root, lab_pve, iso_mirror):
-    releases = stage_releases(pve_root, iso_mirror, "debian-12", 4)
-    set_ctimes(lab_pve, [r.volid for r in releases])
-    other = stage_iso(pve_root, NODE, STORAGE, source(iso_mirror, "ubuntu-2204"), **FAST)
-    lab_pve.store_file(STORAGE, "debian-12.7.0-amd64-netinst.iso", 10)  # staged by hand: no release fragment
-    filename = source(iso_mirror, "debian-12").filename
-    removed = prune_isos(pve_root, NODE, STORAGE, [filename], keep_volumes={releases[0].volid}, keep_count=1)
-    assert removed == [releases[2].volid, releases[1].volid]
-    left = set(iso_volumes(pve_root, NODE, STORAGE))
-    assert {releases[0].volid, releases[3].volid, other.volid, "local:iso/debian-12.7.0-amd64-netinst.iso"} == left
-    assert prune_isos(pve_root, NODE, STORAGE, [filename], {releases[0].volid}, keep_count=1) == []
-
-
-def test_prune_with_the_build_token_names_the_missing_privilege(build_api, pve_root, lab_pve, iso_mirror):
-    releases = stage_releases(build_api, iso_mirror, "rocky-9-boot", 2)
-    set_ctimes(lab_pve, [r.volid for r in releases])
-    with pytest.raises(StagingError, match=r"needs Datastore.Allocate on /storage/local"):
-        prune_isos(build_api, NODE, STORAGE, [source(iso_mirror, "rocky-9-boot").filename], keep_count=1)
 
 
 def test_follow_task_passes_every_log_line(pve_root, lab_pve, iso_mirror):

@@ -12,7 +12,6 @@
   the node; the node is given the checksum too and verifies what it received.
 - A failed task (checksum mismatch, network, full storage) raises `StagingError` with the task's
   exit status and UPID, after making sure no volume of that name is left behind.
-- `prune_isos` removes old releases beyond a count that no kept template refers to.
 
 Works with the PackerBuilder role's privileges (Datastore.AllocateTemplate, Datastore.Audit, and
 Sys.AccessNetwork on PVE 9), except pruning: deleting a volume needs Datastore.Allocate on the storage.
@@ -23,9 +22,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import re
 import time
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -39,7 +37,6 @@ from ..checksums import Checksum, ChecksumFile, resolve_checksum
 from ..errors import OperationError
 from .tasks import Progress, TaskError, TaskTimeout, follow_task, run_task, said
 
-_RELEASE = re.compile(r"\.[0-9a-f]{12}\.iso$")
 
 
 class StagingError(OperationError):
@@ -304,37 +301,3 @@ def upload_iso(api: ProxmoxAPI, node: str, storage: str, path: str | os.PathLike
     found = _must_exist(api, node, storage, volid, upid)
     return StagedIso(volid, int(found.get("size") or 0), checksum.hex, checksum.algorithm, str(source),
                      round(time.monotonic() - started, 3), sent, True, upid)
-
-
-# ------------------------------------------------------------------ pruning
-
-
-def prune_isos(api: ProxmoxAPI, node: str, storage: str, filenames: Iterable[str], keep_volumes: Iterable[str] = (),
-               keep_count: int = 1) -> list[str]:
-    """Delete old releases of each filename (`<stem>.<12 hex>.iso`) beyond the newest keep_count (by
-    ctime), never one in keep_volumes (volids or bare file names: what retained templates use).
-    Volumes without a release fragment (staged by hand or by the old toolkit) are never touched.
-    Returns the removed volids; tries them all, then raises one StagingError for any that failed."""
-    if keep_count < 0:
-        raise ValueError("keep_count must be >= 0")
-    keep = {v if ":" in v else _volid(storage, v) for v in keep_volumes}
-    volumes = iso_volumes(api, node, storage)
-    removed, failed = [], []
-    for filename in dict.fromkeys(filenames):
-        stem = filename[:-4] if filename.lower().endswith(".iso") else filename
-        prefix = f"{storage}:iso/{stem}"
-        releases = sorted((item for volid, item in volumes.items()
-                           if volid.startswith(prefix) and _RELEASE.fullmatch(volid[len(prefix):])),
-                          key=lambda item: (int(item.get("ctime") or 0), item["volid"]), reverse=True)
-        for item in releases[keep_count:]:
-            if item["volid"] in keep or item.get("protected"):
-                continue
-            try:
-                delete_volume(api, node, storage, item["volid"])
-                removed.append(item["volid"])
-            except StagingError as exc:
-                failed.append(str(exc))
-    if failed:
-        raise StagingError("pruning failed for: " + "; ".join(failed) + (f" (removed: {', '.join(removed)})"
-                                                                         if removed else ""))
-    return removed
