@@ -14,8 +14,7 @@ DEFAULT_LAB_STATE = Path(".lab")
 def _catalog_check(args) -> int:
     from .catalog import check_catalog
 
-    # check_dirs=False until the per-family Packer folders land (issue 4).
-    for line in check_catalog(args.catalog, check_dirs=False):
+    for line in check_catalog(args.catalog):
         print(line)
     return 0
 

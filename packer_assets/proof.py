@@ -57,8 +57,8 @@ class Timings(_Model):
     started_at: datetime = Field(description="Start of the run (UTC, ISO 8601).")
     finished_at: datetime = Field(description="End of the run (UTC, ISO 8601).")
     stages: dict[str, float] = Field(default_factory=dict,
-                                     description="Seconds per stage, in run order (e.g. stage_iso, packer_build, "
-                                                 "finish, smoke_test, promote).")
+                                     description="Seconds per timed stage, in run order: `packer` (packer "
+                                                 "build), `smoke` (the clone's smoke test).")
 
     @property
     def seconds(self) -> float:

@@ -1,1 +1,2 @@
-"""The Dagster shell: resources, assets, checks (and later sensors, schedules, jobs). Thin by design."""
+"""The Dagster shell: assets, checks, jobs, sensors, schedules and resources; thin by design (they call
+the core and report its results as metadata). `packer_assets/definitions.py` wires them."""
