@@ -78,7 +78,7 @@ class BenchLab:
 
         tmp = Path(tmp)
         stack = LabStack.start(tmp / "lab", catalog or REPO / "templates/catalog.yaml", secrets.token_urlsafe(16),
-                               secrets.token_urlsafe(16), root=REPO)
+                               secrets.token_urlsafe(16), project_dir=REPO)
         root = tmp / "project"
         env_file = write_env_file(tmp / "lab.env", stack.env(), header="benchmark lab (bench/_lab.py)")
         # proxmox_env, as the tests' lab_project fixture runs it: API user, role, token, .env.proxmox

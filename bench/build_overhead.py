@@ -65,7 +65,7 @@ class PackerAlone:
         self.lab, self.key = lab, key
         self.layout = Layout(lab.root)
         lab_env = lab.stack.env()
-        self.catalog = load_catalog(lab.stack.catalog_path, env=lab_env, root=REPO)  # mirror URLs, as runs see them
+        self.catalog = load_catalog(lab.stack.catalog_path, env=lab_env, project_dir=REPO)  # mirror URLs, as runs see them
         self.entry = self.catalog.get(key)
         self.access = build_access(read_env_file(self.layout.env_file), str(self.layout.env_file))
         self.lab_env = lab_env
@@ -94,13 +94,13 @@ class PackerAlone:
                           vm_storage=found.vm_storage, vm_storage_type=storage_type(api, found.node, found.vm_storage),
                           bridge=found.bridge, http_bind_address=found.http_bind_address, http_port=found.http_port,
                           description=f"packer-assets {self.key} {chain} (benchmark: packer alone)")
-        workdir = self.layout.root / "output/work-alone" / self.key / chain.stamp
+        workdir = self.layout.output_root / "output/work-alone" / self.key / chain.stamp
         kept = read_env_file(self.layout.secrets_file)  # proxmox_env gave the automation user Packer's password
         creds = BuildCredentials(token_id=self.access.token_id, token_secret=self.access.token_secret,
                                  user=kept["PROXMOX_BUILD_USER"], password=kept["PROXMOX_BUILD_PASSWORD"])
         penv = packer_env(self.access.endpoint, caps, creds, ssh_password=env[entry.install_user.password_env],
                           workdir=workdir.parent)
-        prepare_workdir(workdir, entry, plan, caps, root=REPO, http_dir=rendered, allow_degraded=True,
+        prepare_workdir(workdir, entry, plan, caps, project_dir=REPO, http_dir=rendered, allow_degraded=True,
                         secrets=penv.secrets)
         return workdir, penv.env, vmid
 

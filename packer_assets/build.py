@@ -73,7 +73,7 @@ class BuildSettings:
 class BuildOutcome:
     key: str
     chain_id: str
-    fingerprint: str
+    input_fingerprint: str
     skipped: bool                 # up to date: nothing was built
     vmid: int | None
     name: str | None = None
@@ -92,10 +92,10 @@ def rendered_hashes(rendered_dir: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(Path(rendered_dir).iterdir()) if p.is_file() and p.name != ANSWER_ISO_NAME}
 
 
-def fingerprint_of(entry: TemplateEntry, staged: dict[str, StagedIso], rendered_dir: Path, root: Path) -> str:
+def input_fingerprint_of(entry: TemplateEntry, staged: dict[str, StagedIso], rendered_dir: Path, project_dir: Path) -> str:
     isos = ";".join(f"{name}={staged[name].algorithm}:{staged[name].checksum}" for name in sorted(staged))
     # template_sha256: the family's template AND templates/common/common.pkr.hcl, one input
-    return input_fingerprint(isos, rendered_hashes(rendered_dir), template_sha256(root, entry),
+    return input_fingerprint(isos, rendered_hashes(rendered_dir), template_sha256(project_dir, entry),
                              catalog_entry_json(entry))
 
 
@@ -133,11 +133,11 @@ def _answer_iso(api, access: BuildAccess, entry: TemplateEntry, rendered_dir: Pa
 
 def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, credentials: BuildCredentials,
                    ssh_password: str, staged: dict[str, StagedIso], rendered_dir: Path, chain: ChainId,
-                   settings: BuildSettings, *, catalog_root: Path, run_id: str | None = None,
+                   settings: BuildSettings, *, project_dir: Path, run_id: str | None = None,
                    on_stage=None, cancel_event=None, echo=print) -> BuildOutcome:
     started = datetime.now(UTC)
     key, found = entry.key, access.discovery
-    fingerprint = fingerprint_of(entry, staged, rendered_dir, catalog_root)
+    fingerprint = input_fingerprint_of(entry, staged, rendered_dir, project_dir)
     api = access.connect()
     swept = sweep_leftovers(api, found.node, entry, layout)
     up_to_date, current = is_up_to_date(api, key, fingerprint)
@@ -161,7 +161,7 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
     workdir = layout.work_dir(key) / chain.stamp
     shutil.rmtree(workdir, ignore_errors=True)
     penv = packer_env(access.endpoint, caps, credentials, ssh_password=ssh_password, workdir=workdir.parent)
-    prepared = prepare_workdir(workdir, entry, plan, caps, root=catalog_root, http_dir=rendered_dir,
+    prepared = prepare_workdir(workdir, entry, plan, caps, project_dir=project_dir, http_dir=rendered_dir,
                                allow_degraded=settings.allow_degraded, secrets=penv.secrets)
     redact = Redactor([*penv.secrets, ssh_password])
     description = TemplateDescription(chain_id=str(chain), key=key, iso_url=entry.iso.url,
@@ -331,18 +331,17 @@ def write_proof(layout: Layout, record: dict, log_file: Path) -> Path:
     return write_build_proof(layout, proof, log_file)
 
 
-
 def render_and_validate(layout: Layout, entry: TemplateEntry, env: Mapping[str, str], settings: BuildSettings, *,
-                        catalog_root: Path) -> tuple[RenderResult, PackerCheck]:
+                        project_dir: Path) -> tuple[RenderResult, PackerCheck]:
     """unattended_files and `packer-assets validate`: render the key's files (each checked by its own
     validator; RenderError if one fails, the previous render kept), then `packer validate` on them."""
-    result = render_unattended(entry, env, layout.rendered_dir(entry.key), root=catalog_root)
+    result = render_unattended(entry, env, layout.rendered_dir(entry.key), project_dir=project_dir)
     return result, validate_build(entry, result.out_dir, layout.work_dir(entry.key), settings,
-                                  catalog_root=catalog_root)
+                                  project_dir=project_dir)
 
 
 def validate_build(entry: TemplateEntry, rendered_dir: Path, work_parent: Path, settings: BuildSettings, *,
-                   catalog_root: Path) -> PackerCheck:
+                   project_dir: Path) -> PackerCheck:
     """`packer validate` of the key's template on a work directory prepared as a build would be, with
     placeholder node values (validate checks the builder config without connecting). The directory is
     this call's own (`<work_parent>/validate-*`, removed after): validations of one key at once never
@@ -355,7 +354,7 @@ def validate_build(entry: TemplateEntry, rendered_dir: Path, work_parent: Path, 
     Path(work_parent).mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="validate-", dir=work_parent))
     try:
-        prepare_workdir(workdir, entry, plan, caps, root=catalog_root, http_dir=rendered_dir,
+        prepare_workdir(workdir, entry, plan, caps, project_dir=project_dir, http_dir=rendered_dir,
                         allow_degraded=settings.allow_degraded)
         return packer_validate(workdir, validate_env().env, packer=settings.packer)
     finally:

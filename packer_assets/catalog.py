@@ -475,7 +475,7 @@ class TemplateEntry(_Model):
 class Catalog:
     path: Path
     display: str  # how messages name the file
-    root: Path
+    project_dir: Path
     mirror: str | None
     defaults: Defaults
     entries: Mapping[str, TemplateEntry] = field(repr=False)
@@ -519,14 +519,14 @@ class Catalog:
         return rows
 
 
-def resolve_catalog_path(path: str | os.PathLike[str] | None, env: Mapping[str, str], root: Path) -> Path:
+def resolve_catalog_path(path: str | os.PathLike[str] | None, env: Mapping[str, str], project_dir: Path) -> Path:
     chosen = Path(path) if path is not None else Path(env.get(CATALOG_ENV) or DEFAULT_CATALOG)
-    return chosen if chosen.is_absolute() else root / chosen
+    return chosen if chosen.is_absolute() else project_dir / chosen
 
 
-def _display(path: Path, root: Path) -> str:
+def _display(path: Path, project_dir: Path) -> str:
     try:
-        return path.relative_to(root).as_posix()
+        return path.relative_to(project_dir).as_posix()
     except ValueError:
         return str(path)
 
@@ -639,17 +639,17 @@ def _validate(model: type[BaseModel], data: Any, display: str, label: str, error
 def load_catalog(
     path: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
-    root: str | os.PathLike[str] | None = None,
+    project_dir: str | os.PathLike[str] | None = None,
 ) -> Catalog:
     """Read, validate and return the catalog, or raise ONE CatalogError listing every problem.
 
     path: default `$PACKER_ASSETS_CATALOG`, else `templates/catalog.yaml`; relative paths are taken
-    from `root` (default: the current directory). env: default os.environ (read only).
+    from `project_dir` (default: the current directory). env: default os.environ (read only).
     """
     env = os.environ if env is None else env
-    root_path = Path(root) if root is not None else Path.cwd()
-    cat_path = resolve_catalog_path(path, env, root_path)
-    display = _display(cat_path, root_path)
+    project_path = Path(project_dir) if project_dir is not None else Path.cwd()
+    cat_path = resolve_catalog_path(path, env, project_path)
+    display = _display(cat_path, project_path)
     errors: list[str] = []
 
     try:
@@ -725,41 +725,41 @@ def load_catalog(
                 "each key owns its range"
             )
 
-    inside = root_path.resolve()
+    inside = project_path.resolve()
     for entry in entries.values():
         for i, iso in enumerate(entry.all_isos()):
             where = "iso" if i == 0 else f"extra_isos[{i - 1}]"
             if iso.keyring and not (inside / iso.keyring).resolve().is_relative_to(inside):
                 errors.append(f"{display}: {entry.key}: {where}.keyring: {iso.keyring} is outside the project root "
                               f"{inside}: keep keyrings under it (e.g. keys/debian.gpg)")
-            elif iso.keyring and not (root_path / iso.keyring).is_file():
+            elif iso.keyring and not (project_path / iso.keyring).is_file():
                 errors.append(f"{display}: {entry.key}: {where}.keyring: file {iso.keyring} does not exist under "
-                              f"{root_path}")
+                              f"{project_path}")
     if errors:
         raise CatalogError("\n".join(errors))
     for entry in entries.values():
         for iso in entry.all_isos():
             iso._mirror = mirror
-            iso._keyring_path = (root_path / iso.keyring).resolve() if iso.keyring else None
-    return Catalog(cat_path, display, root_path, mirror, defaults or Defaults(), entries)
+            iso._keyring_path = (project_path / iso.keyring).resolve() if iso.keyring else None
+    return Catalog(cat_path, display, project_path, mirror, defaults or Defaults(), entries)
 
 
 def check_catalog(
     path: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
-    root: str | os.PathLike[str] | None = None,
+    project_dir: str | os.PathLike[str] | None = None,
     check_dirs: bool = True,
 ) -> list[str]:
     """Human lines for `packer-assets catalog check`; raises CatalogError on any problem.
 
-    check_dirs: also require every entry's packer_dir to exist under the root.
+    check_dirs: also require every entry's packer_dir to exist under the project folder.
     """
-    catalog = load_catalog(path, env, root)
+    catalog = load_catalog(path, env, project_dir)
     if check_dirs:
         missing = [
-            f"{catalog.display}: {e.key}: packer_dir: folder {e.packer_dir} does not exist under {catalog.root}"
+            f"{catalog.display}: {e.key}: packer_dir: folder {e.packer_dir} does not exist under {catalog.project_dir}"
             for e in catalog
-            if not (catalog.root / e.packer_dir).is_dir()
+            if not (catalog.project_dir / e.packer_dir).is_dir()
         ]
         if missing:
             raise CatalogError("\n".join(missing))

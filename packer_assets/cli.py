@@ -39,7 +39,7 @@ def _validate(args) -> int:
     for key in args.keys or catalog.keys():
         entry = catalog.get(key)
         try:
-            result, check = render_and_validate(layout, entry, os.environ, settings, catalog_root=catalog.root)
+            result, check = render_and_validate(layout, entry, os.environ, settings, project_dir=catalog.project_dir)
         except RenderError as exc:
             print(f"FAIL {key}: render: {exc}")
             failed += 1

@@ -57,11 +57,11 @@ defs = dg.Definitions(
             build_user=SETTINGS.build_user,
             build_password=_env("PROXMOX_BUILD_PASSWORD"),
         ),
-        "project": ProjectSettings(root=str(SETTINGS.root)),
+        "project": ProjectSettings(output_root=str(SETTINGS.output_root)),
         "pve_admin": ProxmoxBootstrap(
             api_url=SETTINGS.proxmox_url or "https://pve.invalid:8006",
             ca_file=str(SETTINGS.ca_file) if SETTINGS.ca_file else None,
-            fingerprint=SETTINGS.fingerprint,
+            tls_fingerprint=SETTINGS.tls_fingerprint,
             insecure=SETTINGS.insecure,
             insecure_origin=SETTINGS.insecure_origin,
             admin_user=SETTINGS.bootstrap_user,

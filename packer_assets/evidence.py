@@ -1,6 +1,6 @@
 """The evidence layout of the shell toolkit, kept path for path, with atomic writes.
 
-All paths are relative to a root (default: the current directory). Files are written to a temp file
+All paths are relative to an output root (default: the current directory). Files are written to a temp file
 in the same folder and renamed, so a reader never sees half a file; `latest` links are swapped by
 renaming a new symlink over the old one, so `latest` always points at a complete folder.
 """
@@ -26,40 +26,40 @@ LOCKS = Path("output/locks")
 
 @dataclass(frozen=True)
 class Layout:
-    """Where everything lives under one root."""
+    """Where everything lives under one output root."""
 
-    root: Path
+    output_root: Path
 
     @property
     def env_file(self) -> Path:
-        return self.root / ENV_FILE
+        return self.output_root / ENV_FILE
 
     @property
     def secrets_file(self) -> Path:
-        return self.root / SECRETS_FILE
+        return self.output_root / SECRETS_FILE
 
     def init_log_dir(self, stamp: str) -> Path:
-        return self.root / INIT_LOGS / stamp
+        return self.output_root / INIT_LOGS / stamp
 
     def init_proof_dir(self, stamp: str) -> Path:
-        return self.root / INIT_PROOFS / stamp
+        return self.output_root / INIT_PROOFS / stamp
 
     def build_log_dir(self, key: str, stamp: str) -> Path:
-        return self.root / BUILD_LOGS / key / stamp
+        return self.output_root / BUILD_LOGS / key / stamp
 
     def build_proof_dir(self, key: str, stamp: str) -> Path:
-        return self.root / BUILD_PROOFS / key / stamp
+        return self.output_root / BUILD_PROOFS / key / stamp
 
     def rendered_dir(self, key: str) -> Path:
-        return self.root / RENDERED / key
+        return self.output_root / RENDERED / key
 
     def work_dir(self, key: str) -> Path:
         """`output/work/<key>/`: one work directory per build (`<ts>/`) or validation (`validate-*/`)."""
-        return self.root / WORK / key
+        return self.output_root / WORK / key
 
     def lock_file(self, key: str) -> Path:
         """`output/locks/<key>.lock`: held by the run that works on the key (see locks.py)."""
-        return self.root / LOCKS / f"{key}.lock"
+        return self.output_root / LOCKS / f"{key}.lock"
 
 
 def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> Path:

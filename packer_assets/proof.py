@@ -195,11 +195,11 @@ def schema_text(file: Path = SCHEMA_FILE) -> str:
     return json.dumps(SCHEMAS[file](), indent=2) + "\n"
 
 
-def write_schema(root: Path = Path(".")) -> list[Path]:
-    """Both committed schemas, regenerated under root."""
+def write_schema(source_tree: Path = Path(".")) -> list[Path]:
+    """Both committed schemas, regenerated under `source_tree` (the checkout)."""
     written = []
     for file in SCHEMAS:
-        path = Path(root) / file
+        path = Path(source_tree) / file
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(schema_text(file), encoding="utf-8")
         written.append(path)
@@ -273,6 +273,6 @@ def write_init_proof(layout: Layout, proof: InitProof, log_file: Path) -> Path:
                               proof.model_dump(mode="json"), log_file, Path(log_file).name)
 
 
-if __name__ == "__main__":  # python -m packer_assets.proof [root]: regenerate the committed schemas
+if __name__ == "__main__":  # python -m packer_assets.proof [source tree]: regenerate the committed schemas
     for written in write_schema(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(".")):
         print(written)

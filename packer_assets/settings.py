@@ -1,6 +1,6 @@
 """Settings that every layer shares: the output root and how to reach and trust the Proxmox API.
 
-Read from the process environment and from env files (`infra/env/.env.proxmox` under the root,
+Read from the process environment and from env files (`infra/env/.env.proxmox` under the output_root,
 and the file named by PACKER_ASSETS_ENV_FILE, e.g. the lab's). The process environment wins, so a
 one-off override needs no file edit.
 """
@@ -38,10 +38,10 @@ class Settings:
     Secrets are not held here: resources take them through dg.EnvVar by name.
     """
 
-    root: Path
+    output_root: Path
     proxmox_url: str | None
     ca_file: Path | None
-    fingerprint: str | None
+    tls_fingerprint: str | None
     insecure: bool
     sources: tuple[str, ...]
     insecure_origin: str | None = None  # where PROXMOX_INSECURE=1 came from (logged on every run)
@@ -71,7 +71,7 @@ class Settings:
 
     @property
     def layout(self) -> Layout:
-        return Layout(self.root)
+        return Layout(self.output_root)
 
     @property
     def api_base(self) -> str | None:
@@ -100,12 +100,12 @@ def _flag(name: str, value: str, origin: str) -> bool:
 def merged_environment(env: Mapping[str, str] | None = None) -> tuple[dict[str, str], dict[str, str]]:
     """(values, origin of each value): env files first, then the process environment over them."""
     env = dict(os.environ if env is None else env)
-    root = Path(env.get("PACKER_ASSETS_ROOT") or ".").resolve()
+    output_root = Path(env.get("PACKER_ASSETS_ROOT") or ".").resolve()
     values: dict[str, str] = {}
     origin: dict[str, str] = {}
-    layout = Layout(root)
+    layout = Layout(output_root)
     # Lowest first: the shell toolkit's config (migration), then our own files, then an explicit one.
-    files = [root / TOOLKIT_CONF, layout.secrets_file, layout.env_file]
+    files = [output_root / TOOLKIT_CONF, layout.secrets_file, layout.env_file]
     if env.get("PACKER_ASSETS_ENV_FILE"):
         files.append(Path(env["PACKER_ASSETS_ENV_FILE"]))
     for path in files:
@@ -123,7 +123,7 @@ def merged_environment(env: Mapping[str, str] | None = None) -> tuple[dict[str, 
         port = values.get("PROXMOX_PORT") or "8006"
         values["PROXMOX_URL"] = f"https://{values['PROXMOX_HOST']}:{port}/api2/json"
         origin["PROXMOX_URL"] = origin["PROXMOX_HOST"]
-    values.setdefault("PACKER_ASSETS_ROOT", str(root))
+    values.setdefault("PACKER_ASSETS_ROOT", str(output_root))
     return values, origin
 
 
@@ -131,7 +131,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read and check every setting; the first bad one is a SettingsError naming the variable and where it
     came from (`environment` or the env file), before anything has run."""
     values, origin = merged_environment(env)
-    root = Path(values["PACKER_ASSETS_ROOT"]).resolve()
+    output_root = Path(values["PACKER_ASSETS_ROOT"]).resolve()
 
     def where(name: str) -> str:
         return origin.get(name, "environment")
@@ -207,10 +207,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError(f"{where('PACKER_ASSETS_REBUILD_CRON')}: PACKER_ASSETS_REBUILD_CRON={cron!r} is not a "
                             "five-field cron expression (minute hour day month weekday)")
     return Settings(
-        root=root,
+        output_root=output_root,
         proxmox_url=url,
         ca_file=Path(ca_file).resolve() if ca_file else None,
-        fingerprint=fingerprint.upper() if fingerprint else None,
+        tls_fingerprint=fingerprint.upper() if fingerprint else None,
         insecure=insecure,
         sources=tuple(sorted(set(origin.values()))),
         insecure_origin=where("PROXMOX_INSECURE") if insecure else None,

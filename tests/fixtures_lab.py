@@ -38,7 +38,7 @@ class LabProject:
 def lab_project(tmp_path, monkeypatch):
     """LabStack on the shipped catalog, its env in os.environ, and proxmox_env run into tmp_path/project."""
     stack = LabStack.start(tmp_path / "lab", REPO / "templates/catalog.yaml", secrets.token_urlsafe(16),
-                           secrets.token_urlsafe(16), root=REPO)
+                           secrets.token_urlsafe(16), project_dir=REPO)
     try:
         for name, value in stack.env().items():
             monkeypatch.setenv(name, value)

@@ -14,7 +14,7 @@ PACKER = "/usr/bin/packer"
 
 
 def catalog():
-    return load_catalog(root=REPO, env={})
+    return load_catalog(project_dir=REPO, env={})
 
 
 def plan_for(entry: TemplateEntry, **over) -> BuildPlan:

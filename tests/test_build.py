@@ -8,7 +8,7 @@ from test_catalog import REPO
 
 
 def test_work_dirs_keep_the_last_successes_and_failures_until_the_next_success(tmp_path):
-    entry = load_catalog(root=REPO, env={}).get("debian-12").model_copy(update={"work_dirs": 2})
+    entry = load_catalog(project_dir=REPO, env={}).get("debian-12").model_copy(update={"work_dirs": 2})
     layout = Layout(tmp_path)
     outcomes = {"20260101T000000Z": "ok", "20260102T000000Z": "failed", "20260103T000000Z": "ok",
                 "20260104T000000Z": "failed", "20260105T000000Z": "ok"}

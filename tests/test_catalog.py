@@ -75,7 +75,7 @@ def load(tmp_path: Path, doc, env=None):
 
 
 def test_shipped_catalog_loads_with_the_five_keys():
-    catalog = load_catalog(REPO / "templates" / "catalog.yaml", env={}, root=REPO)
+    catalog = load_catalog(REPO / "templates" / "catalog.yaml", env={}, project_dir=REPO)
     assert catalog.keys() == SHIPPED_KEYS
     assert catalog.display == "templates/catalog.yaml"
     assert {e.family for e in catalog} == {"ubuntu", "debian", "rocky", "windows"}
@@ -96,14 +96,14 @@ def test_shipped_catalog_loads_with_the_five_keys():
 
 
 def test_shipped_catalog_found_from_root_and_via_env(tmp_path):
-    assert load_catalog(env={}, root=REPO).keys() == SHIPPED_KEYS
+    assert load_catalog(env={}, project_dir=REPO).keys() == SHIPPED_KEYS
     other = write(tmp_path, BASE, "other.yaml")
-    assert load_catalog(env={CATALOG_ENV: str(other)}, root=REPO).keys() == ["alpha", "beta"]
-    assert load_catalog(env={CATALOG_ENV: "other.yaml"}, root=tmp_path).display == "other.yaml"
+    assert load_catalog(env={CATALOG_ENV: str(other)}, project_dir=REPO).keys() == ["alpha", "beta"]
+    assert load_catalog(env={CATALOG_ENV: "other.yaml"}, project_dir=tmp_path).display == "other.yaml"
 
 
 def test_check_catalog_lines_for_the_shipped_catalog():
-    lines = check_catalog(env={MIRROR_ENV: "http://127.0.0.1:8081"}, root=REPO, check_dirs=False)
+    lines = check_catalog(env={MIRROR_ENV: "http://127.0.0.1:8081"}, project_dir=REPO, check_dirs=False)
     assert lines[0] == "catalog templates/catalog.yaml: 5 templates, version 1"
     assert lines[1] == "iso mirror: http://127.0.0.1:8081"
     assert [line.split(":")[0] for line in lines[2:]] == SHIPPED_KEYS
@@ -113,11 +113,11 @@ def test_check_catalog_lines_for_the_shipped_catalog():
 def test_check_catalog_requires_packer_dirs(tmp_path):
     path = write(tmp_path, BASE)
     with pytest.raises(CatalogError) as exc:
-        check_catalog(path, env={}, root=tmp_path)
+        check_catalog(path, env={}, project_dir=tmp_path)
     assert "catalog.yaml: alpha: packer_dir: folder templates/alpha does not exist" in str(exc.value)
     (tmp_path / "templates" / "alpha").mkdir(parents=True)
     (tmp_path / "templates" / "beta").mkdir(parents=True)
-    assert len(check_catalog(path, env={}, root=tmp_path)) == 4
+    assert len(check_catalog(path, env={}, project_dir=tmp_path)) == 4
 
 
 # ---------------------------------------------------------------- defaults and lookups
@@ -388,7 +388,7 @@ def test_missing_file(tmp_path):
     with pytest.raises(CatalogError, match=r"nope\.yaml: top-level: catalog file not found"):
         load_catalog(tmp_path / "nope.yaml", env={})
     with pytest.raises(CatalogError) as exc:
-        load_catalog(env={}, root=tmp_path)
+        load_catalog(env={}, project_dir=tmp_path)
     assert str(exc.value).startswith("templates/catalog.yaml: top-level: catalog file not found")
 
 

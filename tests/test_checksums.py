@@ -334,7 +334,7 @@ templates:
     catalog_file = tmp_path / "catalog.yaml"
     catalog_file.write_text(text.replace("KEYRING", "keys/debian.gpg"))
     env = {"PACKER_ASSETS_ISO_MIRROR": iso_mirror.base_url}
-    iso = load_catalog(catalog_file, env=env, root=tmp_path).get("debian-12").iso
+    iso = load_catalog(catalog_file, env=env, project_dir=tmp_path).get("debian-12").iso
     assert iso.keyring_path == (tmp_path / "keys/debian.gpg").resolve()
     resolved = resolve_checksum(iso, keyring=iso.keyring_path, signature_url=iso.signature_url)
     assert resolved.hex == iso_mirror.sha256("debian-12")
@@ -350,4 +350,4 @@ templates:
     assert (seen["keyring"], seen["signature_url"]) == (iso.keyring_path, iso.signature_url)
     catalog_file.write_text(text.replace("KEYRING", "keys/missing.gpg"))
     with pytest.raises(CatalogError, match=r"debian-12: iso.keyring: file keys/missing.gpg does not exist"):
-        load_catalog(catalog_file, env=env, root=tmp_path)
+        load_catalog(catalog_file, env=env, project_dir=tmp_path)

@@ -11,7 +11,7 @@ ISO_ASSETS = [assets.iso_release, assets.unattended_files, assets.staged_iso]
 
 def materialize(lab_project, instance, selection, key):
     return dg.materialize(ISO_ASSETS, selection=selection, partition_key=key, instance=instance,
-                          resources={"project": ProjectSettings(root=str(lab_project.root)),
+                          resources={"project": ProjectSettings(output_root=str(lab_project.root)),
                                      "packer": PackerSettings(allow_degraded=True)}, raise_on_error=False)
 
 
@@ -36,7 +36,7 @@ def test_unattended_files_data_version_is_the_content_hash(lab_project):
 def test_packer_validate_check_fails_on_a_broken_template(lab_project, tmp_path, monkeypatch):
     import shutil
 
-    repo = lab_project.stack.catalog.root
+    repo = lab_project.stack.catalog.project_dir
     copy = tmp_path / "repo"
     shutil.copytree(repo / "templates", copy / "templates")
     hcl = copy / "templates/rocky/rocky.pkr.hcl"

@@ -11,7 +11,7 @@ from packer_assets.envfile import read_env_file
 @pytest.fixture
 def resources(lab_pve, lab_pki, tmp_path):
     return {
-        "project": ProjectSettings(root=str(tmp_path / "project")),
+        "project": ProjectSettings(output_root=str(tmp_path / "project")),
         "pve_admin": ProxmoxBootstrap(api_url=lab_pve.url + "/api2/json", ca_file=str(lab_pki.ca_file),
                                       admin_password=lab_pve.root_password),
     }
@@ -82,7 +82,7 @@ def test_no_secret_in_the_event_log_or_output(resources, lab_pve, capfd, tmp_pat
 
 def test_ssh_path_through_dagster(lab_sshd, lab_pve, tmp_path):
     resources = {
-        "project": ProjectSettings(root=str(tmp_path / "project")),
+        "project": ProjectSettings(output_root=str(tmp_path / "project")),
         "pve_admin": ProxmoxBootstrap(api_url=lab_pve.url + "/api2/json", method="ssh", ssh_host=lab_sshd.host,
                                       ssh_port=lab_sshd.port, ssh_key_file=str(lab_sshd.client_key),
                                       known_hosts=str(lab_sshd.known_hosts)),

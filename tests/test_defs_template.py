@@ -25,7 +25,7 @@ def resources(lab_project, **packer):
                     boot_wait="100ms", build_user=kept["PROXMOX_BUILD_USER"], build_password=kept["PROXMOX_BUILD_PASSWORD"],
                     grace_seconds=10, smoke_timeout_seconds=60)
     settings.update(packer)
-    return {"project": ProjectSettings(root=str(lab_project.root)), "packer": PackerSettings(**settings)}
+    return {"project": ProjectSettings(output_root=str(lab_project.root)), "packer": PackerSettings(**settings)}
 
 
 def rebuild(lab_project, instance, key=KEY, force=False, **packer):
@@ -62,7 +62,7 @@ def test_build_promote_prove_then_up_to_date(lab_project):
         assert meta["promoted"].value is True and meta["up_to_date"].value is False
         assert "packer-assets-latest" in templates_of(pve)[vmid]
         assert [vm for vm in pve.vms if not vm.template] == []  # the smoke clone is gone
-        proof_dir = layout.root / "docs/proof/platform/packer-builds/builds" / KEY / "latest"
+        proof_dir = layout.output_root / "docs/proof/platform/packer-builds/builds" / KEY / "latest"
         assert sorted(p.name for p in proof_dir.iterdir()) == ["README.md", "packer.log", "proof.json"]
         proof = json.loads((proof_dir / "proof.json").read_text())
         jsonschema.validate(proof, build_proof_schema())

@@ -22,7 +22,7 @@ from proxmoxer.core import ResourceException
 
 from packer_assets.lab.certs import make_lab_pki
 from packer_assets.lab.proctree import cmdline, descendants
-from packer_assets.lab.pve_packer import keys_to_text
+from packer_assets.lab.pve.packer_compat import keys_to_text
 from packer_assets.procs import proc_table
 
 PACKER = "/usr/bin/packer"

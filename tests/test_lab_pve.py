@@ -19,7 +19,7 @@ from fixtures_pve import pve_client
 from proxmoxer import AuthenticationError, ResourceException
 from requests.exceptions import SSLError
 
-from packer_assets.lab.certs import fingerprint, make_lab_pki
+from packer_assets.lab.certs import cert_fingerprint, make_lab_pki
 
 NODE = "pve1"
 ISO = b"\x00" * 32768 + b"\x01CD001\x01" + os.urandom(70000)  # shaped like ISO9660; content is opaque to PVE
@@ -91,7 +91,7 @@ def test_pki_is_a_real_ca_chain(lab_pki, lab_pve):
     context = ssl.create_default_context(cafile=lab_pki.ca_file)
     with socket.create_connection((lab_pve.host, lab_pve.port)) as raw:
         with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            assert fingerprint(tls.getpeercert(binary_form=True)) == lab_pki.fingerprint_sha256
+            assert cert_fingerprint(tls.getpeercert(binary_form=True)) == lab_pki.fingerprint_sha256
 
 
 def test_unverified_ca_is_refused(lab_pve, tmp_path):

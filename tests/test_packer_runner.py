@@ -83,7 +83,7 @@ def lab_build(tmp_path, served, ca_file, *, key="ubuntu-2404", ssh_host, ssh_por
     workdir = tmp_path / "work"
     penv = packer_env(Endpoint(pve.url, ca_file=str(ca_file)), caps, creds, ssh_password=ssh_password,
                       workdir=tmp_path)
-    prepare_workdir(workdir, entry, plan, caps, root=REPO, http_dir=http, allow_degraded=True, secrets=penv.secrets)
+    prepare_workdir(workdir, entry, plan, caps, project_dir=REPO, http_dir=http, allow_degraded=True, secrets=penv.secrets)
     return entry, plan, workdir, penv
 
 
@@ -404,7 +404,7 @@ def test_a_pinned_certificate_is_what_packer_trusts(lab_pve_serving, lab_guest, 
     pve = lab_pve_serving.pve
     der = ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate((pve.host, pve.port)))
     digest = hashlib.sha256(der).hexdigest().upper()
-    pinned = Endpoint(pve.url, fingerprint=":".join(digest[i:i + 2] for i in range(0, 64, 2)))
+    pinned = Endpoint(pve.url, tls_fingerprint=":".join(digest[i:i + 2] for i in range(0, 64, 2)))
     entry = catalog().get("debian-12")
     stage_iso(lab_pve_serving, entry.iso.filename)
     caps = detect_packer(PACKER)
@@ -413,11 +413,11 @@ def test_a_pinned_certificate_is_what_packer_trusts(lab_pve_serving, lab_guest, 
     assert penv.env["SSL_CERT_FILE"] == str((tmp_path / "pve-pinned-cert.pem").resolve())
     plan = plan_for(entry, ssh_host=lab_guest.host, ssh_port=lab_guest.port, boot_wait="100ms", ssh_timeout="30s",
                     boot_command=None if HTTP_IP else ())
-    prepare_workdir(tmp_path / "work", entry, plan, caps, root=REPO, allow_degraded=True, secrets=penv.secrets)
+    prepare_workdir(tmp_path / "work", entry, plan, caps, project_dir=REPO, allow_degraded=True, secrets=penv.secrets)
     log = ListLog(tmp_path / "packer.log")
     assert run_packer(tmp_path / "work", penv.env, log, timeout=120, grace=10).vmid == plan.vm_id
 
-    wrong = Endpoint(pve.url, fingerprint="AA:" * 31 + "AA")
+    wrong = Endpoint(pve.url, tls_fingerprint="AA:" * 31 + "AA")
     with pytest.raises(PackerEnvError, match="does not match the pinned"):
         packer_env(wrong, caps, BuildCredentials(user="root@pam", password=pve.root_password),
                    ssh_password=guest_password, workdir=tmp_path / "other")

@@ -57,7 +57,7 @@ def rendered(tmp_path, family):
 
 def prepare(tmp_path, key, caps=OLD, allow_degraded=True, **plan_over):
     entry = catalog().get(key)
-    return entry, prepare_workdir(tmp_path / "work", entry, plan_for(entry, **plan_over), caps, root=REPO,
+    return entry, prepare_workdir(tmp_path / "work", entry, plan_for(entry, **plan_over), caps, project_dir=REPO,
                                   http_dir=rendered(tmp_path, entry.family), allow_degraded=allow_degraded,
                                   secrets=SECRETS)
 
@@ -145,7 +145,7 @@ def test_the_template_fingerprint_covers_the_family_template_and_the_common_file
 
 
 def test_fingerprint_of_a_build_follows_the_common_file(tmp_path):
-    from packer_assets.build import fingerprint_of
+    from packer_assets.build import input_fingerprint_of
     from packer_assets.pve.staging import StagedIso
 
     root = tmp_path / "repo"
@@ -155,11 +155,11 @@ def test_fingerprint_of_a_build_follows_the_common_file(tmp_path):
     staged = {"iso": StagedIso(volid="local:iso/x.iso", size=1, checksum="ab" * 32, algorithm="sha256",
                                source="https://example.invalid/x.iso", seconds=0.0, bytes_through_control_host=0,
                                downloaded=False)}
-    before = fingerprint_of(entry, staged, http, root)
-    assert fingerprint_of(entry, staged, http, root) == before
+    before = input_fingerprint_of(entry, staged, http, root)
+    assert input_fingerprint_of(entry, staged, http, root) == before
     common = root / COMMON_TEMPLATE
     common.write_text(common.read_text() + "\n# an edit\n")
-    assert fingerprint_of(entry, staged, http, root) != before
+    assert input_fingerprint_of(entry, staged, http, root) != before
 
 
 def test_a_family_template_without_the_common_file_is_refused(tmp_path):
@@ -167,7 +167,7 @@ def test_a_family_template_without_the_common_file_is_refused(tmp_path):
     shutil.copytree(REPO / "templates" / "debian", root / "templates" / "debian")
     entry = catalog().get("debian-12")
     with pytest.raises(WorkdirError, match="common Packer file is missing"):
-        prepare_workdir(tmp_path / "work", entry, plan_for(entry), OLD, root=root)
+        prepare_workdir(tmp_path / "work", entry, plan_for(entry), OLD, project_dir=root)
     with pytest.raises(WorkdirError, match="common Packer file is missing"):
         template_sha256(root, entry)
 
@@ -213,7 +213,7 @@ def test_a_common_file_without_its_version_region_is_refused(tmp_path):
     common.write_text(common.read_text().replace("# <<< packer-assets: version-specific", ""))
     entry = catalog().get("debian-12")
     with pytest.raises(WorkdirError, match="exactly one .* region"):
-        prepare_workdir(tmp_path / "work", entry, plan_for(entry), OLD, root=root)
+        prepare_workdir(tmp_path / "work", entry, plan_for(entry), OLD, project_dir=root)
 
 
 def test_a_version_region_in_a_family_template_is_refused(tmp_path):
@@ -223,7 +223,7 @@ def test_a_version_region_in_a_family_template_is_refused(tmp_path):
     template.write_text(template.read_text() + "# >>> packer-assets: version-specific\n# <<< packer-assets: version-specific\n")
     entry = catalog().get("debian-12")
     with pytest.raises(WorkdirError, match="the region lives in templates/common/common.pkr.hcl only"):
-        prepare_workdir(tmp_path / "work", entry, plan_for(entry), OLD, root=root)
+        prepare_workdir(tmp_path / "work", entry, plan_for(entry), OLD, project_dir=root)
     assert not (tmp_path / "work").exists()
 
 

@@ -169,14 +169,14 @@ def test_failures_give_one_clear_error_and_leave_env_files_alone(case, layout, e
     assert message in str(err.value)
     assert lab_pve.root_password not in str(err.value)
     assert _snapshot(layout) == before
-    proofs = layout.root / "docs/proof/platform/packer-builds/init"
+    proofs = layout.output_root / "docs/proof/platform/packer-builds/init"
     assert len([p for p in proofs.iterdir() if p.name != "latest"]) == 1  # only the first run's
 
 
 def test_fingerprint_pinning(layout, endpoint, admin, lab_pki):
-    good = Endpoint(endpoint.url, fingerprint=lab_pki.fingerprint_sha256)
+    good = Endpoint(endpoint.url, tls_fingerprint=lab_pki.fingerprint_sha256)
     assert init(layout, good, admin).result.token_action == "created"
-    bad = Endpoint(endpoint.url, fingerprint=":".join(["AA"] * 32))
+    bad = Endpoint(endpoint.url, tls_fingerprint=":".join(["AA"] * 32))
     with pytest.raises(PveAccessError, match="does not match the pinned"):
         init(layout, bad, admin)
 
@@ -186,7 +186,7 @@ def test_secrets_never_reach_files_logs_or_output(layout, endpoint, admin, capsy
     secret = outcome.result.token_secret
     rotated = init(layout, endpoint, admin, rotate=True).result.token_secret
     allowed = {layout.env_file, layout.secrets_file}
-    for path in layout.root.rglob("*"):
+    for path in layout.output_root.rglob("*"):
         if path.is_file() and path not in allowed:
             text = path.read_text(errors="replace")
             for value in (secret, rotated, lab_pve.root_password):
@@ -206,7 +206,7 @@ def test_existing_toolkit_secrets_file_keeps_other_values(layout, endpoint, admi
 def test_pinned_session_refuses_another_certificate(endpoint, lab_pve, lab_pki):
     from packer_assets.pve.client import connect
 
-    api = connect(Endpoint(endpoint.url, fingerprint=lab_pki.fingerprint_sha256), "root@pam",
+    api = connect(Endpoint(endpoint.url, tls_fingerprint=lab_pki.fingerprint_sha256), "root@pam",
                   password=lab_pve.root_password)
     api._store["session"].adapters[endpoint.base].fingerprint = "00" * 32  # as if the server's cert changed
     api._store["session"].close()

@@ -135,7 +135,7 @@ def test_rotation_only_when_asked_and_unknown_secret_replaced(layout, endpoint, 
 def test_fetched_ca_makes_later_api_calls_verify_tls(layout, endpoint, lab_sshd, lab_pki):
     outcome = init(layout, endpoint, ssh(lab_sshd))
     values = read_env_file(layout.env_file)
-    ca_file = (layout.root / CA_FILE).absolute()
+    ca_file = (layout.output_root / CA_FILE).absolute()
     assert values["PROXMOX_CA_FILE"] == str(ca_file)
     assert ca_file.read_bytes() == Path(lab_pki.ca_file).read_bytes()
     assert outcome.proof["tls"] == "ca_file"
@@ -147,12 +147,12 @@ def test_fetched_ca_makes_later_api_calls_verify_tls(layout, endpoint, lab_sshd,
 
 
 def test_configured_trust_is_kept(layout, lab_pve, lab_sshd, lab_pki):
-    pinned = Endpoint(lab_pve.url, fingerprint=lab_pki.fingerprint_sha256)
+    pinned = Endpoint(lab_pve.url, tls_fingerprint=lab_pki.fingerprint_sha256)
     init(layout, pinned, ssh(lab_sshd))
     values = read_env_file(layout.env_file)
     assert values["PROXMOX_TLS_FINGERPRINT"] == lab_pki.fingerprint_sha256
     assert "PROXMOX_CA_FILE" not in values
-    assert (layout.root / CA_FILE).exists()  # fetched and kept all the same
+    assert (layout.output_root / CA_FILE).exists()  # fetched and kept all the same
 
 
 # ------------------------------------------------------------------ host keys
@@ -212,7 +212,7 @@ def test_refused_login_is_an_authentication_error(login, layout, endpoint, lab_s
     how = "key " if login == "wrong key" else "password)"
     assert f"root@127.0.0.1:{lab_sshd.port}: authentication failed ({how}" in str(err.value)
     assert password not in str(err.value)
-    assert password not in next((layout.root / "output/logs/packer/init").glob("*/init-packer.log")).read_text()
+    assert password not in next((layout.output_root / "output/logs/packer/init").glob("*/init-packer.log")).read_text()
 
 
 def test_missing_pveum_gives_a_clear_error(layout, endpoint, lab_sshd):
@@ -224,7 +224,7 @@ def test_missing_pveum_gives_a_clear_error(layout, endpoint, lab_sshd):
                            "is this a Proxmox VE node?")
     assert "pveum not found on PATH" in text and "step: check tools" in text
     assert not layout.env_file.exists()
-    log = next((layout.root / "output/logs/packer/init").glob("*/init-packer.log")).read_text()
+    log = next((layout.output_root / "output/logs/packer/init").glob("*/init-packer.log")).read_text()
     assert "[error] SshBootstrapError: " in log
 
 
@@ -270,7 +270,7 @@ def test_no_secret_in_logs_errors_command_lines_or_sshd_log(layout, endpoint, la
               "sshd log": lab_sshd.log_file.read_text(errors="replace"),
               "node command lines": lab_sshd.pvecli_log.read_text(),
               "output": "".join(capsys.readouterr())}
-    for path in layout.root.rglob("*"):
+    for path in layout.output_root.rglob("*"):
         if path.is_file() and path not in (layout.env_file, layout.secrets_file):
             places[str(path)] = path.read_text(errors="replace")
     for where, text in places.items():

@@ -48,7 +48,7 @@ NASTY_VALUES = ['a"b', "a'b", "a$b$(x)`y`", "a<b>&c", "a#b c;d|e", "ü 😀", "\
 
 @pytest.fixture(scope="module")
 def catalog():
-    return load_catalog(root=REPO, env={})
+    return load_catalog(project_dir=REPO, env={})
 
 
 def _render(entry, tmp_path, env=ENV, **kw):
@@ -226,7 +226,7 @@ def test_strict_undefined_names_the_template_and_variable(catalog, tmp_path):
     ks = root / "templates" / "rocky" / "ks.cfg.j2"
     ks.write_text(ks.read_text().replace("{{ hostname | sh }}", "{{ host_name | sh }}"))
     with pytest.raises(RenderError) as err:
-        render_files(catalog["rocky-9"], ENV, root=root)
+        render_files(catalog["rocky-9"], ENV, project_dir=root)
     message = str(err.value)
     assert "rocky-9" in message and "ks.cfg.j2" in message and "host_name" in message and "undefined" in message
 
@@ -284,7 +284,7 @@ def test_a_failed_validation_leaves_the_previous_render_untouched(catalog, tmp_p
     ks = root / "templates" / "rocky" / "ks.cfg.j2"
     ks.write_text(ks.read_text().replace("firstboot --disabled", "frstboot --disabled"))
     with pytest.raises(RenderError) as err:
-        render_unattended(entry, {**ENV, "PACKER_INSTALL_PASSWORD": "changed"}, out, schema_dir=SCHEMAS, root=root)
+        render_unattended(entry, {**ENV, "PACKER_INSTALL_PASSWORD": "changed"}, out, schema_dir=SCHEMAS, project_dir=root)
     assert "rocky-9: ks.cfg: kickstart:" in str(err.value) and "frstboot" in str(err.value)
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before
 
@@ -296,7 +296,7 @@ def test_validator_errors_never_show_the_hash(catalog, tmp_path):
     # a broken line that carries the hash: debconf-set-selections echoes the line
     preseed.write_text(preseed.read_text() + "{{ password_hash | line }}\n")
     with pytest.raises(RenderError) as err:
-        render_unattended(catalog["debian-12"], ENV, tmp_path / "out", schema_dir=SCHEMAS, root=root)
+        render_unattended(catalog["debian-12"], ENV, tmp_path / "out", schema_dir=SCHEMAS, project_dir=root)
     assert "parse error" in str(err.value) and "$6$" not in str(err.value) and "***" in str(err.value)
 
 

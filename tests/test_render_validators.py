@@ -25,7 +25,7 @@ SALT = "fixedsaltfortest"  # an explicit salt: the hash is computed once per fam
 
 @pytest.fixture(scope="module")
 def rendered():
-    catalog = load_catalog(root=REPO, env={})
+    catalog = load_catalog(project_dir=REPO, env={})
     out = {}
     for key in ("ubuntu-2204", "ubuntu-2404", "debian-12", "rocky-9", "windows-2022"):
         files, context = render_files(catalog[key], ENV, salt=SALT)

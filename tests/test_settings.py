@@ -16,7 +16,7 @@ CA = certifi.where()  # a real PEM bundle: the CA file must load
 
 def test_defaults_verify_tls_with_the_system_store(tmp_path):
     settings = load_settings({"PACKER_ASSETS_ROOT": str(tmp_path)})
-    assert settings.root == tmp_path.resolve()
+    assert settings.output_root == tmp_path.resolve()
     assert settings.proxmox_url is None
     assert settings.verify is True
 

@@ -120,7 +120,7 @@ def unattended_files(
     key, layout = hold_partition(context, project)
     catalog = project.catalog()
     entry = catalog.get(key)
-    result, check = render_and_validate(layout, entry, os.environ, packer.settings(), catalog_root=catalog.root)
+    result, check = render_and_validate(layout, entry, os.environ, packer.settings(), project_dir=catalog.project_dir)
     validated = dg.AssetCheckResult(check_name="packer_validate", passed=check.ok,
                                     description="packer validate passed" if check.ok else check.output[-2000:],
                                     metadata={"argv": " ".join(check.argv)})
@@ -217,19 +217,19 @@ def template(
                             f"in {layout.env_file} (written by an init that asked for it)")
     outcome = build_template(
         layout, entry, access, packer.credentials(access), os.environ.get(entry.install_user.password_env, ""),
-        staged, rendered, chain, packer.settings(config.force), catalog_root=catalog.root,
+        staged, rendered, chain, packer.settings(config.force), project_dir=catalog.project_dir,
         run_id=context.run.run_id, on_stage=lambda line: context.log.info(f"[{chain}] {line}"),
     )
     for line in outcome.swept:
         context.log.warning(f"[{chain}] {key}: {line}")
-    meta = {"chain_id": str(chain), "fingerprint": outcome.fingerprint, "vmid": outcome.vmid,
+    meta = {"chain_id": str(chain), "input_fingerprint": outcome.input_fingerprint, "vmid": outcome.vmid,
             "up_to_date": outcome.skipped, "swept": dg.MetadataValue.json(outcome.swept)}
     if outcome.skipped:
         context.log.info(f"[{chain}] {key}: promoted template {outcome.vmid} was built from these inputs: skipped")
         smoke = dg.AssetCheckResult(check_name="smoke_test", passed=True,
                                     description=f"up to date: template {outcome.vmid} passed when it was built")
         return dg.MaterializeResult(metadata=meta, check_results=[smoke],
-                                    data_version=dg.DataVersion(outcome.fingerprint))
+                                    data_version=dg.DataVersion(outcome.input_fingerprint))
     meta.update(name=outcome.name, node=access.discovery.node,
                 build_log=dg.MetadataValue.path(str(outcome.log_file)),
                 warnings=dg.MetadataValue.json(outcome.warnings))
@@ -237,12 +237,12 @@ def template(
         context.log.error(f"[{chain}] smoke test failed, new template destroyed: {outcome.smoke_error}")
         smoke = dg.AssetCheckResult(check_name="smoke_test", passed=False, description=outcome.smoke_error)
         return dg.MaterializeResult(metadata={**meta, "promoted": False}, check_results=[smoke],
-                                    data_version=dg.DataVersion(outcome.fingerprint))
+                                    data_version=dg.DataVersion(outcome.input_fingerprint))
     meta.update(promoted=True, previous_vmid=outcome.previous_vmid, pruned=dg.MetadataValue.json(outcome.pruned))
     smoke = dg.AssetCheckResult(check_name="smoke_test", passed=True, metadata={
         "clone_vmid": outcome.smoke["clone_vmid"], "os": outcome.smoke["os"],
         "ips": dg.MetadataValue.json(outcome.smoke["ips"]), "seconds": outcome.smoke["seconds"]})
-    return dg.MaterializeResult(metadata=meta, check_results=[smoke], data_version=dg.DataVersion(outcome.fingerprint))
+    return dg.MaterializeResult(metadata=meta, check_results=[smoke], data_version=dg.DataVersion(outcome.input_fingerprint))
 
 
 @dg.asset(

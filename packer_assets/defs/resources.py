@@ -20,10 +20,10 @@ from ..pve.ssh import SshBootstrap, SshTarget
 class ProjectSettings(dg.ConfigurableResource):
     """The output root for env files, logs, proofs and rendered files."""
 
-    root: str = Field(default=".", description="output root (PACKER_ASSETS_ROOT)")
+    output_root: str = Field(default=".", description="output root (PACKER_ASSETS_ROOT)")
 
     def layout(self) -> Layout:
-        return Layout(Path(self.root).resolve())
+        return Layout(Path(self.output_root).resolve())
 
     def catalog(self) -> Catalog:
         """The catalog as the environment names it (PACKER_ASSETS_CATALOG, mirror), read per run."""
@@ -48,7 +48,7 @@ class ProxmoxBootstrap(dg.ConfigurableResource):
 
     api_url: str = Field(description="https://host:8006/api2/json (PROXMOX_URL)")
     ca_file: str | None = Field(default=None, description="CA certificate of the API (PROXMOX_CA_FILE)")
-    fingerprint: str | None = Field(default=None, description="pinned SHA-256 fingerprint instead of a CA")
+    tls_fingerprint: str | None = Field(default=None, description="pinned SHA-256 fingerprint instead of a CA")
     insecure: bool = Field(default=False, description="turn TLS verification off (explicit, logged)")
     insecure_origin: str | None = Field(default=None, description="where PROXMOX_INSECURE=1 came from")
     admin_user: str = "root@pam"
@@ -87,7 +87,7 @@ class ProxmoxBootstrap(dg.ConfigurableResource):
                                       self.ssh_password, self.known_hosts, self.trust_on_first_use))
 
     def endpoint(self) -> Endpoint:
-        return Endpoint(self.api_url, ca_file=self.ca_file, fingerprint=self.fingerprint, insecure=self.insecure)
+        return Endpoint(self.api_url, ca_file=self.ca_file, tls_fingerprint=self.tls_fingerprint, insecure=self.insecure)
 
     def admin(self) -> AdminLogin:
         return AdminLogin(self.admin_user, self.admin_password, self.admin_token_name, self.admin_token_secret)

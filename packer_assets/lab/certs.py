@@ -31,7 +31,7 @@ class LabPki:
     fingerprint_sha256: str
 
 
-def fingerprint(der):
+def cert_fingerprint(der):
     """SHA-256 of a DER certificate, colon-separated upper-case hex (PVE's ssl_fingerprint format)."""
     digest = hashes.Hash(hashes.SHA256())
     digest.update(der)
@@ -113,4 +113,4 @@ def make_lab_pki(directory, hosts=DEFAULT_HOSTS):
     _write(key_file, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                        serialization.NoEncryption()), private=True)
     return LabPki(str(ca_file), str(cert_file), str(key_file),
-                  fingerprint(cert.public_bytes(serialization.Encoding.DER)))
+                  cert_fingerprint(cert.public_bytes(serialization.Encoding.DER)))

@@ -113,12 +113,12 @@ def _credentials(paths: LabPaths) -> dict[str, str]:
     return creds
 
 
-def serve(state: Path, catalog_path: Path, root: Path) -> None:
+def serve(state: Path, catalog_path: Path, project_dir: Path) -> None:
     from .stack import LabStack  # the heavy imports (fakepve, paramiko) only in the lab process
 
     paths = LabPaths(state)
     creds = _credentials(paths)
-    stack = LabStack.start(state, catalog_path, creds["LAB_ROOT_PASSWORD"], creds["LAB_GUEST_PASSWORD"], root=root)
+    stack = LabStack.start(state, catalog_path, creds["LAB_ROOT_PASSWORD"], creds["LAB_GUEST_PASSWORD"], project_dir=project_dir)
     token = secrets.token_urlsafe(24)
     control = ControlServer(token, {"publish": stack.mirror.publish, "corrupt": lambda k: stack.mirror.corrupt(k, True),
                                     "repair": lambda k: stack.mirror.corrupt(k, False)},
@@ -166,7 +166,7 @@ def running_state(state: Path) -> dict | None:
     return None
 
 
-def up(state: Path, catalog_path: Path | None = None, root: Path | None = None) -> dict:
+def up(state: Path, catalog_path: Path | None = None, project_dir: Path | None = None) -> dict:
     """Start the lab for the catalog (default: the project's, as `catalog check` finds it)."""
     from ..catalog import load_catalog
 
@@ -174,12 +174,12 @@ def up(state: Path, catalog_path: Path | None = None, root: Path | None = None) 
     info = running_state(paths.state)
     if info:
         return info
-    root = (root or Path.cwd()).resolve()
-    catalog = load_catalog(catalog_path, root=root)  # a broken catalog fails here, before any process
+    project_dir = (project_dir or Path.cwd()).resolve()
+    catalog = load_catalog(catalog_path, project_dir=project_dir)  # a broken catalog fails here, before any process
     paths.state.mkdir(parents=True, exist_ok=True)
     paths.state_json.unlink(missing_ok=True)
     argv = [sys.executable, "-m", SERVICE_MODULE, "--state", str(paths.state), "--catalog", str(catalog.path),
-            "--root", str(root)]
+            "--project-dir", str(project_dir)]
     with open(paths.log, "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=paths.state)
@@ -230,9 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=SERVICE_MODULE)
     parser.add_argument("--state", required=True, type=Path)
     parser.add_argument("--catalog", type=Path, required=True)
-    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--project-dir", type=Path, required=True)
     args = parser.parse_args(argv)
-    serve(args.state, args.catalog, args.root)
+    serve(args.state, args.catalog, args.project_dir)
 
 
 if __name__ == "__main__":

@@ -72,12 +72,12 @@ class LabStack:
 
     @classmethod
     def start(cls, state: Path, catalog_path: Path | None, root_password: str, guest_password: str,
-              root: Path | None = None) -> "LabStack":
+              project_dir: Path | None = None) -> "LabStack":
         state = Path(state)
         state.mkdir(parents=True, exist_ok=True)
-        shipped = load_catalog(catalog_path, env={}, root=root)
+        shipped = load_catalog(catalog_path, env={}, project_dir=project_dir)
         lab_catalog_path = write_lab_catalog(shipped.path, state / LAB_CATALOG)
-        catalog = load_catalog(lab_catalog_path, env={}, root=shipped.root)
+        catalog = load_catalog(lab_catalog_path, env={}, project_dir=shipped.project_dir)
         pki = make_lab_pki(state / "pki")
         pve = LabPve(password=root_password, data_dir=state / "pve-data")
         served = ServedPve(pve, pki).start()

@@ -57,10 +57,10 @@ def tls_env(endpoint: Endpoint, workdir: Path) -> dict[str, str]:
         return {}
     if endpoint.ca_file:
         return {"SSL_CERT_FILE": str(Path(endpoint.ca_file).resolve())}
-    if endpoint.fingerprint:
+    if endpoint.tls_fingerprint:
         # Packer cannot pin a fingerprint; it can trust one certificate as its only root.
         try:
-            pem = endpoint.check_fingerprint()
+            pem = endpoint.check_tls_fingerprint()
         except PveAccessError as exc:
             raise PackerEnvError(str(exc)) from None
         pinned = Path(workdir) / "pve-pinned-cert.pem"

@@ -51,7 +51,7 @@ VAR_FILE = "build.auto.pkrvars.json"
 PLUGINS_FILE = "plugins.pkr.hcl"
 MANIFEST = "packer-assets.json"
 HTTP_DIR = "http"
-COMMON_TEMPLATE = "templates/common/common.pkr.hcl"  # under the catalog root
+COMMON_TEMPLATE = "templates/common/common.pkr.hcl"  # under the project folder
 REGION_START = "# >>> packer-assets: version-specific"
 REGION_END = "# <<< packer-assets: version-specific"
 
@@ -253,9 +253,9 @@ def variables_for(entry: TemplateEntry, plan: BuildPlan, caps: PackerCapabilitie
 # ------------------------------------------------------------------ the directory
 
 
-def find_template(root: Path, entry: TemplateEntry) -> Path:
+def find_template(project_dir: Path, entry: TemplateEntry) -> Path:
     """The family's own template: the one *.pkr.hcl of the entry's packer_dir."""
-    folder = Path(root) / entry.packer_dir
+    folder = Path(project_dir) / entry.packer_dir
     found = sorted(folder.glob("*.pkr.hcl"))
     if len(found) != 1:
         raise WorkdirError(f"{entry.key}: packer_dir: {entry.packer_dir} must hold exactly one *.pkr.hcl "
@@ -266,22 +266,22 @@ def find_template(root: Path, entry: TemplateEntry) -> Path:
     return found[0]
 
 
-def common_template(root: Path) -> Path:
+def common_template(project_dir: Path) -> Path:
     """The file every family's work directory gets next to its template (variables, the shared source)."""
-    path = Path(root) / COMMON_TEMPLATE
+    path = Path(project_dir) / COMMON_TEMPLATE
     if not path.is_file():
-        raise WorkdirError(f"{COMMON_TEMPLATE}: the common Packer file is missing under {root}")
+        raise WorkdirError(f"{COMMON_TEMPLATE}: the common Packer file is missing under {project_dir}")
     return path
 
 
-def template_files(root: Path, entry: TemplateEntry) -> tuple[Path, Path]:
+def template_files(project_dir: Path, entry: TemplateEntry) -> tuple[Path, Path]:
     """(the family's template, the common file): together, the Packer configuration of `entry`."""
-    return find_template(root, entry), common_template(root)
+    return find_template(project_dir, entry), common_template(project_dir)
 
 
-def template_sha256(root: Path, entry: TemplateEntry) -> str:
+def template_sha256(project_dir: Path, entry: TemplateEntry) -> str:
     """ONE sha256 over both source files, each in its role: the Packer input of a build."""
-    family, common = template_files(root, entry)
+    family, common = template_files(project_dir, entry)
     return _combined_sha256(sha256_file(family), sha256_file(common))
 
 
@@ -293,7 +293,7 @@ def _combined_sha256(template_sha: str, common_sha: str) -> str:
 
 
 def prepare_workdir(workdir: Path, entry: TemplateEntry, plan: BuildPlan, caps: PackerCapabilities, *,
-                    root: Path, http_dir: Path | None = None, allow_degraded: bool = False,
+                    project_dir: Path, http_dir: Path | None = None, allow_degraded: bool = False,
                     secrets: Iterable[str] = ()) -> Workdir:
     """Fill an empty (or missing) `workdir` for one build of `entry`; see the module doc."""
     gaps = capability_gaps(entry, plan, caps)
@@ -301,7 +301,7 @@ def prepare_workdir(workdir: Path, entry: TemplateEntry, plan: BuildPlan, caps: 
         raise PackerCapabilityError(
             "\n".join(g.line(entry.key, caps) for g in gaps)
             + "\nupgrade Packer, change the catalog entry, or allow a degraded build explicitly (allow_degraded)")
-    source, common_source = template_files(root, entry)
+    source, common_source = template_files(project_dir, entry)
     source_bytes, common_bytes = source.read_bytes(), common_source.read_bytes()
     source_text, common_text = source_bytes.decode("utf-8"), common_bytes.decode("utf-8")
     if REGION_START in source_text or REGION_END in source_text:

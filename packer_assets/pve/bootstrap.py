@@ -325,8 +325,8 @@ def env_file_values(result: BootstrapResult, endpoint: Endpoint) -> dict[str, st
     }
     if endpoint.ca_file:
         values["PROXMOX_CA_FILE"] = str(endpoint.ca_file)
-    if endpoint.fingerprint:
-        values["PROXMOX_TLS_FINGERPRINT"] = endpoint.fingerprint
+    if endpoint.tls_fingerprint:
+        values["PROXMOX_TLS_FINGERPRINT"] = endpoint.tls_fingerprint
     if endpoint.insecure:
         values["PROXMOX_INSECURE"] = "1"
     return values
@@ -397,7 +397,7 @@ def build_access(values: dict[str, str], source: str) -> BuildAccess:
         return values[name]
 
     endpoint = Endpoint(need("PROXMOX_API_URL"), ca_file=values.get("PROXMOX_CA_FILE") or None,
-                        fingerprint=values.get("PROXMOX_TLS_FINGERPRINT") or None,
+                        tls_fingerprint=values.get("PROXMOX_TLS_FINGERPRINT") or None,
                         insecure=values.get("PROXMOX_INSECURE") == "1")
     found = Discovery(node=need("PROXMOX_NODE"), node_ip=values.get("PROXMOX_NODE_IP", ""),
                       vm_storage=need("PROXMOX_VM_STORAGE"), iso_storage=need("PROXMOX_ISO_STORAGE"),

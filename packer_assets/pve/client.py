@@ -37,7 +37,7 @@ class Endpoint:
 
     url: str  # https://host:port, with or without /api2/json
     ca_file: str | None = None
-    fingerprint: str | None = None
+    tls_fingerprint: str | None = None
     insecure: bool = False
     timeout: int = DEFAULT_TIMEOUT
 
@@ -61,14 +61,14 @@ class Endpoint:
         if self.insecure:
             log.warning("TLS verification of %s is OFF (insecure was asked for)", self.base)
             return False
-        if self.fingerprint:
-            self.check_fingerprint()
+        if self.tls_fingerprint:
+            self.check_tls_fingerprint()
             # Pinned: the fingerprint, not a CA chain, is what is trusted (see PinnedAdapter).
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
             return False
         return self.ca_file or True
 
-    def check_fingerprint(self) -> str:
+    def check_tls_fingerprint(self) -> str:
         """The API's certificate (PEM), if its SHA-256 fingerprint is the pinned one; PveAccessError if not."""
         try:
             pem = ssl.get_server_certificate((self.host, self.port), timeout=self.timeout)
@@ -76,9 +76,9 @@ class Endpoint:
             raise PveAccessError(f"{self.base}: cannot reach the API to check its certificate: {exc}") from None
         digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest().upper()
         seen = ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
-        if seen != self.fingerprint.upper():
+        if seen != self.tls_fingerprint.upper():
             raise PveAccessError(f"{self.base}: TLS certificate fingerprint {seen} does not match the pinned "
-                                 f"{self.fingerprint.upper()}")
+                                 f"{self.tls_fingerprint.upper()}")
         return pem
 
 
@@ -113,9 +113,9 @@ def connect(endpoint: Endpoint, user: str, *, password: str | None = None, token
         kwargs.update(password=password)
     with translated_errors(endpoint, who):
         api = ProxmoxAPI(endpoint.host, verify_ssl=endpoint.verify(), **kwargs)
-        if endpoint.fingerprint:
+        if endpoint.tls_fingerprint:
             # Every later connection of the session is pinned too, not only the first check.
-            api._store["session"].mount(endpoint.base, PinnedAdapter(endpoint.fingerprint))
+            api._store["session"].mount(endpoint.base, PinnedAdapter(endpoint.tls_fingerprint))
         if check:
             api.version.get()
     return api

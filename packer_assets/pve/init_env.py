@@ -118,7 +118,7 @@ def save_secret(layout: Layout, token_id: str, secret: str) -> None:
 
 
 def explicit_trust(endpoint: Endpoint) -> bool:
-    return bool(endpoint.ca_file or endpoint.fingerprint or endpoint.insecure)
+    return bool(endpoint.ca_file or endpoint.tls_fingerprint or endpoint.insecure)
 
 
 def run_init(layout: Layout, endpoint: Endpoint, admin: "AdminLogin | Bootstrapper", config: BootstrapConfig,
@@ -129,7 +129,7 @@ def run_init(layout: Layout, endpoint: Endpoint, admin: "AdminLogin | Bootstrapp
     secret = known_secret(layout)
     password = known_build_password(layout, config.user) if config.build_password else None
     redact = Redactor([*method.secrets(), secret, password])
-    ca_path = (layout.root / CA_FILE).absolute()  # absolute: the env file is read from anywhere
+    ca_path = (layout.output_root / CA_FILE).absolute()  # absolute: the env file is read from anywhere
     use_fetched_ca = method.fetches_ca and not explicit_trust(endpoint)
     # Without configured trust, the CA an earlier run fetched is what proves the known secret over TLS.
     if use_fetched_ca and ca_path.exists():
@@ -167,12 +167,12 @@ def run_init(layout: Layout, endpoint: Endpoint, admin: "AdminLogin | Bootstrapp
     proof = InitProof(
         bootstrap=method.method, chain_id=str(chain), dagster_run_id=run_id, tool_version=__version__,
         started_at=started, finished_at=datetime.now(UTC), api_url=endpoint.api_url,
-        tls="ca_file" if endpoint.ca_file else "fingerprint" if endpoint.fingerprint else
+        tls="ca_file" if endpoint.ca_file else "fingerprint" if endpoint.tls_fingerprint else
             "insecure" if endpoint.insecure else "system",
         pve_version=result.pve_version, token_id=result.token_id, token_action=result.token_action,
         build_login=f"password as {config.user}" if result.build_password_action else "token",
         role=config.role, privileges=list(result.privileges), changes=result.changes,
-        discovery=asdict(result.discovery), env_file=str(layout.env_file.relative_to(layout.root)),
+        discovery=asdict(result.discovery), env_file=str(layout.env_file.relative_to(layout.output_root)),
         log_sha256=sha256_file(log_file))
     proof_dir = write_init_proof(layout, proof, log_file)
     return InitOutcome(result, layout.env_file, layout.secrets_file, log_file, proof_dir, proof.model_dump(mode="json"))

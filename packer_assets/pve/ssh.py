@@ -75,7 +75,7 @@ class SshTarget:
         return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
 
 
-def fingerprint(key: paramiko.PKey) -> str:
+def host_key_fingerprint(key: paramiko.PKey) -> str:
     """OpenSSH's SHA256:... form, as `ssh-keygen -lf` and ssh's prompts show it."""
     digest = base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
     return f"{key.get_name()} SHA256:{digest}"
@@ -94,7 +94,7 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
         path = self.target.known_hosts_file
         if not self.target.trust_on_first_use:
             raise SshBootstrapError(
-                f"{self.target.where}: host key check: unknown host key {fingerprint(key)} for {hostname} "
+                f"{self.target.where}: host key check: unknown host key {host_key_fingerprint(key)} for {hostname} "
                 f"(not in {path}); check it on the node (ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub) and add it, "
                 f"or allow trust on first use")
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -103,7 +103,7 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
         with os.fdopen(fd, "a") as out:
             out.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
         client.get_host_keys().add(hostname, key.get_name(), key)
-        self.note(f"trust on first use: recorded host key {fingerprint(key)} for {hostname} in {path}")
+        self.note(f"trust on first use: recorded host key {host_key_fingerprint(key)} for {hostname} in {path}")
 
 
 def open_ssh(target: SshTarget, note: Callable[[str], object] = lambda _text: None) -> paramiko.SSHClient:
@@ -129,7 +129,7 @@ def open_ssh(target: SshTarget, note: Callable[[str], object] = lambda _text: No
         client.close()
         raise SshBootstrapError(
             f"{target.where}: host key check: the host key CHANGED: {target.host_key_name} offers "
-            f"{fingerprint(exc.key)}, {target.known_hosts_file} has {fingerprint(exc.expected_key)}; refusing "
+            f"{host_key_fingerprint(exc.key)}, {target.known_hosts_file} has {host_key_fingerprint(exc.expected_key)}; refusing "
             f"(a reinstalled node, or someone in between). If the change is expected, remove the old entry: "
             f"ssh-keygen -R '{target.host_key_name}' -f {target.known_hosts_file}") from None
     except paramiko.AuthenticationException:

@@ -3,7 +3,7 @@
 `render_unattended(entry, env, out_dir)`:
 1. reads the install password from `env[entry.install_user.password_env]` (a mapping handed in,
    never os.environ here) and the optional authorized keys from `ssh_authorized_keys_env`;
-2. renders the family's Jinja templates from `<root>/<entry.packer_dir>/` into memory;
+2. renders the family's Jinja templates from `<project_dir>/<entry.packer_dir>/` into memory;
 3. runs every validator on every file; any failure raises ONE `RenderError` and writes nothing,
    so the previous good render stays in place;
 4. writes each file atomically (password-bearing files mode 0600: Packer's HTTP server runs as the
@@ -247,15 +247,15 @@ def render_files(
     entry: TemplateEntry,
     env: Mapping[str, str],
     *,
-    root: Path | None = None,
+    project_dir: Path | None = None,
     salt: str | None = None,
 ) -> tuple[dict[str, bytes], dict[str, Any]]:
     """Render the family's files into memory: ({name: bytes}, context). Nothing is validated or written.
 
     Raises RenderError (missing password, undefined variable, unsafe value, template syntax).
     """
-    root = Path(root) if root is not None else PROJECT_ROOT
-    template_dir = root / entry.packer_dir
+    project_dir = Path(project_dir) if project_dir is not None else PROJECT_ROOT
+    template_dir = project_dir / entry.packer_dir
     try:
         password = passwords.read_password(env, entry.install_user.password_env, entry.key)
         seed = env.get(passwords.SALT_SEED_ENV) or passwords.DEFAULT_SALT_SEED
@@ -314,27 +314,27 @@ def render_unattended(
     out_dir: str | Path,
     *,
     schema_dir: str | Path | None = None,
-    root: str | Path | None = None,
+    project_dir: str | Path | None = None,
     salt: str | None = None,
 ) -> RenderResult:
     """Render, validate and write `entry`'s unattended files into `out_dir`; see the module doc.
 
     env: where the password (and `PACKER_ASSETS_SCHEMA_DIR`, `PACKER_ASSETS_SALT_SEED`) are read.
-    schema_dir: validation schemas (default `$PACKER_ASSETS_SCHEMA_DIR`, relative to `root`, else the
-    schemas shipped in `packer_assets/render/schemas/`). root: the project root holding `templates/` (default: this checkout).
+    schema_dir: validation schemas (default `$PACKER_ASSETS_SCHEMA_DIR`, relative to `project_dir`, else the
+    schemas shipped in `packer_assets/render/schemas/`). project_dir: the project folder holding `templates/` (default: this checkout).
     salt: an explicit crypt salt instead of the derived one.
     """
-    root = Path(root) if root is not None else PROJECT_ROOT
+    project_dir = Path(project_dir) if project_dir is not None else PROJECT_ROOT
     if entry.family == "ubuntu" and not entry.autoinstall_schema:
         raise RenderError(f"{entry.key}: autoinstall_schema: missing; name the Subiquity release of the ISO (like 24.04.1)")
-    files, context = render_files(entry, env, root=root, salt=salt)
+    files, context = render_files(entry, env, project_dir=project_dir, salt=salt)
     expected = Expected(
         user=entry.install_user.name,
         password_hash=context.get("password_hash"),
         password=env[entry.install_user.password_env] if entry.family == "windows" else None,
         ssh_keys=tuple(context["ssh_keys"]),
     )
-    verdicts = validate_files(entry, files, expected, resolve_schema_dir(env, root, schema_dir))
+    verdicts = validate_files(entry, files, expected, resolve_schema_dir(env, project_dir, schema_dir))
     failures = [
         f"{entry.key}: {name}: {verdict.validator}: {message}"
         for name, found in verdicts.items() for verdict in found if not verdict.ok for message in verdict.messages

@@ -80,13 +80,13 @@ def _verdict(name: str, messages: list[str]) -> Verdict:
 # ------------------------------------------------------------------ schemas
 
 
-def resolve_schema_dir(env: Mapping[str, str] | None, root: Path, schema_dir: str | Path | None = None) -> Path:
-    """`schema_dir` if given, else `$PACKER_ASSETS_SCHEMA_DIR` (relative to `root`), else the shipped schemas."""
+def resolve_schema_dir(env: Mapping[str, str] | None, project_dir: Path, schema_dir: str | Path | None = None) -> Path:
+    """`schema_dir` if given, else `$PACKER_ASSETS_SCHEMA_DIR` (relative to `project_dir`), else the shipped schemas."""
     chosen = schema_dir or (env or {}).get(SCHEMA_DIR_ENV)
     if not chosen:
         return SHIPPED_SCHEMA_DIR
     path = Path(chosen)
-    return (path if path.is_absolute() else root / path).resolve()
+    return (path if path.is_absolute() else project_dir / path).resolve()
 
 
 @lru_cache(maxsize=16)
