@@ -1,0 +1,91 @@
+"""The template catalog: `templates/catalog.yaml`, validated into frozen pydantic models.
+
+One entry per template key (= one Dagster partition). A bad catalog fails before any side effect
+with ONE `CatalogError` whose lines read `<file>: <key>: <field>: <problem>`, where <key> is a
+template key, `templates[<i>]` (an entry without a usable key), `defaults`, `top-level` or
+`environment`.
+
+Rules the models enforce beyond plain types (documented here because they are choices):
+- every mapping rejects unknown fields (typos must not pass), including `defaults`;
+- `templates` is a list, so a duplicate key is visible (and an error); duplicate YAML mapping keys
+  are errors too;
+- an entry deep-merges over `defaults` (mappings merge, the entry wins; lists and scalars replace);
+- an ISO has exactly one of `checksum_url` (SHA256SUMS / CHECKSUM file) or `checksum`
+  (`sha256:<64 hex>` or `sha512:<128 hex>`); `filename` (name on the PVE ISO storage) defaults to
+  the last segment of the URL path and must end in `.iso`;
+- `hardware`: `efi: true` <=> `bios: ovmf` (a template booted by OVMF needs an EFI vars disk to
+  keep its boot entries); `tpm: true` requires `bios: ovmf`; windows families need a `w*` os_type,
+  the others a Linux/other one;
+- `vmid_range` lies within 100..999999999, first <= last, holds at least `retention + 1` VMIDs
+  (the new template is built beside the kept ones), and no two entries' ranges overlap;
+- `install_user.password_env` is the NAME of an environment variable, never the password; error
+  messages never echo it;
+- `autoinstall_schema` (the Subiquity release whose autoinstall schema applies) is ubuntu-only.
+
+Mirror: `PACKER_ASSETS_ISO_MIRROR=<base>` rewrites every upstream ISO / checksum URL to
+`<base>/<host[:port]>/<path>[?query]`. Models keep the upstream `url` and expose
+`effective_url` / `effective_checksum_url`; `provenance()` carries both.
+
+The schema is `models.py`, loading and error gathering `loader.py`. No Dagster import here: this is the
+ground floor.
+"""
+
+from .models import (  # noqa: F401 - the catalog's public names, importable from packer_assets.catalog
+    CATALOG_ENV,
+    MIRROR_ENV,
+    DEFAULT_CATALOG,
+    CATALOG_VERSION,
+    Family,
+    FAMILIES,
+    UNATTENDED,
+    KEY_RE,
+    ENV_NAME_RE,
+    ISO_FILENAME_RE,
+    KEY_MAX,
+    ISO_FILENAME_MAX,
+    RESERVED_USERS,
+    WINDOWS_OS_TYPES,
+    OTHER_OS_TYPES,
+    OsType,
+    CATALOG_ALGORITHMS,
+    CatalogError,
+    check_http_url,
+    check_mirror_base,
+    mirror_url,
+    mirror_from_env,
+    parse_checksum,
+    deep_merge,
+    Url,
+    ChecksumText,
+    IsoFilename,
+    Key,
+    EnvName,
+    PackerDir,
+    Tag,
+    Vmid,
+    Retention,
+    WorkDirsKept,
+    Cores,
+    Sockets,
+    MemoryMiB,
+    DiskSize,
+    Machine,
+    Bios,
+    UserName,
+    SubiquityRelease,
+    IsoSource,
+    ExtraIso,
+    Hardware,
+    HardwareDefaults,
+    VmidRange,
+    InstallUser,
+    InstallUserDefaults,
+    Defaults,
+    TemplateEntry,
+)
+from .loader import (  # noqa: F401 - the catalog's public names, importable from packer_assets.catalog
+    Catalog,
+    resolve_catalog_path,
+    load_catalog,
+    check_catalog,
+)
