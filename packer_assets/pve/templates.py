@@ -14,6 +14,9 @@ Order (the caller's duty, see `template` and its smoke-test check): build under 
 `finish_template` -> smoke test -> `promote` -> `prune`. A failed build or smoke test ends in
 `destroy_build_vm`, which refuses the promoted template: nothing is destroyed before its
 successor passed.
+
+Why one module of ~550 lines: every step below applies the ownership and promotion rules above, and
+reviewing one against them is easier when they sit together; the task waiting lives in `tasks.py`.
 """
 
 from __future__ import annotations
