@@ -32,15 +32,19 @@ fakepve answers all of them, so this mixin only adds what it does not model the 
   destroys the VM) dropped the pre-staged ISO from the storage.
 """
 
+from __future__ import annotations
+
 import re
 import time
+from collections.abc import Iterable
+from typing import Any
 
-from fakepve.model import PveError, TaskError
+from fakepve.model import FakeVm, PveError, TaskError
 from fakepve.qemu import DRIVE_KEY, join_drive, split_drive, volume_ref
 from fakepve.routing import die, param_error
 from fakepve.storage import _exists_message, _is_file
 
-__all__ = ['PackerCompat', 'QEMU_KEYS', 'keys_to_text']
+__all__ = ["QEMU_KEYS", "PackerCompat", "keys_to_text"]
 
 # QEMU's QKeyCode names (qapi/ui.json), the names HMP `sendkey` takes.
 QEMU_KEYS = frozenset("""
@@ -53,29 +57,29 @@ caps_lock f1 f2 f3 f4 f5 f6 f7 f8 f9 f10 num_lock scroll_lock kp_divide kp_multi
 kp_enter kp_decimal sysrq kp_0 kp_1 kp_2 kp_3 kp_4 kp_5 kp_6 kp_7 kp_8 kp_9 less f11 f12 print home pgup
 pgdn end left up down right insert delete stop again props undo front copy open paste find cut lf help
 meta_l meta_r compose f13 f14 f15 f16 f17 f18 f19 f20 f21 f22 f23 f24
-""".split())
+""".split())  # noqa: SIM905 - kept as text, to compare with qapi/ui.json
 
 # A US keyboard: key code -> (character, character with shift).
-_US = dict(
-    [(c, (c, c.upper())) for c in 'abcdefghijklmnopqrstuvwxyz']
-    + list(zip('1234567890', zip('1234567890', '!@#$%^&*()')))
-    + [('minus', ('-', '_')), ('equal', ('=', '+')), ('bracket_left', ('[', '{')), ('bracket_right', (']', '}')),
-       ('semicolon', (';', ':')), ('apostrophe', ("'", '"')), ('grave_accent', ('`', '~')),
-       ('backslash', ('\\', '|')), ('comma', (',', '<')), ('dot', ('.', '>')), ('slash', ('/', '?')),
-       ('spc', (' ', ' ')), ('ret', ('\n', '\n')), ('kp_enter', ('\n', '\n')), ('tab', ('\t', '\t')),
-       ('asterisk', ('*', '*'))])
-_SHIFT = ('shift', 'shift_r')
+_US: dict[str, tuple[str, str]] = dict(
+    [(c, (c, c.upper())) for c in "abcdefghijklmnopqrstuvwxyz"]
+    + list(zip("1234567890", zip("1234567890", "!@#$%^&*()")))
+    + [("minus", ("-", "_")), ("equal", ("=", "+")), ("bracket_left", ("[", "{")), ("bracket_right", ("]", "}")),
+       ("semicolon", (";", ":")), ("apostrophe", ("'", '"')), ("grave_accent", ("`", "~")),
+       ("backslash", ("\\", "|")), ("comma", (",", "<")), ("dot", (".", ">")), ("slash", ("/", "?")),
+       ("spc", (" ", " ")), ("ret", ("\n", "\n")), ("kp_enter", ("\n", "\n")), ("tab", ("\t", "\t")),
+       ("asterisk", ("*", "*"))])
+_SHIFT = ("shift", "shift_r")
 # The size of a new cloud-init drive (PVE::QemuServer::Cloudinit::CLOUDINIT_DISK_SIZE).
 CLOUDINIT_SIZE = 4 * 1024 ** 2
-CLOUDINIT_VOLUME = re.compile(r'^(?:([^/:\s]+):)?cloudinit$')
+CLOUDINIT_VOLUME = re.compile(r"^(?:([^/:\s]+):)?cloudinit$")
 
 
-def _bad_key(keys):
+def _bad_key(keys: str) -> str | None:
     """The first part of an HMP sendkey argument QEMU does not know, or None."""
-    for part in keys.split('-'):
+    for part in keys.split("-"):
         if not part:
             continue
-        if part.startswith('0x'):
+        if part.startswith("0x"):
             try:
                 int(part, 16)
                 continue
@@ -86,7 +90,7 @@ def _bad_key(keys):
     return None
 
 
-def keys_to_text(keys):
+def keys_to_text(keys: Iterable[str]) -> str:
     """What a sequence of sendkey arguments types on a US keyboard.
 
     Printable keys (with or without shift) become their characters, ret a newline; anything else
@@ -94,107 +98,106 @@ def keys_to_text(keys):
     """
     out = []
     for combo in keys:
-        parts = [p for p in combo.split('-') if p]
+        parts = [p for p in combo.split("-") if p]
         shifted = any(p in _SHIFT for p in parts)
         rest = [p for p in parts if p not in _SHIFT]
         if len(rest) == 1 and rest[0] in _US:
             out.append(_US[rest[0]][1 if shifted else 0])
         else:
-            out.append('<{0}>'.format(combo))
-    return ''.join(out)
+            out.append(f"<{combo}>")
+    return "".join(out)
 
 
-class PackerCompat(object):
+class PackerCompat:
     """Mixin of LabPve (first in its bases): what packer 1.6.6's proxmox-iso builder needs beyond fakepve."""
 
-    def _routes_packer_compat(self):
-        return [('PUT', '/nodes/{node}/qemu/{vmid}/sendkey', self._qm_sendkey)]
+    def _routes_packer_compat(self) -> list[tuple[str, str, Any]]:
+        return [("PUT", "/nodes/{node}/qemu/{vmid}/sendkey", self._qm_sendkey)]
 
     # ------------------------------------------------------------ sendkey
 
-    async def _qm_sendkey(self, v, user):
+    async def _qm_sendkey(self, v: dict[str, Any], user: str) -> None:
         """PVE::API2::Qemu vm_sendkey -> PVE::QemuServer::vm_sendkey -> HMP `sendkey <key>`."""
-        skiplock = v.get('skiplock')
-        if skiplock and user != 'root@pam':  # a root@pam token is not root here
-            raise param_error(skiplock='Only root may use this option.')
-        vm = self.find(v['node'], v['vmid'])
+        skiplock = v.get("skiplock")
+        if skiplock and user != "root@pam":  # a root@pam token is not root here
+            raise param_error(skiplock="Only root may use this option.")
+        vm = self.find(v["node"], v["vmid"])
         try:
-            await self.acquire(vm, 'sendkey')
+            await self.acquire(vm, "sendkey")
         except TaskError as e:
             raise die(str(e)) from e
         try:
             if not skiplock:
                 self._check_lock(vm)
             self._need_running(vm)
-            key = str(v['key'])
+            key = str(v["key"])
             bad = _bad_key(key)
-            if bad is not None or not key.strip('-'):
-                raise die('invalid parameter: {0}'.format(bad if bad is not None else key))
-            if not hasattr(vm, 'sendkeys'):
+            if bad is not None or not key.strip("-"):
+                raise die(f"invalid parameter: {bad if bad is not None else key}")
+            if not hasattr(vm, "sendkeys"):
                 vm.sendkeys = []
             vm.sendkeys.append(key)
         finally:
-            self.release(vm, 'sendkey')
-        return None
+            self.release(vm, "sendkey")
 
-    def typed_text(self, vmid):
+    def typed_text(self, vmid: int | str) -> str:
         """The keys the VM was sent through sendkey, as text (see keys_to_text)."""
-        return keys_to_text(getattr(self.vm(int(vmid)), 'sendkeys', []))
+        return keys_to_text(getattr(self.vm(int(vmid)), "sendkeys", []))
 
     # ---------------------------------------------------------- cloud-init
 
-    def _ci_alloc(self, sid, vmid, fmt):
+    def _ci_alloc(self, sid: str, vmid: int, fmt: str | None) -> tuple[str, str]:
         """Allocate the VM's cloud-init volume as create_disks does: returns (volume id, format)."""
         store = self._store(sid)
-        if not store.get('active', 1):
-            raise die("storage '{0}' is not online".format(sid))
-        name = 'vm-{0}-cloudinit'.format(vmid)
+        if not store.get("active", 1):
+            raise die(f"storage '{sid}' is not online")
+        name = f"vm-{vmid}-cloudinit"
         if _is_file(store):
-            fmt = fmt or 'qcow2'
-            name += '.' + fmt
+            fmt = fmt or "qcow2"
+            name += "." + fmt
         else:
-            fmt = fmt or 'raw'
+            fmt = fmt or "raw"
         volname, fmt = self._volume_name(store, vmid, fmt, name)
         if volname in self._volumes(sid):
             if _is_file(store):
-                raise die("disk image '{0}' already exists".format(self._volume_path(sid, volname, 'images')))
+                raise die(f"disk image '{self._volume_path(sid, volname, 'images')}' already exists")
             raise die(_exists_message(store, volname))
-        if 'avail' in store:
-            if CLOUDINIT_SIZE > store['avail']:
-                raise die("unable to write to storage '{0}': No space left on device".format(sid))
-            store['avail'] -= CLOUDINIT_SIZE
-        store.setdefault('volumes', {})[volname] = {'content': 'images', 'format': fmt, 'size': CLOUDINIT_SIZE,
-                                                    'vmid': vmid, 'ctime': int(time.time())}
-        return '{0}:{1}'.format(sid, volname), fmt
+        if "avail" in store:
+            if CLOUDINIT_SIZE > store["avail"]:
+                raise die(f"unable to write to storage '{sid}': No space left on device")
+            store["avail"] -= CLOUDINIT_SIZE
+        store.setdefault("volumes", {})[volname] = {"content": "images", "format": fmt, "size": CLOUDINIT_SIZE,
+                                                    "vmid": vmid, "ctime": int(time.time())}
+        return f"{sid}:{volname}", fmt
 
     @staticmethod
-    def _ci_attached(config, but=None):
+    def _ci_attached(config: dict[str, Any], but: str | None = None) -> str | None:
         """The key of the config's cloud-init drive, or None (PVE::QemuConfig::has_cloudinit)."""
         for key, value in config.items():
             if key == but or not DRIVE_KEY.match(key) or value is None:
                 continue
             volume = split_drive(value)[0]
-            if re.search(r'[:/](?:vm-\d+-)?cloudinit(?:\.(?:raw|qcow2|vmdk))?$', volume):
+            if re.search(r"[:/](?:vm-\d+-)?cloudinit(?:\.(?:raw|qcow2|vmdk))?$", volume):
                 return key
         return None
 
-    def _qm_new_drive(self, vmid, key, value, default):
+    def _qm_new_drive(self, vmid: int, key: str, value: str, default: str | None) -> tuple[str, list[str]]:
         volume, props = split_drive(value)
         found = CLOUDINIT_VOLUME.match(volume)
         if not found:
             return super()._qm_new_drive(vmid, key, value, default)
         sid = found.group(1) or default
         if not sid:
-            raise die('no storage ID specified (and no default storage)')
+            raise die("no storage ID specified (and no default storage)")
         props = dict(props)
-        props.pop('size', None)
-        volid, _fmt = self._ci_alloc(sid, vmid, props.pop('format', None))
-        props['media'] = 'cdrom'
+        props.pop("size", None)
+        volid, _fmt = self._ci_alloc(sid, vmid, props.pop("format", None))
+        props["media"] = "cdrom"
         return join_drive(volid, props), [volid]
 
-    async def _apply_config(self, vm, user, p):
+    async def _apply_config(self, vm: FakeVm, user: str, p: dict[str, Any]) -> None:
         """A config update that adds `<storage>:cloudinit` allocates the drive first, as PVE does."""
-        wanted = {}
+        wanted: dict[str, tuple[str | None, dict[str, Any]]] = {}
         for key, value in p.items():
             if DRIVE_KEY.match(key):
                 volume, props = split_drive(value)
@@ -204,22 +207,22 @@ class PackerCompat(object):
         if not wanted:
             return await super()._apply_config(vm, user, p)
         updates = dict(p)
-        made = []
-        final = {}
+        made: list[str] = []
+        final: dict[str, tuple[str, str]] = {}
         try:
             for key, (sid, props) in sorted(wanted.items()):
                 if not sid:
-                    raise die('no storage ID specified (and no default storage)')
+                    raise die("no storage ID specified (and no default storage)")
                 other = self._ci_attached(dict(vm.config, **{k: x for k, x in vm.pending.items() if x}), but=key)
                 if other:
-                    raise die("{0} - cloud-init drive is already attached at '{1}'".format(key, other))
+                    raise die(f"{key} - cloud-init drive is already attached at '{other}'")
                 self._qm_image_store(sid, user)
-                props.pop('size', None)
-                volid, _fmt = self._ci_alloc(sid, vm.vmid, props.pop('format', None))
+                props.pop("size", None)
+                volid, _fmt = self._ci_alloc(sid, vm.vmid, props.pop("format", None))
                 made.append(volid)
                 # The request asks for a disk (VM.Config.Disk); media=cdrom is what PVE writes once it exists.
                 updates[key] = join_drive(volid, props)
-                final[key] = (updates[key], join_drive(volid, dict(props, media='cdrom')))
+                final[key] = (updates[key], join_drive(volid, dict(props, media="cdrom")))
             await super()._apply_config(vm, user, updates)
         except (PveError, TaskError):
             for volid in made:
@@ -233,7 +236,7 @@ class PackerCompat(object):
 
     # -------------------------------------------------------------- destroy
 
-    def _qm_free(self, volid):
+    def _qm_free(self, volid: str) -> None:
         """Free a volume only if a guest owns it: never an ISO, template or snippet a VM merely uses."""
         sid, name = volume_ref(volid)
         store = self.storages.get(sid)
