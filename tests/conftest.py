@@ -1,4 +1,4 @@
-"""Shared fixtures and the suite's markers. The lab's fixtures live in fixtures_<part>.py, one module per lab part.
+"""Shared fixtures and the suite's markers. Fixtures and helpers live in tests/support/, one module per part (lab, pve, mirror, guest, sshd, postgres, packer, dagster_procs).
 
 Markers say what a test needs beyond the Python core (registered in pyproject.toml):
   lab       the in-process lab (the `lab` extra: fakepve, cryptography)
@@ -47,9 +47,9 @@ def _environment_restored():
 
 HAVE_LAB = all(importlib.util.find_spec(name) is not None for name in ("fakepve", "cryptography"))
 
-pytest_plugins = ["fixtures_postgres"]
+pytest_plugins = ["support.postgres"]
 if HAVE_LAB:  # the fixture modules import the lab; without its extra, the tests that use them are skipped
-    pytest_plugins += ["fixtures_lab", "fixtures_pve", "fixtures_mirror", "fixtures_guest", "fixtures_sshd"]
+    pytest_plugins += ["support.lab", "support.pve", "support.mirror", "support.guest", "support.sshd", "support.templates"]
 
 INSTALL = "make test installs it"
 

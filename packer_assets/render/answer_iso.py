@@ -11,7 +11,7 @@ Deterministic bytes: pycdlib stamps every volume and directory record with `time
 time and has no parameter for it. `build_answer_iso` pins that clock (UTC, `epoch`) while it
 builds, so identical files give identical bytes and an identical sha256 on every machine and time
 zone. The pin swaps the `time` module seen by pycdlib's own modules, under a lock, and puts it back;
-nothing outside pycdlib is affected. `tests/test_render_answer_iso.py` fails if a pycdlib upgrade
+nothing outside pycdlib is affected. `tests/render/test_render_answer_iso.py` fails if a pycdlib upgrade
 starts reading the clock another way.
 """
 

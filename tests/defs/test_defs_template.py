@@ -1,0 +1,195 @@
+"""template and template_proof through Dagster: a real Debian packer 1.6.6 build against the lab."""
+
+import json
+import os
+import shutil
+
+import dagster as dg
+import jsonschema
+import pytest
+
+from packer_assets.defs import assets, jobs
+from packer_assets.defs.resources import PackerSettings, ProjectSettings
+from packer_assets.envfile import read_env_file
+from packer_assets.proof import build_proof_schema
+
+pytestmark = pytest.mark.packer
+KEY = "debian-12"
+
+
+def resources(lab_project, **packer):
+    stack = lab_project.stack
+    # Packer 1.6.6 logs in as the automation user, with the password proxmox_env gave it (never as root)
+    kept = read_env_file(lab_project.layout.secrets_file)
+    settings = dict(allow_degraded=True, ssh_host=stack.guest.host, ssh_port=stack.guest.port, ssh_timeout="60s",
+                    boot_wait="100ms", build_user=kept["PROXMOX_BUILD_USER"], build_password=kept["PROXMOX_BUILD_PASSWORD"],
+                    grace_seconds=10, smoke_timeout_seconds=60)
+    settings.update(packer)
+    return {"project": ProjectSettings(output_root=str(lab_project.root)), "packer": PackerSettings(**settings)}
+
+
+def rebuild(lab_project, instance, key=KEY, force=False, **packer):
+    return dg.materialize(jobs.REBUILD_ASSETS + [assets.iso_release], partition_key=key, instance=instance,
+                          resources=resources(lab_project, **packer), raise_on_error=False,
+                          selection=jobs.REBUILD_ASSETS,
+                          run_config={"ops": {"template": {"config": {"force": force}}}})
+
+
+def crashing_packer(folder) -> str:
+    """The real binary for `packer version`, a crash for `packer build`."""
+    fake = folder / "packer"
+    fake.write_text(f"#!/bin/bash\nif [ \"$1\" = build ]; then echo '1,,ui,error,boom: plugin crashed'; exit 1; fi\n"
+                    f"exec {shutil.which('packer')} \"$@\"\n")
+    fake.chmod(0o755)
+    return str(fake)
+
+
+def templates_of(pve, key=KEY):
+    return {vm.vmid: vm.config.get("tags", "") for vm in pve.vms if vm.template and key in vm.config.get("tags", "")}
+
+
+def test_build_promote_prove_then_up_to_date(lab_project):
+    pve, layout = lab_project.pve, lab_project.layout
+    pve.requests.clear()
+    with dg.instance_for_test() as instance:
+        first = rebuild(lab_project, instance)
+        assert first.success, [e.message for e in first.all_events if e.is_failure]
+        # packer 1.6.6 logged in as the automation user (the password proxmox_env gave it), never as root
+        logins = [str(body) for _m, path, body in pve.requests if path.endswith("/access/ticket")]
+        assert logins and all("automation" in login and "root" not in login for login in logins), logins
+        meta = first.asset_materializations_for_node("template")[0].metadata
+        vmid = meta["vmid"].value
+        assert meta["promoted"].value is True and meta["up_to_date"].value is False
+        assert "packer-assets-latest" in templates_of(pve)[vmid]
+        assert [vm for vm in pve.vms if not vm.template] == []  # the smoke clone is gone
+        proof_dir = layout.output_root / "docs/proof/platform/packer-builds/builds" / KEY / "latest"
+        assert sorted(p.name for p in proof_dir.iterdir()) == ["README.md", "packer.log", "proof.json"]
+        proof = json.loads((proof_dir / "proof.json").read_text())
+        jsonschema.validate(proof, build_proof_schema())
+        assert proof["chain_id"] == meta["chain_id"].value and proof["template"]["vmid"] == vmid
+        # provenance: the catalog's upstream URL, and the mirror URL the node actually fetched
+        assert proof["iso"]["url"].startswith("https://cdimage.debian.org/")
+        assert proof["iso"]["effective_url"].startswith(lab_project.mirror.base_url)
+        assert instance.get_run_by_id(first.run_id).tags["packer-assets/chain-id"] == meta["chain_id"].value
+
+        second = rebuild(lab_project, instance)
+        assert second.success
+        again = second.asset_materializations_for_node("template")[0].metadata
+        assert again["up_to_date"].value is True and again["vmid"].value == vmid
+        assert list(templates_of(pve)) == [vmid]  # nothing new was built
+        proofs = [p for p in proof_dir.parent.iterdir() if p.name != "latest"]
+        assert len(proofs) == 1
+
+
+def test_packer_crash_leaves_no_vm_no_proof_and_names_the_log(lab_project, tmp_path):
+    with dg.instance_for_test() as instance:
+        result = rebuild(lab_project, instance, binary=crashing_packer(tmp_path))
+    assert not result.success
+    failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
+    text = str(failure.event_specific_data.error)
+    assert "packer.log" in text and "boom" in text
+    assert [vm for vm in lab_project.pve.vms if KEY in vm.config.get("tags", "")] == []
+    assert not (lab_project.root / "docs/proof/platform/packer-builds/builds" / KEY).exists()
+    logs = lab_project.root / "output/logs/packer/builds" / KEY
+    assert (logs / "latest" / "packer.log").exists()
+
+
+def test_a_rerun_after_a_failed_build_proves_the_promoted_template(lab_project, tmp_path):
+    """The failed build's log is the newest (`latest`), yet the rerun finds the template up to date and
+    template_proof proves the build of the promoted template."""
+    layout = lab_project.layout
+    with dg.instance_for_test() as instance:
+        good = rebuild(lab_project, instance)
+        assert good.success
+        vmid = good.asset_materializations_for_node("template")[0].metadata["vmid"].value
+        chain = good.asset_materializations_for_node("template")[0].metadata["chain_id"].value
+        failed = rebuild(lab_project, instance, force=True, binary=crashing_packer(tmp_path))
+        assert not failed.success
+        newest = layout.build_log_dir(KEY, "latest").resolve()
+        assert not (newest / "build.json").exists() and "boom" in (newest / "packer.log").read_text()
+
+        rerun = rebuild(lab_project, instance)
+        assert rerun.success, [e.message for e in rerun.all_events if e.is_failure]
+        assert rerun.asset_materializations_for_node("template")[0].metadata["up_to_date"].value is True
+        proved = rerun.asset_materializations_for_node("template_proof")[0].metadata
+        assert proved["template_vmid"].value == vmid and proved["chain_id"].value == chain
+    assert list(templates_of(lab_project.pve)) == [vmid]
+
+
+def test_no_secret_in_logs_events_or_proofs(lab_project, capfd):
+    stack = lab_project.stack
+    with dg.instance_for_test() as instance:
+        assert rebuild(lab_project, instance).success
+        events = "".join(repr(e) for r in instance.get_runs() for e in instance.all_logs(r.run_id))
+    out = capfd.readouterr()
+    secrets = [stack.root_password, stack.guest_password,
+               open(lab_project.layout.secrets_file).read().split("PROXMOX_TOKEN_SECRET='")[1].split("'")[0]]
+    texts = [events, out.out, out.err]
+    for folder in ("output", "docs"):
+        for path in (lab_project.root / folder).rglob("*"):
+            if path.is_file() and path.name not in ("user-data", "preseed.cfg", "ks.cfg"):
+                texts.append(path.read_text(errors="replace"))
+    for secret in secrets:
+        assert all(secret not in t for t in texts)
+    assert os.environ["PACKER_INSTALL_PASSWORD"] == stack.guest_password
+
+
+def test_leftovers_of_a_dead_run_are_swept_by_the_next_build(lab_project):
+    """A running, untagged build VM and disks without a VM (packer allocates them first), as a killed run
+    leaves them: the key's next run removes both, even when it has nothing to build, and says so."""
+    from support.pve import pve_client
+
+    from packer_assets.build import VM_RECORD
+    from packer_assets.pve.tasks import run_task
+    from packer_assets.pve.templates import orphan_volumes
+
+    stack, layout = lab_project.stack, lab_project.layout
+    api = pve_client(lab_project.pve, stack.pki.ca_file, user="root@pam", password=stack.root_password)
+    node = api.nodes.get()[0]["node"]
+    with dg.instance_for_test() as instance:
+        assert rebuild(lab_project, instance).success  # a promoted template: the next run is a no-op
+        run_task(api, api.nodes(node).qemu.post(vmid=9390, name="debian-12-20261130022857", scsi0="local-lvm:1"),
+                  "leftover VM")
+        run_task(api, api.nodes(node).qemu(9390).status.start.post(), "start it")
+        run_task(api, api.nodes(node).qemu.post(vmid=9392, name="debian-12-smoke-9301"), "smoke clone")
+        api.nodes(node).storage("local-lvm").content.post(vmid=9393, filename="vm-9393-disk-0", size="1G")
+        record = layout.work_dir(KEY) / "20261130T022857Z" / VM_RECORD
+        record.parent.mkdir(parents=True)
+        record.write_text(json.dumps({"vmid": 9393, "name": "debian-12-20261130022857", "run_id": "dead"}))
+        # not ours: another name in the range, and a template; both stay
+        run_task(api, api.nodes(node).qemu.post(vmid=9394, name="someone-elses-vm"), "foreign VM")
+
+        again = rebuild(lab_project, instance)
+        logged = [e.user_message for e in instance.all_logs(again.run_id)]
+    assert again.success
+    meta = again.asset_materializations_for_node("template")[0].metadata
+    assert meta["up_to_date"].value is True
+    swept = "\n".join(meta["swept"].value)
+    assert "leftover VM 9390 (debian-12-20261130022857, running)" in swept
+    assert "leftover VM 9392 (debian-12-smoke-9301" in swept and "build VM 9393" in swept
+    left = {vm.vmid for vm in lab_project.pve.vms}
+    assert not {9390, 9392, 9393} & left and 9394 in left
+    assert orphan_volumes(api, node, 9393) == [] and not record.exists()
+    assert any("leftover VM 9390" in m for m in logged)  # in the run's log, not only in metadata
+
+
+def test_a_token_without_vm_clone_fails_before_packer_starts(lab_project):
+    """The smoke test clones as the token: without VM.Clone the build would fail after a whole packer run."""
+    from support.pve import pve_client
+
+    from packer_assets.pve.bootstrap import required_privileges
+
+    stack = lab_project.stack
+    root = pve_client(lab_project.pve, stack.pki.ca_file, user="root@pam", password=stack.root_password)
+    privs = [p for p in required_privileges(root.version.get()["version"]) if p != "VM.Clone"]
+    root.access.roles("PackerBuilder").put(privs=",".join(privs))
+    with dg.instance_for_test() as instance:
+        result = rebuild(lab_project, instance)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert failure.step_key == "template" and "lacks VM.Clone on /vms: nothing was built" in str(
+        failure.event_specific_data.error)
+    # packer never started: no build work directory, no build log, no VM
+    assert [p.name for p in lab_project.layout.work_dir(KEY).iterdir()] == []
+    assert not lab_project.layout.build_log_dir(KEY, "latest").exists()
+    assert [vm for vm in lab_project.pve.vms if KEY in str(vm.config.get("name", ""))] == []

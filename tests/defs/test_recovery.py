@@ -1,0 +1,76 @@
+"""kill -9 of a run mid-build, against the lab with the real packer, and what the next runs do about it.
+
+The run is held at the lab guest's first provisioner command (packer build running, its VM on the
+node, its pool slot claimed), then its process is killed with SIGKILL. With a pool of one slot, the
+next `make build` of another key can only finish if the dead run's slot is freed by that run itself:
+there is no daemon. The killed key's next build then leaves nothing of the dead one behind.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+
+import dagster as dg
+import pytest
+from support.dagster_procs import BIN, REPO, dagster_cli, dagster_env, wait_for
+from support.packer import BuildGate
+
+from packer_assets.defs.recovery import PID_TAG
+
+pytestmark = [pytest.mark.lab, pytest.mark.packer, pytest.mark.e2e]
+KILLED, OTHER = "ubuntu-2204", "debian-12"
+ASSETS = "unattended_files,staged_iso,template,template_proof"
+
+
+def vms_of(pve, key, template):
+    return {vm.vmid: vm.config.get("name") for vm in pve.vms
+            if bool(vm.template) == template and str(vm.config.get("name", "")).startswith(key + "-")}
+
+
+def test_kill_9_mid_build_then_the_next_builds_recover_by_themselves(lab_project, tmp_path):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")  # the instance `make` uses (SQLite, no daemon)
+    env = dagster_env(home, {"PACKER_ASSETS_ENV_FILE": ""})
+    dagster_cli(["instance", "concurrency", "set", "packer_builds", "1"], env)
+
+    gate = lab_project.stack.guest.exec_handler = BuildGate()
+    log = tmp_path / "killed-run.log"
+    with open(log, "w") as out:
+        doomed = subprocess.Popen([str(BIN / "dagster"), "asset", "materialize", "--select", ASSETS, "--partition",
+                                   KILLED, "-m", "packer_assets.definitions"], env=env, cwd=REPO, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(gate.held, 600, "the build to reach its provisioner", on_timeout=log.read_text)
+        assert vms_of(lab_project.pve, KILLED, template=False), "packer's build VM should exist by now"
+        os.kill(doomed.pid, signal.SIGKILL)  # the run's process only, as the OOM killer would
+        doomed.wait(60)
+    finally:
+        gate.open()
+        if doomed.poll() is None:
+            doomed.kill()
+
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        (dead,) = instance.get_run_records()
+        assert dead.dagster_run.status == dg.DagsterRunStatus.STARTED and PID_TAG in dead.dagster_run.tags
+
+    # Another key, with the pool's one slot still claimed by the dead run: finishes without help.
+    make = subprocess.run(["make", "--no-print-directory", "build", f"KEY={OTHER}", "PACKER_ASSETS_ENV_FILE="],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert make.returncode == 0, make.stdout[-4000:] + make.stderr[-4000:]
+    said = make.stdout + make.stderr  # the run says what it cleaned
+    assert f"run {dead.dagster_run.run_id}" in said and f"partition {KILLED}" in said and "died without finishing" in said
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        closed = instance.get_run_by_id(dead.dagster_run.run_id)
+        assert closed.status == dg.DagsterRunStatus.FAILURE
+        failure = instance.all_logs(closed.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)[-1]
+        assert "is gone without finishing the run" in failure.message
+        assert instance.event_log_storage.get_concurrency_info("packer_builds").claimed_slots == []
+
+    # The killed key's next build: whatever packer could not clean up is swept, and it builds.
+    again = subprocess.run(["make", "--no-print-directory", "build", f"KEY={KILLED}", "PACKER_ASSETS_ENV_FILE="],
+                           env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert vms_of(lab_project.pve, KILLED, template=False) == {}
+    assert len(vms_of(lab_project.pve, KILLED, template=True)) == 1

@@ -1,0 +1,143 @@
+"""Every command in the README runs as written: those that can run in the lab are run here, in order,
+in an export of the repository (so the developer's own `.lab`, outputs and Dagster home are left alone),
+starting with `make demo`. Every other command the README shows is listed with the reason it is not
+run here; a README command in neither list fails the test, so a new one cannot slip in unchecked."""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+from support import REPO
+from support.checkout import export_repository
+
+pytestmark = [pytest.mark.lab, pytest.mark.packer, pytest.mark.e2e]
+KEYS = ("ubuntu-2204", "ubuntu-2404", "debian-12", "rocky-9", "windows-2022")
+
+# Run in this order in the export, each must exit 0. (command, stdin)
+RUN = [
+    ("make demo", None),
+    ("packer-assets lab up", None),  # a no-op on the lab make demo started
+    ("packer-assets lab status", None),
+    ("export PACKER_ASSETS_ENV_FILE=$PWD/.lab/lab.env", None),
+    ("packer-assets settings", None),
+    ("packer-assets catalog check", None),
+    ("make catalog-check", None),
+    ("make lab-status", None),
+    ("make lab-up", None),  # a no-op on the running lab
+    ("source infra/env/.env.proxmox", None),
+    ("dagster job execute -j check_proxmox_env -m packer_assets.definitions", None),
+    ("make init", None),
+    ("dagster asset materialize --select proxmox_env -m packer_assets.definitions --config-json "
+     "'{\"ops\": {\"proxmox_env\": {\"config\": {\"rotate\": true}}}}'", None),
+    ("packer-assets validate", None),
+    ("make validate", None),
+    ("make build KEY=debian-12", None),
+    ("packer-assets lab publish ubuntu-2204", None),
+    ("dagster asset materialize --select unattended_files,staged_iso,template,template_proof --partition "
+     "ubuntu-2204 -m packer_assets.definitions", None),
+    ("make build KEY=ubuntu-2204", None),
+    ("dagster sensor start iso_checksum_sensor -m packer_assets.definitions", None),
+    ("dagster schedule start weekly_rebuild -m packer_assets.definitions", None),
+    ("dagster job backfill -j rebuild_template --partitions ubuntu-2204,debian-12 -m packer_assets.definitions", "y\n"),
+    ("dagster instance concurrency set packer_builds 4", None),
+    ("python -m packer_assets.proof", None),
+    ("make build-all", None),
+    ("packer-assets lab down", None),
+    ("make lab-down", None),  # nothing left to stop: still exit 0
+    ("make clean", None),
+]
+
+NOT_RUN = {
+    "make test": "the suite itself (make test-fast and PYTEST_ARGS: a part of it)",
+    "make ui": "a long-running webserver: tests/test_ui_browser.py drives `dagster dev` in Chromium",
+    "dagster dev": "a long-running webserver: tests/test_ui_browser.py runs it",
+    "make bench": "prints figures for minutes; bench/ is not a test",
+    "make build KEY=<key>": "a placeholder: make build KEY=debian-12 is run",
+    "packer-assets validate [KEY...] [--allow-degraded]": "a synopsis: packer-assets validate is run",
+    "dagster code-server start": "a long-running service: tests/test_deploy_postgres.py runs it",
+    "dagster-webserver -w deploy/workspace.yaml": "a long-running service; deploy/ is loaded by tests/test_deploy_config.py",
+    "dagster-daemon run -w deploy/workspace.yaml": "a long-running service: tests/test_deploy_postgres.py runs it",
+}
+COMMAND = re.compile(r"(dagster|dagster-webserver|dagster-daemon|packer-assets|make|python -m|source|export) ")
+
+
+def readme_commands(text: str) -> list[str]:
+    """The commands of the README: each line of a ```console block, and each inline `command ...`."""
+    found = []
+    for block in re.findall(r"```console\n(.*?)```", text, re.S):
+        found += [line for raw in block.splitlines() if (line := re.sub(r"\s+#.*$", "", raw).strip())]
+    for span in re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S)):
+        span = " ".join(span.split())
+        if COMMAND.match(span):
+            found.append(span)
+    return list(dict.fromkeys(found))
+
+
+def test_every_readme_command_is_run_or_says_why_not():
+    ran = {command for command, _stdin in RUN}
+    unaccounted = [c for c in readme_commands((REPO / "README.md").read_text())
+                   if c not in ran and not any(c.startswith(prefix) for prefix in NOT_RUN)]
+    assert unaccounted == [], f"README commands neither run by this test nor listed in NOT_RUN (tests/e2e/test_readme.py): {unaccounted}"
+
+
+def test_readme_commands_run_as_written_in_the_lab(tmp_path):
+    stamp = REPO / ".venv/.installed"
+    if not stamp.exists():
+        pytest.skip("needs the .venv that `make test` creates (the make targets use it)")
+    clone = export_repository(tmp_path / "clone")
+    # The venv `make test` made, taken as up to date: its pyproject.toml is this one.
+    os.symlink(REPO / ".venv", clone / ".venv")
+    os.utime(clone / "pyproject.toml", (stamp.stat().st_mtime - 1,) * 2)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PACKER_ASSETS_", "PROXMOX_", "PACKER_INSTALL", "DAGSTER_", "PYTEST_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}",
+               DAGSTER_HOME=str(clone / ".dagster_home"), CHECKPOINT_DISABLE="1")
+    log = []
+    try:
+        for command, stdin in RUN:
+            if command.startswith("export "):
+                name, value = command.removeprefix("export ").split("=", 1)
+                env[name] = value.replace("$PWD", str(clone))
+                continue
+            proc = subprocess.run(["bash", "-c", f"set -e; {command}"], cwd=clone, env=env, input=stdin or "",
+                                  capture_output=True, text=True, timeout=900)
+            log.append(f"$ {command}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+            assert proc.returncode == 0, f"README command failed (exit {proc.returncode}):\n" + log[-1]
+            check_after(command, clone, proc)
+    finally:
+        subprocess.run([str(Path(sys.executable).parent / "packer-assets"), "lab", "down"], cwd=clone, env=env,
+                       capture_output=True, timeout=120)
+
+
+def check_after(command: str, clone: Path, proc: subprocess.CompletedProcess) -> None:
+    """What a command must have left behind, beyond its exit status."""
+    proofs = clone / "docs/proof/platform/packer-builds/builds"
+    if command == "make demo":
+        for key in KEYS:
+            assert (proofs / key / "latest/proof.json").is_file(), f"make demo left no proof for {key}"
+        init = json.loads((clone / "docs/proof/platform/packer-builds/init/latest/proof.json").read_text())
+        jsonschema.validate(init, json.loads((REPO / "docs/schema/init-proof.schema.json").read_text()))
+        assert (clone / "infra/env/.env.proxmox").is_file()
+    elif command == "packer-assets validate":
+        assert all(f"ok   {key}:" in proc.stdout for key in KEYS), proc.stdout
+    elif command.startswith("dagster job execute -j check_proxmox_env"):
+        text = proc.stdout + proc.stderr
+        assert "token_authenticates" in text and "token_privileges" in text, text[-2000:]
+        assert "ASSET_CHECK_EVALUATION" in text and "RUN_SUCCESS" in text, text[-2000:]
+    elif command == "python -m packer_assets.proof":  # regenerated in the export: the committed schemas are current
+        for name in ("docs/schema/build-proof.schema.json", "docs/schema/init-proof.schema.json"):
+            assert (clone / name).read_text() == (REPO / name).read_text()
+    elif command == "make clean":
+        assert not (clone / ".lab").exists() and not (clone / "output").exists()
+
+
+def test_readme_shell_lines_parse():
+    """Every listed command is valid shell as written (quotes balance)."""
+    for command, _stdin in RUN:
+        shlex.split(command)

@@ -1,0 +1,74 @@
+"""`packer-assets lab up | status | publish | down` as a user runs them: a real background process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.lab
+pytest.importorskip("fakepve", reason="needs the lab extra: pip install -e '.[lab,dev]' (make test installs it)")
+import requests
+from support import REPO as ROOT
+
+from packer_assets.envfile import read_env_file
+
+
+def cli(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "packer_assets.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args}: rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def lab_state(tmp_path):
+    state = tmp_path / "lab"
+    yield state
+    cli("lab", "down", "--state", str(state), check=False)
+
+
+def test_up_status_publish_down(lab_state):
+    cli("lab", "up", "--state", str(lab_state))
+    info = json.loads((lab_state / "state.json").read_text())
+    assert os.stat(lab_state / "lab.env").st_mode & 0o777 == 0o600
+    env = read_env_file(lab_state / "lab.env")
+    # the API answers over HTTPS, verified against the lab CA
+    version = requests.get(env["PROXMOX_URL"] + "/version", verify=env["PROXMOX_CA_FILE"], timeout=10)
+    assert version.status_code == 401  # up, and asking for a login
+    # up again is a no-op on the running lab
+    cli("lab", "up", "--state", str(lab_state))
+    assert json.loads((lab_state / "state.json").read_text())["pid"] == info["pid"]
+    assert "running" in cli("lab", "status", "--state", str(lab_state)).stdout
+
+    sums_url = env["PACKER_ASSETS_ISO_MIRROR"] + "/releases.ubuntu.com/22.04.5/SHA256SUMS"
+    before = requests.get(sums_url, timeout=10).text
+    published = json.loads(cli("lab", "publish", "ubuntu-2204", "--state", str(lab_state)).stdout)
+    after = requests.get(sums_url, timeout=10).text
+    assert before != after and published["publish"] in after
+    bad = cli("lab", "publish", "no-such-key", "--state", str(lab_state), check=False)
+    assert bad.returncode == 2 and "unknown key 'no-such-key'" in bad.stderr
+
+    # a process that merely looks like ours is never signalled
+    decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    (lab_state / "state.json").write_text(json.dumps({**info, "pid": decoy.pid}))
+    assert "no lab was running" in cli("lab", "down", "--state", str(lab_state)).stdout
+    assert decoy.poll() is None
+    decoy.kill()
+    (lab_state / "state.json").write_text(json.dumps(info))
+
+    assert "lab stopped" in cli("lab", "down", "--state", str(lab_state)).stdout
+    assert not Path(f"/proc/{info['pid']}").exists() or b"packer_assets.lab.service" not in Path(
+        f"/proc/{info['pid']}/cmdline").read_bytes()
+    assert cli("lab", "status", "--state", str(lab_state), check=False).returncode == 3
+
+
+def test_broken_catalog_fails_before_starting(lab_state, tmp_path):
+    bad = tmp_path / "catalog.yaml"
+    bad.write_text("version: 1\ntemplates: []\n")
+    proc = cli("lab", "up", "--state", str(lab_state), "--catalog", str(bad), check=False)
+    assert proc.returncode == 2 and "catalog" in proc.stderr
+    assert not (lab_state / "state.json").exists()

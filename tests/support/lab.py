@@ -1,0 +1,51 @@
+"""The whole lab in-process (fake PVE, mirror, guest) with a project that ran proxmox_env (loaded by conftest.py)."""
+
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from packer_assets.chain import new_chain_id
+from packer_assets.evidence import Layout
+from packer_assets.lab.stack import LabStack
+from packer_assets.pve.bootstrap import BootstrapConfig
+from packer_assets.pve.client import Endpoint
+from packer_assets.pve.init_env import AdminLogin, run_init
+from support import REPO
+
+
+@dataclass
+class LabProject:
+    stack: LabStack
+    root: Path
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.root)
+
+    @property
+    def pve(self):
+        return self.stack.pve
+
+    @property
+    def mirror(self):
+        return self.stack.mirror
+
+
+@pytest.fixture
+def lab_project(tmp_path, monkeypatch):
+    """LabStack on the shipped catalog, its env in os.environ, and proxmox_env run into tmp_path/project."""
+    stack = LabStack.start(tmp_path / "lab", REPO / "templates/catalog.yaml", secrets.token_urlsafe(16),
+                           secrets.token_urlsafe(16), project_dir=REPO)
+    try:
+        for name, value in stack.env().items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.chdir(REPO)  # packer_dir paths in the catalog are relative to the repo
+        root = tmp_path / "project"
+        monkeypatch.setenv("PACKER_ASSETS_ROOT", str(root))
+        run_init(Layout(root), Endpoint(stack.served.url, ca_file=str(stack.pki.ca_file)),
+                 AdminLogin("root@pam", stack.root_password), BootstrapConfig(build_password=True), new_chain_id("init"))
+        yield LabProject(stack, root)
+    finally:
+        stack.stop()
