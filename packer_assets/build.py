@@ -204,7 +204,8 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
             return BuildOutcome(key, str(chain), fingerprint, False, vmid, name, log.path, smoke_error=str(exc),
                                 swept=swept)
         stages["smoke"] = smoke.seconds
-        log.line("smoke", f"passed: clone {smoke.clone_vmid} booted, agent answered, ips {smoke.ips}")
+        log.line("smoke", f"passed: clone {smoke.clone_vmid} booted {smoke.found_os} (expected {smoke.expected_os}), "
+                          f"agent answered, ips {smoke.ips}")
         vm_record.unlink(missing_ok=True)  # a template that passed: no longer a build VM
         promotion = promote(api, found.node, key, vmid)
         pruned = prune(api, found.node, key, entry.retention, keep={vmid})
@@ -213,7 +214,8 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
         for vm, why in pruned.failed.items():
             log.line("warning", f"prune of {vm} failed: {why}")
     previous = promotion.previous[0] if promotion.previous else None
-    smoke_facts = {"clone_vmid": smoke.clone_vmid, "os": smoke.os_name, "ips": smoke.ips, "seconds": smoke.seconds}
+    smoke_facts = {"clone_vmid": smoke.clone_vmid, "os": smoke.os_name, "found_os": smoke.found_os,
+                   "expected_os": smoke.expected_os, "ips": smoke.ips, "seconds": smoke.seconds}
     outcome = BuildOutcome(key, str(chain), fingerprint, False, vmid, name, log.path, smoke=smoke_facts,
                            previous_vmid=previous, pruned=list(pruned.destroyed), warnings=list(prepared.warnings),
                            swept=swept)
@@ -322,8 +324,10 @@ def write_proof(layout: Layout, record: dict, log_file: Path) -> Path:
         rendered_files=record["rendered_files"], packer_template_sha256=record.get("packer_template_sha256"),
         packer_version=record["packer_version"], timings=Timings(**record["timings"]),
         checks=[CheckResult(name="smoke_test", passed=True,
-                            description=f"clone {record['smoke']['clone_vmid']} booted {record['smoke']['os']}, "
-                                        f"guest agent answered with {record['smoke']['ips']}",
+                            description=f"clone {record['smoke']['clone_vmid']} booted {record['smoke']['os']} "
+                                        f"(found {record['smoke'].get('found_os', '?')}, expected "
+                                        f"{record['smoke'].get('expected_os', '?')}), guest agent answered with "
+                                        f"{record['smoke']['ips']}",
                             details=record["smoke"])],
         log_sha256=record["log_sha256"], input_fingerprint=record["input_fingerprint"],
         tool_version=record["tool_version"], previous_template_vmid=record.get("previous_template_vmid"),

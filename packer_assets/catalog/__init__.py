@@ -31,6 +31,9 @@ ground floor.
 """
 
 from .models import (  # noqa: F401 - the catalog's public names, importable from packer_assets.catalog
+    OS_IDS,
+    ExpectedOs,
+    default_expected_os,
     CATALOG_ENV,
     MIRROR_ENV,
     DEFAULT_CATALOG,

@@ -384,6 +384,48 @@ class Defaults(_Model):
     tags: tuple[Tag, ...] | None = None
 
 
+# The OS id the QEMU guest agent reports (os-release ID on Linux; "mswindows" on Windows), per family.
+OS_IDS = {"ubuntu": "ubuntu", "debian": "debian", "rocky": "rocky", "windows": "mswindows"}
+RELEASE_RE = re.compile(r"[0-9][0-9A-Za-z.]*")
+
+
+class ExpectedOs(_Model):
+    """The OS a key's template must boot, as the guest agent's get-osinfo names it: `id` (os-release ID;
+    `mswindows` for Windows) and `version_id` (`22.04`, `12`, `9`, `2022`). A reported version matches
+    when it equals version_id or continues it after a dot (`9` matches Rocky's `9.4`)."""
+
+    id: Annotated[str, AfterValidator(lambda v: _check_os_token(v, "id"))]
+    # None: any release of that OS (a key that names no release, and no expect_os in the catalog)
+    version_id: Annotated[str, AfterValidator(lambda v: _check_os_token(v, "version_id"))] | None = None
+
+    def matches(self, os_id: str | None, version_id: str | None) -> bool:
+        found = str(version_id or "")
+        return str(os_id or "").lower() == self.id.lower() and (
+            self.version_id is None or found == self.version_id or found.startswith(self.version_id + "."))
+
+    def __str__(self) -> str:
+        return f"{self.id} {self.version_id or '(any release)'}"
+
+
+def _check_os_token(value: str, name: str) -> str:
+    if not RELEASE_RE.fullmatch(value) and not KEY_RE.fullmatch(value):
+        raise ValueError(f"{name} {value!r} must be a plain token like ubuntu, 22.04 or 2022")
+    return value
+
+
+def default_expected_os(key: str, family: str) -> ExpectedOs:
+    """The OS a key names by convention, `<family>-<release>`: ubuntu-2204 -> ubuntu 22.04 (YYMM),
+    debian-12 -> debian 12, rocky-9 -> rocky 9, windows-2022 -> mswindows 2022; a key that names no
+    release expects the family's OS, any release."""
+    prefix, _, release = key.partition("-")
+    release = release.split("-", 1)[0]
+    if prefix != family or not release.isdigit() or (family == "ubuntu" and len(release) != 4):
+        return ExpectedOs(id=OS_IDS[family])
+    if family == "ubuntu":
+        release = f"{release[:2]}.{release[2:]}"
+    return ExpectedOs(id=OS_IDS[family], version_id=release)
+
+
 class TemplateEntry(_Model):
     key: Key
     family: Family
@@ -400,6 +442,8 @@ class TemplateEntry(_Model):
     # kept too, until the next success
     work_dirs: WorkDirsKept = 3
     autoinstall_schema: SubiquityRelease | None = None  # ubuntu only: the Subiquity release
+    # the OS the smoke test must find on a clone; default from the key (default_expected_os)
+    expect_os: ExpectedOs | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> TemplateEntry:
@@ -424,6 +468,11 @@ class TemplateEntry(_Model):
                 f"{self.retention + 1} (the new build sits beside the kept templates)",
             )
         return self
+
+    @property
+    def expected_os(self) -> ExpectedOs:
+        """expect_os, else what the key names (default_expected_os)."""
+        return self.expect_os or default_expected_os(self.key, self.family)
 
     @property
     def unattended(self) -> str:

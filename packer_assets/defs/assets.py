@@ -241,6 +241,7 @@ def template(
     meta.update(promoted=True, previous_vmid=outcome.previous_vmid, pruned=dg.MetadataValue.json(outcome.pruned))
     smoke = dg.AssetCheckResult(check_name="smoke_test", passed=True, metadata={
         "clone_vmid": outcome.smoke["clone_vmid"], "os": outcome.smoke["os"],
+        "found_os": outcome.smoke["found_os"], "expected_os": outcome.smoke["expected_os"],
         "ips": dg.MetadataValue.json(outcome.smoke["ips"]), "seconds": outcome.smoke["seconds"]})
     return dg.MaterializeResult(metadata=meta, check_results=[smoke], data_version=dg.DataVersion(outcome.input_fingerprint))
 

@@ -35,6 +35,9 @@ class MirrorItem:
     key: str
     iso_path: str
     checksum_path: str | None = None
+    # The installed system's /etc/os-release the ISO stands for (a boot ISO): the lab's VMs installed
+    # from it report this OS through their guest agent (lab/pve/agent.py).
+    os_release: str | None = None
 
 
 
@@ -111,12 +114,15 @@ class IsoMirror:
         state = self.root / STATE_FILE
         return json.loads(state.read_text()) if state.exists() else {}
 
-    def _build(self, key: str, release: int) -> None:
+    def _build(self, key: str, release: int, os_release: str | None = None) -> None:
         content = {
             "key.txt": f"{key}\n".encode(),
             "release.txt": f"{release}\n".encode(),
             "README.txt": b"packer-assets lab mirror: a stand-in for an installer ISO\n",
         }
+        os_release = os_release or self.items[key].os_release
+        if os_release:
+            content["os-release"] = os_release.encode()
         path = self._file(self.items[key].iso_path)
         prev = path.stat().st_mtime if path.exists() else 0
         make_iso(path, f"LAB {key} R{release}", content)
@@ -144,10 +150,11 @@ class IsoMirror:
     def release(self, key: str) -> int:
         return self._releases[key]
 
-    def publish(self, key: str) -> str:
-        """A new release of `key`: new bytes under the same URL, checksum files updated."""
+    def publish(self, key: str, system_of: str | None = None) -> str:
+        """A new release of `key`: new bytes under the same URL, checksum files updated. With `system_of`
+        (another key), the ISO installs that key's OS: a mirror serving another release."""
         with self._lock:
-            self._build(key, self._releases[key] + 1)
+            self._build(key, self._releases[key] + 1, self.items[system_of].os_release if system_of else None)
             self._write_checksums(posixpath.dirname(self.items[key].iso_path))
             return self.sha256(key)
 

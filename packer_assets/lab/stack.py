@@ -15,6 +15,7 @@ from .certs import LabPki, make_lab_pki
 from .guest import LabGuest
 from .mirror import IsoMirror, MirrorItem
 from .pve import LabPve
+from .pve.agent import os_release_text
 from .serving import ServedPve
 
 LAB_CATALOG = "lab-catalog.yaml"
@@ -32,7 +33,8 @@ def mirror_items(catalog: Catalog) -> list[MirrorItem]:
         for iso in entry.all_isos():
             name = getattr(iso, "name", None)
             items.append(MirrorItem(key=f"{entry.key}--{name}" if name else entry.key, iso_path=_url_path(iso.url),
-                                    checksum_path=_url_path(iso.checksum_url) if iso.checksum_url else None))
+                                    checksum_path=_url_path(iso.checksum_url) if iso.checksum_url else None,
+                                    os_release=None if name else os_release_text(entry.expected_os)))
     return items
 
 

@@ -4,7 +4,8 @@ What `test-template.sh` did, without leaving clones behind: the clone is stopped
 every case (a `finally`), and a failure to clean up is reported, never hidden: in the error of a
 failed test, or as a failure of its own (step `cleanup`) after a passing one.
 
-Steps, as errors name them: clone, configure, start, agent, osinfo, network, cleanup.
+Steps, as errors name them: clone, configure, start, agent, osinfo, identity (the OS found is the one the
+key's catalog entry expects: `expected_os`), network, cleanup.
 """
 
 from __future__ import annotations
@@ -68,9 +69,20 @@ class SmokeResult:
     seconds: float
     steps: tuple[SmokeStep, ...] = field(default_factory=tuple)
 
+    expected_os: str = ""
+
     @property
     def os_name(self) -> str:
         return str(self.os_info.get("pretty-name") or self.os_info.get("name") or "unknown OS")
+
+    @property
+    def found_os(self) -> str:
+        """`<id> <version-id>` as the agent reported them (what expected_os is compared with)."""
+        return found_os(self.os_info)
+
+
+def found_os(os_info: dict[str, Any]) -> str:
+    return f"{os_info.get('id') or '?'} {os_info.get('version-id') or '?'}"
 
 
 
@@ -170,7 +182,7 @@ def smoke_test(api: ProxmoxAPI, node: str, template_vmid: int, entry: TemplateEn
     if not cleaned:
         raise SmokeTestError("cleanup", template_vmid, run.clone_vmid, entry.key, note)
     return SmokeResult(template_vmid, result["clone_vmid"], result["os_info"], result["interfaces"], result["ips"],
-                       time.monotonic() - started, tuple(run.steps))
+                       time.monotonic() - started, tuple(run.steps), str(entry.expected_os))
 
 
 def _cleanup(api: ProxmoxAPI, node: str, run: _Run, task_timeout: float) -> tuple[bool, str | None]:
@@ -255,6 +267,13 @@ def _test(api, node, template_vmid, entry, run: _Run, clone_vmid, ssh_public_key
         os_info = clone.agent("get-osinfo").get().get("result") or {}
         if not os_info:
             raise run.error("osinfo", "the guest agent returned no OS information")
+
+    with run.step("identity"):
+        expected = entry.expected_os
+        if not expected.matches(os_info.get("id"), os_info.get("version-id")):
+            raise run.error("identity", f"expected {expected}, found {found_os(os_info)} "
+                                        f"({os_info.get('pretty-name') or os_info.get('name') or 'no name'}): "
+                                        "the template was not installed from the key's ISO")
 
     with run.step("network"):
         interfaces = _poll(run, "network", deadline, poll,

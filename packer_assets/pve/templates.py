@@ -320,8 +320,9 @@ def finish_template(api: ProxmoxAPI, node: str, vmid: int, *, family: str, vm_st
 # ------------------------------------------------------------------ up-to-date rule
 
 
-# Entry fields that never change what is built: how many templates and work directories to keep.
-NOT_BUILD_INPUTS = frozenset({"retention", "work_dirs"})
+# Entry fields that never change what is built: how many templates and work directories to keep, and
+# what the smoke test expects to find.
+NOT_BUILD_INPUTS = frozenset({"retention", "work_dirs", "expect_os"})
 
 
 def catalog_entry_json(entry: TemplateEntry) -> str:

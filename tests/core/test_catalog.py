@@ -394,3 +394,21 @@ def test_missing_file(tmp_path):
 
 def test_catalog_error_is_a_value_error():
     assert issubclass(CatalogError, ValueError)
+
+
+def test_the_expected_os_comes_from_the_key_or_the_entry(tmp_path):
+    from packer_assets.catalog import load_catalog as load_shipped
+
+    shipped = {e.key: str(e.expected_os) for e in load_shipped(env={}, project_dir=REPO)}
+    assert shipped == {"ubuntu-2204": "ubuntu 22.04", "ubuntu-2404": "ubuntu 24.04", "debian-12": "debian 12",
+                       "rocky-9": "rocky 9", "windows-2022": "mswindows 2022"}
+    doc = copy.deepcopy(BASE)
+    doc["templates"][1]["expect_os"] = {"id": "mswindows", "version_id": "2025"}
+    catalog = load(tmp_path, doc)
+    assert str(catalog.get("alpha").expected_os) == "ubuntu (any release)"  # the key names no release
+    assert catalog.get("alpha").expected_os.matches("ubuntu", "24.04")
+    assert not catalog.get("alpha").expected_os.matches("debian", "12")
+    assert str(catalog.get("beta").expected_os) == "mswindows 2025"
+    doc["templates"][1]["expect_os"] = {"id": "mswindows", "version_id": "2025\n"}
+    with pytest.raises(CatalogError, match=r"beta: expect_os\.version_id: .*must be a plain token"):
+        load(tmp_path, doc)

@@ -71,6 +71,8 @@ def test_build_promote_prove_then_up_to_date(lab_project):
         assert proof["iso"]["url"].startswith("https://cdimage.debian.org/")
         assert proof["iso"]["effective_url"].startswith(lab_project.mirror.base_url)
         assert instance.get_run_by_id(first.run_id).tags["packer-assets/chain-id"] == meta["chain_id"].value
+        # the clone booted the OS the key names, read from the system the ISO installed
+        assert proof["checks"][0]["details"]["found_os"] == "debian 12" == proof["checks"][0]["details"]["expected_os"]
 
         second = rebuild(lab_project, instance)
         assert second.success
@@ -79,6 +81,20 @@ def test_build_promote_prove_then_up_to_date(lab_project):
         assert list(templates_of(pve)) == [vmid]  # nothing new was built
         proofs = [p for p in proof_dir.parent.iterdir() if p.name != "latest"]
         assert len(proofs) == 1
+
+
+def test_a_template_installed_from_another_keys_iso_fails_at_identity_and_is_not_promoted(lab_project):
+    """The mirror serves a release of debian-12's ISO that installs Ubuntu 22.04 (checksums match): the
+    build succeeds, the smoke test finds the wrong OS, the new template is destroyed, no proof."""
+    lab_project.mirror.publish(KEY, system_of="ubuntu-2204")
+    with dg.instance_for_test() as instance:
+        result = rebuild(lab_project, instance)
+    checks = result.get_asset_check_evaluations()
+    assert [(c.check_name, c.passed) for c in checks if c.check_name == "smoke_test"] == [("smoke_test", False)]
+    text = next(c for c in checks if c.check_name == "smoke_test").description
+    assert "failed at step 'identity'" in text and "expected debian 12, found ubuntu 22.04" in text
+    assert templates_of(lab_project.pve) == {}  # destroyed: nothing promoted
+    assert not (lab_project.root / "docs/proof/platform/packer-builds/builds" / KEY).exists()
 
 
 def test_packer_crash_leaves_no_vm_no_proof_and_names_the_log(lab_project, tmp_path):

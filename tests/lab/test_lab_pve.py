@@ -340,7 +340,7 @@ def test_guest_agent_answers_for_a_started_vm_with_agent_enabled(pve_root, lab_p
     assert eth0["ip-addresses"][0]["ip-address"] == "127.0.0.5"
     mac = pve_root.nodes(NODE).qemu(300).config.get()["net0"].split(",")[0].split("=")[1]
     assert eth0["hardware-address"] == mac.lower()
-    lab_pve.lab_guest_os_name = "Lab Linux"
+    lab_pve.lab_default_os = {"id": "lab", "name": "Lab Linux", "version-id": "1"}
     assert agent("get-osinfo").get()["result"]["name"] == "Lab Linux"
 
     with pytest.raises(ResourceException) as caught:

@@ -6,6 +6,7 @@ from urllib.parse import unquote
 import pytest
 from support.templates import NODE, create_vm, description, make_entry, wait
 
+from packer_assets.lab.pve.agent import os_release_text, osinfo_from_os_release
 from packer_assets.pve.smoke import (
     SmokeTestError,
     encode_sshkeys,
@@ -34,6 +35,16 @@ def make_template(api, entry, vmid=TEMPLATE, family="ubuntu", **config):
                     tags=template_tags(entry.key))
 
 
+def lab_os(entry) -> dict:
+    """What the lab's agent answers for a system installed from the key's ISO."""
+    return osinfo_from_os_release(os_release_text(entry.expected_os))
+
+
+@pytest.fixture(autouse=True)
+def _templates_run_their_keys_os(lab_pve):
+    lab_pve.lab_default_os = lab_os(make_entry())  # ubuntu 22.04, the OS make_entry's key names
+
+
 def vmids(lab_pve):
     return {vm.vmid for vm in lab_pve.vms}
 
@@ -41,13 +52,13 @@ def vmids(lab_pve):
 def test_smoke_test_passes_and_the_clone_is_gone(api, lab_pve, entry):
     make_template(api, entry)
     lab_pve.lab_guest_ip = "192.0.2.50"
-    lab_pve.lab_guest_os_name = "Ubuntu"
     result = smoke_test(api, NODE, TEMPLATE, entry, clone_vmid=CLONE, ssh_public_key=KEY, poll=0.05)
     assert result.clone_vmid == CLONE and result.template_vmid == TEMPLATE
-    assert result.os_info["name"] == "Ubuntu"
+    assert result.os_info["name"] == "Ubuntu" and result.found_os == "ubuntu 22.04" == result.expected_os
     assert result.ips == ["192.0.2.50"]
     assert any(i["name"] == "eth0" for i in result.interfaces)
-    assert [s.name for s in result.steps] == ["clone", "configure", "start", "agent", "osinfo", "network", "cleanup"]
+    assert [s.name for s in result.steps] == ["clone", "configure", "start", "agent", "osinfo", "identity", "network",
+                                                "cleanup"]
     assert all(s.passed for s in result.steps)
     assert vmids(lab_pve) == {TEMPLATE}  # the clone is gone, the template stays
     assert not [n for n, v in lab_pve.storages["local-lvm"]["volumes"].items() if v.get("vmid") == CLONE]
@@ -64,8 +75,24 @@ def test_the_clone_vmid_is_allocated_from_the_range_when_not_given(api, lab_pve,
     assert result.clone_vmid == 9101 and vmids(lab_pve) == {TEMPLATE}
 
 
+def test_a_template_of_another_os_fails_at_identity_naming_both_and_the_clone_is_gone(api, lab_pve, entry):
+    make_template(api, entry)
+    lab_pve.lab_default_os = lab_os(make_entry(key="debian-12", family="debian"))  # another key's system
+    with pytest.raises(SmokeTestError) as caught:
+        smoke_test(api, NODE, TEMPLATE, entry, clone_vmid=CLONE, poll=0.05)
+    assert caught.value.step == "identity"
+    assert "expected ubuntu 22.04, found debian 12" in str(caught.value)
+    assert vmids(lab_pve) == {TEMPLATE}
+
+
+@pytest.mark.parametrize("found, passes", [("9.4", True), ("9", True), ("10.0", False), ("9a", False)])
+def test_a_release_matches_its_point_releases_only(found, passes):
+    assert make_entry(key="rocky-9", family="rocky").expected_os.matches("rocky", found) is passes
+
+
 def test_windows_gets_no_cloud_init_settings(api, lab_pve):
     win = make_entry(key="windows-2022", family="windows", first=9300, last=9309)
+    lab_pve.lab_default_os = lab_os(win)
     make_template(api, win, vmid=9300, family="windows")
     result = smoke_test(api, NODE, 9300, win, clone_vmid=9301, ssh_public_key=KEY, poll=0.05)
     assert result.ips

@@ -14,6 +14,38 @@ from fakepve.model import FakeVm
 from fakepve.schema import Match
 from fakepve.shapes import networks
 
+from packer_assets.catalog import ExpectedOs
+from packer_assets.lab.iso import read_iso
+
+# What the lab's ISOs stand for: the OS name per os-release ID (Windows: the agent's id is mswindows).
+OS_NAMES = {"ubuntu": "Ubuntu", "debian": "Debian GNU/Linux", "rocky": "Rocky Linux", "mswindows": "Microsoft Windows"}
+ISO_VOLUME = re.compile(r"(?:^|,)(?:file=)?([^:,=]+):iso/([^,]+\.iso)(?:,|$)")
+
+
+def os_release_text(expected: ExpectedOs) -> str:
+    """/etc/os-release of the system a lab ISO installs (the OS its key expects)."""
+    name = OS_NAMES.get(expected.id, expected.id)
+    version = expected.version_id or "1"  # any release will do: the lab's is 1
+    pretty = f"Windows Server {version} Standard" if expected.id == "mswindows" else f"{name} {version}"
+    return (f'NAME="{name}"\nID={expected.id}\nVERSION_ID="{version}"\n'
+            f'PRETTY_NAME="{pretty}"\n')
+
+
+def osinfo_from_os_release(text: str) -> dict[str, str]:
+    """What the QEMU guest agent's get-osinfo answers for that os-release."""
+    fields = {}
+    for line in text.splitlines():
+        name, eq, value = line.partition("=")
+        if eq:
+            fields[name.strip()] = value.strip().strip('"')
+    info = {"id": fields.get("ID", ""), "name": fields.get("NAME", ""), "pretty-name": fields.get("PRETTY_NAME", ""),
+            "version-id": fields.get("VERSION_ID", ""), "version": fields.get("VERSION_ID", ""),
+            "kernel-release": "6.1.0", "kernel-version": "#1 SMP", "machine": "x86_64"}
+    if info["id"] == "mswindows":
+        info.update({"kernel-release": "20348", "kernel-version": "10.0", "machine": "x86_64",
+                     "version": f"Microsoft Windows Server {info['version-id']}"})
+    return info
+
 
 def agent_enabled(config: dict[str, Any]) -> bool:
     """True if a VM config's `agent` option enables the guest agent ('1', 'enabled=1,...', '1,fstrim...')."""
@@ -28,13 +60,15 @@ def agent_enabled(config: dict[str, Any]) -> bool:
 class LabAgent:
     """Mixin: the guest agent of running VMs that enable it, and a stateful network listing of the node.
 
-    lab_guest_ip is the address the agent reports for eth0 (the lab's guests are reached on loopback);
-    lab_guest_os_name the OS name get-osinfo reports. A test can still set vm.agent to a dict of its own
-    answers (fakepve's keys: 'interfaces', 'os', ...).
+    lab_guest_ip is the address the agent reports for eth0 (the lab's guests are reached on loopback).
+    The OS get-osinfo reports is the VM's own: read, when the VM is created, from the `os-release` file of
+    the ISO it boots (the lab mirror writes one into each key's ISO), and carried over to its clones; a
+    VM without one reports lab_default_os (a test sets it). A test can still set vm.agent to a dict of its
+    own answers (fakepve's keys: 'interfaces', 'os', ...).
     """
 
     lab_guest_ip = "127.0.0.1"
-    lab_guest_os_name = "Debian GNU/Linux"
+    lab_default_os: dict[str, str] | None = None  # None: fakepve's answer
 
     def _init_agent(self) -> None:
         # fakepve's generic answer (vmbr0 and eno1), kept here so a type filter works and tests can add bridges.
@@ -61,9 +95,39 @@ class LabAgent:
         if command == "network-get-interfaces" and "interfaces" not in vm.agent:
             data = {"result": self.lab_interfaces(vm)}
         elif command == "get-osinfo" and "os" not in vm.agent:
-            pretty = f"{self.lab_guest_os_name} {data['result'].get('version', '')}"
-            data["result"] = dict(data["result"], name=self.lab_guest_os_name, **{"pretty-name": pretty})
+            own = getattr(vm, "lab_os", None) or self.lab_default_os
+            if own:
+                data["result"] = dict(own)
         return data
+
+    async def _qm_create(self, v: dict[str, Any], user: str) -> Any:
+        answer = await super()._qm_create(v, user)
+        vm = self.vm(int(v["vmid"]))
+        if vm is not None:
+            vm.lab_os = self._installed_os(vm)
+        return answer
+
+    async def _qm_clone(self, v: dict[str, Any], user: str) -> Any:
+        source = self.find(v["node"], v["vmid"])
+        answer = await super()._qm_clone(v, user)
+        clone = self.vm(int(v["newid"]))
+        if clone is not None:
+            clone.lab_os = getattr(source, "lab_os", None)  # the clone's disk is the template's system
+        return answer
+
+    def _installed_os(self, vm: FakeVm) -> dict[str, str] | None:
+        """The OS the VM's boot ISO installs: its os-release, if an attached ISO carries one."""
+        for value in vm.config.values():
+            found = ISO_VOLUME.search(str(value))
+            path = self.content_file(found.group(1), "iso", found.group(2)) if found else None
+            if path is not None and path.is_file():
+                try:
+                    _volume, files = read_iso(path)
+                except Exception:  # noqa: BLE001 - not one of the lab's ISOs: it says nothing about the OS
+                    continue
+                if "os-release" in files:
+                    return osinfo_from_os_release(files["os-release"].decode())
+        return None
 
     def lab_interfaces(self, vm: FakeVm) -> list[dict[str, Any]]:
         """What the agent reports: loopback, and eth0 with net0's MAC and lab_guest_ip."""
