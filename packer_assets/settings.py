@@ -24,7 +24,7 @@ FALSE = {"0", "false", "no", "off", ""}
 TOOLKIT_CONF = Path("control/tools/provision/init/.conf/proxmox.conf")
 FINGERPRINT_RE = re.compile(r"^([0-9A-Fa-f]{2}:){31}[0-9A-Fa-f]{2}$")
 # Five cron fields of numbers, ranges, steps, lists, `*` and names (mon, jan); Dagster checks the rest.
-CRON_RE = re.compile(r"[\w*/,-]+( [\w*/,-]+){4}")
+CRON_RE = re.compile(r"[\w*/,-]+([ \t]+[\w*/,-]+){4}")
 
 
 class SettingsError(ConfigError):

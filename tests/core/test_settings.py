@@ -77,13 +77,13 @@ def test_sensor_interval_and_rebuild_cron_reach_the_definitions(tmp_path):
     settings = load_settings({"PACKER_ASSETS_ROOT": str(tmp_path)})
     assert (settings.sensor_interval, settings.rebuild_cron) == (3600, "0 3 * * 0")
     settings = load_settings({"PACKER_ASSETS_ROOT": str(tmp_path), "PACKER_ASSETS_SENSOR_INTERVAL": "600",
-                              "PACKER_ASSETS_REBUILD_CRON": "30 2 * * mon"})
-    assert (settings.sensor_interval, settings.rebuild_cron) == (600, "30 2 * * mon")
+                              "PACKER_ASSETS_REBUILD_CRON": "30  2 * * mon"})  # cron allows runs of blanks
+    assert (settings.sensor_interval, settings.rebuild_cron) == (600, "30  2 * * mon")
     from packer_assets.defs.schedules import build_weekly_rebuild
     from packer_assets.defs.sensors import build_iso_checksum_sensor
 
     assert build_iso_checksum_sensor(settings.sensor_interval).minimum_interval_seconds == 600
-    assert build_weekly_rebuild(settings.rebuild_cron).cron_schedule == "30 2 * * mon"
+    assert build_weekly_rebuild(settings.rebuild_cron).cron_schedule == "30  2 * * mon"
 
 
 def test_toolkit_config_is_read_as_defaults(tmp_path):
