@@ -27,9 +27,12 @@ from .packer.runner import PackerCheck, PackerError, open_build_log, packer_init
 from .packer.version import BuildCredentials, detect_packer
 from .packer.workdir import BuildPlan, prepare_workdir, template_sha256
 from .render import ANSWER_ISO_NAME, RenderResult, render_unattended
-from .proof import BuildProof, CheckResult, IsoRef, TemplateRef, Timings, write_build_proof
+from .proof import (BuildProof, CheckResult, IsoRef, PackageChanges, SbomRef, TemplateRef, Timings, previous_sbom,
+                    write_build_proof)
 from .pve.bootstrap import BuildAccess, token_privilege_gaps
-from .pve.smoke import SmokeTestError, smoke_test
+from .pve.guest_exec import host_key_fingerprints
+from .pve.smoke import BASE_STEPS, SmokeResult, SmokeTestError, smoke_test
+from .sbom import SBOM_FILE, SbomError, build_sbom, diff_sboms, package_count, sbom_json, validate_sbom
 from .pve.staging import StagedIso, upload_iso
 from .pve.templates import (
     TemplateDescription,
@@ -81,6 +84,7 @@ class BuildOutcome:
     record_file: Path | None = None
     smoke: dict | None = None     # the smoke test's facts (passed builds only)
     smoke_error: str | None = None  # a failed smoke test (the new template was destroyed)
+    smoke_steps: list[dict] = field(default_factory=list)  # its steps, up to the failed one
     previous_vmid: int | None = None
     pruned: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -195,17 +199,27 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
             if _destroy(api, found.node, vmid, entry, log):
                 vm_record.unlink(missing_ok=True)
             raise
+        ssh_address = (settings.ssh_host, settings.ssh_port or 22) if settings.ssh_host else None
         try:
-            smoke = smoke_test(api, found.node, vmid, entry, timeout=settings.smoke_timeout)
-        except SmokeTestError as exc:
-            log.line("smoke", f"FAILED: {exc}; destroying the new template {vmid}, the promoted one stays")
+            smoke = smoke_test(api, found.node, vmid, entry, timeout=settings.smoke_timeout, ssh_address=ssh_address)
+            for step in smoke.steps:
+                log.line("smoke", redact(f"{step.name}: passed in {step.seconds:.1f} s"
+                                         + (f" ({step.detail})" if step.detail else "")))
+            sbom = write_template_sbom(log.path.parent, smoke, entry, name, chain, started)
+        except (SmokeTestError, SbomError) as exc:
+            for step in getattr(exc, "steps", ()):
+                log.line("smoke", redact(f"{step.name}: {'passed' if step.passed else 'FAILED'}"
+                                         + (f" ({step.detail})" if step.detail else "")))
+            log.line("smoke", redact(f"FAILED: {exc}; destroying the new template {vmid}, the promoted one stays"))
             if _destroy(api, found.node, vmid, entry, log):
                 vm_record.unlink(missing_ok=True)
-            return BuildOutcome(key, str(chain), fingerprint, False, vmid, name, log.path, smoke_error=str(exc),
+            return BuildOutcome(key, str(chain), fingerprint, False, vmid, name, log.path,
+                                smoke_error=redact(str(exc)), smoke_steps=[_step_facts(s, redact)
+                                                                           for s in getattr(exc, "steps", ())],
                                 swept=swept)
         stages["smoke"] = smoke.seconds
         log.line("smoke", f"passed: clone {smoke.clone_vmid} booted {smoke.found_os} (expected {smoke.expected_os}), "
-                          f"agent answered, ips {smoke.ips}")
+                          f"agent answered, ips {smoke.ips}, {sbom['packages']} packages in {SBOM_FILE}")
         vm_record.unlink(missing_ok=True)  # a template that passed: no longer a build VM
         promotion = promote(api, found.node, key, vmid)
         pruned = prune(api, found.node, key, entry.retention, keep={vmid})
@@ -215,7 +229,9 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
             log.line("warning", f"prune of {vm} failed: {why}")
     previous = promotion.previous[0] if promotion.previous else None
     smoke_facts = {"clone_vmid": smoke.clone_vmid, "os": smoke.os_name, "found_os": smoke.found_os,
-                   "expected_os": smoke.expected_os, "ips": smoke.ips, "seconds": smoke.seconds}
+                   "expected_os": smoke.expected_os, "ips": smoke.ips, "seconds": smoke.seconds,
+                   "machine_id": smoke.machine_id, "host_keys": host_key_fingerprints(smoke.host_keys),
+                   "steps": [_step_facts(s, redact) for s in smoke.steps], "packages": sbom["packages"]}
     outcome = BuildOutcome(key, str(chain), fingerprint, False, vmid, name, log.path, smoke=smoke_facts,
                            previous_vmid=previous, pruned=list(pruned.destroyed), warnings=list(prepared.warnings),
                            swept=swept)
@@ -231,11 +247,27 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
         "smoke": smoke_facts,
         "input_fingerprint": fingerprint, "previous_template_vmid": previous,
         "pruned_vmids": list(pruned.destroyed), "warnings": list(prepared.warnings),
-        "log_sha256": sha256_file(log.path),
+        "log_sha256": sha256_file(log.path), "sbom": sbom,
     }
     outcome.record_file = atomic_write(log.path.parent / RECORD, json.dumps(record, indent=2, default=str) + "\n")
     prune_work_dirs(layout, entry)
     return outcome
+
+
+def _step_facts(step, redact: Redactor) -> dict:
+    return {"name": step.name, "passed": step.passed, "seconds": round(step.seconds, 3), "detail": redact(step.detail)}
+
+
+def write_template_sbom(folder: Path, smoke: SmokeResult, entry: TemplateEntry, name: str, chain: ChainId,
+                        started: datetime) -> dict:
+    """The clone's packages as a validated CycloneDX SBOM in the build's log folder (the proof copies it);
+    returns what the record keeps of it: file name, sha256 and package count."""
+    bom = build_sbom(smoke.packages, family=entry.family, os_id=str(smoke.os_info.get("id") or entry.expected_os.id),
+                     os_version=str(smoke.os_info.get("version-id") or ""), template_name=name, key=entry.key,
+                     chain_id=str(chain), timestamp=started)
+    validate_sbom(bom)
+    path = atomic_write(Path(folder) / SBOM_FILE, sbom_json(bom))
+    return {"file": SBOM_FILE, "sha256": sha256_file(path), "packages": package_count(bom)}
 
 
 def _destroy(api, node: str, vmid: int, entry: TemplateEntry, log) -> bool:
@@ -317,7 +349,14 @@ def promoted_record(layout: Layout, api, key: str) -> tuple[Path, dict]:
 
 
 def write_proof(layout: Layout, record: dict, log_file: Path) -> Path:
-    """template_proof: the bundle of a build that passed its checks (the record exists only then)."""
+    """template_proof: the bundle of a build that passed its checks (the record exists only then), with
+    its SBOM and the package changes since the key's previous proved template."""
+    sbom_ref, sbom_file = None, None
+    if record.get("sbom"):
+        sbom_file = Path(log_file).parent / record["sbom"]["file"]
+        stamp = parse_chain_id(record["chain_id"]).stamp
+        sbom_ref = SbomRef(sha256=record["sbom"]["sha256"], packages=record["sbom"]["packages"],
+                           changes=package_changes(layout, record["key"], stamp, sbom_file))
     proof = BuildProof(
         chain_id=record["chain_id"], key=record["key"], dagster_run_id=record.get("dagster_run_id"),
         template=TemplateRef(**record["template"]), iso=IsoRef(**record["iso"]),
@@ -327,12 +366,29 @@ def write_proof(layout: Layout, record: dict, log_file: Path) -> Path:
                             description=f"clone {record['smoke']['clone_vmid']} booted {record['smoke']['os']} "
                                         f"(found {record['smoke'].get('found_os', '?')}, expected "
                                         f"{record['smoke'].get('expected_os', '?')}), guest agent answered with "
-                                        f"{record['smoke']['ips']}",
+                                        f"{record['smoke']['ips']}" + _checks_passed(record["smoke"]),
                             details=record["smoke"])],
         log_sha256=record["log_sha256"], input_fingerprint=record["input_fingerprint"],
         tool_version=record["tool_version"], previous_template_vmid=record.get("previous_template_vmid"),
-        pruned_vmids=record.get("pruned_vmids", []))
-    return write_build_proof(layout, proof, log_file)
+        pruned_vmids=record.get("pruned_vmids", []), sbom=sbom_ref)
+    return write_build_proof(layout, proof, log_file, sbom_file)
+
+
+def _checks_passed(smoke: dict) -> str:
+    guest = [s["name"] for s in smoke.get("steps", []) if s["name"] not in BASE_STEPS]
+    return f"; in the clone: {', '.join(guest)} passed" if guest else ""
+
+
+def package_changes(layout: Layout, key: str, stamp: str, sbom_file: Path) -> PackageChanges | None:
+    """The SBOM's diff against the key's previous proved SBOM (None: the key's first)."""
+    found = previous_sbom(layout, key, stamp)
+    if found is None:
+        return None
+    chain_id, previous = found
+    diff = diff_sboms(json.loads(previous.read_text()), json.loads(Path(sbom_file).read_text()))
+    return PackageChanges(previous_chain_id=chain_id, added=[f"{n} {v}" for n, v in diff.added],
+                          removed=[f"{n} {v}" for n, v in diff.removed],
+                          changed=[f"{n} {old} -> {new}" for n, old, new in diff.changed])
 
 
 def render_and_validate(layout: Layout, entry: TemplateEntry, env: Mapping[str, str], settings: BuildSettings, *,

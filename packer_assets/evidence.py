@@ -175,8 +175,10 @@ def sha256_file(path: Path) -> str:
     return file_digest(path, "sha256")
 
 
-def write_proof_bundle(proof_dir: Path, readme: str, proof: dict, log_file: Path, log_name: str) -> Path:
-    """README.md, proof.json and a copy of the log in a fresh folder, then `latest` swapped to it.
+def write_proof_bundle(proof_dir: Path, readme: str, proof: dict, log_file: Path, log_name: str,
+                       extra_files: dict[str, Path] | None = None) -> Path:
+    """README.md, proof.json, a copy of the log (and of `extra_files`: name -> source) in a fresh folder,
+    then `latest` swapped to it.
 
     The folder is assembled under a temp name and renamed into place: a reader sees all of it or none.
     """
@@ -191,6 +193,8 @@ def write_proof_bundle(proof_dir: Path, readme: str, proof: dict, log_file: Path
     staging.mkdir(parents=True)
     try:
         shutil.copyfile(log_file, staging / log_name)
+        for name, source in (extra_files or {}).items():
+            shutil.copyfile(source, staging / name)
         atomic_write(staging / "README.md", readme)
         atomic_write(staging / "proof.json", json.dumps(proof, indent=2, sort_keys=True) + "\n")
         os.replace(staging, proof_dir)

@@ -80,6 +80,26 @@ class CheckResult(_Model):
     details: dict[str, Any] = Field(default_factory=dict, description="Facts the check recorded.")
 
 
+class PackageChanges(_Model):
+    """The template's packages against the previous proved template of the key (its SBOM)."""
+
+    previous_chain_id: str = Field(description="The chain ID of the proved build compared with.")
+    added: list[str] = Field(default_factory=list, description="`name version` of packages it did not have.")
+    removed: list[str] = Field(default_factory=list, description="`name version` of packages it had.")
+    changed: list[str] = Field(default_factory=list, description="`name old -> new` of packages whose version changed.")
+
+
+class SbomRef(_Model):
+    """The software bill of materials of the template, `sbom.cdx.json` next to this file."""
+
+    file: Literal["sbom.cdx.json"] = Field(default="sbom.cdx.json", description="Its file name in the bundle.")
+    format: Literal["CycloneDX 1.5"] = Field(default="CycloneDX 1.5", description="Validated against this schema.")
+    sha256: Sha256 = Field(description="sha256 of sbom.cdx.json.")
+    packages: int = Field(ge=0, description="Installed packages (components) it lists, read from the smoke-test clone.")
+    changes: PackageChanges | None = Field(default=None, description="Against the key's previous proved template; "
+                                                                     "absent for the key's first SBOM.")
+
+
 class BuildProof(_Model):
     """Evidence of one successful, checked template build (proof.json)."""
 
@@ -108,6 +128,8 @@ class BuildProof(_Model):
     previous_template_vmid: int | None = Field(default=None,
                                                description="The template that was promoted before this one.")
     pruned_vmids: list[int] = Field(default_factory=list, description="Older templates removed by retention.")
+    sbom: SbomRef | None = Field(default=None, description="The installed packages as a CycloneDX SBOM (absent for "
+                                                           "builds from before SBOMs).")
 
     @model_validator(mode="after")
     def _consistent(self) -> BuildProof:
@@ -227,6 +249,8 @@ def render_build_readme(proof: BuildProof) -> str:
             ("Duration", f"{proof.timings.seconds:.1f} s"),
             ("Previous template", proof.previous_template_vmid),
             ("Pruned", ", ".join(map(str, proof.pruned_vmids)) or None),
+            ("Packages (SBOM)", f"{proof.sbom.packages} in {proof.sbom.file}" if proof.sbom else None),
+            ("Package changes", _changes_cell(proof.sbom) if proof.sbom else None),
             ("Log sha256", proof.log_sha256), ("Tool", f"packer-assets {proof.tool_version}")]
     out = [f"# Template build {proof.chain_id}", "", "| | |", "|---|---|"]
     out += [f"| {name} | {_cell(value)} |" for name, value in rows]
@@ -235,9 +259,22 @@ def render_build_readme(proof: BuildProof) -> str:
     out += ["", "## Checks", "", "| Check | Result | Description |", "|---|---|---|"]
     out += [f"| {c.name} | {'passed' if c.passed else 'FAILED'} | {c.description.replace('|', '/')} |"
             for c in proof.checks]
+    if proof.sbom and proof.sbom.changes:
+        c = proof.sbom.changes
+        out += ["", f"## Package changes since {c.previous_chain_id}", "", "| Change | Package |", "|---|---|"]
+        out += ([f"| {what} | {_cell(item)} |" for what, items in (("changed", c.changed), ("added", c.added),
+                                                                   ("removed", c.removed)) for item in items]
+                or ["| - | no changes |"])
     out += ["", "## Rendered files", "", "| File | sha256 |", "|---|---|"]
     out += [f"| {name} | {_cell(digest)} |" for name, digest in sorted(proof.rendered_files.items())] or ["| - | - |"]
     return "\n".join(out) + "\n"
+
+
+def _changes_cell(sbom: SbomRef) -> str:
+    c = sbom.changes
+    if c is None:
+        return "first SBOM of this key"
+    return f"+{len(c.added)} added, -{len(c.removed)} removed, ~{len(c.changed)} changed vs {c.previous_chain_id}"
 
 
 def render_init_readme(proof: InitProof) -> str:
@@ -257,14 +294,30 @@ def render_init_readme(proof: InitProof) -> str:
 # ------------------------------------------------------------------ the bundle
 
 
-def write_build_proof(layout: Layout, proof: BuildProof, log_file: Path) -> Path:
-    """README.md, proof.json and packer.log in `builds/<key>/<ts>/`, then `latest` swapped to it."""
+def write_build_proof(layout: Layout, proof: BuildProof, log_file: Path, sbom_file: Path | None = None) -> Path:
+    """README.md, proof.json, packer.log (and sbom.cdx.json) in `builds/<key>/<ts>/`, then `latest` swapped
+    to it. Each file must have the sha256 the proof names."""
     log_file = Path(log_file)
     actual = sha256_file(log_file)
     if actual != proof.log_sha256:
         raise ValueError(f"{log_file}: sha256 {actual} differs from the proof's log_sha256 {proof.log_sha256}")
+    extra = {}
+    if proof.sbom is not None:
+        if sbom_file is None or sha256_file(Path(sbom_file)) != proof.sbom.sha256:
+            raise ValueError(f"{sbom_file}: missing, or its sha256 differs from the proof's sbom.sha256 {proof.sbom.sha256}")
+        extra[proof.sbom.file] = Path(sbom_file)
     return write_proof_bundle(layout.build_proof_dir(proof.key, proof.stamp), render_build_readme(proof),
-                              proof.model_dump(mode="json"), log_file, BUILD_LOG_NAME)
+                              proof.model_dump(mode="json"), log_file, BUILD_LOG_NAME, extra)
+
+
+def previous_sbom(layout: Layout, key: str, stamp: str) -> tuple[str, Path] | None:
+    """(chain ID, sbom.cdx.json) of the key's newest proof bundle before `stamp` that has an SBOM."""
+    parent = layout.build_proof_dir(key, stamp).parent
+    for folder in sorted((p for p in parent.glob("[0-9]*") if p.is_dir() and p.name < stamp), reverse=True):
+        sbom, proof = folder / "sbom.cdx.json", folder / "proof.json"
+        if sbom.is_file() and proof.is_file():
+            return json.loads(proof.read_text())["chain_id"], sbom
+    return None
 
 
 def write_init_proof(layout: Layout, proof: InitProof, log_file: Path) -> Path:

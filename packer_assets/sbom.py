@@ -27,6 +27,7 @@ from . import __version__
 from .errors import OperationError
 
 SPEC_VERSION = "1.5"
+SBOM_FILE = "sbom.cdx.json"  # its name in a build's log folder and proof bundle
 PROPERTY_PREFIX = "packer-assets"
 MAX_SCHEMA_ERRORS = 5  # a broken SBOM can yield hundreds of schema errors; the first ones say enough
 _SERIAL_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:packer-assets:sbom")

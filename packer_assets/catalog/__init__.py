@@ -33,6 +33,9 @@ ground floor.
 from .models import (  # noqa: F401 - the catalog's public names, importable from packer_assets.catalog
     OS_IDS,
     ExpectedOs,
+    RESERVED_STEPS,
+    SmokeCommand,
+    SmokeSpec,
     default_expected_os,
     CATALOG_ENV,
     MIRROR_ENV,

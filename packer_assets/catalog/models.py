@@ -15,6 +15,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    field_validator,
     model_validator,
 )
 from ..digests import Checksum
@@ -382,6 +383,7 @@ class Defaults(_Model):
     retention: Retention | None = None
     work_dirs: WorkDirsKept | None = None
     tags: tuple[Tag, ...] | None = None
+    smoke: SmokeSpec | None = None
 
 
 # The OS id the QEMU guest agent reports (os-release ID on Linux; "mswindows" on Windows), per family.
@@ -426,6 +428,53 @@ def default_expected_os(key: str, family: str) -> ExpectedOs:
     return ExpectedOs(id=OS_IDS[family], version_id=release)
 
 
+# The smoke test's own step names (pve/smoke.py, guest_checks.FAMILY_CHECKS): a site check may not take one.
+RESERVED_STEPS = frozenset({"clone", "configure", "start", "agent", "osinfo", "identity", "network", "inventory",
+                            "cleanup", "cloud_init", "ssh_login", "fresh_identity", "password_locked",
+                            "guest_agent_enabled"})
+CHECK_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,47}")
+
+
+def _check_regex(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression ({exc}): {value!r}") from None
+    return value
+
+
+class SmokeCommand(_Model):
+    """A site's own smoke-test check: `run` in the clone, then `expect_exit` (and `expect_output`, a
+    regex its output must contain). `via: agent` runs it as root through the guest agent (a shell
+    command; PowerShell on Windows); `via: ssh` as the clone's cloud-init user over SSH (Linux)."""
+
+    run: Annotated[str, Field(min_length=1)]
+    expect_exit: Annotated[int, Field(ge=0, le=255)] = 0
+    expect_output: Annotated[str | None, AfterValidator(_check_regex)] = None
+    name: Annotated[str, AfterValidator(lambda v: _check_name(v))] | None = None
+    via: Literal["agent", "ssh"] = "agent"
+
+    @field_validator("run")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("run is blank")
+        return value.strip()
+
+
+def _check_name(value: str) -> str:
+    if not CHECK_NAME_RE.fullmatch(value):
+        raise ValueError(f"name {value!r} must be lower-case letters, digits and _ (a smoke-test step name)")
+    return value
+
+
+class SmokeSpec(_Model):
+    """`smoke:` of an entry (or of `defaults`): checks the smoke test runs after the family's own."""
+
+    commands: tuple[SmokeCommand, ...] = ()
+
+
 class TemplateEntry(_Model):
     key: Key
     family: Family
@@ -444,6 +493,8 @@ class TemplateEntry(_Model):
     autoinstall_schema: SubiquityRelease | None = None  # ubuntu only: the Subiquity release
     # the OS the smoke test must find on a clone; default from the key (default_expected_os)
     expect_os: ExpectedOs | None = None
+    # the site's own smoke-test checks (guest_checks.py runs them after the family's)
+    smoke: SmokeSpec | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> TemplateEntry:
@@ -457,6 +508,15 @@ class TemplateEntry(_Model):
                               "root, which Linux installers refuse as the first user): choose another name")
         if self.autoinstall_schema is not None and self.family != "ubuntu":
             raise _FieldError("autoinstall_schema", f"only ubuntu entries take it (family is {self.family})")
+        for i, command in enumerate(self.smoke.commands if self.smoke else ()):
+            if command.via == "ssh" and self.family == "windows":
+                raise _FieldError(f"smoke.commands[{i}].via", "ssh needs a cloud-init user, which Windows "
+                                  "templates have not: use via: agent")
+        names = [c.name for c in (self.smoke.commands if self.smoke else ()) if c.name]
+        taken = sorted({n for n in names if names.count(n) > 1} | (set(names) & RESERVED_STEPS))
+        if taken:
+            raise _FieldError("smoke.commands", f"step name {taken[0]!r} is taken (a smoke-test step or "
+                              "another command of the entry)")
         windows_os = self.hardware.os_type in WINDOWS_OS_TYPES
         if windows_os != (self.family == "windows"):
             want = "a Windows type (win11, win10, ...)" if self.family == "windows" else "l26 (or l24/other)"

@@ -194,7 +194,10 @@ class TemplateConfig(dg.Config):
     pool="packer_builds",
     check_specs=[dg.AssetCheckSpec("smoke_test", asset="template", blocking=True,
                                    description="Full clone, cloud-init user and key, boot, guest agent answers "
-                                   "with OS and network; the clone is destroyed in every case.")],
+                                   "with the key's expected OS and network; in the clone: cloud-init done, fresh "
+                                   "machine-id and host keys, SSH login with the given key, install password "
+                                   "locked, guest agent enabled, the catalog's smoke.commands; package inventory "
+                                   "(SBOM). The clone is destroyed in every case.")],
     description="`packer build` of the key under a new VMID, finished through the API (ISO ejected, cloud-init "
     "drive, description with chain ID and input fingerprint), smoke-tested, then promoted "
     "(tag packer-assets-latest) and older ones pruned to the retention count. Skipped when the promoted "
@@ -235,15 +238,25 @@ def template(
                 warnings=dg.MetadataValue.json(outcome.warnings))
     if outcome.smoke_error:
         context.log.error(f"[{chain}] smoke test failed, new template destroyed: {outcome.smoke_error}")
-        smoke = dg.AssetCheckResult(check_name="smoke_test", passed=False, description=outcome.smoke_error)
+        smoke = dg.AssetCheckResult(check_name="smoke_test", passed=False, description=outcome.smoke_error,
+                                    metadata={"steps": dg.MetadataValue.md(steps_table(outcome.smoke_steps))})
         return dg.MaterializeResult(metadata={**meta, "promoted": False}, check_results=[smoke],
                                     data_version=dg.DataVersion(outcome.input_fingerprint))
     meta.update(promoted=True, previous_vmid=outcome.previous_vmid, pruned=dg.MetadataValue.json(outcome.pruned))
     smoke = dg.AssetCheckResult(check_name="smoke_test", passed=True, metadata={
         "clone_vmid": outcome.smoke["clone_vmid"], "os": outcome.smoke["os"],
         "found_os": outcome.smoke["found_os"], "expected_os": outcome.smoke["expected_os"],
-        "ips": dg.MetadataValue.json(outcome.smoke["ips"]), "seconds": outcome.smoke["seconds"]})
+        "ips": dg.MetadataValue.json(outcome.smoke["ips"]), "seconds": outcome.smoke["seconds"],
+        "packages": outcome.smoke["packages"], "machine_id": outcome.smoke["machine_id"] or "",
+        "steps": dg.MetadataValue.md(steps_table(outcome.smoke["steps"]))})
     return dg.MaterializeResult(metadata=meta, check_results=[smoke], data_version=dg.DataVersion(outcome.input_fingerprint))
+
+
+def steps_table(steps: list[dict]) -> str:
+    """The smoke test's steps as a Markdown table (a check's metadata)."""
+    rows = [f"| {s['name']} | {'passed' if s['passed'] else 'FAILED'} | {s['seconds']:.1f} | "
+            f"{(s['detail'] or '').replace('|', '/')} |" for s in steps]
+    return "\n".join(["| Step | Result | Seconds | Detail |", "|---|---|---:|---|", *rows]) if rows else "no steps ran"
 
 
 @dg.asset(
@@ -253,7 +266,7 @@ def template(
     kinds={"json"},
     owners=OWNERS,
     description="The evidence bundle docs/proof/platform/packer-builds/builds/<key>/<ts>/ (README.md, proof.json "
-    "per docs/schema/build-proof.schema.json, packer.log) of the promoted template's build, written only for a "
+    "per docs/schema/build-proof.schema.json, packer.log, sbom.cdx.json) of the promoted template's build, written only for a "
     "build whose smoke test passed; `latest` points at it.",
 )
 def template_proof(context: dg.AssetExecutionContext, project: ProjectSettings) -> dg.MaterializeResult:
@@ -267,6 +280,7 @@ def template_proof(context: dg.AssetExecutionContext, project: ProjectSettings) 
     return dg.MaterializeResult(
         metadata={"chain_id": record["chain_id"], "proof": dg.MetadataValue.path(str(proof_dir)),
                   "readme": dg.MetadataValue.md((proof_dir / "README.md").read_text()),
-                  "template_vmid": record["template"]["vmid"]},
+                  "template_vmid": record["template"]["vmid"],
+                  "packages": (record.get("sbom") or {}).get("packages", 0)},
         data_version=dg.DataVersion(record["input_fingerprint"]),
     )

@@ -29,7 +29,8 @@ COMMON_PRIVILEGES = (
 )
 # PVE 9 dropped VM.Monitor (guest-agent access became VM.GuestAgent.*) and lets download-url run with
 # Sys.AccessNetwork; before 9, download-url needs Sys.Audit + Sys.Modify and the agent VM.Monitor.
-PVE9_PRIVILEGES = ("VM.GuestAgent.Audit", "Sys.AccessNetwork")
+# The smoke test runs its checks in the clone with the agent's exec: VM.GuestAgent.Unrestricted on 9.
+PVE9_PRIVILEGES = ("VM.GuestAgent.Audit", "VM.GuestAgent.Unrestricted", "Sys.AccessNetwork")
 PVE8_PRIVILEGES = ("VM.Monitor", "Sys.Modify")
 
 

@@ -5,7 +5,9 @@ every case (a `finally`), and a failure to clean up is reported, never hidden: i
 failed test, or as a failure of its own (step `cleanup`) after a passing one.
 
 Steps, as errors name them: clone, configure, start, agent, osinfo, identity (the OS found is the one the
-key's catalog entry expects: `expected_os`), network, cleanup.
+key's catalog entry expects: `expected_os`), network, then the guest checks of the key's family and the
+catalog's `smoke.commands` (guest_checks.py: cloud_init, fresh_identity, ssh_login, password_locked,
+guest_agent_enabled, ...), inventory (the installed packages, for the SBOM), cleanup.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from proxmoxer.core import ResourceException
 
 from ..catalog import TemplateEntry
 from ..errors import OperationError
+from ..guest_checks import GuestCheck, checks_for, parse_identity
+from ..sbom import Package, SbomError, inventory_command, parse_inventory
+from .guest_exec import EphemeralKey, GuestExecTimeout, GuestOutput, SshLoginError, agent_exec, ssh_run
 from .tasks import TASK_TIMEOUT, TaskError, run_task, said
 from .templates import (
     SMOKE_TAG,
@@ -35,6 +40,8 @@ from .templates import (
 )
 
 DEFAULT_CI_USER = "packer-smoke"
+# The steps every smoke test has (the guest checks of guest_checks.py come between network and inventory).
+BASE_STEPS = ("clone", "configure", "start", "agent", "osinfo", "identity", "network", "inventory", "cleanup")
 # Interfaces that say nothing about the template's network.
 LOOPBACK_NAMES = ("lo", "Loopback Pseudo-Interface 1")
 
@@ -43,9 +50,9 @@ class SmokeTestError(OperationError):
     """The smoke test failed at `step`; the message names the step, the template and the clone."""
 
     def __init__(self, step: str, template_vmid: int, clone_vmid: int | None, key: str, reason: str,
-                 cleanup: str | None = None):
+                 cleanup: str | None = None, steps: tuple[SmokeStep, ...] = ()):
         self.step, self.template_vmid, self.clone_vmid, self.key = step, template_vmid, clone_vmid, key
-        self.reason, self.cleanup = reason, cleanup
+        self.reason, self.cleanup, self.steps = reason, cleanup, steps
         text = (f"{key}: smoke test of template {template_vmid} failed at step {step!r} "
                 f"(clone {clone_vmid if clone_vmid is not None else '-'}): {reason}")
         super().__init__(text + (f"; cleanup: {cleanup}" if cleanup else ""))
@@ -70,6 +77,9 @@ class SmokeResult:
     steps: tuple[SmokeStep, ...] = field(default_factory=tuple)
 
     expected_os: str = ""
+    packages: tuple[Package, ...] = ()
+    machine_id: str | None = None
+    host_keys: tuple[str, ...] = ()  # `type base64` of the clone's SSH host keys
 
     @property
     def os_name(self) -> str:
@@ -119,23 +129,25 @@ class _Run:
         self.clone_name: str | None = None
         self.created = False  # True once PVE accepted our clone request: from then on the VMID is ours
         self.steps: list[SmokeStep] = []
+        self.detail = ""  # what the current step saw, for its record (set inside the step)
 
     def error(self, step: str, reason: str) -> SmokeTestError:
         return SmokeTestError(step, self.template_vmid, self.clone_vmid, self.key, reason)
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
-        started = time.monotonic()
+        started, self.detail = time.monotonic(), ""
         try:
             yield
         except SmokeTestError:
-            self.steps.append(SmokeStep(name, time.monotonic() - started, False))
+            self.steps.append(SmokeStep(name, time.monotonic() - started, False, self.detail))
             raise
-        except (ResourceException, TemplateError, TaskError, OSError, ValueError, KeyError) as exc:
+        except (ResourceException, TemplateError, TaskError, OSError, ValueError, KeyError, SbomError) as exc:
             reason = said(exc) if isinstance(exc, ResourceException) else str(exc)
             self.steps.append(SmokeStep(name, time.monotonic() - started, False, reason))
             raise self.error(name, reason) from exc
-        self.steps.append(SmokeStep(name, time.monotonic() - started, True))
+        self.steps.append(SmokeStep(name, time.monotonic() - started, True, self.detail))
+        self.detail = ""
 
 
 def _poll(run: _Run, step: str, deadline: float, poll: float, attempt) -> Any:
@@ -159,30 +171,35 @@ def _poll(run: _Run, step: str, deadline: float, poll: float, attempt) -> Any:
 def smoke_test(api: ProxmoxAPI, node: str, template_vmid: int, entry: TemplateEntry, *,
                clone_vmid: int | None = None, ssh_public_key: str | None = None, ci_user: str = DEFAULT_CI_USER,
                storage: str | None = None, timeout: float = 600.0, task_timeout: float = TASK_TIMEOUT,
-               poll: float = 2.0) -> SmokeResult:
+               poll: float = 2.0, ssh_address: tuple[str, int] | None = None) -> SmokeResult:
     """Full-clone template_vmid to clone_vmid (a free VMID of the key's range; allocated when None),
-    set a cloud-init user and SSH key (Linux; Windows templates have no cloud-init drive, the key is
-    not used), start it, wait for the guest agent and an address (up to `timeout` seconds from the
-    start), read OS info and network, then stop and destroy the clone, whatever happened.
+    set a cloud-init user and SSH keys (Linux: `ssh_public_key` if given, and a key pair made for this
+    test; Windows templates have no cloud-init drive), start it, wait for the guest agent and an address
+    (up to `timeout` seconds from the start, checks included), read OS info and network, run the
+    family's guest checks and the catalog's, read the package inventory, then stop and destroy the
+    clone, whatever happened. SSH goes to `ssh_address` when given (the lab's guest), else to the
+    clone's first address on port 22.
 
     Raises SmokeTestError naming the step; its message also says how the cleanup went."""
     run = _Run(entry.key, template_vmid)
     started = time.monotonic()
     try:
         result = _test(api, node, template_vmid, entry, run, clone_vmid, ssh_public_key, ci_user, storage,
-                       timeout, task_timeout, poll)
+                       timeout, task_timeout, poll, ssh_address)
     except BaseException as exc:
         cleaned, note = _cleanup(api, node, run, task_timeout)
         if isinstance(exc, SmokeTestError):
-            raise SmokeTestError(exc.step, template_vmid, run.clone_vmid, entry.key, exc.reason, note) from exc
+            raise SmokeTestError(exc.step, template_vmid, run.clone_vmid, entry.key, exc.reason, note,
+                                 tuple(run.steps)) from exc
         if not cleaned:
             exc.add_note(f"smoke test cleanup: {note}")
         raise
     cleaned, note = _cleanup(api, node, run, task_timeout)
     if not cleaned:
-        raise SmokeTestError("cleanup", template_vmid, run.clone_vmid, entry.key, note)
+        raise SmokeTestError("cleanup", template_vmid, run.clone_vmid, entry.key, note, steps=tuple(run.steps))
     return SmokeResult(template_vmid, result["clone_vmid"], result["os_info"], result["interfaces"], result["ips"],
-                       time.monotonic() - started, tuple(run.steps), str(entry.expected_os))
+                       time.monotonic() - started, tuple(run.steps), str(entry.expected_os), result["packages"],
+                       result["machine_id"], tuple(result["host_keys"]))
 
 
 def _cleanup(api: ProxmoxAPI, node: str, run: _Run, task_timeout: float) -> tuple[bool, str | None]:
@@ -209,8 +226,9 @@ def _cleanup(api: ProxmoxAPI, node: str, run: _Run, task_timeout: float) -> tupl
 
 
 def _test(api, node, template_vmid, entry, run: _Run, clone_vmid, ssh_public_key, ci_user, storage, timeout,
-          task_timeout, poll) -> dict[str, Any]:
+          task_timeout, poll, ssh_address) -> dict[str, Any]:
     linux = entry.family != "windows"
+    login = EphemeralKey.generate()
     with run.step("clone"):
         if clone_vmid is None:
             clone_vmid = allocate_vmid(api, entry, exclude=[template_vmid])
@@ -247,8 +265,8 @@ def _test(api, node, template_vmid, entry, run: _Run, clone_vmid, ssh_public_key
             if cloudinit_drive(config) is None:
                 raise run.error("configure", "the template has no cloud-init drive (finish_template adds one)")
             updates["ciuser"] = ci_user
-            if ssh_public_key:
-                updates["sshkeys"] = encode_sshkeys(ssh_public_key)
+            keys = [ssh_public_key.strip()] if ssh_public_key and ssh_public_key.strip() else []
+            updates["sshkeys"] = encode_sshkeys("\n".join([*keys, login.public]))
             if "net0" in config:
                 updates["ipconfig0"] = "ip=dhcp"
         clone.config.put(**updates)
@@ -278,7 +296,51 @@ def _test(api, node, template_vmid, entry, run: _Run, clone_vmid, ssh_public_key
     with run.step("network"):
         interfaces = _poll(run, "network", deadline, poll,
                            lambda: _with_ips(clone.agent("network-get-interfaces").get().get("result") or []))
-    return {"clone_vmid": clone_vmid, "os_info": os_info, "interfaces": interfaces, "ips": guest_ips(interfaces)}
+    ips = guest_ips(interfaces)
+    values = {"install_user": entry.install_user.name, "ci_user": ci_user}
+    identity: dict[str, Any] = {"machine_id": None, "host_keys": []}
+    for check in checks_for(entry):
+        with run.step(check.name):
+            if check.via == "ssh":
+                host, port = ssh_address or (_ssh_host(ips), 22)
+                output = _ssh_output(run, check, host, port, ci_user, login, identity["host_keys"],
+                                     check.ssh_command(values), deadline)
+            else:
+                output = _agent_output(run, check.name, clone.agent, check.command(values), deadline)
+            passed, run.detail = check.judge(output.exit_code, output.out, values)
+            if not passed:
+                raise run.error(check.name, f"{check.purpose}: {run.detail}")
+            if check.name == "fresh_identity" and linux:
+                identity["machine_id"], identity["host_keys"] = parse_identity(output.out)
+
+    with run.step("inventory"):
+        output = _agent_output(run, "inventory", clone.agent, inventory_command(entry.family), deadline)
+        if output.exit_code != 0:
+            raise run.error("inventory", f"the package query exited {output.exit_code}: "
+                                         f"{' '.join((output.err or output.out).split())[:300]}")
+        packages = tuple(parse_inventory(entry.family, output.out))
+        run.detail = f"{len(packages)} packages"
+    return {"clone_vmid": clone_vmid, "os_info": os_info, "interfaces": interfaces, "ips": ips,
+            "packages": packages, **identity}
+
+
+def _ssh_host(ips: list[str]) -> str:
+    return next((ip for ip in ips if ":" not in ip), ips[0])
+
+
+def _agent_output(run: _Run, step: str, agent, argv: list[str], deadline: float) -> GuestOutput:
+    try:
+        return agent_exec(agent, argv, deadline)
+    except GuestExecTimeout as exc:
+        raise run.error(step, f"gave up waiting for the guest: {exc}") from None
+
+
+def _ssh_output(run: _Run, check: GuestCheck, host: str, port: int, user: str, login: EphemeralKey,
+                host_keys: list[str], command: str, deadline: float) -> GuestOutput:
+    try:
+        return ssh_run(host, port, user, login, host_keys, command, deadline=deadline)
+    except SshLoginError as exc:
+        raise run.error(check.name, f"{check.purpose}: {exc}") from None
 
 
 def _with_ips(interfaces: list[dict[str, Any]]) -> list[dict[str, Any]] | None:

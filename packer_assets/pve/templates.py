@@ -322,7 +322,7 @@ def finish_template(api: ProxmoxAPI, node: str, vmid: int, *, family: str, vm_st
 
 # Entry fields that never change what is built: how many templates and work directories to keep, and
 # what the smoke test expects to find.
-NOT_BUILD_INPUTS = frozenset({"retention", "work_dirs", "expect_os"})
+NOT_BUILD_INPUTS = frozenset({"retention", "work_dirs", "expect_os", "smoke"})
 
 
 def catalog_entry_json(entry: TemplateEntry) -> str:

@@ -129,8 +129,10 @@ locals {
   sudo_execute_command = "chmod +x {{ .Path }}; . {{ .EnvVarFile }} && printf '%s\\n' \"$BUILD_SUDO_PASSWORD\" | sudo -S -p '' env -u BUILD_SUDO_PASSWORD sh -eu {{ .Path }}"
 
   # Linux families, the last step: forget this install's identity, so every clone is a new machine
-  # to cloud-init, systemd and sshd.
+  # to cloud-init, systemd and sshd, and lock the install user's password: clones are reached with the
+  # keys cloud-init gives them, never with the password the installer was given (the smoke test checks).
   generalize_linux = [
+    "passwd -l ${var.ssh_username}",
     "cloud-init clean --logs --seed",
     "truncate -s 0 /etc/machine-id",
     "rm -f /var/lib/dbus/machine-id",

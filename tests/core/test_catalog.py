@@ -313,6 +313,21 @@ BROKEN = [
      "outside the project root"),
     ("keyring-escapes", _set("templates.0.iso.keyring", "../../../etc/hostname"), "alpha", "iso.keyring",
      "outside the project root"),
+    # the site's own smoke-test checks
+    ("smoke-command-blank", _set("templates.0.smoke", {"commands": [{"run": "  \n"}]}), "alpha",
+     "smoke.commands[0].run", "blank"),
+    ("smoke-command-bad-regex", _set("templates.0.smoke", {"commands": [{"run": "true", "expect_output": "(x"}]}),
+     "alpha", "smoke.commands[0].expect_output", "not a regular expression"),
+    ("smoke-command-exit-range", _set("templates.0.smoke", {"commands": [{"run": "true", "expect_exit": 256}]}),
+     "alpha", "smoke.commands[0].expect_exit", "less than or equal to 255"),
+    ("smoke-command-step-name-taken", _set("templates.0.smoke", {"commands": [{"run": "true", "name": "cloud_init"}]}),
+     "alpha", "smoke.commands", "'cloud_init' is taken"),
+    ("smoke-command-bad-name", _set("templates.0.smoke", {"commands": [{"run": "true", "name": "Has Space"}]}),
+     "alpha", "smoke.commands[0].name", "lower-case letters"),
+    ("smoke-command-ssh-on-windows", _set("templates.1.smoke", {"commands": [{"run": "hostname", "via": "ssh"}]}),
+     "beta", "smoke.commands[0].via", "Windows"),
+    ("smoke-command-unknown-field", _set("templates.0.smoke", {"commands": [{"run": "true", "expect": 0}]}),
+     "alpha", "smoke.commands[0].expect", "unknown field"),
 ]
 
 
