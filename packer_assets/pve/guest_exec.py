@@ -18,6 +18,7 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from ..errors import OperationError
 from .ssh import host_key_fingerprint
 
 EXEC_POLL = 0.5  # seconds between exec-status calls: a check takes seconds, an inventory a few more
@@ -30,7 +31,7 @@ class GuestOutput:
     err: str = ""
 
 
-class GuestExecTimeout(TimeoutError):
+class GuestExecTimeout(OperationError):
     """The command was still running at the deadline."""
 
 
@@ -68,7 +69,7 @@ class EphemeralKey:
         return f"EphemeralKey({self.public!r})"
 
 
-class SshLoginError(OSError):
+class SshLoginError(OperationError):
     """The SSH login or its command failed; the message says which and why (never a key)."""
 
 
