@@ -3,6 +3,8 @@
 It accepts the build's credentials (password and/or public keys for one user), records every
 `exec` command, answers exit status 0, and takes uploads by SCP (`scp -t`, as Packer's SSH
 communicator does by default) and SFTP. Uploaded files land under `<state_dir>/files/<guest path>`.
+It also plays the smoke test's clones: `key_source` names the keys other users (a clone's cloud-init
+user) log in with, and `id -un` prints the logged-in user.
 
 Go's SSH client (Packer) hangs or errors unless a command's channel gets, in this order: the reply
 to the exec request, exit-status, EOF, close. See `_Transport` and `_finish`.
@@ -25,11 +27,14 @@ from typing import Callable, Iterable
 import paramiko
 from paramiko.common import MSG_CHANNEL_REQUEST
 
+from .guest_sftp import LabSftp
+
 # Directories a fresh Linux guest has, so uploads into e.g. /tmp behave as on a real guest
 # (scp's sink writes *into* an existing directory, but *as* the target path otherwise).
 SEED_DIRS = ("tmp", "var/tmp", "etc", "opt", "srv", "root", "usr/local/bin")
 
 ExecHandler = Callable[[str], tuple[int, bytes]]
+KeySource = Callable[[str], Iterable[str]]  # username -> OpenSSH public key lines it may log in with
 
 
 class LabGuest:
@@ -44,11 +49,15 @@ class LabGuest:
         host_key_path: str | os.PathLike[str] | None = None,
         exec_handler: ExecHandler | None = None,
         also_accept: Iterable[str] = (),
+        key_source: KeySource | None = None,
     ):
         """`authorized_keys`: paramiko keys or OpenSSH public key lines ("ssh-ed25519 AAAA... c").
 
         `exec_handler(command) -> (exit status, stdout bytes)` overrides the default answer
         (0, b"") for commands other than scp, e.g. to make a provisioner step fail.
+        `key_source(username)`: further public key lines that user logs in with, asked at each login
+        (the lab's PVE: the keys of running clones whose cloud-init user that is); such a user logs in
+        with those keys only, never with the password, and need not be one of `usernames`.
         """
         self.state_dir = Path(state_dir)
         self.files_dir = self.state_dir / "files"
@@ -58,6 +67,7 @@ class LabGuest:
         self._authorized = {_key_blob(k) for k in authorized_keys}
         self.host, self._port = host, port
         self.exec_handler = exec_handler
+        self.key_source = key_source
         self.home = "/root" if username == "root" else f"/home/{username}"
         self.commands: list[str] = []
         self.uploads: list[tuple[str, str]] = []  # (scp|sftp, guest path)
@@ -159,7 +169,7 @@ class LabGuest:
             return
         t = _Transport(conn)
         t.add_server_key(self.host_key)
-        t.set_subsystem_handler("sftp", paramiko.SFTPServer, _Sftp, self)
+        t.set_subsystem_handler("sftp", paramiko.SFTPServer, LabSftp, self)
         with self._lock:
             self._transports = {x for x in self._transports if x.is_active()} | {t}
         try:
@@ -167,9 +177,22 @@ class LabGuest:
         except (paramiko.SSHException, EOFError, OSError):
             t.close()
 
+    # ---- authentication ------------------------------------------------------------------------
+
+    def accepts_key(self, username: str, key: paramiko.PKey) -> bool:
+        """True if `username` may log in with `key`: an authorized key of one of `usernames`, or a key
+        `key_source` names for that user."""
+        blob = key.asbytes()
+        if username in self.usernames and blob in self._authorized:
+            return True
+        try:
+            return any(_is_key(line, blob) for line in (self.key_source(username) if self.key_source else ()))
+        except Exception:  # noqa: BLE001 - a broken source accepts nobody (and must not kill the server)
+            return False
+
     # ---- exec ----------------------------------------------------------------------------------
 
-    def _run(self, chan: paramiko.Channel, command: str) -> None:
+    def _run(self, chan: paramiko.Channel, command: str, username: str | None) -> None:
         status = 1
         try:
             argv = _split(command)
@@ -178,6 +201,9 @@ class LabGuest:
             elif self.exec_handler:
                 status, out = self.exec_handler(command)
                 chan.sendall(out)
+            elif argv == ["id", "-un"] and username:
+                chan.sendall(f"{username}\n".encode())  # the smoke test's login check
+                status = 0
             else:
                 status = 0
         except Exception as e:  # a lab bug must still end the channel, or the client hangs
@@ -229,6 +255,13 @@ def _key_blob(key: paramiko.PKey | str) -> bytes:
     raise ValueError(f"not an OpenSSH public key line: {key!r}")
 
 
+def _is_key(line: str, blob: bytes) -> bool:
+    try:
+        return hmac.compare_digest(_key_blob(line), blob)
+    except ValueError:  # not a key line (base64 errors are ValueErrors too): sshd skips it as well
+        return False
+
+
 def _load_or_create_host_key(path: Path) -> paramiko.PKey:
     if path.exists():
         return paramiko.PKey.from_path(path)
@@ -245,6 +278,7 @@ class _Server(paramiko.ServerInterface):
     def __init__(self, guest: LabGuest):
         self.guest = guest
         self.pending: dict[int, threading.Thread] = {}  # channel id -> exec worker not yet started
+        self.username: str | None = None  # who this connection logged in as
 
     def get_allowed_auths(self, username: str) -> str:
         return "publickey,password" if self.guest._password is not None else "publickey"
@@ -255,12 +289,15 @@ class _Server(paramiko.ServerInterface):
             and username in self.guest.usernames
             and _same(password, self.guest._password)
         )
-        self.guest.auth_log.append((username, "password", ok))
-        return paramiko.AUTH_SUCCESSFUL if ok else paramiko.AUTH_FAILED
+        return self._answer(username, "password", ok)
 
     def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
-        ok = username in self.guest.usernames and key.asbytes() in self.guest._authorized
-        self.guest.auth_log.append((username, "publickey", ok))
+        return self._answer(username, "publickey", self.guest.accepts_key(username, key))
+
+    def _answer(self, username: str, method: str, ok: bool) -> int:
+        self.guest.auth_log.append((username, method, ok))
+        if ok:
+            self.username = username
         return paramiko.AUTH_SUCCESSFUL if ok else paramiko.AUTH_FAILED
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
@@ -278,7 +315,7 @@ class _Server(paramiko.ServerInterface):
         text = command.decode("utf-8", "replace")
         self.guest._record(text)
         self.pending[channel.get_id()] = threading.Thread(
-            target=self.guest._run, args=(channel, text), daemon=True
+            target=self.guest._run, args=(channel, text, self.username), daemon=True
         )
         return True
 
@@ -393,103 +430,3 @@ class _ScpSink:
     def _fail(self, message: str) -> int:
         self.chan.sendall(b"\x02" + message.encode() + b"\n")
         return 1
-
-
-# ---- SFTP (a filesystem rooted at <state_dir>/files) ---------------------------------------------
-
-
-class _Handle(paramiko.SFTPHandle):
-    def __init__(self, guest: LabGuest, local: Path, flags: int):
-        super().__init__(flags)
-        self.guest, self.local, self.writes = guest, local, bool(flags & (os.O_WRONLY | os.O_RDWR))
-
-    def close(self) -> None:
-        super().close()
-        if self.writes:
-            self.guest._uploaded("sftp", self.local)
-
-
-def _errno(fn):
-    """Turn OSError into the SFTP status paramiko expects from an SFTPServerInterface method."""
-
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except OSError as e:
-            return paramiko.SFTPServer.convert_errno(e.errno)
-
-    return wrapper
-
-
-class _Sftp(paramiko.SFTPServerInterface):
-    def __init__(self, server: paramiko.ServerInterface, guest: LabGuest):
-        super().__init__(server)
-        self.guest = guest
-
-    def canonicalize(self, path: str) -> str:
-        return posixpath.normpath(posixpath.join(self.guest.home, path))
-
-    def _attrs(self, local: Path, name: str | None = None, follow: bool = True):
-        attrs = paramiko.SFTPAttributes.from_stat(os.stat(local) if follow else os.lstat(local))
-        if name is not None:
-            attrs.filename = name
-        return attrs
-
-    @_errno
-    def list_folder(self, path):
-        local = self.guest.local_path(path)
-        return [self._attrs(local / n, n) for n in sorted(os.listdir(local))]
-
-    @_errno
-    def stat(self, path):
-        return self._attrs(self.guest.local_path(path))
-
-    @_errno
-    def lstat(self, path):
-        return self._attrs(self.guest.local_path(path), follow=False)
-
-    @_errno
-    def open(self, path, flags, attr):
-        local = self.guest.local_path(path)
-        fd = os.open(local, flags, 0o644)
-        if flags & os.O_WRONLY:
-            mode = "ab" if flags & os.O_APPEND else "wb"
-        elif flags & os.O_RDWR:
-            mode = "a+b" if flags & os.O_APPEND else "r+b"
-        else:
-            mode = "rb"
-        handle = _Handle(self.guest, local, flags)
-        handle.readfile = handle.writefile = os.fdopen(fd, mode)
-        return handle
-
-    @_errno
-    def remove(self, path):
-        os.remove(self.guest.local_path(path))
-        return paramiko.SFTP_OK
-
-    @_errno
-    def rename(self, oldpath, newpath):
-        os.rename(self.guest.local_path(oldpath), self.guest.local_path(newpath))
-        return paramiko.SFTP_OK
-
-    @_errno
-    def posix_rename(self, oldpath, newpath):
-        os.replace(self.guest.local_path(oldpath), self.guest.local_path(newpath))
-        return paramiko.SFTP_OK
-
-    @_errno
-    def mkdir(self, path, attr):
-        os.mkdir(self.guest.local_path(path))
-        return paramiko.SFTP_OK
-
-    @_errno
-    def rmdir(self, path):
-        os.rmdir(self.guest.local_path(path))
-        return paramiko.SFTP_OK
-
-    @_errno
-    def chattr(self, path, attr):
-        # Permissions only (packer chmods uploads); owners and times mean nothing in the lab.
-        if attr.st_mode is not None:
-            os.chmod(self.guest.local_path(path), (attr.st_mode & 0o777) | 0o600)
-        return paramiko.SFTP_OK

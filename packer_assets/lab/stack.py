@@ -85,7 +85,11 @@ class LabStack:
         served = ServedPve(pve, pki).start()
         mirror = IsoMirror(state / "mirror", mirror_items(catalog)).start()
         users = sorted({entry.install_user.name for entry in catalog})
-        guest = LabGuest(state / "guest", username=users[0], password=guest_password, also_accept=users[1:]).start()
+        # The guest also plays the smoke test's clones: their cloud-init user logs in with the keys in the
+        # clone's config, and the clone's agent reports the guest's host key as the clone's own.
+        guest = LabGuest(state / "guest", username=users[0], password=guest_password, also_accept=users[1:],
+                         key_source=pve.lab_ssh_keys).start()
+        pve.lab_guest_host_keys = [f"{guest.host_key.get_name()} {guest.host_key.get_base64()}"]
         return cls(state, pki, served, mirror, guest, catalog, lab_catalog_path, root_password, guest_password)
 
     def env(self) -> dict[str, str]:

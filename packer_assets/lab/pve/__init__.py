@@ -8,7 +8,8 @@ per module:
   roles and ACLs, with ACLs switched on from the start (only root@pam and granted users can act);
 - a download-url that really fetches the URL, verifies the checksum in the task and keeps the
   bytes under `data_dir`, and an upload that keeps them too (`transfer`);
-- a guest agent that answers for a running VM whose config enables it (`agent`);
+- a guest agent that answers for a running VM whose config enables it (`agent`), and answers the smoke
+  test's commands as the VM's guest would, with faults to prove each check fails (`guest_answers`);
 - what Debian's packer 1.6.6 proxmox-iso builder needs beyond fakepve (`packer_compat`).
 """
 
@@ -29,6 +30,7 @@ from .access import (
     normalize_path,
 )
 from .agent import LabAgent, agent_enabled
+from .guest_answers import FAULTS, LabGuestExec, decode_sshkeys
 from .packer_compat import PackerCompat
 from .roles import PRIV_GROUPS, Grant, builtin_roles
 from .transfer import (
@@ -50,6 +52,7 @@ __all__ = [
     "CHUNK",
     "CONTENT_DIRS",
     "EXTENSIONS",
+    "FAULTS",
     "HASHES",
     "PRIV_GROUPS",
     "REALMS",
@@ -63,11 +66,13 @@ __all__ = [
     "Grant",
     "LabAccess",
     "LabAgent",
+    "LabGuestExec",
     "LabPve",
     "LabTransfer",
     "PackerCompat",
     "agent_enabled",
     "builtin_roles",
+    "decode_sshkeys",
     "encode_text",
     "normalize_content_filename",
     "normalize_path",
@@ -75,7 +80,7 @@ __all__ = [
 ]
 
 
-class LabPve(PackerCompat, LabAccess, LabTransfer, LabAgent, FakePve):
+class LabPve(PackerCompat, LabAccess, LabTransfer, LabGuestExec, LabAgent, FakePve):
     """The lab's PVE node `pve1`, storages `local` (dir: iso, vztmpl, backup) and `local-lvm` (lvmthin).
 
     password is root@pam's (the caller picks it; there is no default). Files downloaded or uploaded
@@ -90,6 +95,7 @@ class LabPve(PackerCompat, LabAccess, LabTransfer, LabAgent, FakePve):
         self._init_access()
         self._init_transfer(data_dir)
         self._init_agent()
+        self._init_guest_exec()
 
     @property
     def root_password(self) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from fakepve import agent as guest_agent
 from fakepve.model import FakeVm
 from fakepve.schema import Match
 from fakepve.shapes import networks
@@ -47,6 +48,12 @@ def osinfo_from_os_release(text: str) -> dict[str, str]:
     return info
 
 
+def _release_number(files: dict[str, bytes]) -> int | None:
+    """The mirror release a lab ISO is (its release.txt), None if it names none."""
+    text = files.get("release.txt", b"").decode().strip()
+    return int(text) if text.isdigit() else None
+
+
 def agent_enabled(config: dict[str, Any]) -> bool:
     """True if a VM config's `agent` option enables the guest agent ('1', 'enabled=1,...', '1,fstrim...')."""
     for part in str(config.get("agent", "0")).split(","):
@@ -63,8 +70,9 @@ class LabAgent:
     lab_guest_ip is the address the agent reports for eth0 (the lab's guests are reached on loopback).
     The OS get-osinfo reports is the VM's own: read, when the VM is created, from the `os-release` file of
     the ISO it boots (the lab mirror writes one into each key's ISO), and carried over to its clones; a
-    VM without one reports lab_default_os (a test sets it). A test can still set vm.agent to a dict of its
-    own answers (fakepve's keys: 'interfaces', 'os', ...).
+    VM without one reports lab_default_os (a test sets it). The ISO's `release.txt` (the mirror release)
+    is kept as vm.lab_release the same way: it decides the packages the guest has (guest_answers). A test
+    can still set vm.agent to a dict of its own answers (fakepve's keys: 'interfaces', 'os', ...).
     """
 
     lab_guest_ip = "127.0.0.1"
@@ -95,16 +103,21 @@ class LabAgent:
         if command == "network-get-interfaces" and "interfaces" not in vm.agent:
             data = {"result": self.lab_interfaces(vm)}
         elif command == "get-osinfo" and "os" not in vm.agent:
-            own = getattr(vm, "lab_os", None) or self.lab_default_os
-            if own:
-                data["result"] = dict(own)
+            data["result"] = self.lab_reported_os(vm)
         return data
+
+    def lab_reported_os(self, vm: FakeVm) -> dict[str, str]:
+        """What get-osinfo answers for vm: a test's vm.agent['os'], the VM's own OS, lab_default_os, fakepve's."""
+        own = (vm.agent or {}).get("os") or getattr(vm, "lab_os", None) or self.lab_default_os
+        return dict(own) if own else guest_agent.default(vm, "get-osinfo")
 
     async def _qm_create(self, v: dict[str, Any], user: str) -> Any:
         answer = await super()._qm_create(v, user)
         vm = self.vm(int(v["vmid"]))
         if vm is not None:
-            vm.lab_os = self._installed_os(vm)
+            files = self._installed_iso_files(vm)
+            vm.lab_os = osinfo_from_os_release(files["os-release"].decode()) if files else None
+            vm.lab_release = _release_number(files) if files else None
         return answer
 
     async def _qm_clone(self, v: dict[str, Any], user: str) -> Any:
@@ -112,11 +125,12 @@ class LabAgent:
         answer = await super()._qm_clone(v, user)
         clone = self.vm(int(v["newid"]))
         if clone is not None:
-            clone.lab_os = getattr(source, "lab_os", None)  # the clone's disk is the template's system
+            # the clone's disk is the template's system
+            clone.lab_os, clone.lab_release = getattr(source, "lab_os", None), getattr(source, "lab_release", None)
         return answer
 
-    def _installed_os(self, vm: FakeVm) -> dict[str, str] | None:
-        """The OS the VM's boot ISO installs: its os-release, if an attached ISO carries one."""
+    def _installed_iso_files(self, vm: FakeVm) -> dict[str, bytes] | None:
+        """The files of the lab ISO the VM boots to install its system: the first attached ISO with an os-release."""
         for value in vm.config.values():
             found = ISO_VOLUME.search(str(value))
             path = self.content_file(found.group(1), "iso", found.group(2)) if found else None
@@ -126,7 +140,7 @@ class LabAgent:
                 except Exception:  # noqa: BLE001 - not one of the lab's ISOs: it says nothing about the OS
                     continue
                 if "os-release" in files:
-                    return osinfo_from_os_release(files["os-release"].decode())
+                    return files
         return None
 
     def lab_interfaces(self, vm: FakeVm) -> list[dict[str, Any]]:
