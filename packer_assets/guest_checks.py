@@ -44,9 +44,9 @@ class GuestCheck:
         """The command line the SSH user's shell runs (a site check's `run` as written)."""
         return " ".join([*self.argv, *(shlex.quote(values[p]) for p in self.params)])
 
-    def judge(self, exit_code: int | None, output: str, values: dict[str, str]) -> tuple[bool, str]:
-        """(passed, one line saying why) for what the command returned."""
-        shown = " ".join(output.split())[:OUTPUT_SHOWN] or "no output"
+    def judge(self, exit_code: int | None, output: str, values: dict[str, str], err: str = "") -> tuple[bool, str]:
+        """(passed, one line saying why) for what the command returned (its stderr shown when stdout is empty)."""
+        shown = " ".join((output if output.strip() else err).split())[:OUTPUT_SHOWN] or "no output"
         if exit_code != self.expect_exit:
             return False, f"exit {exit_code}, expected {self.expect_exit}: {shown}"
         if self.expect_output is not None:

@@ -307,7 +307,7 @@ def _test(api, node, template_vmid, entry, run: _Run, clone_vmid, ssh_public_key
                                      check.ssh_command(values), deadline)
             else:
                 output = _agent_output(run, check.name, clone.agent, check.command(values), deadline)
-            passed, run.detail = check.judge(output.exit_code, output.out, values)
+            passed, run.detail = check.judge(output.exit_code, output.out, values, output.err)
             if not passed:
                 raise run.error(check.name, f"{check.purpose}: {run.detail}")
             if check.name == "fresh_identity" and linux:

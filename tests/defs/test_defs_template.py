@@ -11,7 +11,9 @@ import pytest
 from packer_assets.defs import assets, jobs
 from packer_assets.defs.resources import PackerSettings, ProjectSettings
 from packer_assets.envfile import read_env_file
+from packer_assets.evidence import sha256_file
 from packer_assets.proof import build_proof_schema
+from packer_assets.sbom import package_count, validate_sbom
 
 pytestmark = pytest.mark.packer
 KEY = "debian-12"
@@ -63,9 +65,26 @@ def test_build_promote_prove_then_up_to_date(lab_project):
         assert "packer-assets-latest" in templates_of(pve)[vmid]
         assert [vm for vm in pve.vms if not vm.template] == []  # the smoke clone is gone
         proof_dir = layout.output_root / "docs/proof/platform/packer-builds/builds" / KEY / "latest"
-        assert sorted(p.name for p in proof_dir.iterdir()) == ["README.md", "packer.log", "proof.json"]
+        assert sorted(p.name for p in proof_dir.iterdir()) == ["README.md", "packer.log", "proof.json", "sbom.cdx.json"]
         proof = json.loads((proof_dir / "proof.json").read_text())
         jsonschema.validate(proof, build_proof_schema())
+        # the SBOM: valid CycloneDX, the sha256 and package count proof.json names, the count in the README
+        bom = json.loads((proof_dir / "sbom.cdx.json").read_text())
+        validate_sbom(bom)
+        assert proof["sbom"]["sha256"] == sha256_file(proof_dir / "sbom.cdx.json")
+        assert proof["sbom"]["packages"] == package_count(bom) > 10 and proof["sbom"]["changes"] is None
+        assert any(c["purl"].startswith("pkg:deb/debian/openssh-server@") for c in bom["components"])
+        readme = (proof_dir / "README.md").read_text()
+        assert f"| Packages (SBOM) | `{package_count(bom)} in sbom.cdx.json` |" in readme
+        assert "first SBOM of this key" in readme
+        # every guest check ran in the clone and is in the proof and the check's metadata
+        steps = {s["name"]: s for s in proof["checks"][0]["details"]["steps"]}
+        for name in ("cloud_init", "fresh_identity", "ssh_login", "password_locked", "guest_agent_enabled", "inventory"):
+            assert steps[name]["passed"], steps
+        assert steps["ssh_login"]["detail"] == "packer-smoke"  # the login ran `id -un` as the cloud-init user
+        assert proof["checks"][0]["details"]["machine_id"]
+        check = next(c for c in first.get_asset_check_evaluations() if c.check_name == "smoke_test")
+        assert "| ssh_login | passed |" in check.metadata["steps"].value
         assert proof["chain_id"] == meta["chain_id"].value and proof["template"]["vmid"] == vmid
         # provenance: the catalog's upstream URL, and the mirror URL the node actually fetched
         assert proof["iso"]["url"].startswith("https://cdimage.debian.org/")
@@ -95,6 +114,41 @@ def test_a_template_installed_from_another_keys_iso_fails_at_identity_and_is_not
     assert "failed at step 'identity'" in text and "expected debian 12, found ubuntu 22.04" in text
     assert templates_of(lab_project.pve) == {}  # destroyed: nothing promoted
     assert not (lab_project.root / "docs/proof/platform/packer-builds/builds" / KEY).exists()
+
+
+def test_a_new_release_s_proof_lists_the_package_changes(lab_project):
+    """A mirror release with a changed package list: the new proof's SBOM differs from the first's by an
+    added and a changed package, named in proof.json and the proof README."""
+    with dg.instance_for_test() as instance:
+        assert rebuild(lab_project, instance).success
+        first = json.loads((proofs_of(lab_project) / "latest" / "proof.json").read_text())
+        lab_project.mirror.publish(KEY)  # a re-spin: new checksum, new packages
+        assert rebuild(lab_project, instance).success
+    latest = proofs_of(lab_project) / "latest"
+    proof = json.loads((latest / "proof.json").read_text())
+    assert proof["chain_id"] != first["chain_id"]
+    changes = proof["sbom"]["changes"]
+    assert changes["previous_chain_id"] == first["chain_id"]
+    assert len(changes["added"]) >= 1 and len(changes["changed"]) >= 1, changes
+    readme = (latest / "README.md").read_text()
+    assert f"## Package changes since {first['chain_id']}" in readme
+    assert f"| added | `{changes['added'][0]}` |" in readme and f"| changed | `{changes['changed'][0]}` |" in readme
+
+
+@pytest.mark.parametrize("fault", ["ssh_login", "password_locked"])
+def test_a_failed_guest_check_is_not_promoted_and_its_steps_are_in_the_check(lab_project, fault):
+    lab_project.pve.lab_faults[KEY] = {fault}
+    with dg.instance_for_test() as instance:
+        result = rebuild(lab_project, instance)
+    check = next(c for c in result.get_asset_check_evaluations() if c.check_name == "smoke_test")
+    assert not check.passed and f"failed at step '{fault}'" in check.description
+    assert f"| {fault} | FAILED |" in check.metadata["steps"].value
+    assert templates_of(lab_project.pve) == {}
+    assert not proofs_of(lab_project).exists()
+
+
+def proofs_of(lab_project, key=KEY):
+    return lab_project.root / "docs/proof/platform/packer-builds/builds" / key
 
 
 def test_packer_crash_leaves_no_vm_no_proof_and_names_the_log(lab_project, tmp_path):

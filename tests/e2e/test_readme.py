@@ -16,6 +16,8 @@ import pytest
 from support import REPO
 from support.checkout import export_repository
 
+from packer_assets.sbom import package_count, validate_sbom
+
 pytestmark = [pytest.mark.lab, pytest.mark.packer, pytest.mark.e2e]
 KEYS = ("ubuntu-2204", "ubuntu-2404", "debian-12", "rocky-9", "windows-2022")
 
@@ -119,8 +121,19 @@ def check_after(command: str, clone: Path, proc: subprocess.CompletedProcess) ->
     """What a command must have left behind, beyond its exit status."""
     proofs = clone / "docs/proof/platform/packer-builds/builds"
     if command == "make demo":
+        schema = json.loads((REPO / "docs/schema/build-proof.schema.json").read_text())
         for key in KEYS:
             assert (proofs / key / "latest/proof.json").is_file(), f"make demo left no proof for {key}"
+            # each proof names the OS it found and the one it expected, and carries a valid SBOM counted in its README
+            proof = json.loads((proofs / key / "latest/proof.json").read_text())
+            jsonschema.validate(proof, schema)
+            smoke = proof["checks"][0]["details"]
+            assert smoke["found_os"] and smoke["found_os"].split()[0] == smoke["expected_os"].split()[0], smoke
+            bom = json.loads((proofs / key / "latest/sbom.cdx.json").read_text())
+            validate_sbom(bom)
+            assert proof["sbom"]["packages"] == package_count(bom) > 0
+            readme = (proofs / key / "latest/README.md").read_text()
+            assert f"| Packages (SBOM) | `{package_count(bom)} in sbom.cdx.json` |" in readme
         init = json.loads((clone / "docs/proof/platform/packer-builds/init/latest/proof.json").read_text())
         jsonschema.validate(init, json.loads((REPO / "docs/schema/init-proof.schema.json").read_text()))
         assert (clone / "infra/env/.env.proxmox").is_file()
