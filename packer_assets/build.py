@@ -11,6 +11,7 @@ proof can follow.
 
 import json
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -18,10 +19,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from . import __version__
-from .catalog import TemplateEntry
-from .chain import ChainId, parse_chain_id
+from .catalog import TemplateEntry, load_catalog
+from .chain import ChainId, log_header, parse_chain_id
 from .checksums import Checksum
-from .evidence import Layout, Redactor, atomic_write, sha256_file
+from .evidence import BUILD_RECORD_NAME, Layout, Redactor, atomic_write, sha256_file
 from .packer.env import packer_env, validate_env
 from .packer.runner import PackerCheck, PackerError, open_build_log, packer_init, packer_validate, run_packer
 from .packer.version import BuildCredentials, detect_packer
@@ -32,8 +33,10 @@ from .proof import (BuildProof, CheckResult, IsoRef, PackageChanges, SbomRef, Te
 from .pve.bootstrap import BuildAccess, token_privilege_gaps
 from .pve.guest_exec import host_key_fingerprints
 from .pve.smoke import BASE_STEPS, SmokeResult, SmokeTestError, smoke_test
+from .signing import Signer
 from .sbom import SBOM_FILE, SbomError, build_sbom, diff_sboms, package_count, sbom_json, validate_sbom
 from .pve.staging import StagedIso, upload_iso
+from .registry import record_proof, write_registry
 from .pve.templates import (
     TemplateDescription,
     allocate_vmid,
@@ -52,7 +55,7 @@ from .pve.templates import (
 )
 from .errors import OperationError
 
-RECORD = "build.json"
+RECORD = BUILD_RECORD_NAME
 VM_RECORD = "build-vm.json"  # in the work directory from before packer starts until the build VM is settled
 
 
@@ -89,6 +92,7 @@ class BuildOutcome:
     pruned: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     swept: list[str] = field(default_factory=list)  # leftovers of dead runs removed before this build
+    registry_warning: str | None = None  # registry.json could not be rewritten (the build stands)
 
 
 def rendered_hashes(rendered_dir: Path) -> dict[str, str]:
@@ -251,7 +255,21 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
     }
     outcome.record_file = atomic_write(log.path.parent / RECORD, json.dumps(record, indent=2, default=str) + "\n")
     prune_work_dirs(layout, entry)
+    outcome.registry_warning = update_registry(layout, api, project_dir, chain, echo)
     return outcome
+
+
+def update_registry(layout: Layout, api, project_dir: Path, chain: ChainId, echo=print) -> str | None:
+    """registry.json rewritten after a promotion and prune (every catalog key, read from the node). A
+    failure is a warning, never a failed build: the template is built, promoted and recorded, and the
+    next write (a build, a proof, `packer-assets channel`, the template_registry asset) catches up."""
+    try:
+        write_registry(layout, api, load_catalog(project_dir=project_dir))
+    except Exception as exc:  # noqa: BLE001 - reported; the build it follows succeeded
+        warning = f"registry {layout.registry_file} not rewritten: {type(exc).__name__}: {exc}"
+        echo(f"{log_header(chain, 'warning')} {warning}")
+        return warning
+    return None
 
 
 def _step_facts(step, redact: Redactor) -> dict:
@@ -348,7 +366,7 @@ def promoted_record(layout: Layout, api, key: str) -> tuple[Path, dict]:
     return folder, json.loads(record.read_text())
 
 
-def write_proof(layout: Layout, record: dict, log_file: Path) -> Path:
+def write_proof(layout: Layout, record: dict, log_file: Path, signer: Signer | None = None) -> Path:
     """template_proof: the bundle of a build that passed its checks (the record exists only then), with
     its SBOM and the package changes since the key's previous proved template."""
     sbom_ref, sbom_file = None, None
@@ -371,7 +389,13 @@ def write_proof(layout: Layout, record: dict, log_file: Path) -> Path:
         log_sha256=record["log_sha256"], input_fingerprint=record["input_fingerprint"],
         tool_version=record["tool_version"], previous_template_vmid=record.get("previous_template_vmid"),
         pruned_vmids=record.get("pruned_vmids", []), sbom=sbom_ref)
-    return write_build_proof(layout, proof, log_file, sbom_file)
+    proof_dir = write_build_proof(layout, proof, log_file, sbom_file, signer)
+    try:  # the proof path in registry.json; a failure is a warning, the proof stands
+        record_proof(layout, record["key"], record["chain_id"])
+    except Exception as exc:  # noqa: BLE001
+        print(f"{log_header(record['chain_id'], 'warning')} registry {layout.registry_file} not updated with the "
+              f"proof: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return proof_dir
 
 
 def _checks_passed(smoke: dict) -> str:

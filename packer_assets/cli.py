@@ -1,4 +1,4 @@
-"""The `packer-assets` command: catalog checks and the lab.
+"""The `packer-assets` command: catalog checks, settings, validation, proofs, chain IDs and the lab.
 
 Every failure prints one line naming what is wrong and exits 2; no traceback for expected errors.
 """
@@ -80,6 +80,61 @@ def _settings(args) -> int:
     return 0
 
 
+def _registry_session():
+    """(layout, catalog, the node's API as the build token) as builds have them: settings, env files, catalog."""
+    from .catalog import load_catalog
+    from .channels import node_api
+    from .settings import export_env_files, load_settings
+
+    found = load_settings()
+    export_env_files()  # as definitions.py does: the catalog an env file names is the one used
+    catalog = load_catalog()
+    return found.layout, catalog, node_api(found.layout)
+
+
+def _channel(args) -> int:
+    """Point a channel of a key at one of its templates, take it away, or list the channels."""
+    from .channels import channel_name, channel_rows, set_channel, unset_channel
+    from .registry import build_registry
+
+    if args.channel_command != "list":
+        channel_name(args.channel)  # a bad name is refused before the node is asked
+    layout, catalog, api = _registry_session()
+    if args.channel_command == "set":
+        change = set_channel(layout, api, catalog, args.channel, args.key, args.template)
+        taken = f" (taken from {', '.join(map(str, change.taken_from))})" if change.taken_from else ""
+        print(f"{change.key}: channel {change.channel} -> {change.vmid}{taken}; registry {layout.registry_file}")
+    elif args.channel_command == "unset":
+        change = unset_channel(layout, api, catalog, args.channel, args.key)
+        said = f"unset (was on {', '.join(map(str, change.taken_from))})" if change.taken_from else "was not set"
+        print(f"{change.key}: channel {change.channel} {said}; registry {layout.registry_file}")
+    else:
+        if args.key:
+            catalog.get(args.key)  # an unknown key is one line, not an empty list
+        rows = channel_rows(build_registry(layout, api, catalog), args.key)
+        for key, channel, vmid, name in rows:
+            print(f"{key:<24} {channel:<16} {vmid:<8} {name}")
+        if not rows:
+            print(f"no channels: no key {'of ' + args.key + ' ' if args.key else ''}has a current template")
+    return 0
+
+
+def _revoke(args) -> int:
+    """Mark a template revoked: consumers stop using it, its key's next build replaces it."""
+    from .channels import revoke
+
+    layout, catalog, api = _registry_session()
+    done = revoke(layout, api, catalog, args.template, args.reason)
+    notes = []
+    if done.was_promoted:
+        notes.append(f"it was the current template of {done.key}: the key's next build builds a new one")
+    if done.channels:
+        notes.append(f"channels taken: {', '.join(done.channels)}")
+    print(f"{done.key}: template {done.vmid} ({done.name}) revoked" + "".join(f"; {n}" for n in notes)
+          + f"; registry {layout.registry_file}")
+    return 0
+
+
 def _lab(args) -> int:
     from .lab import service
 
@@ -103,6 +158,78 @@ def _lab(args) -> int:
     return 0
 
 
+def _proof_verify(args) -> int:
+    """Verify one bundle (a folder or a chain ID), or every bundle under the output root."""
+    from .settings import load_settings
+    from .verify import FAILED, OK, all_bundles, find_bundle, verify_bundle
+
+    layout = load_settings().layout
+    folders = [find_bundle(layout, args.bundle)] if args.bundle else all_bundles(layout)
+    if not folders:
+        print(f"no proof bundles under {layout.output_root}")
+        return FAILED
+    reports = [verify_bundle(f, args.allowed_signers, args.require_signature) for f in folders]
+    for report in reports:
+        print("\n".join(report.lines()))
+    return OK if all(r.ok for r in reports) else FAILED
+
+
+def _chain(args) -> int:
+    """Everything that carries a chain ID; or the chain IDs of a key, newest first."""
+    from .audit import chain_report, chains_of_key
+    from .settings import export_env_files, load_settings
+
+    found = load_settings()
+    export_env_files()
+    layout = found.layout
+    if args.key:
+        chains = chains_of_key(layout, args.key)
+        if args.json:
+            print(json.dumps([{"chain_id": c, "outcome": o} for c, o in chains], indent=2))
+        else:
+            print("\n".join(f"{c}  {o}" for c, o in chains) or f"no builds of {args.key} in {layout.output_root}")
+        return 0 if chains else 1
+    if not args.chain_id:
+        raise SystemExit("packer-assets chain: give a chain ID, or --key KEY")
+    report = chain_report(layout, args.chain_id, runs=lambda c: _runs_of_chain(c, found.ui_url),
+                          templates=lambda c: _templates_of_chain(layout, c))
+    print(report.as_json() if args.json else "\n".join(report.lines()))
+    return 0 if report.found else 1
+
+
+def _runs_of_chain(chain_id: str, ui_url: str | None) -> list[dict]:
+    """The Dagster runs tagged with the chain ID, in the instance DAGSTER_HOME names."""
+    import dagster as dg
+
+    from .defs.assets import CHAIN_TAG
+
+    with dg.DagsterInstance.get() as instance:
+        runs = instance.get_runs(filters=dg.RunsFilter(tags={CHAIN_TAG: chain_id}))
+    return [{"run_id": r.run_id, "status": r.status.value, "job": r.job_name,
+             "url": f"{ui_url}/runs/{r.run_id}" if ui_url else None} for r in runs]
+
+
+def _templates_of_chain(layout, chain_id: str) -> list[dict]:
+    """Templates of the chain's key whose description names the chain ID (asked as the build token)."""
+    from .chain import parse_chain_id
+    from .envfile import read_env_file
+    from .pve.bootstrap import build_access
+    from .pve.templates import list_templates, template_description
+
+    key = parse_chain_id(chain_id).key
+    if key == "init":
+        return []
+    if not layout.env_file.is_file():
+        raise FileNotFoundError(f"{layout.env_file} does not exist (make init): cannot ask the node")
+    api = build_access(read_env_file(layout.env_file), str(layout.env_file)).connect()
+    found = []
+    for guest in list_templates(api, key):
+        described = template_description(api, guest)
+        if described is not None and described.chain_id == chain_id:
+            found.append({"vmid": guest.vmid, "name": guest.name, "node": guest.node, "tags": guest.tags})
+    return found
+
+
 def _print_endpoints(info: dict) -> None:
     for name in ("pve_url", "ca_file", "mirror_url", "guest"):
         if name in info:
@@ -123,12 +250,49 @@ def build_parser() -> argparse.ArgumentParser:
     settings = sub.add_parser("settings", help="check every setting as the definitions read them and print "
                               "them (no secrets); exit 2 naming the variable and where it came from")
     settings.set_defaults(func=_settings)
+
+    channel = sub.add_parser("channel", help="channels of a key (registry.json, PVE tags "
+                             "packer-assets-channel-<name>): which template consumers clone")
+    channel_sub = channel.add_subparsers(dest="channel_command", required=True)
+    channel_set = channel_sub.add_parser("set", help="point CHANNEL of KEY at one of its templates (not a revoked one)")
+    channel_set.add_argument("channel")
+    channel_set.add_argument("key")
+    channel_set.add_argument("template", help="the template's VMID or its chain ID")
+    channel_unset = channel_sub.add_parser("unset", help="take CHANNEL from every template of KEY")
+    channel_unset.add_argument("channel")
+    channel_unset.add_argument("key")
+    channel_list = channel_sub.add_parser("list", help="every key's channels (latest included), or KEY's")
+    channel_list.add_argument("key", nargs="?")
+    for cmd in (channel_set, channel_unset, channel_list):
+        cmd.set_defaults(func=_channel)
+    revoke = sub.add_parser("revoke", help="mark a template revoked (PVE tag packer-assets-revoked, a line in its "
+                            "description): its promotion and channels are taken, its key's next build replaces it")
+    revoke.add_argument("template", help="the template's VMID or its chain ID")
+    revoke.add_argument("--reason", help="one line, kept in the description and registry.json")
+    revoke.set_defaults(func=_revoke)
     validate = sub.add_parser("validate", help="render and validate every key, then packer validate (validate-all.sh)")
     validate.add_argument("keys", nargs="*", help="keys to validate (default: all)")
     validate.add_argument("--catalog", type=Path, default=None)
     validate.add_argument("--allow-degraded", action="store_true",
                           help="accept what the installed packer cannot do (EFI/TPM on 1.6.6) as warnings")
     validate.set_defaults(func=_validate)
+
+    proof = sub.add_parser("proof", help="proof bundles")
+    proof_sub = proof.add_subparsers(dest="proof_command", required=True)
+    verify = proof_sub.add_parser("verify", help="check a bundle's files against its manifest, its signature and "
+                                  "proof.json against its schema; exit 0 ok, 1 a problem (each named), 2 not found")
+    verify.add_argument("bundle", nargs="?", help="a bundle folder or a chain ID (default: every bundle)")
+    verify.add_argument("--allowed-signers", type=Path, default=None,
+                        help="ssh-keygen's allowed_signers file: the signer must be listed")
+    verify.add_argument("--require-signature", action="store_true", help="an unsigned bundle fails")
+    verify.set_defaults(func=_proof_verify)
+
+    chain = sub.add_parser("chain", help="everything that carries a chain ID: logs, record, proof, Dagster runs, "
+                           "Proxmox templates; or --key KEY: its chain IDs, newest first")
+    chain.add_argument("chain_id", nargs="?")
+    chain.add_argument("--key", help="list the chain IDs of this key instead")
+    chain.add_argument("--json", action="store_true", help="JSON for scripts")
+    chain.set_defaults(func=_chain)
 
     lab = sub.add_parser("lab", help="the embedded lab: fake PVE API, ISO mirror, guest SSH")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)

@@ -18,7 +18,7 @@ SETTINGS = load_settings()
 # and the catalog an env file names (PACKER_ASSETS_CATALOG, e.g. the lab's) must be the one they come from.
 export_env_files()
 
-from .defs import assets, checks, jobs, schedules, sensors  # noqa: E402
+from .defs import assets, checks, jobs, registry, schedules, sensors  # noqa: E402
 from .defs.resources import PackerSettings, ProjectSettings, ProxmoxBootstrap  # noqa: E402
 
 
@@ -31,9 +31,9 @@ defs = dg.Definitions(
     # Code references: the UI links every asset to the function that defines it.
     assets=dg.with_source_code_references(
         [assets.proxmox_env, assets.iso_release, assets.unattended_files, assets.staged_iso, assets.template,
-         assets.template_proof]
+         assets.template_proof, registry.template_registry]
     ),
-    jobs=[jobs.bootstrap_job, jobs.rebuild_job, jobs.check_proxmox_env_job],
+    jobs=[jobs.bootstrap_job, jobs.rebuild_job, jobs.check_proxmox_env_job, registry.registry_job],
     # Every step of a run in the run's own process. Dagster's default (multiprocess) starts one more
     # Python process per step, each importing Dagster and these definitions again (4 per rebuild, each
     # 1.5-3 s of CPU and ~130 MiB): in the lab that was most of a rebuild's wall time and, with several
@@ -57,7 +57,9 @@ defs = dg.Definitions(
             build_user=SETTINGS.build_user,
             build_password=_env("PROXMOX_BUILD_PASSWORD"),
         ),
-        "project": ProjectSettings(output_root=str(SETTINGS.output_root)),
+        "project": ProjectSettings(output_root=str(SETTINGS.output_root),
+                                   signing_key=str(SETTINGS.signing_key) if SETTINGS.signing_key else None,
+                                   signing_key_id=SETTINGS.signing_key_id),
         "pve_admin": ProxmoxBootstrap(
             api_url=SETTINGS.proxmox_url or "https://pve.invalid:8006",
             ca_file=str(SETTINGS.ca_file) if SETTINGS.ca_file else None,

@@ -9,8 +9,12 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .chain import log_header
+
+if TYPE_CHECKING:
+    from .signing import Signer
 
 ENV_FILE = Path("infra/env/.env.proxmox")
 SECRETS_FILE = Path("control/secrets.env")
@@ -20,6 +24,8 @@ INIT_PROOFS = Path("docs/proof/platform/packer-builds/init")
 BUILD_PROOFS = Path("docs/proof/platform/packer-builds/builds")
 RENDERED = Path("output/rendered")
 BUILD_LOG_NAME = "packer.log"  # in each build's log folder and its proof bundle
+BUILD_RECORD_NAME = "build.json"  # in a build's log folder, written only for a template that passed its smoke test
+REGISTRY = Path("docs/proof/platform/packer-builds/registry.json")
 WORK = Path("output/work")
 LOCKS = Path("output/locks")
 
@@ -60,6 +66,16 @@ class Layout:
     def lock_file(self, key: str) -> Path:
         """`output/locks/<key>.lock`: held by the run that works on the key (see locks.py)."""
         return self.output_root / LOCKS / f"{key}.lock"
+
+    @property
+    def registry_file(self) -> Path:
+        """`docs/proof/platform/packer-builds/registry.json`: every key's templates and channels (registry.py)."""
+        return self.output_root / REGISTRY
+
+    @property
+    def registry_lock(self) -> Path:
+        """`output/locks/_registry.lock`: held while the registry is rebuilt and written (no key starts with `_`)."""
+        return self.output_root / LOCKS / "_registry.lock"
 
 
 def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> Path:
@@ -175,10 +191,31 @@ def sha256_file(path: Path) -> str:
     return file_digest(path, "sha256")
 
 
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.json.sig"
+MANIFEST_FORMAT = "packer-assets bundle manifest 1"
+
+
+def write_manifest(folder: Path, signer: "Signer | None" = None) -> Path:
+    """manifest.json: every file of the bundle folder with its sha256 (and who signs it), then, with a
+    signer, manifest.json.sig: its SSH signature (signing.py). `packer-assets proof verify` checks both."""
+    import json
+
+    folder = Path(folder)
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())
+             if p.is_file() and p.name not in (MANIFEST, SIGNATURE)}
+    signed_by = {"key_id": signer.key_id, "public_key": signer.public_key()} if signer else None
+    manifest = atomic_write(folder / MANIFEST, json.dumps({"format": MANIFEST_FORMAT, "files": files,
+                                                            "signed_by": signed_by}, indent=2, sort_keys=True) + "\n")
+    if signer:
+        atomic_write(folder / SIGNATURE, signer.sign(manifest.read_bytes()))
+    return manifest
+
+
 def write_proof_bundle(proof_dir: Path, readme: str, proof: dict, log_file: Path, log_name: str,
-                       extra_files: dict[str, Path] | None = None) -> Path:
-    """README.md, proof.json, a copy of the log (and of `extra_files`: name -> source) in a fresh folder,
-    then `latest` swapped to it.
+                       extra_files: dict[str, Path] | None = None, signer: "Signer | None" = None) -> Path:
+    """README.md, proof.json, a copy of the log (and of `extra_files`: name -> source) and the manifest
+    (signed when a signer is given) in a fresh folder, then `latest` swapped to it.
 
     The folder is assembled under a temp name and renamed into place: a reader sees all of it or none.
     """
@@ -197,6 +234,7 @@ def write_proof_bundle(proof_dir: Path, readme: str, proof: dict, log_file: Path
             shutil.copyfile(source, staging / name)
         atomic_write(staging / "README.md", readme)
         atomic_write(staging / "proof.json", json.dumps(proof, indent=2, sort_keys=True) + "\n")
+        write_manifest(staging, signer)
         os.replace(staging, proof_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

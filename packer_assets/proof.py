@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .chain import CHAIN_RE, parse_chain_id
 from .evidence import BUILD_LOG_NAME, Layout, sha256_file, write_proof_bundle
+from .registry import REGISTRY_SCHEMA_FILE, registry_schema
+from .signing import Signer
 
 SCHEMA_FILE = Path("docs/schema/build-proof.schema.json")
 INIT_SCHEMA_FILE = Path("docs/schema/init-proof.schema.json")
@@ -210,7 +212,7 @@ def init_proof_schema() -> dict[str, Any]:
     return _schema(InitProof)
 
 
-SCHEMAS = {SCHEMA_FILE: build_proof_schema, INIT_SCHEMA_FILE: init_proof_schema}
+SCHEMAS = {SCHEMA_FILE: build_proof_schema, INIT_SCHEMA_FILE: init_proof_schema, REGISTRY_SCHEMA_FILE: registry_schema}
 
 
 def schema_text(file: Path = SCHEMA_FILE) -> str:
@@ -218,7 +220,7 @@ def schema_text(file: Path = SCHEMA_FILE) -> str:
 
 
 def write_schema(source_tree: Path = Path(".")) -> list[Path]:
-    """Both committed schemas, regenerated under `source_tree` (the checkout)."""
+    """Every committed schema (the proofs', the registry's), regenerated under `source_tree` (the checkout)."""
     written = []
     for file in SCHEMAS:
         path = Path(source_tree) / file
@@ -294,7 +296,8 @@ def render_init_readme(proof: InitProof) -> str:
 # ------------------------------------------------------------------ the bundle
 
 
-def write_build_proof(layout: Layout, proof: BuildProof, log_file: Path, sbom_file: Path | None = None) -> Path:
+def write_build_proof(layout: Layout, proof: BuildProof, log_file: Path, sbom_file: Path | None = None,
+                      signer: Signer | None = None) -> Path:
     """README.md, proof.json, packer.log (and sbom.cdx.json) in `builds/<key>/<ts>/`, then `latest` swapped
     to it. Each file must have the sha256 the proof names."""
     log_file = Path(log_file)
@@ -307,7 +310,7 @@ def write_build_proof(layout: Layout, proof: BuildProof, log_file: Path, sbom_fi
             raise ValueError(f"{sbom_file}: missing, or its sha256 differs from the proof's sbom.sha256 {proof.sbom.sha256}")
         extra[proof.sbom.file] = Path(sbom_file)
     return write_proof_bundle(layout.build_proof_dir(proof.key, proof.stamp), render_build_readme(proof),
-                              proof.model_dump(mode="json"), log_file, BUILD_LOG_NAME, extra)
+                              proof.model_dump(mode="json"), log_file, BUILD_LOG_NAME, extra, signer)
 
 
 def previous_sbom(layout: Layout, key: str, stamp: str) -> tuple[str, Path] | None:
@@ -320,10 +323,10 @@ def previous_sbom(layout: Layout, key: str, stamp: str) -> tuple[str, Path] | No
     return None
 
 
-def write_init_proof(layout: Layout, proof: InitProof, log_file: Path) -> Path:
+def write_init_proof(layout: Layout, proof: InitProof, log_file: Path, signer: Signer | None = None) -> Path:
     """README.md, proof.json and init-packer.log in `init/<ts>/`, then `latest` swapped to it."""
     return write_proof_bundle(layout.init_proof_dir(parse_chain_id(proof.chain_id).stamp), render_init_readme(proof),
-                              proof.model_dump(mode="json"), log_file, Path(log_file).name)
+                              proof.model_dump(mode="json"), log_file, Path(log_file).name, signer=signer)
 
 
 if __name__ == "__main__":  # python -m packer_assets.proof [source tree]: regenerate the committed schemas

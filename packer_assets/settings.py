@@ -68,6 +68,10 @@ class Settings:
     # automation
     sensor_interval: int = 3600  # seconds between iso_checksum_sensor ticks
     rebuild_cron: str = "0 3 * * 0"  # weekly_rebuild, UTC: Sunday 03:00
+    # evidence: proof bundles are signed (SSHSIG over manifest.json) when a key file is named
+    signing_key: Path | None = None
+    signing_key_id: str | None = None
+    ui_url: str | None = None  # the Dagster webserver, for links to runs (PACKER_ASSETS_UI_URL)
 
     @property
     def layout(self) -> Layout:
@@ -239,7 +243,32 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         build_login=build_login,
         sensor_interval=int(interval),
         rebuild_cron=cron,
+        signing_key=_signing_key(existing_file("PACKER_ASSETS_SIGNING_KEY"), where("PACKER_ASSETS_SIGNING_KEY")),
+        signing_key_id=text("PACKER_ASSETS_SIGNING_KEY_ID"),
+        ui_url=_ui_url(text("PACKER_ASSETS_UI_URL"), where("PACKER_ASSETS_UI_URL")),
     )
+
+
+def _ui_url(value: str | None, origin: str) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingsError(f"{origin}: PACKER_ASSETS_UI_URL={value!r} is not an http(s) URL of the Dagster webserver")
+    return value.rstrip("/")
+
+
+def _signing_key(path: str | None, origin: str) -> Path | None:
+    """The signing key file, checked now (an Ed25519 OpenSSH private key), not at the first proof."""
+    if path is None:
+        return None
+    from .signing import Signer, SigningKeyError
+
+    try:
+        Signer(Path(path).expanduser()).public_key()
+    except SigningKeyError as exc:
+        raise SettingsError(f"{origin}: PACKER_ASSETS_SIGNING_KEY: {exc}") from None
+    return Path(path).expanduser().resolve()
 
 
 def export_env_files(env: "os._Environ[str] | None" = None) -> list[str]:

@@ -54,7 +54,7 @@ def proxmox_env(
         context.log.warning(f"[{chain}] TLS verification of {pve_admin.api_url} is OFF: PROXMOX_INSECURE=1 "
                             f"from {pve_admin.insecure_origin or 'the run config'}")
     outcome = run_init(layout, pve_admin.endpoint(), pve_admin.bootstrapper(), pve_admin.config(config.rotate),
-                       chain, run_id=context.run.run_id, echo=print)
+                       chain, run_id=context.run.run_id, echo=print, signer=project.signer())
     result, found = outcome.result, outcome.result.discovery
     context.log.info(f"[{chain}] token {result.token_id} {result.token_action}; {len(result.changes)} change(s)")
     return dg.MaterializeResult(
@@ -275,7 +275,7 @@ def template_proof(context: dg.AssetExecutionContext, project: ProjectSettings) 
     folder, record = promoted_record(layout, project.build_access().connect(), key)
     proof_dir = layout.build_proof_dir(key, folder.name)
     if not proof_dir.exists():  # an up-to-date run re-proves nothing: its build's proof stands
-        write_proof(layout, record, folder / "packer.log")
+        write_proof(layout, record, folder / "packer.log", project.signer())
     context.log.info(f"[{record['chain_id']}] proof {proof_dir}")
     return dg.MaterializeResult(
         metadata={"chain_id": record["chain_id"], "proof": dg.MetadataValue.path(str(proof_dir)),

@@ -10,6 +10,7 @@ from ..catalog import Catalog, load_catalog
 from ..packer.version import BuildCredentials, PackerVersionError, detect_packer
 from ..envfile import read_env_file
 from ..evidence import Layout
+from ..signing import Signer
 from ..pve.bootstrap import BuildAccess, build_access
 from ..pve.bootstrap import BootstrapConfig
 from ..pve.client import Endpoint
@@ -21,9 +22,16 @@ class ProjectSettings(dg.ConfigurableResource):
     """The output root for env files, logs, proofs and rendered files."""
 
     output_root: str = Field(default=".", description="output root (PACKER_ASSETS_ROOT)")
+    signing_key: str | None = Field(default=None, description="Ed25519 OpenSSH private key file that signs every "
+                                    "proof bundle's manifest (PACKER_ASSETS_SIGNING_KEY); unset: unsigned")
+    signing_key_id: str | None = Field(default=None, description="who signs, as in allowed_signers "
+                                       "(PACKER_ASSETS_SIGNING_KEY_ID)")
 
     def layout(self) -> Layout:
         return Layout(Path(self.output_root).resolve())
+
+    def signer(self) -> Signer | None:
+        return Signer(Path(self.signing_key), self.signing_key_id) if self.signing_key else None
 
     def catalog(self) -> Catalog:
         """The catalog as the environment names it (PACKER_ASSETS_CATALOG, mirror), read per run."""

@@ -21,6 +21,7 @@ from ..chain import ChainId
 from ..envfile import read_env_file, write_env_file
 from ..evidence import Layout, Redactor, RunLog, atomic_write, sha256_file
 from ..proof import InitProof, write_init_proof
+from ..signing import Signer
 from .bootstrap import BootstrapConfig, BootstrapResult, bootstrap, env_file_values
 from .client import Endpoint
 
@@ -122,8 +123,9 @@ def explicit_trust(endpoint: Endpoint) -> bool:
 
 
 def run_init(layout: Layout, endpoint: Endpoint, admin: "AdminLogin | Bootstrapper", config: BootstrapConfig,
-             chain: ChainId, run_id: str | None = None, echo=None) -> InitOutcome:
-    """admin: an AdminLogin (the API path) or any Bootstrapper (e.g. SshBootstrap)."""
+             chain: ChainId, run_id: str | None = None, echo=None, signer: Signer | None = None) -> InitOutcome:
+    """admin: an AdminLogin (the API path) or any Bootstrapper (e.g. SshBootstrap); signer: signs the
+    proof bundle's manifest when given."""
     method = ApiBootstrap(admin) if isinstance(admin, AdminLogin) else admin
     started = datetime.now(UTC)
     secret = known_secret(layout)
@@ -174,5 +176,5 @@ def run_init(layout: Layout, endpoint: Endpoint, admin: "AdminLogin | Bootstrapp
         role=config.role, privileges=list(result.privileges), changes=result.changes,
         discovery=asdict(result.discovery), env_file=str(layout.env_file.relative_to(layout.output_root)),
         log_sha256=sha256_file(log_file))
-    proof_dir = write_init_proof(layout, proof, log_file)
+    proof_dir = write_init_proof(layout, proof, log_file, signer)
     return InitOutcome(result, layout.env_file, layout.secrets_file, log_file, proof_dir, proof.model_dump(mode="json"))

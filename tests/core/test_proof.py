@@ -7,13 +7,13 @@ import jsonschema
 import pytest
 from pydantic import ValidationError
 from support import REPO
+from support.proofs import sample
 
 from packer_assets.evidence import Layout, latest, sha256_file
 from packer_assets.proof import (
     INIT_SCHEMA_FILE,
     SCHEMA_FILE,
     BuildProof,
-    CheckResult,
     InitProof,
     build_proof_schema,
     init_proof_schema,
@@ -21,29 +21,6 @@ from packer_assets.proof import (
     schema_text,
     write_build_proof,
 )
-
-
-def sample(log_sha256="0" * 64, **changes):
-    data = {
-        "chain_id": "CHAIN-20261125T100000Z-ubuntu-2204", "key": "ubuntu-2204", "dagster_run_id": "run-123",
-        "template": {"vmid": 9101, "name": "ubuntu-2204-20261125100512", "node": "pve1",
-                     "tags": ["packer-assets", "packer-assets-latest", "ubuntu-2204"]},
-        "iso": {"url": "https://releases.ubuntu.com/22.04.5/ubuntu.iso",
-                "effective_url": "http://127.0.0.1:8000/releases.ubuntu.com/22.04.5/ubuntu.iso",
-                "checksum": "sha256:" + "ab" * 32, "volid": "local:iso/ubuntu.abababababab.iso"},
-        "rendered_files": {"user-data": "1" * 64, "meta-data": "2" * 64},
-        "packer_template_sha256": "3" * 64, "packer_version": "1.6.6",
-        "timings": {"started_at": datetime(2026, 11, 25, 10, 0, tzinfo=UTC),
-                    "finished_at": datetime(2026, 11, 25, 10, 7, 30, tzinfo=UTC),
-                    "stages": {"stage_iso": 2.5, "packer_build": 400.0, "finish": 1.0, "smoke_test": 20.0}},
-        "checks": [CheckResult(name="smoke_test", passed=True, description="clone 9102 booted; agent answered",
-                               details={"ips": ["192.0.2.50"], "clone_vmid": 9102}),
-                   {"name": "packer_validate", "passed": True, "description": "packer validate passed"}],
-        "log_sha256": log_sha256, "input_fingerprint": "4" * 64, "tool_version": "0.1.0",
-        "previous_template_vmid": 9100, "pruned_vmids": [9099],
-    }
-    data.update(changes)
-    return BuildProof.model_validate(data)
 
 
 def validator():
@@ -124,7 +101,7 @@ def test_write_build_proof_writes_the_bundle_and_latest(tmp_path):
     proof = sample(log_sha256=sha256_file(log))
     folder = write_build_proof(layout, proof, log)
     assert folder == tmp_path / "docs/proof/platform/packer-builds/builds/ubuntu-2204/20261125T100000Z"
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "packer.log", "proof.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "manifest.json", "packer.log", "proof.json"]
     assert latest(folder.parent) == folder.resolve()
     written = json.loads((folder / "proof.json").read_text())
     validator().validate(written)
