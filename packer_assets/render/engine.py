@@ -272,7 +272,7 @@ def render_files(
                 files[out.name] = jenv.get_template(out.template).render(context).encode("utf-8")
             elif out.static:
                 files[out.name] = (template_dir / out.static).read_bytes()
-            else:
+            elif context["ssh_keys"]:  # no key configured: no file (firstlogon.ps1 then installs none)
                 files[out.name] = "".join(f"{k}\n" for k in context["ssh_keys"]).encode("utf-8")
         except jinja2.TemplateNotFound:
             raise RenderError(f"{where}: template not found under {template_dir}") from None
@@ -298,6 +298,8 @@ def validate_files(entry: TemplateEntry, files: Mapping[str, bytes], expected: E
     job = _Job(entry, schema_dir, expected)
     verdicts: dict[str, tuple[Verdict, ...]] = {}
     for out in FAMILIES[entry.family]:
+        if out.name not in files:
+            continue
         if out.validate is None:
             verdicts[out.name] = ()
             continue
@@ -349,6 +351,8 @@ def render_unattended(
     for name, data in files.items():
         path = atomic_write(out_dir / name, data, mode=modes[name])
         written.append(RenderedFile(name, path, hashlib.sha256(data).hexdigest(), len(data), modes[name], verdicts[name]))
+    for name in modes.keys() - files.keys():  # one an earlier render wrote (keys configured then) goes
+        (out_dir / name).unlink(missing_ok=True)
     answer = None
     if iso is not None:
         path = atomic_write(out_dir / ANSWER_ISO_NAME, iso, mode=SECRET_MODE)

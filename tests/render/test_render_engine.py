@@ -148,6 +148,19 @@ def test_windows_passwords_decode_back_and_iso_holds_the_files(catalog, tmp_path
     assert b"Add-WindowsCapability" in files["firstlogon.ps1"]
 
 
+def test_windows_without_keys_has_no_authorized_keys_file_nor_keeps_an_old_one(catalog, tmp_path):
+    """No key configured: no empty administrators_authorized_keys in the folder, the answer ISO or (through the
+    rendered folder) the proof; a file left by an earlier render with keys is removed."""
+    entry = catalog["windows-2022"]
+    with_keys = _render(entry, tmp_path)
+    assert (with_keys.out_dir / "administrators_authorized_keys").is_file()
+    result = _render(entry, tmp_path, env={"PACKER_INSTALL_PASSWORD": NASTY_PASSWORD})
+    assert sorted(f.name for f in result.files) == ["Autounattend.xml", "firstlogon.ps1"]
+    assert sorted(p.name for p in result.out_dir.iterdir()) == ["Autounattend.xml", ANSWER_ISO_NAME, "firstlogon.ps1"]
+    _volume, files = read_answer_iso(result.answer_iso.path)
+    assert sorted(files) == ["Autounattend.xml", "firstlogon.ps1"]
+
+
 def test_windows_bios_layout_when_the_catalog_says_seabios(catalog, tmp_path):
     entry = catalog["windows-2022"]
     bios = entry.model_copy(update={"hardware": entry.hardware.model_copy(update={"bios": "seabios", "efi": False, "tpm": False})})
