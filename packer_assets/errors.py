@@ -2,7 +2,7 @@
 
     PackerAssetsError
     ├── ConfigError (also a ValueError): bad input, found before anything is changed
-    │   CatalogError, SettingsError, EnvFileError, PasswordError, RenderError, AnswerIsoError,
+    │   CatalogError, SettingsError, EnvFileError, PasswordError, RenderError, AnswerIsoError, ChannelError,
     │   WorkdirError > PackerCapabilityError, PackerEnvError, PackerAuthError
     └── OperationError (also a RuntimeError): the work itself failed
         PveAccessError, BootstrapError > SshBootstrapError, StagingError, TemplateError > VmidRangeFull,

@@ -10,13 +10,19 @@ Promotion tag. The promoted template carries `packer-assets-latest` next to the 
 `latest` is a tag people use for their own VMs; a prefixed one cannot be confused with theirs and
 is still a valid PVE tag (`[a-z0-9_][a-z0-9_+.-]*`).
 
+Channels and revocation (set by `packer-assets channel` / `revoke`, see channels.py). A channel is the
+tag `packer-assets-channel-<name>` on one template of the key; prune never destroys a template a
+channel points at. A revoked template carries `packer-assets-revoked` and a line in its description,
+and has lost its promotion and channel tags: it is never promoted again nor counted as up to date.
+
 Order (the caller's duty, see `template` and its smoke-test check): build under a new VMID ->
 `finish_template` -> smoke test -> `promote` -> `prune`. A failed build or smoke test ends in
 `destroy_build_vm`, which refuses the promoted template: nothing is destroyed before its
 successor passed.
 
-Why one module of ~550 lines: every step below applies the ownership and promotion rules above, and
-reviewing one against them is easier when they sit together; the task waiting lives in `tasks.py`.
+Why one module of ~600 lines: every step below applies the ownership, promotion, channel and revocation
+rules above, and reviewing one against them is easier when they sit together; the task waiting lives in
+`tasks.py`.
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ from .tasks import TASK_TIMEOUT, TaskError, run_task, said
 TOOL_TAG = "packer-assets"
 LATEST_TAG = "packer-assets-latest"
 SMOKE_TAG = "packer-assets-smoke"
+REVOKED_TAG = "packer-assets-revoked"
+CHANNEL_TAG_PREFIX = "packer-assets-channel-"
+REVOKED_PREFIX = "packer-assets-revoked: "  # the description line of a revocation (not DESCRIPTION_PREFIX)
 DESCRIPTION_PREFIX = "packer-assets: "
 NAME_STAMP = "%Y%m%d%H%M%S"
 # PVE's drive keys; which of them may take a new cloud-init drive, in the order we try them
@@ -128,6 +137,15 @@ class Guest:
     def promoted(self) -> bool:
         return LATEST_TAG in self.tags
 
+    @property
+    def revoked(self) -> bool:
+        return REVOKED_TAG in self.tags
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """The channels (`packer-assets-channel-<name>` tags) that point at this template, sorted."""
+        return tuple(sorted(t.removeprefix(CHANNEL_TAG_PREFIX) for t in self.tags if t.startswith(CHANNEL_TAG_PREFIX)))
+
 
 def guests(api: ProxmoxAPI) -> dict[int, Guest]:
     """vmid -> Guest, VMs and containers of the whole cluster (those the caller may audit)."""
@@ -213,13 +231,42 @@ class TemplateDescription(BaseModel):
 
 def read_description(text: str | None) -> TemplateDescription | None:
     """The record in a description (its last `packer-assets: {json}` line), or None if there is none."""
+    return _last_record(text, DESCRIPTION_PREFIX, TemplateDescription)
+
+
+class Revocation(BaseModel):
+    """Why a template was revoked: a line of its description, written by `revoked_description()`."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    revoked_at: datetime
+    reason: str | None = None
+
+
+def read_revocation(text: str | None) -> Revocation | None:
+    """The revocation in a description (its last `packer-assets-revoked: {json}` line), or None."""
+    return _last_record(text, REVOKED_PREFIX, Revocation)
+
+
+def _last_record(text: str | None, prefix: str, model: type[BaseModel]) -> Any:
     for line in reversed((text or "").splitlines()):
-        if line.startswith(DESCRIPTION_PREFIX):
+        if line.startswith(prefix):
             try:
-                return TemplateDescription.model_validate_json(line[len(DESCRIPTION_PREFIX):])
+                return model.model_validate_json(line[len(prefix):])
             except ValidationError:
                 return None
     return None
+
+
+def revoked_description(text: str | None, revocation: Revocation) -> str:
+    """The description with the revocation (a Markdown line and the machine-readable line) inserted just
+    before the build record, which stays the last line `read_description` reads."""
+    when = revocation.revoked_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    block = [f"**Revoked** {when}" + (f": {revocation.reason}" if revocation.reason else ""), "",
+             f"{REVOKED_PREFIX}{revocation.model_dump_json()}", ""]
+    lines = (text or "").splitlines()
+    at = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith(DESCRIPTION_PREFIX)), len(lines))
+    return "\n".join(lines[:at] + block + lines[at:]) + "\n"
 
 
 # ------------------------------------------------------------------ finishing a template
@@ -351,7 +398,7 @@ def input_fingerprint(iso_checksum: str, rendered_files: Mapping[str, str], pack
 def promoted_template(api: ProxmoxAPI, key: str) -> Guest | None:
     """The template of key tagged `packer-assets-latest`. Should several carry it (a promotion cut
     short between its two steps), the newest wins, which is the one promote() was moving it to."""
-    promoted = [g for g in list_templates(api, key) if g.promoted]
+    promoted = [g for g in list_templates(api, key) if g.promoted and not g.revoked]
     return promoted[0] if promoted else None
 
 
@@ -361,7 +408,9 @@ def template_description(api: ProxmoxAPI, guest: Guest) -> TemplateDescription |
 
 def is_up_to_date(api: ProxmoxAPI, key: str, fingerprint: str) -> tuple[bool, int | None]:
     """(True, vmid) when the promoted template was built from exactly these inputs; otherwise
-    (False, the promoted vmid or None when nothing is promoted). Forcing a build is the caller's choice."""
+    (False, the promoted vmid or None when nothing is promoted). A revoked template is never the promoted
+    one (promoted_template), so revoking the current template makes the key's next build build. Forcing a
+    build is the caller's choice."""
     promoted = promoted_template(api, key)
     if promoted is None:
         return False, None
@@ -465,10 +514,13 @@ def _destroy_orphans(api: ProxmoxAPI, node: str, vmid: int, entry: TemplateEntry
 # ------------------------------------------------------------------ promotion and retention
 
 
-def _set_tags(api: ProxmoxAPI, guest: Guest, tags: Iterable[str]) -> None:
-    # PUT: a tag change is a plain config write; the digest refuses it if someone changed the VM meanwhile.
+def set_tags(api: ProxmoxAPI, guest: Guest, tags: Iterable[str], *, description: str | None = None) -> None:
+    """Replace the guest's tags (and its description, when given) in one config write.
+
+    PUT: a plain config write (VM.Config.Options); the digest refuses it if someone changed the VM meanwhile."""
     vm = api.nodes(guest.node).qemu(guest.vmid)
-    vm.config.put(tags=join_tags(tags), digest=vm.config.get()["digest"])
+    more = {} if description is None else {"description": description}
+    vm.config.put(tags=join_tags(tags), digest=vm.config.get()["digest"], **more)
 
 
 @dataclass(frozen=True)
@@ -491,12 +543,14 @@ def promote(api: ProxmoxAPI, node: str, key: str, new_vmid: int) -> Promotion:
                             f"(tagged {TOOL_TAG};{key}, named {key}-<timestamp>)")
     if new.node != node:
         raise TemplateError(f"{key}: VM {new_vmid} is on node {new.node}, not {node}")
+    if new.revoked:
+        raise TemplateError(f"{key}: refusing to promote VM {new_vmid}: it is revoked")
     try:
         if not new.promoted:
-            _set_tags(api, new, [*new.tags, LATEST_TAG])
+            set_tags(api, new, [*new.tags, LATEST_TAG])
         previous = [g for g in templates if g.promoted and g.vmid != new_vmid]
         for old in previous:
-            _set_tags(api, old, [t for t in old.tags if t != LATEST_TAG])
+            set_tags(api, old, [t for t in old.tags if t != LATEST_TAG])
     except ResourceException as exc:
         raise TemplateError(f"{key}: promoting VM {new_vmid}: {said(exc)}") from None
     return Promotion(new_vmid, tuple(g.vmid for g in previous))
@@ -516,8 +570,8 @@ def prune(api: ProxmoxAPI, node: str, key: str, retention: int, keep: Iterable[i
     may have a lower VMID than an old one. Counted are the promoted template and those older than it;
     templates newer than the promoted one (a build not yet promoted, or one whose test failed) are
     neither counted nor touched, and without a promoted template nothing is pruned: nothing goes
-    before a successor has passed. Never destroyed: the promoted template, anything in `keep`, and
-    anything not ours for key (see the module docstring). A template PVE will not destroy (linked
+    before a successor has passed. Never destroyed: the promoted template, a template a channel points
+    at (consumers use it), anything in `keep`, and anything not ours for key (see the module docstring). A template PVE will not destroy (linked
     clones still use its disks) is reported in `failed` and the others are still pruned.
     """
     if retention < 1:
@@ -528,11 +582,11 @@ def prune(api: ProxmoxAPI, node: str, key: str, retention: int, keep: Iterable[i
         return PruneResult((), {})
     candidates = templates[templates.index(promoted):]  # the promoted one and older, newest first
     keep = set(keep)
-    doomed = [g for g in candidates[retention:] if g.vmid not in keep and not g.promoted]
+    doomed = [g for g in candidates[retention:] if g.vmid not in keep and not g.promoted and not g.channels]
     destroyed, failed = [], {}
     for guest in reversed(doomed):
         fresh = find_guest(api, guest.vmid)  # the tags could have moved since the listing
-        if fresh is None or fresh.promoted or not fresh.ours(key) or not fresh.template:
+        if fresh is None or fresh.promoted or fresh.channels or not fresh.ours(key) or not fresh.template:
             continue
         try:
             if destroy_vm(api, fresh.node or node, fresh.vmid, timeout=timeout):
@@ -543,8 +597,9 @@ def prune(api: ProxmoxAPI, node: str, key: str, retention: int, keep: Iterable[i
 
 
 __all__ = [
-    "LATEST_TAG", "SMOKE_TAG", "TOOL_TAG", "FinishedTemplate", "Guest", "Promotion", "PruneResult",
-    "TemplateDescription",
+    "CHANNEL_TAG_PREFIX", "LATEST_TAG", "REVOKED_TAG", "SMOKE_TAG", "TOOL_TAG", "FinishedTemplate", "Guest",
+    "Promotion", "PruneResult", "Revocation", "TemplateDescription", "read_revocation", "revoked_description",
+    "set_tags",
     "TemplateError", "VmidRangeFull", "allocate_vmid", "catalog_entry_json", "destroy_build_vm", "destroy_vm",
     "find_guest", "finish_template", "input_fingerprint", "is_up_to_date", "list_templates", "orphan_volumes",
     "promote",

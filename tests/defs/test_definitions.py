@@ -10,6 +10,7 @@ LINEAGE: dict[str, set[str]] = {
     "staged_iso": {"iso_release", "proxmox_env"},
     "template": {"unattended_files", "staged_iso", "proxmox_env"},
     "template_proof": {"template"},
+    "template_registry": {"template_proof"},
 }
 ASSET_KEYS = set(LINEAGE)
 CHECKS = {("proxmox_env", "token_authenticates"), ("proxmox_env", "token_privileges"), ("template", "smoke_test"),
@@ -46,6 +47,12 @@ def test_partitions_are_the_catalog_keys():
     graph = definitions.defs.resolve_asset_graph()
     partitions = graph.get(dg.AssetKey("staged_iso")).partitions_def
     assert partitions.get_partition_keys() == list(load_catalog().keys())
+
+
+def test_the_registry_job_rewrites_the_unpartitioned_registry_alone():
+    job = definitions.defs.resolve_job_def("registry")
+    assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == {"template_registry"}
+    assert definitions.defs.resolve_asset_graph().get(dg.AssetKey("template_registry")).partitions_def is None
 
 
 def test_rebuild_job_leaves_the_unpartitioned_bootstrap_out():

@@ -1,0 +1,283 @@
+"""The template registry: per catalog key, the current template, its channels and the retained ones.
+
+`docs/proof/platform/packer-builds/registry.json` under the output root is the file consumers read
+(Terraform's `jsondecode(file(...))`, scripts, people): what HCP Packer's registry answers, from data
+this project already has. It joins what the Proxmox node says (which templates exist, their tags:
+promotion, channels, revocation; their descriptions: chain ID, ISO, build time) with the build records
+in the output root (what the build recorded: degraded or not, the smoke test's result), and the proof
+bundles that exist.
+
+It is rebuilt from scratch and written atomically under a lock (`output/locks/_registry.lock`) after
+every promotion and prune (build.py), proof (build.write_proof, which only adds the proof path),
+channel change and revocation (channels.py), and by the `template_registry` asset. The lock covers the
+reading of the node too, so a run that read the node earlier can never write an older picture over a
+newer one. `updated_at` is when the content last changed: a rewrite that finds nothing new keeps the
+file byte for byte. The schema (`docs/schema/registry.schema.json`) is generated from `Registry` by
+`python -m packer_assets.proof`, as the proofs' are.
+"""
+
+import hashlib
+import json
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from proxmoxer import ProxmoxAPI
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .catalog import Catalog, TemplateEntry
+from .chain import CHAIN_RE, parse_chain_id
+from .evidence import BUILD_RECORD_NAME, Layout, atomic_write
+from .locks import exclusive
+from .pve.templates import Guest, Revocation, TemplateDescription, list_templates, name_time, read_description, \
+    read_revocation
+
+REGISTRY_SCHEMA_FILE = Path("docs/schema/registry.schema.json")
+SCHEMA_VERSION = 1
+LATEST = "latest"  # the channel every key has while a template is promoted; set by builds, not by hand
+# A channel name becomes the PVE tag `packer-assets-channel-<name>` (tags: [a-z0-9_][a-z0-9_+.-]*).
+CHANNEL_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+ChannelName = Annotated[str, Field(pattern=f"^{CHANNEL_RE.pattern}$")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RegistryIso(_Model):
+    """The installation ISO the template was built from."""
+
+    url: str = Field(description="The upstream URL in the catalog.")
+    checksum: str = Field(description="`<algorithm>:<hex>` the node verified the download against.")
+
+
+class SmokeSummary(_Model):
+    """The smoke test of the template's build (a record exists only for a build whose test passed)."""
+
+    passed: bool = Field(description="Whether the smoke test passed.")
+    found_os: str | None = Field(default=None, description="The OS the clone's guest agent reported, `<id> <version>`.")
+    expected_os: str | None = Field(default=None, description="The OS the key expects.")
+    packages: int | None = Field(default=None, ge=0, description="Installed packages read from the clone (the SBOM's count).")
+
+
+class TemplateVersion(_Model):
+    """One template of a key on the node."""
+
+    vmid: int = Field(ge=100, description="The template's VMID: what a clone names (`clone { vm_id = ... }`).")
+    name: str = Field(description="`<key>-<yyyymmddhhmmss>` (UTC build time).")
+    node: str = Field(description="The node the template lives on.")
+    chain_id: str | None = Field(default=None, pattern=f"^{CHAIN_RE.pattern}$",
+                                 description="The build's chain ID (from the template's description); null when the "
+                                             "description was edited away.")
+    built_at: datetime = Field(description="When its build started (UTC, ISO 8601).")
+    iso: RegistryIso | None = Field(default=None, description="The installation ISO; null without a description.")
+    packer_version: str | None = Field(default=None, description="`packer version` of the binary that built it.")
+    degraded: bool | None = Field(default=None, description="Built without something the installed Packer cannot do "
+                                                            "(EFI/TPM on 1.6.6); null when the build record is not in "
+                                                            "this output root.")
+    degraded_reasons: list[str] = Field(default_factory=list, description="What was left out (the build's warnings).")
+    smoke: SmokeSummary | None = Field(default=None, description="The smoke test; null without a build record.")
+    proof: str | None = Field(default=None, description="The proof bundle's folder, relative to the output root; "
+                                                        "null until template_proof wrote it.")
+    promoted: bool = Field(description="Tagged `packer-assets-latest`: the key's current template.")
+    channels: list[ChannelName] = Field(default_factory=list, description="Channels that point at it "
+                                                                          "(`packer-assets-channel-<name>` tags).")
+    revoked: bool = Field(default=False, description="Revoked (`packer-assets revoke`): do not clone it.")
+    revoked_at: datetime | None = Field(default=None, description="When it was revoked.")
+    revoked_reason: str | None = Field(default=None, description="Why, as given to `packer-assets revoke --reason`.")
+
+
+class KeyTemplates(_Model):
+    """What a catalog key has on the node."""
+
+    family: str = Field(description="The key's OS family.")
+    current: TemplateVersion | None = Field(description="The promoted, unrevoked template; null when there is none "
+                                                         "(never built, or revoked and not rebuilt yet).")
+    channels: dict[ChannelName, int] = Field(default_factory=dict,
+                                             description="Channel -> VMID. `latest` is the current template; the "
+                                                         "others are set with `packer-assets channel set`.",
+                                             json_schema_extra={"additionalProperties": False})
+    retained: list[TemplateVersion] = Field(default_factory=list,
+                                            description="The key's other templates that passed their build (older, "
+                                                        "or revoked), newest first.")
+
+
+class Registry(_Model):
+    """Every catalog key's templates on the node: current, channels, retained, revoked (registry.json)."""
+
+    model_config = ConfigDict(title="packer-assets template registry")
+
+    schema_version: Literal[1] = Field(default=SCHEMA_VERSION, description="Version of this format.")
+    kind: Literal["registry"] = Field(default="registry", description="Always `registry`.")
+    updated_at: datetime = Field(description="When the content last changed (UTC); a rewrite that finds nothing "
+                                             "new keeps it, and the file.")
+    templates: dict[str, KeyTemplates] = Field(description="Catalog key -> its templates, in catalog order; every "
+                                                           "key of the catalog is listed.")
+
+    def versions(self, key: str) -> list[TemplateVersion]:
+        found = self.templates.get(key)
+        return [] if found is None else ([found.current] if found.current else []) + list(found.retained)
+
+
+# ------------------------------------------------------------------ from the node and the output root
+
+
+def build_registry(layout: Layout, api: ProxmoxAPI, catalog: Catalog, *, now: datetime | None = None) -> Registry:
+    """The registry as the node and the output root say now (reads only)."""
+    return Registry(updated_at=now or datetime.now(UTC),
+                    templates={entry.key: key_templates(layout, api, entry) for entry in catalog})
+
+
+def key_templates(layout: Layout, api: ProxmoxAPI, entry: TemplateEntry) -> KeyTemplates:
+    """One key: its templates whose build passed, the current one (newest promoted, unrevoked, as
+    `promoted_template` picks it) and the channels (a channel on several templates, after a change cut
+    short: the newest)."""
+    versions = []
+    for guest in list_templates(api, entry.key, entry.vmid_range):  # newest first
+        text = api.nodes(guest.node).qemu(guest.vmid).config.get().get("description")
+        version = template_version(layout, entry.key, guest, read_description(text), read_revocation(text))
+        if version is not None:
+            versions.append(version)
+    current = next((v for v in versions if v.promoted and not v.revoked), None)
+    channels: dict[str, int] = {}
+    for version in (v for v in versions if not v.revoked):  # revoke takes the tags; one put back does not count
+        for channel in version.channels:
+            channels.setdefault(channel, version.vmid)
+    if current is not None:
+        channels[LATEST] = current.vmid
+    return KeyTemplates(family=entry.family, current=current, channels=dict(sorted(channels.items())),
+                        retained=[v for v in versions if v is not current])
+
+
+def template_version(layout: Layout, key: str, guest: Guest, described: TemplateDescription | None,
+                     revocation: Revocation | None) -> TemplateVersion | None:
+    """The template as the registry lists it, or None for one still under test.
+
+    Listed is a template whose build passed: it carries the promotion, a channel or the revoked tag, or
+    its build record (written only after the smoke test passed) is in this output root. A template
+    another run of the key is testing right now has none of these."""
+    stamp = _stamp(key, described)
+    record = _record(layout, key, stamp, guest.vmid) if stamp else None
+    if record is None and not (guest.promoted or guest.channels or guest.revoked):
+        return None
+    smoke = (record or {}).get("smoke")
+    warnings = list(record.get("warnings", [])) if record else []
+    proof = layout.build_proof_dir(key, stamp) if stamp else None
+    return TemplateVersion(
+        vmid=guest.vmid, name=guest.name, node=guest.node, chain_id=described.chain_id if described else None,
+        built_at=described.built_at if described else name_time(key, guest.name),
+        iso=RegistryIso(url=described.iso_url, checksum=described.iso_checksum) if described else None,
+        packer_version=(record or {}).get("packer_version") or (described.packer_version if described else None),
+        degraded=bool(warnings) if record else None, degraded_reasons=warnings,
+        smoke=SmokeSummary(passed=True, found_os=smoke.get("found_os"), expected_os=smoke.get("expected_os"),
+                           packages=smoke.get("packages", (record.get("sbom") or {}).get("packages")))
+        if smoke else None,
+        proof=proof.relative_to(layout.output_root).as_posix() if proof and proof.is_dir() else None,
+        promoted=guest.promoted, channels=list(guest.channels), revoked=guest.revoked,
+        revoked_at=revocation.revoked_at if revocation else None,
+        revoked_reason=revocation.reason if revocation else None)
+
+
+def _stamp(key: str, described: TemplateDescription | None) -> str | None:
+    try:
+        chain = parse_chain_id(described.chain_id) if described else None
+    except ValueError:
+        return None
+    return chain.stamp if chain and chain.key == key else None
+
+
+def _record(layout: Layout, key: str, stamp: str, vmid: int) -> dict | None:
+    """The build record of the template's chain, if it is in this output root and names this VMID."""
+    try:
+        record = json.loads((layout.build_log_dir(key, stamp) / BUILD_RECORD_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and (record.get("template") or {}).get("vmid") == vmid else None
+
+
+# ------------------------------------------------------------------ the file
+
+
+def registry_json(registry: Registry) -> str:
+    return registry.model_dump_json(indent=2) + "\n"
+
+
+def read_registry(layout: Layout) -> Registry | None:
+    """registry.json as written, or None when it is missing or not a valid registry (it is then rewritten)."""
+    try:
+        return Registry.model_validate_json(layout.registry_file.read_bytes())
+    except (OSError, ValidationError):
+        return None
+
+
+def write_registry(layout: Layout, api: ProxmoxAPI, catalog: Catalog) -> Registry:
+    """Rebuild the registry from the node and the output root and write it; returns what the file holds.
+    The node is read under the lock: whoever writes last read last."""
+    with exclusive(layout.registry_lock):
+        return _store(layout, build_registry(layout, api, catalog))
+
+
+def record_proof(layout: Layout, key: str, chain_id: str) -> bool:
+    """After template_proof wrote a bundle: the proof path of that build's template in the registry, with
+    no call to the node (the next full rewrite finds it anyway). False when the registry does not list
+    the template (no registry yet, or the template is gone)."""
+    folder = layout.build_proof_dir(key, parse_chain_id(chain_id).stamp)
+    with exclusive(layout.registry_lock):
+        registry = read_registry(layout)
+        found = registry.templates.get(key) if registry else None
+        if found is None or not folder.is_dir():
+            return False
+        proof = folder.relative_to(layout.output_root).as_posix()
+
+        def proved(version: TemplateVersion | None) -> Any:
+            return version.model_copy(update={"proof": proof}) if version and version.chain_id == chain_id else version
+
+        updated = found.model_copy(update={"current": proved(found.current),
+                                           "retained": [proved(v) for v in found.retained]})
+        if updated != found:
+            _store(layout, registry.model_copy(update={"templates": {**registry.templates, key: updated},
+                                                       "updated_at": datetime.now(UTC)}))
+        return any(v.chain_id == chain_id for v in registry.versions(key))
+
+
+def content_digest(registry: Registry) -> str:
+    """sha256 of what the registry says, without `updated_at` (a data version that changes with the content)."""
+    return hashlib.sha256(registry.model_dump_json(exclude={"updated_at"}).encode()).hexdigest()
+
+
+def _store(layout: Layout, registry: Registry) -> Registry:
+    """Write registry unless the file already says the same (but for updated_at): then keep the file."""
+    previous = read_registry(layout)
+    if previous is not None and content_digest(previous) == content_digest(registry):
+        return previous
+    atomic_write(layout.registry_file, registry_json(registry))
+    return registry
+
+
+# ------------------------------------------------------------------ schema and a Markdown view
+
+
+def registry_schema() -> dict[str, Any]:
+    """The JSON Schema of registry.json (what `docs/schema/registry.schema.json` holds)."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$comment": "Generated from packer_assets.registry.Registry by `python -m packer_assets.proof`; do not edit.",
+            **Registry.model_json_schema(mode="serialization")}
+
+
+def registry_table(registry: Registry) -> str:
+    """One row per key: its current template (or none), ISO, degraded, channels, proof."""
+    rows = ["| key | VMID | name | built | ISO | degraded | channels | proof |", "|---|---|---|---|---|---|---|---|"]
+    for key, found in registry.templates.items():
+        now = found.current
+        channels = ", ".join(f"{c}={vmid}" for c, vmid in found.channels.items()) or "-"
+        if now is None:
+            rows.append(f"| {key} | - | none | - | - | - | {channels} | - |")
+            continue
+        degraded = "unknown" if now.degraded is None else ("yes: " + "; ".join(now.degraded_reasons)
+                                                           if now.degraded else "no")
+        rows.append(f"| {key} | {now.vmid} | {now.name} | {now.built_at.astimezone(UTC):%Y-%m-%d %H:%M} | "
+                    f"{Path(now.iso.url).name if now.iso else '-'} | {degraded.replace('|', '/')} | {channels} | "
+                    f"{now.proof or '-'} |")
+    return "\n".join(rows)
