@@ -114,3 +114,35 @@ def make_lab_pki(directory, hosts=DEFAULT_HOSTS):
                                        serialization.NoEncryption()), private=True)
     return LabPki(str(ca_file), str(cert_file), str(key_file),
                   cert_fingerprint(cert.public_bytes(serialization.Encoding.DER)))
+
+
+SIGNING_KEY_ID = "lab-signer@packer-assets"
+
+
+@dataclass(frozen=True)
+class LabSigningKey:
+    """The key that signs the lab's proof bundles, and the allowed_signers file that trusts it."""
+
+    key_file: Path
+    allowed_signers: Path
+    key_id: str = SIGNING_KEY_ID
+
+
+def make_signing_key(folder: Path) -> LabSigningKey:
+    """An Ed25519 OpenSSH key (0600) kept across restarts, and `allowed_signers` naming it for proofs."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key_file = folder / "proof-signing-ed25519"
+    if not key_file.exists():
+        pem = Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(pem)
+    private = serialization.load_ssh_private_key(key_file.read_bytes(), password=None)
+    public = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    allowed = folder / "allowed_signers"
+    allowed.write_text(f'{SIGNING_KEY_ID} namespaces="packer-assets-proof" {public.decode()}\n')
+    return LabSigningKey(key_file, allowed)

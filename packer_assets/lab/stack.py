@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from ..catalog import CATALOG_ENV, MIRROR_ENV, Catalog, load_catalog
-from .certs import LabPki, make_lab_pki
+from .certs import LabPki, LabSigningKey, make_lab_pki, make_signing_key
 from .guest import LabGuest
 from .mirror import IsoMirror, MirrorItem
 from .pve import LabPve
@@ -67,6 +67,7 @@ class LabStack:
     catalog_path: Path
     root_password: str
     guest_password: str
+    signing: LabSigningKey
 
     @property
     def pve(self) -> LabPve:
@@ -90,7 +91,8 @@ class LabStack:
         guest = LabGuest(state / "guest", username=users[0], password=guest_password, also_accept=users[1:],
                          key_source=pve.lab_ssh_keys).start()
         pve.lab_guest_host_keys = [f"{guest.host_key.get_name()} {guest.host_key.get_base64()}"]
-        return cls(state, pki, served, mirror, guest, catalog, lab_catalog_path, root_password, guest_password)
+        return cls(state, pki, served, mirror, guest, catalog, lab_catalog_path, root_password, guest_password,
+                   make_signing_key(state / "signing"))
 
     def env(self) -> dict[str, str]:
         """What points the project at the lab (bootstrap login, trust, mirror, guest endpoint)."""
@@ -110,6 +112,9 @@ class LabStack:
             # degraded (recorded as warnings), and packer logs in as the automation user with the password
             # proxmox_env gives it (PROXMOX_BUILD_LOGIN=auto), never as root.
             "PACKER_ASSETS_ALLOW_DEGRADED": "1",
+            # The lab signs its proof bundles; `packer-assets proof verify --allowed-signers` with this file checks them.
+            "PACKER_ASSETS_SIGNING_KEY": str(self.signing.key_file),
+            "PACKER_ASSETS_SIGNING_KEY_ID": self.signing.key_id,
         }
         for entry in self.catalog:
             values[entry.install_user.password_env] = self.guest_password
@@ -117,6 +122,7 @@ class LabStack:
 
     def describe(self) -> dict:
         return {"pve_url": self.served.url, "ca_file": str(self.pki.ca_file), "mirror_url": self.mirror.base_url,
+                "allowed_signers": str(self.signing.allowed_signers),
                 "guest": f"{self.guest.host}:{self.guest.port}", "catalog": str(self.catalog_path)}
 
     def stop(self) -> None:

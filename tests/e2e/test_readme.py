@@ -49,6 +49,8 @@ RUN = [
     ("dagster job backfill -j rebuild_template --partitions ubuntu-2204,debian-12 -m packer_assets.definitions", "y\n"),
     ("dagster instance concurrency set packer_builds 4", None),
     ("python -m packer_assets.proof", None),
+    ("packer-assets proof verify --allowed-signers .lab/signing/allowed_signers", None),
+    ("packer-assets chain --key debian-12", None),
     ("make build-all", None),
     ("packer-assets lab down", None),
     ("make lab-down", None),  # nothing left to stop: still exit 0
@@ -60,6 +62,10 @@ NOT_RUN = {
     "make ui": "a long-running webserver: tests/test_ui_browser.py drives `dagster dev` in Chromium",
     "dagster dev": "a long-running webserver: tests/test_ui_browser.py runs it",
     "make bench": "prints figures for minutes; bench/ is not a test",
+    "packer-assets chain CHAIN-<ts>-<key> [--json]": "a synopsis: the chain IDs differ per run; "
+                                                      "tests/defs/test_defs_chain.py runs it on a build and a failed one",
+    "packer-assets proof verify PATH|CHAIN-ID [--allowed-signers FILE] [--require-signature]":
+        "a synopsis: packer-assets proof verify --allowed-signers .lab/signing/allowed_signers is run",
     "make build KEY=<key>": "a placeholder: make build KEY=debian-12 is run",
     "packer-assets validate [KEY...] [--allow-degraded]": "a synopsis: packer-assets validate is run",
     "dagster code-server start": "a long-running service: tests/test_deploy_postgres.py runs it",
@@ -134,6 +140,13 @@ def check_after(command: str, clone: Path, proc: subprocess.CompletedProcess) ->
             assert proof["sbom"]["packages"] == package_count(bom) > 0
             readme = (proofs / key / "latest/README.md").read_text()
             assert f"| Packages (SBOM) | `{package_count(bom)} in sbom.cdx.json` |" in readme
+        # the lab signs every bundle: stock ssh-keygen accepts each manifest's signature
+        allowed = clone / ".lab/signing/allowed_signers"
+        for folder in [*(proofs / key / "latest" for key in KEYS), clone / "docs/proof/platform/packer-builds/init/latest"]:
+            done = subprocess.run(["ssh-keygen", "-Y", "verify", "-f", str(allowed), "-I", "lab-signer@packer-assets",
+                                   "-n", "packer-assets-proof", "-s", str(folder / "manifest.json.sig")],
+                                  stdin=(folder / "manifest.json").open("rb"), capture_output=True, timeout=60)
+            assert done.returncode == 0, (folder, done.stderr)
         init = json.loads((clone / "docs/proof/platform/packer-builds/init/latest/proof.json").read_text())
         jsonschema.validate(init, json.loads((REPO / "docs/schema/init-proof.schema.json").read_text()))
         assert (clone / "infra/env/.env.proxmox").is_file()
@@ -146,6 +159,11 @@ def check_after(command: str, clone: Path, proc: subprocess.CompletedProcess) ->
     elif command == "python -m packer_assets.proof":  # regenerated in the export: the committed schemas are current
         for name in ("docs/schema/build-proof.schema.json", "docs/schema/init-proof.schema.json"):
             assert (clone / name).read_text() == (REPO / name).read_text()
+    elif command.startswith("packer-assets proof verify"):
+        assert proc.stdout.count("signed by lab-signer@packer-assets") >= len(KEYS) + 1, proc.stdout
+        assert "FAILED" not in proc.stdout
+    elif command == "packer-assets chain --key debian-12":
+        assert re.search(r"^CHAIN-\d{8}T\d{6}Z-debian-12  proved$", proc.stdout, re.M), proc.stdout
     elif command == "make clean":
         assert not (clone / ".lab").exists() and not (clone / "output").exists()
 
