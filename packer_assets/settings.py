@@ -17,6 +17,7 @@ from .envfile import read_env_file
 from .pve.bootstrap import BootstrapConfig
 from .evidence import Layout
 from .errors import ConfigError
+from .notify import WebhookConfigError, parse_webhooks
 
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off", ""}
@@ -206,6 +207,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if not interval.isdigit() or int(interval) < 1:
         raise SettingsError(f"{where('PACKER_ASSETS_SENSOR_INTERVAL')}: PACKER_ASSETS_SENSOR_INTERVAL={interval!r} "
                             "is not a whole number of seconds (1 or more)")
+    try:  # a secret: checked here, held only by the notifier resource (dg.EnvVar)
+        parse_webhooks(values.get("PACKER_ASSETS_WEBHOOKS"))
+    except WebhookConfigError as exc:
+        raise SettingsError(f"{where('PACKER_ASSETS_WEBHOOKS')}: {exc}") from None
     cron = text("PACKER_ASSETS_REBUILD_CRON", Settings.rebuild_cron)
     if not CRON_RE.fullmatch(cron):
         raise SettingsError(f"{where('PACKER_ASSETS_REBUILD_CRON')}: PACKER_ASSETS_REBUILD_CRON={cron!r} is not a "

@@ -65,12 +65,27 @@ def test_insecure_is_explicit(tmp_path):
         ({"PACKER_ASSETS_SENSOR_INTERVAL": "0"}, "PACKER_ASSETS_SENSOR_INTERVAL='0' is not a whole number"),
         ({"PACKER_ASSETS_REBUILD_CRON": "0 3 * *"}, "PACKER_ASSETS_REBUILD_CRON='0 3 * *' is not a five-field cron"),
         ({"PACKER_ASSETS_REBUILD_CRON": "@weekly; rm"}, "is not a five-field cron"),
+        ({"PACKER_ASSETS_WEBHOOKS": "https://hooks.example.org/T/B/secret"}, "PACKER_ASSETS_WEBHOOKS entry 1: want json:"),
+        ({"PACKER_ASSETS_SIGNING_KEY": "/etc/hostname"}, "not an unencrypted OpenSSH private key"),
+        ({"PACKER_ASSETS_SIGNING_KEY": "/nonexistent/key"}, "PACKER_ASSETS_SIGNING_KEY='/nonexistent/key' does not exist"),
+        ({"PACKER_ASSETS_UI_URL": "localhost:3000"}, "PACKER_ASSETS_UI_URL='localhost:3000' is not an http(s) URL"),
     ],
 )
 def test_bad_settings_name_the_variable(tmp_path, env, message):
     with pytest.raises(SettingsError, match=re.escape(message)) as err:
         load_settings({"PACKER_ASSETS_ROOT": str(tmp_path), **env})
     assert "environment" in str(err.value)
+    assert "secret" not in str(err.value)  # a webhook's path is its token: never echoed
+
+
+def test_webhooks_are_checked_but_not_held_and_never_printed(tmp_path):
+    hooks = "slack:https://hooks.example.org/T0/B0/tokensecret, json:http://127.0.0.1:9/generic"
+    settings = load_settings({"PACKER_ASSETS_ROOT": str(tmp_path), "PACKER_ASSETS_WEBHOOKS": hooks})
+    assert "tokensecret" not in repr(settings)
+    shown = subprocess.run([sys.executable, "-m", "packer_assets.cli", "settings"], capture_output=True, text=True,
+                           env={**os.environ, "PACKER_ASSETS_ROOT": str(tmp_path), "PACKER_ASSETS_WEBHOOKS": hooks},
+                           timeout=120)
+    assert shown.returncode == 0 and "tokensecret" not in shown.stdout + shown.stderr
 
 
 def test_sensor_interval_and_rebuild_cron_reach_the_definitions(tmp_path):
