@@ -162,7 +162,6 @@ def template_version(layout: Layout, key: str, guest: Guest, described: Template
     record = _record(layout, key, stamp, guest.vmid) if stamp else None
     if record is None and not (guest.promoted or guest.channels or guest.revoked):
         return None
-    smoke = (record or {}).get("smoke")
     warnings = list(record.get("warnings", [])) if record else []
     proof = layout.build_proof_dir(key, stamp) if stamp else None
     return TemplateVersion(
@@ -170,14 +169,21 @@ def template_version(layout: Layout, key: str, guest: Guest, described: Template
         built_at=described.built_at if described else name_time(key, guest.name),
         iso=RegistryIso(url=described.iso_url, checksum=described.iso_checksum) if described else None,
         packer_version=(record or {}).get("packer_version") or (described.packer_version if described else None),
-        degraded=bool(warnings) if record else None, degraded_reasons=warnings,
-        smoke=SmokeSummary(passed=True, found_os=smoke.get("found_os"), expected_os=smoke.get("expected_os"),
-                           packages=smoke.get("packages", (record.get("sbom") or {}).get("packages")))
-        if smoke else None,
+        degraded=bool(warnings) if record else None, degraded_reasons=warnings, smoke=_smoke(record),
         proof=proof.relative_to(layout.output_root).as_posix() if proof and proof.is_dir() else None,
         promoted=guest.promoted, channels=list(guest.channels), revoked=guest.revoked,
         revoked_at=revocation.revoked_at if revocation else None,
         revoked_reason=revocation.reason if revocation else None)
+
+
+def _smoke(record: dict | None) -> SmokeSummary | None:
+    """The smoke test as the build record has it (a record is written only when the test passed)."""
+    smoke = (record or {}).get("smoke")
+    if not smoke:
+        return None
+    packages = smoke.get("packages", (record.get("sbom") or {}).get("packages"))
+    return SmokeSummary(passed=True, found_os=smoke.get("found_os"), expected_os=smoke.get("expected_os"),
+                        packages=packages)
 
 
 def _stamp(key: str, described: TemplateDescription | None) -> str | None:
