@@ -40,6 +40,12 @@ RUN = [
     ("packer-assets validate", None),
     ("make validate", None),
     ("make build KEY=debian-12", None),
+    # debian-12's template from make demo is 9300 (the first VMID of its range); the revocation makes
+    # make build-all below build a new one
+    ("packer-assets channel set production debian-12 9300", None),
+    ("packer-assets channel list", None),
+    ("packer-assets channel unset production debian-12", None),
+    ('packer-assets revoke 9300 --reason "CVE-2026-1234 in openssl"', None),
     ("packer-assets lab publish ubuntu-2204", None),
     ("dagster asset materialize --select unattended_files,staged_iso,template,template_proof --partition "
      "ubuntu-2204 -m packer_assets.definitions", None),
@@ -164,6 +170,17 @@ def check_after(command: str, clone: Path, proc: subprocess.CompletedProcess) ->
         assert "FAILED" not in proc.stdout
     elif command == "packer-assets chain --key debian-12":
         assert re.search(r"^CHAIN-\d{8}T\d{6}Z-debian-12  proved$", proc.stdout, re.M), proc.stdout
+    elif command.startswith(("packer-assets channel set", "packer-assets revoke")):
+        registry = json.loads((clone / "docs/proof/platform/packer-builds/registry.json").read_text())
+        jsonschema.validate(registry, json.loads((REPO / "docs/schema/registry.schema.json").read_text()))
+        debian = registry["templates"]["debian-12"]
+        if command.startswith("packer-assets channel set"):
+            assert debian["channels"]["production"] == 9300, debian["channels"]
+            assert all(registry["templates"][key]["current"] for key in KEYS)
+        else:  # not current, no channel points at it; retained as revoked, with its reason
+            assert 9300 not in debian["channels"].values() and (debian["current"] or {}).get("vmid") != 9300
+            assert [(v["revoked"], v["revoked_reason"]) for v in debian["retained"] if v["vmid"] == 9300] == [
+                (True, "CVE-2026-1234 in openssl")]
     elif command == "make clean":
         assert not (clone / ".lab").exists() and not (clone / "output").exists()
 
