@@ -136,3 +136,20 @@ def test_channel_names_that_cannot_be_a_tag_are_refused(name, said):
     with pytest.raises(ChannelError, match=said.replace("(", r"\(")):
         channel_name(name)
     assert channel_name("production") == "production" and channel_name("canary_2") == "canary_2"
+
+
+def test_a_registry_that_cannot_be_written_after_a_build_is_a_warning(tmp_path):
+    """build_template's last step: a node that does not answer leaves the build standing, with a warning."""
+    from packer_assets.build import update_registry
+    from packer_assets.chain import new_chain_id
+    from packer_assets.pve.client import PveAccessError
+
+    class Unreachable:
+        def __getattr__(self, name):
+            raise PveAccessError("https://pve.example:8006: API unreachable")
+
+    chain, said = new_chain_id("debian-12"), []
+    warning = update_registry(Layout(tmp_path), Unreachable(), REPO, chain, echo=said.append)
+    assert warning == (f"registry {Layout(tmp_path).registry_file} not rewritten: PveAccessError: "
+                       "https://pve.example:8006: API unreachable")
+    assert said == [f"[{chain}] [warning] {warning}"] and not Layout(tmp_path).registry_file.exists()
