@@ -388,7 +388,7 @@ def write_proof(layout: Layout, record: dict, log_file: Path, signer: Signer | N
                             details=record["smoke"])],
         log_sha256=record["log_sha256"], input_fingerprint=record["input_fingerprint"],
         tool_version=record["tool_version"], previous_template_vmid=record.get("previous_template_vmid"),
-        pruned_vmids=record.get("pruned_vmids", []), sbom=sbom_ref)
+        pruned_vmids=record.get("pruned_vmids", []), sbom=sbom_ref, warnings=record.get("warnings", []))
     proof_dir = write_build_proof(layout, proof, log_file, sbom_file, signer)
     try:  # the proof path in registry.json; a failure is a warning, the proof stands
         record_proof(layout, record["key"], record["chain_id"])

@@ -132,6 +132,12 @@ class BuildProof(_Model):
     pruned_vmids: list[int] = Field(default_factory=list, description="Older templates removed by retention.")
     sbom: SbomRef | None = Field(default=None, description="The installed packages as a CycloneDX SBOM (absent for "
                                                            "builds from before SBOMs).")
+    warnings: list[str] = Field(default_factory=list,
+                                description="The build's warnings, as its log has them: each gap of a degraded build "
+                                            "(`degraded build: ...`, something the template asks for that the "
+                                            "installed Packer cannot do and the build went without: EFI disk, TPM, "
+                                            "q35, extra ISOs; allowed by PACKER_ASSETS_ALLOW_DEGRADED=1) and notes "
+                                            "such as tags set through the API. Empty when there were none.")
 
     @model_validator(mode="after")
     def _consistent(self) -> BuildProof:
@@ -253,6 +259,7 @@ def render_build_readme(proof: BuildProof) -> str:
             ("Pruned", ", ".join(map(str, proof.pruned_vmids)) or None),
             ("Packages (SBOM)", f"{proof.sbom.packages} in {proof.sbom.file}" if proof.sbom else None),
             ("Package changes", _changes_cell(proof.sbom) if proof.sbom else None),
+            ("Warnings", f"{len(proof.warnings)} (see Warnings)" if proof.warnings else "none"),
             ("Log sha256", proof.log_sha256), ("Tool", f"packer-assets {proof.tool_version}")]
     out = [f"# Template build {proof.chain_id}", "", "| | |", "|---|---|"]
     out += [f"| {name} | {_cell(value)} |" for name, value in rows]
@@ -261,6 +268,8 @@ def render_build_readme(proof: BuildProof) -> str:
     out += ["", "## Checks", "", "| Check | Result | Description |", "|---|---|---|"]
     out += [f"| {c.name} | {'passed' if c.passed else 'FAILED'} | {c.description.replace('|', '/')} |"
             for c in proof.checks]
+    out += ["", "## Warnings", ""]
+    out += [f"- {w}" for w in proof.warnings] or ["None: the build had everything the catalog entry asks for."]
     if proof.sbom and proof.sbom.changes:
         c = proof.sbom.changes
         out += ["", f"## Package changes since {c.previous_chain_id}", "", "| Change | Package |", "|---|---|"]

@@ -61,6 +61,9 @@ _POOL_TYPES = {"lvmthin": "lvm-thin", "dir": "directory"}
 _FILE_STORAGES = {"dir", "nfs", "cifs", "glusterfs"}
 
 
+DEGRADED = "degraded build: "  # the prefix of a warning that names a capability gap (not a mere note)
+
+
 class WorkdirError(ConfigError):
     """The work directory cannot be prepared (template, HTTP files, a secret in a file)."""
 
@@ -333,7 +336,7 @@ def prepare_workdir(workdir: Path, entry: TemplateEntry, plan: BuildPlan, caps: 
     # The sources as read (the work directory's common file differs from its source by the region).
     source_sha, common_sha = hashlib.sha256(source_bytes).hexdigest(), hashlib.sha256(common_bytes).hexdigest()
     files = {p.relative_to(workdir).as_posix(): sha256_file(p) for p in sorted(workdir.rglob("*")) if p.is_file()}
-    warnings = [f"degraded build: {g.line(entry.key, caps)}" for g in gaps]
+    warnings = [f"{DEGRADED}{g.line(entry.key, caps)}" for g in gaps]
     if not caps.tags and plan.tags:
         warnings.append(f"{entry.key}: tags: {caps.describe()} cannot set tags; set them through the API")
     manifest = {"key": entry.key, "family": entry.family, "template": source.as_posix(),

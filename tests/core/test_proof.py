@@ -93,6 +93,19 @@ def test_readme_is_a_readable_summary():
         assert needle in text, needle
 
 
+def test_a_degraded_build_s_warnings_are_in_proof_json_and_a_readme_section():
+    gaps = ["degraded build: windows-2022: hardware.tpm: needs packer-plugin-proxmox >= 1.1.0",
+            "windows-2022: tags: packer 1.6.6 cannot set tags; set them through the API"]
+    proof = sample(warnings=gaps)
+    assert proof.model_dump(mode="json")["warnings"] == gaps
+    text = render_build_readme(proof)
+    assert "| Warnings | `2 (see Warnings)` |" in text
+    assert "\n## Warnings\n\n- " + "\n- ".join(gaps) + "\n" in text
+    plain = render_build_readme(sample())  # none: the section says so
+    assert "| Warnings | `none` |" in plain and "## Warnings\n\nNone: the build had everything" in plain
+    assert sample().warnings == []  # proofs written before the field: none
+
+
 def test_write_build_proof_writes_the_bundle_and_latest(tmp_path):
     layout = Layout(tmp_path)
     log = tmp_path / "output/logs/packer/builds/ubuntu-2204/20261125T100000Z/packer.log"
