@@ -74,11 +74,14 @@ settings-check: venv
 init: venv dagster-home settings-check ## materialize proxmox_env: API user, role, token, infra/env/.env.proxmox
 	$(DAGSTER) --select proxmox_env
 
-# The rebuild of one key, as the toolkit's build-wrapper.sh: make build KEY=debian-12
-REBUILD := unattended_files,staged_iso,template,template_proof
+# The rebuild of one key, as the toolkit's build-wrapper.sh: make build KEY=debian-12. A run of the job
+# rebuild_template for the key's partition (in the UI's history of that job, not an anonymous asset run),
+# executed in this process like `dagster asset materialize` (no daemon; the pool still applies).
+REBUILD := $(BIN)/dagster job execute -j rebuild_template -m packer_assets.definitions
 build: venv dagster-home settings-check
 	@[ -n "$(KEY)" ] || { echo "usage: make build KEY=<template key> (see: make catalog-check)"; exit 2; }
-	$(DAGSTER) --select $(REBUILD) --partition $(KEY)
+	@$(BIN)/packer-assets settings --key '$(KEY)' >/dev/null  # job execute would run an unknown partition
+	$(REBUILD) --tags '{"dagster/partition": "$(KEY)"}'
 
 build-all: venv dagster-home settings-check ## every key, one after the other
 	@set -e; for key in $$($(BIN)/python -c "from packer_assets.settings import export_env_files; export_env_files(); \

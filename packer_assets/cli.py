@@ -69,6 +69,8 @@ def _settings(args) -> int:
     found = load_settings()
     export_env_files()  # as definitions.py does: the catalog an env file names is the one checked
     catalog = load_catalog()  # the definitions' partitions come from it: a broken one is one line here
+    if args.key is not None:
+        catalog.get(args.key)  # an unknown key is one line naming the known ones (a run of it would be recorded)
     print(f"catalog: {catalog.display} ({len(catalog)} keys)")
     for item in fields(found):
         value = getattr(found, item.name)
@@ -201,10 +203,11 @@ def _runs_of_chain(chain_id: str, ui_url: str | None) -> list[dict]:
     """The Dagster runs tagged with the chain ID, in the instance DAGSTER_HOME names."""
     import dagster as dg
 
-    from .defs.assets import CHAIN_TAG
+    from .defs.assets import CHAIN_TAG, LEGACY_CHAIN_TAG
 
-    with dg.DagsterInstance.get() as instance:
-        runs = instance.get_runs(filters=dg.RunsFilter(tags={CHAIN_TAG: chain_id}))
+    with dg.DagsterInstance.get() as instance:  # runs from before the tag's rename carry the old name
+        runs = [r for tag in (CHAIN_TAG, LEGACY_CHAIN_TAG)
+                for r in instance.get_runs(filters=dg.RunsFilter(tags={tag: chain_id}))]
     return [{"run_id": r.run_id, "status": r.status.value, "job": r.job_name,
              "url": f"{ui_url}/runs/{r.run_id}" if ui_url else None} for r in runs]
 
@@ -249,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     settings = sub.add_parser("settings", help="check every setting as the definitions read them and print "
                               "them (no secrets); exit 2 naming the variable and where it came from")
+    settings.add_argument("--key", help="also require this template key in the catalog (make build checks KEY)")
     settings.set_defaults(func=_settings)
 
     channel = sub.add_parser("channel", help="channels of a key (registry.json, PVE tags "

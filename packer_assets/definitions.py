@@ -28,12 +28,12 @@ def _env(name: str):
 
 
 defs = dg.Definitions(
-    # Code references: the UI links every asset to the function that defines it.
-    assets=dg.with_source_code_references(
-        [assets.proxmox_env, assets.iso_release, assets.unattended_files, assets.staged_iso, assets.template,
-         assets.template_proof, registry.template_registry]
-    ),
-    jobs=[jobs.bootstrap_job, jobs.rebuild_job, jobs.check_proxmox_env_job, registry.registry_job],
+    # No code references: dagster's local ones are vscode:// paths on the server (useless in a browser
+    # elsewhere) and beta (11 BetaWarnings at every load).
+    assets=[assets.proxmox_env, assets.iso_release, assets.unattended_files, assets.staged_iso, assets.template,
+            assets.template_proof, registry.template_registry],
+    jobs=[jobs.bootstrap_job, jobs.rebuild_job, jobs.rebuild_forced_job, jobs.check_proxmox_env_job,
+          registry.registry_job],
     # Every step of a run in the run's own process. Dagster's default (multiprocess) starts one more
     # Python process per step, each importing Dagster and these definitions again (4 per rebuild, each
     # 1.5-3 s of CPU and ~130 MiB): in the lab that was most of a rebuild's wall time and, with several

@@ -49,6 +49,23 @@ class PollResult:
         """The key's current checksum as far as this poll knows (None: never seen, or failed)."""
         return (self.cursor.get(key) or {}).get("checksum")
 
+    def summary(self) -> str:
+        """What this poll found, in words: `baseline of 6 sources, 2 unchanged (1 checksum file answered 304),
+        1 changed (debian-12), 1 failed (rocky-9: <why>)`."""
+        parts = []
+        if self.first_seen:
+            parts.append(f"baseline of {len(self.first_seen)} source(s)")
+        if self.unchanged:
+            not_modified = sum(1 for status in self.fetches.values() if status == "304")
+            parts.append(f"{len(self.unchanged)} unchanged" + (f" ({not_modified} checksum file(s) answered 304)"
+                                                               if not_modified else ""))
+        if self.changed:
+            parts.append(f"{len(self.changed)} changed ({', '.join(sorted(self.changed))})")
+        if self.errors:
+            parts.append(f"{len(self.errors)} failed (" + "; ".join(f"{k}: {m}" for k, m in sorted(self.errors.items()))
+                         + ")")
+        return ", ".join(parts) or "no ISO source in the catalog"
+
 
 def _entry(cursor: Mapping, key: str) -> dict:
     value = cursor.get(key) if isinstance(cursor, Mapping) else None

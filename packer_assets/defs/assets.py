@@ -1,21 +1,30 @@
 """Assets: each body calls the core and reports the result as metadata."""
 
 import os
+from pathlib import Path
 
 import dagster as dg
+from pydantic import Field
 
-from ..build import build_template, promoted_record, render_and_validate, write_proof
+from ..build import NoPromotedBuild, build_template, promoted_record, render_and_validate, write_proof
 from ..chain import fresh_chain_id
 from ..evidence import Layout
 from ..locks import hold_key
+from ..packer.workdir import DEGRADED
 from ..pve.init_env import run_init
 from ..pve.staging import stage_entry
-from .partitions import template_partitions
+from .partitions import catalog, key_check, template_partitions
 from .recovery import recover
 from .resources import PackerSettings, ProjectSettings, ProxmoxBootstrap
 
-CHAIN_TAG = "packer-assets/chain-id"
+# Short, so the UI's tag chip (400 px) shows `chain: CHAIN-<ts>-<key>` whole: the value is what matters.
+CHAIN_TAG = "chain"
+LEGACY_CHAIN_TAG = "packer-assets/chain-id"  # its name until the UI cut it off; older runs carry it
+# What a per-key run did to its key's template: built, up-to-date (nothing built) or failed.
+OUTCOME_TAG = "packer-assets/outcome"
+BUILT, UP_TO_DATE, FAILED = "built", "up-to-date", "failed"
 OWNERS = ["team:platform"]
+LOG_TAIL_LINES = 30  # of the build log, as metadata on template
 
 
 class ProxmoxEnvConfig(dg.Config):
@@ -34,6 +43,17 @@ def hold_partition(context: dg.AssetExecutionContext, project: ProjectSettings) 
 def tag_run(context: dg.AssetExecutionContext, chain: str) -> None:
     """Put the chain ID on the run, so the UI's run list leads to the logs and proofs."""
     context.instance.add_run_tags(context.run.run_id, {CHAIN_TAG: chain})
+
+
+def tag_outcome(context: dg.AssetExecutionContext, outcome: str) -> None:
+    context.instance.add_run_tags(context.run.run_id, {OUTCOME_TAG: outcome})
+
+
+@dg.failure_hook
+def failed_outcome(context: dg.HookContext) -> None:
+    """A failed step of a per-key run (a render, a download, a build, a blocking check, a proof): the run's
+    outcome is `failed`, whatever an earlier step said."""
+    context.instance.add_run_tags(context.run_id, {OUTCOME_TAG: FAILED})
 
 
 @dg.asset(
@@ -91,6 +111,20 @@ def access_fingerprint(proof: dict) -> str:
 
 # ------------------------------------------------------------------ per template key
 
+def iso_sources_table(entries) -> str:
+    """Each key's ISO URLs and where their checksums come from, as a Markdown table (iso_release's metadata)."""
+    rows = []
+    for entry in entries:
+        for iso in entry.all_isos():
+            name = getattr(iso, "name", None)
+            if iso.checksum:
+                source = f"pinned in the catalog: `{iso.checksum}`"
+            else:
+                source = f"[{Path(iso.checksum_url).name}]({iso.checksum_url})" + (" (signed)" if iso.keyring else "")
+            rows.append(f"| `{entry.key}`{f' ({name})' if name else ''} | [{iso.filename}]({iso.url}) | {source} |")
+    return "\n".join(["| key | ISO | checksum source |", "|---|---|---|", *rows])
+
+
 iso_release = dg.AssetSpec(
     "iso_release",
     partitions_def=template_partitions,
@@ -99,6 +133,9 @@ iso_release = dg.AssetSpec(
     owners=OWNERS,
     description="The upstream ISO (and extra ISOs) of a template key: external state, observed by "
     "iso_checksum_sensor with the published checksum as its data version.",
+    # known from the catalog before the sensor ever ran
+    metadata={"sources": dg.MetadataValue.md(iso_sources_table(catalog)),
+              "mirror": catalog.mirror or "none: the upstream URLs are fetched (PACKER_ASSETS_ISO_MIRROR)"},
 )
 
 
@@ -107,11 +144,12 @@ iso_release = dg.AssetSpec(
     group_name="templates",
     kinds={"jinja", "packer"},
     owners=OWNERS,
-    check_specs=[dg.AssetCheckSpec("packer_validate", asset="unattended_files", blocking=True,
-                                   description="`packer validate` with the real binary on a work directory "
-                                   "prepared as the build's, with these rendered files.")],
+    check_specs=[key_check("packer_validate", "unattended_files", blocking=True,
+                           description="`packer validate` with the real binary on a work directory prepared as "
+                           "the build's, with the key's rendered files (each evaluation names the key).")],
+    hooks={failed_outcome},
     description="user-data/meta-data, preseed.cfg, ks.cfg or Autounattend.xml (+ answer ISO) rendered from "
-    "templates/<family>/ into output/rendered/<key>/, each checked by its ecosystem's validator. "
+    "`templates/<family>/` into `output/rendered/<key>/`, each checked by its ecosystem's validator. "
     "The data version is the hash of the rendered content, so an unchanged render leaves builds fresh.",
 )
 def unattended_files(
@@ -122,7 +160,8 @@ def unattended_files(
     entry = catalog.get(key)
     result, check = render_and_validate(layout, entry, os.environ, packer.settings(), project_dir=catalog.project_dir)
     validated = dg.AssetCheckResult(check_name="packer_validate", passed=check.ok,
-                                    description="packer validate passed" if check.ok else check.output[-2000:],
+                                    description=f"{key}: packer validate passed" if check.ok
+                                    else f"{key}: packer validate failed:\n{check.output[-2000:]}",
                                     metadata={"argv": " ".join(check.argv)})
     meta = result.metadata()
     rows = "\n".join(f"| `{name}` | `{f['sha256'][:16]}` | {f['size']} | "
@@ -147,6 +186,7 @@ def unattended_files(
     group_name="isos",
     kinds={"proxmox"},
     owners=OWNERS,
+    hooks={failed_outcome},
     description="The ISO(s) of a key on the node's ISO storage, downloaded by Proxmox itself (download-url with "
     "the checksum, so no ISO byte passes through this host) under a volume name carrying the release.",
 )
@@ -182,30 +222,57 @@ def staged_version(staged: dict) -> str:
 
 
 class TemplateConfig(dg.Config):
-    force: bool = False  # build even when the promoted template's input fingerprint is unchanged
+    force: bool = Field(default=False, description=(
+        "Build even when the key's promoted template was built from exactly these inputs (the same input "
+        "fingerprint: ISO checksums, rendered files, Packer template, catalog entry). Without it such a run builds "
+        "nothing: its tag packer-assets/outcome says up-to-date and template_proof is skipped. The job "
+        "rebuild_template_forced sets it."))
 
 
-@dg.asset(
+TEMPLATE_CHECKS = [
+    key_check("smoke_test", "template", blocking=True,
+              description="Full clone, cloud-init user and key, boot, guest agent answers with the key's expected OS "
+              "and network; in the clone: cloud-init done, fresh machine-id and host keys, SSH login with the given "
+              "key, install password locked, guest agent enabled, the catalog's smoke.commands; package inventory "
+              "(SBOM). The clone is destroyed in every case. Evaluated by builds only (an up-to-date run tests "
+              "nothing); each evaluation names the key."),
+    key_check("degraded", "template",
+              description="Warns (severity WARN, never blocks) when a build ran without something the template asks "
+              "for because the installed Packer cannot do it (EFI disk, TPM, q35, extra ISOs; allowed by "
+              "PACKER_ASSETS_ALLOW_DEGRADED=1). Each reason is in the evaluation, in proof.json `warnings` and in "
+              "the proof README's Warnings section."),
+]
+
+
+@dg.multi_asset(
+    name="template",
+    specs=[dg.AssetSpec(
+        "template",
+        deps=[unattended_files, staged_iso, proxmox_env],
+        group_name="templates",
+        kinds={"packer", "proxmox"},
+        owners=OWNERS,
+        skippable=True,  # an up-to-date run materializes nothing
+        description="`packer build` of the key under a new VMID, finished through the API (ISO ejected, cloud-init "
+        "drive, description with chain ID and input fingerprint), smoke-tested, then promoted (tag "
+        "`packer-assets-latest`) and older ones pruned to the retention count. Each materialization is one new "
+        "template, with the last lines of its build log.\n\n"
+        "**A run is a no-op when the key is up to date**: when the promoted template was built from the same "
+        "inputs, nothing is built or materialized (an observation says so), template_proof is skipped and the run's "
+        "tag `packer-assets/outcome` says `up-to-date` (`built` or `failed` otherwise). To build anyway: the job "
+        "`rebuild_template_forced` (config `force: true`).",
+    )],
     partitions_def=template_partitions,
-    deps=[unattended_files, staged_iso, proxmox_env],
-    group_name="templates",
-    kinds={"packer", "proxmox"},
-    owners=OWNERS,
     pool="packer_builds",
-    check_specs=[dg.AssetCheckSpec("smoke_test", asset="template", blocking=True,
-                                   description="Full clone, cloud-init user and key, boot, guest agent answers "
-                                   "with the key's expected OS and network; in the clone: cloud-init done, fresh "
-                                   "machine-id and host keys, SSH login with the given key, install password "
-                                   "locked, guest agent enabled, the catalog's smoke.commands; package inventory "
-                                   "(SBOM). The clone is destroyed in every case.")],
-    description="`packer build` of the key under a new VMID, finished through the API (ISO ejected, cloud-init "
-    "drive, description with chain ID and input fingerprint), smoke-tested, then promoted "
-    "(tag packer-assets-latest) and older ones pruned to the retention count. Skipped when the promoted "
-    "template's input fingerprint is unchanged.",
+    check_specs=TEMPLATE_CHECKS,
+    # The only way dagster 1.13 makes the check outputs optional (an up-to-date run evaluates no check); a
+    # selection of template takes the asset with its checks all the same.
+    can_subset=True,
+    hooks={failed_outcome},
 )
 def template(
     context: dg.AssetExecutionContext, config: TemplateConfig, project: ProjectSettings, packer: PackerSettings
-) -> dg.MaterializeResult:
+):
     key, layout = hold_partition(context, project)
     catalog = project.catalog()
     entry, access = catalog.get(key), project.build_access()
@@ -218,38 +285,98 @@ def template(
     if access.endpoint.insecure:
         context.log.warning(f"[{chain}] TLS verification of {access.endpoint.base} is OFF: PROXMOX_INSECURE=1 "
                             f"in {layout.env_file} (written by an init that asked for it)")
-    outcome = build_template(
-        layout, entry, access, packer.credentials(access), os.environ.get(entry.install_user.password_env, ""),
-        staged, rendered, chain, packer.settings(config.force), project_dir=catalog.project_dir,
-        run_id=context.run.run_id, on_stage=lambda line: context.log.info(f"[{chain}] {line}"),
-    )
+    try:
+        outcome = build_template(
+            layout, entry, access, packer.credentials(access), os.environ.get(entry.install_user.password_env, ""),
+            staged, rendered, chain, packer.settings(config.force), project_dir=catalog.project_dir,
+            run_id=context.run.run_id, on_stage=lambda line: context.log.info(f"[{chain}] {line}"),
+        )
+    except Exception as exc:  # the error and the log's last lines where people look, then the step fails
+        tag_outcome(context, FAILED)
+        log_file = layout.build_log_dir(key, chain.stamp) / "packer.log"
+        yield dg.AssetObservation(asset_key="template", partition=key, metadata={
+            "outcome": FAILED, "chain_id": str(chain), "error": dg.MetadataValue.md(code_block(str(exc)[-2000:])),
+            "build_log": dg.MetadataValue.path(str(log_file)), "log_tail": log_tail(log_file)})
+        raise
     for line in outcome.swept:
         context.log.warning(f"[{chain}] {key}: {line}")
     meta = {"chain_id": str(chain), "input_fingerprint": outcome.input_fingerprint, "vmid": outcome.vmid,
-            "up_to_date": outcome.skipped, "swept": dg.MetadataValue.json(outcome.swept)}
+            "swept": dg.MetadataValue.json(outcome.swept)}
     if outcome.skipped:
-        context.log.info(f"[{chain}] {key}: promoted template {outcome.vmid} was built from these inputs: skipped")
-        smoke = dg.AssetCheckResult(check_name="smoke_test", passed=True,
-                                    description=f"up to date: template {outcome.vmid} passed when it was built")
-        return dg.MaterializeResult(metadata=meta, check_results=[smoke],
-                                    data_version=dg.DataVersion(outcome.input_fingerprint))
+        tag_outcome(context, UP_TO_DATE)
+        yield up_to_date_observation(context, layout, access.connect(), key, meta)
+        return
     meta.update(name=outcome.name, node=access.discovery.node,
-                build_log=dg.MetadataValue.path(str(outcome.log_file)),
+                build_log=dg.MetadataValue.path(str(outcome.log_file)), log_tail=log_tail(outcome.log_file),
                 warnings=dg.MetadataValue.json(outcome.warnings))
+    degraded = degraded_check(key, outcome.warnings)
     if outcome.smoke_error:
+        tag_outcome(context, FAILED)
         context.log.error(f"[{chain}] smoke test failed, new template destroyed: {outcome.smoke_error}")
-        smoke = dg.AssetCheckResult(check_name="smoke_test", passed=False, description=outcome.smoke_error,
+        smoke = dg.AssetCheckResult(check_name="smoke_test", passed=False, description=f"{key}: {outcome.smoke_error}",
                                     metadata={"steps": dg.MetadataValue.md(steps_table(outcome.smoke_steps))})
-        return dg.MaterializeResult(metadata={**meta, "promoted": False}, check_results=[smoke],
-                                    data_version=dg.DataVersion(outcome.input_fingerprint))
-    meta.update(promoted=True, previous_vmid=outcome.previous_vmid, pruned=dg.MetadataValue.json(outcome.pruned))
-    smoke = dg.AssetCheckResult(check_name="smoke_test", passed=True, metadata={
-        "clone_vmid": outcome.smoke["clone_vmid"], "os": outcome.smoke["os"],
-        "found_os": outcome.smoke["found_os"], "expected_os": outcome.smoke["expected_os"],
-        "ips": dg.MetadataValue.json(outcome.smoke["ips"]), "seconds": outcome.smoke["seconds"],
-        "packages": outcome.smoke["packages"], "machine_id": outcome.smoke["machine_id"] or "",
-        "steps": dg.MetadataValue.md(steps_table(outcome.smoke["steps"]))})
-    return dg.MaterializeResult(metadata=meta, check_results=[smoke], data_version=dg.DataVersion(outcome.input_fingerprint))
+        yield dg.MaterializeResult(metadata={**meta, "outcome": FAILED, "promoted": False},
+                                   check_results=[smoke, degraded], data_version=dg.DataVersion(outcome.input_fingerprint))
+        return
+    tag_outcome(context, BUILT)
+    meta.update(outcome=BUILT, promoted=True, previous_vmid=outcome.previous_vmid,
+                pruned=dg.MetadataValue.json(outcome.pruned))
+    smoke = dg.AssetCheckResult(
+        check_name="smoke_test", passed=True,
+        description=f"{key}: clone {outcome.smoke['clone_vmid']} of template {outcome.vmid} passed every step",
+        metadata={
+            "clone_vmid": outcome.smoke["clone_vmid"], "os": outcome.smoke["os"],
+            "found_os": outcome.smoke["found_os"], "expected_os": outcome.smoke["expected_os"],
+            "ips": dg.MetadataValue.json(outcome.smoke["ips"]), "seconds": outcome.smoke["seconds"],
+            "packages": outcome.smoke["packages"], "machine_id": outcome.smoke["machine_id"] or "",
+            "steps": dg.MetadataValue.md(steps_table(outcome.smoke["steps"]))})
+    yield dg.MaterializeResult(metadata=meta, check_results=[smoke, degraded],
+                               data_version=dg.DataVersion(outcome.input_fingerprint))
+
+
+def up_to_date_observation(context: dg.AssetExecutionContext, layout: Layout, api, key: str,
+                           meta: dict) -> dg.AssetObservation:
+    """What an up-to-date run says, as an observation: the partition's latest materialization stays the
+    promoted template's build (its date, log, name, warnings and chain ID, which its proof carries)."""
+    chain, vmid = meta["chain_id"], meta["vmid"]
+    try:
+        folder, record = promoted_record(layout, api, key)
+        built_by, proof = record["chain_id"], layout.build_proof_dir(key, folder.name)
+    except NoPromotedBuild as exc:  # built from another output root: nothing here to point at
+        built_by, proof = None, None
+        context.log.warning(f"[{chain}] {exc}")
+    context.log.info(f"[{chain}] {key}: up to date, nothing built: promoted template {vmid} ({built_by or 'no record'})"
+                     " was built from these inputs; template_proof is skipped (force: true, or the job "
+                     "rebuild_template_forced, builds anyway)")
+    if proof is not None and not proof.exists():
+        context.log.warning(f"[{chain}] {key}: the proof of {built_by} is missing ({proof}): materialize "
+                            f"template_proof for {key} alone to write it")
+    return dg.AssetObservation(asset_key="template", partition=key, metadata={
+        **meta, "outcome": UP_TO_DATE, "promoted_vmid": vmid, "promoted_chain_id": built_by or "",
+        "proof": dg.MetadataValue.path(str(proof)) if proof else ""})
+
+
+def degraded_check(key: str, warnings: list[str]) -> dg.AssetCheckResult:
+    """Fails (WARN) on each capability gap among the build's warnings; notes (tags set through the API) pass."""
+    gaps = [w.removeprefix(DEGRADED) for w in warnings if w.startswith(DEGRADED)]
+    if not gaps:
+        return dg.AssetCheckResult(check_name="degraded", passed=True, severity=dg.AssetCheckSeverity.WARN,
+                                   description=f"{key}: built with everything the template asks for")
+    return dg.AssetCheckResult(check_name="degraded", passed=False, severity=dg.AssetCheckSeverity.WARN,
+                               description=f"{key}: degraded build, {len(gaps)} gap(s): " + "; ".join(gaps),
+                               metadata={"gaps": dg.MetadataValue.md("\n".join(f"- {g}" for g in gaps))})
+
+
+def code_block(text: str) -> str:
+    return "```\n" + text.replace("```", "'''") + "\n```"
+
+
+def log_tail(path: Path | None) -> dg.MetadataValue:
+    """The last lines of a build log (redacted as it was written) as Markdown."""
+    if path is None or not Path(path).is_file():
+        return dg.MetadataValue.md("no build log was written")
+    lines = Path(path).read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+    return dg.MetadataValue.md(code_block("\n".join(lines)))
 
 
 def steps_table(steps: list[dict]) -> str:
@@ -265,9 +392,11 @@ def steps_table(steps: list[dict]) -> str:
     group_name="templates",
     kinds={"json"},
     owners=OWNERS,
-    description="The evidence bundle docs/proof/platform/packer-builds/builds/<key>/<ts>/ (README.md, proof.json "
-    "per docs/schema/build-proof.schema.json, packer.log, sbom.cdx.json) of the promoted template's build, written only for a "
-    "build whose smoke test passed; `latest` points at it.",
+    hooks={failed_outcome},
+    description="The evidence bundle `docs/proof/platform/packer-builds/builds/<key>/<ts>/` (README.md, proof.json "
+    "per `docs/schema/build-proof.schema.json`, packer.log, sbom.cdx.json) of the promoted template's build, written "
+    "only for a build whose smoke test passed; `latest` points at it. Skipped by a run whose template was up to "
+    "date (that build's proof stands).",
 )
 def template_proof(context: dg.AssetExecutionContext, project: ProjectSettings) -> dg.MaterializeResult:
     key, layout = hold_partition(context, project)

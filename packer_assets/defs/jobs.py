@@ -15,7 +15,18 @@ REBUILD_ASSETS = [assets.unattended_files, assets.staged_iso, assets.template, a
 rebuild_job = dg.define_asset_job(
     "rebuild_template",
     selection=dg.AssetSelection.assets(*REBUILD_ASSETS),
-    description="Everything a template key needs, for one partition: rendered files, staged ISO, build, proof.",
+    description="Everything a template key needs, for one partition: rendered files, staged ISO, build, proof. "
+    "**A no-op for a key that is up to date** (its promoted template was built from the same inputs): nothing is "
+    "built, template_proof is skipped and the run's tag `packer-assets/outcome` says `up-to-date` (`built` or "
+    "`failed` otherwise). `rebuild_template_forced` builds anyway.",
+)
+
+rebuild_forced_job = dg.define_asset_job(
+    "rebuild_template_forced",
+    selection=dg.AssetSelection.assets(*REBUILD_ASSETS),
+    config={"ops": {"template": {"config": {"force": True}}}},
+    description="rebuild_template with `force: true` preset: builds a new template for the partition even when "
+    "the promoted one was built from the same inputs (a re-spin: new VMID, smoke test, promotion, proof).",
 )
 
 # dagster 1.13's CLI has no `dagster asset check`: the checks alone are this job

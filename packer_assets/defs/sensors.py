@@ -71,8 +71,13 @@ def build_iso_checksum_sensor(interval_seconds: int) -> dg.SensorDefinition:
             if changed or key not in built:
                 requests.append(dg.RunRequest(partition_key=key, run_key=f"{key}:{version}",
                                               tags={"packer-assets/trigger": "iso-change" if changed else "first-sight"}))
-        context.log.info(f"{len(sources)} ISO source(s): {len(result.changed)} changed, {len(result.first_seen)} new, "
-                         f"{len(result.errors)} failed; {len(requests)} rebuild(s) requested")
-        return dg.SensorResult(run_requests=requests, asset_events=observations, cursor=json.dumps(result.cursor))
+        found = f"{len(sources)} ISO source(s) polled: {result.summary()}"
+        context.log.info(f"{found}; {len(requests)} rebuild(s) requested")
+        skip = None
+        if not requests:  # the tick's line in the UI says what happened, not "returned an empty result"
+            skip = f"{found}; " + ("every key seen for the first time was built before: nothing to rebuild"
+                                   if result.first_seen else "nothing to rebuild")
+        return dg.SensorResult(run_requests=requests, asset_events=observations, cursor=json.dumps(result.cursor),
+                               skip_reason=skip)
 
     return iso_checksum_sensor

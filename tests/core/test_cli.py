@@ -103,3 +103,16 @@ def test_make_build_with_a_broken_catalog_is_one_line_not_a_traceback(tmp_path):
     assert made.returncode != 0 and "Traceback" not in made.stderr
     line = next(ln for ln in made.stderr.splitlines() if ln.startswith("packer-assets: "))
     assert f"{broken}: templates[" in line and "key: 'debian-12\\n' must start with a lower-case letter" in line
+
+
+def test_make_build_of_an_unknown_key_is_one_line_and_runs_nothing(tmp_path):
+    """`dagster job execute` takes any partition tag: an unknown key is refused before it, naming the known ones,
+    and no run of it is recorded."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PACKER_ASSETS_", "PROXMOX_"))}
+    home = tmp_path / "home"
+    env.update(PACKER_ASSETS_ROOT=str(tmp_path), DAGSTER_HOME=str(home))
+    made = subprocess.run(["make", "--no-print-directory", "build", "KEY=debian-13", "PACKER_ASSETS_ENV_FILE="],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert made.returncode != 0 and "Traceback" not in made.stderr
+    assert "packer-assets: templates/catalog.yaml: debian-13: unknown template key; known keys: " in made.stderr
+    assert not (home / "storage").exists()  # no run was recorded

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from packer_assets.catalog import IsoSource
-from packer_assets.isowatch import poll
+from packer_assets.isowatch import PollResult, poll
 
 
 def sources_for(mirror):
@@ -150,3 +150,12 @@ def test_bounded_workers_give_the_same_answer(iso_mirror, workers):
     cursor = poll(sources, {}, max_workers=workers).cursor
     iso_mirror.publish("debian-12")
     assert poll(sources, cursor, max_workers=workers).changed.keys() == {"debian-12"}
+
+
+def test_summary_says_what_a_poll_found():
+    result = PollResult(cursor={}, changed={"rocky-9": "sha256:aa"}, unchanged=["a", "b"],
+                        errors={"debian-12": "https://x/SHA256SUMS: 404"}, first_seen={"c": "sha256:bb"},
+                        fetches={"https://x/SHA256SUMS": "error", "https://y/SUMS": "304", "https://z/SUMS": "200"})
+    assert result.summary() == ("baseline of 1 source(s), 2 unchanged (1 checksum file(s) answered 304), 1 changed "
+                                "(rocky-9), 1 failed (debian-12: https://x/SHA256SUMS: 404)")
+    assert PollResult(cursor={}).summary() == "no ISO source in the catalog"

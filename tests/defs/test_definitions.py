@@ -14,7 +14,9 @@ LINEAGE: dict[str, set[str]] = {
 }
 ASSET_KEYS = set(LINEAGE)
 CHECKS = {("proxmox_env", "token_authenticates"), ("proxmox_env", "token_privileges"), ("template", "smoke_test"),
-          ("unattended_files", "packer_validate")}
+          ("template", "degraded"), ("unattended_files", "packer_validate")}
+# Checks of per-key assets are recorded per key (their evaluations carry the partition).
+PER_KEY_CHECKS = {c for c in CHECKS if c[0] != "proxmox_env"}
 
 
 def test_definitions_load():
@@ -39,6 +41,48 @@ def test_asset_keys_and_lineage_are_pinned():
         assert parents == LINEAGE[key], key
     checks = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
     assert checks == CHECKS
+
+
+def test_checks_of_per_key_assets_are_partitioned_like_their_asset():
+    from packer_assets.defs.partitions import template_partitions
+
+    graph = definitions.defs.resolve_asset_graph()
+    for key in graph.asset_check_keys:
+        spec = graph.get_check_spec(key)
+        expected = template_partitions if (key.asset_key.to_user_string(), key.name) in PER_KEY_CHECKS else None
+        assert spec.partitions_def == expected, key
+
+
+def test_loading_the_definitions_warns_of_no_beta_or_preview_api(tmp_path):
+    """Every Beta/Preview warning shown, in a fresh process: the one deliberately silenced (a check's
+    partitions_def, defs/partitions.py) stays silent, and nothing else (code references were 11) warns."""
+    import os
+    import subprocess
+    import sys
+
+    from support import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PACKER_ASSETS_", "PYTEST_"))}
+    env.update(PACKER_ASSETS_ROOT=str(tmp_path), PYTHONWARNINGS="always")
+    code = ("from packer_assets import definitions as d; d.defs.resolve_all_job_defs(); "
+            "d.defs.resolve_asset_graph(); d.defs.get_repository_def()")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "BetaWarning" not in out.stderr and "PreviewWarning" not in out.stderr, out.stderr[-3000:]
+
+
+def test_jobs_are_pinned_and_the_forced_rebuild_presets_force():
+    jobs = {job.name for job in definitions.defs.resolve_all_job_defs() if not job.name.startswith("__")}
+    assert {"bootstrap", "rebuild_template", "rebuild_template_forced", "check_proxmox_env"} <= jobs
+    forced = definitions.defs.resolve_job_def("rebuild_template_forced")
+    assert forced.get_run_config_for_partition_key("debian-12") == {"ops": {"template": {"config": {"force": True}}}}
+    plain = definitions.defs.resolve_job_def("rebuild_template")
+    assert "template" not in str(plain.get_run_config_for_partition_key("debian-12"))
+    assert "no-op" in plain.description and "up-to-date" in plain.description
+    # the launchpad's editor describes the field it offers
+    from packer_assets.defs.assets import TemplateConfig
+    field = TemplateConfig.to_config_schema().as_field().config_type.fields["force"]
+    assert "Build even when" in field.description
 
 
 def test_partitions_are_the_catalog_keys():

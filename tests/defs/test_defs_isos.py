@@ -120,3 +120,38 @@ def test_extra_iso_change_rebuilds_its_key(lab_project, key):
         changed = tick(instance, first.cursor)
         assert [r.partition_key for r in changed.run_requests] == [key]
         assert ";virtio-win=sha256:" in changed.run_requests[0].run_key
+
+
+def test_sensor_ticks_without_requests_say_what_they_found(lab_project, monkeypatch):
+    """A tick that requests nothing says why (the UI shows the skip reason, not "returned an empty result")."""
+    keys = lab_project.stack.catalog.keys()
+    sources = len(sensors.iso_sources(lab_project.stack.catalog))
+    with dg.instance_for_test() as instance:
+        for key in keys:  # every key was built: the baseline requests nothing
+            instance.report_runless_asset_event(dg.AssetMaterialization("template", partition=key))
+        first = tick(instance)
+        assert first.run_requests == [] and len(first.asset_events) == len(keys)
+        assert first.skip_reason.skip_message == (
+            f"{sources} ISO source(s) polled: baseline of {sources} source(s); every key seen for the first time "
+            "was built before: nothing to rebuild")
+        unchanged = tick(instance, first.cursor)
+        fetched = len({iso.effective_checksum_url for _k, iso in sensors.iso_sources(lab_project.stack.catalog).values()
+                       if iso.effective_checksum_url})
+        assert unchanged.skip_reason.skip_message == (
+            f"{sources} ISO source(s) polled: {sources} unchanged ({fetched} checksum file(s) answered 304); "
+            "nothing to rebuild")
+        monkeypatch.setenv("PACKER_ASSETS_ISO_MIRROR", lab_project.mirror.base_url + "/nowhere")
+        broken = tick(instance, unchanged.cursor).skip_reason.skip_message
+        assert " failed (debian-12: " in broken and broken.endswith("; nothing to rebuild"), broken
+
+
+def test_iso_release_names_each_key_s_sources_before_any_tick():
+    """Static metadata, from the catalog: the UI shows it before the sensor ever ran."""
+    from packer_assets.catalog import load_catalog
+
+    table = assets.iso_release.metadata["sources"].value
+    for entry in load_catalog():
+        assert f"| `{entry.key}` | [{entry.iso.filename}]({entry.iso.url}) |" in table
+        source = entry.iso.checksum or f"]({entry.iso.checksum_url})"
+        assert source in table.split(f"| `{entry.key}` |", 1)[1].splitlines()[0]
+    assert "| `windows-2022` (virtio-win) |" in table

@@ -8,11 +8,26 @@ import jsonschema
 import pytest
 from support.builds import KEY, crashing_packer, rebuild, templates_of
 
+from packer_assets.defs import assets
 from packer_assets.evidence import sha256_file
 from packer_assets.proof import build_proof_schema
 from packer_assets.sbom import package_count, validate_sbom
 
 pytestmark = pytest.mark.packer
+
+
+def run_tags(instance, result) -> dict:
+    return instance.get_run_by_id(result.run_id).tags
+
+
+def materializations(instance, key=KEY, asset="template") -> list:
+    return instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[key]),
+                                           limit=100).records
+
+
+def check_history(instance, name, asset="template") -> list:
+    return instance.event_log_storage.get_asset_check_execution_history(dg.AssetCheckKey(dg.AssetKey(asset), name),
+                                                                        limit=100)
 
 
 def test_build_promote_prove_then_up_to_date(lab_project):
@@ -26,11 +41,16 @@ def test_build_promote_prove_then_up_to_date(lab_project):
         assert logins and all("automation" in login and "root" not in login for login in logins), logins
         meta = first.asset_materializations_for_node("template")[0].metadata
         vmid = meta["vmid"].value
-        assert meta["promoted"].value is True and meta["up_to_date"].value is False
+        assert meta["promoted"].value is True and meta["outcome"].value == "built"
+        assert run_tags(instance, first)[assets.OUTCOME_TAG] == "built"
+        # the build log's last lines, where people look
+        last_line = (layout.build_log_dir(KEY, "latest") / "packer.log").read_text().splitlines()[-1]
+        assert meta["log_tail"].value.startswith("```") and last_line in meta["log_tail"].value
         assert "packer-assets-latest" in templates_of(pve)[vmid]
         assert [vm for vm in pve.vms if not vm.template] == []  # the smoke clone is gone
         proof_dir = layout.output_root / "docs/proof/platform/packer-builds/builds" / KEY / "latest"
-        assert sorted(p.name for p in proof_dir.iterdir()) == ["README.md", "packer.log", "proof.json", "sbom.cdx.json"]
+        assert sorted(p.name for p in proof_dir.iterdir()) == ["README.md", "manifest.json", "packer.log", "proof.json",
+                                                               "sbom.cdx.json"]
         proof = json.loads((proof_dir / "proof.json").read_text())
         jsonschema.validate(proof, build_proof_schema())
         # the SBOM: valid CycloneDX, the sha256 and package count proof.json names, the count in the README
@@ -54,17 +74,39 @@ def test_build_promote_prove_then_up_to_date(lab_project):
         # provenance: the catalog's upstream URL, and the mirror URL the node actually fetched
         assert proof["iso"]["url"].startswith("https://cdimage.debian.org/")
         assert proof["iso"]["effective_url"].startswith(lab_project.mirror.base_url)
-        assert instance.get_run_by_id(first.run_id).tags["packer-assets/chain-id"] == meta["chain_id"].value
+        assert run_tags(instance, first)["chain"] == meta["chain_id"].value
+        # every check evaluation is recorded against the key, and names it
+        evaluations = first.get_asset_check_evaluations()
+        assert {c.check_name for c in evaluations} == {"packer_validate", "smoke_test", "degraded"}
+        assert all(c.partition == KEY and c.description.startswith(f"{KEY}: ") for c in evaluations), evaluations
+        assert [r.partition for r in check_history(instance, "smoke_test")] == [KEY]
+        assert [r.partition for r in check_history(instance, "packer_validate", "unattended_files")] == [KEY]
+        # no capability gap (packer 1.6.6 only needs the tags set through the API): the WARN check passes; the
+        # proof carries the build's warnings as the template's metadata does
+        assert next(c for c in evaluations if c.check_name == "degraded").passed
+        assert proof["warnings"] == meta["warnings"].value and all("degraded" not in w for w in proof["warnings"])
+        assert "".join(f"\n- {w}" for w in proof["warnings"]) in readme.split("## Warnings\n")[1]
         # the clone booted the OS the key names, read from the system the ISO installed
         assert proof["checks"][0]["details"]["found_os"] == "debian 12" == proof["checks"][0]["details"]["expected_os"]
 
         second = rebuild(lab_project, instance)
-        assert second.success
-        again = second.asset_materializations_for_node("template")[0].metadata
-        assert again["up_to_date"].value is True and again["vmid"].value == vmid
+        assert second.success  # `make build` of an up-to-date key exits 0
         assert list(templates_of(pve)) == [vmid]  # nothing new was built
         proofs = [p for p in proof_dir.parent.iterdir() if p.name != "latest"]
         assert len(proofs) == 1
+        # honest history: no new materialization of template or template_proof, no smoke test result; the
+        # partition's latest stays the build, and an observation says what the no-op run found
+        assert second.asset_materializations_for_node("template") == []
+        assert len(materializations(instance)) == 1 and len(materializations(instance, asset="template_proof")) == 1
+        assert materializations(instance)[0].event_log_entry.run_id == first.run_id
+        assert "template_proof" in {e.step_key for e in second.all_events if e.event_type_value == "STEP_SKIPPED"}
+        assert [c.check_name for c in second.get_asset_check_evaluations()] == ["packer_validate"]
+        seen = second.asset_observations_for_node("template")[0].metadata
+        assert seen["outcome"].value == "up-to-date" and seen["promoted_vmid"].value == vmid
+        assert seen["promoted_chain_id"].value == meta["chain_id"].value == proof["chain_id"]
+        assert run_tags(instance, second)[assets.OUTCOME_TAG] == "up-to-date"
+        logged = [e.user_message for e in instance.all_logs(second.run_id)]
+        assert any(f"{KEY}: up to date, nothing built" in m for m in logged)
 
 
 def test_a_template_installed_from_another_keys_iso_fails_at_identity_and_is_not_promoted(lab_project):
@@ -105,8 +147,10 @@ def test_a_failed_guest_check_is_not_promoted_and_its_steps_are_in_the_check(lab
     lab_project.pve.lab_faults[KEY] = {fault}
     with dg.instance_for_test() as instance:
         result = rebuild(lab_project, instance)
+        assert run_tags(instance, result)[assets.OUTCOME_TAG] == "failed"
+        assert [(r.partition, r.status.value) for r in check_history(instance, "smoke_test")] == [(KEY, "FAILED")]
     check = next(c for c in result.get_asset_check_evaluations() if c.check_name == "smoke_test")
-    assert not check.passed and f"failed at step '{fault}'" in check.description
+    assert not check.passed and f"failed at step '{fault}'" in check.description and check.partition == KEY
     assert f"| {fault} | FAILED |" in check.metadata["steps"].value
     assert templates_of(lab_project.pve) == {}
     assert not proofs_of(lab_project).exists()
@@ -119,19 +163,24 @@ def proofs_of(lab_project, key=KEY):
 def test_packer_crash_leaves_no_vm_no_proof_and_names_the_log(lab_project, tmp_path):
     with dg.instance_for_test() as instance:
         result = rebuild(lab_project, instance, binary=crashing_packer(tmp_path))
+        assert run_tags(instance, result)[assets.OUTCOME_TAG] == "failed"
+        assert materializations(instance) == []
     assert not result.success
     failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
     text = str(failure.event_specific_data.error)
     assert "packer.log" in text and "boom" in text
+    # the error and the log's last lines, on the asset (an observation: nothing was materialized)
+    seen = result.asset_observations_for_node("template")[0].metadata
+    assert seen["outcome"].value == "failed" and "boom" in seen["error"].value and "boom" in seen["log_tail"].value
     assert [vm for vm in lab_project.pve.vms if KEY in vm.config.get("tags", "")] == []
     assert not (lab_project.root / "docs/proof/platform/packer-builds/builds" / KEY).exists()
     logs = lab_project.root / "output/logs/packer/builds" / KEY
     assert (logs / "latest" / "packer.log").exists()
 
 
-def test_a_rerun_after_a_failed_build_proves_the_promoted_template(lab_project, tmp_path):
-    """The failed build's log is the newest (`latest`), yet the rerun finds the template up to date and
-    template_proof proves the build of the promoted template."""
+def test_a_rerun_after_a_failed_build_is_up_to_date_with_the_promoted_build_latest(lab_project, tmp_path):
+    """The failed build's log is the newest (`latest`), yet the rerun finds the template up to date: it
+    materializes nothing, and the partition's latest materialization and proof stay the promoted build's."""
     layout = lab_project.layout
     with dg.instance_for_test() as instance:
         good = rebuild(lab_project, instance)
@@ -143,11 +192,16 @@ def test_a_rerun_after_a_failed_build_proves_the_promoted_template(lab_project, 
         newest = layout.build_log_dir(KEY, "latest").resolve()
         assert not (newest / "build.json").exists() and "boom" in (newest / "packer.log").read_text()
 
+        assert run_tags(instance, failed)[assets.OUTCOME_TAG] == "failed"
+
         rerun = rebuild(lab_project, instance)
         assert rerun.success, [e.message for e in rerun.all_events if e.is_failure]
-        assert rerun.asset_materializations_for_node("template")[0].metadata["up_to_date"].value is True
-        proved = rerun.asset_materializations_for_node("template_proof")[0].metadata
-        assert proved["template_vmid"].value == vmid and proved["chain_id"].value == chain
+        assert run_tags(instance, rerun)[assets.OUTCOME_TAG] == "up-to-date"
+        assert rerun.asset_observations_for_node("template")[0].metadata["promoted_chain_id"].value == chain
+        assert [m.event_log_entry.run_id for m in materializations(instance)] == [good.run_id]
+        assert [m.event_log_entry.run_id for m in materializations(instance, asset="template_proof")] == [good.run_id]
+        proof = json.loads((proofs_of(lab_project) / "latest" / "proof.json").read_text())
+        assert proof["chain_id"] == chain and proof["template"]["vmid"] == vmid
     assert list(templates_of(lab_project.pve)) == [vmid]
 
 
@@ -197,8 +251,8 @@ def test_leftovers_of_a_dead_run_are_swept_by_the_next_build(lab_project):
         again = rebuild(lab_project, instance)
         logged = [e.user_message for e in instance.all_logs(again.run_id)]
     assert again.success
-    meta = again.asset_materializations_for_node("template")[0].metadata
-    assert meta["up_to_date"].value is True
+    meta = again.asset_observations_for_node("template")[0].metadata
+    assert meta["outcome"].value == "up-to-date"
     swept = "\n".join(meta["swept"].value)
     assert "leftover VM 9390 (debian-12-20261130022857, running)" in swept
     assert "leftover VM 9392 (debian-12-smoke-9301" in swept and "build VM 9393" in swept
@@ -228,3 +282,26 @@ def test_a_token_without_vm_clone_fails_before_packer_starts(lab_project):
     assert [p.name for p in lab_project.layout.work_dir(KEY).iterdir()] == []
     assert not lab_project.layout.build_log_dir(KEY, "latest").exists()
     assert [vm for vm in lab_project.pve.vms if KEY in str(vm.config.get("name", ""))] == []
+
+
+def test_a_degraded_build_warns_and_its_reasons_reach_the_proof(lab_project):
+    """windows-2022 on Debian's packer 1.6.6 (allow_degraded, as in the lab): built and promoted, the WARN check
+    `degraded` fails without blocking, and each reason is in the check, proof.json and the proof README."""
+    key = "windows-2022"
+    with dg.instance_for_test() as instance:
+        result = rebuild(lab_project, instance, key=key)
+        assert result.success, [e.message for e in result.all_events if e.is_failure]
+        assert run_tags(instance, result)[assets.OUTCOME_TAG] == "built"
+    check = next(c for c in result.get_asset_check_evaluations() if c.check_name == "degraded")
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN and check.partition == key
+    proof = json.loads((proofs_of(lab_project, key) / "latest" / "proof.json").read_text())
+    jsonschema.validate(proof, build_proof_schema())
+    warnings = proof["warnings"]
+    gaps = [w.removeprefix("degraded build: ") for w in warnings if w.startswith("degraded build: ")]
+    assert gaps and any("tpm" in g.lower() for g in gaps), warnings
+    assert warnings == result.asset_materializations_for_node("template")[0].metadata["warnings"].value
+    assert all(g in check.description for g in gaps) and f"{len(gaps)} gap(s)" in check.description
+    readme = (proofs_of(lab_project, key) / "latest" / "README.md").read_text()
+    assert f"| Warnings | `{len(warnings)} (see Warnings)` |" in readme
+    section = readme.split("## Warnings\n\n", 1)[1].split("\n\n", 1)[0]
+    assert section.splitlines() == [f"- {w}" for w in warnings]

@@ -67,6 +67,11 @@ def test_kill_9_mid_build_then_the_next_builds_recover_by_themselves(lab_project
         failure = instance.all_logs(closed.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)[-1]
         assert "is gone without finishing the run" in failure.message
         assert instance.event_log_storage.get_concurrency_info("packer_builds").claimed_slots == []
+        # `make build` is a run of the job rebuild_template for the key (its history in the UI), not an anonymous
+        # asset run, and says what it did
+        (built,) = [r for r in instance.get_runs() if r.run_id != dead.dagster_run.run_id]
+        assert built.job_name == "rebuild_template" and built.tags["dagster/partition"] == OTHER
+        assert built.tags["packer-assets/outcome"] == "built"
 
     # The killed key's next build: whatever packer could not clean up is swept, and it builds.
     again = subprocess.run(["make", "--no-print-directory", "build", f"KEY={KILLED}", "PACKER_ASSETS_ENV_FILE="],

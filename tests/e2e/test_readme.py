@@ -21,6 +21,11 @@ from packer_assets.sbom import package_count, validate_sbom
 pytestmark = [pytest.mark.lab, pytest.mark.packer, pytest.mark.e2e]
 KEYS = ("ubuntu-2204", "ubuntu-2404", "debian-12", "rocky-9", "windows-2022")
 
+BUILD_UBUNTU = ("dagster job execute -j rebuild_template --tags '{\"dagster/partition\": \"ubuntu-2204\"}' "
+                "-m packer_assets.definitions")
+FORCE_DEBIAN = ("dagster job execute -j rebuild_template_forced --tags '{\"dagster/partition\": \"debian-12\"}' "
+                "-m packer_assets.definitions")
+
 # Run in this order in the export, each must exit 0. (command, stdin)
 RUN = [
     ("make demo", None),
@@ -47,8 +52,7 @@ RUN = [
     ("packer-assets channel unset production debian-12", None),
     ('packer-assets revoke 9300 --reason "CVE-2026-1234 in openssl"', None),
     ("packer-assets lab publish ubuntu-2204", None),
-    ("dagster asset materialize --select unattended_files,staged_iso,template,template_proof --partition "
-     "ubuntu-2204 -m packer_assets.definitions", None),
+    (BUILD_UBUNTU, None),
     ("make build KEY=ubuntu-2204", None),
     ("dagster sensor start iso_checksum_sensor -m packer_assets.definitions", None),
     ("dagster schedule start weekly_rebuild -m packer_assets.definitions", None),
@@ -58,6 +62,7 @@ RUN = [
     ("packer-assets proof verify --allowed-signers .lab/signing/allowed_signers", None),
     ("packer-assets chain --key debian-12", None),
     ("make build-all", None),
+    (FORCE_DEBIAN, None),
     ("packer-assets lab down", None),
     ("make lab-down", None),  # nothing left to stop: still exit 0
     ("make clean", None),
@@ -156,6 +161,12 @@ def check_after(command: str, clone: Path, proc: subprocess.CompletedProcess) ->
         init = json.loads((clone / "docs/proof/platform/packer-builds/init/latest/proof.json").read_text())
         jsonschema.validate(init, json.loads((REPO / "docs/schema/init-proof.schema.json").read_text()))
         assert (clone / "infra/env/.env.proxmox").is_file()
+        # every build was a run of the job rebuild_template (in its history in the UI), and says it built
+        builds = [(run.job_name, run.tags.get(OUTCOME)) for run, _count in key_runs(clone)]
+        assert builds == [("rebuild_template", "built")] * len(KEYS), builds
+    elif command in KEY_RUNS:  # the newest run of a key: its job, its outcome, its key's template materializations
+        (run, count), *_ = key_runs(clone)
+        assert (run.job_name, run.tags.get(OUTCOME), count) == KEY_RUNS[command], run.tags
     elif command == "packer-assets validate":
         assert all(f"ok   {key}:" in proc.stdout for key in KEYS), proc.stdout
     elif command.startswith("dagster job execute -j check_proxmox_env"):
@@ -183,6 +194,29 @@ def check_after(command: str, clone: Path, proc: subprocess.CompletedProcess) ->
                 (True, "CVE-2026-1234 in openssl")]
     elif command == "make clean":
         assert not (clone / ".lab").exists() and not (clone / "output").exists()
+
+
+OUTCOME = "packer-assets/outcome"
+# command -> (job, outcome, materializations of the key's template so far). After make demo, make build of a key
+# is a no-op (exit 0, no new materialization); a new release, a revocation or force builds.
+KEY_RUNS = {
+    "make build KEY=debian-12": ("rebuild_template", "up-to-date", 1),
+    BUILD_UBUNTU: ("rebuild_template", "built", 2),  # after `lab publish ubuntu-2204`
+    "make build KEY=ubuntu-2204": ("rebuild_template", "up-to-date", 2),
+    FORCE_DEBIAN: ("rebuild_template_forced", "built", 3),  # make demo's, make build-all's after the revocation
+}
+
+
+def key_runs(clone: Path) -> list:
+    """(run, the number of template materializations of its key) for each run of one key in the export's
+    instance, newest first."""
+    import dagster as dg
+
+    with dg.DagsterInstance.from_config(str(clone / ".dagster_home")) as instance:
+        runs = [r for r in instance.get_runs() if "dagster/partition" in r.tags]
+        return [(r, len(instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("template"), asset_partitions=[r.tags["dagster/partition"]]),
+            limit=100).records)) for r in runs]
 
 
 def test_readme_shell_lines_parse():
