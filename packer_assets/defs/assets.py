@@ -273,6 +273,9 @@ TEMPLATE_CHECKS = [
 def template(
     context: dg.AssetExecutionContext, config: TemplateConfig, project: ProjectSettings, packer: PackerSettings
 ):
+    if dg.AssetKey("template") not in context.selected_asset_keys:  # can_subset lets the UI offer a check alone
+        raise dg.Failure("smoke_test and degraded are evaluated by a build: materialize template (job "
+                         "rebuild_template, or rebuild_template_forced for a key that is up to date)")
     key, layout = hold_partition(context, project)
     catalog = project.catalog()
     entry, access = catalog.get(key), project.build_access()
