@@ -215,16 +215,13 @@ def _runs_of_chain(chain_id: str, ui_url: str | None) -> list[dict]:
 def _templates_of_chain(layout, chain_id: str) -> list[dict]:
     """Templates of the chain's key whose description names the chain ID (asked as the build token)."""
     from .chain import parse_chain_id
-    from .envfile import read_env_file
-    from .pve.bootstrap import build_access
+    from .channels import node_api
     from .pve.templates import list_templates, template_description
 
     key = parse_chain_id(chain_id).key
     if key == "init":
         return []
-    if not layout.env_file.is_file():
-        raise FileNotFoundError(f"{layout.env_file} does not exist (make init): cannot ask the node")
-    api = build_access(read_env_file(layout.env_file), str(layout.env_file)).connect()
+    api = node_api(layout)
     found = []
     for guest in list_templates(api, key):
         described = template_description(api, guest)
@@ -234,7 +231,7 @@ def _templates_of_chain(layout, chain_id: str) -> list[dict]:
 
 
 def _print_endpoints(info: dict) -> None:
-    for name in ("pve_url", "ca_file", "mirror_url", "guest"):
+    for name in ("pve_url", "ca_file", "mirror_url", "guest", "allowed_signers"):
         if name in info:
             print(f"  {name}: {info[name]}")
 

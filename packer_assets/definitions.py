@@ -18,7 +18,8 @@ SETTINGS = load_settings()
 # and the catalog an env file names (PACKER_ASSETS_CATALOG, e.g. the lab's) must be the one they come from.
 export_env_files()
 
-from .defs import assets, checks, jobs, registry, schedules, sensors  # noqa: E402
+from .defs import assets, checks, jobs, notifications, registry, schedules, sensors  # noqa: E402
+from .defs.notifications import Notifier  # noqa: E402
 from .defs.resources import PackerSettings, ProjectSettings, ProxmoxBootstrap  # noqa: E402
 
 
@@ -43,10 +44,12 @@ defs = dg.Definitions(
     # (op granularity) and run cancellation (one SIGINT to packer, its cleanup, the build VM destroyed)
     # behave the same.
     executor=dg.in_process_executor,
-    sensors=[sensors.build_iso_checksum_sensor(SETTINGS.sensor_interval)],
+    sensors=[sensors.build_iso_checksum_sensor(SETTINGS.sensor_interval),
+             *notifications.build_notification_sensors(enabled=bool(os.environ.get("PACKER_ASSETS_WEBHOOKS")))],
     schedules=[schedules.build_weekly_rebuild(SETTINGS.rebuild_cron)],
     asset_checks=[checks.token_authenticates, checks.token_privileges],
     resources={
+        "notifier": Notifier(webhooks=_env("PACKER_ASSETS_WEBHOOKS"), ui_url=SETTINGS.ui_url),
         "packer": PackerSettings(
             binary=SETTINGS.packer_binary,
             allow_degraded=SETTINGS.allow_degraded,

@@ -59,7 +59,7 @@ def test_the_cli_prints_json_and_exits_1_for_an_unknown_chain(root, capsys, monk
         main(["chain", PROVED, "--json"])
     data = json.loads(capsys.readouterr().out)
     assert done.value.code == 0 and data["chain_id"] == PROVED and data["proof"]
-    assert any(u.startswith("Proxmox templates: FileNotFoundError") for u in data["unknown"])  # no make init here
+    assert any(u.startswith("Proxmox templates: ConfigError") for u in data["unknown"])  # no make init here
     with pytest.raises(SystemExit) as done:
         main(["chain", "CHAIN-20261127T000000Z-ubuntu-2204"])
     assert done.value.code == 1

@@ -129,3 +129,13 @@ def test_partitions_come_from_the_catalog_an_env_file_names(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=repo, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "['only-this-key']"
+
+
+def test_notification_sensors_are_off_unless_webhooks_are_configured():
+    from packer_assets.defs.notifications import build_notification_sensors
+
+    names = {s.name for s in definitions.defs.sensors}
+    assert {"notify_on_failure", "notify_on_promotion"} <= names
+    assert {s.default_status for s in build_notification_sensors(enabled=False)} == {dg.DefaultSensorStatus.STOPPED}
+    assert {s.default_status for s in build_notification_sensors(enabled=True)} == {dg.DefaultSensorStatus.RUNNING}
+    assert "notifier" in definitions.defs.resources
