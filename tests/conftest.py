@@ -73,6 +73,14 @@ def _missing_browser() -> str | None:
     return _missing_commands("chromium chromium-driver", "chromium", "chromedriver")
 
 
+def _missing_realguest() -> str | None:
+    """QEMU and the tools that build the Debian base image (packer_assets/lab/realguest), run as root."""
+    absent = [c for c in ("qemu-system-x86_64", "qemu-img", "debootstrap", "mkfs.ext4", "unshare") if not shutil.which(c)]
+    if absent:  # not yet in tools/system-packages.sh: make test does not install these
+        return f"needs {', '.join(absent)}: apt-get install qemu-system-x86 qemu-utils debootstrap e2fsprogs util-linux"
+    return None if os.geteuid() == 0 else "needs root: debootstrap and chroot build the real guest's base image"
+
+
 REQUIREMENTS = {
     "lab": _missing_lab,
     "packer": lambda: _missing_commands("packer", "packer"),
@@ -80,6 +88,7 @@ REQUIREMENTS = {
     "postgres": _missing_postgres,
     "e2e": lambda: None,
     "browser": _missing_browser,
+    "realguest": _missing_realguest,
 }
 
 # fixture -> the markers a test using it gets
