@@ -23,6 +23,9 @@ LEGACY_CHAIN_TAG = "packer-assets/chain-id"  # its name until the UI cut it off;
 # What a per-key run did to its key's template: built, up-to-date (nothing built) or failed.
 OUTCOME_TAG = "packer-assets/outcome"
 BUILT, UP_TO_DATE, FAILED = "built", "up-to-date", "failed"
+# `true` forces a build like config force: true. The job rebuild_template_forced sets it on its runs: a partitioned
+# job's preset config reaches runs launched from the UI, not those of `dagster job execute`.
+FORCE_TAG = "packer-assets/force"
 OWNERS = ["team:platform"]
 LOG_TAIL_LINES = 30  # of the build log, as metadata on template
 
@@ -226,7 +229,7 @@ class TemplateConfig(dg.Config):
         "Build even when the key's promoted template was built from exactly these inputs (the same input "
         "fingerprint: ISO checksums, rendered files, Packer template, catalog entry). Without it such a run builds "
         "nothing: its tag packer-assets/outcome says up-to-date and template_proof is skipped. The job "
-        "rebuild_template_forced sets it."))
+        "rebuild_template_forced sets it (and the run tag packer-assets/force: true, which forces too)."))
 
 
 TEMPLATE_CHECKS = [
@@ -288,10 +291,13 @@ def template(
     if access.endpoint.insecure:
         context.log.warning(f"[{chain}] TLS verification of {access.endpoint.base} is OFF: PROXMOX_INSECURE=1 "
                             f"in {layout.env_file} (written by an init that asked for it)")
+    force = config.force or context.run.tags.get(FORCE_TAG) == "true"
+    if force:
+        context.log.info(f"[{chain}] {key}: forced (config force: true or tag {FORCE_TAG}): builds even if up to date")
     try:
         outcome = build_template(
             layout, entry, access, packer.credentials(access), os.environ.get(entry.install_user.password_env, ""),
-            staged, rendered, chain, packer.settings(config.force), project_dir=catalog.project_dir,
+            staged, rendered, chain, packer.settings(force), project_dir=catalog.project_dir,
             run_id=context.run.run_id, on_stage=lambda line: context.log.info(f"[{chain}] {line}"),
         )
     except Exception as exc:  # the error and the log's last lines where people look, then the step fails

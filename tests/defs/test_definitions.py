@@ -76,8 +76,9 @@ def test_jobs_are_pinned_and_the_forced_rebuild_presets_force():
     assert {"bootstrap", "rebuild_template", "rebuild_template_forced", "check_proxmox_env"} <= jobs
     forced = definitions.defs.resolve_job_def("rebuild_template_forced")
     assert forced.get_run_config_for_partition_key("debian-12") == {"ops": {"template": {"config": {"force": True}}}}
+    assert forced.run_tags == {"packer-assets/force": "true"}  # what forces its runs from the CLI as well
     plain = definitions.defs.resolve_job_def("rebuild_template")
-    assert "template" not in str(plain.get_run_config_for_partition_key("debian-12"))
+    assert "template" not in str(plain.get_run_config_for_partition_key("debian-12")) and not plain.run_tags
     assert "no-op" in plain.description and "up-to-date" in plain.description
     # the launchpad's editor describes the field it offers
     from packer_assets.defs.assets import TemplateConfig

@@ -6,9 +6,9 @@ import os
 import dagster as dg
 import jsonschema
 import pytest
-from support.builds import KEY, crashing_packer, rebuild, templates_of
+from support.builds import KEY, crashing_packer, rebuild, resources, templates_of
 
-from packer_assets.defs import assets
+from packer_assets.defs import assets, jobs
 from packer_assets.evidence import sha256_file
 from packer_assets.proof import build_proof_schema
 from packer_assets.sbom import package_count, validate_sbom
@@ -107,6 +107,13 @@ def test_build_promote_prove_then_up_to_date(lab_project):
         assert run_tags(instance, second)[assets.OUTCOME_TAG] == "up-to-date"
         logged = [e.user_message for e in instance.all_logs(second.run_id)]
         assert any(f"{KEY}: up to date, nothing built" in m for m in logged)
+
+        # the run tag rebuild_template_forced puts on its runs forces a build (as from `dagster job execute`,
+        # where a partitioned job's preset config does not reach the run)
+        forced = dg.materialize(jobs.REBUILD_ASSETS + [assets.iso_release], selection=jobs.REBUILD_ASSETS,
+                                partition_key=KEY, instance=instance, resources=resources(lab_project),
+                                tags={assets.FORCE_TAG: "true"})
+        assert run_tags(instance, forced)[assets.OUTCOME_TAG] == "built" and len(materializations(instance)) == 2
 
 
 def test_a_template_installed_from_another_keys_iso_fails_at_identity_and_is_not_promoted(lab_project):
