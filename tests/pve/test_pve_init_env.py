@@ -81,7 +81,7 @@ def test_first_run_creates_everything_and_writes_both_env_files(layout, endpoint
     assert missing_privileges(api, needed_grants(required_privileges("9.0"), access.discovery)) == []
     # evidence: log and proof with latest links
     assert latest(outcome.log_file.parent.parent) == outcome.log_file.parent.resolve()
-    assert sorted(p.name for p in outcome.proof_dir.iterdir()) == ["README.md", "init-packer.log", "proof.json"]
+    assert sorted(p.name for p in outcome.proof_dir.iterdir()) == ["README.md", "init-packer.log", "manifest.json", "proof.json"]
 
 
 def test_second_run_reuses_the_secret_without_a_new_token(layout, endpoint, admin, lab_pve):
