@@ -16,8 +16,10 @@ UI_PORT ?= 3000
 
 # What the suite needs from the system: the real packer, a real sshd and ssh/scp for the SSH paths,
 # debconf (preseed validation), gnupg (checksum signatures), PostgreSQL (deploy/'s instance, a cluster
-# of the tests' own on loopback), Chromium + ChromeDriver (the UI test).
-TEST_PACKAGES := packer openssh-server openssh-client debconf gnupg postgresql chromium chromium-driver
+# of the tests' own on loopback), Chromium + ChromeDriver (the UI test), QEMU, qemu-img and debootstrap
+# (a real Debian guest: tests/lab/realguest).
+TEST_PACKAGES := packer openssh-server openssh-client debconf gnupg postgresql chromium chromium-driver \
+	qemu-system-x86 qemu-utils debootstrap
 # pytest arguments, e.g. `make test PYTEST_ARGS="-m 'not slow'"` (markers: pyproject.toml)
 PYTEST_ARGS ?=
 
@@ -38,8 +40,8 @@ PYTEST := env -u PACKER_ASSETS_ENV_FILE -u DAGSTER_HOME $(BIN)/pytest
 test: test-deps venv ## the whole test suite; installs what it needs first (as root with apt), else says what is missing
 	$(PYTEST) $(PYTEST_ARGS)
 
-test-fast: venv ## the unit tests alone: no lab, packer, sshd, PostgreSQL, Dagster processes or browser
-	$(PYTEST) -m "not (lab or packer or sshd or postgres or e2e or browser)" $(PYTEST_ARGS)
+test-fast: venv ## the unit tests alone: no lab, packer, sshd, PostgreSQL, Dagster processes, browser or QEMU guest
+	$(PYTEST) -m "not (lab or packer or sshd or postgres or e2e or browser or realguest)" $(PYTEST_ARGS)
 
 test-deps:
 	@tools/system-packages.sh $(TEST_PACKAGES)

@@ -7,10 +7,12 @@ Markers say what a test needs beyond the Python core (registered in pyproject.to
   postgres  a real PostgreSQL server (postgresql)
   e2e       real Dagster processes (daemon, code server, webserver)
   browser   Chromium and ChromeDriver
+  realguest a real QEMU guest (TCG) booted from a debootstrapped Debian image (qemu-system-x86,
+            qemu-utils, debootstrap; root)
 A test gets its markers from the fixtures it uses (below) or from its module. `make test` installs
 everything; elsewhere a test whose needs are missing is skipped, and the reason is in the summary.
-`make test-fast` (`pytest -m "not (lab or packer or sshd or postgres or e2e or browser)"`) runs the
-unit tests alone.
+`make test-fast` (`pytest -m "not (lab or packer or sshd or postgres or e2e or browser or realguest)"`)
+runs the unit tests alone.
 """
 
 import atexit
