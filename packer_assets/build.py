@@ -218,7 +218,7 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
             if _destroy(api, found.node, vmid, entry, log):
                 vm_record.unlink(missing_ok=True)
             return BuildOutcome(key, str(chain), fingerprint, False, vmid, name, log.path,
-                                smoke_error=redact(str(exc)), smoke_steps=[_step_facts(s, redact)
+                                smoke_error=_named(key, redact(str(exc))), smoke_steps=[_step_facts(s, redact)
                                                                            for s in getattr(exc, "steps", ())],
                                 swept=swept)
         stages["smoke"] = smoke.seconds
@@ -270,6 +270,11 @@ def update_registry(layout: Layout, api, project_dir: Path, chain: ChainId, echo
         echo(f"{log_header(chain, 'warning')} {warning}")
         return warning
     return None
+
+
+def _named(key: str, text: str) -> str:
+    """An error as the UI lists it per key: starting with the key (a SmokeTestError's message already does)."""
+    return text if text.startswith(f"{key}: ") else f"{key}: {text}"
 
 
 def _step_facts(step, redact: Redactor) -> dict:

@@ -30,6 +30,7 @@ from .catalog import Catalog, TemplateEntry
 from .chain import CHAIN_RE, parse_chain_id
 from .evidence import BUILD_RECORD_NAME, Layout, atomic_write
 from .locks import exclusive
+from .packer.workdir import DEGRADED
 from .pve.templates import Guest, Revocation, TemplateDescription, list_templates, name_time, read_description, \
     read_revocation
 
@@ -77,7 +78,8 @@ class TemplateVersion(_Model):
     degraded: bool | None = Field(default=None, description="Built without something the installed Packer cannot do "
                                                             "(EFI/TPM on 1.6.6); null when the build record is not in "
                                                             "this output root.")
-    degraded_reasons: list[str] = Field(default_factory=list, description="What was left out (the build's warnings).")
+    degraded_reasons: list[str] = Field(default_factory=list, description="What was left out (the build's "
+                                                                          "`degraded build: ` warnings).")
     smoke: SmokeSummary | None = Field(default=None, description="The smoke test; null without a build record.")
     proof: str | None = Field(default=None, description="The proof bundle's folder, relative to the output root; "
                                                         "null until template_proof wrote it.")
@@ -162,14 +164,16 @@ def template_version(layout: Layout, key: str, guest: Guest, described: Template
     record = _record(layout, key, stamp, guest.vmid) if stamp else None
     if record is None and not (guest.promoted or guest.channels or guest.revoked):
         return None
-    warnings = list(record.get("warnings", [])) if record else []
+    # degraded: a capability gap (the `degraded build: ` warnings), as the `degraded` check counts them; mere
+    # notes (packer 1.6.6 leaves tags to the API) are in the proof, not here
+    gaps = [w.removeprefix(DEGRADED) for w in (record or {}).get("warnings", []) if w.startswith(DEGRADED)]
     proof = layout.build_proof_dir(key, stamp) if stamp else None
     return TemplateVersion(
         vmid=guest.vmid, name=guest.name, node=guest.node, chain_id=described.chain_id if described else None,
         built_at=described.built_at if described else name_time(key, guest.name),
         iso=RegistryIso(url=described.iso_url, checksum=described.iso_checksum) if described else None,
         packer_version=(record or {}).get("packer_version") or (described.packer_version if described else None),
-        degraded=bool(warnings) if record else None, degraded_reasons=warnings, smoke=_smoke(record),
+        degraded=bool(gaps) if record else None, degraded_reasons=gaps, smoke=_smoke(record),
         proof=proof.relative_to(layout.output_root).as_posix() if proof and proof.is_dir() else None,
         promoted=guest.promoted, channels=list(guest.channels), revoked=guest.revoked,
         revoked_at=revocation.revoked_at if revocation else None,
@@ -281,7 +285,8 @@ def registry_table(registry: Registry) -> str:
         if now is None:
             rows.append(f"| {key} | - | none | - | - | - | {channels} | - |")
             continue
-        degraded = "unknown" if now.degraded is None else ("yes: " + "; ".join(now.degraded_reasons)
+        # the count only: the reasons are long, and a long table is folded away in the UI (registry_json has them)
+        degraded = "unknown" if now.degraded is None else (f"yes ({len(now.degraded_reasons)} gaps)"
                                                            if now.degraded else "no")
         rows.append(f"| {key} | {now.vmid} | {now.name} | {now.built_at.astimezone(UTC):%Y-%m-%d %H:%M} | "
                     f"{Path(now.iso.url).name if now.iso else '-'} | {degraded.replace('|', '/')} | {channels} | "

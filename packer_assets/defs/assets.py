@@ -322,7 +322,7 @@ def template(
     if outcome.smoke_error:
         tag_outcome(context, FAILED)
         context.log.error(f"[{chain}] smoke test failed, new template destroyed: {outcome.smoke_error}")
-        smoke = dg.AssetCheckResult(check_name="smoke_test", passed=False, description=f"{key}: {outcome.smoke_error}",
+        smoke = dg.AssetCheckResult(check_name="smoke_test", passed=False, description=outcome.smoke_error,
                                     metadata={"steps": dg.MetadataValue.md(steps_table(outcome.smoke_steps))})
         yield dg.MaterializeResult(metadata={**meta, "outcome": FAILED, "promoted": False},
                                    check_results=[smoke, degraded], data_version=dg.DataVersion(outcome.input_fingerprint))

@@ -40,7 +40,9 @@ def test_the_registry_follows_builds_and_a_revoked_template_is_rebuilt(lab_proje
         current = registry["templates"][KEY]["current"]
         assert (current["vmid"], current["chain_id"], current["node"]) == (vmid, chain, record["template"]["node"])
         assert current["iso"] == {"url": catalog.get(KEY).iso.url, "checksum": record["iso"]["checksum"]}
-        assert current["degraded"] is bool(record["warnings"]) and current["degraded_reasons"] == record["warnings"]
+        # debian-12 in the lab: packer 1.6.6 notes it leaves tags to the API, a note and not a capability gap
+        assert record["warnings"] and not any(w.startswith("degraded build: ") for w in record["warnings"])
+        assert current["degraded"] is False and current["degraded_reasons"] == []
         assert current["smoke"] == {"passed": True, "found_os": "debian 12", "expected_os": "debian 12",
                                     "packages": record["sbom"]["packages"]}
         # template_proof wrote the bundle after the build wrote the registry: the proof path was added

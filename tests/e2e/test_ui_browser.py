@@ -158,3 +158,60 @@ def ui_shows_every_asset_and_materializes_one_partition(webserver, browser):
     time.sleep(1)
     browser.save_screenshot(str(OUTPUT / "ui-materialize-success.png"))
     assert (OUTPUT / "ui-materialize-success.png").stat().st_size > 10_000
+
+
+def test_the_registry_view_names_each_key_s_template_and_a_failed_smoke_test_shows_against_its_key(
+        webserver, browser, lab_project):
+    try:
+        registry_view_and_failed_smoke_test(webserver, browser, lab_project)
+    except BaseException:
+        OUTPUT.mkdir(exist_ok=True)
+        browser.save_screenshot(str(OUTPUT / "ui-registry-failure.png"))
+        raise
+
+
+def registry_view_and_failed_smoke_test(webserver, browser, lab_project):
+    """Two keys built into the UI's instance (debian-12 and windows-2022 pass; ubuntu-2204's clone never
+    finishes cloud-init, a lab fault), the registry materialized: its table in the UI names each built key's
+    VMID and says `none` for the others, and ubuntu-2204's failed smoke test is shown against ubuntu-2204."""
+    import json
+
+    from selenium.webdriver.common.by import By
+    from support.builds import rebuild, resources
+
+    from packer_assets.defs.registry import template_registry
+
+    url, instance, _dev = webserver
+    for key in ("debian-12", "windows-2022"):
+        assert rebuild(lab_project, instance, key=key).success, key
+    lab_project.pve.lab_faults["ubuntu-2204"] = {"cloud_init"}
+    assert not rebuild(lab_project, instance, key="ubuntu-2204").success
+    assert dg.materialize([template_registry], instance=instance,
+                          resources={"project": resources(lab_project)["project"]}).success
+    registry = json.loads(lab_project.layout.registry_file.read_text())["templates"]
+    built = {key: found["current"]["vmid"] for key, found in registry.items() if found["current"]}
+    assert set(built) == {"debian-12", "windows-2022"}
+
+    # The registry view: the template_registry asset's table, a row per key.
+    browser.get(f"{url}/assets/template_registry")
+    wait_element(browser, exact_text("templates"), 60, "the registry's templates table")
+    unfold = "//tr[.//*[normalize-space(text())='templates']]//*[normalize-space(text())='[Show Markdown]']"
+    if browser.find_elements(By.XPATH, unfold):  # the UI folds a long table behind a link
+        wait_element(browser, unfold, 10, "the link to the table", click=True)
+    for key, vmid in built.items():
+        wait_element(browser, f"//td[normalize-space(text())='{key}']/following-sibling::td[1][normalize-space(text())"
+                              f"='{vmid}']", 60, f"{key}'s VMID {vmid} in the registry table")
+    wait_element(browser, "//td[normalize-space(text())='ubuntu-2204']/following-sibling::td[2]"
+                          "[normalize-space(text())='none']", 30, "ubuntu-2204 without a current template")
+    browser.save_screenshot(str(OUTPUT / "ui-registry.png"))
+
+    # The smoke test's evaluation of ubuntu-2204, with its partition, on template's checks.
+    browser.get(f"{url}/assets/template?view=checks")
+    wait_element(browser, exact_text("smoke_test"), 60, "the smoke_test check", click=True)
+    wait_element(browser, "//*[starts-with(normalize-space(text()), \"ubuntu-2204: smoke test of template\") and "
+                          "contains(normalize-space(text()), \"failed at step 'cloud_init'\")]", 60,
+                 "ubuntu-2204's failed smoke test")
+    wait_element(browser, "//*[normalize-space(text())='Partition']/following::*[normalize-space(text())="
+                          "'ubuntu-2204'][1]", 30, "the evaluation's partition")
+    wait_element(browser, exact_text("Failed"), 30, "the Failed result")
+    browser.save_screenshot(str(OUTPUT / "ui-smoke-test-failed.png"))
