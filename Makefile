@@ -85,10 +85,13 @@ build: venv dagster-home settings-check
 	@$(BIN)/packer-assets settings --key '$(KEY)' >/dev/null  # job execute would run an unknown partition
 	$(REBUILD) --tags '{"dagster/partition": "$(KEY)"}'
 
-build-all: venv dagster-home settings-check ## every key, one after the other
-	@set -e; for key in $$($(BIN)/python -c "from packer_assets.settings import export_env_files; export_env_files(); \
-	  from packer_assets.catalog import load_catalog; print(' '.join(load_catalog().keys()))"); do \
-	  $(MAKE) --no-print-directory build KEY=$$key; done
+# Only the keys whose inputs changed or that have no template (`packer-assets plan`, the weekly schedule's
+# pre-check); ALL=1 runs every key (each run still skips a key that is up to date).
+build-all: venv dagster-home settings-check ## every key that needs a build, one after the other (ALL=1: every key)
+	@if [ -n "$(ALL)" ]; then keys=$$($(BIN)/python -c "from packer_assets.settings import export_env_files; \
+	  export_env_files(); from packer_assets.catalog import load_catalog; print(' '.join(load_catalog().keys()))"); \
+	  else $(BIN)/packer-assets plan; keys=$$($(BIN)/packer-assets plan --keys-only); fi; \
+	  set -e; for key in $$keys; do $(MAKE) --no-print-directory build KEY=$$key; done
 
 validate: venv ## render and validate every key, then packer validate (validate-all.sh)
 	$(BIN)/packer-assets validate

@@ -47,9 +47,13 @@ def child(gc_freeze: bool) -> int:
     sys.stdout = sys.stderr  # keep the protocol channel clean
     import dagster as dg
 
+    import tempfile
+
+    from packer_assets.defs.resources import ProjectSettings
     from packer_assets.defs.sensors import build_iso_checksum_sensor
 
     iso_checksum_sensor = build_iso_checksum_sensor(3600)
+    project = ProjectSettings(output_root=tempfile.mkdtemp(prefix="sensor-tick-"))  # the observed checksums' file
 
     if gc_freeze:  # what `gc.collect(); gc.freeze()` at the end of definitions.py would do
         import gc
@@ -64,7 +68,7 @@ def child(gc_freeze: bool) -> int:
         for line in sys.stdin:
             if line.strip() != "tick":
                 break
-            context = dg.build_sensor_context(instance=instance, cursor=cursor)
+            context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"project": project})
             start = time.perf_counter()
             result = iso_checksum_sensor(context)
             seconds = time.perf_counter() - start

@@ -10,6 +10,7 @@ proof can follow.
 """
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from .chain import ChainId, log_header, parse_chain_id
 from .checksums import Checksum
 from .evidence import BUILD_RECORD_NAME, Layout, Redactor, atomic_write, sha256_file
 from .packer.env import packer_env, validate_env
+from .plan import SourceDigests, iso_checksums, plan_fingerprint, plan_key, record_plan
 from .packer.runner import PackerCheck, PackerError, open_build_log, packer_init, packer_validate, run_packer
 from .packer.version import BuildCredentials, detect_packer
 from .packer.workdir import BuildPlan, prepare_workdir, template_sha256
@@ -100,6 +102,14 @@ def rendered_hashes(rendered_dir: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(Path(rendered_dir).iterdir()) if p.is_file() and p.name != ANSWER_ISO_NAME}
 
 
+def plan_of(layout: Layout, entry: TemplateEntry, staged: dict[str, StagedIso], project_dir: Path,
+            env: Mapping[str, str] | None) -> tuple[str, str]:
+    """(plan fingerprint, ISO checksums) of this build (plan.py), with the ISOs as staged."""
+    isos = iso_checksums(entry, {}, {name: str(Checksum(iso.algorithm, iso.checksum)) for name, iso in staged.items()})
+    return plan_fingerprint(entry, os.environ if env is None else env, SourceDigests(project_dir), plan_key(layout),
+                            isos), isos
+
+
 def input_fingerprint_of(entry: TemplateEntry, staged: dict[str, StagedIso], rendered_dir: Path, project_dir: Path) -> str:
     isos = ";".join(f"{name}={staged[name].algorithm}:{staged[name].checksum}" for name in sorted(staged))
     # template_sha256: the family's template AND templates/common/common.pkr.hcl, one input
@@ -142,14 +152,16 @@ def _answer_iso(api, access: BuildAccess, entry: TemplateEntry, rendered_dir: Pa
 def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, credentials: BuildCredentials,
                    ssh_password: str, staged: dict[str, StagedIso], rendered_dir: Path, chain: ChainId,
                    settings: BuildSettings, *, project_dir: Path, run_id: str | None = None,
-                   on_stage=None, cancel_event=None, echo=print) -> BuildOutcome:
+                   on_stage=None, cancel_event=None, echo=print, env: Mapping[str, str] | None = None) -> BuildOutcome:
     started = datetime.now(UTC)
     key, found = entry.key, access.discovery
     fingerprint = input_fingerprint_of(entry, staged, rendered_dir, project_dir)
+    planned = plan_of(layout, entry, staged, project_dir, env)  # for the schedule's pre-check (plan.py)
     api = access.connect()
     swept = sweep_leftovers(api, found.node, entry, layout)
     up_to_date, current = is_up_to_date(api, key, fingerprint)
     if up_to_date and not settings.force:
+        record_plan(layout, key, *planned, current, None)
         return BuildOutcome(key, str(chain), fingerprint, True, current, swept=swept)
 
     _grants, missing = token_privilege_gaps(api, found)
@@ -226,6 +238,7 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
                           f"agent answered, ips {smoke.ips}, {sbom['packages']} packages in {SBOM_FILE}")
         vm_record.unlink(missing_ok=True)  # a template that passed: no longer a build VM
         promotion = promote(api, found.node, key, vmid)
+        record_plan(layout, key, *planned, vmid, str(chain))
         pruned = prune(api, found.node, key, entry.retention, keep={vmid})
         log.line("promote", f"{vmid} is now packer-assets-latest (before: {promotion.previous}); "
                             f"pruned {pruned.destroyed or 'nothing'}")

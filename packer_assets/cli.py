@@ -230,6 +230,36 @@ def _templates_of_chain(layout, chain_id: str) -> list[dict]:
     return found
 
 
+def _plan(args) -> int:
+    """Which keys need a run (the weekly schedule's pre-check; `make build-all` builds those)."""
+    import os
+
+    from .catalog import load_catalog
+    from .channels import node_api
+    from .plan import plan_runs
+    from .pve.templates import promoted_vmids
+    from .settings import export_env_files, load_settings
+
+    found = load_settings()
+    export_env_files()
+    catalog = load_catalog()
+    try:
+        promoted = promoted_vmids(node_api(found.layout), catalog.keys())
+    except Exception as exc:  # noqa: BLE001 - the recorded state still decides; said on stderr
+        print(f"packer-assets plan: the node could not be asked ({type(exc).__name__}); the recorded state decides",
+              file=sys.stderr)
+        promoted = None
+    plan = plan_runs(found.layout, catalog, os.environ, catalog.project_dir, promoted)
+    if args.keys_only:
+        print(" ".join(plan.to_run))
+    elif args.json:
+        print(json.dumps([{"key": k.key, "run": k.run, "reason": k.reason} for k in plan.keys], indent=2))
+    else:
+        print("\n".join(f"{'run ' if k.run else 'skip'} {k.key}: {k.reason}" for k in plan.keys))
+        print(plan.summary())
+    return 0
+
+
 def _print_endpoints(info: dict) -> None:
     for name in ("pve_url", "ca_file", "mirror_url", "guest", "allowed_signers"):
         if name in info:
@@ -277,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--allow-degraded", action="store_true",
                           help="accept what the installed packer cannot do (EFI/TPM on 1.6.6) as warnings")
     validate.set_defaults(func=_validate)
+
+    plan = sub.add_parser("plan", help="which keys need a run: inputs changed since the promoted template, or none "
+                          "recorded (what the weekly schedule and make build-all ask first)")
+    plan.add_argument("--keys-only", action="store_true", help="just the keys to run, space-separated")
+    plan.add_argument("--json", action="store_true", help="JSON for scripts")
+    plan.set_defaults(func=_plan)
 
     proof = sub.add_parser("proof", help="proof bundles")
     proof_sub = proof.add_subparsers(dest="proof_command", required=True)

@@ -13,7 +13,9 @@ import dagster as dg
 
 from ..catalog import load_catalog
 from ..isowatch import poll
+from ..plan import record_observed
 from .jobs import rebuild_job
+from .resources import ProjectSettings
 
 # The tag Dagster reads an observation's data version from (dagster._core.definitions.data_version).
 DATA_VERSION_TAG = "dagster/data_version"
@@ -50,9 +52,12 @@ def build_iso_checksum_sensor(interval_seconds: int) -> dg.SensorDefinition:
         default_status=dg.DefaultSensorStatus.STOPPED,
         description="Polls every key's ISO checksum file; a changed checksum rebuilds that key.",
     )
-    def iso_checksum_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    def iso_checksum_sensor(context: dg.SensorEvaluationContext, project: ProjectSettings) -> dg.SensorResult:
         sources = iso_sources(load_catalog())
         result = poll({name: iso for name, (_key, iso) in sources.items()}, json.loads(context.cursor or "{}"))
+        # the checksums as last observed, for the schedule's pre-check (plan.py)
+        record_observed(project.layout(), {name: entry["checksum"] for name, entry in result.cursor.items()
+                                           if entry.get("checksum")})
         for name, message in result.errors.items():
             context.log.warning(f"{name}: {message} (keeps its last known checksum)")
         by_key: dict[str, list[str]] = {}

@@ -402,6 +402,19 @@ def promoted_template(api: ProxmoxAPI, key: str) -> Guest | None:
     return promoted[0] if promoted else None
 
 
+def promoted_vmids(api: ProxmoxAPI, keys: Iterable[str]) -> dict[str, int]:
+    """key -> VMID of its promoted template, for many keys from one /cluster/resources call (the newest
+    wins, as in promoted_template)."""
+    wanted, found = set(keys), {}
+    for guest in sorted(guests(api).values(), key=lambda g: g.vmid):
+        if guest.template and guest.promoted and not guest.revoked:
+            for key in wanted.intersection(guest.tags):
+                when = name_time(key, guest.name)  # not None for a guest that is ours(key)
+                if guest.ours(key) and (key not in found or when >= found[key][1]):
+                    found[key] = (guest.vmid, when)
+    return {key: vmid for key, (vmid, _when) in found.items()}
+
+
 def template_description(api: ProxmoxAPI, guest: Guest) -> TemplateDescription | None:
     return read_description(api.nodes(guest.node).qemu(guest.vmid).config.get().get("description"))
 

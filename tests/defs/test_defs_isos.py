@@ -1,5 +1,7 @@
 """unattended_files, staged_iso and iso_checksum_sensor through Dagster, against the in-process lab."""
 
+import os
+
 import dagster as dg
 import pytest
 
@@ -77,7 +79,8 @@ def test_corrupted_mirror_image_fails_and_leaves_no_volume(lab_project):
 
 
 def tick(instance, cursor=None):
-    context = dg.build_sensor_context(instance=instance, cursor=cursor)
+    project = ProjectSettings(output_root=os.environ["PACKER_ASSETS_ROOT"])  # lab_project's output root
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"project": project})
     return sensors.build_iso_checksum_sensor(3600)(context)
 
 

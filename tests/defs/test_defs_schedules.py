@@ -1,21 +1,90 @@
+import os
+import shutil
 from datetime import UTC, datetime
+from pathlib import Path
 
 import dagster as dg
+import pytest
+import yaml
+from support import REPO
+from support.builds import rebuild
 
 from packer_assets.catalog import load_catalog
+from packer_assets.defs import sensors
+from packer_assets.defs.resources import ProjectSettings
 from packer_assets.defs.schedules import build_weekly_rebuild
 from packer_assets.settings import Settings
 
 weekly_rebuild = build_weekly_rebuild(Settings.rebuild_cron)
 
 
-def test_weekly_rebuild_requests_one_run_per_key_with_a_run_key():
+def test_weekly_rebuild_requests_one_run_per_key_never_built_with_a_run_key(tmp_path):
+    """An output root with no build recorded and no node to ask (no make init): every key runs."""
     when = datetime(2026, 11, 29, 3, 0, tzinfo=UTC)
     with dg.instance_for_test() as instance:
-        requests = weekly_rebuild(dg.build_schedule_context(instance=instance, scheduled_execution_time=when))
+        requests = weekly_rebuild(dg.build_schedule_context(
+            instance=instance, scheduled_execution_time=when,
+            resources={"project": ProjectSettings(output_root=str(tmp_path))}))
     assert [r.partition_key for r in requests] == list(load_catalog().keys())
     # the key leads the run key and has a tag of its own (the UI's preview of a tick shows tags, not partitions)
     assert {r.run_key for r in requests} == {f"{k}:weekly:20261129" for k in load_catalog().keys()}
     assert [r.tags["packer-assets/key"] for r in requests] == list(load_catalog().keys())
     assert weekly_rebuild.cron_schedule == "0 3 * * 0"
     assert weekly_rebuild.execution_timezone == "UTC"
+
+
+def tick(instance, root, when=datetime(2026, 11, 29, 3, 0, tzinfo=UTC)):
+    result = weekly_rebuild(dg.build_schedule_context(instance=instance, scheduled_execution_time=when,
+                                                      resources={"project": ProjectSettings(output_root=str(root))}))
+    return [] if isinstance(result, dg.SkipReason) else sorted(r.partition_key for r in result)
+
+
+@pytest.mark.packer
+def test_the_schedule_requests_only_keys_whose_inputs_changed(lab_project, tmp_path, monkeypatch):
+    """Real builds of two keys in the lab (from a copy of the project, so a template can be edited), then
+    ticks: the built keys launch nothing, each change launches exactly its key: a catalog edit, a template
+    edit, a new ISO release observed by the checksum sensor, a template that is no longer promoted."""
+    project = tmp_path / "project-copy"
+    shutil.copytree(REPO / "templates", project / "templates")
+    monkeypatch.chdir(project)  # the catalog's packer_dir folders are read from here
+    built = ["debian-12", "rocky-9"]
+    never = sorted(k for k in lab_project.stack.catalog.keys() if k not in built)
+    root = lab_project.root
+    with dg.instance_for_test() as instance:
+        for key in built:
+            assert rebuild(lab_project, instance, key=key).success, key
+        assert tick(instance, root) == never  # up to date: no run; never built: a run each
+
+        # a template edit (debian's preseed) launches debian-12 only
+        preseed = project / "templates/debian/preseed.cfg.j2"
+        preseed.write_text(preseed.read_text() + "# site tweak\n")
+        assert tick(instance, root) == sorted(["debian-12", *never])
+        preseed.write_text(preseed.read_text().removesuffix("# site tweak\n"))
+        assert tick(instance, root) == never
+
+        # a catalog edit (rocky-9's memory) launches rocky-9 only
+        catalog = Path(os.environ["PACKER_ASSETS_CATALOG"])
+        original = catalog.read_text()
+        doc = yaml.safe_load(original)
+        next(e for e in doc["templates"] if e["key"] == "rocky-9").setdefault("hardware", {})["memory"] = 3072
+        catalog.write_text(yaml.safe_dump(doc, sort_keys=False))
+        assert tick(instance, root) == sorted(["rocky-9", *never])
+        catalog.write_text(original)
+
+        # a new release of debian-12's ISO, once the checksum sensor observed it
+        lab_project.mirror.publish("debian-12")
+        assert tick(instance, root) == never  # not observed yet: nothing known has changed
+        sensor = sensors.build_iso_checksum_sensor(3600)
+        sensor(dg.build_sensor_context(instance=instance, resources={"project": ProjectSettings(output_root=str(root))}))
+        assert tick(instance, root) == sorted(["debian-12", *never])
+        assert rebuild(lab_project, instance, key="debian-12").success  # builds the release
+        assert tick(instance, root) == never
+
+        # a template that is no longer the promoted one (revoked) is rebuilt
+        from packer_assets.channels import node_api, revoke
+        from packer_assets.pve.templates import promoted_template
+
+        api = node_api(lab_project.layout)
+        revoke(lab_project.layout, api, lab_project.stack.catalog, str(promoted_template(api, "rocky-9").vmid),
+               reason="openssl CVE")
+        assert tick(instance, root) == sorted(["rocky-9", *never])

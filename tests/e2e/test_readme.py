@@ -62,6 +62,7 @@ RUN = [
     ("packer-assets proof verify --allowed-signers .lab/signing/allowed_signers", None),
     ("packer-assets chain --key debian-12", None),
     ("make build-all", None),
+    ("packer-assets plan", None),
     (FORCE_DEBIAN, None),
     ("packer-assets lab down", None),
     ("make lab-down", None),  # nothing left to stop: still exit 0
@@ -73,6 +74,7 @@ NOT_RUN = {
     "make ui": "a long-running webserver: tests/test_ui_browser.py drives `dagster dev` in Chromium",
     "dagster dev": "a long-running webserver: tests/test_ui_browser.py runs it",
     "make bench": "prints figures for minutes; bench/ is not a test",
+    "make build-all ALL=1": "a run per key, each skipping an up-to-date key: make build-all (the pre-checked one) is run",
     "packer-assets chain CHAIN-<ts>-<key> [--json]": "a synopsis: the chain IDs differ per run; "
                                                       "tests/defs/test_defs_chain.py runs it on a build and a failed one",
     "packer-assets proof verify PATH|CHAIN-ID [--allowed-signers FILE] [--require-signature]":
@@ -192,6 +194,8 @@ def check_after(command: str, clone: Path, proc: subprocess.CompletedProcess) ->
             assert 9300 not in debian["channels"].values() and (debian["current"] or {}).get("vmid") != 9300
             assert [(v["revoked"], v["revoked_reason"]) for v in debian["retained"] if v["vmid"] == 9300] == [
                 (True, "CVE-2026-1234 in openssl")]
+    elif command == "packer-assets plan":  # right after make build-all: nothing left to run
+        assert proc.stdout.strip().endswith("0 of 5 key(s) to run, 5 unchanged"), proc.stdout
     elif command == "make clean":
         assert not (clone / ".lab").exists() and not (clone / "output").exists()
 
