@@ -25,7 +25,7 @@ from .chain import ChainId, log_header, parse_chain_id
 from .checksums import Checksum
 from .evidence import BUILD_RECORD_NAME, Layout, Redactor, atomic_write, sha256_file
 from .packer.env import packer_env, validate_env
-from .plan import SourceDigests, iso_checksums, plan_fingerprint, plan_key, record_plan
+from .plan import SourceDigests, iso_checksums, plan_fingerprint, plan_key, record_plan, render_key
 from .packer.runner import PackerCheck, PackerError, open_build_log, packer_init, packer_validate, run_packer
 from .packer.version import BuildCredentials, detect_packer
 from .packer.workdir import BuildPlan, prepare_workdir, template_sha256
@@ -434,12 +434,73 @@ def package_changes(layout: Layout, key: str, stamp: str, sbom_file: Path) -> Pa
 
 
 def render_and_validate(layout: Layout, entry: TemplateEntry, env: Mapping[str, str], settings: BuildSettings, *,
-                        project_dir: Path) -> tuple[RenderResult, PackerCheck]:
+                        project_dir: Path, reuse: bool = False) -> tuple["RenderResult | CachedRender", PackerCheck]:
     """unattended_files and `packer-assets validate`: render the key's files (each checked by its own
-    validator; RenderError if one fails, the previous render kept), then `packer validate` on them."""
+    validator; RenderError if one fails, the previous render kept), then `packer validate` on them.
+
+    reuse (unattended_files): when the inputs are those of the last render that passed `packer validate`
+    (plan.render_key: catalog entry, template folders, secrets as an HMAC, the Packer binary and the
+    settings) and its files are on disk unchanged, that render and its validation stand: no crypt hash,
+    no validators, no Packer. `packer-assets validate` never reuses: checking is what it is for."""
+    key = render_key(entry, env, SourceDigests(project_dir), plan_key(layout), _validator(settings)) if reuse else None
+    cached = _cached_render(layout, entry.key, key) if key else None
+    if cached is not None:
+        return cached, PackerCheck(True, 0, "inputs unchanged since the last render that passed packer validate; "
+                                            "its validation stands", ["packer", "validate", "(cached)"])
     result = render_unattended(entry, env, layout.rendered_dir(entry.key), project_dir=project_dir)
-    return result, validate_build(entry, result.out_dir, layout.work_dir(entry.key), settings,
-                                  project_dir=project_dir)
+    check = validate_build(entry, result.out_dir, layout.work_dir(entry.key), settings, project_dir=project_dir)
+    if key and check.ok:
+        atomic_write(_render_record(layout, entry.key), json.dumps(
+            {"render_key": key, "metadata": result.metadata(),
+             "files": {f.name: f.sha256 for f in (*result.files, *([result.answer_iso] if result.answer_iso else []))},
+             "argv": check.argv}, indent=1, sort_keys=True) + "\n")
+    return result, check
+
+
+@dataclass(frozen=True)
+class CachedRender:
+    """A render found unchanged on disk: what unattended_files reports of it (RenderResult's reporting part)."""
+
+    out_dir: Path
+    content_hash: str
+    recorded: dict
+
+    def metadata(self) -> dict:
+        return self.recorded
+
+
+def _render_record(layout: Layout, key: str) -> Path:
+    return layout.output_root / "output" / "state" / "render" / f"{key}.json"
+
+
+def _validator(settings: BuildSettings) -> dict[str, str]:
+    """The validating Packer (path, size, mtime: a new binary validates anew) and the settings that shape
+    the prepared work directory."""
+    binary = shutil.which(settings.packer) or settings.packer
+    try:
+        info = os.stat(binary)
+        identity = f"{os.path.realpath(binary)}:{info.st_size}:{info.st_mtime_ns}"
+    except OSError:
+        identity = f"{binary}:missing"
+    shape = {k: str(v) for k, v in vars(settings).items() if k not in ("force", "timeout", "grace", "smoke_timeout")}
+    return {"packer": identity, **shape}
+
+
+def _cached_render(layout: Layout, key: str, render_key_now: str) -> CachedRender | None:
+    """The last validated render, if its key matches and every file it wrote is on disk unchanged."""
+    try:
+        record = json.loads(_render_record(layout, key).read_text())
+    except (OSError, ValueError):
+        return None
+    folder = layout.rendered_dir(key)
+    files = record.get("files") or {}
+    if record.get("render_key") != render_key_now or not files:
+        return None
+    for name, digest in files.items():
+        path = folder / name
+        if not path.is_file() or sha256_file(path) != digest:
+            return None
+    return CachedRender(folder, record["metadata"]["content_hash"], record["metadata"])
 
 
 def validate_build(entry: TemplateEntry, rendered_dir: Path, work_parent: Path, settings: BuildSettings, *,

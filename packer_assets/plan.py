@@ -112,19 +112,35 @@ def _parse_isos(text: str | None) -> dict[str, str]:
     return dict(part.split("=", 1) for part in (text or "").split(";") if "=" in part)
 
 
-def plan_fingerprint(entry: TemplateEntry, env: Mapping[str, str], sources: SourceDigests, key: bytes,
-                     isos: str) -> str:
-    """sha256 over everything a build of the entry is made of, from files and settings only."""
+def _inputs(entry: TemplateEntry, env: Mapping[str, str], sources: SourceDigests, key: bytes) -> dict[str, str]:
+    """What a key's rendered files and Packer configuration are made of (secrets as an HMAC)."""
     password = env.get(entry.install_user.password_env) or ""
     keys_env = entry.install_user.ssh_authorized_keys_env
-    blob = {
-        "plan": PLAN_VERSION, "tool": __version__, "entry": catalog_entry_json(entry), "isos": isos,
+    return {
+        "plan": PLAN_VERSION, "tool": __version__, "entry": catalog_entry_json(entry),
         "packer_dir": sources.of(entry.packer_dir), "common": sources.of("templates/common"),
         "password": hmac.new(key, password.encode(), hashlib.sha256).hexdigest(),
         "ssh_keys": (env.get(keys_env) or "") if keys_env else "",
         "salt_seed": env.get("PACKER_ASSETS_SALT_SEED") or "",
+        "schema_dir": env.get("PACKER_ASSETS_SCHEMA_DIR") or "",
     }
+
+
+def _digest(blob: dict) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def plan_fingerprint(entry: TemplateEntry, env: Mapping[str, str], sources: SourceDigests, key: bytes,
+                     isos: str) -> str:
+    """sha256 over everything a build of the entry is made of, from files and settings only."""
+    return _digest({**_inputs(entry, env, sources, key), "isos": isos})
+
+
+def render_key(entry: TemplateEntry, env: Mapping[str, str], sources: SourceDigests, key: bytes,
+               validator: Mapping[str, str]) -> str:
+    """What a render and its `packer validate` depend on: the inputs, plus the validating Packer
+    (`validator`: its path, size and mtime, and the build settings that change the prepared work dir)."""
+    return _digest({**_inputs(entry, env, sources, key), "validator": dict(validator)})
 
 
 @dataclass(frozen=True)

@@ -6,13 +6,13 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from ..build import NoPromotedBuild, build_template, promoted_record, render_and_validate, write_proof
+from ..build import CachedRender, NoPromotedBuild, build_template, promoted_record, render_and_validate, write_proof
 from ..chain import fresh_chain_id
 from ..evidence import Layout
 from ..locks import hold_key
 from ..packer.workdir import DEGRADED
 from ..pve.init_env import run_init
-from ..pve.staging import stage_entry
+from ..pve.staging import StagedIso, stage_entry
 from .partitions import catalog, key_check, template_partitions
 from .recovery import recover
 from .resources import PackerSettings, ProjectSettings, ProxmoxBootstrap
@@ -161,16 +161,20 @@ def unattended_files(
     key, layout = hold_partition(context, project)
     catalog = project.catalog()
     entry = catalog.get(key)
-    result, check = render_and_validate(layout, entry, os.environ, packer.settings(), project_dir=catalog.project_dir)
+    result, check = render_and_validate(layout, entry, os.environ, packer.settings(), project_dir=catalog.project_dir,
+                                        reuse=True)
+    reused = isinstance(result, CachedRender)
     validated = dg.AssetCheckResult(check_name="packer_validate", passed=check.ok,
-                                    description=f"{key}: packer validate passed" if check.ok
-                                    else f"{key}: packer validate failed:\n{check.output[-2000:]}",
-                                    metadata={"argv": " ".join(check.argv)})
+                                    description=(f"{key}: packer validate passed" + (
+                                        " (inputs unchanged since that validation: it stands)" if reused else ""))
+                                    if check.ok else f"{key}: packer validate failed:\n{check.output[-2000:]}",
+                                    metadata={"argv": " ".join(check.argv), "reused": reused})
     meta = result.metadata()
     rows = "\n".join(f"| `{name}` | `{f['sha256'][:16]}` | {f['size']} | "
                      + ", ".join(f"{v}: {verdict}" for v, verdict in f["verdicts"].items()) + " |"
                      for name, f in meta["files"].items())
-    context.log.info(f"{key}: rendered {len(meta['files'])} file(s), content hash {result.content_hash[:16]}")
+    context.log.info(f"{key}: {'unchanged' if reused else 'rendered'} {len(meta['files'])} file(s), content hash "
+                     f"{result.content_hash[:16]}")
     return dg.MaterializeResult(
         metadata={
             "rendered_dir": dg.MetadataValue.path(str(result.out_dir)),
@@ -217,6 +221,20 @@ def staged_iso(context: dg.AssetExecutionContext, project: ProjectSettings) -> d
         },
         data_version=dg.DataVersion(staged_version(staged)),
     )
+
+
+def staged_in_this_run(context: dg.AssetExecutionContext, key: str) -> dict[str, StagedIso] | None:
+    """What staged_iso staged for the key earlier in this run (its metadata), so the ISOs are looked up
+    once per run; None when staged_iso did not run in this run (then template stages them itself)."""
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("staged_iso"), asset_partitions=[key]), limit=1).records
+    if not records or records[0].run_id != context.run.run_id:
+        return None
+    isos = records[0].asset_materialization.metadata.get("isos")
+    try:
+        return {name: StagedIso(**fields) for name, fields in isos.value.items()} if isos else None
+    except TypeError:
+        return None  # written by another version of StagedIso: ask the node
 
 
 def staged_version(staged: dict) -> str:
@@ -285,7 +303,8 @@ def template(
     rendered = layout.rendered_dir(key)
     if not rendered.is_dir():
         raise FileNotFoundError(f"{rendered} does not exist: materialize unattended_files[{key}] first")
-    staged = stage_entry(access.connect(), access.discovery.node, access.discovery.iso_storage, entry)
+    staged = staged_in_this_run(context, key) or stage_entry(access.connect(), access.discovery.node,
+                                                             access.discovery.iso_storage, entry)
     chain = fresh_chain_id(key, lambda stamp: layout.build_log_dir(key, stamp).exists())
     tag_run(context, str(chain))
     if access.endpoint.insecure:

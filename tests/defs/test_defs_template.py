@@ -312,3 +312,18 @@ def test_a_degraded_build_warns_and_its_reasons_reach_the_proof(lab_project):
     assert f"| Warnings | `{len(warnings)} (see Warnings)` |" in readme
     section = readme.split("## Warnings\n\n", 1)[1].split("\n\n", 1)[0]
     assert section.splitlines() == [f"- {w}" for w in warnings]
+
+
+def test_a_no_op_run_renders_nothing_and_looks_the_isos_up_once(lab_project):
+    """Issue 18: no recomputation of what is known (the render and its packer validate stand while their
+    inputs are unchanged) and nothing twice (template takes staged_iso's result of the same run)."""
+    pve = lab_project.pve
+    with dg.instance_for_test() as instance:
+        assert rebuild(lab_project, instance).success
+        pve.requests.clear()
+        again = rebuild(lab_project, instance)
+    assert again.success
+    check = next(c for c in again.get_asset_check_evaluations() if c.check_name == "packer_validate")
+    assert check.passed and check.metadata["reused"].value is True and "it stands" in check.description
+    lookups = [path for method, path, _body in pve.requests if method == "GET" and path.endswith("/content")]
+    assert len(lookups) == 1, lookups  # staged_iso's; template reused it
