@@ -51,11 +51,13 @@ bench: venv ## benchmarks that need no packer build: they print figures, they do
 	$(BIN)/python bench/isowatch_tick.py
 	$(BIN)/python bench/sensor_tick.py
 	$(BIN)/python bench/definitions_load.py
+	$(BIN)/python bench/schedule_tick.py
 
 bench-builds: venv packer ## benchmarks with real packer builds in a lab of their own (~6 min): overhead, no-op rerun, scaling
 	$(BIN)/python bench/build_overhead.py
 	$(BIN)/python bench/noop_rerun.py
 	$(BIN)/python bench/parallel_scaling.py
+	$(BIN)/python bench/noop_vs_floor.py
 
 venv: $(VENV)/.installed
 
