@@ -208,7 +208,7 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
                                 cancel_event=cancel_event, grace=settings.grace, packer=settings.packer)
             stages["packer"] = round(result.duration, 3)
             finish_template(api, found.node, vmid, family=entry.family, vm_storage=found.vm_storage,
-                            description=description, name=name)
+                            description=description, name=name, tags=entry.tags)
             log.line("finish", f"template {vmid} ({name}) finished: ISO ejected, description and tags written")
         except BaseException as exc:
             log.line("error", f"{type(exc).__name__}: {redact(str(exc))}")
@@ -254,7 +254,7 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
                            swept=swept)
     record = {
         "chain_id": str(chain), "key": key, "dagster_run_id": run_id, "tool_version": __version__,
-        "template": {"vmid": vmid, "name": name, "node": found.node, "tags": template_tags(key)},
+        "template": {"vmid": vmid, "name": name, "node": found.node, "tags": template_tags(key, entry.tags)},
         "iso": {"url": entry.iso.url, "effective_url": staged["iso"].source,
                 "checksum": f"{staged['iso'].algorithm}:{staged['iso'].checksum}", "volid": staged["iso"].volid},
         "rendered_files": rendered_hashes(rendered_dir), "packer_version": caps.packer_version,
@@ -381,7 +381,9 @@ def promoted_record(layout: Layout, api, key: str) -> tuple[Path, dict]:
     if not record.is_file():
         raise NoPromotedBuild(f"{key}: the record of promoted template {guest.vmid} ({described.chain_id}) is not "
                               f"in this output root: {record} is missing")
-    return folder, json.loads(record.read_text())
+    built = json.loads(record.read_text())
+    # the proof names the template's tags as they are now (promotion, channels), not as the build left them
+    return folder, {**built, "template": {**built["template"], "tags": sorted(guest.tags)}}
 
 
 def write_proof(layout: Layout, record: dict, log_file: Path, signer: Signer | None = None) -> Path:

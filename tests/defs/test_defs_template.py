@@ -327,3 +327,17 @@ def test_a_no_op_run_renders_nothing_and_looks_the_isos_up_once(lab_project):
     assert check.passed and check.metadata["reused"].value is True and "it stands" in check.description
     lookups = [path for method, path, _body in pve.requests if method == "GET" and path.endswith("/content")]
     assert len(lookups) == 1, lookups  # staged_iso's; template reused it
+
+
+def test_the_template_carries_the_catalog_tags_and_the_proof_its_tags_of_now(lab_project):
+    """Packer 1.6.6 cannot set tags: they are set through the API after it, the catalog entry's included; the
+    proof lists the tags the template has when the proof is written (promoted: packer-assets-latest)."""
+    with dg.instance_for_test() as instance:
+        assert rebuild(lab_project, instance).success
+    entry = lab_project.stack.catalog.get(KEY)
+    (vmid, tags), = templates_of(lab_project.pve).items()
+    assert set(entry.tags) <= set(tags.split(";")) and "packer-assets-latest" in tags.split(";")
+    proof = json.loads((lab_project.root / "docs/proof/platform/packer-builds/builds" / KEY / "latest/proof.json")
+                       .read_text())
+    assert proof["template"]["vmid"] == vmid and "packer-assets-latest" in proof["template"]["tags"]
+    assert set(entry.tags) <= set(proof["template"]["tags"])
