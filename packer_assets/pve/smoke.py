@@ -270,7 +270,7 @@ def _test(api, node, template_vmid, entry, run: _Run, clone_vmid, ssh_public_key
             if "net0" in config:
                 updates["ipconfig0"] = "ip=dhcp"
         clone.config.put(**updates)
-        agent_on = _agent_enabled(config)
+        agent_on = agent_enabled(config)
 
     with run.step("start"):
         run_task(api, clone.status.start.post(), f"start clone {clone_vmid}", task_timeout)
@@ -347,7 +347,7 @@ def _with_ips(interfaces: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
     return interfaces if guest_ips(interfaces) else None
 
 
-def _agent_enabled(config: dict[str, Any]) -> bool:
+def agent_enabled(config: dict[str, Any]) -> bool:
     """PVE's `agent` option enables the agent: `1`, `enabled=1`, `1,fstrim_cloned_disks=1`, ..."""
     for part in str(config.get("agent", "0")).split(","):
         name, eq, value = part.partition("=")

@@ -17,6 +17,7 @@ from fakepve.shapes import networks
 
 from packer_assets.catalog import ExpectedOs
 from packer_assets.lab.iso import read_iso
+from packer_assets.pve.smoke import agent_enabled
 
 # What the lab's ISOs stand for: the OS name per os-release ID (Windows: the agent's id is mswindows).
 OS_NAMES = {"ubuntu": "Ubuntu", "debian": "Debian GNU/Linux", "rocky": "Rocky Linux", "mswindows": "Microsoft Windows"}
@@ -52,16 +53,6 @@ def _release_number(files: dict[str, bytes]) -> int | None:
     """The mirror release a lab ISO is (its release.txt), None if it names none."""
     text = files.get("release.txt", b"").decode().strip()
     return int(text) if text.isdigit() else None
-
-
-def agent_enabled(config: dict[str, Any]) -> bool:
-    """True if a VM config's `agent` option enables the guest agent ('1', 'enabled=1,...', '1,fstrim...')."""
-    for part in str(config.get("agent", "0")).split(","):
-        key, eq, value = part.partition("=")
-        if (not eq and key.strip().lower() in ("1", "yes", "on", "true")) or \
-                (eq and key.strip() == "enabled" and value.strip().lower() in ("1", "yes", "on", "true")):
-            return True
-    return False
 
 
 class LabAgent:
