@@ -56,6 +56,7 @@ from .pve.templates import (
     template_tags,
 )
 from .errors import OperationError
+from .settings import lab_guest_description, parse_ssh_ports
 
 RECORD = BUILD_RECORD_NAME
 VM_RECORD = "build-vm.json"  # in the work directory from before packer starts until the build VM is settled
@@ -70,11 +71,16 @@ class BuildSettings:
     ssh_host: str | None = None   # the lab: Debian's packer ignores loopback addresses from the agent
     ssh_port: int | None = None
     ssh_timeout: str | None = None
+    ssh_ports: str | None = None  # PACKER_ASSETS_SSH_PORTS: a key's own port (the lab's real guests)
+    lab_guests: str | None = None  # PACKER_ASSETS_LAB_GUESTS: what the lab's guests are (proofs say it)
     boot_wait: str | None = None
     timeout: float = 4 * 3600
     grace: float = 60.0
     smoke_timeout: float = 600.0
     force: bool = False
+
+    def ssh_port_for(self, key: str) -> int | None:
+        return parse_ssh_ports(self.ssh_ports).get(key, self.ssh_port)
 
 
 @dataclass
@@ -125,7 +131,7 @@ def plan_build(entry: TemplateEntry, settings: BuildSettings, *, vmid: int, name
     return BuildPlan(vm_id=vmid, vm_name=name, node=node, iso_file=iso_volid, vm_storage=vm_storage,
                      vm_storage_type=vm_storage_type, bridge=bridge, http_bind_address=http_bind_address,
                      http_port_min=http_port, http_port_max=http_port + 10, ssh_username=entry.install_user.name,
-                     ssh_host=settings.ssh_host, ssh_port=settings.ssh_port or 22, ssh_timeout=settings.ssh_timeout,
+                     ssh_host=settings.ssh_host, ssh_port=settings.ssh_port_for(entry.key) or 22, ssh_timeout=settings.ssh_timeout,
                      extra_iso_files=tuple(extra_volids), description=description,
                      tags=tuple(template_tags(entry.key)), boot_wait=settings.boot_wait)
 
@@ -215,7 +221,7 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
             if _destroy(api, found.node, vmid, entry, log):
                 vm_record.unlink(missing_ok=True)
             raise
-        ssh_address = (settings.ssh_host, settings.ssh_port or 22) if settings.ssh_host else None
+        ssh_address = (settings.ssh_host, settings.ssh_port_for(entry.key) or 22) if settings.ssh_host else None
         try:
             smoke = smoke_test(api, found.node, vmid, entry, timeout=settings.smoke_timeout, ssh_address=ssh_address)
             for step in smoke.steps:
@@ -265,6 +271,7 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
         "input_fingerprint": fingerprint, "previous_template_vmid": previous,
         "pruned_vmids": list(pruned.destroyed), "warnings": list(prepared.warnings),
         "log_sha256": sha256_file(log.path), "sbom": sbom,
+        "guest": lab_guest_description(settings.lab_guests, key),
     }
     outcome.record_file = atomic_write(log.path.parent / RECORD, json.dumps(record, indent=2, default=str) + "\n")
     prune_work_dirs(layout, entry)
@@ -408,7 +415,8 @@ def write_proof(layout: Layout, record: dict, log_file: Path, signer: Signer | N
                             details=record["smoke"])],
         log_sha256=record["log_sha256"], input_fingerprint=record["input_fingerprint"],
         tool_version=record["tool_version"], previous_template_vmid=record.get("previous_template_vmid"),
-        pruned_vmids=record.get("pruned_vmids", []), sbom=sbom_ref, warnings=record.get("warnings", []))
+        pruned_vmids=record.get("pruned_vmids", []), sbom=sbom_ref, warnings=record.get("warnings", []),
+        guest=record.get("guest"))
     proof_dir = write_build_proof(layout, proof, log_file, sbom_file, signer)
     try:  # the proof path in registry.json; a failure is a warning, the proof stands
         record_proof(layout, record["key"], record["chain_id"])

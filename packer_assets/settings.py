@@ -8,7 +8,7 @@ one-off override needs no file edit.
 import os
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -63,6 +63,8 @@ class Settings:
     packer_ssh_host: str | None = None
     packer_ssh_port: int | None = None
     packer_ssh_timeout: str | None = None
+    packer_ssh_ports: str | None = None  # `key=port,...`: the lab's real guests (parse_ssh_ports)
+    lab_guests: str | None = None  # `key=kind,...,*=kind`: what the lab's guests are, for proofs (parse_lab_guests)
     boot_wait: str | None = None
     build_user: str | None = None
     build_login: str = "auto"  # how Packer logs in: token, password (the automation user's), auto (by version)
@@ -162,6 +164,15 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             raise SettingsError(f"{where(name)}: {name}={value!r} is not a TCP port (1-65535)")
         return int(value)
 
+    def checked(parse: Callable[[str], object], name: str) -> str | None:
+        value = text(name)
+        if value is not None:
+            try:
+                parse(value)
+            except ValueError as exc:
+                raise SettingsError(f"{where(name)}: {name}: {exc}") from None
+        return value
+
     def existing_file(name: str) -> str | None:
         value = text(name)
         if value is not None and not Path(value).expanduser().is_file():
@@ -243,6 +254,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         packer_ssh_host=text("PACKER_ASSETS_SSH_HOST"),
         packer_ssh_port=port("PACKER_ASSETS_SSH_PORT", None),
         packer_ssh_timeout=text("PACKER_ASSETS_SSH_TIMEOUT"),
+        packer_ssh_ports=checked(parse_ssh_ports, "PACKER_ASSETS_SSH_PORTS"),
+        lab_guests=checked(parse_lab_guests, "PACKER_ASSETS_LAB_GUESTS"),
         boot_wait=text("PACKER_ASSETS_BOOT_WAIT"),
         build_user=text("PROXMOX_BUILD_USER"),
         build_login=build_login,
@@ -252,6 +265,53 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         signing_key_id=text("PACKER_ASSETS_SIGNING_KEY_ID"),
         ui_url=_ui_url(text("PACKER_ASSETS_UI_URL"), where("PACKER_ASSETS_UI_URL")),
     )
+
+
+def _pairs(value: str | None, what: str) -> list[tuple[str, str]]:
+    pairs = []
+    for number, item in enumerate((value or "").split(","), 1):
+        name, eq, right = item.strip().partition("=")
+        if not item.strip():
+            continue
+        if not eq or not name or not right:
+            raise ValueError(f"item {number} ({item.strip()!r}) is not {what}")
+        pairs.append((name, right))
+    return pairs
+
+
+def parse_ssh_ports(value: str | None) -> dict[str, int]:
+    """PACKER_ASSETS_SSH_PORTS (`debian-12=40022,...`): the SSH port of each key's guests where it is not
+    PACKER_ASSETS_SSH_PORT (the lab's real guests are each reached through a port of their own)."""
+    ports = {}
+    for key, port in _pairs(value, "key=port"):
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"{key}={port!r}: not a TCP port (1-65535)")
+        ports[key] = int(port)
+    return ports
+
+
+LAB_GUEST_KINDS = {
+    "simulated": "lab: simulated guest (the lab answers for the installed system; nothing ran in a VM)",
+    "real": "lab: real guest (a QEMU VM running Debian 12; installer emulated, not a real install)",
+}
+
+
+def parse_lab_guests(value: str | None) -> dict[str, str]:
+    """PACKER_ASSETS_LAB_GUESTS (`debian-12=real,*=simulated`), set by the lab: what each key's guests are
+    (`*`: the other keys). Unset outside the lab."""
+    kinds = {}
+    for key, kind in _pairs(value, "key=kind"):
+        if kind not in LAB_GUEST_KINDS:
+            raise ValueError(f"{key}={kind!r}: the kind is one of {', '.join(LAB_GUEST_KINDS)}")
+        kinds[key] = kind
+    return kinds
+
+
+def lab_guest_description(value: str | None, key: str) -> str | None:
+    """What a proof says about the guest of `key` (None outside the lab)."""
+    kinds = parse_lab_guests(value)
+    kind = kinds.get(key, kinds.get("*"))
+    return LAB_GUEST_KINDS[kind] if kind else None
 
 
 def _ui_url(value: str | None, origin: str) -> str | None:

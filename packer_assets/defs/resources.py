@@ -127,6 +127,10 @@ class PackerSettings(dg.ConfigurableResource):
     ssh_host: str | None = Field(default=None, description="communicator address override (the lab's guest)")
     ssh_port: int | None = None
     ssh_timeout: str | None = None
+    ssh_ports: str | None = Field(default=None, description="`key=port,...`: a key's own SSH port (the lab's real "
+                                  "guests; PACKER_ASSETS_SSH_PORTS)")
+    lab_guests: str | None = Field(default=None, description="`key=real|simulated,...`: what the lab's guests are, "
+                                   "said in each proof (PACKER_ASSETS_LAB_GUESTS, set by the lab)")
     boot_wait: str | None = None
     timeout_seconds: float = 4 * 3600
     grace_seconds: float = Field(default=60.0, description="after one SIGINT, how long Packer may clean up")
@@ -137,6 +141,7 @@ class PackerSettings(dg.ConfigurableResource):
     def settings(self, force: bool = False) -> BuildSettings:
         return BuildSettings(packer=self.binary, allow_degraded=self.allow_degraded, ssh_host=self.ssh_host,
                              ssh_port=self.ssh_port, ssh_timeout=self.ssh_timeout, boot_wait=self.boot_wait,
+                             ssh_ports=self.ssh_ports, lab_guests=self.lab_guests,
                              timeout=self.timeout_seconds, grace=self.grace_seconds,
                              smoke_timeout=self.smoke_timeout_seconds, force=force)
 

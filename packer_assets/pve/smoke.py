@@ -12,6 +12,7 @@ guest_agent_enabled, ...), inventory (the installed packages, for the SBOM), cle
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -269,6 +270,10 @@ def _test(api, node, template_vmid, entry, run: _Run, clone_vmid, ssh_public_key
             updates["sshkeys"] = encode_sshkeys("\n".join([*keys, login.public]))
             if "net0" in config:
                 updates["ipconfig0"] = "ip=dhcp"
+            if _has_ciupgrade(api):
+                # PVE >= 8.1 upgrades a clone's packages on first boot by default: the clone would then not be
+                # the template (and its inventory not the template's SBOM), and would need a mirror and minutes.
+                updates["ciupgrade"] = 0
         clone.config.put(**updates)
         agent_on = agent_enabled(config)
 
@@ -322,6 +327,16 @@ def _test(api, node, template_vmid, entry, run: _Run, clone_vmid, ssh_public_key
         run.detail = f"{len(packages)} packages"
     return {"clone_vmid": clone_vmid, "os_info": os_info, "interfaces": interfaces, "ips": ips,
             "packages": packages, **identity}
+
+
+def _has_ciupgrade(api: ProxmoxAPI) -> bool:
+    """Does the node know `ciupgrade` (PVE 8.1 and later)?"""
+    try:
+        version = str(api.version.get().get("version") or "")
+    except Exception:  # noqa: BLE001 - no answer: do not send an option the node may not know
+        return False
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return bool(found) and (int(found.group(1)), int(found.group(2))) >= (8, 1)
 
 
 def _ssh_host(ips: list[str]) -> str:

@@ -69,6 +69,10 @@ def test_insecure_is_explicit(tmp_path):
         ({"PACKER_ASSETS_SIGNING_KEY": "/etc/hostname"}, "not an unencrypted OpenSSH private key"),
         ({"PACKER_ASSETS_SIGNING_KEY": "/nonexistent/key"}, "PACKER_ASSETS_SIGNING_KEY='/nonexistent/key' does not exist"),
         ({"PACKER_ASSETS_UI_URL": "localhost:3000"}, "PACKER_ASSETS_UI_URL='localhost:3000' is not an http(s) URL"),
+        ({"PACKER_ASSETS_SSH_PORTS": "debian-12=40022,ubuntu-2204"}, "PACKER_ASSETS_SSH_PORTS: item 2 ('ubuntu-2204') is "
+                                                                     "not key=port"),
+        ({"PACKER_ASSETS_SSH_PORTS": "debian-12=70000"}, "PACKER_ASSETS_SSH_PORTS: debian-12='70000': not a TCP port"),
+        ({"PACKER_ASSETS_LAB_GUESTS": "debian-12=fast"}, "PACKER_ASSETS_LAB_GUESTS: debian-12='fast': the kind is one of"),
     ],
 )
 def test_bad_settings_name_the_variable(tmp_path, env, message):
@@ -155,3 +159,18 @@ def test_definitions_refuse_a_contradiction_before_any_api_call(tmp_path):
     assert proc.returncode != 0
     assert "environment: PROXMOX_INSECURE=1 contradicts PROXMOX_CA_FILE (from environment)" in proc.stderr
     assert not (tmp_path / "infra/env/.env.proxmox").exists()
+
+
+def test_a_keys_own_ssh_port_and_what_its_lab_guest_is(tmp_path):
+    from packer_assets.build import BuildSettings
+    from packer_assets.settings import lab_guest_description
+
+    settings = load_settings({"PACKER_ASSETS_ROOT": str(tmp_path), "PACKER_ASSETS_SSH_PORT": "2222",
+                              "PACKER_ASSETS_SSH_PORTS": "debian-12=40022",
+                              "PACKER_ASSETS_LAB_GUESTS": "debian-12=real,*=simulated"})
+    build = BuildSettings(ssh_port=settings.packer_ssh_port, ssh_ports=settings.packer_ssh_ports)
+    assert (build.ssh_port_for("debian-12"), build.ssh_port_for("ubuntu-2204")) == (40022, 2222)
+    assert "real guest" in lab_guest_description(settings.lab_guests, "debian-12")
+    assert "installer emulated" in lab_guest_description(settings.lab_guests, "debian-12")
+    assert "simulated" in lab_guest_description(settings.lab_guests, "rocky-9")
+    assert lab_guest_description(None, "debian-12") is None  # a real node: the proof says nothing

@@ -219,7 +219,8 @@ class LabGuestExec:
         keys = []
         for vm in list(self.vms):
             config = dict(vm.config)
-            if vm.status == "running" and config.get("ciuser") == username \
+            real = getattr(self, "lab_machines", {}).get(vm.vmid)  # a real guest has its own sshd
+            if vm.status == "running" and config.get("ciuser") == username and real is None \
                     and "ssh_login" not in self.lab_vm_faults(vm):
                 keys += decode_sshkeys(str(config.get("sshkeys") or ""))
         return keys
