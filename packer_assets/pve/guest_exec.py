@@ -9,6 +9,7 @@ made for the one test, in memory only: the private key never touches a disk, a l
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import socket
 import time
@@ -19,7 +20,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..errors import OperationError
-from .ssh import host_key_fingerprint
 
 EXEC_POLL = 0.5  # seconds between exec-status calls: a check takes seconds, an inventory a few more
 
@@ -74,13 +74,24 @@ class SshLoginError(OperationError):
 
 
 def host_key_fingerprints(lines: list[str] | tuple[str, ...]) -> list[str]:
-    """`type SHA256:...` (as ssh-keygen -lf shows them) of host keys given as `type base64` lines."""
-    return [host_key_fingerprint(_public_key(line)) for line in lines]
+    """`type SHA256:...` (as ssh-keygen -lf shows them) of host keys given as `type base64` lines; any key
+    type (a guest may still have an ssh-dss key, which paramiko no longer loads)."""
+    found = []
+    for line in lines:
+        kind, _, blob = line.partition(" ")
+        digest = base64.b64encode(hashlib.sha256(base64.b64decode(blob.split()[0])).digest()).decode().rstrip("=")
+        found.append(f"{kind} SHA256:{digest}")
+    return found
 
 
-def _public_key(line: str) -> paramiko.PKey:
+def _public_key(line: str) -> paramiko.PKey | None:
+    """The host key of a `type base64` line; None for a type paramiko cannot use (ssh-dss): a server never
+    presents paramiko such a key, so it has nothing to pin."""
     kind, _, blob = line.partition(" ")
-    return paramiko.PKey.from_type_string(kind, base64.b64decode(blob.split()[0]))
+    try:
+        return paramiko.PKey.from_type_string(kind, base64.b64decode(blob.split()[0]))
+    except paramiko.UnknownKeyType:
+        return None
 
 
 def host_key_entry(host: str, port: int) -> str:
@@ -93,14 +104,15 @@ def ssh_run(host: str, port: int, user: str, key: EphemeralKey, host_keys: list[
 
     A refused or unreachable port is retried until `deadline` (sshd may still be starting); a refused
     key or an unknown host key is not: those are the answers the check is about."""
-    if not host_keys:
-        raise SshLoginError(f"no host key of {host}:{port} to pin: the guest reported none")
+    pinned = [key for key in map(_public_key, host_keys) if key is not None]
+    if not pinned:
+        raise SshLoginError(f"no host key of {host}:{port} to pin: the guest reported "
+                            f"{'none' if not host_keys else 'only types SSH clients no longer use (ssh-dss)'}")
     last = "no attempt"
     while True:
         client = paramiko.SSHClient()
         known = client.get_host_keys()
-        for line in host_keys:
-            public = _public_key(line)
+        for public in pinned:
             known.add(host_key_entry(host, port), public.get_name(), public)
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
         try:
