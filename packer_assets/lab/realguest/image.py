@@ -5,6 +5,10 @@ archive is: debootstrap builds the system the Debian template would have install
 packages the template's preseed asks for (openssh-server, qemu-guest-agent, cloud-init, sudo) plus
 what booting needs. The disk holds one ext4 filesystem (no partition table, no bootloader): QEMU boots
 the kernel and initrd copied beside the disk (`-kernel/-initrd`, root by UUID, console on ttyS0).
+The image also ships `/usr/local/sbin/packer-assets-installer`, the init of the installer emulation's
+one-shot boot (installer.py): booted with `init=` it runs the payload QEMU passes as fw_cfg
+`opt/org.packer-assets/installer` (Debian's kernel has `qemu_fw_cfg` as a module; the build checks it is
+in /lib/modules), prints one result line on the console and powers off.
 
 Building takes minutes, so it happens once per machine: the result lives under
 `~/.cache/packer-assets/images/<recipe-sha256>/` where the recipe is everything that shapes the
@@ -61,6 +65,45 @@ DISK_NAME, KERNEL_NAME, INITRD_NAME, MANIFEST_NAME, LOG_NAME = (
 # Bumped when the build steps change in a way the recipe's text does not show.
 BUILDER_VERSION = 1
 
+# The lab's installer emulation (installer.py) boots a clone once with `init=` this script: PID 1, no
+# systemd (the target is not running, as d-i's /target is not). It mounts what the initramfs did not
+# hand over, remounts / read-write, reads the payload QEMU passes as fw_cfg (the module is loaded by
+# hand: no udev), runs it with /bin/sh, prints one result line on the console and powers off. The payload
+# is copied to /run (tmpfs), never to the disk. A missing payload or a failed mount is a failed result.
+INSTALLER_INIT_PATH = "/usr/local/sbin/packer-assets-installer"
+INSTALLER_FW_CFG_NAME = "opt/org.packer-assets/installer"
+INSTALLER_RESULT_PREFIX = "packer-assets-installer: "
+INSTALLER_INIT = r"""#!/bin/sh
+# packer-assets installer emulation: PID 1 of a one-shot boot (init=/usr/local/sbin/packer-assets-installer).
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export PATH
+payload=/sys/firmware/qemu_fw_cfg/by_name/opt/org.packer-assets/installer/raw
+copy=/run/packer-assets-installer.sh
+result() {
+    rm -f "$copy"
+    echo "packer-assets-installer: $1"
+    mount -o remount,ro / 2>/dev/null || true
+    sync
+    echo o > /proc/sysrq-trigger
+    while :; do sleep 60; done
+}
+mountpoint -q /proc || mount -t proc proc /proc || result "failed (cannot mount /proc)"
+mountpoint -q /sys || mount -t sysfs sysfs /sys || result "failed (cannot mount /sys)"
+mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev || result "failed (cannot mount /dev)"
+mountpoint -q /run || mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run || result "failed (cannot mount /run)"
+mount -o remount,rw / || result "failed (cannot remount / read-write)"
+modprobe qemu_fw_cfg || result "failed (modprobe qemu_fw_cfg)"
+tries=0
+while [ ! -r "$payload" ] && [ "$tries" -lt 50 ]; do sleep 0.2; tries=$((tries + 1)); done
+[ -r "$payload" ] || result "failed (no payload: no fw_cfg opt/org.packer-assets/installer)"
+(umask 077 && cp "$payload" "$copy") || result "failed (cannot copy the payload)"
+echo "packer-assets-installer: running the payload ($(wc -c < "$copy") bytes)"
+umask 022
+sh "$copy" < /dev/null
+status=$?
+if [ "$status" -eq 0 ]; then result ok; else result "failed (exit $status)"; fi
+"""
+
 # Run inside the chroot (by /bin/sh) once the packages are in. $ROOT_UUID is the filesystem's UUID.
 CONFIGURE_SCRIPT = r"""set -eu
 echo debian > /etc/hostname
@@ -102,6 +145,12 @@ systemctl enable ssh-hostkeys.service
 truncate -s 0 /etc/machine-id
 rm -f /var/lib/dbus/machine-id
 passwd -l root >/dev/null
+# The installer emulation's init (above); qemu_fw_cfg must be a module of this kernel (Debian's is).
+mkdir -p /usr/local/sbin
+cat > /usr/local/sbin/packer-assets-installer <<'INSTALLER_INIT'
+""" + INSTALLER_INIT + r"""INSTALLER_INIT
+chmod 755 /usr/local/sbin/packer-assets-installer
+find /lib/modules -name 'qemu_fw_cfg.ko*' | grep -q . || { echo "no qemu_fw_cfg module in /lib/modules" >&2; exit 1; }
 apt-get clean
 rm -rf /var/lib/apt/lists/* /var/log/*.log /var/log/apt/* /tmp/* /var/tmp/*
 """

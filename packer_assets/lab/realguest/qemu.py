@@ -5,7 +5,7 @@ a template's own, a linked clone's overlay on it, or a full copy), the guest age
 port whose host end is a UNIX socket, a QMP socket for status and power, the serial console in a log
 file, and user-mode networking with `restrict=on` (the guest reaches nothing but its forwarded ports:
 SSH from the host through `hostfwd`, host services through `guestfwd`). Extra CD-ROMs carry the
-cloud-init drive.
+cloud-init drive; `-fw_cfg` files carry the installer emulation's payload (installer.py).
 
 The boot is direct (`-kernel/-initrd/-append`): the base image has no bootloader (see image.py).
 
@@ -169,6 +169,15 @@ class VmSpec:
     guestfwd: Sequence[tuple[str, int, str, int]] = ()
     smbios_uuid: str = field(default_factory=lambda: str(uuidlib.uuid4()))
     accel: str | None = None  # None: detect_accel()
+    # (name, file): firmware config files the guest reads under /sys/firmware/qemu_fw_cfg/by_name/<name>/raw
+    # (the installer emulation's payload). Only the path is on QEMU's command line, never the content.
+    fw_cfg: Sequence[tuple[str, Path]] = ()
+    no_reboot: bool = False  # a guest reboot (a kernel panic with panic=N included) ends QEMU instead
+
+
+def _qemu_opt(value: object) -> str:
+    """A value inside a QEMU -opt list: commas are doubled."""
+    return str(value).replace(",", ",,")
 
 
 def _kill_group(pgid: int, proc: subprocess.Popen) -> None:
@@ -235,6 +244,10 @@ class QemuVm:
         for index, (iso, (bus, unit)) in enumerate(zip(s.cdroms, [(1, 0), (1, 1), (0, 0)])):
             argv += ["-drive", f"file={iso},if=none,id=cd{index},media=cdrom,readonly=on",
                      "-device", f"ide-cd,drive=cd{index},bus=ide.{bus},unit={unit}"]
+        for name, path in s.fw_cfg:
+            argv += ["-fw_cfg", f"name={_qemu_opt(name)},file={_qemu_opt(path)}"]
+        if s.no_reboot:
+            argv.append("-no-reboot")
         return argv
 
     # -- lifecycle --------------------------------------------------------------------------------

@@ -1,0 +1,270 @@
+"""Installer emulation: the preseed's answers applied to a clone of the base image before its first boot.
+
+The unit tests need no QEMU: the preseed URL a boot command typed, debconf's preseed syntax, and the
+payload made from the project's own rendered Debian preseed. The `realguest` tests boot the cached base
+image twice (installer boot, then first boot) for the success case and once for a failing late_command;
+each boot is a minute or two under TCG. Times are printed (pytest -s) for docs/realguest.md.
+"""
+
+import base64
+import re
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+import paramiko
+import pytest
+from support import REPO
+
+from packer_assets.catalog import InstallUser, load_catalog
+from packer_assets.lab.realguest.image import (
+    CONFIGURE_SCRIPT,
+    INSTALLER_FW_CFG_NAME,
+    INSTALLER_INIT,
+    INSTALLER_INIT_PATH,
+    ensure_base_image,
+)
+from packer_assets.lab.realguest.installer import (
+    InstallerError,
+    emulate_install,
+    install_script,
+    parse_preseed,
+    plan_install,
+    preseed_url,
+)
+from packer_assets.lab.realguest.qemu import (
+    QemuVm,
+    VmSpec,
+    linked_clone_disk,
+    qemu_processes_under,
+)
+from packer_assets.pve.guest_exec import EphemeralKey
+from packer_assets.render.engine import render_files
+from packer_assets.render.passwords import verify_sha512_crypt
+
+PASSWORD = "correct horse 'battery' $(staple)"
+TYPED = ("<esc><wait>auto url=http://127.0.0.1:8123/preseed.cfg priority=critical locale=en_US.UTF-8 "
+         "keyboard-configuration/xkb-keymap=us\n")
+
+
+def rendered_preseed(user: str = "packer", keys: tuple[str, ...] = ()) -> tuple[str, dict]:
+    """The project's Debian preseed, rendered as a build renders it (the hash only, never the password)."""
+    entry = load_catalog(project_dir=REPO, env={})["debian-12"]
+    install_user = entry.install_user
+    entry = entry.model_copy(update={"install_user": InstallUser(
+        name=user, password_env=install_user.password_env, ssh_authorized_keys_env=install_user.ssh_authorized_keys_env)})
+    env = {install_user.password_env: PASSWORD, install_user.ssh_authorized_keys_env: "".join(f"{k}\n" for k in keys)}
+    files, context = render_files(entry, env, project_dir=REPO)
+    return files["preseed.cfg"].decode(), context
+
+
+# ------------------------------------------------------------------ the preseed URL
+
+
+def test_preseed_url_is_the_url_argument_of_the_last_line_entered():
+    assert preseed_url(TYPED) == "http://127.0.0.1:8123/preseed.cfg"
+    assert preseed_url("") is None and preseed_url("<esc>install auto\n") is None
+    assert preseed_url("auto url=http://a/p.cfg") is None  # typed, never entered
+    two = "auto url=http://first/p.cfg\n<wait>auto preseed/url=http://second/p.cfg priority=critical\nauto url=http://x/"
+    assert preseed_url(two) == "http://second/p.cfg"
+    assert preseed_url("auto url=http://a/p.cfg\nboot\n") is None  # the last line entered names none
+
+
+# ------------------------------------------------------------------ debconf syntax
+
+
+def test_parse_preseed_reads_debconf_syntax():
+    text = ("# a comment\n\n   # an indented comment\n"
+            "d-i netcfg/hostname string first\n"
+            "d-i preseed/late_command string echo one; \\\n  echo two\n"
+            "d-i mirror/http/proxy string\n"
+            "d-i pkgsel/include string  two  spaces \n"
+            "d-i netcfg/hostname seen true\n"  # a flag, not an answer
+            "d-i netcfg/hostname string second\r\n")
+    answers = parse_preseed(text)
+    assert answers == {"netcfg/hostname": "second", "preseed/late_command": "echo one;   echo two",
+                       "mirror/http/proxy": "", "pkgsel/include": " two  spaces "}
+
+
+@pytest.mark.parametrize("line, message", [("d-i passwd/username\n", "line 3"),
+                                            ("d-i pkgsel/include strnig vim\n", "line 3.*unknown type 'strnig'")])
+def test_a_malformed_preseed_line_is_named(line, message):
+    with pytest.raises(InstallerError, match=message):
+        parse_preseed("# header\nd-i time/zone string Etc/UTC\n" + line)
+
+
+# ------------------------------------------------------------------ the payload
+
+
+def test_the_payload_applies_the_rendered_preseed_and_runs_its_late_command_verbatim(tmp_path):
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKey it's \"mine\" $HOME"
+    text, context = rendered_preseed(keys=(key,))
+    answers = parse_preseed(text)
+    plan = plan_install(answers)
+    script = plan.script
+    assert script == install_script(answers)
+    assert script.startswith("#!/bin/sh\n") and "set -eu" in script
+    words = shlex.split(script, comments=True)
+    assert context["password_hash"] in words and verify_sha512_crypt(PASSWORD, context["password_hash"])
+    assert PASSWORD not in script
+    assert words[words.index("useradd"):words.index("useradd") + 10] == [
+        "useradd", "-m", "-s", "/bin/bash", "-c", "packer", "-p", context["password_hash"], "packer", "groups="]
+    assert "debian-12" in words and "debian-12.localdomain\tdebian-12" in words  # /etc/hostname, /etc/hosts
+    assert "for group in audio cdrom dip floppy video plugdev netdev sudo; do" in script  # root-login false: sudo
+    late = answers["preseed/late_command"]
+    assert f"late_command={late}" in words and key in shlex.split(late)  # verbatim, the key one word
+    assert "passwd -l root" in script and "in-target" in script
+    for package in ("openssh-server", "qemu-guest-agent", "cloud-init", "sudo"):
+        assert f"pkgsel/include: {package} is not installed" in script
+    payload = tmp_path / "payload.sh"
+    payload.write_text(script)
+    check = subprocess.run(["sh", "-n", str(payload)], check=False, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    ignored = {line.split(":")[0] for line in plan.ignored}
+    assert {"partman-auto/method", "grub-installer/bootdev", "mirror/http/hostname", "tasksel/first",
+            "pkgsel/upgrade", "clock-setup/ntp"} <= ignored
+    applied = {line.split(":")[0] for line in plan.applied}
+    assert {"netcfg/hostname", "time/zone", "debian-installer/locale", "passwd/username",
+            "passwd/user-password-crypted", "pkgsel/include", "preseed/late_command"} <= applied
+    assert not applied & ignored and context["password_hash"] not in "".join(plan.applied + plan.ignored)
+
+
+@pytest.mark.parametrize("question", ["passwd/username", "passwd/user-password-crypted"])
+def test_a_missing_required_answer_is_named(question):
+    answers = parse_preseed(rendered_preseed()[0])
+    del answers[question]
+    with pytest.raises(InstallerError, match=re.escape(question)):
+        install_script(answers)
+
+
+def test_unsafe_answers_are_refused_and_odd_ones_stay_quoted():
+    answers = parse_preseed(rendered_preseed()[0])
+    for question, value in (("passwd/username", "root; reboot"), ("netcfg/hostname", "a b"),
+                            ("time/zone", "../../etc/passwd"), ("passwd/user-password", "plain")):
+        with pytest.raises(InstallerError, match=re.escape(question)):
+            install_script({**answers, question: value})
+    script = install_script({**answers, "passwd/user-fullname": "O'Brien $(reboot) `x`"})
+    assert "O'Brien $(reboot) `x`" in shlex.split(script, comments=True)
+
+
+def test_the_payload_reaches_qemu_as_a_fw_cfg_file(tmp_path):
+    payload = tmp_path / "dir,with,commas" / "payload.sh"
+    spec = VmSpec("installer", Path("/d.qcow2"), Path("/k"), Path("/i"), "ro", fw_cfg=[(INSTALLER_FW_CFG_NAME, payload)],
+                  no_reboot=True)
+    argv = QemuVm(spec, tmp_path).argv("tcg")
+    assert argv[argv.index("-fw_cfg") + 1] == f"name={INSTALLER_FW_CFG_NAME},file={tmp_path}/dir,,with,,commas/payload.sh"
+    assert "-no-reboot" in argv
+
+
+def test_the_image_ships_the_installer_init():
+    assert INSTALLER_INIT in CONFIGURE_SCRIPT and f"cat > {INSTALLER_INIT_PATH} <<" in CONFIGURE_SCRIPT
+    assert f"/sys/firmware/qemu_fw_cfg/by_name/{INSTALLER_FW_CFG_NAME}/raw" in INSTALLER_INIT
+    check = subprocess.run(["sh", "-n"], input=INSTALLER_INIT, check=False, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
+# ------------------------------------------------------------------ real boots
+
+
+@pytest.fixture(scope="module")
+def base_image():
+    started = time.monotonic()
+    image = ensure_base_image(progress=print)
+    print(f"base image ready in {time.monotonic() - started:.0f} s: {image.folder}")
+    return image
+
+
+def guest(agent, *argv: str) -> str:
+    result = agent.exec(list(argv), timeout=120)
+    assert result.exitcode == 0, (argv, result)
+    return result.stdout.decode()
+
+
+def password_login(port: int, user: str, password: str, host_key: str, deadline: float) -> str:
+    """`id -un; id -Gn` over SSH with a password (the preseed's hash's), the host key pinned to the guest's."""
+    kind, blob = host_key.split()[:2]
+    pinned = paramiko.PKey.from_type_string(kind, base64.b64decode(blob))
+    while True:  # slirp accepts at once; the handshake fails until sshd is up
+        transport = paramiko.Transport(("127.0.0.1", port))
+        transport.get_security_options().key_types = [kind]
+        try:
+            transport.start_client(timeout=60)
+            break
+        except (OSError, EOFError, paramiko.SSHException):
+            transport.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(3)
+    try:
+        assert transport.get_remote_server_key() == pinned, "the guest's SSH host key is not the one the agent read"
+        transport.auth_password(user, password)
+        channel = transport.open_session()
+        channel.exec_command("id -un; id -Gn")
+        return channel.makefile("rb").read().decode()
+    finally:
+        transport.close()
+
+
+@pytest.mark.realguest
+@pytest.mark.timeout(3600)
+def test_an_emulated_install_then_a_first_boot(base_image, tmp_path):
+    key = EphemeralKey.generate("realguest-installer")
+    text, context = rendered_preseed(user="debian", keys=(key.public,))
+    disk = linked_clone_disk(base_image.disk, tmp_path / "vm-9401-disk-0.qcow2")
+    report = emulate_install(base_image, disk, text, tmp_path / "install", timeout=1200)
+    print(f"installer boot {report.seconds:.0f} s")
+    assert "packer-assets-installer: ok" in report.serial_log.read_text(errors="replace")
+    assert any(line.startswith("preseed/late_command") for line in report.applied)
+    assert any(line.startswith("partman-auto/method") for line in report.ignored)
+    assert (tmp_path / "install" / "installer-payload.sh").stat().st_mode & 0o777 == 0o600
+    assert qemu_processes_under(tmp_path) == []
+
+    started = time.monotonic()
+    spec = VmSpec("rg-installed", disk, base_image.kernel, base_image.initrd, base_image.cmdline)
+    with QemuVm(spec, tmp_path / "first-boot") as vm:
+        agent = vm.agent()
+        agent.wait_ready(timeout=1200)
+        at_agent = time.monotonic() - started
+        assert guest(agent, "cat", "/etc/hostname").strip() == "debian-12"
+        assert "127.0.1.1\tdebian-12.localdomain\tdebian-12" in guest(agent, "cat", "/etc/hosts")
+        assert "sudo" in guest(agent, "id", "-Gn", "debian").split()
+        shadow = dict(line.split(":")[:2] for line in guest(agent, "cat", "/etc/shadow").splitlines())
+        assert shadow["debian"] == context["password_hash"] and shadow["root"].startswith("!")
+        assert guest(agent, "cat", "/home/debian/.ssh/authorized_keys").split("\n")[0] == key.public
+        assert guest(agent, "stat", "-c", "%U %a", "/home/debian/.ssh/authorized_keys").split() == ["debian", "600"]
+        machine_id = guest(agent, "cat", "/etc/machine-id").strip()
+        assert machine_id == "" or re.fullmatch(r"[0-9a-f]{32}", machine_id)  # emptied, then this boot's own
+        assert guest(agent, "cat", "/etc/default/locale").strip() == "LANG=en_US.UTF-8"
+        assert not guest(agent, "sh", "-c", "ls -d /target 2>/dev/null || true").strip()  # unmounted and removed
+        host_key = guest(agent, "cat", "/etc/ssh/ssh_host_ed25519_key.pub")
+        login = password_login(vm.ssh_port, "debian", PASSWORD, host_key, deadline=time.monotonic() + 600)
+        at_ssh = time.monotonic() - started
+        assert login.split("\n")[0] == "debian" and "sudo" in login.split("\n")[1].split()
+        assert vm.shutdown(timeout=300)
+    print(f"first boot: agent {at_agent:.0f} s, SSH password login {at_ssh:.0f} s")
+    assert qemu_processes_under(tmp_path) == []
+
+
+@pytest.mark.realguest
+@pytest.mark.timeout(3600)
+def test_a_failing_late_command_fails_the_install_and_leaves_no_qemu(base_image, tmp_path):
+    text, _ = rendered_preseed()
+    text += "d-i preseed/late_command string echo before the failure; false\n"
+    disk = linked_clone_disk(base_image.disk, tmp_path / "vm-9402-disk-0.qcow2")
+    started = time.monotonic()
+    with pytest.raises(InstallerError) as caught:
+        emulate_install(base_image, disk, text, tmp_path / "install", timeout=1200)
+    print(f"failing installer boot {time.monotonic() - started:.0f} s")
+    message = str(caught.value)
+    assert "failed (exit 1)" in message and "preseed/late_command failed (exit 1)" in message
+    assert "before the failure" in message  # the console is quoted
+    assert qemu_processes_under(tmp_path) == []
+
+
+@pytest.mark.realguest
+def test_an_installer_boot_that_runs_out_of_time_is_killed(base_image, tmp_path):
+    disk = linked_clone_disk(base_image.disk, tmp_path / "vm-9403-disk-0.qcow2")
+    with pytest.raises(InstallerError, match="no result after 2 s"):
+        emulate_install(base_image, disk, rendered_preseed()[0], tmp_path / "install", timeout=2)
+    assert qemu_processes_under(tmp_path) == []
