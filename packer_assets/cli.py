@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_LAB_STATE = Path(".lab")
+REAL_GUEST_DEFAULT = ("debian-12",)  # the keys `lab up --real-guest` runs for real (lab/stack.py checks them)
 
 
 def _catalog_check(args) -> int:
@@ -142,7 +143,8 @@ def _lab(args) -> int:
 
     state = args.state
     if args.lab_command == "up":
-        info = service.up(state, args.catalog)
+        keys = tuple(k.strip() for k in (args.real_guest or "").split(",") if k.strip())
+        info = service.up(state, args.catalog, real_guests=keys)
         print(f"lab running (pid {info['pid']}); env file: {service.LabPaths(state.resolve()).env_file}")
         _print_endpoints(info)
     elif args.lab_command == "down":
@@ -264,6 +266,8 @@ def _print_endpoints(info: dict) -> None:
     for name in ("pve_url", "ca_file", "mirror_url", "guest", "allowed_signers"):
         if name in info:
             print(f"  {name}: {info[name]}")
+    for key, address in (info.get("real_guests") or {}).items():
+        print(f"  real guest: {key} (SSH {address})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -340,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--state", type=Path, default=DEFAULT_LAB_STATE, help="state folder (default .lab)")
         if name == "up":
             cmd.add_argument("--catalog", type=Path, default=None)
+            cmd.add_argument("--real-guest", nargs="?", const=",".join(REAL_GUEST_DEFAULT), default=None,
+                             metavar="KEYS", help="run these keys' VMs for real: QEMU on a Debian 12 image "
+                                                  f"(comma-separated; default {','.join(REAL_GUEST_DEFAULT)})")
         if name in ("publish", "corrupt", "repair"):
             cmd.add_argument("key")
         cmd.set_defaults(func=_lab)

@@ -113,12 +113,13 @@ def _credentials(paths: LabPaths) -> dict[str, str]:
     return creds
 
 
-def serve(state: Path, catalog_path: Path, project_dir: Path) -> None:
+def serve(state: Path, catalog_path: Path, project_dir: Path, real_guests: tuple[str, ...] = ()) -> None:
     from .stack import LabStack  # the heavy imports (fakepve, paramiko) only in the lab process
 
     paths = LabPaths(state)
     creds = _credentials(paths)
-    stack = LabStack.start(state, catalog_path, creds["LAB_ROOT_PASSWORD"], creds["LAB_GUEST_PASSWORD"], project_dir=project_dir)
+    stack = LabStack.start(state, catalog_path, creds["LAB_ROOT_PASSWORD"], creds["LAB_GUEST_PASSWORD"],
+                           project_dir=project_dir, real_guests=real_guests)
     token = secrets.token_urlsafe(24)
     control = ControlServer(token, {"publish": stack.mirror.publish, "corrupt": lambda k: stack.mirror.corrupt(k, True),
                                     "repair": lambda k: stack.mirror.corrupt(k, False)},
@@ -166,20 +167,32 @@ def running_state(state: Path) -> dict | None:
     return None
 
 
-def up(state: Path, catalog_path: Path | None = None, project_dir: Path | None = None) -> dict:
-    """Start the lab for the catalog (default: the project's, as `catalog check` finds it)."""
+def up(state: Path, catalog_path: Path | None = None, project_dir: Path | None = None,
+       real_guests: tuple[str, ...] = ()) -> dict:
+    """Start the lab for the catalog (default: the project's, as `catalog check` finds it); the VMs of the
+    keys in real_guests run for real (the base image is built here, with progress lines, if not cached)."""
     from ..catalog import load_catalog
 
     paths = LabPaths(state.resolve())
     info = running_state(paths.state)
     if info:
+        running = sorted(info.get("real_guests") or {})
+        if running != sorted(real_guests) and real_guests:
+            raise LabError(f"a lab is already running for {state} with real guests for "
+                           f"{', '.join(running) or 'no key'}: stop it first (`packer-assets lab down`)")
         return info
     project_dir = (project_dir or Path.cwd()).resolve()
     catalog = load_catalog(catalog_path, project_dir=project_dir)  # a broken catalog fails here, before any process
+    if real_guests:
+        from .realguest.image import ensure_base_image
+        from .stack import check_real_guest_keys
+
+        check_real_guest_keys(catalog, tuple(real_guests))
+        ensure_base_image(progress=lambda line: print(line, flush=True))  # minutes the first time: in the open
     paths.state.mkdir(parents=True, exist_ok=True)
     paths.state_json.unlink(missing_ok=True)
     argv = [sys.executable, "-m", SERVICE_MODULE, "--state", str(paths.state), "--catalog", str(catalog.path),
-            "--project-dir", str(project_dir)]
+            "--project-dir", str(project_dir), *(["--real-guest", ",".join(real_guests)] if real_guests else [])]
     with open(paths.log, "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=paths.state)
@@ -231,8 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--state", required=True, type=Path)
     parser.add_argument("--catalog", type=Path, required=True)
     parser.add_argument("--project-dir", type=Path, required=True)
+    parser.add_argument("--real-guest", default="", help="comma-separated keys whose VMs run for real")
     args = parser.parse_args(argv)
-    serve(args.state, args.catalog, args.project_dir)
+    serve(args.state, args.catalog, args.project_dir, tuple(k for k in args.real_guest.split(",") if k))
 
 
 if __name__ == "__main__":

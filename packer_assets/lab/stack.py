@@ -4,7 +4,8 @@ Used by `packer-assets lab up` (in its background process) and by the tests' `la
 """
 
 import posixpath
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -14,11 +15,15 @@ from ..catalog import CATALOG_ENV, MIRROR_ENV, Catalog, load_catalog
 from .certs import LabPki, LabSigningKey, make_lab_pki, make_signing_key
 from .guest import LabGuest
 from .mirror import IsoMirror, MirrorItem
-from .pve import LabPve
+from ..errors import ConfigError
+from .pve import LabPve, RealGuests
 from .pve.agent import os_release_text
 from .serving import ServedPve
 
 LAB_CATALOG = "lab-catalog.yaml"
+DEFAULT_REAL_GUESTS = ("debian-12",)
+# What a real guest's build waits for SSH: the emulated install and the first boot under TCG take minutes.
+REAL_GUEST_SSH_TIMEOUT = "30m"
 
 
 def _url_path(url: str) -> str:
@@ -56,6 +61,23 @@ def write_lab_catalog(source: Path, target: Path) -> Path:
     return target
 
 
+def check_real_guest_keys(catalog: Catalog, keys: tuple[str, ...]) -> None:
+    """The keys `--real-guest` marks must be catalog keys that expect Debian 12 (the real guest's system)."""
+    for key in keys:
+        if key not in catalog:
+            raise ConfigError(f"--real-guest {key}: no such key in {catalog.path} (keys: {', '.join(catalog.keys())})")
+        entry = catalog.get(key)
+        if not entry.expected_os.matches("debian", "12"):
+            raise ConfigError(f"--real-guest {key}: the lab's real guest is Debian 12 (debootstrap); {key} expects "
+                              f"{entry.expected_os}")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @dataclass
 class LabStack:
     state: Path
@@ -68,6 +90,7 @@ class LabStack:
     root_password: str
     guest_password: str
     signing: LabSigningKey
+    real_guests: dict[str, int] = field(default_factory=dict)  # key -> the host port of its guests' SSH
 
     @property
     def pve(self) -> LabPve:
@@ -75,7 +98,10 @@ class LabStack:
 
     @classmethod
     def start(cls, state: Path, catalog_path: Path | None, root_password: str, guest_password: str,
-              project_dir: Path | None = None) -> "LabStack":
+              project_dir: Path | None = None, real_guests: tuple[str, ...] = (),
+              progress=print) -> "LabStack":
+        """real_guests: keys whose VMs run for real (QEMU on the cached Debian 12 base image, built here
+        the first time: minutes, root and the apt mirror)."""
         state = Path(state)
         state.mkdir(parents=True, exist_ok=True)
         shipped = load_catalog(catalog_path, env={}, project_dir=project_dir)
@@ -83,6 +109,14 @@ class LabStack:
         catalog = load_catalog(lab_catalog_path, env={}, project_dir=shipped.project_dir)
         pki = make_lab_pki(state / "pki")
         pve = LabPve(password=root_password, data_dir=state / "pve-data")
+        ports: dict[str, int] = {}
+        if real_guests:
+            from .realguest.image import ensure_base_image  # debootstrap and QEMU only for real guests
+
+            check_real_guest_keys(catalog, tuple(real_guests))
+            ports = {key: _free_port() for key in real_guests}
+            pve.enable_real_guests(RealGuests(keys=frozenset(real_guests), image=ensure_base_image(progress=progress),
+                                              root=state / "pve-data" / "realguest", ssh_ports=ports))
         served = ServedPve(pve, pki).start()
         mirror = IsoMirror(state / "mirror", mirror_items(catalog)).start()
         users = sorted({entry.install_user.name for entry in catalog})
@@ -92,7 +126,7 @@ class LabStack:
                          key_source=pve.lab_ssh_keys).start()
         pve.lab_guest_host_keys = [f"{guest.host_key.get_name()} {guest.host_key.get_base64()}"]
         return cls(state, pki, served, mirror, guest, catalog, lab_catalog_path, root_password, guest_password,
-                   make_signing_key(state / "signing"))
+                   make_signing_key(state / "signing"), ports)
 
     def env(self) -> dict[str, str]:
         """What points the project at the lab (bootstrap login, trust, mirror, guest endpoint)."""
@@ -115,7 +149,13 @@ class LabStack:
             # The lab signs its proof bundles; `packer-assets proof verify --allowed-signers` with this file checks them.
             "PACKER_ASSETS_SIGNING_KEY": str(self.signing.key_file),
             "PACKER_ASSETS_SIGNING_KEY_ID": self.signing.key_id,
+            # What the lab's guests are, for the proofs: real VMs for the keys marked, answering fakes for the rest.
+            "PACKER_ASSETS_LAB_GUESTS": ",".join([*(f"{k}=real" for k in sorted(self.real_guests)), "*=simulated"]),
         }
+        if self.real_guests:
+            # A real guest is reached through QEMU's forward on a port of its own, and takes minutes to boot.
+            values["PACKER_ASSETS_SSH_PORTS"] = ",".join(f"{k}={p}" for k, p in sorted(self.real_guests.items()))
+            values["PACKER_ASSETS_SSH_TIMEOUT"] = REAL_GUEST_SSH_TIMEOUT
         for entry in self.catalog:
             values[entry.install_user.password_env] = self.guest_password
         return values
@@ -123,8 +163,10 @@ class LabStack:
     def describe(self) -> dict:
         return {"pve_url": self.served.url, "ca_file": str(self.pki.ca_file), "mirror_url": self.mirror.base_url,
                 "allowed_signers": str(self.signing.allowed_signers),
-                "guest": f"{self.guest.host}:{self.guest.port}", "catalog": str(self.catalog_path)}
+                "guest": f"{self.guest.host}:{self.guest.port}", "catalog": str(self.catalog_path),
+                "real_guests": {key: f"127.0.0.1:{port}" for key, port in sorted(self.real_guests.items())}}
 
     def stop(self) -> None:
+        self.pve.stop_real_guests()
         for part in (self.guest, self.mirror, self.served):
             part.stop()

@@ -1,6 +1,7 @@
 """The whole lab in-process (fake PVE, mirror, guest) with a project that ran proxmox_env (loaded by conftest.py)."""
 
 import secrets
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,19 +34,27 @@ class LabProject:
         return self.stack.mirror
 
 
-@pytest.fixture
-def lab_project(tmp_path, monkeypatch):
-    """LabStack on the shipped catalog, its env in os.environ, and proxmox_env run into tmp_path/project."""
-    stack = LabStack.start(tmp_path / "lab", REPO / "templates/catalog.yaml", secrets.token_urlsafe(16),
-                           secrets.token_urlsafe(16), project_dir=REPO)
+@contextmanager
+def started_lab_project(folder: Path, monkeypatch, real_guests: tuple[str, ...] = ()):
+    """LabStack on the shipped catalog (real_guests: keys whose VMs run for real), its env in os.environ,
+    and proxmox_env run into folder/project."""
+    stack = LabStack.start(folder / "lab", REPO / "templates/catalog.yaml", secrets.token_urlsafe(16),
+                           secrets.token_urlsafe(16), project_dir=REPO, real_guests=real_guests)
     try:
         for name, value in stack.env().items():
             monkeypatch.setenv(name, value)
         monkeypatch.chdir(REPO)  # packer_dir paths in the catalog are relative to the repo
-        root = tmp_path / "project"
+        root = folder / "project"
         monkeypatch.setenv("PACKER_ASSETS_ROOT", str(root))
         run_init(Layout(root), Endpoint(stack.served.url, ca_file=str(stack.pki.ca_file)),
                  AdminLogin("root@pam", stack.root_password), BootstrapConfig(build_password=True), new_chain_id("init"))
         yield LabProject(stack, root)
     finally:
         stack.stop()
+
+
+@pytest.fixture
+def lab_project(tmp_path, monkeypatch):
+    """The lab with answering guests and a project that ran proxmox_env (started_lab_project)."""
+    with started_lab_project(tmp_path, monkeypatch) as project:
+        yield project

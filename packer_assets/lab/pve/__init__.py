@@ -10,7 +10,8 @@ per module:
   bytes under `data_dir`, and an upload that keeps them too (`transfer`);
 - a guest agent that answers for a running VM whose config enables it (`agent`), and answers the smoke
   test's commands as the VM's guest would, with faults to prove each check fails (`guest_answers`);
-- what Debian's packer 1.6.6 proxmox-iso builder needs beyond fakepve (`packer_compat`).
+- what Debian's packer 1.6.6 proxmox-iso builder needs beyond fakepve (`packer_compat`);
+- real guests for the keys `lab up --real-guest` marks: QEMU, a real disk, the real agent (`realguest`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .access import (
 from .agent import LabAgent, agent_enabled
 from .guest_answers import FAULTS, LabGuestExec, decode_sshkeys
 from .packer_compat import PackerCompat
+from .realguest import LabRealGuest, RealGuests
 from .roles import PRIV_GROUPS, Grant, builtin_roles
 from .transfer import (
     CHUNK,
@@ -67,9 +69,11 @@ __all__ = [
     "LabAccess",
     "LabAgent",
     "LabGuestExec",
+    "LabRealGuest",
     "LabPve",
     "LabTransfer",
     "PackerCompat",
+    "RealGuests",
     "agent_enabled",
     "builtin_roles",
     "decode_sshkeys",
@@ -80,7 +84,7 @@ __all__ = [
 ]
 
 
-class LabPve(PackerCompat, LabAccess, LabTransfer, LabGuestExec, LabAgent, FakePve):
+class LabPve(LabRealGuest, PackerCompat, LabAccess, LabTransfer, LabGuestExec, LabAgent, FakePve):
     """The lab's PVE node `pve1`, storages `local` (dir: iso, vztmpl, backup) and `local-lvm` (lvmthin).
 
     password is root@pam's (the caller picks it; there is no default). Files downloaded or uploaded
