@@ -112,6 +112,7 @@ class _Stream:
         self.redact = getattr(log, "redact", None) or (lambda text: text)
         self.on_stage = on_stage
         self.errors: list[str] = []
+        self.build_errors: list[str] = []  # packer's own verdict per build (`<target>,error,...`): the cause
         self.stages: list[str] = []
         self.artifacts: dict[str, dict[str, str]] = {}
 
@@ -145,8 +146,16 @@ class _Stream:
             index, name, value = msg.data[0], msg.data[1], ",".join(msg.data[2:])
             self.artifacts.setdefault(index, {})[name] = value
         if msg.type == "error" and msg.data:
+            text = self.redact(",".join(msg.data).strip())
+            if text and text not in self.build_errors:
+                self.build_errors.append(text)
             self._error(",".join(msg.data))
         self.log.line("packer", " ".join(filter(None, [msg.target, msg.type, *msg.data])))
+
+    def ordered_errors(self) -> list[str]:
+        """Packer's verdicts first (e.g. "Script exited with non-zero exit status: 1"), then the error lines in
+        order: a provisioner's stderr (systemctl's chatter, say) is error output too, but not the cause."""
+        return self.build_errors + [e for e in self.errors if e not in self.build_errors]
 
     def artifact_id(self) -> str | None:
         for index in sorted(self.artifacts):
@@ -329,7 +338,7 @@ def run_packer(workdir: Path, env: dict[str, str], log, *, timeout: float | None
     finally:
         code = run.reap()
     duration = time.monotonic() - started
-    errors = stream.errors
+    errors = stream.ordered_errors()
     log.line("packer-runner", f"packer exited {code} after {duration:.1f}s"
                               + (f" ({reason}; signals sent: {', '.join(run.signals) or 'none'})" if reason else ""))
     if interrupt is not None:

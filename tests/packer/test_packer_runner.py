@@ -220,6 +220,26 @@ def test_a_packer_crash_raises_packer_error_naming_the_log(tmp_path):
     assert ("packer", "panic-ish stderr line") in log.lines
 
 
+PROVISIONER_FAILS = """
+echo "1700000000,,ui,say,==> proxmox-iso.debian: Provisioning with shell script: /tmp/packer-shell1"
+echo "1700000001,,ui,error,==> proxmox-iso.debian: Synchronizing state of qemu-guest-agent.service with SysV"
+echo "1700000001,,ui,error,==> proxmox-iso.debian: The unit files have no installation config (WantedBy=%!(PACKER_COMMA)"
+echo "1700000002,,ui,error,Build 'proxmox-iso.debian' errored after 1 minute: Script exited with non-zero exit status: 1"
+echo "1700000002,proxmox-iso.debian,error,Script exited with non-zero exit status: 1.Allowed exit codes are: [0]"
+exit 1
+"""
+
+
+def test_the_error_names_packers_verdict_before_a_provisioners_stderr(tmp_path):
+    """A real guest's provisioner writes to stderr (systemctl's notes): packer shows those as errors too,
+    but the message leads with what packer says failed."""
+    fake = fake_packer(tmp_path / "bin", PROVISIONER_FAILS)
+    with pytest.raises(PackerError) as err:
+        run_packer(tmp_path, {"PATH": os.environ["PATH"]}, ListLog(tmp_path / "packer.log"), packer=str(fake))
+    assert err.value.errors[0] == "Script exited with non-zero exit status: 1.Allowed exit codes are: [0]"
+    assert "first errors: Script exited with non-zero exit status: 1" in str(err.value)
+
+
 def test_exit_zero_without_an_artifact_is_an_error(tmp_path):
     fake = fake_packer(tmp_path / "bin", 'echo "1700000000,,ui,say,nothing to do"\nexit 0\n')
     with pytest.raises(PackerError, match="no artifact"):

@@ -26,6 +26,7 @@ VMs of other keys keep the lab's answering guests (agent.py, guest_answers.py, l
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -350,6 +351,8 @@ class LabRealGuest:
                 timeout=self.lab_real.install_timeout, accel=self.lab_real.accel, memory_mb=_memory_mb(vm.config))
             machine.install = {"preseed_url": url, "applied": list(report.applied), "ignored": list(report.ignored),
                                "seconds": round(report.seconds, 1)}
+            # what the emulation did, beside the disk (the installer boot's console is in run_dir/serial.log)
+            (machine.folder / "install.json").write_text(json.dumps(machine.install, indent=2) + "\n")
             if machine.phase != "installing" or vm.status != "running":
                 return  # stopped or destroyed meanwhile
             await asyncio.to_thread(self._boot, vm, machine, asyncio.get_running_loop())
