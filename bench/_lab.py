@@ -67,7 +67,7 @@ class BenchLab:
     env_file: Path
 
     @classmethod
-    def start(cls, tmp: Path, catalog: Path | None = None) -> "BenchLab":
+    def start(cls, tmp: Path, catalog: Path | None = None, real_guests: tuple[str, ...] = ()) -> "BenchLab":
         from packer_assets.chain import new_chain_id
         from packer_assets.envfile import write_env_file
         from packer_assets.evidence import Layout
@@ -78,7 +78,7 @@ class BenchLab:
 
         tmp = Path(tmp)
         stack = LabStack.start(tmp / "lab", catalog or REPO / "templates/catalog.yaml", secrets.token_urlsafe(16),
-                               secrets.token_urlsafe(16), project_dir=REPO)
+                               secrets.token_urlsafe(16), project_dir=REPO, real_guests=real_guests)
         root = tmp / "project"
         env_file = write_env_file(tmp / "lab.env", stack.env(), header="benchmark lab (bench/_lab.py)")
         # proxmox_env, as the tests' lab_project fixture runs it: API user, role, token, .env.proxmox

@@ -80,6 +80,9 @@ NOT_RUN = {
     "packer-assets proof verify PATH|CHAIN-ID [--allowed-signers FILE] [--require-signature]":
         "a synopsis: packer-assets proof verify --allowed-signers .lab/signing/allowed_signers is run",
     "make build KEY=<key>": "a placeholder: make build KEY=debian-12 is run",
+    "make demo-real": "CI runs it on a clean clone after make test (.ci/run); the same real-guest builds run in "
+                      "tests/lab/realguest/test_realguest_builds.py",
+    "packer-assets lab up --real-guest": "make demo-real runs it (.ci/run); tests start the same lab in-process",
     "packer-assets validate [KEY...] [--allow-degraded]": "a synopsis: packer-assets validate is run",
     "dagster code-server start": "a long-running service: tests/test_deploy_postgres.py runs it",
     "dagster-webserver -w deploy/workspace.yaml": "a long-running service; deploy/ is loaded by tests/test_deploy_config.py",
