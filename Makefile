@@ -37,7 +37,7 @@ demo: venv packer lab-up catalog-check ## the lab, then every asset of every tem
 # (built once, ~2.5 min, cached under ~/.cache/packer-assets), the install emulated from the served preseed,
 # everything after it real. Runs as `dagster asset materialize`, then checks the signed proof.
 REAL_GUEST_PACKAGES := qemu-system-x86 qemu-utils debootstrap
-REAL_ASSETS := iso_release,staged_iso,unattended_files,template,template_proof
+REAL_ASSETS := staged_iso,unattended_files,template,template_proof
 demo-real: venv packer lab-up-real catalog-check ## the lab with a real Debian 12 guest; debian-12 built, smoke-tested and proved for real (root; ~10 min the first time)
 	$(MAKE) init PACKER_ASSETS_ENV_FILE=$(abspath $(LAB_STATE))/lab.env
 	PACKER_ASSETS_ENV_FILE=$(abspath $(LAB_STATE))/lab.env $(DAGSTER) --select '$(REAL_ASSETS)' --partition debian-12

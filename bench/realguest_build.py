@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE))
 
 from _lab import BIN, REPO, BenchLab, dagster_home  # noqa: E402
 
-ASSETS = "iso_release,staged_iso,unattended_files,template,template_proof"
+ASSETS = "staged_iso,unattended_files,template,template_proof"
 
 
 class Watch(threading.Thread):
