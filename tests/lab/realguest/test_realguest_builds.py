@@ -1,0 +1,145 @@
+"""Builds of debian-12 whose guest is real (`lab up --real-guest`): packer, its provisioners, the generalize
+step, the clone, cloud-init, the agent and SSH all run in QEMU VMs on the lab's Debian 12 base image.
+
+What only a real guest can show: a provisioner that exits 1 fails the build and leaves no VM; a template
+whose generalize step is gone fails the smoke test (its clone boots with the install's machine-id and host
+keys); a clone given a wrong SSH key fails the SSH step; the agent's OS info is the guest's /etc/os-release
+(here through the lab's API; test_realguest_boot.py compares it with the file itself).
+Each build takes minutes under TCG (the install emulation, the first boot, the clone's boot): one good
+build is shared by the module.
+"""
+
+import json
+import re
+import shutil
+
+import dagster as dg
+import pytest
+
+from packer_assets.envfile import read_env_file
+from packer_assets.lab.realguest.qemu import qemu_processes_under
+from packer_assets.pve import smoke as smoke_module
+from packer_assets.pve.bootstrap import build_access
+from packer_assets.pve.smoke import SmokeTestError, smoke_test
+from support import REPO
+from support.builds import rebuild
+from support.lab import started_lab_project
+
+pytestmark = [pytest.mark.realguest, pytest.mark.lab, pytest.mark.packer]
+
+KEY = "debian-12"
+REAL = dict(smoke_timeout_seconds=900)  # a clone's boot under TCG: minutes
+
+
+@pytest.fixture(scope="module")
+def real_lab(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        with started_lab_project(tmp_path_factory.mktemp("real"), monkeypatch, real_guests=(KEY,)) as project:
+            yield project, monkeypatch
+
+
+@pytest.fixture(scope="module")
+def built(real_lab):
+    """One real build of debian-12 through Dagster: (lab project, the template's VMID, proof.json)."""
+    project, _monkeypatch = real_lab
+    with dg.instance_for_test() as instance:
+        result = rebuild(project, instance, key=KEY, **REAL)
+        assert result.success, _failure(project)
+    proof = _latest_proof(project)
+    return project, proof["template"]["vmid"], proof
+
+
+def _latest_proof(project):
+    found = sorted(p for p in project.root.rglob(f"builds/{KEY}/*/proof.json") if p.parent.name != "latest")
+    assert found, f"no proof under {project.root}"
+    return json.loads(found[-1].read_text())
+
+
+def _failure(project) -> str:
+    """The end of the key's newest build log."""
+    logs = sorted((project.root / "output/logs/packer/builds" / KEY).glob("*/packer.log"))
+    return logs[-1].read_text(errors="replace")[-4000:] if logs else "(no build log)"
+
+
+def _vms(project, key=KEY):
+    return {vm.vmid: vm for vm in project.pve.vms if vm.name.startswith(f"{key}-")}
+
+
+def _api(project):
+    return build_access(read_env_file(project.layout.env_file), str(project.layout.env_file)).connect()
+
+
+def test_the_proof_carries_the_real_guests_facts(built):
+    project, vmid, proof = built
+    assert proof["guest"].startswith("lab: real guest") and "installer emulated" in proof["guest"]
+    facts = proof["checks"][0]["details"]
+    assert facts["found_os"] == "debian 12"
+    # the agent's answer is the guest's /etc/os-release (the lab's answering guests say "Debian GNU/Linux 12")
+    assert facts["os"] == "Debian GNU/Linux 12 (bookworm)"
+    assert re.fullmatch(r"[0-9a-f]{32}", facts["machine_id"])
+    assert proof["sbom"]["packages"] > 150  # dpkg-query in the guest: the base image's ~200 packages
+    readme = (project.root.rglob(f"builds/{KEY}/*/README.md").__next__()).read_text()
+    assert "installer emulated" in readme
+    # the template is the only VM of the key; no QEMU runs (the build VM became it, the clone is gone)
+    vms = _vms(project)
+    assert list(vms) == [vmid] and vms[vmid].template
+    assert qemu_processes_under(project.stack.state) == []
+    info = project.pve.real_guest_info(vmid)
+    assert info["install"]["preseed_url"].endswith("/preseed.cfg")  # fetched from packer's HTTP server
+    assert any(line.startswith("passwd/user-password-crypted") for line in info["install"]["applied"])
+
+
+def test_a_clone_given_a_wrong_ssh_key_fails_the_ssh_step(built, monkeypatch):
+    project, vmid, _proof = built
+    from packer_assets.pve.guest_exec import EphemeralKey
+
+    wrong = EphemeralKey.generate("not-the-smoke-tests-key").public
+    real_encode = smoke_module.encode_sshkeys
+    # The clone's cloud-init drive gets another key than the one the smoke test logs in with.
+    monkeypatch.setattr(smoke_module, "encode_sshkeys", lambda keys: real_encode(wrong))
+    port = int(dict(item.split("=") for item in project.stack.env()["PACKER_ASSETS_SSH_PORTS"].split(","))[KEY])
+    with pytest.raises(SmokeTestError) as err:
+        smoke_test(_api(project), "pve1", vmid, project.stack.catalog.get(KEY), timeout=900,
+                   ssh_address=("127.0.0.1", port))
+    assert err.value.step == "ssh_login", err.value
+    assert list(_vms(project)) == [vmid]  # the clone is gone
+    assert qemu_processes_under(project.stack.state) == []
+
+
+def _edited_templates(tmp_path, monkeypatch, old: str, new: str):
+    copy = tmp_path / "project-copy"
+    shutil.copytree(REPO / "templates", copy / "templates")
+    template = copy / "templates/debian/debian.pkr.hcl"
+    text = template.read_text()
+    assert old in text
+    template.write_text(text.replace(old, new))
+    monkeypatch.chdir(copy)  # the catalog's packer_dir folders are read from here
+
+
+def test_a_provisioner_that_exits_1_fails_the_build_and_leaves_no_vm(built, tmp_path, monkeypatch):
+    project, vmid, _proof = built
+    _edited_templates(tmp_path, monkeypatch, '"apt-get clean",', '"apt-get clean",\n      "exit 1",')
+    with dg.instance_for_test() as instance:
+        result = rebuild(project, instance, key=KEY, **REAL)
+    assert not result.success
+    # the build's error leads with packer's verdict, not the provisioner's stderr
+    assert "first errors: Script exited with non-zero exit status: 1" in _failure(project)
+    assert list(_vms(project)) == [vmid]  # packer's VM destroyed; the promoted template untouched
+    assert qemu_processes_under(project.stack.state) == []
+    assert sorted(p.name for p in (project.stack.state / "pve-data/realguest").iterdir()) == [f"vm-{vmid}"]
+
+
+def test_a_template_without_its_generalize_step_fails_the_smoke_test(built, tmp_path, monkeypatch):
+    project, vmid, _proof = built
+    _edited_templates(tmp_path, monkeypatch, "inline           = local.generalize_linux",
+                      'inline           = ["true"]')
+    with dg.instance_for_test() as instance:
+        result = rebuild(project, instance, key=KEY, force=True, **REAL)
+    assert not result.success
+    log = _failure(project)
+    # The clone booted with the install's machine-id and host keys: written before this boot.
+    assert re.search(r"failed at step '(fresh_identity|password_locked)'", log), log[-2000:]
+    remaining = _vms(project)
+    assert vmid in remaining and remaining[vmid].template  # the promoted template is still the one
+    assert all(not vm.name.startswith(f"{KEY}-smoke") for vm in remaining.values())
+    assert qemu_processes_under(project.stack.state) == []
