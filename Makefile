@@ -70,11 +70,13 @@ bench: venv ## benchmarks that need no packer build: they print figures, they do
 	$(BIN)/python bench/definitions_load.py
 	$(BIN)/python bench/schedule_tick.py
 
-bench-builds: venv packer ## benchmarks with real packer builds in a lab of their own (~6 min): overhead, no-op rerun, scaling
+bench-builds: venv packer ## benchmarks with real packer builds in a lab of their own (~9 min): overhead, no-op rerun, scaling, a real-guest build by phase
 	$(BIN)/python bench/build_overhead.py
 	$(BIN)/python bench/noop_rerun.py
 	$(BIN)/python bench/parallel_scaling.py
 	$(BIN)/python bench/noop_vs_floor.py
+	@tools/system-packages.sh $(REAL_GUEST_PACKAGES)
+	$(BIN)/python bench/realguest_build.py
 
 venv: $(VENV)/.installed
 

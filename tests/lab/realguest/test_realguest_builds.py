@@ -12,30 +12,32 @@ build is shared by the module.
 import json
 import re
 import shutil
+import subprocess
+import time
 
 import dagster as dg
 import pytest
+from support import REPO
+from support.builds import rebuild
+from support.lab import started_lab_project
 
 from packer_assets.envfile import read_env_file
 from packer_assets.lab.realguest.qemu import qemu_processes_under
 from packer_assets.pve import smoke as smoke_module
 from packer_assets.pve.bootstrap import build_access
 from packer_assets.pve.smoke import SmokeTestError, smoke_test
-from support import REPO
-from support.builds import rebuild
-from support.lab import started_lab_project
 
 pytestmark = [pytest.mark.realguest, pytest.mark.lab, pytest.mark.packer]
 
 KEY = "debian-12"
-REAL = dict(smoke_timeout_seconds=900)  # a clone's boot under TCG: minutes
+REAL = {"smoke_timeout_seconds": 900}  # a clone's boot under TCG: minutes
 
 
 @pytest.fixture(scope="module")
 def real_lab(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        with started_lab_project(tmp_path_factory.mktemp("real"), monkeypatch, real_guests=(KEY,)) as project:
-            yield project, monkeypatch
+    with pytest.MonkeyPatch.context() as monkeypatch, \
+            started_lab_project(tmp_path_factory.mktemp("real"), monkeypatch, real_guests=(KEY,)) as project:
+        yield project, monkeypatch
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +61,15 @@ def _failure(project) -> str:
     """The end of the key's newest build log."""
     logs = sorted((project.root / "output/logs/packer/builds" / KEY).glob("*/packer.log"))
     return logs[-1].read_text(errors="replace")[-4000:] if logs else "(no build log)"
+
+
+def wait_task(api, upid, timeout=600):
+    deadline = time.monotonic() + timeout
+    while (status := api.nodes("pve1").tasks(upid).status.get())["status"] == "running":
+        assert time.monotonic() < deadline, f"task {upid} still running"
+        time.sleep(0.5)
+    assert status["exitstatus"] == "OK", status
+    return status
 
 
 def _vms(project, key=KEY):
@@ -142,4 +153,39 @@ def test_a_template_without_its_generalize_step_fails_the_smoke_test(built, tmp_
     remaining = _vms(project)
     assert vmid in remaining and remaining[vmid].template  # the promoted template is still the one
     assert all(not vm.name.startswith(f"{KEY}-smoke") for vm in remaining.values())
+    assert qemu_processes_under(project.stack.state) == []
+
+
+def test_a_linked_clone_runs_powers_itself_off_and_is_destroyed_with_its_disk(built):
+    """The lifecycle the builds do not walk: a linked clone (an overlay on the template's disk), the guest
+    powering itself off (the VM is `stopped` without a PVE request), destroy removing the machine."""
+    project, vmid, _proof = built
+    api, node = _api(project), "pve1"
+    clone_id = vmid + 50
+    upid = api.nodes(node).qemu(vmid).clone.post(newid=clone_id, full=0, name=f"{KEY}-linked-{vmid}")
+    wait_task(api, upid)
+    info = project.pve.real_guest_info(clone_id)
+    overlay = subprocess.run(["qemu-img", "info", "--output=json", info["disk"]], capture_output=True, text=True,
+                             check=True)
+    assert json.loads(overlay.stdout)["backing-filename"].endswith(f"vm-{vmid}/disk.qcow2")
+    clone = api.nodes(node).qemu(clone_id)
+    clone.config.put(ciuser="smoke", ipconfig0="ip=dhcp", ciupgrade=0)
+    wait_task(api, clone.status.start.post())
+    deadline = time.monotonic() + 900
+    while True:  # the agent answers once the guest has booted
+        try:
+            clone.agent.ping.post()
+            break
+        except Exception:  # noqa: BLE001 - 500 "QEMU guest agent is not running" until then
+            assert time.monotonic() < deadline, "the clone's agent never answered"
+            time.sleep(2)
+    while clone.agent("get-host-name").get()["result"]["host-name"] != f"{KEY}-linked-{vmid}":
+        assert time.monotonic() < deadline, "cloud-init never set the hostname from the clone's drive"
+        time.sleep(2)
+    clone.agent.exec.post(command=["systemctl", "poweroff"])
+    while clone.status.current.get()["status"] != "stopped":  # nobody asked PVE: the guest powered off
+        assert time.monotonic() < deadline, "the VM never became stopped after the guest powered off"
+        time.sleep(1)
+    wait_task(api, clone.delete())
+    assert not (project.stack.state / f"pve-data/realguest/vm-{clone_id}").exists()
     assert qemu_processes_under(project.stack.state) == []
