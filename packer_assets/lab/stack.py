@@ -16,7 +16,7 @@ from .certs import LabPki, LabSigningKey, make_lab_pki, make_signing_key
 from .guest import LabGuest
 from .mirror import IsoMirror, MirrorItem
 from ..errors import ConfigError
-from .pve import LabPve, RealGuests
+from .pve import LabPve, RealGuests, kill_stale_qemus
 from .pve.agent import os_release_text
 from .serving import ServedPve
 
@@ -109,6 +109,8 @@ class LabStack:
         catalog = load_catalog(lab_catalog_path, env={}, project_dir=shipped.project_dir)
         pki = make_lab_pki(state / "pki")
         pve = LabPve(password=root_password, data_dir=state / "pve-data")
+        # A lab killed with kill -9 leaves its real guests' QEMUs (own sessions): this state's go now.
+        kill_stale_qemus(state / "pve-data" / "realguest")
         ports: dict[str, int] = {}
         if real_guests:
             from .realguest.image import ensure_base_image  # debootstrap and QEMU only for real guests

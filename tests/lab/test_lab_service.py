@@ -84,3 +84,19 @@ def test_a_real_guest_only_for_a_debian_12_key_refused_before_any_process(lab_st
     assert proc.returncode == 2 and message in proc.stderr + proc.stdout, proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (lab_state / "state.json").exists()  # no lab process was started
+
+
+def test_a_dead_labs_guests_are_killed_by_the_next_lab_up(lab_state):
+    """kill -9 of a lab leaves its real guests' QEMUs running (their own sessions): the next `lab up` on the
+    same state folder kills them. A stand-in QEMU: a process named qemu-system-* whose argv names a disk there."""
+    disk = lab_state / "pve-data/realguest/vm-9300/disk.qcow2"
+    disk.parent.mkdir(parents=True)
+    disk.touch()
+    orphan = subprocess.Popen(["bash", "-c", f'exec -a qemu-system-x86_64 tail -f /dev/null "{disk}"'],
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        cli("lab", "up", "--state", str(lab_state))
+        assert orphan.wait(timeout=30) == -9  # SIGKILL
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()

@@ -33,7 +33,7 @@ from .access import (
 from .agent import LabAgent, agent_enabled
 from .guest_answers import FAULTS, LabGuestExec, decode_sshkeys
 from .packer_compat import PackerCompat
-from .realguest import LabRealGuest, RealGuests
+from .realguest import LabRealGuest, RealGuests, kill_stale_qemus
 from .roles import PRIV_GROUPS, Grant, builtin_roles
 from .transfer import (
     CHUNK,
@@ -81,6 +81,7 @@ __all__ = [
     "normalize_content_filename",
     "normalize_path",
     "parse_multipart",
+    "kill_stale_qemus",
 ]
 
 

@@ -60,7 +60,7 @@ from packer_assets.lab.realguest.qemu import (
     qemu_processes_under,
 )
 
-__all__ = ["LabRealGuest", "Machine", "RealGuests"]
+__all__ = ["LabRealGuest", "Machine", "RealGuests", "kill_stale_qemus"]
 
 MAC = re.compile(r"([0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5})")
 AGENT_WAIT = 5.0  # seconds a call waits for the guest's agent before PVE's "not running" answer
@@ -127,7 +127,8 @@ def _cpus(config: dict[str, Any]) -> int:
     return max(1, min(wanted, os.cpu_count() or 1))
 
 
-def _kill_qemus_under(folder: Path) -> None:
+def kill_stale_qemus(folder: Path) -> None:
+    """SIGKILL every QEMU whose command line names a path under folder (a dead lab's guests)."""
     for pid in qemu_processes_under(folder):
         try:
             os.kill(pid, signal.SIGKILL)
@@ -143,7 +144,7 @@ class LabRealGuest:
     def enable_real_guests(self, real: RealGuests) -> None:
         """Mark keys for real guests; QEMUs left by a lab that died (kill -9) are killed first."""
         real.root.mkdir(parents=True, exist_ok=True)
-        _kill_qemus_under(real.root)
+        kill_stale_qemus(real.root)
         self.lab_real = real
         self.lab_machines: dict[int, Machine] = {}
 
@@ -158,7 +159,7 @@ class LabRealGuest:
             if machine.qemu is not None:
                 machine.qemu.kill()
         if self.lab_real is not None:
-            _kill_qemus_under(self.lab_real.root)
+            kill_stale_qemus(self.lab_real.root)
 
     # ------------------------------------------------------------------ create, clone, template, destroy
 
@@ -215,7 +216,7 @@ class LabRealGuest:
     def _drop_machine(self, machine: Machine) -> None:
         if machine.qemu is not None:
             machine.qemu.kill()
-        _kill_qemus_under(machine.folder)  # an installer boot in flight
+        kill_stale_qemus(machine.folder)  # an installer boot in flight
         shutil.rmtree(machine.folder, ignore_errors=True)
         self.lab_machines.pop(machine.vmid, None)
 
@@ -291,7 +292,7 @@ class LabRealGuest:
         qemu, machine.qemu, machine.phase = machine.qemu, None, "off"
         if qemu is not None:
             qemu.stop()
-        _kill_qemus_under(machine.folder)  # an installer boot in flight dies with the VM
+        kill_stale_qemus(machine.folder)  # an installer boot in flight dies with the VM
 
     async def _do_shutdown(self, vm: FakeVm, user: str, p: dict[str, Any]) -> Any:
         machine = self.machine(vm)
