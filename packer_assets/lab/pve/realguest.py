@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import threading
 import time
 import urllib.request
@@ -49,6 +50,8 @@ from packer_assets.lab.realguest.image import BaseImage
 from packer_assets.lab.realguest.installer import (
     InstallerError,
     emulate_install,
+    parse_preseed,
+    plan_install,
     preseed_url,
 )
 from packer_assets.lab.realguest.qemu import (
@@ -345,6 +348,7 @@ class LabRealGuest:
         """Fetch the preseed the boot command names, emulate the install, boot the installed system."""
         try:
             preseed = await asyncio.to_thread(_fetch, url)
+            plan_install(parse_preseed(preseed))  # a preseed the emulation refuses fails before any disk work
             machine.disk = await asyncio.to_thread(linked_clone_disk, self.lab_real.image.disk, machine.disk_path)
             run_dir = machine.next_boot_dir()
             report = await asyncio.to_thread(
@@ -357,8 +361,10 @@ class LabRealGuest:
             if machine.phase != "installing" or vm.status != "running":
                 return  # stopped or destroyed meanwhile
             await asyncio.to_thread(self._boot, vm, machine, asyncio.get_running_loop())
-        except (InstallerError, QemuError, OSError, ValueError) as exc:
-            machine.failure, machine.phase = f"installer emulation failed: {exc}", "failed"
+        except Exception as exc:  # noqa: BLE001 - a background task: whatever failed is the VM's failure, kept
+            reason = exc.stderr.decode(errors="replace").strip() if isinstance(exc, subprocess.CalledProcessError) \
+                and exc.stderr else str(exc)
+            machine.failure, machine.phase = f"installer emulation failed: {reason}", "failed"
             (machine.folder / "failure.txt").write_text(machine.failure + "\n")
             print(f"lab: VM {vm.vmid} ({vm.name}): {machine.failure}", flush=True)
             if machine.disk is not None:

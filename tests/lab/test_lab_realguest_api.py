@@ -1,0 +1,121 @@
+"""The lab's real-guest VMs (lab/pve/realguest.py) where no QEMU is needed: which VMs are real, the installer
+waiting for its boot command, and a boot command whose preseed cannot be fetched or cannot be emulated
+(the VM stops, the reason is kept, no disk is left, nothing secret is said). The real boots are in
+tests/lab/realguest/test_realguest_builds.py."""
+
+import http.server
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from packer_assets.lab.pve import RealGuests
+from packer_assets.lab.realguest.image import BaseImage
+
+pytestmark = pytest.mark.lab
+
+NODE = "pve1"
+ISO = "debian-12.iso"
+KEYS = {" ": "spc", "\n": "ret", ".": "dot", "/": "slash", ":": "shift-semicolon", "=": "equal", "-": "minus",
+        "_": "shift-minus"}
+
+
+def typed(text: str) -> list[str]:
+    return [KEYS.get(ch, ch) for ch in text]
+
+
+@pytest.fixture
+def real_pve(lab_pve_serving, tmp_path):
+    """The lab's PVE with real guests for debian-12; the image is never booted here (paths only)."""
+    pve = lab_pve_serving.pve
+    image = BaseImage(tmp_path / "image", tmp_path / "image/disk.qcow2", tmp_path / "image/vmlinuz",
+                      tmp_path / "image/initrd.img", "root=UUID=x ro", {})
+    pve.enable_real_guests(RealGuests(keys=frozenset({"debian-12"}), image=image, root=tmp_path / "realguest",
+                                      ssh_ports={"debian-12": 1}))
+
+    async def stage():
+        pve.store_file("local", ISO, 4096)
+    lab_pve_serving.call(stage())
+    return pve
+
+
+def create_and_start(api, vmid: int, name: str):
+    api.nodes(NODE).qemu.post(vmid=vmid, name=name, scsi0="local-lvm:4", ide2=f"local:iso/{ISO},media=cdrom",
+                              net0="virtio,bridge=vmbr0", agent="1")
+    vm = api.nodes(NODE).qemu(vmid)
+    vm.status.start.post()
+    return vm
+
+
+def wait_for(check, what: str, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def serve_once(text: str) -> str:
+    """A URL that serves `text` (what packer's HTTP server would)."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = text.encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}/preseed.cfg"
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_only_vms_of_marked_keys_are_real_and_an_installer_waits_for_its_boot_command(real_pve, pve_root):
+    create_and_start(pve_root, 130, "ubuntu-2204-20261130120000")
+    assert real_pve.real_guest_info(130) is None  # another key: the lab's answering guest
+    vm = create_and_start(pve_root, 131, "debian-12-20261130120000")
+    info = real_pve.real_guest_info(131)
+    assert info["phase"] == "installer" and info["disk"] is None  # nothing boots before the boot command
+    assert vm.status.current.get()["status"] == "running"  # the installer ISO "runs", as on PVE
+    for key in typed("no url here\n"):
+        vm.sendkey.put(key=key)
+    assert real_pve.real_guest_info(131)["phase"] == "installer"
+    # PVE's shutdown asks the guest (ACPI): an installer waiting at its prompt does not answer
+    upid = vm.status.shutdown.post(timeout=1)
+    assert pve_root.nodes(NODE).tasks(upid).status.get()["exitstatus"] == "VM quit/powerdown failed - got timeout"
+    vm.status.shutdown.post(timeout=1, forceStop=1)
+    assert vm.status.current.get()["status"] == "stopped"
+    vm.delete()
+    assert not Path(info["folder"]).exists()
+
+
+@pytest.mark.parametrize(("preseed", "reason"), [
+    (None, "installer emulation failed: <urlopen error"),  # nothing listens at the URL typed
+    ("d-i passwd/root-login boolean false\nd-i passwd/username string debian\n"
+     "d-i passwd/user-password password s3cr3t-pw\n",
+     "installer emulation failed: preseed: passwd/user-password is a plain password"),
+    ("d-i passwd/username\n", "installer emulation failed: preseed line 1: not 'owner question type value'"),
+])
+def test_a_preseed_that_cannot_be_fetched_or_emulated_stops_the_vm_and_says_why(real_pve, pve_root, capsys,
+                                                                               preseed, reason):
+    url = serve_once(preseed) if preseed is not None else f"http://127.0.0.1:{closed_port()}/preseed.cfg"
+    vm = create_and_start(pve_root, 140, "debian-12-20261130120000")
+    for key in ["esc", *typed(f"auto url={url} priority=critical\n")]:
+        vm.sendkey.put(key=key)
+    wait_for(lambda: real_pve.real_guest_info(140)["phase"] == "failed", "the installer never gave up")
+    info = real_pve.real_guest_info(140)
+    assert info["failure"].startswith(reason), info["failure"]
+    assert vm.status.current.get()["status"] == "stopped" and info["disk"] is None
+    assert not Path(info["folder"], "disk.qcow2").exists()
+    assert (Path(info["folder"]) / "failure.txt").read_text().startswith(reason)
+    said = capsys.readouterr().out
+    assert reason in said and "s3cr3t-pw" not in said + info["failure"]
