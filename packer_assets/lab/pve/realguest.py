@@ -365,7 +365,10 @@ class LabRealGuest:
             reason = exc.stderr.decode(errors="replace").strip() if isinstance(exc, subprocess.CalledProcessError) \
                 and exc.stderr else str(exc)
             machine.failure, machine.phase = f"installer emulation failed: {reason}", "failed"
-            (machine.folder / "failure.txt").write_text(machine.failure + "\n")
+            try:
+                (machine.folder / "failure.txt").write_text(machine.failure + "\n")
+            except OSError:
+                pass  # the VM was destroyed meanwhile: its folder is gone
             print(f"lab: VM {vm.vmid} ({vm.name}): {machine.failure}", flush=True)
             if machine.disk is not None:
                 machine.disk.unlink(missing_ok=True)
