@@ -76,33 +76,11 @@ def _missing_browser() -> str | None:
 
 
 def _missing_realguest() -> str | None:
-    """QEMU and the tools that build the Debian base image (packer_assets/lab/realguest), run as root, on a
-    machine that allows the builder's namespaces and reaches its apt mirror (unless the image is cached)."""
-    import subprocess
-    import urllib.request
+    """QEMU and the tools that build the Debian base image, root, the builder's namespaces and the apt mirror
+    (unless the image is cached): packer_assets.lab.realguest.image.real_guest_unavailable says which is missing."""
+    from packer_assets.lab.realguest.image import real_guest_unavailable
 
-    absent = [c for c in ("qemu-system-x86_64", "qemu-img", "debootstrap", "mkfs.ext4", "unshare") if not shutil.which(c)]
-    if absent:  # make test installs them (TEST_PACKAGES); elsewhere the reason says how
-        return f"needs {', '.join(absent)}: apt-get install qemu-system-x86 qemu-utils debootstrap e2fsprogs util-linux"
-    if os.geteuid() != 0:
-        return "needs root: debootstrap and chroot build the real guest's base image"
-    from packer_assets.lab.realguest.image import UNSHARE, cache_root, recipe, recipe_key
-
-    probe = subprocess.run([*UNSHARE, "true"], capture_output=True, text=True, timeout=60)
-    if probe.returncode != 0:
-        return f"this machine refuses the image builder's PID/mount namespaces ({probe.stderr.strip()[:120]})"
-    try:
-        spec = recipe()
-    except LookupError as exc:
-        return f"no Debian mirror to build the base image from: {exc}"
-    if (cache_root() / recipe_key(spec)).is_dir():
-        return None
-    release = f"{spec['mirror']}/dists/{spec['suite']}/Release"
-    try:
-        urllib.request.urlopen(urllib.request.Request(release, method="HEAD"), timeout=20).close()
-    except OSError as exc:
-        return f"the apt mirror is not reachable ({release}: {exc}): the base image cannot be built here"
-    return None
+    return real_guest_unavailable()
 
 
 REQUIREMENTS = {

@@ -184,10 +184,13 @@ def up(state: Path, catalog_path: Path | None = None, project_dir: Path | None =
     project_dir = (project_dir or Path.cwd()).resolve()
     catalog = load_catalog(catalog_path, project_dir=project_dir)  # a broken catalog fails here, before any process
     if real_guests:
-        from .realguest.image import ensure_base_image
+        from .realguest.image import ensure_base_image, real_guest_unavailable
         from .stack import check_real_guest_keys
 
         check_real_guest_keys(catalog, tuple(real_guests))
+        why = real_guest_unavailable()
+        if why:
+            raise LabError(f"--real-guest: this machine cannot run real guests: {why}")
         ensure_base_image(progress=lambda line: print(line, flush=True))  # minutes the first time: in the open
     paths.state.mkdir(parents=True, exist_ok=True)
     paths.state_json.unlink(missing_ok=True)

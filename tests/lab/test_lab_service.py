@@ -100,3 +100,21 @@ def test_a_dead_labs_guests_are_killed_by_the_next_lab_up(lab_state):
     finally:
         if orphan.poll() is None:
             orphan.kill()
+
+
+def test_real_guests_on_a_machine_that_cannot_run_them_say_why_in_one_line(lab_state, tmp_path):
+    """Without QEMU (here: a PATH without qemu-system-x86_64), `lab up --real-guest` stops before any process
+    with the reason the realguest tests are skipped for (and .ci/run prints)."""
+    import shutil
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("qemu-img", "debootstrap", "mkfs.ext4", "unshare"):
+        if shutil.which(tool):
+            (bin_dir / tool).symlink_to(shutil.which(tool))
+    proc = subprocess.run([sys.executable, "-m", "packer_assets.cli", "lab", "up", "--state", str(lab_state),
+                           "--real-guest"], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "PATH": str(bin_dir)})
+    assert proc.returncode == 2, proc.stderr
+    assert "--real-guest: this machine cannot run real guests: needs qemu-system-x86_64" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (lab_state / "state.json").exists()

@@ -331,3 +331,31 @@ def ensure_base_image(*, mirror: str | None = None, packages: Sequence[str] = PA
         return BaseImage.load(final)
     finally:
         os.close(fd)  # closing drops the flock
+
+
+def real_guest_unavailable() -> str | None:
+    """Why this machine cannot run the lab's real guests, in one line; None when it can. Needs QEMU, qemu-img
+    and the image builder's tools, root, the builder's PID/mount namespaces, and the apt mirror (unless the
+    image for this recipe is cached). The tests skip with this reason; `lab up --real-guest` and .ci/run say it."""
+    import urllib.request
+
+    absent = [c for c in ("qemu-system-x86_64", "qemu-img", "debootstrap", "mkfs.ext4", "unshare") if not shutil.which(c)]
+    if absent:
+        return f"needs {', '.join(absent)}: apt-get install qemu-system-x86 qemu-utils debootstrap e2fsprogs util-linux"
+    if os.geteuid() != 0:
+        return "needs root: debootstrap and chroot build the real guest's base image"
+    probe = subprocess.run([*UNSHARE, "true"], capture_output=True, text=True, timeout=60, check=False)
+    if probe.returncode != 0:
+        return f"this machine refuses the image builder's PID/mount namespaces ({probe.stderr.strip()[:120]})"
+    try:
+        spec = recipe()
+    except LookupError as exc:
+        return f"no Debian mirror to build the base image from: {exc}"
+    if (cache_root() / recipe_key(spec) / MANIFEST_NAME).is_file():
+        return None
+    release = f"{spec['mirror']}/dists/{spec['suite']}/Release"
+    try:
+        urllib.request.urlopen(urllib.request.Request(release, method="HEAD"), timeout=20).close()
+    except OSError as exc:
+        return f"the apt mirror is not reachable ({release}: {exc}): the base image cannot be built here"
+    return None
