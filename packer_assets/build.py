@@ -104,8 +104,10 @@ class BuildOutcome:
 
 
 def rendered_hashes(rendered_dir: Path) -> dict[str, str]:
-    """name -> sha256 of what the installer is served (the answer ISO is built from these files)."""
-    return {p.name: sha256_file(p) for p in sorted(Path(rendered_dir).iterdir()) if p.is_file() and p.name != ANSWER_ISO_NAME}
+    """name -> sha256 of what the installer is served (the answer ISO is built from these files); dot files
+    are a concurrent render's temp files, never served."""
+    return {p.name: sha256_file(p) for p in sorted(Path(rendered_dir).iterdir())
+            if not p.name.startswith(".") and p.is_file() and p.name != ANSWER_ISO_NAME}
 
 
 def plan_of(layout: Layout, entry: TemplateEntry, staged: dict[str, StagedIso], project_dir: Path,

@@ -325,7 +325,9 @@ def prepare_workdir(workdir: Path, entry: TemplateEntry, plan: BuildPlan, caps: 
     if http_dir is not None:
         if not Path(http_dir).is_dir():
             raise WorkdirError(f"{entry.key}: rendered HTTP files: {http_dir} is not a directory")
-        shutil.copytree(http_dir, http, symlinks=False)
+        # Dot files are a concurrent render's temp files (atomic_write): one may vanish mid-copy, and
+        # none is for the installer.
+        shutil.copytree(http_dir, http, symlinks=False, ignore=shutil.ignore_patterns(".*"))
     else:
         http.mkdir()
 

@@ -157,6 +157,9 @@ def test_fingerprint_of_a_build_follows_the_common_file(tmp_path):
                                downloaded=False)}
     before = input_fingerprint_of(entry, staged, http, root)
     assert input_fingerprint_of(entry, staged, http, root) == before
+    (http / ".preseed.cfg.k2x.tmp").write_text("a concurrent render's temp file")
+    (http / ".preseed.cfg.i1g.tmp").symlink_to(tmp_path / "renamed-away")
+    assert input_fingerprint_of(entry, staged, http, root) == before
     common = root / COMMON_TEMPLATE
     common.write_text(common.read_text() + "\n# an edit\n")
     assert input_fingerprint_of(entry, staged, http, root) != before
@@ -197,6 +200,16 @@ def test_a_work_directory_is_used_once(tmp_path):
     prepare(tmp_path, "debian-12")
     with pytest.raises(WorkdirError, match="not empty"):
         prepare(tmp_path, "debian-12")
+
+
+def test_a_concurrent_renders_temp_file_is_not_copied_even_when_it_vanishes(tmp_path):
+    """Three validates of one key at once: one copied the rendered folder while another's atomic_write
+    temp file was there and then renamed away (copytree failed on it)."""
+    http = rendered(tmp_path, "debian")
+    (http / ".preseed.cfg.i1gcn2r1.tmp").symlink_to(tmp_path / "renamed-away")  # listed, gone when opened
+    (http / ".preseed.cfg.k2x.tmp").write_text("half written")
+    _, work = prepare(tmp_path, "debian-12")
+    assert sorted(p.name for p in work.http_dir.iterdir()) == ["preseed.cfg"]
 
 
 def test_file_storage_gets_qcow2_and_its_pool_type(tmp_path):
