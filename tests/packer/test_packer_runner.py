@@ -293,7 +293,7 @@ def trapper(tmp_path: Path, polite: bool) -> tuple[Path, Path]:
     return script, tmp_path / "signals.txt"
 
 
-def wait_for(path: Path, count: int, timeout: float = 10):
+def wait_for(path: Path, count: int, timeout: float = 120):  # bounds a failure only
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if path.exists() and path.read_text().count("started") >= count:
@@ -322,7 +322,8 @@ def test_cancel_sends_one_sigint_then_sigkill_after_the_grace_period(tmp_path, p
     cancel = threading.Event()
     log = ListLog(tmp_path / "packer.log")
     start_cancel_when_started(record, cancel)
-    grace = 2.0
+    # polite: it exits 1 s after SIGINT; a grace far above that keeps a loaded machine from sending SIGKILL
+    grace = 60.0 if polite else 2.0
     with GroupSampler() as watcher:
         began = time.monotonic()
         with pytest.raises(PackerCancelled) as err:
@@ -344,11 +345,13 @@ def test_cancel_sends_one_sigint_then_sigkill_after_the_grace_period(tmp_path, p
 def test_timeout_takes_the_same_path(tmp_path):
     script, record = trapper(tmp_path, polite=False)
     env = dict(fake_env(script.parent), PACKER_FAKE_RECORD=str(record))
+    log = ListLog(tmp_path / "packer.log")
     with GroupSampler() as watcher, pytest.raises(PackerTimeout) as err:
-        run_packer(tmp_path, env, ListLog(tmp_path / "packer.log"), packer=str(script), timeout=5, grace=1)
+        run_packer(tmp_path, env, log, packer=str(script), timeout=5, grace=1)
     assert "timed out after 5s" in str(err.value) and str(tmp_path / "packer.log") in str(err.value)
-    # packer's own trap is set first thing; 5 s is ample for that even on a loaded machine
-    assert any(line.endswith(" main") for line in int_lines(record))
+    # SIGINT first, as for a cancel (what the runner says it sent: whether packer had set its trap within
+    # 5 s depends on the machine's load, so the record is not asked)
+    assert "(timeout; signals sent: SIGINT" in log.text()
     assert watcher.leftovers() == []
 
 
@@ -366,7 +369,7 @@ def test_an_exception_in_the_calling_thread_stops_packer_and_is_reraised(tmp_pat
 
     log = ListLog(tmp_path / "packer.log")
     with GroupSampler() as watcher, pytest.raises(FakeDagsterInterrupt):
-        run_packer(tmp_path, env, log, packer=str(script), on_stage=on_stage, grace=5)
+        run_packer(tmp_path, env, log, packer=str(script), on_stage=on_stage, grace=60)
     assert len(int_lines(record)) == 2
     assert "interrupted (FakeDagsterInterrupt)" in log.text()
     assert watcher.leftovers() == []
@@ -384,7 +387,7 @@ def test_ctrl_c_of_the_caller_reaches_packer_once_through_the_runner(tmp_path):
 
     threading.Thread(target=press_ctrl_c, daemon=True).start()
     with GroupSampler() as watcher, pytest.raises(KeyboardInterrupt):
-        run_packer(tmp_path, env, ListLog(tmp_path / "packer.log"), packer=str(script), grace=5)
+        run_packer(tmp_path, env, ListLog(tmp_path / "packer.log"), packer=str(script), grace=60)
     assert len(int_lines(record)) == 2
     assert watcher.leftovers() == []
     assert group_members(next(iter(watcher.groups))) == []
