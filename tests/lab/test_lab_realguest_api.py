@@ -49,7 +49,7 @@ def create_and_start(api, vmid: int, name: str):
     return vm
 
 
-def wait_for(check, what: str, timeout: float = 60):
+def wait_for(check, what: str, timeout: float = 300):  # bounds a failure only
     deadline = time.monotonic() + timeout
     while not check():
         assert time.monotonic() < deadline, what

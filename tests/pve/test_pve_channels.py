@@ -288,7 +288,7 @@ def test_a_registry_write_reads_the_node_only_once_it_holds_the_lock(api, layout
     assert read_registry(layout).templates[KEY].current.vmid == 9301
 
 
-def waiting_for(lock_file, limit=30.0):
+def waiting_for(lock_file, limit=300.0):  # bounds a failure only
     """Until /proc/locks shows a process blocked on lock_file's flock (`->` lines are waiters)."""
     inode = f":{os.stat(lock_file).st_ino} "
     deadline = time.monotonic() + limit

@@ -107,7 +107,7 @@ def test_each_check_fails_under_its_fault_naming_it_and_the_clone_is_gone(api, l
     make_template(api, entry)
     lab_pve.lab_faults[entry.key] = {fault}
     with pytest.raises(SmokeTestError) as caught:
-        smoke(api, NODE, TEMPLATE, entry, clone_vmid=CLONE, poll=0.05, timeout=30)
+        smoke(api, NODE, TEMPLATE, entry, clone_vmid=CLONE, poll=0.05, timeout=300)
     err = caught.value
     assert err.step == fault and f"failed at step '{fault}'" in str(err) and said in str(err), str(err)
     assert [s.name for s in err.steps if not s.passed] == [fault]  # every step before it passed

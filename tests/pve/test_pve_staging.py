@@ -219,6 +219,6 @@ def test_follow_task_passes_every_log_line(pve_root, lab_pve, iso_mirror):
     upid = pve_root.nodes(NODE).storage(STORAGE)("download-url").post(
         url=iso.effective_url, content="iso", filename="plain.iso")
     lines = []
-    status = follow_task(pve_root, upid, timeout=10, on_progress=lines.append, poll=0.05, log_interval=0.1)
+    status = follow_task(pve_root, upid, timeout=120, on_progress=lines.append, poll=0.05, log_interval=0.1)
     assert status["exitstatus"] == "OK"
     assert [entry["t"] for entry in pve_root.nodes(NODE).tasks(upid).log.get(limit=1000)] == lines
