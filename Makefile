@@ -34,7 +34,7 @@ demo: venv packer lab-up catalog-check ## the lab, then every asset of every tem
 	@echo "Stop it with: make lab-down"
 
 # debian-12 with a real guest: QEMU VMs on a Debian 12 image debootstrapped from this machine's apt mirror
-# (built once, ~2.5 min, cached under ~/.cache/packer-assets), the install emulated from the served preseed,
+# (built once, ~2 min, cached under ~/.cache/packer-assets), the install emulated from the served preseed,
 # everything after it real. Runs as `dagster asset materialize`, then checks the signed proof.
 REAL_GUEST_PACKAGES := qemu-system-x86 qemu-utils debootstrap
 REAL_ASSETS := staged_iso,unattended_files,template,template_proof

@@ -21,7 +21,6 @@ from .pve.agent import os_release_text
 from .serving import ServedPve
 
 LAB_CATALOG = "lab-catalog.yaml"
-DEFAULT_REAL_GUESTS = ("debian-12",)
 # What a real guest's build waits for SSH: the emulated install and the first boot under TCG take minutes.
 REAL_GUEST_SSH_TIMEOUT = "30m"
 

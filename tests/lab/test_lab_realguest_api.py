@@ -5,6 +5,7 @@ tests/lab/realguest/test_realguest_builds.py."""
 
 import http.server
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from packer_assets.lab.pve import RealGuests
 from packer_assets.lab.realguest.image import BaseImage
+from packer_assets.lab.realguest.qemu import qemu_processes_under
 
 pytestmark = pytest.mark.lab
 
@@ -119,3 +121,25 @@ def test_a_preseed_that_cannot_be_fetched_or_emulated_stops_the_vm_and_says_why(
     assert (Path(info["folder"]) / "failure.txt").read_text().startswith(reason)
     said = capsys.readouterr().out
     assert reason in said and "s3cr3t-pw" not in said + info["failure"]
+
+
+def test_stopping_the_lab_kills_every_qemu_under_its_real_guests_folder(real_pve, tmp_path):
+    """`lab down` (LabStack.stop) kills the real guests' QEMUs, also one no machine tracks (an installer
+    boot in flight). A stand-in QEMU: a process named qemu-system-* whose argv names a disk there."""
+    disk = tmp_path / "realguest/vm-150/disk.qcow2"
+    disk.parent.mkdir(parents=True)
+    disk.touch()
+    stray = subprocess.Popen(["bash", "-c", f'exec -a qemu-system-x86_64 tail -f /dev/null "{disk}"'],
+                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    elsewhere = subprocess.Popen(["bash", "-c", f'exec -a qemu-system-x86_64 tail -f /dev/null "{tmp_path}/other"'],
+                                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: qemu_processes_under(tmp_path / "realguest"), "the stand-in QEMU never showed")
+        real_pve.stop_real_guests()
+        assert stray.wait(timeout=120) == -9  # SIGKILL
+        assert elsewhere.poll() is None  # a QEMU of no disk of this lab is not the lab's
+    finally:
+        for proc in (stray, elsewhere):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

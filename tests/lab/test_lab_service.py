@@ -102,6 +102,16 @@ def test_a_dead_labs_guests_are_killed_by_the_next_lab_up(lab_state):
             orphan.kill()
 
 
+def test_a_running_lab_without_real_guests_is_not_changed_by_up_with_them(lab_state):
+    """README: a lab already running without real guests is not changed: `make lab-down` first."""
+    cli("lab", "up", "--state", str(lab_state))
+    before = json.loads((lab_state / "state.json").read_text())
+    proc = cli("lab", "up", "--state", str(lab_state), "--real-guest", check=False)
+    assert proc.returncode == 2 and "stop it first (`packer-assets lab down`)" in proc.stderr, proc.stderr
+    assert "real guests for no key" in proc.stderr and "Traceback" not in proc.stderr
+    assert json.loads((lab_state / "state.json").read_text()) == before  # the same lab, untouched
+
+
 def test_real_guests_on_a_machine_that_cannot_run_them_say_why_in_one_line(lab_state, tmp_path):
     """Without QEMU (here: a PATH without qemu-system-x86_64), `lab up --real-guest` stops before any process
     with the reason the realguest tests are skipped for (and .ci/run prints)."""

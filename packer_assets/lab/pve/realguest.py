@@ -145,9 +145,8 @@ class LabRealGuest:
     lab_real: RealGuests | None = None
 
     def enable_real_guests(self, real: RealGuests) -> None:
-        """Mark keys for real guests; QEMUs left by a lab that died (kill -9) are killed first."""
+        """Mark keys for real guests (QEMUs a dead lab left are killed by LabStack.start, on every start)."""
         real.root.mkdir(parents=True, exist_ok=True)
-        kill_stale_qemus(real.root)
         self.lab_real = real
         self.lab_machines: dict[int, Machine] = {}
 
@@ -171,11 +170,14 @@ class LabRealGuest:
         vm = self.vm(int(v["vmid"]))
         key = self.lab_real.key_of(vm.name) if self.lab_real and vm is not None else None
         if key is not None:
-            folder = self.lab_real.root / f"vm-{vm.vmid}"
-            shutil.rmtree(folder, ignore_errors=True)  # a VMID used before: its old machine is gone
-            folder.mkdir(parents=True)
-            self.lab_machines[vm.vmid] = Machine(vm.vmid, key, folder)
+            self.lab_machines[vm.vmid] = Machine(vm.vmid, key, self._fresh_folder(vm.vmid))
         return answer
+
+    def _fresh_folder(self, vmid: int) -> Path:
+        folder = self.lab_real.root / f"vm-{vmid}"
+        shutil.rmtree(folder, ignore_errors=True)  # a VMID used before: its old machine is gone
+        folder.mkdir(parents=True)
+        return folder
 
     async def _qm_clone(self, v: dict[str, Any], user: str) -> Any:
         source = self.find(v["node"], v["vmid"])
@@ -183,9 +185,7 @@ class LabRealGuest:
         newid = int(v["newid"])
         if machine is None or self.vm(newid) is not None:
             return await super()._qm_clone(v, user)
-        folder = self.lab_real.root / f"vm-{newid}"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
+        folder = self._fresh_folder(newid)
         clone = Machine(newid, machine.key, folder)
         if machine.disk is not None:
             full = v.get("full")
@@ -308,13 +308,8 @@ class LabRealGuest:
 
         async def body() -> str | None:
             qemu = machine.qemu
-            if qemu is None:  # the installer (emulated) has no ACPI to ask: PVE would wait, then give up
-                if not force:
-                    raise TaskError("VM quit/powerdown failed - got timeout")
-                await asyncio.to_thread(self._power_off, machine)
-                vm.status = vm.qmpstatus = "stopped"
-                return "VM still running - terminating now with SIGTERM"
-            clean = await asyncio.to_thread(self._acpi_powerdown, qemu, timeout)
+            # the installer (emulated, no QEMU yet) has no ACPI to ask: PVE would wait, then give up
+            clean = qemu is not None and await asyncio.to_thread(self._acpi_powerdown, qemu, timeout)
             if not clean and not force:
                 raise TaskError("VM quit/powerdown failed - got timeout")
             await asyncio.to_thread(self._power_off, machine)
@@ -433,7 +428,7 @@ class LabRealGuest:
     # ------------------------------------------------------------------ what the lab says about a VM
 
     def real_guest_info(self, vmid: int) -> dict[str, Any] | None:
-        """For tests and `lab status`: the machine's phase, folder, failure and install report."""
+        """For tests and the bench: the machine's phase, folder, failure and install report."""
         machine = self.machine(vmid)
         if machine is None:
             return None

@@ -324,11 +324,6 @@ def plan_install(answers: dict[str, str]) -> InstallPlan:
     return plan
 
 
-def install_script(answers: dict[str, str]) -> str:
-    """The payload (/bin/sh, `set -eu`) that does to the installed system what d-i does from `answers`."""
-    return plan_install(answers).script
-
-
 # ------------------------------------------------------------------ the installer boot
 
 
