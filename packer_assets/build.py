@@ -30,6 +30,7 @@ from .packer.runner import PackerCheck, PackerError, open_build_log, packer_init
 from .packer.version import BuildCredentials, detect_packer
 from .packer.workdir import BuildPlan, prepare_workdir, template_sha256
 from .render import ANSWER_ISO_NAME, RenderResult, render_unattended
+from .render.record import RenderRecordError, ServedFiles, read_record, served_files, write_render_record
 from .proof import (BuildProof, CheckResult, IsoRef, PackageChanges, SbomRef, TemplateRef, Timings, previous_sbom,
                     write_build_proof)
 from .pve.bootstrap import BuildAccess, token_privilege_gaps
@@ -103,11 +104,15 @@ class BuildOutcome:
     registry_warning: str | None = None  # registry.json could not be rewritten (the build stands)
 
 
-def rendered_hashes(rendered_dir: Path) -> dict[str, str]:
-    """name -> sha256 of what the installer is served (the answer ISO is built from these files); dot files
-    are a concurrent render's temp files, never served."""
-    return {p.name: sha256_file(p) for p in sorted(Path(rendered_dir).iterdir())
-            if not p.name.startswith(".") and p.is_file() and p.name != ANSWER_ISO_NAME}
+def rendered_hashes(served: ServedFiles) -> dict[str, str]:
+    """name -> sha256 of what the installer is served: the files the render recorded (checked on disk by
+    served_files), never another file of the folder; the answer ISO is built from these files."""
+    return {name: digest for name, digest in sorted(served.files.items()) if name != ANSWER_ISO_NAME}
+
+
+def served_render(layout: Layout, key: str, rendered_dir: Path) -> ServedFiles:
+    """The files of the key's last render that passed its validators, unchanged (RenderRecordError else)."""
+    return served_files(key, rendered_dir, _render_record(layout, key))
 
 
 def plan_of(layout: Layout, entry: TemplateEntry, staged: dict[str, StagedIso], project_dir: Path,
@@ -118,10 +123,11 @@ def plan_of(layout: Layout, entry: TemplateEntry, staged: dict[str, StagedIso], 
                             isos), isos
 
 
-def input_fingerprint_of(entry: TemplateEntry, staged: dict[str, StagedIso], rendered_dir: Path, project_dir: Path) -> str:
+def input_fingerprint_of(entry: TemplateEntry, staged: dict[str, StagedIso], served: ServedFiles,
+                         project_dir: Path) -> str:
     isos = ";".join(f"{name}={staged[name].algorithm}:{staged[name].checksum}" for name in sorted(staged))
     # template_sha256: the family's template AND templates/common/common.pkr.hcl, one input
-    return input_fingerprint(isos, rendered_hashes(rendered_dir), template_sha256(project_dir, entry),
+    return input_fingerprint(isos, rendered_hashes(served), template_sha256(project_dir, entry),
                              catalog_entry_json(entry))
 
 
@@ -146,12 +152,12 @@ def storage_type(api, node: str, storage: str) -> str:
     raise RuntimeError(f"storage {storage!r} is not listed on node {node} (re-run proxmox_env)")
 
 
-def _answer_iso(api, access: BuildAccess, entry: TemplateEntry, rendered_dir: Path) -> str | None:
-    """Windows: the answer ISO the project built, uploaded (checksum verified while streaming)."""
-    path = Path(rendered_dir) / ANSWER_ISO_NAME
-    if entry.family != "windows" or not path.exists():
+def _answer_iso(api, access: BuildAccess, entry: TemplateEntry, served: ServedFiles) -> str | None:
+    """Windows: the answer ISO the render built, uploaded (its recorded checksum verified while streaming)."""
+    path, recorded = served.folder / ANSWER_ISO_NAME, served.files.get(ANSWER_ISO_NAME)
+    if entry.family != "windows" or recorded is None:
         return None
-    checksum = Checksum("sha256", sha256_file(path))
+    checksum = Checksum("sha256", recorded)
     staged = upload_iso(api, access.discovery.node, access.discovery.iso_storage, path, checksum,
                         filename=f"{entry.key}-answers.iso")
     return staged.volid
@@ -163,7 +169,8 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
                    on_stage=None, cancel_event=None, echo=print, env: Mapping[str, str] | None = None) -> BuildOutcome:
     started = datetime.now(UTC)
     key, found = entry.key, access.discovery
-    fingerprint = input_fingerprint_of(entry, staged, rendered_dir, project_dir)
+    served = served_render(layout, key, rendered_dir)  # what the render wrote and validated, unchanged
+    fingerprint = input_fingerprint_of(entry, staged, served, project_dir)
     planned = plan_of(layout, entry, staged, project_dir, env)  # for the schedule's pre-check (plan.py)
     api = access.connect()
     swept = sweep_leftovers(api, found.node, entry, layout)
@@ -180,7 +187,7 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
     caps = detect_packer(settings.packer)
     vmid, name = allocate_vmid(api, entry), template_name(key, started)
     extra = [staged[n].volid for n in sorted(staged) if n != "iso"]
-    answer = _answer_iso(api, access, entry, rendered_dir)
+    answer = _answer_iso(api, access, entry, served)
     plan = plan_build(entry, settings, vmid=vmid, name=name, node=found.node, iso_volid=staged["iso"].volid,
                       extra_volids=extra + ([answer] if answer else []), vm_storage=found.vm_storage,
                       vm_storage_type=storage_type(api, found.node, found.vm_storage), bridge=found.bridge,
@@ -190,7 +197,7 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
     shutil.rmtree(workdir, ignore_errors=True)
     penv = packer_env(access.endpoint, caps, credentials, ssh_password=ssh_password, workdir=workdir.parent)
     prepared = prepare_workdir(workdir, entry, plan, caps, project_dir=project_dir, http_dir=rendered_dir,
-                               allow_degraded=settings.allow_degraded, secrets=penv.secrets)
+                               http_files=served.files, allow_degraded=settings.allow_degraded, secrets=penv.secrets)
     redact = Redactor([*penv.secrets, ssh_password])
     description = TemplateDescription(chain_id=str(chain), key=key, iso_url=entry.iso.url,
                                       iso_checksum=f"{staged['iso'].algorithm}:{staged['iso'].checksum}",
@@ -265,7 +272,7 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
         "template": {"vmid": vmid, "name": name, "node": found.node, "tags": template_tags(key, entry.tags)},
         "iso": {"url": entry.iso.url, "effective_url": staged["iso"].source,
                 "checksum": f"{staged['iso'].algorithm}:{staged['iso'].checksum}", "volid": staged["iso"].volid},
-        "rendered_files": rendered_hashes(rendered_dir), "packer_version": caps.packer_version,
+        "rendered_files": rendered_hashes(served), "packer_version": caps.packer_version,
         "packer_template_sha256": prepared.template_sha256,
         "timings": {"started_at": started.isoformat(), "finished_at": datetime.now(UTC).isoformat(),
                     "stages": stages},
@@ -453,19 +460,23 @@ def render_and_validate(layout: Layout, entry: TemplateEntry, env: Mapping[str, 
     reuse (unattended_files): when the inputs are those of the last render that passed `packer validate`
     (plan.render_key: catalog entry, template folders, secrets as an HMAC, the Packer binary and the
     settings) and its files are on disk unchanged, that render and its validation stand: no crypt hash,
-    no validators, no Packer. `packer-assets validate` never reuses: checking is what it is for."""
+    no validators, no Packer. `packer-assets validate` never reuses: checking is what it is for.
+
+    Either way the render's record (the files it wrote and its validators passed) is written as soon as
+    the files are: builds serve exactly those (render/record.py); its render_key only once `packer
+    validate` passed too, so only such a render is ever reused."""
     key = render_key(entry, env, SourceDigests(project_dir), plan_key(layout), _validator(settings)) if reuse else None
     cached = _cached_render(layout, entry.key, key) if key else None
     if cached is not None:
         return cached, PackerCheck(True, 0, "inputs unchanged since the last render that passed packer validate; "
                                             "its validation stands", ["packer", "validate", "(cached)"])
     result = render_unattended(entry, env, layout.rendered_dir(entry.key), project_dir=project_dir)
-    check = validate_build(entry, result.out_dir, layout.work_dir(entry.key), settings, project_dir=project_dir)
+    record = _render_record(layout, entry.key)
+    write_render_record(record, None, result.metadata(), result.written())
+    check = validate_build(entry, result.out_dir, layout.work_dir(entry.key), settings, project_dir=project_dir,
+                           http_files=result.written())
     if key and check.ok:
-        atomic_write(_render_record(layout, entry.key), json.dumps(
-            {"render_key": key, "metadata": result.metadata(),
-             "files": {f.name: f.sha256 for f in (*result.files, *([result.answer_iso] if result.answer_iso else []))},
-             "argv": check.argv}, indent=1, sort_keys=True) + "\n")
+        write_render_record(record, key, result.metadata(), result.written(), check.argv)
     return result, check
 
 
@@ -476,6 +487,7 @@ class CachedRender:
     out_dir: Path
     content_hash: str
     recorded: dict
+    ignored: tuple[str, ...] = ()  # other files found in out_dir: not the render's, never served
 
     def metadata(self) -> dict:
         return self.recorded
@@ -499,24 +511,20 @@ def _validator(settings: BuildSettings) -> dict[str, str]:
 
 
 def _cached_render(layout: Layout, key: str, render_key_now: str) -> CachedRender | None:
-    """The last validated render, if its key matches and every file it wrote is on disk unchanged."""
+    """The last validated render, if its key matches and every file it wrote is on disk unchanged. Other
+    files in the folder neither make nor break it: they are named (ignored), never served."""
+    record = read_record(_render_record(layout, key))
+    if record is None or record.get("render_key") != render_key_now or not record["files"]:
+        return None
     try:
-        record = json.loads(_render_record(layout, key).read_text())
-    except (OSError, ValueError):
+        served = served_files(key, layout.rendered_dir(key), _render_record(layout, key))
+    except RenderRecordError:
         return None
-    folder = layout.rendered_dir(key)
-    files = record.get("files") or {}
-    if record.get("render_key") != render_key_now or not files:
-        return None
-    for name, digest in files.items():
-        path = folder / name
-        if not path.is_file() or sha256_file(path) != digest:
-            return None
-    return CachedRender(folder, record["metadata"]["content_hash"], record["metadata"])
+    return CachedRender(served.folder, record["metadata"]["content_hash"], record["metadata"], served.ignored)
 
 
 def validate_build(entry: TemplateEntry, rendered_dir: Path, work_parent: Path, settings: BuildSettings, *,
-                   project_dir: Path) -> PackerCheck:
+                   project_dir: Path, http_files: Mapping[str, str] | None = None) -> PackerCheck:
     """`packer validate` of the key's template on a work directory prepared as a build would be, with
     placeholder node values (validate checks the builder config without connecting). The directory is
     this call's own (`<work_parent>/validate-*`, removed after): validations of one key at once never
@@ -530,7 +538,7 @@ def validate_build(entry: TemplateEntry, rendered_dir: Path, work_parent: Path, 
     workdir = Path(tempfile.mkdtemp(prefix="validate-", dir=work_parent))
     try:
         prepare_workdir(workdir, entry, plan, caps, project_dir=project_dir, http_dir=rendered_dir,
-                        allow_degraded=settings.allow_degraded)
+                        http_files=http_files, allow_degraded=settings.allow_degraded)
         return packer_validate(workdir, validate_env().env, packer=settings.packer)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -28,6 +28,7 @@ def _validate(args) -> int:
     from .catalog import load_catalog
     from .packer.workdir import PackerCapabilityError
     from .render import RenderError
+    from .render.record import ignored_warning
     from .settings import export_env_files, load_settings
 
     found = load_settings()  # the one validated model, as definitions.py reads it
@@ -49,6 +50,8 @@ def _validate(args) -> int:
             print(f"FAIL {key}: {exc} (--allow-degraded accepts this)")
             failed += 1
             continue
+        if result.ignored:  # never served: builds serve exactly the render's record
+            print(f"warn {ignored_warning(key, result.out_dir, result.ignored)}")
         verdicts = ", ".join(sorted({v.validator for f in result.files for v in f.verdicts}))
         if check.ok:
             print(f"ok   {key}: {len(result.files)} file(s) [{verdicts}], packer validate")

@@ -6,6 +6,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from ..render.record import ignored_warning
 from ..build import CachedRender, NoPromotedBuild, build_template, promoted_record, render_and_validate, write_proof
 from ..chain import fresh_chain_id
 from ..evidence import Layout
@@ -175,12 +176,15 @@ def unattended_files(
                      for name, f in meta["files"].items())
     context.log.info(f"{key}: {'unchanged' if reused else 'rendered'} {len(meta['files'])} file(s), content hash "
                      f"{result.content_hash[:16]}")
+    if result.ignored:  # never served: builds serve exactly the render's record (render/record.py)
+        context.log.warning(ignored_warning(key, result.out_dir, result.ignored))
     return dg.MaterializeResult(
         metadata={
             "rendered_dir": dg.MetadataValue.path(str(result.out_dir)),
             "files": dg.MetadataValue.md("| file | sha256 | bytes | validators |\n|---|---|---|---|\n" + rows),
             "content_hash": result.content_hash,
             "answer_iso": dg.MetadataValue.json(meta.get("answer_iso")),
+            "ignored": dg.MetadataValue.json(list(result.ignored)),
         },
         check_results=[validated],
         data_version=dg.DataVersion(result.content_hash),

@@ -9,7 +9,9 @@
     <workdir>/plugins.pkr.hcl           `required_plugins` (only where Packer needs `packer init`)
     <workdir>/build.auto.pkrvars.json   every variable but the secrets; Packer loads *.auto.pkrvars.*
                                         by itself, so nothing about the build is on its command line
-    <workdir>/http/                     the rendered unattended files, served by Packer's HTTP server
+    <workdir>/http/                     the rendered unattended files, served by Packer's HTTP server:
+                                        exactly those the render's record lists (render/record.py),
+                                        each checked after its copy; any other file is named, not copied
     <workdir>/packer-assets.json        what was prepared and why: capabilities, gaps, file hashes, the
                                         sha256 of both source files and their combined `template_sha256`
 
@@ -38,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +48,7 @@ from ..catalog import TemplateEntry
 from .version import PLUGIN_CONSTRAINT, PLUGIN_SOURCE, PLUGIN_SPLIT_CORE, EFI_TPM_PLUGIN, PackerCapabilities, vtext
 from ..errors import ConfigError
 from ..evidence import sha256_file
+from ..render.record import changed_file, ignored_warning, refusal, stray_files
 
 VAR_FILE = "build.auto.pkrvars.json"
 PLUGINS_FILE = "plugins.pkr.hcl"
@@ -296,9 +299,13 @@ def _combined_sha256(template_sha: str, common_sha: str) -> str:
 
 
 def prepare_workdir(workdir: Path, entry: TemplateEntry, plan: BuildPlan, caps: PackerCapabilities, *,
-                    project_dir: Path, http_dir: Path | None = None, allow_degraded: bool = False,
-                    secrets: Iterable[str] = ()) -> Workdir:
-    """Fill an empty (or missing) `workdir` for one build of `entry`; see the module doc."""
+                    project_dir: Path, http_dir: Path | None = None, http_files: Mapping[str, str] | None = None,
+                    allow_degraded: bool = False, secrets: Iterable[str] = ()) -> Workdir:
+    """Fill an empty (or missing) `workdir` for one build of `entry`; see the module doc.
+
+    http_files (name -> sha256, the render's record): only these files of `http_dir` are served, each
+    checked after its copy; any other file there is left out and named in a warning. None: the folder as
+    it is (dot files aside): tests and benchmarks."""
     gaps = capability_gaps(entry, plan, caps)
     if gaps and not allow_degraded:
         raise PackerCapabilityError(
@@ -322,12 +329,14 @@ def prepare_workdir(workdir: Path, entry: TemplateEntry, plan: BuildPlan, caps: 
     if plugins:
         (workdir / PLUGINS_FILE).write_text(plugins, encoding="utf-8")
     http = workdir / HTTP_DIR
+    ignored: tuple[str, ...] = ()
     if http_dir is not None:
         if not Path(http_dir).is_dir():
             raise WorkdirError(f"{entry.key}: rendered HTTP files: {http_dir} is not a directory")
-        # Dot files are a concurrent render's temp files (atomic_write): one may vanish mid-copy, and
-        # none is for the installer.
-        shutil.copytree(http_dir, http, symlinks=False, ignore=shutil.ignore_patterns(".*"))
+        if http_files is not None:
+            ignored = _copy_rendered(entry.key, Path(http_dir), http, http_files)
+        else:  # Dot files are a concurrent render's temp files (atomic_write): one may vanish mid-copy
+            shutil.copytree(http_dir, http, symlinks=False, ignore=shutil.ignore_patterns(".*"))
     else:
         http.mkdir()
 
@@ -339,6 +348,8 @@ def prepare_workdir(workdir: Path, entry: TemplateEntry, plan: BuildPlan, caps: 
     source_sha, common_sha = hashlib.sha256(source_bytes).hexdigest(), hashlib.sha256(common_bytes).hexdigest()
     files = {p.relative_to(workdir).as_posix(): sha256_file(p) for p in sorted(workdir.rglob("*")) if p.is_file()}
     warnings = [f"{DEGRADED}{g.line(entry.key, caps)}" for g in gaps]
+    if ignored:
+        warnings.append(ignored_warning(entry.key, Path(http_dir), ignored))
     if not caps.tags and plan.tags:
         warnings.append(f"{entry.key}: tags: {caps.describe()} cannot set tags; set them through the API")
     manifest = {"key": entry.key, "family": entry.family, "template": source.as_posix(),
@@ -351,6 +362,23 @@ def prepare_workdir(workdir: Path, entry: TemplateEntry, plan: BuildPlan, caps: 
     _assert_no_secret(workdir, secrets)
     return Workdir(workdir, template, common, var_file, http, variables, caps, gaps, warnings, files,
                    manifest["template_sha256"])
+
+
+def _copy_rendered(key: str, source: Path, http: Path, files: Mapping[str, str]) -> tuple[str, ...]:
+    """Copy exactly the recorded files; a copy whose sha256 is not the recorded one is refused (it changed
+    since the render validated it). Returns the names in `source` that were left out."""
+    http.mkdir()
+    for name, digest in sorted(files.items()):
+        why = changed_file(source / name, digest)
+        if why is None:
+            try:
+                shutil.copyfile(source / name, http / name, follow_symlinks=False)
+                why = changed_file(http / name, digest)  # what is served is what was recorded
+            except OSError as exc:
+                why = f"cannot be read: {exc.strerror or exc}"
+        if why:
+            raise WorkdirError(refusal(key, source / name, why))
+    return stray_files(source, files)
 
 
 def _assert_no_secret(workdir: Path, secrets: Iterable[str]) -> None:

@@ -39,6 +39,7 @@ from ..catalog import TemplateEntry
 from ..evidence import Redactor, atomic_write
 from . import passwords
 from .answer_iso import iso_bytes
+from .record import stray_files
 from .validators import (
     Expected,
     ValidatorUnavailable,
@@ -89,9 +90,14 @@ class RenderResult:
     files: tuple[RenderedFile, ...]
     content_hash: str  # the data version: sha256 over the files' names and sha256s
     answer_iso: RenderedFile | None = None
+    ignored: tuple[str, ...] = ()  # other files found in out_dir: not this render's, never served
 
     def file(self, name: str) -> RenderedFile:
         return next(f for f in self.files if f.name == name)
+
+    def written(self) -> dict[str, str]:
+        """name -> sha256 of every file this render wrote (the answer ISO too): what its record lists."""
+        return {f.name: f.sha256 for f in (*self.files, *([self.answer_iso] if self.answer_iso else []))}
 
     def metadata(self) -> dict[str, Any]:
         """Plain values for asset metadata: no secrets in here, only names, hashes and verdicts."""
@@ -357,4 +363,6 @@ def render_unattended(
     if iso is not None:
         path = atomic_write(out_dir / ANSWER_ISO_NAME, iso, mode=SECRET_MODE)
         answer = RenderedFile(ANSWER_ISO_NAME, path, hashlib.sha256(iso).hexdigest(), len(iso), SECRET_MODE)
-    return RenderResult(entry.key, entry.family, out_dir, tuple(written), content_hash(files), answer)
+    names = [f.name for f in written] + ([ANSWER_ISO_NAME] if answer else [])
+    return RenderResult(entry.key, entry.family, out_dir, tuple(written), content_hash(files), answer,
+                        stray_files(out_dir, names))

