@@ -14,7 +14,8 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -252,6 +253,26 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
         log.line("smoke", f"passed: clone {smoke.clone_vmid} booted {smoke.found_os} (expected {smoke.expected_os}), "
                           f"agent answered, ips {smoke.ips}, {sbom['packages']} packages in {SBOM_FILE}")
         vm_record.unlink(missing_ok=True)  # a template that passed: no longer a build VM
+        smoke_facts = {"clone_vmid": smoke.clone_vmid, "os": smoke.os_name, "found_os": smoke.found_os,
+                       "expected_os": smoke.expected_os, "ips": smoke.ips, "seconds": smoke.seconds,
+                       "machine_id": smoke.machine_id, "host_keys": host_key_fingerprints(smoke.host_keys),
+                       "steps": [_step_facts(s, redact) for s in smoke.steps], "packages": sbom["packages"]}
+        record = {
+            "chain_id": str(chain), "key": key, "dagster_run_id": run_id, "tool_version": __version__,
+            "template": {"vmid": vmid, "name": name, "node": found.node, "tags": template_tags(key, entry.tags)},
+            "iso": {"url": entry.iso.url, "effective_url": staged["iso"].source,
+                    "checksum": f"{staged['iso'].algorithm}:{staged['iso'].checksum}", "volid": staged["iso"].volid},
+            "rendered_files": rendered_hashes(served), "packer_version": caps.packer_version,
+            "packer_template_sha256": prepared.template_sha256,
+            "timings": {"started_at": started.isoformat(), "stages": stages},
+            "smoke": smoke_facts,
+            "input_fingerprint": fingerprint, "previous_template_vmid": current,
+            "pruned_vmids": [], "warnings": list(prepared.warnings), "sbom": sbom,
+            "guest": lab_guest_description(settings.lab_guests, key),
+        }
+        # Recorded before the promotion: a run killed from here on leaves a promoted template whose build
+        # the next run can still prove (proof_repair.py), with the log up to this line.
+        record_file = write_record(log.path, record)
         promotion = promote(api, found.node, key, vmid)
         record_plan(layout, key, *planned, vmid, str(chain))
         pruned = prune(api, found.node, key, entry.retention, keep={vmid})
@@ -260,32 +281,23 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
         for vm, why in pruned.failed.items():
             log.line("warning", f"prune of {vm} failed: {why}")
     previous = promotion.previous[0] if promotion.previous else None
-    smoke_facts = {"clone_vmid": smoke.clone_vmid, "os": smoke.os_name, "found_os": smoke.found_os,
-                   "expected_os": smoke.expected_os, "ips": smoke.ips, "seconds": smoke.seconds,
-                   "machine_id": smoke.machine_id, "host_keys": host_key_fingerprints(smoke.host_keys),
-                   "steps": [_step_facts(s, redact) for s in smoke.steps], "packages": sbom["packages"]}
     outcome = BuildOutcome(key, str(chain), fingerprint, False, vmid, name, log.path, smoke=smoke_facts,
                            previous_vmid=previous, pruned=list(pruned.destroyed), warnings=list(prepared.warnings),
-                           swept=swept)
-    record = {
-        "chain_id": str(chain), "key": key, "dagster_run_id": run_id, "tool_version": __version__,
-        "template": {"vmid": vmid, "name": name, "node": found.node, "tags": template_tags(key, entry.tags)},
-        "iso": {"url": entry.iso.url, "effective_url": staged["iso"].source,
-                "checksum": f"{staged['iso'].algorithm}:{staged['iso'].checksum}", "volid": staged["iso"].volid},
-        "rendered_files": rendered_hashes(served), "packer_version": caps.packer_version,
-        "packer_template_sha256": prepared.template_sha256,
-        "timings": {"started_at": started.isoformat(), "finished_at": datetime.now(UTC).isoformat(),
-                    "stages": stages},
-        "smoke": smoke_facts,
-        "input_fingerprint": fingerprint, "previous_template_vmid": previous,
-        "pruned_vmids": list(pruned.destroyed), "warnings": list(prepared.warnings),
-        "log_sha256": sha256_file(log.path), "sbom": sbom,
-        "guest": lab_guest_description(settings.lab_guests, key),
-    }
-    outcome.record_file = atomic_write(log.path.parent / RECORD, json.dumps(record, indent=2, default=str) + "\n")
+                           swept=swept, record_file=record_file)
+    record.update(previous_template_vmid=previous, pruned_vmids=list(pruned.destroyed))
+    record["timings"]["finished_at"] = datetime.now(UTC).isoformat()
+    write_record(log.path, record)  # the whole log now: the promotion and the prune are in it
     prune_work_dirs(layout, entry)
     outcome.registry_warning = update_registry(layout, api, project_dir, chain, echo)
     return outcome
+
+
+def write_record(log_file: Path, record: dict) -> Path:
+    """The build record beside its log, naming the log as it is now (sha256 and size): its proof carries
+    exactly those bytes, even when the log grew after the record (a run killed after this write)."""
+    record.update(log_sha256=sha256_file(log_file), log_bytes=Path(log_file).stat().st_size)
+    record["timings"].setdefault("finished_at", datetime.now(UTC).isoformat())
+    return atomic_write(Path(log_file).parent / RECORD, json.dumps(record, indent=2, default=str) + "\n")
 
 
 def update_registry(layout: Layout, api, project_dir: Path, chain: ChainId, echo=print) -> str | None:
@@ -426,13 +438,27 @@ def write_proof(layout: Layout, record: dict, log_file: Path, signer: Signer | N
         tool_version=record["tool_version"], previous_template_vmid=record.get("previous_template_vmid"),
         pruned_vmids=record.get("pruned_vmids", []), sbom=sbom_ref, warnings=record.get("warnings", []),
         guest=record.get("guest"))
-    proof_dir = write_build_proof(layout, proof, log_file, sbom_file, signer)
+    with recorded_log(Path(log_file), record.get("log_bytes")) as log_copy:
+        proof_dir = write_build_proof(layout, proof, log_copy, sbom_file, signer)
     try:  # the proof path in registry.json; a failure is a warning, the proof stands
         record_proof(layout, record["key"], record["chain_id"])
     except Exception as exc:  # noqa: BLE001
         print(f"{log_header(record['chain_id'], 'warning')} registry {layout.registry_file} not updated with the "
               f"proof: {type(exc).__name__}: {exc}", file=sys.stderr)
     return proof_dir
+
+
+@contextmanager
+def recorded_log(log_file: Path, size: int | None) -> Iterator[Path]:
+    """The log as its record named it: its first `size` bytes (a copy) when it grew after the record."""
+    if size is None or log_file.stat().st_size == size:
+        yield log_file
+        return
+    with tempfile.TemporaryDirectory(prefix=".recorded-log-", dir=log_file.parent) as tmp:
+        copy = Path(tmp) / log_file.name
+        with open(log_file, "rb") as source, open(copy, "wb") as target:
+            target.write(source.read(size))
+        yield copy
 
 
 def _checks_passed(smoke: dict) -> str:

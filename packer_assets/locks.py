@@ -83,6 +83,31 @@ def hold_key(lock_file: Path, key: str, run_id: str | None, *, wait: bool = True
     return True
 
 
+def holds(lock_file: Path) -> bool:
+    """Whether this process holds the key's lock (hold_key)."""
+    return Path(lock_file).resolve() in _HELD
+
+
+@contextmanager
+def key_if_free(lock_file: Path) -> Iterator[bool]:
+    """For work on a key this run does not own: True, with the key's lock held for the block, when no
+    process works on the key (or this one holds it already); False when another live run does."""
+    if holds(lock_file):
+        yield True
+        return
+    Path(lock_file).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
 def release_key(lock_file: Path) -> None:
     """Let go before the process ends (tests, long-lived callers); a no-op if not held here."""
     fd = _HELD.pop(Path(lock_file).resolve(), None)

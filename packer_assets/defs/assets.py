@@ -7,12 +7,13 @@ import dagster as dg
 from pydantic import Field
 
 from ..render.record import ignored_warning
-from ..build import CachedRender, NoPromotedBuild, build_template, promoted_record, render_and_validate, write_proof
+from ..build import CachedRender, NoPromotedBuild, build_template, promoted_record, render_and_validate
 from ..chain import fresh_chain_id
 from ..evidence import Layout
 from ..locks import hold_key
 from ..packer.workdir import DEGRADED
 from ..pve.init_env import run_init
+from ..repair import ensure_proof, repair_proofs, sweep_idle_keys
 from ..pve.staging import StagedIso, stage_entry
 from .partitions import catalog, key_check, template_partitions
 from .recovery import recover
@@ -27,6 +28,7 @@ BUILT, UP_TO_DATE, FAILED = "built", "up-to-date", "failed"
 # `true` forces a build like config force: true. The job rebuild_template_forced sets it on its runs: a partitioned
 # job's preset config reaches runs launched from the UI, not those of `dagster job execute`.
 FORCE_TAG = "packer-assets/force"
+FORCED_JOB = "rebuild_template_forced"  # every run of this job forces, however launched
 OWNERS = ["team:platform"]
 LOG_TAIL_LINES = 30  # of the build log, as metadata on template
 
@@ -41,7 +43,34 @@ def hold_partition(context: dg.AssetExecutionContext, project: ProjectSettings) 
     key, layout = context.partition_key, project.layout()
     recover(context)  # dead runs closed and their pool slots freed, before this run may need one
     hold_key(layout.lock_file(key), key, context.run.run_id, on_wait=context.log.warning)
+    repair_once(context, project, key)
     return key, layout
+
+
+_repaired: set[str] = set()  # runs that repaired already (their first per-key step did)
+
+
+def repair_once(context: dg.AssetExecutionContext, project: ProjectSettings, key: str) -> None:
+    """What dead runs left, at a run's first per-key step: the missing proofs of every key's promoted
+    template, and the build VMs of every other key no live run works on (the run's own key is swept by
+    its build). Without proxmox_env's env file there is nothing on a node to repair."""
+    if context.run.run_id in _repaired:
+        return
+    _repaired.add(context.run.run_id)
+    if not project.layout().env_file.exists():
+        return
+    try:
+        access, catalog = project.build_access(), project.catalog()
+        api = access.connect()
+        others = [entry for entry in catalog if entry.key != key]
+        lines = [f"dead run's leftover: {line}" for line in sweep_idle_keys(project.layout(), api,
+                                                                            access.discovery.node, others)]
+        lines += [f"proof repaired: {line}" for line in repair_proofs(project.layout(), api, catalog.keys(),
+                                                                      project.signer())]
+    except Exception as exc:  # noqa: BLE001 - a render needs no node; a build finds the same error itself
+        lines = [f"dead runs' leftovers not checked: {type(exc).__name__}: {exc}"]
+    for line in lines:
+        context.log.warning(line)
 
 
 def tag_run(context: dg.AssetExecutionContext, chain: str) -> None:
@@ -254,6 +283,12 @@ class TemplateConfig(dg.Config):
         "rebuild_template_forced sets it (and the run tag packer-assets/force: true, which forces too)."))
 
 
+def forced(config: TemplateConfig, run: dg.DagsterRun) -> bool:
+    """A forced build: the config, the run tag, or the job itself. The job's name decides for
+    `dagster job launch` and `job execute`, which apply neither its preset config nor its run tags."""
+    return config.force or run.tags.get(FORCE_TAG) == "true" or run.job_name == FORCED_JOB
+
+
 TEMPLATE_CHECKS = [
     key_check("smoke_test", "template", blocking=True,
               description="Full clone, cloud-init user and key, boot, guest agent answers with the key's expected OS "
@@ -314,7 +349,7 @@ def template(
     if access.endpoint.insecure:
         context.log.warning(f"[{chain}] TLS verification of {access.endpoint.base} is OFF: PROXMOX_INSECURE=1 "
                             f"in {layout.env_file} (written by an init that asked for it)")
-    force = config.force or context.run.tags.get(FORCE_TAG) == "true"
+    force = forced(config, context.run)
     if force:
         context.log.info(f"[{chain}] {key}: forced (config force: true or tag {FORCE_TAG}): builds even if up to date")
     try:
@@ -351,8 +386,11 @@ def template(
                                    check_results=[smoke, degraded], data_version=dg.DataVersion(outcome.input_fingerprint))
         return
     tag_outcome(context, BUILT)
+    # in this step, so no selection (template alone, from the UI) promotes a template without its proof
+    proved = ensure_proof(layout, access.connect(), key, project.signer())
+    context.log.info(f"[{chain}] proof {proved.proof_dir}")
     meta.update(outcome=BUILT, promoted=True, previous_vmid=outcome.previous_vmid,
-                pruned=dg.MetadataValue.json(outcome.pruned))
+                pruned=dg.MetadataValue.json(outcome.pruned), proof=dg.MetadataValue.path(str(proved.proof_dir)))
     smoke = dg.AssetCheckResult(
         check_name="smoke_test", passed=True,
         description=f"{key}: clone {outcome.smoke['clone_vmid']} of template {outcome.vmid} passed every step",
@@ -380,9 +418,9 @@ def up_to_date_observation(context: dg.AssetExecutionContext, layout: Layout, ap
     context.log.info(f"[{chain}] {key}: up to date, nothing built: promoted template {vmid} ({built_by or 'no record'})"
                      " was built from these inputs; template_proof is skipped (force: true, or the job "
                      "rebuild_template_forced, builds anyway)")
-    if proof is not None and not proof.exists():
-        context.log.warning(f"[{chain}] {key}: the proof of {built_by} is missing ({proof}): materialize "
-                            f"template_proof for {key} alone to write it")
+    if proof is not None and not proof.exists():  # repair_once writes it; still missing is an error
+        context.log.error(f"[{chain}] {key}: the proof of {built_by} is missing ({proof}) and could not be written: "
+                          "see this run's warnings")
     return dg.AssetObservation(asset_key="template", partition=key, metadata={
         **meta, "outcome": UP_TO_DATE, "promoted_vmid": vmid, "promoted_chain_id": built_by or "",
         "proof": dg.MetadataValue.path(str(proof)) if proof else ""})
@@ -432,11 +470,10 @@ def steps_table(steps: list[dict]) -> str:
 )
 def template_proof(context: dg.AssetExecutionContext, project: ProjectSettings) -> dg.MaterializeResult:
     key, layout = hold_partition(context, project)
-    # the promoted template's build, not the newest log: a failed build writes a log but never a record
-    folder, record = promoted_record(layout, project.build_access().connect(), key)
-    proof_dir = layout.build_proof_dir(key, folder.name)
-    if not proof_dir.exists():  # an up-to-date run re-proves nothing: its build's proof stands
-        write_proof(layout, record, folder / "packer.log", project.signer())
+    # the promoted template's build, not the newest log: a failed build writes a log but never a record;
+    # its proof is written by the template step, or here by any run after a crash
+    proved = ensure_proof(layout, project.build_access().connect(), key, project.signer())
+    record, proof_dir = proved.record, proved.proof_dir
     context.log.info(f"[{record['chain_id']}] proof {proof_dir}")
     return dg.MaterializeResult(
         metadata={"chain_id": record["chain_id"], "proof": dg.MetadataValue.path(str(proof_dir)),

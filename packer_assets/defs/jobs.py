@@ -22,10 +22,10 @@ rebuild_job = dg.define_asset_job(
 )
 
 rebuild_forced_job = dg.define_asset_job(
-    "rebuild_template_forced",
+    assets.FORCED_JOB,
     selection=dg.AssetSelection.assets(*REBUILD_ASSETS),
     config={"ops": {"template": {"config": {"force": True}}}},  # what the launchpad shows
-    run_tags={assets.FORCE_TAG: "true"},  # what forces every run of it, from the CLI too
+    run_tags={assets.FORCE_TAG: "true"},  # shown on its runs; its name is what forces (assets.forced)
     description="rebuild_template with `force: true` preset (and the run tag `packer-assets/force: true`): builds "
     "a new template for the partition even when the promoted one was built from the same inputs (a re-spin: new "
     "VMID, smoke test, promotion, proof).",
