@@ -3,7 +3,8 @@
 Webhooks come from PACKER_ASSETS_WEBHOOKS (a secret: Slack webhook URLs carry their token), a
 comma-separated list of `json:<url>` (the generic payload below) and `slack:<url>` (Slack's
 `{"text": ...}`, which Mattermost, Rocket.Chat and Teams workflows also take). Each post has a
-timeout and is retried with backoff on a connection error, a 429 or a 5xx; a webhook that still
+timeout and is retried with backoff on a connection error, a 429 or a 5xx, all attempts of one
+delivery within one deadline (every read checks it, so a trickled answer cannot outlast it); a webhook that still
 fails is reported without its URL (only its scheme and host). Payloads hold the key, chain ID, run
 status, template VMID, proof path, the error's first line (with known secrets masked) and the run's
 URL: never a credential.
@@ -11,21 +12,27 @@ URL: never a credential.
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import time
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
 import requests
+import requests.adapters
+import urllib3
+import urllib3.connection
 
 from .errors import ConfigError
 
 Event = Literal["failed", "promoted"]
 RETRIES = 3
-TIMEOUT = 10.0
+TIMEOUT = 10.0  # one connect or read
+DEADLINE = 30.0  # every attempt and pause of one delivery
 BACKOFF = 1.0  # seconds before the 2nd attempt; doubled before each further one
 ERROR_SHOWN = 300
 
@@ -55,12 +62,22 @@ def parse_webhooks(text: str | None) -> list[Webhook]:
         if not raw:
             continue
         kind, sep, url = raw.partition(":")
-        parts = urlsplit(url) if sep else None
-        if kind not in ("json", "slack") or parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        if kind not in ("json", "slack") or not sep or not _valid_url(url):
             raise WebhookConfigError(f"PACKER_ASSETS_WEBHOOKS entry {i + 1}: want json:<http(s) URL> or "
                                      "slack:<http(s) URL>, comma-separated")
         hooks.append(Webhook(kind, url))  # type: ignore[arg-type]
     return hooks
+
+
+def _valid_url(url: str) -> bool:
+    """An http(s) URL with a host and a valid port; urlsplit's ValueError (a bad IPv6 bracket, a port out of
+    range) would name the URL, and the URL may hold credentials."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 @dataclass(frozen=True)
@@ -111,24 +128,140 @@ def body_for(hook: Webhook, notification: Notification) -> dict:
 
 
 def deliver(hook: Webhook, notification: Notification, *, retries: int = RETRIES, timeout: float = TIMEOUT,
-            backoff: float = BACKOFF, sleep: Callable[[float], None] = time.sleep) -> Delivery:
-    """Post once, retrying a connection error, a 429 or a 5xx up to `retries` attempts in all."""
+            backoff: float = BACKOFF, deadline: float = DEADLINE, sleep: Callable[[float], None] = time.sleep,
+            clock: Callable[[], float] = time.monotonic) -> Delivery:
+    """Post once, retrying a connection error, a 429 or a 5xx up to `retries` attempts in all, every attempt
+    and pause within `deadline` seconds of the first (`timeout` bounds one read: a receiver that trickles
+    its answer would pass every read)."""
     data = json.dumps(body_for(hook, notification)).encode()
+    until = clock() + deadline
     said = "not attempted"
-    for attempt in range(1, retries + 1):
-        try:
-            answer = requests.post(hook.url, data=data, timeout=timeout,
-                                   headers={"Content-Type": "application/json", "User-Agent": "packer-assets"})
-            if answer.status_code < 300:
-                return Delivery(hook.shown, True, attempt, f"HTTP {answer.status_code}")
-            said = f"HTTP {answer.status_code}"
-            if answer.status_code != 429 and answer.status_code < 500:
+
+    def late(attempts: int) -> Delivery:
+        return Delivery(hook.shown, False, attempts, f"gave up at the {deadline:g} s deadline ({said})")
+
+    with _deadline_session() as session:
+        for attempt in range(1, retries + 1):
+            if clock() >= until:  # a read gave up at the deadline
+                return late(attempt - 1)
+            answer, said = _post(session, hook.url, data, min(timeout, until - clock()), (until, clock))
+            if answer is not None and answer.status_code < 300:
+                return Delivery(hook.shown, True, attempt, said)
+            if answer is not None and answer.status_code != 429 and answer.status_code < 500:
                 return Delivery(hook.shown, False, attempt, said)  # the receiver refused it: retrying won't help
-        except requests.RequestException as exc:
-            said = type(exc).__name__  # its text would carry the URL
-        if attempt < retries:
-            sleep(backoff * 2 ** (attempt - 1))
+            pause = backoff * 2 ** (attempt - 1)
+            if attempt < retries and clock() + pause >= until:
+                return late(attempt)
+            if attempt < retries:
+                sleep(pause)
     return Delivery(hook.shown, False, retries, said)
+
+
+def _post(session: requests.Session, url: str, data: bytes, timeout: float,
+          limit: tuple[float, Callable[[], float]]) -> tuple[requests.Response | None, str]:
+    """One attempt: the answer (None on a connection error or a timeout) and what to say of it."""
+    token = _LIMIT.set(limit)
+    try:
+        answer = session.post(url, data=data, timeout=timeout,
+                              headers={"Content-Type": "application/json", "User-Agent": "packer-assets"})
+        return answer, f"HTTP {answer.status_code}"
+    except requests.RequestException as exc:
+        return None, type(exc).__name__  # its text would carry the URL
+    finally:
+        _LIMIT.reset(token)
+
+
+class DeadlinePassed(TimeoutError):
+    """The delivery's deadline passed while the receiver was still answering (urllib3: a read timeout)."""
+
+
+# (until, clock) of the delivery under way in this thread: what every read of its answer checks
+_LIMIT: ContextVar[tuple[float, Callable[[], float]] | None] = ContextVar("packer_assets_notify_limit", default=None)
+
+
+class _DeadlineReader:
+    """The response's socket file, checking the delivery's deadline before each read and bounding the
+    read's socket timeout by the time left."""
+
+    def __init__(self, fp, sock, limit: tuple[float, Callable[[], float]]):
+        self._fp, self._sock, (self._until, self._clock) = fp, sock, limit
+        self._timeout = sock.gettimeout()
+
+    def _check(self) -> None:
+        left = self._until - self._clock()
+        if left <= 0:
+            raise DeadlinePassed("the delivery's deadline passed")
+        self._sock.settimeout(min(self._timeout, left) if self._timeout is not None else left)
+
+    def read(self, *args):
+        return self._checked("read", args)
+
+    def read1(self, *args):
+        return self._checked("read1", args)
+
+    def readinto(self, *args):
+        return self._checked("readinto", args)
+
+    def readline(self, *args):
+        return self._checked("readline", args)
+
+    def peek(self, *args):
+        return self._checked("peek", args)
+
+    def _checked(self, name: str, args: tuple):
+        self._check()
+        return getattr(self._fp, name)(*args)
+
+    def __getattr__(self, name: str):
+        return getattr(self._fp, name)
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    def __init__(self, sock, *args, **kwargs):
+        super().__init__(sock, *args, **kwargs)
+        limit = _LIMIT.get()
+        if limit is not None:
+            self.fp = _DeadlineReader(self.fp, sock, limit)
+
+
+class _HTTPConnection(urllib3.connection.HTTPConnection):
+    response_class = _DeadlineResponse
+
+
+class _HTTPSConnection(urllib3.connection.HTTPSConnection):
+    response_class = _DeadlineResponse
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+_POOLS = {"http": _HTTPPool, "https": _HTTPSPool}
+
+
+class _DeadlineAdapter(requests.adapters.HTTPAdapter):
+    """requests as usual (proxies from the environment, certifi's CAs), answers read through _DeadlineReader."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _POOLS
+
+    def proxy_manager_for(self, proxy, **kwargs):
+        manager = super().proxy_manager_for(proxy, **kwargs)
+        manager.pool_classes_by_scheme = _POOLS
+        return manager
+
+
+def _deadline_session() -> requests.Session:
+    session = requests.Session()
+    adapter = _DeadlineAdapter()
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
 
 
 def notify(hooks: Iterable[Webhook], notification: Notification, **options) -> list[Delivery]:

@@ -2,6 +2,14 @@
 
 Off unless PACKER_ASSETS_WEBHOOKS is set (then they start RUNNING with the daemon). An up-to-date run
 promotes nothing and says nothing; a failed run says its key, chain ID and first error line.
+
+Every run, however started: a run executed from a terminal (`make build`, `dagster job execute`,
+`dagster asset materialize`) has no remote job origin, and a run-status sensor scoped to its code
+location skips it (dagster 1.13 matches the run's origin with the sensor's). So the sensors watch the
+whole instance (`monitor_all_code_locations`), less runs launched from another code location. Once per
+run: the sensor tags the run `packer-assets/notified` before it posts and skips a run so tagged (a
+run failed twice, e.g. a dead run closed by two runs at once, or a tick evaluated again after the
+daemon died).
 """
 
 import os
@@ -13,6 +21,7 @@ from ..notify import Notification, first_line, notify, parse_webhooks, secret_va
 from .assets import CHAIN_TAG
 
 PARTITION_TAG = "dagster/partition"
+NOTIFIED_TAG = "packer-assets/notified"
 
 
 class Notifier(dg.ConfigurableResource):
@@ -41,20 +50,44 @@ def _materializations(instance: dg.DagsterInstance, run_id: str) -> dict[str, di
     return found
 
 
+def claim(context: dg.RunStatusSensorContext, event: str) -> str | None:
+    """Tag the run notified, before posting (at most once); why not, if it is not ours to tell of: a run
+    launched from another code location (a run executed from a terminal names none: told of)."""
+    run = context.dagster_run
+    repository = context.repository_def
+    if run.remote_job_origin is not None and repository is not None and not repository.has_job(run.job_name):
+        return f"run {run.run_id}: job {run.job_name} is not one of these definitions"
+    current = context.instance.get_run_by_id(run.run_id) or run
+    if NOTIFIED_TAG in current.tags:
+        return f"run {run.run_id} was notified already ({current.tags[NOTIFIED_TAG]})"
+    context.instance.add_run_tags(run.run_id, {NOTIFIED_TAG: event})
+    return None
+
+
+def passed(context: dg.RunStatusSensorContext, why: str) -> None:
+    """A run passed over, said in the tick's log. Not a SkipReason: that ends the tick, and after a run
+    it notified in the same tick, Dagster refuses the tick (a SkipReason beside a run reaction)."""
+    context.log.info(why)
+
+
 def build_notification_sensors(enabled: bool) -> list:
     status = dg.DefaultSensorStatus.RUNNING if enabled else dg.DefaultSensorStatus.STOPPED
 
-    @dg.run_failure_sensor(name="notify_on_failure", default_status=status,
+    @dg.run_failure_sensor(name="notify_on_failure", default_status=status, monitor_all_code_locations=True,
                            description="Posts each failed run (key, chain ID, first error line) to PACKER_ASSETS_WEBHOOKS.")
     def notify_on_failure(context: dg.RunFailureSensorContext, notifier: Notifier):
         run = context.dagster_run
+        if skip := claim(context, "failed"):
+            return passed(context, skip)
         message = context.failure_event.message if context.failure_event else None
         notifier.send(context, Notification(
             event="failed", key=run.tags.get(PARTITION_TAG), chain_id=run.tags.get(CHAIN_TAG), status=run.status.value,
             run_id=run.run_id, error=first_line(message, secret_values(dict(os.environ))),
             run_url=notifier.run_url(run.run_id)))
+        return None
 
     @dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, name="notify_on_promotion", default_status=status,
+                          monitor_all_code_locations=True,
                           description="Posts each run that promoted a new template to PACKER_ASSETS_WEBHOOKS "
                                       "(an up-to-date run promotes nothing and says nothing).")
     def notify_on_promotion(context: dg.RunStatusSensorContext, notifier: Notifier):
@@ -62,7 +95,9 @@ def build_notification_sensors(enabled: bool) -> list:
         done = _materializations(context.instance, run.run_id)
         template = done.get("template") or {}
         if template.get("promoted") is not True:
-            return dg.SkipReason(f"run {run.run_id} promoted no template")
+            return passed(context, f"run {run.run_id} promoted no template")
+        if skip := claim(context, "promoted"):
+            return passed(context, skip)
         proof = (done.get("template_proof") or {}).get("proof")
         notifier.send(context, Notification(
             event="promoted", key=run.tags.get(PARTITION_TAG), chain_id=run.tags.get(CHAIN_TAG) or template.get("chain_id"),

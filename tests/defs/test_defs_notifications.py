@@ -1,5 +1,7 @@
 """Notifications against a local HTTP receiver, for real runs in the lab: one message per failed run, one per
-promotion, none for an up-to-date run; retries with backoff; no secret in a payload."""
+promotion, none for an up-to-date run; retries with backoff; no secret in a payload. And the sensors as the
+daemon evaluates them (its code location in the context): one message per failed run however it was started
+(executed in process, without a remote origin, or launched), never two."""
 
 import json
 import threading
@@ -9,10 +11,10 @@ import dagster as dg
 import pytest
 from support.builds import crashing_packer, rebuild
 
-from packer_assets.defs.notifications import Notifier, build_notification_sensors
-from packer_assets.notify import Notification, Webhook, deliver, parse_webhooks
+from dagster._core.remote_origin import RegisteredCodeLocationOrigin, RemoteJobOrigin, RemoteRepositoryOrigin
 
-pytestmark = pytest.mark.packer
+from packer_assets.defs.notifications import NOTIFIED_TAG, Notifier, build_notification_sensors
+from packer_assets.notify import Notification, Webhook, deliver, parse_webhooks
 
 
 class Receiver:
@@ -65,6 +67,7 @@ def evaluate(sensor, instance, result, notifier, event_type):
     return sensor(context)
 
 
+@pytest.mark.packer
 def test_one_message_per_promotion_and_failure_none_for_up_to_date(lab_project, receiver, tmp_path):
     on_failure, on_promotion = build_notification_sensors(enabled=True)
     notifier = Notifier(webhooks=f"json:{receiver.url('/generic')}, slack:{receiver.url('/slack/T000/B000/XXXX')}",
@@ -82,8 +85,8 @@ def test_one_message_per_promotion_and_failure_none_for_up_to_date(lab_project, 
 
         again = rebuild(lab_project, instance)  # up to date: nothing promoted, nothing said
         assert again.success
-        skipped = evaluate(on_promotion, instance, again, notifier, dg.DagsterEventType.RUN_SUCCESS)
-        assert isinstance(skipped, dg.SkipReason) and len(receiver.posts) == 2
+        evaluate(on_promotion, instance, again, notifier, dg.DagsterEventType.RUN_SUCCESS)
+        assert len(receiver.posts) == 2
 
         failed = rebuild(lab_project, instance, force=True, binary=crashing_packer(tmp_path))
         assert not failed.success
@@ -121,3 +124,79 @@ def test_a_malformed_webhook_list_names_the_entry_not_the_url(text):
     with pytest.raises(WebhookConfigError, match="entry 1") as caught:
         parse_webhooks(text)
     assert "example.org" not in str(caught.value)
+
+
+# ------------------------------------------------------------------ the sensors as the daemon runs them
+
+LOCATION = RegisteredCodeLocationOrigin("packer_assets")
+
+
+@dg.asset
+def doomed() -> None:
+    raise RuntimeError("the build broke")
+
+
+doomed_job = dg.define_asset_job("doomed_job", selection=[doomed])
+
+
+def daemon_tick(sensor, defs: dg.Definitions, instance, cursor: str | None, notifier: Notifier) -> str | None:
+    """One evaluation of `sensor` as the daemon makes it: the context names the sensor's code location (a
+    test's bare context names none, and then matches runs without an origin by accident)."""
+    repository = defs.get_repository_def()
+    with dg.SensorEvaluationContext(instance_ref=None, cursor=cursor, repository_name=repository.name,
+                                    repository_def=repository, instance=instance, sensor_name=sensor.name,
+                                    resources={"notifier": notifier}, code_location_origin=LOCATION) as context:
+        return sensor.evaluate_tick(context).cursor
+
+
+def launched_run_failed(instance, job: dg.JobDefinition, repository_name: str) -> dg.DagsterRun:
+    """A run as `dagster job launch` or the UI creates it (with its remote origin), then failed."""
+    origin = RemoteJobOrigin(RemoteRepositoryOrigin(LOCATION, repository_name), job.name)
+    run = instance.create_run_for_job(job, remote_job_origin=origin, job_code_origin=None)
+    instance.report_run_failed(run, message="the worker failed")
+    return run
+
+
+def test_every_failed_run_is_posted_once_however_started(receiver):
+    on_failure, _ = build_notification_sensors(enabled=True)
+    defs = dg.Definitions(assets=[doomed], jobs=[doomed_job], sensors=[on_failure])
+    elsewhere = dg.Definitions(assets=[doomed], jobs=[dg.define_asset_job("another_projects_job", selection=[doomed])])
+    foreign_job = elsewhere.resolve_job_def("another_projects_job")
+    notifier = Notifier(webhooks=f"json:{receiver.url('/generic')}")
+    with dg.instance_for_test() as instance:
+        cursor = daemon_tick(on_failure, defs, instance, None, notifier)  # the first tick starts the cursor
+        executed = defs.resolve_job_def("doomed_job").execute_in_process(instance=instance, raise_on_error=False)
+        materialized = dg.materialize([doomed], instance=instance, raise_on_error=False)
+        launched = launched_run_failed(instance, defs.resolve_job_def("doomed_job"), defs.get_repository_def().name)
+        launched_run_failed(instance, foreign_job, "another_project")  # launched from other definitions: not ours
+        assert not (executed.success or materialized.success)
+        before = cursor
+        cursor = daemon_tick(on_failure, defs, instance, cursor, notifier)
+        posted = [body["run_id"] for _, body in receiver.posts]
+        assert sorted(posted) == sorted([executed.run_id, materialized.run_id, launched.run_id])
+        assert instance.get_run_by_id(executed.run_id).tags[NOTIFIED_TAG] == "failed"
+
+        # A run failed a second time (two runs closing one dead run at once), and a tick evaluated again
+        # from an old cursor (the daemon died before it stored the new one): nobody is told twice.
+        instance.report_run_failed(instance.get_run_by_id(executed.run_id), message="closed again")
+        daemon_tick(on_failure, defs, instance, cursor, notifier)
+        daemon_tick(on_failure, defs, instance, before, notifier)
+        assert len(receiver.posts) == 3
+
+
+@dg.asset(name="template")
+def promoting_template() -> dg.MaterializeResult:
+    return dg.MaterializeResult(metadata={"promoted": True, "vmid": 9301, "chain_id": "CHAIN-0123"})
+
+
+def test_a_promotion_executed_in_process_is_posted_once(receiver):
+    _, on_promotion = build_notification_sensors(enabled=True)
+    defs = dg.Definitions(assets=[promoting_template], sensors=[on_promotion])
+    notifier = Notifier(webhooks=f"json:{receiver.url('/generic')}")
+    with dg.instance_for_test() as instance:
+        before = daemon_tick(on_promotion, defs, instance, None, notifier)
+        built = defs.resolve_implicit_global_asset_job_def().execute_in_process(instance=instance)  # as the CLI
+        daemon_tick(on_promotion, defs, instance, before, notifier)
+        daemon_tick(on_promotion, defs, instance, before, notifier)  # the tick evaluated again: still one post
+        assert [(body["event"], body["run_id"], body["template_vmid"]) for _, body in receiver.posts] == [
+            ("promoted", built.run_id, 9301)]
