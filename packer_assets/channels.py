@@ -12,11 +12,15 @@ next build does not count it as up to date (pve/templates.promoted_template neve
 template), so that run builds a new one.
 
 Every change is checked before anything is written (bad channel name, unknown key, a template not of
-the key, a revoked one: one line naming it, nothing changed) and ends with the registry rewritten.
+the key, a revoked one, a registry.json that cannot be written: one line naming it, nothing changed) and
+ends with the registry rewritten. Every tag write is a compare-and-set on the config it was computed from
+(pve/templates.edit_config): a promotion or another change racing this one is never undone by it.
 """
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import Any
 
 from proxmoxer import ProxmoxAPI
 from proxmoxer.core import ResourceException
@@ -37,12 +41,16 @@ from .pve.templates import (
     TemplateError,
     find_guest,
     list_templates,
+    edit_config,
+    edit_tags,
+    join_tags,
     read_revocation,
     revoked_description,
-    set_tags,
+    split_tags,
+    take_tag,
     template_description,
 )
-from .registry import CHANNEL_RE, LATEST, Registry, write_registry
+from .registry import CHANNEL_RE, LATEST, Registry, check_writable, write_registry
 
 MAX_REASON = 200
 
@@ -104,24 +112,28 @@ def set_channel(layout: Layout, api: ProxmoxAPI, catalog: Catalog, channel: str,
     entry, target = find_template(api, catalog, ref, catalog.get(key).key)  # get: an unknown key is named first
     if target.revoked:
         raise ChannelError(f"{key}: template {target.vmid} ({target.name}) is revoked: a channel cannot point at it")
-    others = [g for g in list_templates(api, key, entry.vmid_range) if tag in g.tags and g.vmid != target.vmid]
-    with _api_errors(f"{key}: channel {channel} -> {target.vmid}"):
-        if tag not in target.tags:
-            set_tags(api, target, [*target.tags, tag])
-        for old in others:
-            set_tags(api, old, [t for t in old.tags if t != tag])
-    return ChannelChange(key, channel, target.vmid, tuple(g.vmid for g in others),
-                         write_registry(layout, api, catalog))
+    check_writable(layout)
+    what = f"{key}: channel {channel} -> {target.vmid}"
+
+    def point(tags: tuple[str, ...]) -> list[str]:  # the revoked tag as read, not as listed
+        if REVOKED_TAG in tags:
+            raise ChannelError(f"{key}: template {target.vmid} ({target.name}) is revoked: a channel cannot point at it")
+        return [*tags, tag]
+
+    with _api_errors(what):
+        edit_tags(api, target, point, what)
+        taken = take_tag(api, key, tag, what, keep=target.vmid, vmid_range=entry.vmid_range)
+    return ChannelChange(key, channel, target.vmid, taken, write_registry(layout, api, catalog))
 
 
 def unset_channel(layout: Layout, api: ProxmoxAPI, catalog: Catalog, channel: str, key: str) -> ChannelChange:
     """Take the channel from every template of the key (nothing to take is no error)."""
     tag, entry = channel_tag(channel), catalog.get(key)
-    holders = [g for g in list_templates(api, key, entry.vmid_range) if tag in g.tags]
-    with _api_errors(f"{key}: unset channel {channel}"):
-        for guest in holders:
-            set_tags(api, guest, [t for t in guest.tags if t != tag])
-    return ChannelChange(key, channel, None, tuple(g.vmid for g in holders), write_registry(layout, api, catalog))
+    check_writable(layout)
+    what = f"{key}: unset channel {channel}"
+    with _api_errors(what):
+        taken = take_tag(api, key, tag, what, vmid_range=entry.vmid_range)
+    return ChannelChange(key, channel, None, taken, write_registry(layout, api, catalog))
 
 
 @dataclass(frozen=True)
@@ -140,17 +152,23 @@ def revoke(layout: Layout, api: ProxmoxAPI, catalog: Catalog, ref: str, reason: 
     if reason is not None and (not reason.strip() or len(reason) > MAX_REASON or not reason.isprintable()):
         raise ChannelError(f"--reason must be one line of 1-{MAX_REASON} printable characters")
     entry, guest = find_template(api, catalog, ref)
-    vm = api.nodes(guest.node).qemu(guest.vmid)
-    with _api_errors(f"{entry.key}: revoking {guest.vmid}"):
-        text = vm.config.get().get("description")
-        if guest.revoked:
+    check_writable(layout)
+    revocation = Revocation(revoked_at=now or datetime.now(UTC), reason=reason.strip() if reason else None)
+    what = f"{entry.key}: revoking {guest.vmid}"
+
+    def change(config: Mapping[str, Any]) -> dict[str, str]:  # tags and description from one read
+        found, text = split_tags(config.get("tags")), config.get("description")
+        if REVOKED_TAG in found:
             said_before = read_revocation(text)
             raise ChannelError(f"{entry.key}: template {guest.vmid} ({guest.name}) is already revoked"
                                + (f" ({said_before.revoked_at:%Y-%m-%d %H:%M:%S} UTC)" if said_before else ""))
-        kept = [t for t in guest.tags if t != LATEST_TAG and not t.startswith(CHANNEL_TAG_PREFIX)]
-        revocation = Revocation(revoked_at=now or datetime.now(UTC), reason=reason.strip() if reason else None)
-        set_tags(api, guest, [*kept, REVOKED_TAG], description=revoked_description(text, revocation))
-    return Revoked(entry.key, guest.vmid, guest.name, guest.promoted, guest.channels,
+        kept = [t for t in found if t != LATEST_TAG and not t.startswith(CHANNEL_TAG_PREFIX)]
+        return {"tags": join_tags([*kept, REVOKED_TAG]), "description": revoked_description(text, revocation)}
+
+    with _api_errors(what):
+        config, _ = edit_config(api, guest.node, guest.vmid, change, what)
+    was = replace(guest, tags=tuple(split_tags(config.get("tags"))))  # as it was when it was revoked
+    return Revoked(entry.key, guest.vmid, guest.name, was.promoted, was.channels,
                    write_registry(layout, api, catalog))
 
 

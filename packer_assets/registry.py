@@ -19,6 +19,7 @@ file byte for byte. The schema (`docs/schema/registry.schema.json`) is generated
 import hashlib
 import json
 import re
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -28,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .catalog import Catalog, TemplateEntry
 from .chain import CHAIN_RE, parse_chain_id
+from .errors import ConfigError
 from .evidence import BUILD_RECORD_NAME, Layout, atomic_write
 from .locks import exclusive
 from .packer.workdir import DEGRADED
@@ -220,6 +222,29 @@ def read_registry(layout: Layout) -> Registry | None:
         return Registry.model_validate_json(layout.registry_file.read_bytes())
     except (OSError, ValidationError):
         return None
+
+
+class RegistryError(ConfigError):
+    """registry.json cannot be written where it belongs; found before anything is changed."""
+
+
+def check_writable(layout: Layout) -> None:
+    """Raise RegistryError (one line naming the path) unless registry.json can be written: a file or absent,
+    in a folder where a file can be made (tried: a temp file, removed at once), and its lock likewise.
+    Called before a channel change or a revocation touches the node: a registry that cannot be written
+    must fail them while nothing is changed yet, not after the tag moved."""
+    path = layout.registry_file
+    if path.is_dir() and not path.is_symlink():
+        raise RegistryError(f"{path} is a directory, not a file: remove or rename it (the registry is rewritten "
+                            "from the node); nothing was changed")
+    for folder in (path.parent, layout.registry_lock.parent):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".check"):
+                pass
+        except OSError as exc:
+            raise RegistryError(f"{path} cannot be written: {folder}: {exc.strerror or type(exc).__name__}; "
+                                "nothing was changed") from None
 
 
 def write_registry(layout: Layout, api: ProxmoxAPI, catalog: Catalog) -> Registry:

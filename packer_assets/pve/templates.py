@@ -15,6 +15,11 @@ tag `packer-assets-channel-<name>` on one template of the key; prune never destr
 channel points at. A revoked template carries `packer-assets-revoked` and a line in its description,
 and has lost its promotion and channel tags: it is never promoted again nor counted as up to date.
 
+Writes against what was read. Every tag (and finishing) write is a compare-and-set: the config is read
+once, the change computed from that read and written with its digest, which PVE refuses if anyone wrote
+in between; then it is read and computed again (`edit_config`, a few tries, then one line). A
+promotion ends by listing the key again until only the new template carries the tag (`take_tag`).
+
 Order (the caller's duty, see `template` and its smoke-test check): build under a new VMID ->
 `finish_template` -> smoke test -> `promote` -> `prune`. A failed build or smoke test ends in
 `destroy_build_vm`, which refuses the promoted template: nothing is destroyed before its
@@ -31,7 +36,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -312,6 +317,21 @@ def free_cloudinit_slot(config: Mapping[str, Any], where: str = "") -> str:
     raise TemplateError(f"{where}: no free slot for a cloud-init drive (tried {', '.join(CLOUDINIT_SLOTS)})")
 
 
+def _finish_updates(config: Mapping[str, Any], family: str, vm_storage: str, description: TemplateDescription,
+                    tags: Iterable[str] | None, name: str | None, where: str) -> dict[str, Any]:
+    """finish_template's config write, from the config as read: every ISO ejected, a cloud-init drive for a
+    Linux template that has none, the tags, the description and the name."""
+    updates: dict[str, Any] = {key: "none,media=cdrom" for key in iso_cdroms(config)}
+    if family != "windows" and cloudinit_drive(config) is None:
+        updates[free_cloudinit_slot(config, where)] = f"{vm_storage}:cloudinit"
+    # The tool's and the key's tags always: without them the template would not be ours to promote.
+    updates["tags"] = join_tags(template_tags(description.key, tags or ()))
+    updates["description"] = description.render()
+    if name:
+        updates["name"] = name
+    return updates
+
+
 @dataclass(frozen=True)
 class FinishedTemplate:
     vmid: int
@@ -338,20 +358,17 @@ def finish_template(api: ProxmoxAPI, node: str, vmid: int, *, family: str, vm_st
     try:
         if vm.status.current.get().get("status") == "running":
             raise TemplateError(f"{where}: still running; Packer did not shut it down, it cannot become a template")
-        config = vm.config.get()
-        updates: dict[str, Any] = {key: "none,media=cdrom" for key in iso_cdroms(config)}
-        ejected = tuple(updates)
+        def configure(values: Mapping[str, Any]) -> None:  # POST: allocating the cloud-init volume is a task
+            run_task(api, vm.config.post(**values), f"{where}: configure", timeout)
+
+        # A compare-and-set: what is ejected and where the cloud-init drive goes follow the config it replaces.
+        config, updates = edit_config(
+            api, node, vmid, lambda read: _finish_updates(read, family, vm_storage, description, tags, name, where),
+            f"{where}: configure", write=configure)
+        ejected = tuple(iso_cdroms(config))
         slot, added = cloudinit_drive(config), False
-        if family != "windows" and slot is None:
-            slot, added = free_cloudinit_slot(config, where), True
-            updates[slot] = f"{vm_storage}:cloudinit"
-        # The tool's and the key's tags always: without them the template would not be ours to promote.
-        updates["tags"] = join_tags(template_tags(description.key, tags or ()))
-        updates["description"] = description.render()
-        if name:
-            updates["name"] = name
-        # POST: the asynchronous form, since allocating the cloud-init volume is storage work.
-        run_task(api, vm.config.post(**updates), f"{where}: configure", timeout)
+        if slot is None and family != "windows":
+            slot, added = cloudinit_drive(updates), True
         converted = not int(vm.config.get().get("template") or 0)
         if converted:
             run_task(api, vm.template.post(), f"{where}: convert to template", timeout)
@@ -527,13 +544,67 @@ def _destroy_orphans(api: ProxmoxAPI, node: str, vmid: int, entry: TemplateEntry
 # ------------------------------------------------------------------ promotion and retention
 
 
-def set_tags(api: ProxmoxAPI, guest: Guest, tags: Iterable[str], *, description: str | None = None) -> None:
-    """Replace the guest's tags (and its description, when given) in one config write.
+# How many times one config change is read, computed and written before it gives up: each retry follows a
+# write by someone else between our read and our write, so more than a few means the VM is being fought over.
+CONFIG_WRITE_TRIES = 5
+# PVE's words for a write whose digest is not the config's (PVE::Tools::assert_if_modified; fakepve's wording)
+DIGEST_REFUSED = re.compile(r"file changed? by other user|checksum mismatch")
 
-    PUT: a plain config write (VM.Config.Options); the digest refuses it if someone changed the VM meanwhile."""
-    vm = api.nodes(guest.node).qemu(guest.vmid)
-    more = {} if description is None else {"description": description}
-    vm.config.put(tags=join_tags(tags), digest=vm.config.get()["digest"], **more)
+
+class ConfigChanged(TemplateError):
+    """A config change lost its compare-and-set every time: the VM changed between each read and write."""
+
+
+def digest_refused(exc: Exception) -> bool:
+    """True when PVE refused a config write because the config changed since the digest was read."""
+    return DIGEST_REFUSED.search(str(exc)) is not None
+
+
+def edit_config(api: ProxmoxAPI, node: str, vmid: int, change: Callable[[Mapping[str, Any]], Mapping[str, Any]],
+                what: str, write: Callable[[Mapping[str, Any]], Any] | None = None) -> tuple[dict, dict]:
+    """A compare-and-set on the VM's config: read it, compute the updates from THAT read (change(config);
+    empty: nothing to write), and write them with the read's digest, which PVE refuses if anyone wrote in
+    between. Refused: read again and recompute, up to CONFIG_WRITE_TRIES times, then ConfigChanged.
+
+    write: how the updates (digest included) are written; default a PUT. Returns (the config read, the
+    updates written)."""
+    vm = api.nodes(node).qemu(vmid)
+    for _ in range(CONFIG_WRITE_TRIES):
+        config = vm.config.get()
+        updates = dict(change(config))
+        if not updates:
+            return config, updates
+        try:
+            (write or (lambda values: vm.config.put(**values)))({**updates, "digest": config["digest"]})
+            return config, updates
+        except (ResourceException, TaskError) as exc:
+            if not digest_refused(exc):
+                raise
+    raise ConfigChanged(f"{what}: VM {vmid} on {node} was changed by someone else between each of "
+                        f"{CONFIG_WRITE_TRIES} reads and writes; nothing written, try again")
+
+
+def edit_tags(api: ProxmoxAPI, guest: Guest, edit: Callable[[tuple[str, ...]], Iterable[str]],
+              what: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Set the guest's tags to edit(its tags as read from its config), as a compare-and-set (edit_config):
+    a tag someone else wrote meanwhile is never lost nor put back. edit may raise to refuse what it
+    read. Returns (tags read, tags now)."""
+    def change(config: Mapping[str, Any]) -> dict[str, str]:
+        before = join_tags(split_tags(config.get("tags")))
+        after = join_tags(edit(tuple(split_tags(before))))
+        return {} if after == before else {"tags": after}
+
+    config, updates = edit_config(api, guest.node, guest.vmid, change, what)
+    before = tuple(split_tags(config.get("tags")))
+    return before, tuple(split_tags(updates["tags"])) if updates else before
+
+
+def add_tag(api: ProxmoxAPI, guest: Guest, tag: str, what: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return edit_tags(api, guest, lambda tags: [*tags, tag], what)
+
+
+def remove_tag(api: ProxmoxAPI, guest: Guest, tag: str, what: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return edit_tags(api, guest, lambda tags: [t for t in tags if t != tag], what)
 
 
 @dataclass(frozen=True)
@@ -547,7 +618,9 @@ def promote(api: ProxmoxAPI, node: str, key: str, new_vmid: int) -> Promotion:
 
     The new template is tagged first, then the tag is taken from the others: there is never a moment
     without a promoted template, and if this is cut short in between, promoted_template() picks the
-    newest, i.e. the new one.
+    newest, i.e. the new one. Every write is a compare-and-set on what was read (edit_tags), and the
+    key is listed again until no other template carries the tag (one a concurrent writer put back):
+    a promotion ends with exactly one promoted template of the key.
     """
     templates = list_templates(api, key)
     new = next((g for g in templates if g.vmid == new_vmid), None)
@@ -556,17 +629,40 @@ def promote(api: ProxmoxAPI, node: str, key: str, new_vmid: int) -> Promotion:
                             f"(tagged {TOOL_TAG};{key}, named {key}-<timestamp>)")
     if new.node != node:
         raise TemplateError(f"{key}: VM {new_vmid} is on node {new.node}, not {node}")
-    if new.revoked:
-        raise TemplateError(f"{key}: refusing to promote VM {new_vmid}: it is revoked")
+    what = f"{key}: promoting VM {new_vmid}"
+
+    def tag_new(tags: tuple[str, ...]) -> list[str]:
+        if REVOKED_TAG in tags:
+            raise TemplateError(f"{key}: refusing to promote VM {new_vmid}: it is revoked")
+        return [*tags, LATEST_TAG]
+
     try:
-        if not new.promoted:
-            set_tags(api, new, [*new.tags, LATEST_TAG])
-        previous = [g for g in templates if g.promoted and g.vmid != new_vmid]
-        for old in previous:
-            set_tags(api, old, [t for t in old.tags if t != LATEST_TAG])
+        edit_tags(api, new, tag_new, what)
+        previous = take_tag(api, key, LATEST_TAG, what, keep=new_vmid)
     except ResourceException as exc:
-        raise TemplateError(f"{key}: promoting VM {new_vmid}: {said(exc)}") from None
-    return Promotion(new_vmid, tuple(g.vmid for g in previous))
+        raise TemplateError(f"{what}: {said(exc)}") from None
+    return Promotion(new_vmid, previous)
+
+
+def take_tag(api: ProxmoxAPI, key: str, tag: str, what: str, *, keep: int | None = None,
+             vmid_range: VmidRange | None = None) -> tuple[int, ...]:
+    """Take tag from every template of the key but `keep` (which must still carry it, unrevoked), each a
+    compare-and-set, listing the key again after each pass until none carries it (a writer that does not
+    compare-and-set may have put it back). Returns the VMIDs it was taken from."""
+    taken: list[int] = []
+    for _ in range(CONFIG_WRITE_TRIES):
+        templates = list_templates(api, key, vmid_range)
+        if keep is not None and not any(g.vmid == keep and tag in g.tags and not g.revoked for g in templates):
+            raise TemplateError(f"{what}: VM {keep} lost {tag} (or was revoked) meanwhile; the other templates "
+                                "keep theirs")
+        others = [g for g in templates if tag in g.tags and g.vmid != keep]
+        if not others:
+            return tuple(taken)
+        for old in others:
+            if tag in remove_tag(api, old, tag, what)[0] and old.vmid not in taken:
+                taken.append(old.vmid)
+    raise ConfigChanged(f"{what}: {tag} kept coming back on other templates of the key after {CONFIG_WRITE_TRIES} "
+                        "passes")
 
 
 @dataclass(frozen=True)
@@ -612,7 +708,8 @@ def prune(api: ProxmoxAPI, node: str, key: str, retention: int, keep: Iterable[i
 __all__ = [
     "CHANNEL_TAG_PREFIX", "LATEST_TAG", "REVOKED_TAG", "SMOKE_TAG", "TOOL_TAG", "FinishedTemplate", "Guest",
     "Promotion", "PruneResult", "Revocation", "TemplateDescription", "read_revocation", "revoked_description",
-    "set_tags",
+    "CONFIG_WRITE_TRIES", "ConfigChanged", "add_tag", "digest_refused", "edit_config", "edit_tags", "remove_tag",
+    "take_tag",
     "TemplateError", "VmidRangeFull", "allocate_vmid", "catalog_entry_json", "destroy_build_vm", "destroy_vm",
     "find_guest", "finish_template", "input_fingerprint", "is_up_to_date", "list_templates", "orphan_volumes",
     "promote",

@@ -3,6 +3,7 @@ each change, the tags and description on the node, the refusals (one line, nothi
 
 import json
 import os
+import shutil
 import threading
 import time
 from datetime import UTC, datetime
@@ -10,7 +11,7 @@ from datetime import UTC, datetime
 import jsonschema
 import pytest
 from support import REPO
-from support.templates import NODE, create_vm, day, description, make_template
+from support.templates import NODE, create_vm, day, description, make_template, race_after
 
 from packer_assets import cli
 from packer_assets.catalog import load_catalog
@@ -208,6 +209,70 @@ def test_prune_keeps_a_template_a_channel_points_at(api, layout, catalog):
     assert read_registry(layout).templates[KEY].channels == {"latest": 9303, "production": 9300}
 
 
+# ----------------------------------------------------------------------------- races and an unwritable registry
+
+
+def test_a_channel_set_racing_a_promotion_leaves_one_latest_and_the_channel(api, layout, catalog, monkeypatch):
+    """The reported break: `channel set` read 9300's tags (latest among them), a promotion moved latest to
+    9301, and the channel write put latest back on 9300. Now the write is refused and recomputed."""
+    built(api, layout, 9300, day(1), promoted=True)
+    built(api, layout, 9301, day(2))
+    raced = race_after(monkeypatch, 9300, lambda: promote(api, NODE, KEY, 9301))
+    change = set_channel(layout, api, catalog, "production", KEY, "9300")
+    assert raced and change.vmid == 9300
+    assert tags(api, 9300) == {"packer-assets", KEY, "packer-assets-channel-production"}
+    assert LATEST_TAG in tags(api, 9301)
+    assert read_registry(layout).templates[KEY].channels == {"latest": 9301, "production": 9300}
+
+
+def test_a_channel_unset_racing_a_channel_set_takes_only_what_it_read(api, layout, catalog, monkeypatch):
+    built(api, layout, 9300, day(1), promoted=True)
+    built(api, layout, 9301, day(2))
+    set_channel(layout, api, catalog, "production", KEY, "9300")
+    raced = race_after(monkeypatch, 9300, lambda: set_channel(layout, api, catalog, "staging", KEY, "9300"))
+    assert unset_channel(layout, api, catalog, "production", KEY).taken_from == (9300,)
+    assert raced and tags(api, 9300) == {"packer-assets", KEY, LATEST_TAG, "packer-assets-channel-staging"}
+
+
+def test_two_revocations_racing_revoke_once(api, layout, catalog, monkeypatch):
+    built(api, layout, 9301, day(2), promoted=True)
+    first = datetime(2026, 11, 29, 8, 0, tzinfo=UTC)
+    race_after(monkeypatch, 9301, lambda: revoke(layout, api, catalog, "9301", "first", now=first))
+    with pytest.raises(ChannelError, match=r"already revoked \(2026-11-29 08:00:00 UTC\)"):
+        revoke(layout, api, catalog, "9301", "second")
+    text = api.nodes(NODE).qemu(9301).config.get()["description"]
+    assert read_revocation(text).reason == "first" and "second" not in text
+    assert tags(api, 9301) == {"packer-assets", KEY, REVOKED_TAG}
+
+
+def unwritable_registry(layout, how):
+    """registry.json replaced by a directory, or its folder a file."""
+    if how == "directory":
+        (layout.registry_file / "x").mkdir(parents=True)
+    else:
+        layout.registry_file.parent.parent.mkdir(parents=True, exist_ok=True)
+        layout.registry_file.parent.write_text("a file where the registry's folder belongs\n")
+
+
+@pytest.mark.parametrize("how, said", [("directory", "is a directory"), ("folder", "cannot be written")])
+@pytest.mark.parametrize("change", [
+    lambda layout, api, catalog: set_channel(layout, api, catalog, "production", KEY, "9300"),
+    lambda layout, api, catalog: unset_channel(layout, api, catalog, "production", KEY),
+    lambda layout, api, catalog: revoke(layout, api, catalog, "9301"),
+], ids=["set", "unset", "revoke"])
+def test_a_registry_that_cannot_be_written_fails_before_the_node_changes(api, layout, catalog, how, said, change):
+    built(api, layout, 9300, day(1))
+    built(api, layout, 9301, day(2), promoted=True)
+    set_channel(layout, api, catalog, "production", KEY, "9301")
+    shutil.rmtree(layout.registry_file.parent)
+    unwritable_registry(layout, how)
+    state = node_state(api)
+    with pytest.raises(PackerAssetsError, match=said) as caught:
+        change(layout, api, catalog)
+    assert str(caught.value).startswith(str(layout.registry_file)) and "\n" not in str(caught.value)
+    assert node_state(api) == state
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 
@@ -260,6 +325,17 @@ def test_the_cli_says_what_is_wrong_in_one_line_and_exits_2(api, cli_project, ca
     state = node_state(api)
     code, out, err = run_cli(capsys, *argv)
     assert code == 2 and out == "" and err.startswith(said) and err.count("\n") == 1, err
+    assert node_state(api) == state
+
+
+def test_the_cli_with_a_directory_for_registry_json_says_so_and_changes_nothing(api, cli_project, capsys):
+    built(api, cli_project, 9301, day(2), promoted=True)
+    cli_project.registry_file.mkdir(parents=True)
+    state = node_state(api)
+    for argv in (("channel", "set", "production", KEY, "9301"), ("revoke", "9301")):
+        assert run_cli(capsys, *argv) == (2, "", f"packer-assets: {cli_project.registry_file} is a directory, not a "
+                                                 "file: remove or rename it (the registry is rewritten from the node); "
+                                                 "nothing was changed\n")
     assert node_state(api) == state
 
 

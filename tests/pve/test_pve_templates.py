@@ -14,12 +14,15 @@ from support.templates import (
     exists,
     make_entry,
     make_template,
+    race_after,
     volumes_of,
     wait,
 )
 
 from packer_assets.pve.templates import (
+    CONFIG_WRITE_TRIES,
     LATEST_TAG,
+    REVOKED_TAG,
     TemplateError,
     VmidRangeFull,
     allocate_vmid,
@@ -243,6 +246,71 @@ def test_a_promotion_cut_short_still_has_one_latest(api, entry):
     make_template(api, entry.key, 9100, day(1), promoted=True)
     make_template(api, entry.key, 9101, day(2), promoted=True)  # tagged, the old one not yet untagged
     assert promoted_template(api, entry.key).vmid == 9101
+
+
+# A tag change is a compare-and-set on the config it read: a writer in between makes it read again.
+CHANNEL = "packer-assets-channel-production"
+
+
+def tags_of(api, vmid):
+    return set(split_tags(api.nodes(NODE).qemu(vmid).config.get().get("tags")))
+
+
+def add_tags(api, vmid, *more):
+    """A plain write as a person or an older tool makes it: no digest, whatever changed meanwhile."""
+    api.nodes(NODE).qemu(vmid).config.put(tags=";".join(sorted(tags_of(api, vmid) | set(more))))
+
+
+def latest_of(api, *vmids):
+    return [vmid for vmid in vmids if LATEST_TAG in tags_of(api, vmid)]
+
+
+def test_a_channel_set_between_promotes_read_and_write_is_kept_and_latest_moves(api, entry, monkeypatch):
+    make_template(api, entry.key, 9100, day(1), promoted=True)
+    make_template(api, entry.key, 9101, day(2))
+    raced = race_after(monkeypatch, 9100, lambda: add_tags(api, 9100, CHANNEL))
+    assert promote(api, NODE, entry.key, 9101).previous == (9100,)
+    assert raced and latest_of(api, 9100, 9101) == [9101]
+    assert CHANNEL in tags_of(api, 9100)  # the racer's channel tag is not lost
+
+
+def test_a_latest_put_back_by_a_racer_after_promotes_write_is_taken_again(api, entry, monkeypatch):
+    make_template(api, entry.key, 9100, day(1), promoted=True)
+    make_template(api, entry.key, 9101, day(2))
+    raced = race_after(monkeypatch, 9100, lambda: add_tags(api, 9100, LATEST_TAG), method="put")
+    promote(api, NODE, entry.key, 9101)
+    assert raced and latest_of(api, 9100, 9101) == [9101]  # exactly one promoted template
+
+
+def test_promote_refuses_a_template_revoked_after_it_was_listed(api, entry, monkeypatch):
+    make_template(api, entry.key, 9100, day(1), promoted=True)
+    make_template(api, entry.key, 9101, day(2))
+    race_after(monkeypatch, 9101, lambda: add_tags(api, 9101, REVOKED_TAG))
+    with pytest.raises(TemplateError, match="refusing to promote VM 9101: it is revoked"):
+        promote(api, NODE, entry.key, 9101)
+    assert latest_of(api, 9100, 9101) == [9100]
+
+
+def test_a_tag_change_that_loses_every_race_fails_in_one_line(api, entry, monkeypatch):
+    make_template(api, entry.key, 9100, day(1), promoted=True)
+    make_template(api, entry.key, 9101, day(2))
+    vm = api.nodes(NODE).qemu(9101)
+    raced = race_after(monkeypatch, 9101, lambda: vm.config.put(description=f"edit {len(raced)}"), times=99)
+    with pytest.raises(TemplateError, match="changed by someone else") as caught:
+        promote(api, NODE, entry.key, 9101)
+    assert "\n" not in str(caught.value) and len(raced) == CONFIG_WRITE_TRIES
+    assert latest_of(api, 9100, 9101) == [9100]  # nothing written
+
+
+def test_finish_ejects_an_iso_attached_between_its_read_and_write(api, lab_pve, entry, monkeypatch):
+    lab_pve.store_file("local", ISO, 4096)
+    lab_pve.store_file("local", "drivers.iso", 4096)
+    vm = create_vm(api, 9100, name=template_name(entry.key, day(1)), ide2=f"local:iso/{ISO},media=cdrom")
+    race_after(monkeypatch, 9100, lambda: vm.config.put(ide0="local:iso/drivers.iso,media=cdrom"))
+    done = finish_template(api, NODE, 9100, family="ubuntu", vm_storage="local-lvm", description=description())
+    config = vm.config.get()
+    assert done.ejected == ("ide0", "ide2") and config["ide0"] == config["ide2"] == "none,media=cdrom"
+    assert int(config["template"]) == 1
 
 
 def test_prune_keeps_retention_newest_and_the_promoted_and_never_touches_foreign_vms(api, lab_pve, pve_root, entry):

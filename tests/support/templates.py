@@ -4,6 +4,7 @@ shape VMs as Packer and finish_template leave them; used by tests/pve (templates
 from datetime import UTC, datetime
 
 import pytest
+from proxmoxer.core import ProxmoxResource
 
 from packer_assets.catalog import TemplateEntry
 from packer_assets.chain import new_chain_id
@@ -94,3 +95,20 @@ def volumes_of(lab_pve, vmid):
 
 def day(n):
     return datetime(2026, 11, n, 12, 0, 0, tzinfo=UTC)
+
+
+def race_after(monkeypatch, vmid, racer, method="get", times=1):
+    """Another writer between a read and the write built on it, at a named point: right after a `method`
+    (get/put) of VM vmid's config has been answered and before the caller sees the answer, racer() runs
+    (the first `times` times). Returns the list of answers the racer followed (its length: how often it ran)."""
+    real, ran = getattr(ProxmoxResource, method), []
+
+    def raced(resource, *args, **params):
+        answer = real(resource, *args, **params)
+        if len(ran) < times and repr(resource).endswith(f"/qemu/{vmid}/config)"):
+            ran.append(answer)  # before racer(): its own calls pass through here too
+            racer()
+        return answer
+
+    monkeypatch.setattr(ProxmoxResource, method, raced)
+    return ran
