@@ -345,3 +345,17 @@ def test_the_template_carries_the_catalog_tags_and_the_proof_its_tags_of_now(lab
                        .read_text())
     assert proof["template"]["vmid"] == vmid and "packer-assets-latest" in proof["template"]["tags"]
     assert set(entry.tags) <= set(proof["template"]["tags"])
+
+
+def test_rebuild_template_forced_forces_without_its_preset_config_or_tag(lab_project):
+    """`dagster job launch -j rebuild_template_forced` (and `job execute`) create the run with neither the job's
+    preset config nor its run tags: the job's name alone forces the build."""
+    with dg.instance_for_test() as instance:
+        assert rebuild(lab_project, instance).success
+        bare = dg.define_asset_job(assets.FORCED_JOB, selection=dg.AssetSelection.assets(*jobs.REBUILD_ASSETS))
+        job = dg.Definitions(assets=[*jobs.REBUILD_ASSETS, assets.iso_release], jobs=[bare],
+                             resources=resources(lab_project)).resolve_job_def(assets.FORCED_JOB)
+        assert not job.run_tags
+        launched = job.execute_in_process(partition_key=KEY, instance=instance, raise_on_error=False)
+        assert launched.success and assets.FORCE_TAG not in run_tags(instance, launched)
+        assert run_tags(instance, launched)[assets.OUTCOME_TAG] == "built" and len(materializations(instance)) == 2
