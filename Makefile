@@ -101,10 +101,12 @@ init: venv dagster-home settings-check ## materialize proxmox_env: API user, rol
 # rebuild_template for the key's partition (in the UI's history of that job, not an anonymous asset run),
 # executed in this process like `dagster asset materialize` (no daemon; the pool still applies).
 REBUILD := $(BIN)/dagster job execute -j rebuild_template -m packer_assets.definitions
+# KEY reaches the shell as an environment variable ("$$KEY"), never pasted into the recipe's quoting: any text
+# is one argument, and an unknown key is refused by `settings --key` before the known key goes into the tags.
 build: venv dagster-home settings-check
-	@[ -n "$(KEY)" ] || { echo "usage: make build KEY=<template key> (see: make catalog-check)"; exit 2; }
-	@$(BIN)/packer-assets settings --key '$(KEY)' >/dev/null  # job execute would run an unknown partition
-	$(REBUILD) --tags '{"dagster/partition": "$(KEY)"}'
+	@[ -n "$$KEY" ] || { echo "usage: make build KEY=<template key> (see: make catalog-check)"; exit 2; }
+	@$(BIN)/packer-assets settings --key "$$KEY" >/dev/null  # job execute would run an unknown partition
+	$(REBUILD) --tags "{\"dagster/partition\": \"$$KEY\"}"
 
 # Only the keys whose inputs changed or that have no template (`packer-assets plan`, the weekly schedule's
 # pre-check); ALL=1 runs every key (each run still skips a key that is up to date).

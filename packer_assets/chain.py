@@ -10,7 +10,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-CHAIN_RE = re.compile(r"CHAIN-(\d{8}T\d{6}Z)-([a-z][a-z0-9-]*)")  # fullmatch: no trailing newline
+from .errors import ConfigError
+
+KEY_PATTERN = r"[a-z][a-z0-9-]*"  # the catalog's key rule (catalog.models.KEY_RE)
+CHAIN_RE = re.compile(rf"CHAIN-(\d{{8}}T\d{{6}}Z)-({KEY_PATTERN})")  # fullmatch: no trailing newline
+SHOWN = 80  # characters of bad input an error repeats
+
+
+class ChainIdError(ConfigError):
+    """Text that is not a chain ID (or a key); a ValueError too, as before."""
 TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 
 
@@ -57,8 +65,20 @@ def fresh_chain_id(key: str, taken: Callable[[str], bool]) -> ChainId:
 def parse_chain_id(text: str) -> ChainId:
     match = CHAIN_RE.fullmatch(text)
     if not match:
-        raise ValueError(f"not a chain ID (want CHAIN-<yyyymmddThhmmssZ>-<key>): {text!r}")
+        raise ChainIdError(f"not a chain ID (want CHAIN-<yyyymmddThhmmssZ>-<key>): {_shown(text)}")
     return ChainId(match.group(1), match.group(2))
+
+
+def check_key(text: str) -> str:
+    """A template key as chain IDs and evidence folders hold it: never a path (`../x`), never a trailing newline."""
+    if not re.fullmatch(KEY_PATTERN, text):
+        raise ChainIdError(f"not a template key (lower-case letters, digits and -, a letter first): {_shown(text)}")
+    return text
+
+
+def _shown(text: str) -> str:
+    # repr keeps the error one line (a newline shows as \n); a long argument is cut
+    return repr(text[:SHOWN]) + ("..." if len(text) > SHOWN else "")
 
 
 def log_header(chain: ChainId | str, stage: str) -> str:

@@ -184,8 +184,13 @@ def _proof_verify(args) -> int:
 def _chain(args) -> int:
     """Everything that carries a chain ID; or the chain IDs of a key, newest first."""
     from .audit import chain_report, chains_of_key
+    from .chain import check_key, parse_chain_id
     from .settings import export_env_files, load_settings
 
+    if args.key:
+        check_key(args.key)  # a folder name under the output root: `../x` would list folders elsewhere
+    elif args.chain_id:
+        parse_chain_id(args.chain_id)  # one line (ChainIdError) before settings or the API are touched
     found = load_settings()
     export_env_files()
     layout = found.layout

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .envfile import read_env_file
+from .envfile import read_assignments
 from .pve.bootstrap import BootstrapConfig
 from .evidence import Layout
 from .errors import ConfigError
@@ -101,15 +101,22 @@ def _flag(name: str, value: str, origin: str) -> bool:
         return True
     if lowered in FALSE:
         return False
-    raise SettingsError(f"{origin}: {name}={value!r} is not a yes/no value (use 1 or 0)")
+    raise SettingsError(f"{origin}: {name} is not a yes/no value (use 1 or 0)")
 
 
 def merged_environment(env: Mapping[str, str] | None = None) -> tuple[dict[str, str], dict[str, str]]:
     """(values, origin of each value): env files first, then the process environment over them."""
+    values, origin, _ = _merged(env)
+    return values, origin
+
+
+def _merged(env: Mapping[str, str] | None) -> tuple[dict[str, str], dict[str, str], dict[str, int]]:
+    """merged_environment, and the line of each value read from a file (for errors)."""
     env = dict(os.environ if env is None else env)
     output_root = Path(env.get("PACKER_ASSETS_ROOT") or ".").resolve()
     values: dict[str, str] = {}
     origin: dict[str, str] = {}
+    lines: dict[str, int] = {}
     layout = Layout(output_root)
     # Lowest first: the shell toolkit's config (migration), then our own files, then an explicit one.
     files = [output_root / TOOLKIT_CONF, layout.secrets_file, layout.env_file]
@@ -117,31 +124,34 @@ def merged_environment(env: Mapping[str, str] | None = None) -> tuple[dict[str, 
         files.append(Path(env["PACKER_ASSETS_ENV_FILE"]))
     for path in files:
         if path.is_file():
-            for name, value in read_env_file(path).items():
+            for line, name, value in read_assignments(path):
                 # .env.proxmox records the last init's choice; turning TLS verification off must be asked
                 # for on each init, never inherited from that record
                 if name == "PROXMOX_INSECURE" and path == layout.env_file:
                     continue
-                values[name], origin[name] = value, str(path)
+                values[name], origin[name], lines[name] = value, str(path), line
     for name, value in env.items():
         values[name], origin[name] = value, "environment"
+        lines.pop(name, None)
     if not values.get("PROXMOX_URL") and values.get("PROXMOX_HOST"):
         # the toolkit named the node, not the URL
         port = values.get("PROXMOX_PORT") or "8006"
         values["PROXMOX_URL"] = f"https://{values['PROXMOX_HOST']}:{port}/api2/json"
         origin["PROXMOX_URL"] = origin["PROXMOX_HOST"]
+        if "PROXMOX_HOST" in lines:
+            lines["PROXMOX_URL"] = lines["PROXMOX_HOST"]
     values.setdefault("PACKER_ASSETS_ROOT", str(output_root))
-    return values, origin
+    return values, origin, lines
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read and check every setting; the first bad one is a SettingsError naming the variable and where it
     came from (`environment` or the env file), before anything has run."""
-    values, origin = merged_environment(env)
+    values, origin, lines = _merged(env)
     output_root = Path(values["PACKER_ASSETS_ROOT"]).resolve()
 
     def where(name: str) -> str:
-        return origin.get(name, "environment")
+        return f"{origin[name]}: line {lines[name]}" if name in lines else origin.get(name, "environment")
 
     def text(name: str, default: str | None = None) -> str | None:
         value = values.get(name)
@@ -161,7 +171,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         if value is None:
             return default
         if not value.isdigit() or not 1 <= int(value) <= 65535:
-            raise SettingsError(f"{where(name)}: {name}={value!r} is not a TCP port (1-65535)")
+            raise SettingsError(f"{where(name)}: {name} is not a TCP port (1-65535)")
         return int(value)
 
     def checked(parse: Callable[[str], object], name: str) -> str | None:
@@ -175,22 +185,22 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 
     def existing_file(name: str) -> str | None:
         value = text(name)
-        if value is not None and not Path(value).expanduser().is_file():
-            raise SettingsError(f"{where(name)}: {name}={value!r} does not exist")
+        if value is not None and not Path(value).expanduser().is_file():  # unnamed: what was meant as a path
+            raise SettingsError(f"{where(name)}: {name} names no file")     # may be a secret pasted in
         return value
 
     url_name = "PROXMOX_API_URL" if values.get("PROXMOX_API_URL") else "PROXMOX_URL"
     url = text(url_name)
     if url:
-        parts = urlsplit(url)
-        if parts.scheme != "https" or not parts.hostname:
-            raise SettingsError(f"{where(url_name)}: {url_name}={url!r} must be an https:// URL with a host")
+        problem = _url_problem(url, ("https",))
+        if problem:
+            raise SettingsError(f"{where(url_name)}: {url_name} {problem}")
     ca_file = existing_file("PROXMOX_CA_FILE")
     if ca_file:
         try:
             ssl.create_default_context(cafile=ca_file)
         except (ssl.SSLError, ValueError) as exc:
-            raise SettingsError(f"{where('PROXMOX_CA_FILE')}: PROXMOX_CA_FILE={ca_file!r} is not a PEM CA "
+            raise SettingsError(f"{where('PROXMOX_CA_FILE')}: PROXMOX_CA_FILE {ca_file} is not a PEM CA "
                                 f"certificate ({exc.__class__.__name__})") from None
     fingerprint = text("PROXMOX_TLS_FINGERPRINT")
     if fingerprint and not FINGERPRINT_RE.fullmatch(fingerprint):
@@ -207,24 +217,24 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         )
     method = text("PROXMOX_BOOTSTRAP_METHOD", "api")
     if method not in ("api", "ssh"):
-        raise SettingsError(f"{where('PROXMOX_BOOTSTRAP_METHOD')}: PROXMOX_BOOTSTRAP_METHOD={method!r}: use api or ssh")
+        raise SettingsError(f"{where('PROXMOX_BOOTSTRAP_METHOD')}: PROXMOX_BOOTSTRAP_METHOD is neither api nor ssh")
     if method == "ssh" and not text("PROXMOX_SSH_HOST"):
         raise SettingsError(f"{where('PROXMOX_BOOTSTRAP_METHOD')}: PROXMOX_BOOTSTRAP_METHOD=ssh needs PROXMOX_SSH_HOST")
     build_login = text("PROXMOX_BUILD_LOGIN", "auto")
     if build_login not in ("auto", "token", "password"):
-        raise SettingsError(f"{where('PROXMOX_BUILD_LOGIN')}: PROXMOX_BUILD_LOGIN={build_login!r}: use auto, token "
-                            "or password")
+        raise SettingsError(f"{where('PROXMOX_BUILD_LOGIN')}: PROXMOX_BUILD_LOGIN is none of auto, token, "
+                            "password")
     interval = text("PACKER_ASSETS_SENSOR_INTERVAL", str(Settings.sensor_interval))
     if not interval.isdigit() or int(interval) < 1:
-        raise SettingsError(f"{where('PACKER_ASSETS_SENSOR_INTERVAL')}: PACKER_ASSETS_SENSOR_INTERVAL={interval!r} "
-                            "is not a whole number of seconds (1 or more)")
+        raise SettingsError(f"{where('PACKER_ASSETS_SENSOR_INTERVAL')}: PACKER_ASSETS_SENSOR_INTERVAL is not a "
+                            "whole number of seconds (1 or more)")
     try:  # a secret: checked here, held only by the notifier resource (dg.EnvVar)
         parse_webhooks(values.get("PACKER_ASSETS_WEBHOOKS"))
     except WebhookConfigError as exc:
         raise SettingsError(f"{where('PACKER_ASSETS_WEBHOOKS')}: {exc}") from None
     cron = text("PACKER_ASSETS_REBUILD_CRON", Settings.rebuild_cron)
     if not CRON_RE.fullmatch(cron):
-        raise SettingsError(f"{where('PACKER_ASSETS_REBUILD_CRON')}: PACKER_ASSETS_REBUILD_CRON={cron!r} is not a "
+        raise SettingsError(f"{where('PACKER_ASSETS_REBUILD_CRON')}: PACKER_ASSETS_REBUILD_CRON is not a "
                             "five-field cron expression (minute hour day month weekday)")
     return Settings(
         output_root=output_root,
@@ -267,15 +277,16 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     )
 
 
-def _pairs(value: str | None, what: str) -> list[tuple[str, str]]:
+def _pairs(value: str | None, what: str) -> list[tuple[int, str, str]]:
+    """(item number, name, value) of `name=value,...`; errors name the item by number: no text is echoed."""
     pairs = []
     for number, item in enumerate((value or "").split(","), 1):
         name, eq, right = item.strip().partition("=")
         if not item.strip():
             continue
         if not eq or not name or not right:
-            raise ValueError(f"item {number} ({item.strip()!r}) is not {what}")
-        pairs.append((name, right))
+            raise ValueError(f"item {number} is not {what}")
+        pairs.append((number, name, right))
     return pairs
 
 
@@ -283,9 +294,9 @@ def parse_ssh_ports(value: str | None) -> dict[str, int]:
     """PACKER_ASSETS_SSH_PORTS (`debian-12=40022,...`): the SSH port of each key's guests where it is not
     PACKER_ASSETS_SSH_PORT (the lab's real guests are each reached through a port of their own)."""
     ports = {}
-    for key, port in _pairs(value, "key=port"):
+    for number, key, port in _pairs(value, "key=port"):
         if not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise ValueError(f"{key}={port!r}: not a TCP port (1-65535)")
+            raise ValueError(f"item {number}: not a TCP port (1-65535)")
         ports[key] = int(port)
     return ports
 
@@ -300,9 +311,9 @@ def parse_lab_guests(value: str | None) -> dict[str, str]:
     """PACKER_ASSETS_LAB_GUESTS (`debian-12=real,*=simulated`), set by the lab: what each key's guests are
     (`*`: the other keys). Unset outside the lab."""
     kinds = {}
-    for key, kind in _pairs(value, "key=kind"):
+    for number, key, kind in _pairs(value, "key=kind"):
         if kind not in LAB_GUEST_KINDS:
-            raise ValueError(f"{key}={kind!r}: the kind is one of {', '.join(LAB_GUEST_KINDS)}")
+            raise ValueError(f"item {number}: the kind is one of {', '.join(LAB_GUEST_KINDS)}")
         kinds[key] = kind
     return kinds
 
@@ -317,10 +328,24 @@ def lab_guest_description(value: str | None, key: str) -> str | None:
 def _ui_url(value: str | None, origin: str) -> str | None:
     if value is None:
         return None
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise SettingsError(f"{origin}: PACKER_ASSETS_UI_URL={value!r} is not an http(s) URL of the Dagster webserver")
+    problem = _url_problem(value, ("http", "https"))
+    if problem:
+        raise SettingsError(f"{origin}: PACKER_ASSETS_UI_URL {problem} (the Dagster webserver's)")
     return value.rstrip("/")
+
+
+def _url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
+    """What is wrong with a URL setting, without its text; a user or password in it would be printed and logged."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        return "is not a URL"
+    if parts.scheme not in schemes or not parts.hostname:
+        return f"must be an {' or '.join(s + '://' for s in schemes)} URL with a host"
+    if parts.username is not None or parts.password is not None:
+        return "must not hold a user or password (it is shown and logged; the API token is a setting of its own)"
+    return None
 
 
 def _signing_key(path: str | None, origin: str) -> Path | None:

@@ -2,7 +2,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from packer_assets.chain import log_header, new_chain_id, parse_chain_id, utc_stamp
+from packer_assets.chain import ChainIdError, check_key, log_header, new_chain_id, parse_chain_id, utc_stamp
+from packer_assets.errors import ConfigError
 
 
 def test_chain_id_format_and_round_trip():
@@ -28,6 +29,22 @@ def test_naive_datetime_is_refused():
 def test_malformed_chain_ids_are_refused(bad):
     with pytest.raises(ValueError, match="not a chain ID"):
         parse_chain_id(bad)
+
+
+@pytest.mark.parametrize("bad", ["../../etc", "CHAIN-20261125T190405Z-debian-12\n", "CHAIN-x\nCHAIN-y", "x" * 500])
+def test_a_bad_chain_id_is_one_line_of_the_projects_errors(bad):
+    """`packer-assets chain ../../etc` was a ValueError traceback: now a ConfigError the CLI prints as one line."""
+    with pytest.raises(ChainIdError) as err:
+        parse_chain_id(bad)
+    assert isinstance(err.value, ConfigError) and isinstance(err.value, ValueError)  # old `except ValueError` holds
+    assert "\n" not in str(err.value) and len(str(err.value)) < 200
+
+
+@pytest.mark.parametrize("bad", ["../../etc", "debian-12\n", "Debian", "", "a/b"])
+def test_a_key_that_is_not_a_folder_name_is_refused(bad):
+    with pytest.raises(ChainIdError, match="not a template key"):
+        check_key(bad)
+    assert check_key("debian-12") == "debian-12"
 
 
 def test_bad_key_cannot_make_a_chain_id():

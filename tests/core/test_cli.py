@@ -116,3 +116,30 @@ def test_make_build_of_an_unknown_key_is_one_line_and_runs_nothing(tmp_path):
     assert made.returncode != 0 and "Traceback" not in made.stderr
     assert "packer-assets: templates/catalog.yaml: debian-13: unknown template key; known keys: " in made.stderr
     assert not (home / "storage").exists()  # no run was recorded
+
+
+@pytest.mark.parametrize("args, said", [
+    (["../../etc"], "not a chain ID (want CHAIN-<yyyymmddThhmmssZ>-<key>): '../../etc'"),
+    (["CHAIN-20261125T190405Z-debian-12\n"], "not a chain ID (want CHAIN-<yyyymmddThhmmssZ>-<key>): "
+                                             "'CHAIN-20261125T190405Z-debian-12\\n'"),
+    (["--key", "../../etc"], "not a template key (lower-case letters, digits and -, a letter first): '../../etc'"),
+])
+def test_chain_with_a_bad_argument_is_one_line_not_a_traceback(tmp_path, args, said):
+    proc = cli("chain", *args, PACKER_ASSETS_ROOT=str(tmp_path))
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", f"packer-assets: {said}\n")
+
+
+@pytest.mark.parametrize("key", ["deb'ian", 'deb"ian', "deb`touch pwned`ian; touch pwned"])
+def test_make_build_takes_any_key_text_as_one_argument(tmp_path, key):
+    """KEY="deb'ian" was a shell syntax error from the recipe's quoting: any text is the one-line unknown-key
+    error, and nothing in it runs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PACKER_ASSETS_", "PROXMOX_"))}
+    env.update(PACKER_ASSETS_ROOT=str(tmp_path), DAGSTER_HOME=str(tmp_path / "home"))
+    made = subprocess.run(["make", "--no-print-directory", "-C", str(REPO), "build", f"KEY={key}",
+                           "PACKER_ASSETS_ENV_FILE="], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert made.returncode != 0 and "Traceback" not in made.stderr
+    errors = [line for line in made.stderr.splitlines() if not line.startswith("make")]
+    assert errors == [f"packer-assets: templates/catalog.yaml: {key}: unknown template key; known keys: "
+                      "ubuntu-2204, ubuntu-2404, debian-12, rocky-9, windows-2022"]
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "home" / "storage").exists()

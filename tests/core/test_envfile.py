@@ -39,16 +39,72 @@ def test_hand_written_toolkit_style_files_load():
     assert parse(text) == {"PROXMOX_NODE": "pve1", "PROXMOX_BRIDGE": "vmbr0", "EMPTY": ""}
 
 
-@pytest.mark.parametrize(
-    "text, message",
-    [("A='open\n", "No closing quotation"), ("just words\n", "not a KEY=value"), ("1A=x\n", "not a KEY=value")],
-)
-def test_malformed_files_name_the_file(tmp_path, text, message):
+SECRET = "Sup3rS3cretPw"
+# (file text, line named, variable named or None): each is a mistake a person makes writing a secret by hand
+MALFORMED = [
+    (f"A=1\nPROXMOX_BOOTSTRAP_PASSWORD= {SECRET}\n", 2, "PROXMOX_BOOTSTRAP_PASSWORD"),  # a blank after =
+    (f"PROXMOX_TOKEN_SECRET=a b9f0{SECRET}\n", 1, "PROXMOX_TOKEN_SECRET"),  # a blank inside
+    (f"A=1\nPROXMOX_BOOTSTRAP_PASSWORD=\n{SECRET}\n", 3, "PROXMOX_BOOTSTRAP_PASSWORD"),  # wrapped onto a line
+    (f"PROXMOX_TOKEN_SECRET='{SECRET}' '{SECRET}'\n", 1, "PROXMOX_TOKEN_SECRET"),  # quoted in two pieces
+    (f"A=1\nPROXMOX_TOKEN_SECRET='{SECRET}\n", 2, "PROXMOX_TOKEN_SECRET"),  # unterminated '
+    (f'PROXMOX_TOKEN_SECRET="{SECRET}\\"\nB=2\n', 1, "PROXMOX_TOKEN_SECRET"),  # unterminated " (escaped)
+    (f"A=1\n'{SECRET}\n", 2, None),  # an unterminated quote that starts no assignment
+    (f"export {SECRET}\n", 1, None),  # export prefix, no assignment
+    (f"export\nPROXMOX_TOKEN_SECRET={SECRET}\n", 1, None),  # export alone on its line
+    (f"PROXMOX_TOKEN_SECRET={SECRET} export\n", 1, "PROXMOX_TOKEN_SECRET"),
+    (f"1PROXMOX={SECRET}\n", 1, None),  # not a variable name
+    (f"PROXMOX-TOKEN={SECRET}\n", 1, None),
+    (f"{SECRET}\n", 1, None),  # a bare word
+    (f"PROXMOX_TOKEN_SECRET={SECRET}\0x\n", 1, "PROXMOX_TOKEN_SECRET"),  # NUL
+]
+
+
+@pytest.mark.parametrize("text, line, variable", MALFORMED)
+def test_malformed_lines_name_file_line_and_variable_never_the_value(tmp_path, text, line, variable):
     path = tmp_path / "bad.env"
     path.write_text(text)
-    with pytest.raises(EnvFileError, match=message) as err:
+    with pytest.raises(EnvFileError) as err:
         read_env_file(path)
-    assert str(path) in str(err.value)
+    message = str(err.value)
+    assert SECRET not in message and "Sup3r" not in message and "\n" not in message
+    assert message.startswith(f"{path}: line {line}: ")
+    if variable:
+        assert variable in message
+
+
+def test_unreadable_files_are_one_line_without_their_text(tmp_path):
+    binary = tmp_path / "binary.env"
+    binary.write_bytes(f"A=1\nPROXMOX_TOKEN_SECRET={SECRET}\xff\n".encode("latin-1"))
+    for path, said in ((tmp_path / "missing.env", "no such env file"), (tmp_path, "cannot read the env file"),
+                       (binary, "line 2: not UTF-8 text")):
+        with pytest.raises(EnvFileError, match=said) as err:
+            read_env_file(path)
+        assert str(err.value).startswith(f"{path}: ") and SECRET not in str(err.value)
+
+
+HAND_WRITTEN = [
+    "A=plain",
+    'A="double \\$ \\` \\" \\\\ \\x"',
+    "A='single $x \\ \"'",
+    "A='it'\\''s'",
+    "A=b#not-a-comment",
+    "A=x # a comment",
+    "A=one\\\ntwo",
+    'A="one\\\ntwo"',
+    "A='one\ntwo'",
+    "export A=1 B=2",
+    "A=",
+    "A=x\\ y",
+]
+
+
+@pytest.mark.parametrize("text", HAND_WRITTEN)
+def test_hand_written_lines_read_as_bash_reads_them(text):
+    """Differential: our reading of each line equals what bash `source` sets."""
+    ours = parse(text + "\n")
+    script = 'source /dev/stdin; for n in ' + " ".join(ours) + '; do printf "%s\\0" "${!n}"; done'
+    out = subprocess.run(["bash", "-c", script], input=text + "\n", capture_output=True, text=True, check=True)
+    assert out.stdout.split("\0")[:-1] == list(ours.values())
 
 
 def test_bad_names_and_nul_are_refused(tmp_path):

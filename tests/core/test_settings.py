@@ -47,32 +47,31 @@ def test_insecure_is_explicit(tmp_path):
 @pytest.mark.parametrize(
     "env, message",
     [
-        ({"PROXMOX_URL": "http://pve:8006"}, "PROXMOX_URL='http://pve:8006' must be an https:// URL"),
-        ({"PROXMOX_CA_FILE": "/nonexistent/ca.pem"}, "PROXMOX_CA_FILE='/nonexistent/ca.pem' does not exist"),
+        ({"PROXMOX_URL": "http://pve:8006"}, "PROXMOX_URL must be an https:// URL"),
+        ({"PROXMOX_CA_FILE": "/nonexistent/ca.pem"}, "PROXMOX_CA_FILE names no file"),
         ({"PROXMOX_TLS_FINGERPRINT": "AB:CD"}, "PROXMOX_TLS_FINGERPRINT must be a SHA-256"),
-        ({"PROXMOX_INSECURE": "maybe"}, "PROXMOX_INSECURE='maybe' is not a yes/no"),
+        ({"PROXMOX_INSECURE": "maybe"}, "PROXMOX_INSECURE is not a yes/no"),
         ({"PROXMOX_INSECURE": "1", "PROXMOX_TLS_FINGERPRINT": ":".join(["AB"] * 32)}, "contradicts"),
         ({"PROXMOX_INSECURE": "1", "PROXMOX_CA_FILE": CA}, "PROXMOX_INSECURE=1 contradicts PROXMOX_CA_FILE"),
         ({"PROXMOX_CA_FILE": "/etc/hostname"}, "is not a PEM CA certificate"),
-        ({"PROXMOX_HTTP_PORT": "70000"}, "PROXMOX_HTTP_PORT='70000' is not a TCP port"),
-        ({"PACKER_ASSETS_SSH_PORT": "ssh"}, "PACKER_ASSETS_SSH_PORT='ssh' is not a TCP port"),
+        ({"PROXMOX_HTTP_PORT": "70000"}, "PROXMOX_HTTP_PORT is not a TCP port"),
+        ({"PACKER_ASSETS_SSH_PORT": "ssh"}, "PACKER_ASSETS_SSH_PORT is not a TCP port"),
         ({"PROXMOX_NODE": "pve1\n"}, "PROXMOX_NODE has leading/trailing white space"),
-        ({"PROXMOX_PRIVSEP": "perhaps"}, "PROXMOX_PRIVSEP='perhaps' is not a yes/no"),
-        ({"PROXMOX_BOOTSTRAP_METHOD": "telnet"}, "use api or ssh"),
+        ({"PROXMOX_PRIVSEP": "perhaps"}, "PROXMOX_PRIVSEP is not a yes/no"),
+        ({"PROXMOX_BOOTSTRAP_METHOD": "telnet"}, "PROXMOX_BOOTSTRAP_METHOD is neither api nor ssh"),
         ({"PROXMOX_BOOTSTRAP_METHOD": "ssh"}, "needs PROXMOX_SSH_HOST"),
-        ({"PROXMOX_SSH_KEY_FILE": "/nonexistent/id_ed25519"}, "does not exist"),
-        ({"PACKER_ASSETS_SENSOR_INTERVAL": "1h"}, "PACKER_ASSETS_SENSOR_INTERVAL='1h' is not a whole number of seconds"),
-        ({"PACKER_ASSETS_SENSOR_INTERVAL": "0"}, "PACKER_ASSETS_SENSOR_INTERVAL='0' is not a whole number"),
-        ({"PACKER_ASSETS_REBUILD_CRON": "0 3 * *"}, "PACKER_ASSETS_REBUILD_CRON='0 3 * *' is not a five-field cron"),
+        ({"PROXMOX_SSH_KEY_FILE": "/nonexistent/id_ed25519"}, "PROXMOX_SSH_KEY_FILE names no file"),
+        ({"PACKER_ASSETS_SENSOR_INTERVAL": "1h"}, "PACKER_ASSETS_SENSOR_INTERVAL is not a whole number of seconds"),
+        ({"PACKER_ASSETS_SENSOR_INTERVAL": "0"}, "PACKER_ASSETS_SENSOR_INTERVAL is not a whole number"),
+        ({"PACKER_ASSETS_REBUILD_CRON": "0 3 * *"}, "PACKER_ASSETS_REBUILD_CRON is not a five-field cron"),
         ({"PACKER_ASSETS_REBUILD_CRON": "@weekly; rm"}, "is not a five-field cron"),
         ({"PACKER_ASSETS_WEBHOOKS": "https://hooks.example.org/T/B/secret"}, "PACKER_ASSETS_WEBHOOKS entry 1: want json:"),
-        ({"PACKER_ASSETS_SIGNING_KEY": "/etc/hostname"}, "not an unencrypted OpenSSH private key"),
-        ({"PACKER_ASSETS_SIGNING_KEY": "/nonexistent/key"}, "PACKER_ASSETS_SIGNING_KEY='/nonexistent/key' does not exist"),
-        ({"PACKER_ASSETS_UI_URL": "localhost:3000"}, "PACKER_ASSETS_UI_URL='localhost:3000' is not an http(s) URL"),
-        ({"PACKER_ASSETS_SSH_PORTS": "debian-12=40022,ubuntu-2204"}, "PACKER_ASSETS_SSH_PORTS: item 2 ('ubuntu-2204') is "
-                                                                     "not key=port"),
-        ({"PACKER_ASSETS_SSH_PORTS": "debian-12=70000"}, "PACKER_ASSETS_SSH_PORTS: debian-12='70000': not a TCP port"),
-        ({"PACKER_ASSETS_LAB_GUESTS": "debian-12=fast"}, "PACKER_ASSETS_LAB_GUESTS: debian-12='fast': the kind is one of"),
+        ({"PACKER_ASSETS_SIGNING_KEY": "/etc/hostname"}, "PACKER_ASSETS_SIGNING_KEY: signing key /etc/hostname: "),
+        ({"PACKER_ASSETS_SIGNING_KEY": "/nonexistent/key"}, "PACKER_ASSETS_SIGNING_KEY names no file"),
+        ({"PACKER_ASSETS_UI_URL": "localhost:3000"}, "PACKER_ASSETS_UI_URL must be an http:// or https:// URL"),
+        ({"PACKER_ASSETS_SSH_PORTS": "debian-12=40022,ubuntu-2204"}, "PACKER_ASSETS_SSH_PORTS: item 2 is not key=port"),
+        ({"PACKER_ASSETS_SSH_PORTS": "debian-12=70000"}, "PACKER_ASSETS_SSH_PORTS: item 1: not a TCP port"),
+        ({"PACKER_ASSETS_LAB_GUESTS": "debian-12=fast"}, "PACKER_ASSETS_LAB_GUESTS: item 1: the kind is one of"),
     ],
 )
 def test_bad_settings_name_the_variable(tmp_path, env, message):
@@ -127,7 +126,7 @@ def test_insecure_with_a_ca_from_an_env_file_names_both_origins(tmp_path):
         load_settings({"PACKER_ASSETS_ROOT": str(tmp_path), "PACKER_ASSETS_ENV_FILE": str(lab),
                        "PROXMOX_INSECURE": "1"})
     assert str(err.value).startswith("environment: PROXMOX_INSECURE=1 contradicts PROXMOX_CA_FILE")
-    assert f"(from {lab})" in str(err.value)
+    assert f"(from {lab}: line 1)" in str(err.value)  # a value from a file is named by its line
 
 
 def test_insecure_is_never_inherited_from_the_env_file_init_writes(tmp_path):
@@ -174,3 +173,47 @@ def test_a_keys_own_ssh_port_and_what_its_lab_guest_is(tmp_path):
     assert "installer emulated" in lab_guest_description(settings.lab_guests, "debian-12")
     assert "simulated" in lab_guest_description(settings.lab_guests, "rocky-9")
     assert lab_guest_description(None, "debian-12") is None  # a real node: the proof says nothing
+
+
+SECRET = "Sup3rS3cretPw"
+# Each typed setting given a secret where a value belongs (a paste into the wrong variable, a URL with a password):
+# the error names the variable and where it came from, never the text.
+SECRET_VALUES = [
+    ("PROXMOX_URL", f"http://{SECRET}:8006"), ("PROXMOX_URL", f"https://root:{SECRET}@pve:8006"),
+    ("PROXMOX_URL", f"https://[{SECRET}:8006"), ("PROXMOX_URL", f"https://pve:{SECRET}"),
+    ("PROXMOX_API_URL", f"https://{SECRET}@pve:8006"), ("PROXMOX_CA_FILE", f"/nonexistent/{SECRET}"),
+    ("PROXMOX_TLS_FINGERPRINT", SECRET), ("PROXMOX_INSECURE", SECRET), ("PROXMOX_PRIVSEP", SECRET),
+    ("PROXMOX_SSH_TRUST_ON_FIRST_USE", SECRET), ("PACKER_ASSETS_ALLOW_DEGRADED", SECRET),
+    ("PROXMOX_HTTP_PORT", SECRET), ("PROXMOX_SSH_PORT", SECRET), ("PACKER_ASSETS_SSH_PORT", SECRET),
+    ("PROXMOX_BOOTSTRAP_METHOD", SECRET), ("PROXMOX_BUILD_LOGIN", SECRET), ("PACKER_ASSETS_SENSOR_INTERVAL", SECRET),
+    ("PACKER_ASSETS_REBUILD_CRON", SECRET), ("PACKER_ASSETS_WEBHOOKS", f"https://hooks.example.org/{SECRET}"),
+    ("PACKER_ASSETS_SIGNING_KEY", f"/nonexistent/{SECRET}"), ("PROXMOX_SSH_KEY_FILE", f"/nonexistent/{SECRET}"),
+    ("PACKER_ASSETS_UI_URL", f"localhost:{SECRET}"), ("PACKER_ASSETS_UI_URL", f"http://admin:{SECRET}@dagster:3000"),
+    ("PACKER_ASSETS_SSH_PORTS", f"debian-12={SECRET}"), ("PACKER_ASSETS_SSH_PORTS", SECRET),
+    ("PACKER_ASSETS_LAB_GUESTS", f"debian-12={SECRET}"),
+    ("PROXMOX_NODE", f"{SECRET}\n"), ("PROXMOX_TOKEN_NAME", f" {SECRET}"), ("PROXMOX_ROLE", f"{SECRET}\x07"),
+]
+
+
+@pytest.mark.parametrize("name, value", SECRET_VALUES)
+def test_a_bad_value_is_named_by_variable_and_origin_never_echoed(tmp_path, name, value):
+    env_file = write_env_file(tmp_path / "x.env", {"PROXMOX_BRIDGE": "vmbr0", name: value})
+    from_file = {"PACKER_ASSETS_ENV_FILE": str(env_file)}
+    for env, origin in (({name: value}, "environment"), (from_file, f"{env_file}: line 2")):
+        with pytest.raises(SettingsError) as err:
+            load_settings({"PACKER_ASSETS_ROOT": str(tmp_path), **env})
+        assert str(err.value).startswith(f"{origin}: {name}")
+        assert SECRET not in str(err.value) and "Sup3r" not in str(err.value)
+
+
+def test_settings_command_never_prints_a_secret_from_a_bad_env_file(tmp_path):
+    """What the issue showed: `PROXMOX_BOOTSTRAP_PASSWORD= Sup3rS3cretPw` printed the password back."""
+    env_file = tmp_path / "lab.env"
+    env_file.write_text(f"PROXMOX_NODE=pve1\nPROXMOX_BOOTSTRAP_PASSWORD= {SECRET}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PACKER_ASSETS_", "PROXMOX_"))}
+    shown = subprocess.run([sys.executable, "-m", "packer_assets.cli", "settings"], capture_output=True, text=True,
+                           env={**env, "PACKER_ASSETS_ROOT": str(tmp_path), "PACKER_ASSETS_ENV_FILE": str(env_file)},
+                           timeout=120)
+    assert shown.returncode == 2 and shown.stdout == "" and SECRET not in shown.stderr
+    assert shown.stderr == (f"packer-assets: {env_file}: line 2: PROXMOX_BOOTSTRAP_PASSWORD: an unquoted blank in or "
+                            "before the value (bash would run the rest as a command); quote the whole value\n")
