@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+import traceback
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -249,7 +250,18 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
                                 smoke_error=_named(key, redact(str(exc))), smoke_steps=[_step_facts(s, redact)
                                                                            for s in getattr(exc, "steps", ())],
                                 swept=swept)
+        except Exception as exc:  # our own bug (SmokeInternalError, ...): no verdict on the template, which goes
+            log.line("error", redact(f"{type(exc).__name__}: {exc}"))
+            for line in "".join(traceback.format_exception(exc)).splitlines():
+                log.line("traceback", redact(line))
+            log.line("smoke", f"internal error: destroying the new template {vmid}, the promoted one stays")
+            if _destroy(api, found.node, vmid, entry, log):
+                vm_record.unlink(missing_ok=True)
+            raise
         stages["smoke"] = smoke.seconds
+        warnings = [*prepared.warnings, *map(redact, smoke.warnings)]  # checks passed with a warning (cloud-init 2)
+        for warning in smoke.warnings:
+            log.line("warning", redact(warning))
         log.line("smoke", f"passed: clone {smoke.clone_vmid} booted {smoke.found_os} (expected {smoke.expected_os}), "
                           f"agent answered, ips {smoke.ips}, {sbom['packages']} packages in {SBOM_FILE}")
         vm_record.unlink(missing_ok=True)  # a template that passed: no longer a build VM
@@ -267,7 +279,7 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
             "timings": {"started_at": started.isoformat(), "stages": stages},
             "smoke": smoke_facts,
             "input_fingerprint": fingerprint, "previous_template_vmid": current,
-            "pruned_vmids": [], "warnings": list(prepared.warnings), "sbom": sbom,
+            "pruned_vmids": [], "warnings": warnings, "sbom": sbom,
             "guest": lab_guest_description(settings.lab_guests, key),
         }
         # Recorded before the promotion: a run killed from here on leaves a promoted template whose build
@@ -282,7 +294,7 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
             log.line("warning", f"prune of {vm} failed: {why}")
     previous = promotion.previous[0] if promotion.previous else None
     outcome = BuildOutcome(key, str(chain), fingerprint, False, vmid, name, log.path, smoke=smoke_facts,
-                           previous_vmid=previous, pruned=list(pruned.destroyed), warnings=list(prepared.warnings),
+                           previous_vmid=previous, pruned=list(pruned.destroyed), warnings=list(warnings),
                            swept=swept, record_file=record_file)
     record.update(previous_template_vmid=previous, pruned_vmids=list(pruned.destroyed))
     record["timings"]["finished_at"] = datetime.now(UTC).isoformat()

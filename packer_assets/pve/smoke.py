@@ -8,6 +8,11 @@ Steps, as errors name them: clone, configure, start, agent, osinfo, identity (th
 key's catalog entry expects: `expected_os`), network, then the guest checks of the key's family and the
 catalog's `smoke.commands` (guest_checks.py: cloud_init, fresh_identity, ssh_login, password_locked,
 guest_agent_enabled, ...), inventory (the installed packages, for the SBOM), cleanup.
+
+What fails a step is the guest's answer (or the node's): a SmokeTestError, "the template failed". A
+KeyError, ValueError, TypeError, AttributeError or IndexError inside a step is our own code failing on
+what came back: a SmokeInternalError, named a packer-assets bug, its traceback kept (`__cause__`), so a
+parsing bug is never reported as a broken template (the build still destroys the new template).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from proxmoxer import ProxmoxAPI
 from proxmoxer.core import ResourceException
 
 from ..catalog import TemplateEntry
-from ..errors import OperationError
+from ..errors import ConfigError, OperationError
 from ..guest_checks import GuestCheck, checks_for, parse_identity
 from ..sbom import Package, SbomError, inventory_command, parse_inventory
 from .guest_exec import EphemeralKey, GuestExecTimeout, GuestOutput, SshLoginError, agent_exec, ssh_run
@@ -59,6 +64,22 @@ class SmokeTestError(OperationError):
         super().__init__(text + (f"; cleanup: {cleanup}" if cleanup else ""))
 
 
+class SmokeInternalError(OperationError):
+    """A bug in packer-assets' smoke-test code at `step` (its cause, with the traceback, is `__cause__`):
+    no verdict on the template."""
+
+    def __init__(self, step: str, template_vmid: int, key: str, exc: BaseException):
+        self.step, self.template_vmid, self.key = step, template_vmid, key
+        self.steps: tuple[SmokeStep, ...] = ()
+        super().__init__(f"{key}: smoke test of template {template_vmid}: internal error at step {step!r}: "
+                         f"{type(exc).__name__}: {exc}: a bug in packer-assets, not a fault of the template "
+                         "(the traceback is in the build log)")
+
+
+# Our own code failing on what it read (a bug), as opposed to the guest or the node failing.
+INTERNAL_ERRORS = (KeyError, ValueError, TypeError, AttributeError, IndexError)
+
+
 @dataclass(frozen=True)
 class SmokeStep:
     name: str
@@ -81,6 +102,7 @@ class SmokeResult:
     packages: tuple[Package, ...] = ()
     machine_id: str | None = None
     host_keys: tuple[str, ...] = ()  # `type base64` of the clone's SSH host keys
+    warnings: tuple[str, ...] = ()  # checks that passed with a warning (cloud-init's exit 2), each naming why
 
     @property
     def os_name(self) -> str:
@@ -131,6 +153,7 @@ class _Run:
         self.created = False  # True once PVE accepted our clone request: from then on the VMID is ours
         self.steps: list[SmokeStep] = []
         self.detail = ""  # what the current step saw, for its record (set inside the step)
+        self.warnings: list[str] = []
 
     def error(self, step: str, reason: str) -> SmokeTestError:
         return SmokeTestError(step, self.template_vmid, self.clone_vmid, self.key, reason)
@@ -143,10 +166,13 @@ class _Run:
         except SmokeTestError:
             self.steps.append(SmokeStep(name, time.monotonic() - started, False, self.detail))
             raise
-        except (ResourceException, TemplateError, TaskError, OSError, ValueError, KeyError, SbomError) as exc:
+        except (ResourceException, TemplateError, TaskError, OSError, SbomError, ConfigError) as exc:
             reason = said(exc) if isinstance(exc, ResourceException) else str(exc)
             self.steps.append(SmokeStep(name, time.monotonic() - started, False, reason))
             raise self.error(name, reason) from exc
+        except INTERNAL_ERRORS as exc:
+            self.steps.append(SmokeStep(name, time.monotonic() - started, False, f"internal error: {type(exc).__name__}"))
+            raise SmokeInternalError(name, self.template_vmid, self.key, exc) from exc
         self.steps.append(SmokeStep(name, time.monotonic() - started, True, self.detail))
         self.detail = ""
 
@@ -192,6 +218,8 @@ def smoke_test(api: ProxmoxAPI, node: str, template_vmid: int, entry: TemplateEn
         if isinstance(exc, SmokeTestError):
             raise SmokeTestError(exc.step, template_vmid, run.clone_vmid, entry.key, exc.reason, note,
                                  tuple(run.steps)) from exc
+        if isinstance(exc, SmokeInternalError):
+            exc.steps = tuple(run.steps)
         if not cleaned:
             exc.add_note(f"smoke test cleanup: {note}")
         raise
@@ -200,7 +228,7 @@ def smoke_test(api: ProxmoxAPI, node: str, template_vmid: int, entry: TemplateEn
         raise SmokeTestError("cleanup", template_vmid, run.clone_vmid, entry.key, note, steps=tuple(run.steps))
     return SmokeResult(template_vmid, result["clone_vmid"], result["os_info"], result["interfaces"], result["ips"],
                        time.monotonic() - started, tuple(run.steps), str(entry.expected_os), result["packages"],
-                       result["machine_id"], tuple(result["host_keys"]))
+                       result["machine_id"], tuple(result["host_keys"]), tuple(run.warnings))
 
 
 def _cleanup(api: ProxmoxAPI, node: str, run: _Run, task_timeout: float) -> tuple[bool, str | None]:
@@ -315,6 +343,8 @@ def _test(api, node, template_vmid, entry, run: _Run, clone_vmid, ssh_public_key
             passed, run.detail = check.judge(output.exit_code, output.out, values, output.err)
             if not passed:
                 raise run.error(check.name, f"{check.purpose}: {run.detail}")
+            if check.warned(output.exit_code):
+                run.warnings.append(f"{entry.key}: smoke test: {check.name} {run.detail}")
             if check.name == "fresh_identity" and linux:
                 identity["machine_id"], identity["host_keys"] = parse_identity(output.out)
 

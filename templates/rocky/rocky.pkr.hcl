@@ -34,13 +34,11 @@ build {
     environment_vars = local.sudo_environment
     use_env_var_file = true
     execute_command  = local.sudo_execute_command
-    inline = [
-      # First boot's cloud-init must be finished before anything is changed (exit 2: done, with warnings).
-      "cloud-init status --wait || [ $? -eq 2 ]",
+    inline = concat(local.wait_cloud_init, [
       "rpm -q qemu-guest-agent cloud-init >/dev/null 2>&1 || dnf install -y qemu-guest-agent cloud-init",
       "systemctl enable qemu-guest-agent",
       "dnf clean all",
-    ]
+    ])
   }
 
   # Last: forget this install's identity (local.generalize_linux).

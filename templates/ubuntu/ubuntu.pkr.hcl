@@ -37,14 +37,12 @@ build {
     environment_vars = local.sudo_environment
     use_env_var_file = true
     execute_command  = local.sudo_execute_command
-    inline = [
-      # First boot's cloud-init must be finished before anything is changed (exit 2: done, with warnings).
-      "cloud-init status --wait || [ $? -eq 2 ]",
+    inline = concat(local.wait_cloud_init, [
       "export DEBIAN_FRONTEND=noninteractive",
       "dpkg -s qemu-guest-agent >/dev/null 2>&1 || { apt-get update && apt-get install -y qemu-guest-agent; }",
       "systemctl enable qemu-guest-agent",
       "apt-get clean",
-    ]
+    ])
   }
 
   # Last: forget this install's identity (local.generalize_linux).

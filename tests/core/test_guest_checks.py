@@ -2,7 +2,9 @@
 scripts themselves, run here for real (sh, stat, awk, getent) on files and users the test controls."""
 
 import copy
+import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -12,11 +14,13 @@ from support import REPO
 
 from packer_assets.catalog import RESERVED_STEPS, load_catalog
 from packer_assets.guest_checks import (
+    CLOUD_INIT,
     FAMILY_CHECKS,
     FRESH_IDENTITY_CHECK,
     PASSWORD_LOCKED_CHECK,
     SSH_LOGIN,
     checks_for,
+    listed_errors,
     parse_identity,
 )
 from packer_assets.pve.smoke import BASE_STEPS
@@ -138,7 +142,20 @@ def test_password_locked_reads_the_shadow_entry(tmp_path, shadow, passed):
     if not passed:
         assert "can still log in with the install password" in out
     code, out = run_check(PASSWORD_LOCKED_CHECK, tmp_path, {"install_user": "nobody-here"}, bin_dir)
-    assert code == 0 and "does not exist" in out
+    assert code == 1 and "user nobody-here does not exist" in out  # proves nothing: fails
+    assert not PASSWORD_LOCKED_CHECK.judge(code, out, {})[0]
+
+
+def test_password_locked_fails_for_a_user_without_a_shadow_entry(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    getent = bin_dir / "getent"  # the user exists, /etc/shadow has no line for it (getent exits 2)
+    getent.write_text("#!/bin/sh\ncase \"$1\" in passwd) echo 'packer:x:1000:1000::/home/packer:/bin/bash';; "
+                      "*) exit 2;; esac\n")
+    getent.chmod(0o755)
+    code, out = run_check(PASSWORD_LOCKED_CHECK, tmp_path, {"install_user": "packer"}, bin_dir)
+    assert code == 1 and "packer has no shadow entry" in out, out
+    assert not PASSWORD_LOCKED_CHECK.judge(code, out, {})[0]
 
 
 def test_every_linux_template_locks_the_install_password_when_it_generalizes():
@@ -147,3 +164,70 @@ def test_every_linux_template_locks_the_install_password_when_it_generalizes():
     assert '"passwd -l ${var.ssh_username}"' in generalize[:generalize.index("]")]
     for family in ("debian", "ubuntu", "rocky"):
         assert "local.generalize_linux" in (REPO / f"templates/{family}/{family}.pkr.hcl").read_text()
+
+
+# ------------------------------------------------------------------ cloud-init's exit 2, in both places
+
+# `cloud-init status --wait --long` as cloud-init 24.1 prints it (tabular, --wait: its dots first)
+DEGRADED = ("....\nstatus: done\nextended_status: degraded done\nboot_status_code: enabled-by-generator\n"
+            "detail: DataSourceNoCloud [seed=/dev/sr0][dsmode=net]\nerrors: []\nrecoverable_errors:\nWARNING:\n"
+            "\t- Failed to set locale en_US.UTF-8\nDEPRECATED:\n\t- Deprecated cloud-config provided: chpasswd.list\n")
+DONE = "\nstatus: done\nextended_status: done\nerrors: []\nrecoverable_errors: {}\n"
+FAILED = ("\nstatus: error\nextended_status: error - done\nerrors:\n\t- ('scripts_user', RuntimeError('Runparts'))\n"
+          "recoverable_errors: {}\n")
+CASES = [(0, DONE, True, False), (2, DEGRADED, True, True), (1, FAILED, False, False)]
+
+
+def wait_cloud_init_script() -> str:
+    """local.wait_cloud_init of the common Packer file, as the shell provisioner's script (one line each)."""
+    common = (REPO / "templates/common/common.pkr.hcl").read_text()
+    block = common[common.index("wait_cloud_init = ["):]
+    block = block[:block.index("\n  ]\n")]
+    return "".join(json.loads(m) + "\n" for m in re.findall(r'^\s*("(?:[^"\\]|\\.)*"),?$', block, re.M))
+
+
+def provision(tmp_path, exit_code: int, output: str) -> subprocess.CompletedProcess:
+    """The script run as the provisioner runs it (sh -eu), a fake cloud-init on PATH answering as given."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "answer").write_text(output)
+    fake = bin_dir / "cloud-init"
+    fake.write_text(f"#!/bin/sh\n[ \"$*\" = 'status --wait --long' ] || exit 99\ncat '{bin_dir}/answer'\n"
+                    f"exit {exit_code}\n")
+    fake.chmod(0o755)
+    script = tmp_path / "script.sh"
+    script.write_text(wait_cloud_init_script())
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    return subprocess.run(["sh", "-eu", str(script)], env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(("exit_code", "output", "accepted", "warned"), CASES, ids=["done", "degraded", "error"])
+def test_cloud_init_exit_2_is_accepted_with_a_warning_by_the_provisioner_and_the_smoke_check_alike(
+        tmp_path, exit_code, output, accepted, warned):
+    done = provision(tmp_path, exit_code, output)
+    assert (done.returncode == 0) is accepted, (done.stdout, done.stderr)
+    passed, detail = CLOUD_INIT.judge(exit_code, output, {})
+    assert passed is accepted and CLOUD_INIT.warned(exit_code) is warned
+    errors = ["Failed to set locale en_US.UTF-8", "Deprecated cloud-config provided: chpasswd.list"]
+    if warned:  # both name the errors cloud-init recovered from
+        assert "WARNING: cloud-init finished with recoverable errors (exit 2)" in done.stdout
+        assert all(e in done.stdout for e in errors) and all(e in detail for e in errors)
+        assert detail.startswith("passed with a warning: exit 2") and "DEPRECATED: Deprecated" in detail
+    else:
+        assert "WARNING" not in done.stdout and "warning" not in detail
+    if not accepted:
+        assert "cloud-init failed (exit 1)" in done.stderr and done.returncode == 1
+
+
+def test_listed_errors_reads_both_lists_with_their_levels():
+    assert listed_errors(DEGRADED) == ["WARNING: Failed to set locale en_US.UTF-8",
+                                       "DEPRECATED: Deprecated cloud-config provided: chpasswd.list"]
+    assert listed_errors(FAILED) == ["ERROR: ('scripts_user', RuntimeError('Runparts'))"]
+    assert listed_errors(DONE) == []
+
+
+def test_every_linux_template_waits_for_cloud_init_through_the_one_shared_script():
+    found = [p for p in (REPO / "templates").rglob("*.pkr.hcl") if "cloud-init status" in p.read_text()]
+    assert found == [REPO / "templates/common/common.pkr.hcl"]  # nowhere else: one way to judge exit 2
+    for family in ("debian", "ubuntu", "rocky"):
+        assert "inline = concat(local.wait_cloud_init, [" in (REPO / f"templates/{family}/{family}.pkr.hcl").read_text()
