@@ -4,6 +4,7 @@ import subprocess
 import pytest
 
 from packer_assets.envfile import EnvFileError, parse, read_env_file, write_env_file
+from support.settings_cli import settings_command
 
 TRICKY = {
     "PLAIN": "value",
@@ -60,7 +61,8 @@ MALFORMED = [
 
 
 @pytest.mark.parametrize("text, line, variable", MALFORMED)
-def test_malformed_lines_name_file_line_and_variable_never_the_value(tmp_path, text, line, variable):
+def test_malformed_lines_name_file_line_and_variable_never_the_value(tmp_path, monkeypatch, capsys, text, line,
+                                                                    variable):
     path = tmp_path / "bad.env"
     path.write_text(text)
     with pytest.raises(EnvFileError) as err:
@@ -70,6 +72,9 @@ def test_malformed_lines_name_file_line_and_variable_never_the_value(tmp_path, t
     assert message.startswith(f"{path}: line {line}: ")
     if variable:
         assert variable in message
+    # `packer-assets settings` with the file named: that one line on stderr, nothing else anywhere
+    assert settings_command(monkeypatch, capsys, tmp_path, PACKER_ASSETS_ENV_FILE=str(path)) == \
+        (2, "", f"packer-assets: {message}\n")
 
 
 def test_unreadable_files_are_one_line_without_their_text(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 
 from packer_assets.envfile import write_env_file
 from packer_assets.settings import SettingsError, load_settings
+from support.settings_cli import settings_command
 
 CA = certifi.where()  # a real PEM bundle: the CA file must load
 
@@ -196,7 +197,7 @@ SECRET_VALUES = [
 
 
 @pytest.mark.parametrize("name, value", SECRET_VALUES)
-def test_a_bad_value_is_named_by_variable_and_origin_never_echoed(tmp_path, name, value):
+def test_a_bad_value_is_named_by_variable_and_origin_never_echoed(tmp_path, monkeypatch, capsys, name, value):
     env_file = write_env_file(tmp_path / "x.env", {"PROXMOX_BRIDGE": "vmbr0", name: value})
     from_file = {"PACKER_ASSETS_ENV_FILE": str(env_file)}
     for env, origin in (({name: value}, "environment"), (from_file, f"{env_file}: line 2")):
@@ -204,6 +205,8 @@ def test_a_bad_value_is_named_by_variable_and_origin_never_echoed(tmp_path, name
             load_settings({"PACKER_ASSETS_ROOT": str(tmp_path), **env})
         assert str(err.value).startswith(f"{origin}: {name}")
         assert SECRET not in str(err.value) and "Sup3r" not in str(err.value)
+        # and `packer-assets settings` prints that one line, nothing else
+        assert settings_command(monkeypatch, capsys, tmp_path, **env) == (2, "", f"packer-assets: {err.value}\n")
 
 
 def test_settings_command_never_prints_a_secret_from_a_bad_env_file(tmp_path):
