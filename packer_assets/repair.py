@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .build import NoPromotedBuild, promoted_record, sweep_leftovers, write_proof
-from .catalog import TemplateEntry
+from .catalog import Catalog, TemplateEntry
 from .evidence import Layout, latest, swap_latest
 from .locks import exclusive, key_if_free
-from .registry import record_proof
+from .registry import record_proof, write_registry
 from .signing import Signer
 
 
@@ -41,9 +41,10 @@ class ProofState:
         return f"{self.key}: proof of the promoted template ({self.chain_id}) {' and '.join(done)}: {self.proof_dir}"
 
 
-def ensure_proof(layout: Layout, api, key: str, signer: Signer | None) -> ProofState:
+def ensure_proof(layout: Layout, api, catalog: Catalog, key: str, signer: Signer | None) -> ProofState:
     """The proof of the key's promoted template: written if missing, `latest` pointed at it, registry.json
-    naming it. Raises NoPromotedBuild when there is nothing this output root can prove."""
+    naming it (rewritten from the node when it does not list the template: a run killed before its own
+    rewrite). Raises NoPromotedBuild when there is nothing this output root can prove."""
     folder, record = promoted_record(layout, api, key)
     proof_dir = layout.build_proof_dir(key, folder.name)
     lock = layout.lock_file(key).with_name(f"{key}.proof.lock")
@@ -54,25 +55,26 @@ def ensure_proof(layout: Layout, api, key: str, signer: Signer | None) -> ProofS
         relinked = latest(proof_dir.parent) != proof_dir.resolve()
         if relinked:
             swap_latest(proof_dir)
-    record_proof(layout, key, record["chain_id"])
+    if not record_proof(layout, key, record["chain_id"]):
+        write_registry(layout, api, catalog)
     return ProofState(key, record["chain_id"], proof_dir, written, relinked, record)
 
 
-def repair_proofs(layout: Layout, api, keys: Iterable[str], signer: Signer | None) -> list[str]:
+def repair_proofs(layout: Layout, api, catalog: Catalog, signer: Signer | None) -> list[str]:
     """ensure_proof for each key no other live run works on (that run writes its own proof); one line
     per repair and per key whose proof could not be written."""
     lines = []
-    for key in keys:
+    for key in catalog.keys():
         with key_if_free(layout.lock_file(key)) as free:
-            line = _repair_one(layout, api, key, signer) if free else None
+            line = _repair_one(layout, api, catalog, key, signer) if free else None
         if line:
             lines.append(line)
     return lines
 
 
-def _repair_one(layout: Layout, api, key: str, signer: Signer | None) -> str | None:
+def _repair_one(layout: Layout, api, catalog: Catalog, key: str, signer: Signer | None) -> str | None:
     try:
-        return ensure_proof(layout, api, key, signer).line()
+        return ensure_proof(layout, api, catalog, key, signer).line()
     except NoPromotedBuild:
         return None  # nothing promoted, or built from another output root: nothing to repair here
     except Exception as exc:  # noqa: BLE001 - one key's failure must not stop the others' repair

@@ -65,7 +65,7 @@ def repair_once(context: dg.AssetExecutionContext, project: ProjectSettings, key
         others = [entry for entry in catalog if entry.key != key]
         lines = [f"dead run's leftover: {line}" for line in sweep_idle_keys(project.layout(), api,
                                                                             access.discovery.node, others)]
-        lines += [f"proof repaired: {line}" for line in repair_proofs(project.layout(), api, catalog.keys(),
+        lines += [f"proof repaired: {line}" for line in repair_proofs(project.layout(), api, catalog,
                                                                       project.signer())]
     except Exception as exc:  # noqa: BLE001 - a render needs no node; a build finds the same error itself
         lines = [f"dead runs' leftovers not checked: {type(exc).__name__}: {exc}"]
@@ -387,7 +387,7 @@ def template(
         return
     tag_outcome(context, BUILT)
     # in this step, so no selection (template alone, from the UI) promotes a template without its proof
-    proved = ensure_proof(layout, access.connect(), key, project.signer())
+    proved = ensure_proof(layout, access.connect(), catalog, key, project.signer())
     context.log.info(f"[{chain}] proof {proved.proof_dir}")
     meta.update(outcome=BUILT, promoted=True, previous_vmid=outcome.previous_vmid,
                 pruned=dg.MetadataValue.json(outcome.pruned), proof=dg.MetadataValue.path(str(proved.proof_dir)))
@@ -472,7 +472,8 @@ def template_proof(context: dg.AssetExecutionContext, project: ProjectSettings) 
     key, layout = hold_partition(context, project)
     # the promoted template's build, not the newest log: a failed build writes a log but never a record;
     # its proof is written by the template step, or here by any run after a crash
-    proved = ensure_proof(layout, project.build_access().connect(), key, project.signer())
+    proved = ensure_proof(layout, project.build_access().connect(), project.catalog(), key,
+                          project.signer())
     record, proof_dir = proved.record, proved.proof_dir
     context.log.info(f"[{record['chain_id']}] proof {proof_dir}")
     return dg.MaterializeResult(
