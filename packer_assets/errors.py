@@ -2,12 +2,13 @@
 
     PackerAssetsError
     ├── ConfigError (also a ValueError): bad input, found before anything is changed
-    │   CatalogError, SettingsError, EnvFileError, PasswordError, RenderError, AnswerIsoError, ChannelError,
-    │   WorkdirError > PackerCapabilityError, PackerEnvError, PackerAuthError
+    │   CatalogError, SettingsError, EnvFileError, PasswordError, RenderError, RenderRecordError, AnswerIsoError,
+    │   ChannelError, WorkdirError > PackerCapabilityError, PackerEnvError, PackerAuthError
     └── OperationError (also a RuntimeError): the work itself failed
         PveAccessError, BootstrapError > SshBootstrapError, StagingError, TemplateError > VmidRangeFull,
-        SmokeTestError, PackerError > PackerCancelled | PackerTimeout, PackerVersionError, ChecksumError,
-        ValidatorUnavailable, KeyBusy, BuildPrivilegeError, NoPromotedBuild, LabError
+        SmokeTestError, SmokeInternalError (a bug of ours, not the template's),
+        PackerError > PackerCancelled | PackerTimeout, PackerVersionError, ChecksumError, ValidatorUnavailable,
+        KeyBusy, BuildPrivilegeError, NoPromotedBuild, LabError
 
 Every message names what and where (file, key, field, URL, VMID) and never holds a secret, so the CLI
 prints any of them as one line; anything else that escapes is a bug and keeps its traceback.

@@ -9,7 +9,8 @@
 4. writes each file atomically (password-bearing files mode 0600: Packer's HTTP server runs as the
    same user, nobody else needs them), and for Windows the answer ISO;
 5. returns each file's sha256 and verdicts and `content_hash`, the data version: a hash of the
-   rendered files alone, equal for equal inputs (the crypt salt is derived, see passwords.py).
+   rendered files alone, equal for equal inputs (the crypt salt is derived, see passwords.py), and
+   the names of other files found in `out_dir` (`ignored`: never served, see record.py).
 
 Escaping is by format, through filters, so a template can't forget it silently:
 - XML (`*.xml.j2`): Jinja autoescape, chosen by the name without `.j2` (select_autoescape(["xml"])
