@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from .allowed_signers import SignerRefused, check_allowed, read_allowed_signers
 from .errors import ConfigError, OperationError
 
 NAMESPACE = "packer-assets-proof"
@@ -73,10 +76,7 @@ class Signer:
     key_id: str | None = None
 
     def _private(self) -> Ed25519PrivateKey:
-        try:
-            data = Path(self.key_file).read_bytes()
-        except OSError as exc:
-            raise SigningKeyError(f"signing key {self.key_file}: cannot read it ({exc.strerror})") from None
+        data = read_private_key_file(Path(self.key_file))
         try:
             key = serialization.load_ssh_private_key(data, password=None)
         except (ValueError, TypeError):
@@ -98,6 +98,29 @@ class Signer:
         text = base64.b64encode(blob).decode()
         lines = [text[i:i + 70] for i in range(0, len(text), 70)]
         return "\n".join([ARMOR_BEGIN, *lines, ARMOR_END]) + "\n"
+
+
+def read_private_key_file(path: Path) -> bytes:
+    """The key file's bytes, refused as ssh-keygen refuses it (authfile.c sshkey_perm_ok): a file we own
+    that group or others may read or write, or anything that is not a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # non-blocking: a FIFO named as the key must not hang
+    except OSError as exc:
+        raise SigningKeyError(f"signing key {path}: cannot read it ({exc.strerror})") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise SigningKeyError(f"signing key {path}: is a directory, not a key file")
+        if not stat.S_ISREG(info.st_mode):
+            raise SigningKeyError(f"signing key {path}: not a regular file")
+        if info.st_uid == os.getuid() and info.st_mode & 0o077:
+            raise SigningKeyError(f"signing key {path}: UNPROTECTED PRIVATE KEY FILE: permissions "
+                                  f"0{info.st_mode & 0o777:03o} are too open, ssh-keygen ignores such a key too "
+                                  f"(chmod 600 {path})")
+        with os.fdopen(os.dup(fd), "rb") as key_file:
+            return key_file.read()
+    finally:
+        os.close(fd)
 
 
 def verify(message: bytes, armored: str, namespace: str = NAMESPACE) -> str:
@@ -139,20 +162,20 @@ def verify(message: bytes, armored: str, namespace: str = NAMESPACE) -> str:
     return public_key_line(key)
 
 
-def allowed_signer(path: Path, public_key: str, namespace: str = NAMESPACE) -> str | None:
-    """The principal of `public_key` in an allowed_signers file (ssh-keygen's format: principals,
-    optional options such as namespaces="...", key type, key), or None if it is not listed for the
-    namespace. Comments and blank lines are skipped."""
-    wanted = public_key.split()[:2]
-    for raw in Path(path).read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        fields = line.split()
-        for i, field in enumerate(fields):
-            if field.startswith(("ssh-", "ecdsa-", "sk-")) and fields[i:i + 2] == wanted:
-                options = " ".join(fields[1:i])
-                if "namespaces=" in options and namespace not in options.split("namespaces=", 1)[1].split()[0]:
-                    break
-                return fields[0]
-    return None
+def allowed_signer(path: Path, public_key: str, namespace: str = NAMESPACE, principal: str | None = None,
+                   verify_time: int | None = None) -> str | None:
+    """The principals of the allowed_signers line that lets `public_key` sign for `principal` (the
+    `-I` of `ssh-keygen -Y verify`; None: any) in `namespace` now (or at `verify_time`), or None.
+    Read exactly as ssh-keygen reads it (allowed_signers.py); an unreadable file raises
+    AllowedSignersError (one line)."""
+    try:
+        return check_allowed_signer(path, public_key, namespace, principal, verify_time)
+    except SignerRefused:
+        return None
+
+
+def check_allowed_signer(path: Path, public_key: str, namespace: str = NAMESPACE, principal: str | None = None,
+                         verify_time: int | None = None) -> str:
+    """As allowed_signer, but a refusal raises SignerRefused saying why (the line and the reason)."""
+    blob = base64.b64decode(public_key.split()[1])
+    return check_allowed(read_allowed_signers(path), blob, principal, namespace, verify_time, source=str(path))

@@ -1,5 +1,6 @@
 """SSH signatures over proof manifests: our SSHSIG against the real ssh-keygen, both ways."""
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -81,3 +82,36 @@ def test_an_unusable_key_is_one_line_naming_the_file_never_its_content(tmp_path,
     assert str(path) in str(caught.value) and said in str(caught.value)
     if path.exists():
         assert path.read_text().splitlines()[1][:20] not in str(caught.value)
+
+
+# ------------------------------------------------------------------ keys as OpenSSH treats them (issue 24, item 11)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o602])
+def test_a_key_group_or_others_may_read_is_refused_as_ssh_keygen_refuses_it(tmp_path, mode):
+    key = keygen(tmp_path)
+    key.chmod(mode)
+    with pytest.raises(SigningKeyError) as caught:
+        Signer(key).sign(b"x")
+    said = str(caught.value)
+    assert said == (f"signing key {key}: UNPROTECTED PRIVATE KEY FILE: permissions 0{mode:o} are too open, "
+                     f"ssh-keygen ignores such a key too (chmod 600 {key})")
+    assert key.read_text().splitlines()[1][:20] not in said
+    # stock ssh-keygen refuses the same file (the file is ours: it checks only its owner's keys)
+    done = subprocess.run(["ssh-keygen", "-y", "-f", str(key)], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert done.returncode != 0 and "UNPROTECTED PRIVATE KEY FILE" in done.stderr
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400])
+def test_a_key_only_its_owner_may_read_signs(tmp_path, mode):
+    key = keygen(tmp_path)
+    key.chmod(mode)
+    assert verify(b"x", Signer(key).sign(b"x")).split()[:2] == key.with_suffix(".pub").read_text().split()[:2]
+
+
+def test_a_directory_or_a_fifo_given_as_the_key_is_named_for_what_it_is(tmp_path):
+    with pytest.raises(SigningKeyError, match=f"^signing key {tmp_path}: is a directory, not a key file$"):
+        Signer(tmp_path).public_key()
+    os.mkfifo(tmp_path / "fifo", 0o600)  # opened without blocking: no writer needed
+    with pytest.raises(SigningKeyError, match="fifo: not a regular file$"):
+        Signer(tmp_path / "fifo").public_key()
