@@ -168,14 +168,15 @@ def _lab(args) -> int:
 def _proof_verify(args) -> int:
     """Verify one bundle (a folder or a chain ID), or every bundle under the output root."""
     from .settings import load_settings
-    from .verify import FAILED, OK, all_bundles, find_bundle, verify_bundle
+    from .verify import FAILED, OK, all_bundles, bundle_chain, find_bundle, verify_bundle
 
     layout = load_settings().layout
     folders = [find_bundle(layout, args.bundle)] if args.bundle else all_bundles(layout)
     if not folders:
         print(f"no proof bundles under {layout.output_root}")
         return FAILED
-    reports = [verify_bundle(f, args.allowed_signers, args.require_signature) for f in folders]
+    reports = [verify_bundle(f, args.allowed_signers, args.require_signature, bundle_chain(layout, f))
+               for f in folders]
     for report in reports:
         print("\n".join(report.lines()))
     return OK if all(r.ok for r in reports) else FAILED
@@ -332,8 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
                                   "proof.json against its schema; exit 0 ok, 1 a problem (each named), 2 not found")
     verify.add_argument("bundle", nargs="?", help="a bundle folder or a chain ID (default: every bundle)")
     verify.add_argument("--allowed-signers", type=Path, default=None,
-                        help="ssh-keygen's allowed_signers file: the signer must be listed")
-    verify.add_argument("--require-signature", action="store_true", help="an unsigned bundle fails")
+                        help="ssh-keygen's allowed_signers file: a signature is required, and its signer must be "
+                        "allowed for the manifest's key_id as `ssh-keygen -Y verify -I <key_id>` decides")
+    verify.add_argument("--require-signature", action="store_true",
+                        help="an unsigned bundle fails (implied by --allowed-signers)")
     verify.set_defaults(func=_proof_verify)
 
     chain = sub.add_parser("chain", help="everything that carries a chain ID: logs, record, proof, Dagster runs, "
