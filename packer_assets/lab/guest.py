@@ -18,6 +18,7 @@ import hmac
 import json
 import os
 import posixpath
+import re
 import shlex
 import socket
 import threading
@@ -202,11 +203,10 @@ class LabGuest:
                 # the smoke test's login check: who logged in is the server's to say, not a test handler's
                 chan.sendall(f"{username}\n".encode())
                 status = 0
-            elif self.exec_handler:
-                status, out = self.exec_handler(command)
-                chan.sendall(out)
             else:
-                status = 0
+                self._chmod(argv)
+                status, out = self.exec_handler(command) if self.exec_handler else (0, b"")
+                chan.sendall(out)
         except Exception as e:  # a lab bug must still end the channel, or the client hangs
             try:
                 chan.sendall_stderr(f"lab guest: {type(e).__name__}: {e}\n".encode())
@@ -214,6 +214,16 @@ class LabGuest:
                 pass  # the client went away (a killed packer mid-upload): nobody to tell
         finally:
             _finish(chan, status)
+
+
+    def _chmod(self, argv: list[str]) -> None:
+        """`chmod <octal> <path>...` changes the uploaded files as a real guest's chmod would (packer makes
+        its env var file, which holds the install password, 0600 this way). Anything else changes nothing."""
+        if len(argv) < 3 or argv[0] != "chmod" or not re.fullmatch(r"[0-7]{3,4}", argv[1]):
+            return
+        for path in map(self.local_path, argv[2:]):
+            if path.is_file() and not path.is_symlink():
+                path.chmod((int(argv[1], 8) & 0o777) | 0o600)  # the lab must still read what it holds
 
 
 def _is_probe(conn: socket.socket) -> bool:
@@ -422,7 +432,9 @@ class _ScpSink:
             raise EOFError(f"scp: short upload of {self.guest.guest_path(dest)}")
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.scp-tmp")
-        tmp.write_bytes(data)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never readable by others meanwhile
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
         tmp.chmod((mode & 0o777) | 0o600)  # keep it readable by the lab whatever the guest mode
         os.replace(tmp, dest)
         self.guest._uploaded("scp", dest)

@@ -66,7 +66,8 @@ class LabSftp(paramiko.SFTPServerInterface):
     @_errno
     def open(self, path, flags, attr):
         local = self.guest.local_path(path)
-        fd = os.open(local, flags, 0o644)
+        # Created 0600 unless the client asks for a mode (packer's env var file holds the install password).
+        fd = os.open(local, flags, 0o600 if attr.st_mode is None else (attr.st_mode & 0o777) | 0o600)
         if flags & os.O_WRONLY:
             mode = "ab" if flags & os.O_APPEND else "wb"
         elif flags & os.O_RDWR:

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import stat
 import subprocess
 import threading
 
@@ -126,6 +127,25 @@ def test_scp_sink_file_and_directory_like_packer(lab_guest, guest_ssh):
     assert lab_guest.local_path("/etc/app/sub/empty").read_bytes() == b""
     assert ("scp", "/etc/app/sub/empty") in lab_guest.uploads
     assert lab_guest.commands == ["scp -vt /tmp", "scp -rvt /etc/app"]
+
+
+def test_the_env_var_file_holding_the_install_password_is_0600(lab_guest, guest_ssh):
+    # packer 1.6.6 (use_env_var_file): upload /tmp/varfile_<n>.sh with no mode (scp: C0644), then `chmod 0600` it
+    data = b"export PACKER_INSTALL_PASSWORD='pw-not-for-others'\n"
+    assert scp_session(guest_ssh, "scp -vt /tmp", [b"C0644 %d varfile_1234.sh\n" % len(data), data + b"\0"]) == 0
+    assert run(guest_ssh, "chmod 0600 /tmp/varfile_1234.sh") == (0, b"")
+    assert stat.S_IMODE(lab_guest.local_path("/tmp/varfile_1234.sh").stat().st_mode) == 0o600
+    # over SFTP the file is created 0600 before any chmod; a mode the client sets still applies
+    sftp = guest_ssh.open_sftp()
+    with sftp.open("/tmp/varfile_5678.sh", "w") as f:
+        f.write(data)
+    assert stat.S_IMODE(lab_guest.local_path("/tmp/varfile_5678.sh").stat().st_mode) == 0o600
+    sftp.chmod("/tmp/varfile_5678.sh", 0o644)
+    assert stat.S_IMODE(lab_guest.local_path("/tmp/varfile_5678.sh").stat().st_mode) == 0o644
+    sftp.close()
+    # only a plain octal chmod of files is applied; anything else changes nothing
+    assert run(guest_ssh, "chmod 0600 /tmp/varfile_5678.sh; rm -rf /")[0] == 0
+    assert stat.S_IMODE(lab_guest.local_path("/tmp/varfile_5678.sh").stat().st_mode) == 0o644
 
 
 def test_scp_rejects_bad_names_and_source_mode(lab_guest, guest_ssh):
@@ -272,6 +292,27 @@ def test_packer_null_builder_provisions_through_the_guest(lab_guest, guest_passw
     assert lab_guest.local_path("/tmp/payload.txt").read_text() == "payload\n"
     assert lab_guest.local_path("/opt/tree/sub/leaf.txt").read_text() == "leaf\n"
     assert {m for m, _ in lab_guest.uploads} == {transfer}
+
+
+@needs_packer
+@pytest.mark.parametrize("transfer", ["scp", "sftp"])
+def test_packer_env_var_file_with_the_password_lands_0600(lab_guest, guest_password, tmp_path, transfer):
+    template = {
+        "variables": {"password": "{{env `LAB_GUEST_PASSWORD`}}"},  # secrets via the environment
+        "builders": [{"type": "null", "communicator": "ssh", "ssh_host": lab_guest.host, "ssh_port": lab_guest.port,
+                      "ssh_username": lab_guest.username, "ssh_password": "{{user `password`}}",
+                      "ssh_timeout": "30s", "ssh_file_transfer_method": transfer}],
+        "provisioners": [{"type": "shell", "use_env_var_file": True, "inline": ["true"],
+                          "environment_vars": ["PACKER_INSTALL_PASSWORD={{user `password`}}"]}],
+    }
+    (tmp_path / "build.json").write_text(json.dumps(template))
+    env = {**os.environ, "LAB_GUEST_PASSWORD": guest_password, "HOME": str(tmp_path), "CHECKPOINT_DISABLE": "1"}
+    proc = subprocess.run(["packer", "build", "-color=false", "build.json"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    varfiles = [lab_guest.local_path(p) for _, p in lab_guest.uploads if "/varfile_" in p]
+    assert len(varfiles) == 1 and guest_password in varfiles[0].read_text()
+    assert stat.S_IMODE(varfiles[0].stat().st_mode) == 0o600
 
 
 def test_further_login_names_share_the_credentials(tmp_path):

@@ -83,6 +83,20 @@ def new_token(api, userid, tokenid, **options):
 
 # ------------------------------------------------------------------------- TLS and PKI
 
+def test_the_lab_signing_key_is_0600_whatever_the_umask_and_signs(tmp_path):
+    from packer_assets.lab.certs import make_signing_key
+    from packer_assets.signing import Signer, allowed_signer
+
+    old = os.umask(0)  # a careless umask must not leave the key readable: Signer would refuse it
+    try:
+        made = make_signing_key(tmp_path / "signing")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(made.key_file.stat().st_mode) == 0o600
+    signer = Signer(made.key_file, made.key_id)
+    assert allowed_signer(made.allowed_signers, signer.public_key(), principal=made.key_id) == made.key_id
+
+
 def test_pki_is_a_real_ca_chain(lab_pki, lab_pve):
     ca = x509.load_pem_x509_certificate(open(lab_pki.ca_file, "rb").read())
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
