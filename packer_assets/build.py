@@ -250,11 +250,12 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
                                 smoke_error=_named(key, redact(str(exc))), smoke_steps=[_step_facts(s, redact)
                                                                            for s in getattr(exc, "steps", ())],
                                 swept=swept)
-        except Exception as exc:  # our own bug (SmokeInternalError, ...): no verdict on the template, which goes
+        except Exception as exc:  # no verdict on the template (SmokeInternalError: our bug): it goes, the build fails
             log.line("error", redact(f"{type(exc).__name__}: {exc}"))
             for line in "".join(traceback.format_exception(exc)).splitlines():
                 log.line("traceback", redact(line))
-            log.line("smoke", f"internal error: destroying the new template {vmid}, the promoted one stays")
+            log.line("smoke", f"the smoke test did not finish: destroying the new template {vmid}, the promoted "
+                              "one stays")
             if _destroy(api, found.node, vmid, entry, log):
                 vm_record.unlink(missing_ok=True)
             raise
