@@ -6,7 +6,8 @@ Packer in a prepared work directory; then the template is finished through the A
 cloud-init drive, description with the chain ID and input fingerprint); the smoke test clones it; only
 a template that passed is promoted (`packer-assets-latest`) and only then are old ones pruned. Any
 failure destroys the build VM (never a promoted template), keeps the log and writes no record, so no
-proof can follow.
+proof can follow; one after the smoke test (promotion refused, an API error, the prune) gives the
+promotion back to the template that had it and then destroys the new one (pve/templates.withdraw).
 """
 
 import json
@@ -44,6 +45,7 @@ from .pve.staging import StagedIso, upload_iso
 from .registry import record_proof, write_registry
 from .pve.templates import (
     TemplateDescription,
+    TemplateError,
     allocate_vmid,
     catalog_entry_json,
     destroy_build_vm,
@@ -57,8 +59,9 @@ from .pve.templates import (
     template_description,
     template_name,
     template_tags,
+    withdraw,
 )
-from .errors import OperationError
+from .errors import OperationError, PackerAssetsError
 from .settings import lab_guest_description, parse_ssh_ports
 
 RECORD = BUILD_RECORD_NAME
@@ -286,9 +289,14 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
         # Recorded before the promotion: a run killed from here on leaves a promoted template whose build
         # the next run can still prove (proof_repair.py), with the log up to this line.
         record_file = write_record(log.path, record)
-        promotion = promote(api, found.node, key, vmid)
-        record_plan(layout, key, *planned, vmid, str(chain))
-        pruned = prune(api, found.node, key, entry.retention, keep={vmid})
+        before = None  # the promoted template, which gets the tag back should anything below fail
+        try:
+            before = promoted_template(api, key)
+            promotion = promote(api, found.node, key, vmid)
+            record_plan(layout, key, *planned, vmid, str(chain))
+            pruned = prune(api, found.node, key, entry.retention, keep={vmid})
+        except Exception as exc:  # past the smoke test: the template is withdrawn, never left behind
+            raise _withdrawn(api, found.node, entry, vmid, before, exc, log, record_file) from None
         log.line("promote", f"{vmid} is now packer-assets-latest (before: {promotion.previous}); "
                             f"pruned {pruned.destroyed or 'nothing'}")
         for vm, why in pruned.failed.items():
@@ -345,6 +353,24 @@ def write_template_sbom(folder: Path, smoke: SmokeResult, entry: TemplateEntry, 
     validate_sbom(bom)
     path = atomic_write(Path(folder) / SBOM_FILE, sbom_json(bom))
     return {"file": SBOM_FILE, "sha256": sha256_file(path), "packages": package_count(bom)}
+
+
+def _withdrawn(api, node: str, entry: TemplateEntry, vmid: int, before, exc: Exception, log,
+               record_file: Path) -> TemplateError:
+    """The error (one line) of a template that failed after its smoke test, once withdraw() took its
+    promotion back and destroyed it (its record goes too: no proof follows a destroyed template)."""
+    said = (str(exc).splitlines() or [""])[0].removeprefix(f"{entry.key}: ")
+    said = said if isinstance(exc, PackerAssetsError) else f"{type(exc).__name__}: {said}"
+    failed = f"{entry.key}: VM {vmid} failed after its smoke test: {said}"
+    log.line("error", failed)
+    try:
+        destroyed, done = withdraw(api, node, entry, vmid, before)
+    except Exception as undo:  # reported with the original failure, never hiding it
+        destroyed, done = False, f"could not withdraw VM {vmid}: {undo}"
+    if destroyed:
+        record_file.unlink(missing_ok=True)
+    log.line("cleanup", done)
+    return TemplateError(f"{failed}; {done}")
 
 
 def _destroy(api, node: str, vmid: int, entry: TemplateEntry, log) -> bool:

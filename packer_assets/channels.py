@@ -110,14 +110,13 @@ def set_channel(layout: Layout, api: ProxmoxAPI, catalog: Catalog, channel: str,
     """Point the key's channel at the template ref names (a VMID or chain ID of the key, not revoked)."""
     tag = channel_tag(channel)
     entry, target = find_template(api, catalog, ref, catalog.get(key).key)  # get: an unknown key is named first
-    if target.revoked:
-        raise ChannelError(f"{key}: template {target.vmid} ({target.name}) is revoked: a channel cannot point at it")
     check_writable(layout)
     what = f"{key}: channel {channel} -> {target.vmid}"
 
-    def point(tags: tuple[str, ...]) -> list[str]:  # the revoked tag as read, not as listed
+    def point(tags: tuple[str, ...]) -> list[str]:  # refused on the tags as read, not as listed
         if REVOKED_TAG in tags:
-            raise ChannelError(f"{key}: template {target.vmid} ({target.name}) is revoked: a channel cannot point at it")
+            raise ChannelError(f"{key}: template {target.vmid} ({target.name}) is revoked: a channel cannot "
+                               "point at it")
         return [*tags, tag]
 
     with _api_errors(what):

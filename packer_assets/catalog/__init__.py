@@ -20,7 +20,9 @@ Rules the models enforce beyond plain types (documented here because they are ch
   (the new template is built beside the kept ones), and no two entries' ranges overlap;
 - `install_user.password_env` is the NAME of an environment variable, never the password; error
   messages never echo it;
-- `autoinstall_schema` (the Subiquity release whose autoinstall schema applies) is ubuntu-only.
+- `autoinstall_schema` (the Subiquity release whose autoinstall schema applies) is ubuntu-only;
+- `tags` are Proxmox tags, lower-cased (PVE matches them without case), never one the tool sets itself
+  (`packer-assets`, `packer-assets-*`: promotion, revocation, channels) nor another entry's key.
 
 Mirror: `PACKER_ASSETS_ISO_MIRROR=<base>` rewrites every upstream ISO / checksum URL to
 `<base>/<host[:port]>/<path>[?query]`. Models keep the upstream `url` and expose
@@ -49,6 +51,8 @@ from .models import (  # noqa: F401 - the catalog's public names, importable fro
     ISO_FILENAME_RE,
     KEY_MAX,
     ISO_FILENAME_MAX,
+    TAG_RE,
+    TOOL_TAG_NAMESPACE,
     RESERVED_USERS,
     WINDOWS_OS_TYPES,
     OTHER_OS_TYPES,

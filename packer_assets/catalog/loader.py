@@ -285,6 +285,12 @@ def load_catalog(
                 "each key owns its range"
             )
 
+    for entry in entries.values():
+        for i, tag in enumerate(entry.tags):
+            if tag != entry.key and tag in entries:
+                errors.append(f"{display}: {entry.key}: tags[{i}]: {tag!r} is the key of another entry, a tag the "
+                              "tool gives that key's templates: choose another")
+
     inside = project_path.resolve()
     for entry in entries.values():
         for i, iso in enumerate(entry.all_isos()):

@@ -45,6 +45,10 @@ RESERVED_USERS = frozenset({
     "systemd-timesync", "_apt", "tss", "ubuntu", "cloud-user",
 })
 VMID_MIN, VMID_MAX = 100, 999_999_999
+TAG_RE = re.compile(r"[a-z0-9_][a-z0-9_+.-]*")  # PVE's tag syntax (it accepts upper case, matching without case)
+# Every tag the tool sets itself starts with this (pve/templates.py: the tool, promotion, revocation, smoke
+# clones, channels); the template's key is the other one, refused as a tag of another entry (loader.py).
+TOOL_TAG_NAMESPACE = "packer-assets"
 WINDOWS_OS_TYPES = ("wxp", "w2k", "w2k3", "w2k8", "wvista", "win7", "win8", "win10", "win11")
 OTHER_OS_TYPES = ("l24", "l26", "solaris", "other")
 OsType = Literal["wxp", "w2k", "w2k3", "w2k8", "wvista", "win7", "win8", "win10", "win11",
@@ -174,6 +178,19 @@ def _check_filename(value: str) -> str:
     return value
 
 
+def _check_tag(value: str) -> str:
+    """A Proxmox tag, lower-cased (PVE matches tags case-insensitively; the tool writes them lower-case), that
+    is not in the tool's own namespace: a catalog tag `packer-assets-revoked` would make every build fail at
+    promotion, `packer-assets-channel-<name>` would move a channel."""
+    tag = value.lower()
+    if not TAG_RE.fullmatch(tag):
+        raise ValueError(f"{value!r} is not a Proxmox tag: a-z, 0-9 or _ first, then also '+', '.', '-'")
+    if tag == TOOL_TAG_NAMESPACE or tag.startswith(f"{TOOL_TAG_NAMESPACE}-"):
+        raise ValueError(f"{value!r} is one of the tags this tool sets itself ({TOOL_TAG_NAMESPACE}, "
+                         f"{TOOL_TAG_NAMESPACE}-latest, -revoked, -smoke, -channel-<name>): choose another")
+    return tag
+
+
 def _check_packer_dir(value: str) -> str:
     path = PurePosixPath(value)
     if path.is_absolute() or ".." in path.parts or "\\" in value:
@@ -189,7 +206,7 @@ IsoFilename = Annotated[str, AfterValidator(_check_filename)]
 Key = Annotated[str, AfterValidator(_check_key)]
 EnvName = Annotated[str, AfterValidator(_check_env_name)]
 PackerDir = Annotated[str, AfterValidator(_check_packer_dir)]
-Tag = Annotated[str, Field(pattern=r"^[a-z0-9_][a-z0-9_+.-]*$")]  # Proxmox tag syntax
+Tag = Annotated[str, AfterValidator(lambda v: _check_tag(v))]  # Proxmox tag syntax, lower-cased
 Vmid = Annotated[int, Field(ge=VMID_MIN, le=VMID_MAX)]
 Retention = Annotated[int, Field(ge=1)]
 WorkDirsKept = Annotated[int, Field(ge=1)]

@@ -45,11 +45,11 @@ from proxmoxer import ProxmoxAPI
 from proxmoxer.core import ResourceException
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..catalog import TemplateEntry, VmidRange
+from ..catalog import TOOL_TAG_NAMESPACE, TemplateEntry, VmidRange
 from ..errors import OperationError
 from .tasks import TASK_TIMEOUT, TaskError, run_task, said
 
-TOOL_TAG = "packer-assets"
+TOOL_TAG = TOOL_TAG_NAMESPACE  # every tag below starts with it, and the catalog refuses them all
 LATEST_TAG = "packer-assets-latest"
 SMOKE_TAG = "packer-assets-smoke"
 REVOKED_TAG = "packer-assets-revoked"
@@ -599,10 +599,6 @@ def edit_tags(api: ProxmoxAPI, guest: Guest, edit: Callable[[tuple[str, ...]], I
     return before, tuple(split_tags(updates["tags"])) if updates else before
 
 
-def add_tag(api: ProxmoxAPI, guest: Guest, tag: str, what: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    return edit_tags(api, guest, lambda tags: [*tags, tag], what)
-
-
 def remove_tag(api: ProxmoxAPI, guest: Guest, tag: str, what: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return edit_tags(api, guest, lambda tags: [t for t in tags if t != tag], what)
 
@@ -630,18 +626,22 @@ def promote(api: ProxmoxAPI, node: str, key: str, new_vmid: int) -> Promotion:
     if new.node != node:
         raise TemplateError(f"{key}: VM {new_vmid} is on node {new.node}, not {node}")
     what = f"{key}: promoting VM {new_vmid}"
-
-    def tag_new(tags: tuple[str, ...]) -> list[str]:
-        if REVOKED_TAG in tags:
-            raise TemplateError(f"{key}: refusing to promote VM {new_vmid}: it is revoked")
-        return [*tags, LATEST_TAG]
-
     try:
-        edit_tags(api, new, tag_new, what)
+        _tag_latest(api, new, what, f"{key}: refusing to promote VM {new_vmid}: it is revoked")
         previous = take_tag(api, key, LATEST_TAG, what, keep=new_vmid)
     except ResourceException as exc:
         raise TemplateError(f"{what}: {said(exc)}") from None
     return Promotion(new_vmid, previous)
+
+
+def _tag_latest(api: ProxmoxAPI, guest: Guest, what: str, refused: str) -> None:
+    """Add the promotion tag to guest, refused (TemplateError(refused)) when its tags as read say revoked."""
+    def tag(tags: tuple[str, ...]) -> list[str]:
+        if REVOKED_TAG in tags:
+            raise TemplateError(refused)
+        return [*tags, LATEST_TAG]
+
+    edit_tags(api, guest, tag, what)
 
 
 def take_tag(api: ProxmoxAPI, key: str, tag: str, what: str, *, keep: int | None = None,
@@ -663,6 +663,34 @@ def take_tag(api: ProxmoxAPI, key: str, tag: str, what: str, *, keep: int | None
                 taken.append(old.vmid)
     raise ConfigChanged(f"{what}: {tag} kept coming back on other templates of the key after {CONFIG_WRITE_TRIES} "
                         "passes")
+
+
+def withdraw(api: ProxmoxAPI, node: str, entry: TemplateEntry, vmid: int,
+             previous: Guest | None) -> tuple[bool, str]:
+    """After a failure past vmid's smoke test (promotion refused, an API error, a later step): take back what
+    its promotion did and destroy vmid, so no such template is left behind. `previous` is the template
+    that was promoted before (promoted_template, read before promote); it gets the tag back first, so a
+    key is never left without the promoted template it had. When that fails while vmid carries the tag,
+    vmid stays, promoted: never both gone. Returns (destroyed, one line saying what was done); raises
+    TemplateError (or TaskError) when vmid could not be destroyed."""
+    what = f"{entry.key}: withdrawing VM {vmid}"
+    if previous is not None:
+        try:
+            _tag_latest(api, previous, what, f"{what}: the previous template {previous.vmid} was revoked meanwhile")
+        except (ResourceException, TemplateError) as exc:
+            new = find_guest(api, vmid)
+            if new is not None and new.promoted:
+                why = said(exc) if isinstance(exc, ResourceException) else str(exc)
+                return False, (f"VM {vmid} stays the promoted template: {previous.vmid} could not be promoted "
+                               f"again ({why})")
+    new = find_guest(api, vmid)
+    try:
+        if new is not None:
+            remove_tag(api, new, LATEST_TAG, what)
+    except ResourceException as exc:
+        raise TemplateError(f"{what}: {said(exc)}") from None
+    destroy_build_vm(api, node, vmid, entry)
+    return True, f"VM {vmid} destroyed" + (f"; {previous.vmid} is the promoted template again" if previous else "")
 
 
 @dataclass(frozen=True)
@@ -708,8 +736,8 @@ def prune(api: ProxmoxAPI, node: str, key: str, retention: int, keep: Iterable[i
 __all__ = [
     "CHANNEL_TAG_PREFIX", "LATEST_TAG", "REVOKED_TAG", "SMOKE_TAG", "TOOL_TAG", "FinishedTemplate", "Guest",
     "Promotion", "PruneResult", "Revocation", "TemplateDescription", "read_revocation", "revoked_description",
-    "CONFIG_WRITE_TRIES", "ConfigChanged", "add_tag", "digest_refused", "edit_config", "edit_tags", "remove_tag",
-    "take_tag",
+    "CONFIG_WRITE_TRIES", "ConfigChanged", "digest_refused", "edit_config", "edit_tags", "remove_tag",
+    "take_tag", "withdraw",
     "TemplateError", "VmidRangeFull", "allocate_vmid", "catalog_entry_json", "destroy_build_vm", "destroy_vm",
     "find_guest", "finish_template", "input_fingerprint", "is_up_to_date", "list_templates", "orphan_volumes",
     "promote",

@@ -18,6 +18,7 @@ from packer_assets.catalog import (
     parse_checksum,
 )
 from packer_assets.chain import CHAIN_RE
+from packer_assets.pve.templates import CHANNEL_TAG_PREFIX, LATEST_TAG, REVOKED_TAG, SMOKE_TAG, TOOL_TAG
 
 SHIPPED_KEYS = ["ubuntu-2204", "ubuntu-2404", "debian-12", "rocky-9", "windows-2022"]
 SHA = "sha256:" + "ab" * 32
@@ -328,6 +329,17 @@ BROKEN = [
      "beta", "smoke.commands[0].via", "Windows"),
     ("smoke-command-unknown-field", _set("templates.0.smoke", {"commands": [{"run": "true", "expect": 0}]}),
      "alpha", "smoke.commands[0].expect", "unknown field"),
+    # tags: the tool's own (a revoked tag failed every promotion, a channel tag moved a channel), as PVE
+    # compares them (without case); another key's (the tag the tool gives that key's templates)
+    ("tag-latest", _set("templates.0.tags", ["packer-assets-latest"]), "alpha", "tags[0]", "this tool sets itself"),
+    ("tag-revoked-upper-case", _set("templates.1.tags", ["win", "Packer-Assets-Revoked"]), "beta", "tags[1]",
+     "'Packer-Assets-Revoked' is one of the tags this tool sets itself"),
+    ("tag-channel", _set("templates.0.tags", ["packer-assets-channel-production"]), "alpha", "tags[0]",
+     "this tool sets itself"),
+    ("tag-tool-in-defaults", _set("defaults.tags", ["packer", "packer-assets"]), "defaults", "tags[1]",
+     "this tool sets itself"),
+    ("tag-another-key", _set("templates.0.tags", ["packer", "beta"]), "alpha", "tags[1]", "key of another entry"),
+    ("tag-not-a-tag", _set("templates.0.tags", ["two words"]), "alpha", "tags[0]", "not a Proxmox tag"),
 ]
 
 
@@ -343,6 +355,20 @@ def test_broken_catalog_names_file_key_and_field(tmp_path, mutate, key, field, f
     assert line is not None, message
     assert fragment in line
     assert "pydantic" not in message and "validation error" not in message.lower()
+
+
+def test_tags_are_lower_cased_as_proxmox_matches_them(tmp_path):
+    doc = copy.deepcopy(BASE)
+    doc["templates"][0]["tags"] = ["Packer", "JAMMY", "alpha"]  # its own key is the tag it gets anyway
+    assert load(tmp_path, doc).get("alpha").tags == ("packer", "jammy", "alpha")
+
+
+@pytest.mark.parametrize("tag", [TOOL_TAG, LATEST_TAG, REVOKED_TAG, SMOKE_TAG, CHANNEL_TAG_PREFIX + "production"])
+def test_every_tag_the_tool_sets_is_refused_in_the_catalog(tmp_path, tag):
+    doc = copy.deepcopy(BASE)
+    doc["templates"][0]["tags"] = [tag.upper()]
+    with pytest.raises(CatalogError, match=r"alpha: tags\[0\]: .* is one of the tags this tool sets itself"):
+        load(tmp_path, doc)
 
 
 @pytest.mark.parametrize("value", ["hunter2!", "s3cret password", "export X=1", "lower_case_name"])

@@ -7,11 +7,14 @@ import os
 import dagster as dg
 import jsonschema
 import pytest
+from proxmoxer.core import ResourceException
 from support.builds import KEY, crashing_packer, rebuild, resources, templates_of
 
+from packer_assets import build
 from packer_assets.defs import assets, jobs
 from packer_assets.evidence import sha256_file
 from packer_assets.proof import build_proof_schema
+from packer_assets.pve import templates as pve_templates
 from packer_assets.sbom import package_count, validate_sbom
 from packer_assets.settings import LAB_GUEST_KINDS
 
@@ -215,6 +218,35 @@ def test_a_rerun_after_a_failed_build_is_up_to_date_with_the_promoted_build_late
         proof = json.loads((proofs_of(lab_project) / "latest" / "proof.json").read_text())
         assert proof["chain_id"] == chain and proof["template"]["vmid"] == vmid
     assert list(templates_of(lab_project.pve)) == [vmid]
+
+
+@pytest.mark.parametrize("module, name, said", [
+    (pve_templates, "take_tag", "promoting VM {new}: HTTP 500 Internal Server Error: injected"),  # in promote()
+    (build, "prune", "ResourceException: 500 Internal Server Error: injected"),  # after the promotion
+], ids=["promote", "prune"])
+def test_a_template_that_fails_after_its_smoke_test_is_destroyed_and_the_promoted_one_stays(lab_project, monkeypatch,
+                                                                                          module, name, said):
+    """An API error at a named point of the promotion (pve.templates.take_tag: the new template is tagged, the
+    old one not yet untagged) or after it (build.prune): the new template is withdrawn (destroyed, its record
+    gone), the one promoted before is promoted again, the error is one line."""
+    with dg.instance_for_test() as instance:
+        good = rebuild(lab_project, instance)
+        assert good.success
+        old = good.asset_materializations_for_node("template")[0].metadata["vmid"].value
+
+        def fails(*args, **kwargs):
+            raise ResourceException(500, "Internal Server Error", "injected")
+
+        monkeypatch.setattr(module, name, fails)
+        failed = rebuild(lab_project, instance, force=True)
+        assert not failed.success
+    new = old + 1
+    seen = failed.asset_observations_for_node("template")[0].metadata["error"].value.strip("`\n")
+    assert seen == (f"{KEY}: VM {new} failed after its smoke test: {said.format(new=new)}; VM {new} destroyed; "
+                    f"{old} is the promoted template again")
+    assert list(templates_of(lab_project.pve)) == [old]
+    assert "packer-assets-latest" in templates_of(lab_project.pve)[old]
+    assert not (lab_project.layout.build_log_dir(KEY, "latest").resolve() / "build.json").exists()
 
 
 def test_no_secret_in_logs_events_or_proofs(lab_project, capfd):

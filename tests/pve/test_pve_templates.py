@@ -5,6 +5,7 @@ import threading
 from datetime import UTC, datetime
 
 import pytest
+from proxmoxer.core import ResourceException
 from support.templates import (
     ISO,
     NODE,
@@ -19,6 +20,7 @@ from support.templates import (
     wait,
 )
 
+from packer_assets.pve import templates
 from packer_assets.pve.templates import (
     CONFIG_WRITE_TRIES,
     LATEST_TAG,
@@ -39,6 +41,7 @@ from packer_assets.pve.templates import (
     split_tags,
     template_name,
     template_tags,
+    withdraw,
 )
 
 # ----------------------------------------------------------------------------- names, tags, VMIDs
@@ -311,6 +314,53 @@ def test_finish_ejects_an_iso_attached_between_its_read_and_write(api, lab_pve, 
     config = vm.config.get()
     assert done.ejected == ("ide0", "ide2") and config["ide0"] == config["ide2"] == "none,media=cdrom"
     assert int(config["template"]) == 1
+
+
+# A template that fails after its smoke test is withdrawn: the promotion taken back, the template destroyed.
+
+
+def test_a_promotion_cut_short_by_an_api_error_is_withdrawn(api, entry, monkeypatch):
+    make_template(api, entry.key, 9100, day(1), promoted=True)
+    make_template(api, entry.key, 9101, day(2))
+    before = promoted_template(api, entry.key)
+    broken = ResourceException(500, "Internal Server Error", "injected")
+
+    def untag_fails(*args, **kwargs):  # the API error, after the new template was tagged
+        raise broken
+
+    monkeypatch.setattr(templates, "take_tag", untag_fails)
+    with pytest.raises(TemplateError, match="promoting VM 9101: HTTP 500 Internal Server Error: injected"):
+        promote(api, NODE, entry.key, 9101)
+    assert latest_of(api, 9100, 9101) == [9100, 9101]  # the new one was tagged, the old one not yet untagged
+    assert withdraw(api, NODE, entry, 9101, before) == (True, "VM 9101 destroyed; 9100 is the promoted template again")
+    assert [g.vmid for g in list_templates(api, entry.key)] == [9100] and latest_of(api, 9100) == [9100]
+
+
+def test_a_completed_promotion_is_given_back_before_the_new_template_goes(api, entry):
+    make_template(api, entry.key, 9100, day(1), promoted=True)
+    make_template(api, entry.key, 9101, day(2))
+    before = promoted_template(api, entry.key)
+    promote(api, NODE, entry.key, 9101)  # then, say, prune failed
+    assert withdraw(api, NODE, entry, 9101, before)[0] is True
+    assert [g.vmid for g in list_templates(api, entry.key)] == [9100] and latest_of(api, 9100) == [9100]
+
+
+def test_a_first_template_that_fails_after_its_smoke_test_leaves_nothing(api, entry):
+    make_template(api, entry.key, 9101, day(2))
+    promote(api, NODE, entry.key, 9101)
+    assert withdraw(api, NODE, entry, 9101, None) == (True, "VM 9101 destroyed")
+    assert list_templates(api, entry.key) == []
+
+
+def test_withdraw_keeps_the_new_template_when_the_previous_cannot_be_promoted_again(api, entry):
+    make_template(api, entry.key, 9100, day(1), promoted=True)
+    make_template(api, entry.key, 9101, day(2))
+    before = promoted_template(api, entry.key)
+    promote(api, NODE, entry.key, 9101)
+    add_tags(api, 9100, REVOKED_TAG)  # revoked meanwhile: the key must not be left without a promoted template
+    destroyed, said = withdraw(api, NODE, entry, 9101, before)
+    assert not destroyed and said.startswith("VM 9101 stays the promoted template: 9100 could not be promoted again")
+    assert latest_of(api, 9100, 9101) == [9101]
 
 
 def test_prune_keeps_retention_newest_and_the_promoted_and_never_touches_foreign_vms(api, lab_pve, pve_root, entry):
