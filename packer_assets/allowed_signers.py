@@ -72,9 +72,10 @@ def read_allowed_signers(path: Path) -> bytes:
 
 def check_allowed(data: bytes, key_blob: bytes, principal: str | None, namespace: str,
                   verify_time: int | None = None, source: str = "allowed_signers") -> str:
-    """The principals of the first line that allows `key_blob` (a plain key's wire blob) to sign for
-    `principal` (ssh-keygen's -I; None: any, as find-principals) in `namespace` at `verify_time`
-    (seconds; default now, as ssh-keygen without -Overify-time). Raises SignerRefused saying why."""
+    """The principal (else the line's principals) of the first line that allows `key_blob` (a plain
+    key's wire blob) to sign for `principal` (ssh-keygen's -I; None: any, as find-principals) in
+    `namespace` at `verify_time` (seconds; default now, as ssh-keygen without -Overify-time).
+    Raises SignerRefused saying why."""
     when = int(time.time()) if verify_time is None else verify_time
     wanted = None if principal is None else _latin1(principal)
     why = f"{source}: no line allows this key" + (f" for principal {principal!r}" if principal else "")
@@ -90,8 +91,8 @@ def check_allowed(data: bytes, key_blob: bytes, principal: str | None, namespace
         if options.ca or line_key != key_blob:
             continue  # a CA line allows certificates only; our signatures carry a plain key
         refusal = _refusal(options, namespace, when)
-        if refusal is None:
-            return principals.encode("latin-1").decode("utf-8", "replace")
+        if refusal is None:  # named as ssh-keygen names it: the -I principal, else the line's principals
+            return principal if principal is not None else principals.encode("latin-1").decode("utf-8", "replace")
         why = f"{source} line {number}: {refusal}"
     raise SignerRefused(why)
 
@@ -124,7 +125,7 @@ def _utc(seconds: int) -> str:
 # ------------------------------------------------------------------ one line (parse_principals_key_and_options)
 
 
-def _parse_line(line: str, principal: str | None) -> tuple[str, bytes | None, _Options] | None:
+def _parse_line(line: str, principal: str | None) -> tuple[str, bytes, _Options] | None:
     """(principals, key blob, options), or None for a blank/comment line or one for another principal."""
     rest = line.lstrip(WHITESPACE)
     if not rest or rest[0] == "#":

@@ -120,7 +120,10 @@ def _entries(folder: Path, report: VerifyReport) -> dict[str, str]:
             return
         for name in names:
             path = directory / name
-            found[prefix + name] = kind = _kind(os.lstat(path).st_mode)
+            try:
+                found[prefix + name] = kind = _kind(os.lstat(path).st_mode)
+            except OSError:
+                continue  # gone since listed: nothing there to judge
             if kind == "directory":
                 walk(path, f"{prefix}{name}/")
 

@@ -219,6 +219,18 @@ def test_a_signature_by_another_key_than_the_manifest_names_fails(signed, tmp_pa
     assert not report.ok and report.signature == "bad signature", report.problems
 
 
+def test_without_a_key_id_any_principal_of_the_keys_line_may_sign(tmp_path):
+    key = keygen(tmp_path)
+    folder = written_bundle(tmp_path / "root", Signer(key))  # no PACKER_ASSETS_SIGNING_KEY_ID
+    public = key.with_suffix(".pub").read_text().strip()
+    (tmp_path / "allowed").write_text(f"a@example.org,b@example.org {public}\n")
+    report = verify_bundle(folder, tmp_path / "allowed")
+    assert report.ok and report.signature == "signed by a@example.org,b@example.org", report.lines()
+    (tmp_path / "allowed").write_text(f'a@example.org namespaces="git" {public}\n')  # the namespace still counts
+    report = verify_bundle(folder, tmp_path / "allowed")
+    assert not report.ok and 'not permitted for use in signature namespace "packer-assets-proof"' in report.lines()[1]
+
+
 # ------------------------------------------------------------------ our verdict is ssh-keygen's
 
 
