@@ -569,13 +569,14 @@ def edit_config(api: ProxmoxAPI, node: str, vmid: int, change: Callable[[Mapping
     write: how the updates (digest included) are written; default a PUT. Returns (the config read, the
     updates written)."""
     vm = api.nodes(node).qemu(vmid)
+    write = write or (lambda values: vm.config.put(**values))
     for _ in range(CONFIG_WRITE_TRIES):
         config = vm.config.get()
         updates = dict(change(config))
         if not updates:
             return config, updates
         try:
-            (write or (lambda values: vm.config.put(**values)))({**updates, "digest": config["digest"]})
+            write({**updates, "digest": config["digest"]})
             return config, updates
         except (ResourceException, TaskError) as exc:
             if not digest_refused(exc):
