@@ -4,50 +4,15 @@ daemon evaluates them (its code location in the context): one message per failed
 (executed in process, without a remote origin, or launched), never two."""
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import dagster as dg
 import pytest
-from support.builds import crashing_packer, rebuild
-
 from dagster._core.remote_origin import RegisteredCodeLocationOrigin, RemoteJobOrigin, RemoteRepositoryOrigin
+from support.builds import crashing_packer, rebuild
+from support.webhooks import Receiver
 
 from packer_assets.defs.notifications import NOTIFIED_TAG, Notifier, build_notification_sensors
 from packer_assets.notify import Notification, Webhook, deliver, parse_webhooks
-
-
-class Receiver:
-    """Records each POST; answers `fail_first` of them with 503 first."""
-
-    def __init__(self, fail_first=0):
-        self.posts: list[tuple[str, dict]] = []
-        self.fail_first = fail_first
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if receiver.fail_first:
-                    receiver.fail_first -= 1
-                    self.send_response(503)
-                else:
-                    receiver.posts.append((self.path, body))
-                    self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def url(self, path):
-        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
