@@ -185,6 +185,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 
     def existing_file(name: str) -> str | None:
         value = text(name)
+        if value is not None and Path(value).expanduser().is_dir():  # a directory is no secret: named
+            raise SettingsError(f"{where(name)}: {name}: {value} is a directory, not a file")
         if value is not None and not Path(value).expanduser().is_file():  # unnamed: what was meant as a path
             raise SettingsError(f"{where(name)}: {name} names no file")     # may be a secret pasted in
         return value

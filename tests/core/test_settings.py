@@ -69,6 +69,7 @@ def test_insecure_is_explicit(tmp_path):
         ({"PACKER_ASSETS_WEBHOOKS": "https://hooks.example.org/T/B/secret"}, "PACKER_ASSETS_WEBHOOKS entry 1: want json:"),
         ({"PACKER_ASSETS_SIGNING_KEY": "/etc/hostname"}, "PACKER_ASSETS_SIGNING_KEY: signing key /etc/hostname: "),
         ({"PACKER_ASSETS_SIGNING_KEY": "/nonexistent/key"}, "PACKER_ASSETS_SIGNING_KEY names no file"),
+        ({"PACKER_ASSETS_SIGNING_KEY": "/tmp"}, "PACKER_ASSETS_SIGNING_KEY: /tmp is a directory, not a file"),
         ({"PACKER_ASSETS_UI_URL": "localhost:3000"}, "PACKER_ASSETS_UI_URL must be an http:// or https:// URL"),
         ({"PACKER_ASSETS_SSH_PORTS": "debian-12=40022,ubuntu-2204"}, "PACKER_ASSETS_SSH_PORTS: item 2 is not key=port"),
         ({"PACKER_ASSETS_SSH_PORTS": "debian-12=70000"}, "PACKER_ASSETS_SSH_PORTS: item 1: not a TCP port"),
