@@ -80,6 +80,12 @@ NOT_RUN = {
     "packer-assets proof verify PATH|CHAIN-ID [--allowed-signers FILE] [--require-signature]":
         "a synopsis: packer-assets proof verify --allowed-signers .lab/signing/allowed_signers is run",
     "make build KEY=<key>": "a placeholder: make build KEY=debian-12 is run",
+    "make build KEY=\"deb'ian\"": "an error case: tests/core/test_cli.py runs it (one line, nothing run)",
+    "packer-assets chain ../../etc": "an error case: tests/core/test_cli.py runs it (one line, exit 2)",
+    "dagster job execute -j ...": "a synopsis: the job execute commands above are run",
+    "dagster asset materialize --select ...": "a synopsis: tests/defs/test_recovery.py runs such selections",
+    "dagster job launch -j": "needs a daemon: tests/e2e/test_daemon_notifications.py launches runs; "
+                             "tests/defs/test_defs_template.py runs rebuild_template_forced as job launch creates it",
     "make demo-real": "CI runs it on a clean clone after make test (.ci/run); the same real-guest builds run in "
                       "tests/lab/realguest/test_realguest_builds.py",
     "packer-assets lab up --real-guest": "make demo-real runs it (.ci/run); tests start the same lab in-process",
