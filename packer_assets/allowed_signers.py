@@ -48,7 +48,7 @@ class SignerRefused(Exception):
     """No line allows the key; the message says why (as ssh-keygen would log it)."""
 
 
-class _BadLine(Exception):
+class _BadLine(ConfigError):
     """A malformed line: ssh-keygen logs why and skips it."""
 
 

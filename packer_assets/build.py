@@ -287,7 +287,7 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
             "guest": lab_guest_description(settings.lab_guests, key),
         }
         # Recorded before the promotion: a run killed from here on leaves a promoted template whose build
-        # the next run can still prove (proof_repair.py), with the log up to this line.
+        # the next run can still prove (repair.py), with the log up to this line.
         record_file = write_record(log.path, record)
         before = None  # the promoted template, which gets the tag back should anything below fail
         try:

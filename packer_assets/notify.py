@@ -27,7 +27,7 @@ import requests.adapters
 import urllib3
 import urllib3.connection
 
-from .errors import ConfigError
+from .errors import ConfigError, OperationError
 
 Event = Literal["failed", "promoted"]
 RETRIES = 3
@@ -171,7 +171,7 @@ def _post(session: requests.Session, url: str, data: bytes, timeout: float,
         _LIMIT.reset(token)
 
 
-class DeadlinePassed(TimeoutError):
+class DeadlinePassed(OperationError, TimeoutError):
     """The delivery's deadline passed while the receiver was still answering (urllib3: a read timeout)."""
 
 

@@ -98,7 +98,7 @@ def build_notification_sensors(enabled: bool) -> list:
             return passed(context, f"run {run.run_id} promoted no template")
         if skip := claim(context, "promoted"):
             return passed(context, skip)
-        proof = (done.get("template_proof") or {}).get("proof")
+        proof = template.get("proof")  # written in the template step, whatever the run selected
         notifier.send(context, Notification(
             event="promoted", key=run.tags.get(PARTITION_TAG), chain_id=run.tags.get(CHAIN_TAG) or template.get("chain_id"),
             status=run.status.value, run_id=run.run_id, template_vmid=template.get("vmid"),
