@@ -44,7 +44,7 @@ class AllowedSignersError(ConfigError):
     """The allowed_signers file cannot be read (missing, a directory, unreadable)."""
 
 
-class SignerRefused(Exception):
+class SignerRefused(ConfigError):
     """No line allows the key; the message says why (as ssh-keygen would log it)."""
 
 
