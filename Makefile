@@ -80,11 +80,12 @@ bench-builds: venv packer ## benchmarks with real packer builds in a lab of thei
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The product and the lab (lab/: its own distribution, the one that needs fakepve), both editable.
+$(VENV)/.installed: pyproject.toml lab/pyproject.toml
 	@tools/system-packages.sh python3-venv
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[lab,dev]'
+	$(BIN)/pip install -q -e '.[dev]' -e ./lab
 	touch $@
 
 packer: ## Debian's packer (any packer on PATH counts), or a clear message where we cannot install it

@@ -74,6 +74,6 @@ def write_catalog(path: str | os.PathLike[str], keys: int, keys_per_file: int = 
 def mirror_items_for(path: str | os.PathLike[str]) -> list:
     """The lab mirror items for the catalog at `path` (validated by load_catalog on the way)."""
     from packer_assets.catalog import load_catalog
-    from packer_assets.lab.stack import mirror_items
+    from packer_assets_lab.stack import mirror_items
 
     return mirror_items(load_catalog(path, env={}))

@@ -15,7 +15,7 @@ here the way `packer-assets lab up` writes `.lab/lab.env`) named by PACKER_ASSET
 PACKER_ASSETS_ROOT and DAGSTER_HOME, and runs in the repository (packer_dir paths are relative to it).
 
 Also: a counting shim for PACKER_BINARY; the /proc sampler for process trees (how many `packer build` at
-once, peak RSS of each process) is packer_assets.lab.proctree.TreeSampler, re-exported here.
+once, peak RSS of each process) is packer_assets_lab.proctree.TreeSampler, re-exported here.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from packer_assets.lab.proctree import TreeSampler, is_packer  # noqa: F401 - the benchmarks import them from here
+from packer_assets_lab.proctree import TreeSampler, is_packer  # noqa: F401 - the benchmarks import them from here
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -71,7 +71,7 @@ class BenchLab:
         from packer_assets.chain import new_chain_id
         from packer_assets.envfile import write_env_file
         from packer_assets.evidence import Layout
-        from packer_assets.lab.stack import LabStack
+        from packer_assets_lab.stack import LabStack
         from packer_assets.pve.bootstrap import BootstrapConfig
         from packer_assets.pve.client import Endpoint
         from packer_assets.pve.init_env import AdminLogin, run_init

@@ -74,8 +74,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--key", default="debian-12")
     args = parser.parse_args()
-    from packer_assets.lab.realguest.image import ensure_base_image
-    from packer_assets.lab.realguest.qemu import detect_accel
+    from packer_assets_lab.realguest.image import ensure_base_image
+    from packer_assets_lab.realguest.qemu import detect_accel
 
     started = time.monotonic()
     image = ensure_base_image(progress=lambda line: print(line, flush=True))

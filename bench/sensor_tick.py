@@ -112,7 +112,7 @@ class Child:
 def measure(keys: int, repeat: int, per_file: int, tmp: Path, gc_freeze: bool) -> dict:
     from _catalogs import mirror_items_for, write_catalog
 
-    from packer_assets.lab.mirror import IsoMirror
+    from packer_assets_lab.mirror import IsoMirror
 
     catalog = write_catalog(tmp / f"catalog-{keys}.yaml", keys, per_file)
     items = mirror_items_for(catalog)

@@ -1,4 +1,7 @@
-"""The `packer-assets` command: catalog checks, settings, validation, proofs, chain IDs and the lab.
+"""The `packer-assets` command: catalog checks, settings, validation, proofs, chain IDs, registry channels.
+
+Other installed distributions add subcommands through the entry point group `packer_assets.cli` (the lab,
+lab/pyproject.toml, registers `lab`); without them installed, their commands do not exist.
 
 Every failure prints one line naming what is wrong and exits 2; no traceback for expected errors.
 """
@@ -6,10 +9,10 @@ Every failure prints one line naming what is wrong and exits 2; no traceback for
 import argparse
 import json
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
-DEFAULT_LAB_STATE = Path(".lab")
-REAL_GUEST_DEFAULT = ("debian-12",)  # the keys `lab up --real-guest` runs for real (lab/stack.py checks them)
+PLUGINS = "packer_assets.cli"  # each entry point: a function that adds its subparser to `sub`
 
 
 def _catalog_check(args) -> int:
@@ -141,30 +144,6 @@ def _revoke(args) -> int:
     return 0
 
 
-def _lab(args) -> int:
-    from .lab import service
-
-    state = args.state
-    if args.lab_command == "up":
-        keys = tuple(k.strip() for k in (args.real_guest or "").split(",") if k.strip())
-        info = service.up(state, args.catalog, real_guests=keys)
-        print(f"lab running (pid {info['pid']}); env file: {service.LabPaths(state.resolve()).env_file}")
-        _print_endpoints(info)
-    elif args.lab_command == "down":
-        print("lab stopped" if service.down(state) else f"no lab was running for {state}")
-    elif args.lab_command == "status":
-        info = service.running_state(state)
-        if not info:
-            print(f"lab: not running ({state})")
-            return 3
-        print(f"lab: running (pid {info['pid']})")
-        _print_endpoints(info)
-    else:  # publish, corrupt, repair
-        result = service.control(state, args.lab_command, args.key)
-        print(json.dumps({"key": args.key, args.lab_command: result}))
-    return 0
-
-
 def _proof_verify(args) -> int:
     """Verify one bundle (a folder or a chain ID), or every bundle under the output root."""
     from .settings import load_settings
@@ -271,14 +250,6 @@ def _plan(args) -> int:
     return 0
 
 
-def _print_endpoints(info: dict) -> None:
-    for name in ("pve_url", "ca_file", "mirror_url", "guest", "allowed_signers"):
-        if name in info:
-            print(f"  {name}: {info[name]}")
-    for key, address in (info.get("real_guests") or {}).items():
-        print(f"  real guest: {key} (SSH {address})")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="packer-assets", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -346,21 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     chain.add_argument("--json", action="store_true", help="JSON for scripts")
     chain.set_defaults(func=_chain)
 
-    lab = sub.add_parser("lab", help="the embedded lab: fake PVE API, ISO mirror, guest SSH")
-    lab_sub = lab.add_subparsers(dest="lab_command", required=True)
-    for name, text in (("up", "start the lab in the background"), ("down", "stop the lab `up` started"),
-                       ("status", "is the lab running, and where"), ("publish", "publish a new ISO release of KEY"),
-                       ("corrupt", "serve a corrupted ISO for KEY"), ("repair", "undo corrupt for KEY")):
-        cmd = lab_sub.add_parser(name, help=text)
-        cmd.add_argument("--state", type=Path, default=DEFAULT_LAB_STATE, help="state folder (default .lab)")
-        if name == "up":
-            cmd.add_argument("--catalog", type=Path, default=None)
-            cmd.add_argument("--real-guest", nargs="?", const=",".join(REAL_GUEST_DEFAULT), default=None,
-                             metavar="KEYS", help="run these keys' VMs for real: QEMU on a Debian 12 image "
-                                                  f"(comma-separated; default {','.join(REAL_GUEST_DEFAULT)})")
-        if name in ("publish", "corrupt", "repair"):
-            cmd.add_argument("key")
-        cmd.set_defaults(func=_lab)
+    for plugin in entry_points(group=PLUGINS):  # e.g. the lab (lab/pyproject.toml) registers `lab`
+        plugin.load()(sub)
     return parser
 
 

@@ -1,7 +1,7 @@
 """Shared fixtures and the suite's markers. Fixtures and helpers live in tests/support/, one module per part (lab, pve, mirror, guest, sshd, postgres, packer, dagster_procs).
 
 Markers say what a test needs beyond the Python core (registered in pyproject.toml):
-  lab       the in-process lab (the `lab` extra: fakepve, cryptography)
+  lab       the in-process lab (the lab distribution, lab/: packer_assets_lab, fakepve, cryptography)
   packer    the real packer binary
   sshd      a real OpenSSH server (openssh-server) and client
   postgres  a real PostgreSQL server (postgresql)
@@ -47,17 +47,17 @@ def _environment_restored():
         os.environ.clear()
         os.environ.update(saved)
 
-HAVE_LAB = all(importlib.util.find_spec(name) is not None for name in ("fakepve", "cryptography"))
+HAVE_LAB = all(importlib.util.find_spec(name) is not None for name in ("packer_assets_lab", "fakepve", "cryptography"))
 
 pytest_plugins = ["support.postgres"]
-if HAVE_LAB:  # the fixture modules import the lab; without its extra, the tests that use them are skipped
+if HAVE_LAB:  # the fixture modules import the lab; without it, the tests that use them are skipped
     pytest_plugins += ["support.lab", "support.pve", "support.mirror", "support.guest", "support.sshd", "support.templates"]
 
 INSTALL = "make test installs it"
 
 
 def _missing_lab() -> str | None:
-    return None if HAVE_LAB else f"needs the lab extra: pip install -e '.[lab,dev]' ({INSTALL})"
+    return None if HAVE_LAB else f"needs the lab: pip install -e ./lab ({INSTALL})"
 
 
 def _missing_commands(package: str, *commands: str) -> str | None:
@@ -71,14 +71,14 @@ def _missing_postgres() -> str | None:
 
 def _missing_browser() -> str | None:
     if importlib.util.find_spec("selenium") is None:
-        return f"needs selenium (the dev extra: pip install -e '.[lab,dev]', {INSTALL})"
+        return f"needs selenium (the dev extra: pip install -e '.[dev]', {INSTALL})"
     return _missing_commands("chromium chromium-driver", "chromium", "chromedriver")
 
 
 def _missing_realguest() -> str | None:
     """QEMU and the tools that build the Debian base image, root, the builder's namespaces and the apt mirror
-    (unless the image is cached): packer_assets.lab.realguest.image.real_guest_unavailable says which is missing."""
-    from packer_assets.lab.realguest.image import real_guest_unavailable
+    (unless the image is cached): packer_assets_lab.realguest.image.real_guest_unavailable says which is missing."""
+    from packer_assets_lab.realguest.image import real_guest_unavailable
 
     return real_guest_unavailable()
 

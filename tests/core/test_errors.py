@@ -11,14 +11,17 @@ import packer_assets
 from packer_assets.errors import ConfigError, OperationError, PackerAssetsError
 
 # not errors of the project's domain: a lab stand-in's own (pvecli mimics pveum's exit codes)
-OUTSIDE = {"packer_assets.lab.pvecli.CliError"}
+OUTSIDE = {"packer_assets_lab.pvecli.CliError"}
 
 
 def project_modules():
-    for info in pkgutil.walk_packages(packer_assets.__path__, "packer_assets."):
-        if info.name.startswith("packer_assets.lab") and importlib.util.find_spec("fakepve") is None:
-            continue
-        yield importlib.import_module(info.name)
+    """The product's modules, and the lab's (lab/, its own distribution) where it is installed."""
+    packages = [packer_assets]
+    if importlib.util.find_spec("packer_assets_lab") is not None and importlib.util.find_spec("fakepve") is not None:
+        packages.append(importlib.import_module("packer_assets_lab"))
+    for package in packages:
+        for info in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
+            yield importlib.import_module(info.name)
 
 
 def test_every_exception_class_has_the_one_root():

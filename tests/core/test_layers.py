@@ -43,7 +43,7 @@ def violations(root: Path) -> list[str]:
         for module in imports_of(path, root):
             to_dagster = module == "dagster" or module.startswith(("dagster.", "dagster_"))
             to_shell = module.startswith(("packer_assets.defs", "packer_assets.definitions"))
-            to_lab = module.startswith("packer_assets.lab")
+            to_lab = module.startswith("packer_assets_lab")
             if where == "core" and (to_dagster or to_shell or to_lab):
                 broken.append(f"{path.relative_to(root)} (core) imports {module}")
             if where == "shell" and to_lab:
@@ -62,8 +62,8 @@ def test_a_breach_written_either_way_is_caught(tmp_path):
     (root / "pve").mkdir(parents=True)
     (root / "pve" / "bad.py").write_text("import dagster as dg\n\ndef f():\n    from ..defs import assets\n")
     (root / "defs").mkdir()
-    (root / "defs" / "bad.py").write_text("from packer_assets.lab.stack import LabStack\n")
+    (root / "defs" / "bad.py").write_text("from packer_assets_lab.stack import LabStack\n")
     found = violations(root)
     assert "pve/bad.py (core) imports dagster" in found
     assert "pve/bad.py (core) imports packer_assets.defs" in found
-    assert "defs/bad.py (Dagster shell) imports packer_assets.lab.stack" in found
+    assert "defs/bad.py (Dagster shell) imports packer_assets_lab.stack" in found

@@ -19,7 +19,7 @@ from support.dagster_procs import BIN, REPO, dagster_cli, dagster_env, wait_for
 from support.packer import BuildGate
 
 from packer_assets.defs.recovery import PID_TAG
-from packer_assets.lab.proctree import descendants
+from packer_assets_lab.proctree import descendants
 from packer_assets.procs import proc_table
 
 pytestmark = [pytest.mark.lab, pytest.mark.packer, pytest.mark.e2e]

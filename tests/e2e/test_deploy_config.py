@@ -29,7 +29,7 @@ WORKSPACE = REPO / "deploy/workspace.yaml"
 PARTITION_LIMIT = {"key": "dagster/partition", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}
 POOL = "packer_builds"
 POOL_DEFAULT = 2
-DEV_EXTRA = "the dev extra: pip install -e '.[lab,dev]' (make test installs it)"
+DEV_EXTRA = "the dev extra: pip install -e '.[dev]' (make test installs it)"
 PG_ENV = {"DAGSTER_PG_HOST": "db.example.com", "DAGSTER_PG_PORT": "5433", "DAGSTER_PG_USER": "dagster",
           "DAGSTER_PG_PASSWORD": "not-a-secret", "DAGSTER_PG_DB": "dagster"}
 

@@ -34,7 +34,7 @@ from support.dagster_procs import (
 )
 from support.packer import BuildGate
 
-from packer_assets.lab.proctree import TreeSampler
+from packer_assets_lab.proctree import TreeSampler
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres, pytest.mark.lab, pytest.mark.packer]
 

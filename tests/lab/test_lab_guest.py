@@ -11,11 +11,11 @@ import paramiko
 import pytest
 
 pytestmark = pytest.mark.lab
-pytest.importorskip("fakepve", reason="needs the lab extra: pip install -e '.[lab,dev]' (make test installs it)")
+pytest.importorskip("packer_assets_lab", reason="needs the lab: pip install -e ./lab (make test installs it)")
 
 from support.guest import GUEST_USER, guest_ssh_client
 
-from packer_assets.lab.guest import LabGuest
+from packer_assets_lab.guest import LabGuest
 
 
 def run(client: paramiko.SSHClient, command: str, **kw) -> tuple[int, bytes]:
@@ -318,7 +318,7 @@ def test_packer_env_var_file_with_the_password_lands_0600(lab_guest, guest_passw
 def test_further_login_names_share_the_credentials(tmp_path):
     import paramiko
 
-    from packer_assets.lab.guest import LabGuest
+    from packer_assets_lab.guest import LabGuest
 
     with LabGuest(tmp_path / "g", "packer", password="pw-123456", also_accept=["Administrator"]) as guest:
         for user, ok in (("Administrator", True), ("packer", True), ("root", False)):

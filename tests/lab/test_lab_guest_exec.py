@@ -12,17 +12,17 @@ import paramiko
 import pytest
 
 pytestmark = pytest.mark.lab
-pytest.importorskip("fakepve", reason="needs the lab extra: pip install -e '.[lab,dev]' (make test installs it)")
+pytest.importorskip("packer_assets_lab", reason="needs the lab: pip install -e ./lab (make test installs it)")
 
 from support import REPO
 
 from packer_assets import guest_checks, sbom
 from packer_assets.catalog import ExpectedOs, SmokeCommand
-from packer_assets.lab.guest import LabGuest
-from packer_assets.lab.mirror import IsoMirror, MirrorItem
-from packer_assets.lab.pve import FAULTS, decode_sshkeys
-from packer_assets.lab.pve.agent import os_release_text
-from packer_assets.lab.stack import LabStack
+from packer_assets_lab.guest import LabGuest
+from packer_assets_lab.mirror import IsoMirror, MirrorItem
+from packer_assets_lab.pve import FAULTS, decode_sshkeys
+from packer_assets_lab.pve.agent import os_release_text
+from packer_assets_lab.stack import LabStack
 from packer_assets.pve.guest_exec import EphemeralKey
 from packer_assets.pve.smoke import encode_sshkeys
 

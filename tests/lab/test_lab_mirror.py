@@ -8,8 +8,8 @@ import pycdlib
 import pytest
 import requests
 
-from packer_assets.lab.iso import make_iso, read_iso
-from packer_assets.lab.mirror import IsoMirror, MirrorItem
+from packer_assets_lab.iso import make_iso, read_iso
+from packer_assets_lab.mirror import IsoMirror, MirrorItem
 
 
 # Independent parsers: the test must not trust the mirror's own formatting code.

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.lab
-pytest.importorskip("fakepve", reason="needs the lab extra: pip install -e '.[lab,dev]' (make test installs it)")
+pytest.importorskip("packer_assets_lab", reason="needs the lab: pip install -e ./lab (make test installs it)")
 from proxmoxer.core import ResourceException
 from support import REPO
 from support.packer import host_ipv4
 
-from packer_assets.lab.certs import make_lab_pki
-from packer_assets.lab.proctree import cmdline, descendants
-from packer_assets.lab.pve.packer_compat import keys_to_text
+from packer_assets_lab.certs import make_lab_pki
+from packer_assets_lab.proctree import cmdline, descendants
+from packer_assets_lab.pve.packer_compat import keys_to_text
 from packer_assets.procs import proc_table
 
 PACKER = "/usr/bin/packer"

@@ -13,13 +13,13 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 pytestmark = pytest.mark.lab
-pytest.importorskip("fakepve", reason="needs the lab extra: pip install -e '.[lab,dev]' (make test installs it)")
+pytest.importorskip("packer_assets_lab", reason="needs the lab: pip install -e ./lab (make test installs it)")
 from cryptography import x509
 from proxmoxer import AuthenticationError, ResourceException
 from requests.exceptions import SSLError
 from support.pve import pve_client
 
-from packer_assets.lab.certs import cert_fingerprint, make_lab_pki
+from packer_assets_lab.certs import cert_fingerprint, make_lab_pki
 
 NODE = "pve1"
 ISO = b"\x00" * 32768 + b"\x01CD001\x01" + os.urandom(70000)  # shaped like ISO9660; content is opaque to PVE
@@ -84,7 +84,7 @@ def new_token(api, userid, tokenid, **options):
 # ------------------------------------------------------------------------- TLS and PKI
 
 def test_the_lab_signing_key_is_0600_whatever_the_umask_and_signs(tmp_path):
-    from packer_assets.lab.certs import make_signing_key
+    from packer_assets_lab.certs import make_signing_key
     from packer_assets.signing import Signer, allowed_signer
 
     old = os.umask(0)  # a careless umask must not leave the key readable: Signer would refuse it

@@ -6,9 +6,9 @@ import subprocess
 import pytest
 
 pytestmark = pytest.mark.lab
-pytest.importorskip("fakepve", reason="needs the lab extra: pip install -e '.[lab,dev]' (make test installs it)")
+pytest.importorskip("packer_assets_lab", reason="needs the lab: pip install -e ./lab (make test installs it)")
 
-from packer_assets.lab.pvecli import install_shims, split_args
+from packer_assets_lab.pvecli import install_shims, split_args
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from packer_assets.lab.pve import RealGuests
-from packer_assets.lab.realguest.image import BaseImage
-from packer_assets.lab.realguest.qemu import qemu_processes_under
+from packer_assets_lab.pve import RealGuests
+from packer_assets_lab.realguest.image import BaseImage
+from packer_assets_lab.realguest.qemu import qemu_processes_under
 
 pytestmark = pytest.mark.lab
 

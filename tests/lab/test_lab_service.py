@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.lab
-pytest.importorskip("fakepve", reason="needs the lab extra: pip install -e '.[lab,dev]' (make test installs it)")
+pytest.importorskip("packer_assets_lab", reason="needs the lab: pip install -e ./lab (make test installs it)")
 import requests
 from support import REPO as ROOT
 
@@ -61,7 +61,7 @@ def test_up_status_publish_down(lab_state):
     (lab_state / "state.json").write_text(json.dumps(info))
 
     assert "lab stopped" in cli("lab", "down", "--state", str(lab_state)).stdout
-    assert not Path(f"/proc/{info['pid']}").exists() or b"packer_assets.lab.service" not in Path(
+    assert not Path(f"/proc/{info['pid']}").exists() or b"packer_assets_lab.service" not in Path(
         f"/proc/{info['pid']}/cmdline").read_bytes()
     assert cli("lab", "status", "--state", str(lab_state), check=False).returncode == 3
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.lab
-pytest.importorskip("fakepve", reason="needs the lab extra: pip install -e '.[lab,dev]' (make test installs it)")
+pytest.importorskip("packer_assets_lab", reason="needs the lab: pip install -e ./lab (make test installs it)")
 from support.packer import PACKER, REPO, catalog, fake_packer, host_ipv4, plan_for
 
 from packer_assets.chain import new_chain_id
 from packer_assets.evidence import Layout, Redactor, latest
-from packer_assets.lab.proctree import GroupSampler
+from packer_assets_lab.proctree import GroupSampler
 from packer_assets.packer.env import PackerEnvError, packer_env
 from packer_assets.packer.runner import (
     PackerCancelled,
@@ -397,7 +397,7 @@ def test_ctrl_c_of_the_caller_reaches_packer_once_through_the_runner(tmp_path):
 @pytest.mark.parametrize("key", ["debian-12", "rocky-9", "windows-2022"])
 def test_every_family_builds_in_the_lab(key, lab_pve_serving, lab_pki, pve_root, guest_state_dir, guest_password,
                                         tmp_path):
-    from packer_assets.lab.guest import LabGuest
+    from packer_assets_lab.guest import LabGuest
 
     entry = catalog().get(key)
     with LabGuest(guest_state_dir, "packer", password=guest_password, also_accept=("Administrator",)) as guest:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 pytestmark = pytest.mark.lab
-pytest.importorskip("fakepve", reason="needs the lab extra: pip install -e '.[lab,dev]' (make test installs it)")
+pytest.importorskip("packer_assets_lab", reason="needs the lab: pip install -e ./lab (make test installs it)")
 
 from support import REPO
 
@@ -160,7 +160,7 @@ def test_failures_give_one_clear_error_and_leave_env_files_alone(case, layout, e
     elif case == "unreachable":
         endpoint, message = Endpoint("https://127.0.0.1:9", ca_file=endpoint.ca_file, timeout=3), "API unreachable"
     elif case == "tls_mismatch":
-        from packer_assets.lab.certs import make_lab_pki
+        from packer_assets_lab.certs import make_lab_pki
         other = make_lab_pki(tmp_path / "other-pki")
         endpoint, message = Endpoint(endpoint.url, ca_file=str(other.ca_file)), "TLS verification failed"
     else:

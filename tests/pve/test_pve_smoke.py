@@ -8,9 +8,9 @@ import pytest
 from support.templates import NODE, create_vm, description, make_entry, wait
 
 from packer_assets.catalog import SmokeCommand, SmokeSpec
-from packer_assets.lab.guest import LabGuest
-from packer_assets.lab.pve.agent import os_release_text, osinfo_from_os_release
-from packer_assets.lab.pve import guest_answers
+from packer_assets_lab.guest import LabGuest
+from packer_assets_lab.pve.agent import os_release_text, osinfo_from_os_release
+from packer_assets_lab.pve import guest_answers
 from packer_assets.pve.smoke import (
     SmokeInternalError,
     SmokeTestError,

@@ -8,14 +8,14 @@ import socket
 import pytest
 
 pytestmark = pytest.mark.lab
-pytest.importorskip("fakepve", reason="needs the lab extra: pip install -e '.[lab,dev]' (make test installs it)")
+pytest.importorskip("packer_assets_lab", reason="needs the lab: pip install -e ./lab (make test installs it)")
 
 from support.mirror import LAB_MIRROR_ITEMS
 
 from packer_assets.catalog import IsoSource, TemplateEntry
 from packer_assets.checksums import Checksum
-from packer_assets.lab.iso import make_iso
-from packer_assets.lab.mirror import MirrorItem
+from packer_assets_lab.iso import make_iso
+from packer_assets_lab.mirror import MirrorItem
 from packer_assets.pve.bootstrap import BootstrapConfig, bootstrap
 from packer_assets.pve.client import Endpoint, connect
 from packer_assets.pve.staging import (

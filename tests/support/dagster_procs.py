@@ -2,7 +2,7 @@
 
 Every process is started in its own session and stopped by its process group id (its own pid), so a
 test ends exactly what it started. The packer builds under them are watched with
-packer_assets.lab.proctree.TreeSampler: the concurrency the tests assert is observed, not inferred from
+packer_assets_lab.proctree.TreeSampler: the concurrency the tests assert is observed, not inferred from
 Dagster's bookkeeping.
 """
 

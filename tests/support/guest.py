@@ -3,7 +3,7 @@
 import paramiko
 import pytest
 
-from packer_assets.lab.guest import LabGuest
+from packer_assets_lab.guest import LabGuest
 
 GUEST_USER = "packer"
 GUEST_PASSWORD = "lab-guest-pw-5a1c"

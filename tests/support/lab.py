@@ -9,7 +9,7 @@ import pytest
 
 from packer_assets.chain import new_chain_id
 from packer_assets.evidence import Layout
-from packer_assets.lab.stack import LabStack
+from packer_assets_lab.stack import LabStack
 from packer_assets.pve.bootstrap import BootstrapConfig
 from packer_assets.pve.client import Endpoint
 from packer_assets.pve.init_env import AdminLogin, run_init

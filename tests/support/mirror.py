@@ -2,7 +2,7 @@
 
 import pytest
 
-from packer_assets.lab.mirror import IsoMirror, MirrorItem
+from packer_assets_lab.mirror import IsoMirror, MirrorItem
 
 UBUNTU = "/releases.ubuntu.com/22.04.5"
 ROCKY = "/download.rockylinux.org/pub/rocky/9/isos/x86_64"

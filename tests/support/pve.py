@@ -8,9 +8,9 @@ import secrets
 import pytest
 from proxmoxer import ProxmoxAPI
 
-from packer_assets.lab.certs import make_lab_pki
-from packer_assets.lab.pve import LabPve
-from packer_assets.lab.serving import ServedPve
+from packer_assets_lab.certs import make_lab_pki
+from packer_assets_lab.pve import LabPve
+from packer_assets_lab.serving import ServedPve
 
 
 @pytest.fixture(scope="session")

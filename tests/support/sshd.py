@@ -1,7 +1,7 @@
 """pytest fixtures: a real OpenSSH server on loopback, standing in for a PVE node's sshd (loaded by conftest.py).
 
 root logs in with a test key. The session's PATH starts with a bin folder holding the lab's `pveum`
-and `pvesh` (packer_assets.lab.pvecli), and PVE_ROOT_CA names the lab CA, so init-packer-remote.sh
+and `pvesh` (packer_assets_lab.pvecli), and PVE_ROOT_CA names the lab CA, so init-packer-remote.sh
 acts on the same LabPve the API path uses. sshd logs at DEBUG3 to a file, so tests can check that
 no secret reaches it.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from packer_assets.lab.pvecli import install_shims
+from packer_assets_lab.pvecli import install_shims
 from packer_assets.pve.ssh import SshTarget
 
 SSHD = "/usr/sbin/sshd"

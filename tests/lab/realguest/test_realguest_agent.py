@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from packer_assets.lab.realguest.agent import AgentError, AgentTimeout, GuestAgent
+from packer_assets_lab.realguest.agent import AgentError, AgentTimeout, GuestAgent
 
 
 class FakeAgent:

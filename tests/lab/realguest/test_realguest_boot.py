@@ -14,9 +14,9 @@ import time
 import paramiko
 import pytest
 
-from packer_assets.lab.realguest.cidata import write_nocloud_drive
-from packer_assets.lab.realguest.image import ensure_base_image
-from packer_assets.lab.realguest.qemu import (
+from packer_assets_lab.realguest.cidata import write_nocloud_drive
+from packer_assets_lab.realguest.image import ensure_base_image
+from packer_assets_lab.realguest.qemu import (
     QemuError,
     QemuVm,
     VmSpec,

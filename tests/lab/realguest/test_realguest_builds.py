@@ -22,7 +22,7 @@ from support.builds import rebuild
 from support.lab import started_lab_project
 
 from packer_assets.envfile import read_env_file
-from packer_assets.lab.realguest.qemu import qemu_processes_under
+from packer_assets_lab.realguest.qemu import qemu_processes_under
 from packer_assets.pve import smoke as smoke_module
 from packer_assets.pve.bootstrap import build_access
 from packer_assets.pve.smoke import SmokeTestError, smoke_test

@@ -9,8 +9,8 @@ import textwrap
 
 from passlib.hash import sha256_crypt
 
-from packer_assets.lab.iso import read_iso
-from packer_assets.lab.realguest import cidata
+from packer_assets_lab.iso import read_iso
+from packer_assets_lab.realguest import cidata
 from packer_assets.pve.smoke import encode_sshkeys
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl smoke@test"

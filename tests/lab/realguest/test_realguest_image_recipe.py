@@ -5,8 +5,8 @@ import textwrap
 
 import pytest
 
-from packer_assets.lab.realguest import image
-from packer_assets.lab.realguest.sources import apt_sources, debian_mirrors
+from packer_assets_lab.realguest import image
+from packer_assets_lab.realguest.sources import apt_sources, debian_mirrors
 
 
 def apt_dir(tmp_path, sources_list="", parts=None):

@@ -18,21 +18,21 @@ import pytest
 from support import REPO
 
 from packer_assets.catalog import InstallUser, load_catalog
-from packer_assets.lab.realguest.image import (
+from packer_assets_lab.realguest.image import (
     CONFIGURE_SCRIPT,
     INSTALLER_FW_CFG_NAME,
     INSTALLER_INIT,
     INSTALLER_INIT_PATH,
     ensure_base_image,
 )
-from packer_assets.lab.realguest.installer import (
+from packer_assets_lab.realguest.installer import (
     InstallerError,
     emulate_install,
     parse_preseed,
     plan_install,
     preseed_url,
 )
-from packer_assets.lab.realguest.qemu import (
+from packer_assets_lab.realguest.qemu import (
     QemuVm,
     VmSpec,
     linked_clone_disk,

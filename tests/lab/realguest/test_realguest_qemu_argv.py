@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from packer_assets.lab.realguest.qemu import QemuVm, VmSpec, accel_args
+from packer_assets_lab.realguest.qemu import QemuVm, VmSpec, accel_args
 
 
 def spec(**extra):

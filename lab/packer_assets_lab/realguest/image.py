@@ -44,7 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import OperationError
+from packer_assets.errors import OperationError
 from .sources import debian_mirrors
 
 SUITE = "bookworm"

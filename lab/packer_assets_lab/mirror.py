@@ -22,7 +22,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from packer_assets.evidence import sha256_file
-from packer_assets.lab.iso import make_iso
+from packer_assets_lab.iso import make_iso
 
 STATE_FILE = ".lab-mirror.json"  # {key: release}; dotfiles are never served
 DEFAULT_CHECKSUM_NAMES = ("SHA256SUMS", "CHECKSUM")

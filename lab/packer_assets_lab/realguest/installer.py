@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...errors import OperationError
+from packer_assets.errors import OperationError
 from .image import (
     INSTALLER_FW_CFG_NAME,
     INSTALLER_INIT_PATH,

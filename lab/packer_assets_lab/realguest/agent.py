@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-from ...errors import OperationError
+from packer_assets.errors import OperationError
 
 
 class AgentError(OperationError):

@@ -43,18 +43,18 @@ from fakepve.model import FakeVm, PveError, TaskError
 from fakepve.routing import die
 from fakepve.schema import Match
 
-from packer_assets.lab.pve.packer_compat import keys_to_text
-from packer_assets.lab.realguest import cidata
-from packer_assets.lab.realguest.agent import AgentError, AgentTimeout, GuestAgent
-from packer_assets.lab.realguest.image import BaseImage
-from packer_assets.lab.realguest.installer import (
+from packer_assets_lab.pve.packer_compat import keys_to_text
+from packer_assets_lab.realguest import cidata
+from packer_assets_lab.realguest.agent import AgentError, AgentTimeout, GuestAgent
+from packer_assets_lab.realguest.image import BaseImage
+from packer_assets_lab.realguest.installer import (
     InstallerError,
     emulate_install,
     parse_preseed,
     plan_install,
     preseed_url,
 )
-from packer_assets.lab.realguest.qemu import (
+from packer_assets_lab.realguest.qemu import (
     QemuError,
     QemuVm,
     VmSpec,

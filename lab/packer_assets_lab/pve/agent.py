@@ -16,7 +16,7 @@ from fakepve.schema import Match
 from fakepve.shapes import networks
 
 from packer_assets.catalog import ExpectedOs
-from packer_assets.lab.iso import read_iso
+from packer_assets_lab.iso import read_iso
 from packer_assets.pve.smoke import agent_enabled
 
 # What the lab's ISOs stand for: the OS name per os-release ID (Windows: the agent's id is mswindows).

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import requests
 
-from ..envfile import read_env_file, write_env_file
-from ..evidence import atomic_write
-from ..errors import OperationError
+from packer_assets.envfile import read_env_file, write_env_file
+from packer_assets.evidence import atomic_write
+from packer_assets.errors import OperationError
 
-SERVICE_MODULE = "packer_assets.lab.service"
+SERVICE_MODULE = "packer_assets_lab.service"
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 
@@ -171,7 +171,7 @@ def up(state: Path, catalog_path: Path | None = None, project_dir: Path | None =
        real_guests: tuple[str, ...] = ()) -> dict:
     """Start the lab for the catalog (default: the project's, as `catalog check` finds it); the VMs of the
     keys in real_guests run for real (the base image is built here, with progress lines, if not cached)."""
-    from ..catalog import load_catalog
+    from packer_assets.catalog import load_catalog
 
     paths = LabPaths(state.resolve())
     info = running_state(paths.state)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-from ...errors import OperationError
+from packer_assets.errors import OperationError
 from .agent import GuestAgent
 
 QEMU = "qemu-system-x86_64"

@@ -3,7 +3,7 @@
 On a real node these tools act on the cluster's configuration as root. Here they call the lab's API
 as root@pam (TLS verified against the lab CA), so whatever the remote script does lands in the same
 stateful LabPve the API path and the tests see. Install them with `install_shims(...)`: small
-wrappers that exec `<python> -m packer_assets.lab.pvecli pveum "$@"`.
+wrappers that exec `<python> -m packer_assets_lab.pvecli pveum "$@"`.
 
 Behaviour follows PVE's CLI (PVE::CLIHandler, PVE::CLIFormatter) for what is implemented: positional
 arguments, then `--name value` / `--name=value` options; with `--output-format json` the API's answer
@@ -135,7 +135,7 @@ def run(prog: str, args: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ("pveum", "pvesh"):
-        print("usage: python -m packer_assets.lab.pvecli pveum|pvesh ARGS...", file=sys.stderr)
+        print("usage: python -m packer_assets_lab.pvecli pveum|pvesh ARGS...", file=sys.stderr)
         return FAIL
     try:
         return run(argv[0], argv[1:])
@@ -147,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 SHIM = """#!/bin/sh
-# The lab's stand-in for PVE's {prog}: packer_assets.lab.pvecli against the lab API as root@pam.
+# The lab's stand-in for PVE's {prog}: packer_assets_lab.pvecli against the lab API as root@pam.
 export PA_LAB_API_URL={url} PA_LAB_CA_FILE={ca} PA_LAB_ROOT_PASSWORD_FILE={password_file}
-{log}exec {python} -m packer_assets.lab.pvecli {prog} "$@"
+{log}exec {python} -m packer_assets_lab.pvecli {prog} "$@"
 """
 
 
