@@ -94,7 +94,7 @@ def _powershell(script: str) -> tuple[str, ...]:
 # (by systemd and cloud-init), not carried over from the install. Prints them for the record and for the
 # SSH check, which pins the host key it reads here.
 FRESH_IDENTITY = r"""boot=$(awk '$1 == "btime" {print $2}' /proc/stat)
-etc="${GUEST_CHECK_ROOT:-}/etc"  # unset in a guest; the tests point it at a folder of their own
+etc=/etc
 id=$(cat "$etc/machine-id" 2>/dev/null || true)
 case "$id" in ""|uninitialized) echo "/etc/machine-id is empty: this clone has no identity of its own"; exit 1;; esac
 found=0
@@ -102,7 +102,7 @@ for f in "$etc/machine-id" "$etc"/ssh/ssh_host_*_key; do
   [ -e "$f" ] || continue
   [ "$f" = "$etc/machine-id" ] || found=1
   if [ "$(stat -c %Y "$f")" -lt "$boot" ]; then
-    echo "${f#"${GUEST_CHECK_ROOT:-}"} dates from before this boot: the template kept the install's identity (not generalized)"
+    echo "$f dates from before this boot: the template kept the install's identity (not generalized)"
     exit 1
   fi
 done
