@@ -4,7 +4,7 @@
     path = write_catalog(tmp / "catalog.yaml", 500)
     items = mirror_items_for(path)          # -> [MirrorItem, ...] for IsoMirror
 
-The catalogs pass packer_assets/catalog.py: unique keys (`bench-0000` ...), one non-overlapping
+The catalogs pass packer_assets/catalog/: unique keys (`bench-0000` ...), one non-overlapping
 VMID range of 100 per key, Linux families in turn (ubuntu / debian / rocky) with their real
 packer_dir, ISOs on a few fake upstream hosts. As at real upstreams, one checksum file lists the
 ISOs of one release directory, so `keys_per_file` keys share each checksum_url: GNU `SHA256SUMS`

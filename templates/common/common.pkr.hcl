@@ -4,7 +4,7 @@
 # directory as one configuration. Its sha256 counts in the input fingerprint with the family's
 # template (workdir.template_sha256): an edit here is a changed input for every key.
 #
-# The family's template declares no variables of its own (tests/test_packer_workdir.py holds it to
+# The family's template declares no variables of its own (tests/packer/test_packer_workdir.py holds it to
 # that). Its build block names this source (`source "source.proxmox-iso.base" { name = "<family>" }`)
 # and fills in only what differs per family: the cloud-init drive. Its locals default_boot_command,
 # default_boot_wait and default_ssh_timeout give the family's defaults, used below where the variable

@@ -70,9 +70,9 @@ RUN = [
 ]
 
 NOT_RUN = {
-    "make test": "the suite itself (make test-fast and PYTEST_ARGS: a part of it)",
-    "make ui": "a long-running webserver: tests/test_ui_browser.py drives `dagster dev` in Chromium",
-    "dagster dev": "a long-running webserver: tests/test_ui_browser.py runs it",
+    "make test": "the suite itself (make test-fast, make test-lab and PYTEST_ARGS: parts of it)",
+    "make ui": "a long-running webserver: tests/e2e/test_ui_browser.py drives `dagster dev` in Chromium",
+    "dagster dev": "a long-running webserver: tests/e2e/test_ui_browser.py runs it",
     "make bench": "prints figures for minutes; bench/ is not a test",
     "make build-all ALL=1": "a run per key, each skipping an up-to-date key: make build-all (the pre-checked one) is run",
     "packer-assets chain CHAIN-<ts>-<key> [--json]": "a synopsis: the chain IDs differ per run; "
@@ -90,9 +90,9 @@ NOT_RUN = {
                       "tests/lab/realguest/test_realguest_builds.py",
     "packer-assets lab up --real-guest": "make demo-real runs it (.ci/run); tests start the same lab in-process",
     "packer-assets validate [KEY...] [--allow-degraded]": "a synopsis: packer-assets validate is run",
-    "dagster code-server start": "a long-running service: tests/test_deploy_postgres.py runs it",
-    "dagster-webserver -w deploy/workspace.yaml": "a long-running service; deploy/ is loaded by tests/test_deploy_config.py",
-    "dagster-daemon run -w deploy/workspace.yaml": "a long-running service: tests/test_deploy_postgres.py runs it",
+    "dagster code-server start": "a long-running service: tests/e2e/test_deploy_postgres.py runs it",
+    "dagster-webserver -w deploy/workspace.yaml": "a long-running service; deploy/ is loaded by tests/e2e/test_deploy_config.py",
+    "dagster-daemon run -w deploy/workspace.yaml": "a long-running service: tests/e2e/test_deploy_postgres.py runs it",
 }
 COMMAND = re.compile(r"(dagster|dagster-webserver|dagster-daemon|packer-assets|make|python -m|source|export) ")
 
