@@ -23,7 +23,7 @@ TEST_PACKAGES := packer openssh-server openssh-client debconf gnupg postgresql c
 # pytest arguments, e.g. `make test PYTEST_ARGS="-m 'not slow'"` (markers: pyproject.toml)
 PYTEST_ARGS ?=
 
-.PHONY: settings-check init demo demo-real lab-up-real build build-all validate test test-deps test-fast bench bench-builds ui venv packer dagster-home lab-up lab-down lab-status catalog-check clean
+.PHONY: settings-check init demo demo-real lab-up-real build build-all validate test test-deps test-fast test-lab bench bench-builds ui venv packer dagster-home lab-up lab-down lab-status catalog-check clean
 
 demo: venv packer lab-up catalog-check ## the lab, then every asset of every template against it
 	$(MAKE) init PACKER_ASSETS_ENV_FILE=$(abspath $(LAB_STATE))/lab.env
@@ -52,13 +52,21 @@ lab-up-real: venv
 
 # The tests make their own labs and instances: nothing of a lab `make demo` left (PACKER_ASSETS_ENV_FILE)
 # or of $(DAGSTER_HOME) reaches them (tests/conftest.py also clears the project's variables).
-PYTEST := env -u PACKER_ASSETS_ENV_FILE -u DAGSTER_HOME $(BIN)/pytest
+# Each run writes a JUnit report, every test's duration in it (setup + call + teardown), to
+# test-output/junit-<target>.xml: junit-test.xml, junit-test-fast.xml, junit-test-lab.xml.
+PYTEST = env -u PACKER_ASSETS_ENV_FILE -u DAGSTER_HOME $(BIN)/pytest --junitxml=test-output/junit-$@.xml \
+	-o junit_duration_report=total
+# The two fast tiers, by marker (pyproject.toml; tests/conftest.py says what each needs)
+BINARIES := packer or sshd or postgres or e2e or browser or realguest
 
 test: test-deps venv ## the whole test suite; installs what it needs first (as root with apt), else says what is missing
 	$(PYTEST) $(PYTEST_ARGS)
 
 test-fast: venv ## the unit tests alone: no lab, packer, sshd, PostgreSQL, Dagster processes, browser or QEMU guest
-	$(PYTEST) -m "not (lab or packer or sshd or postgres or e2e or browser or realguest)" $(PYTEST_ARGS)
+	$(PYTEST) -m "not (lab or $(BINARIES))" $(PYTEST_ARGS)
+
+test-lab: venv ## the tests of the in-process lab that need no binary: no packer, sshd, PostgreSQL, Dagster processes, browser or QEMU guest
+	$(PYTEST) -m "lab and not ($(BINARIES))" $(PYTEST_ARGS)
 
 test-deps:
 	@tools/system-packages.sh $(TEST_PACKAGES)

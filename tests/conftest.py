@@ -11,8 +11,16 @@ Markers say what a test needs beyond the Python core (registered in pyproject.to
             qemu-utils, debootstrap; root)
 A test gets its markers from the fixtures it uses (below) or from its module. `make test` installs
 everything; elsewhere a test whose needs are missing is skipped, and the reason is in the summary.
-`make test-fast` (`pytest -m "not (lab or packer or sshd or postgres or e2e or browser or realguest)"`)
-runs the unit tests alone.
+Two fast tiers: `make test-fast` (`pytest -m "not (lab or packer or sshd or postgres or e2e or browser or
+realguest)"`) runs the unit tests alone; `make test-lab` (`pytest -m "lab and not (packer or sshd or postgres
+or e2e or browser or realguest)"`) the lab's tests that need no binary. Each make target writes a JUnit report
+with every test's duration to test-output/junit-<target>.xml.
+
+Timeouts: pytest-timeout stops any test at 600 s (pyproject.toml). A test whose own waits (its `timeout=`,
+`wait_for(..., N)`, `.wait(N)`, `time.monotonic() + N` deadlines, those of the helpers it calls) add up to
+more carries `@pytest.mark.timeout(N)` above their sum, so a slow run ends with the test's own message;
+a loop of waits bounds itself with one deadline. tests/core/test_suite_timeouts.py reads every test module
+and fails on a test whose waits outlast its timeout.
 """
 
 import atexit

@@ -60,6 +60,7 @@ def test_validate_names_a_missing_password(tmp_path):
     assert proc.returncode == 1 and "PACKER_INSTALL_PASSWORD is unset" in proc.stdout
 
 
+@pytest.mark.timeout(960)  # its own waits add up to 3 × 300 s
 def test_settings_contradiction_is_one_line_from_the_cli_and_make(tmp_path):
     import certifi
 

@@ -85,6 +85,7 @@ def test_kill_9_of_the_holder_frees_the_key_even_with_its_child_alive(tmp_path):
 
 @pytest.mark.packer
 @pytest.mark.e2e
+@pytest.mark.timeout(2460)  # its own waits add up to 4 × 600 s
 def test_two_cli_runs_of_one_key_build_once(lab_project, tmp_path):
     """The first run is held at the gate (the lab guest's first provisioner command) while the second
     starts: the second waits on the key lock, says for whom, then finds the template up to date."""

@@ -15,6 +15,7 @@ BESIDE = "/".join(["..", "shared"])  # spelled so that this file does not match 
 
 
 @pytest.mark.skipif(shutil.which("packer") is None, reason="needs the packer binary (make test installs it)")
+@pytest.mark.timeout(660)  # its own waits add up to 600 s
 def test_an_export_with_nothing_beside_it_renders_and_validates_every_key(tmp_path):
     clone = export_repository(tmp_path / "alone" / "packer-assets")
     assert sorted(p.name for p in clone.parent.iterdir()) == ["packer-assets"]

@@ -32,6 +32,7 @@ def vms_of(pve, key, template):
             if bool(vm.template) == template and str(vm.config.get("name", "")).startswith(key + "-")}
 
 
+@pytest.mark.timeout(2640)  # its own waits add up to 2580 s
 def test_kill_9_mid_build_then_the_next_builds_recover_by_themselves(lab_project, tmp_path):
     home = tmp_path / "dagster_home"
     home.mkdir()
@@ -97,6 +98,7 @@ def promoted_vmid(pve, key) -> int:
     return vmid
 
 
+@pytest.mark.timeout(3480)  # its own waits add up to 3420 s
 def test_no_promoted_template_stays_without_its_signed_proof(lab_project, tmp_path):
     """template alone for one key (the UI's selection), then another key's run killed right after its
     promotion (before the final record, the registry and the proof): after one more run of any key, both

@@ -37,6 +37,7 @@ def executed_and_failed(args: list[str], env: dict[str, str]) -> None:
     assert result.returncode != 0, result.stderr[-2000:]  # the run's failure: the three failed runs, below
 
 
+@pytest.mark.timeout(1620)  # its own waits add up to 1560 s
 def test_each_failed_run_is_posted_once_however_started(tmp_path):
     home = tmp_path / "dagster_home"
     home.mkdir()

@@ -49,6 +49,7 @@ def runs_of(instance, **tags) -> list:
     return instance.get_runs(dg.RunsFilter(tags=tags))
 
 
+@pytest.mark.timeout(1050)  # its own waits add up to 990 s
 def test_sensor_and_schedule_run_under_the_daemon(lab_project, local_home, tmp_path):
     keys = lab_project.stack.catalog.keys()
     # the sensor every 5 s; the weekly schedule every minute, so the daemon ticks it during the test

@@ -92,6 +92,7 @@ def run_records(instance):
     return instance.get_run_records(dg.RunsFilter(job_name=JOB))
 
 
+@pytest.mark.timeout(1980)  # its own waits add up to 1921 s
 def test_daemon_runs_keys_within_the_pool_and_one_run_per_key(deployment, lab_project):
     home, env, instance, procs = deployment
     gate = lab_project.stack.guest.exec_handler = BuildGate()

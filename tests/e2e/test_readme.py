@@ -9,6 +9,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jsonschema
@@ -117,6 +118,12 @@ def test_every_readme_command_is_run_or_says_why_not():
 
 
 def test_readme_commands_run_as_written_in_the_lab(tmp_path):
+# All of RUN together (a run took 154 s on 2 cores); one command alone at most COMMAND_TIMEOUT.
+RUN_BUDGET = 1500
+COMMAND_TIMEOUT = 900
+
+
+@pytest.mark.timeout(RUN_BUDGET + 300)  # and the lab's stop (120 s), make demo's signature checks (60 s)
     stamp = REPO / ".venv/.installed"
     if not stamp.exists():
         pytest.skip("needs the .venv that `make test` creates (the make targets use it)")
@@ -130,6 +137,7 @@ def test_readme_commands_run_as_written_in_the_lab(tmp_path):
                DAGSTER_HOME=str(clone / ".dagster_home"), CHECKPOINT_DISABLE="1")
     log = []
     try:
+    deadline = time.monotonic() + RUN_BUDGET
         for command, stdin in RUN:
             if command.startswith("export "):
                 name, value = command.removeprefix("export ").split("=", 1)
@@ -137,8 +145,15 @@ def test_readme_commands_run_as_written_in_the_lab(tmp_path):
                 continue
             registry = clone / "docs/proof/platform/packer-builds/registry.json"
             before = registry.read_bytes() if registry.exists() else None
-            proc = subprocess.run(["bash", "-c", f"set -e; {command}"], cwd=clone, env=env, input=stdin or "",
-                                  capture_output=True, text=True, timeout=900)
+            left = min(COMMAND_TIMEOUT, deadline - time.monotonic())
+            assert left > 0, f"the README's commands took over {RUN_BUDGET} s; not run: {command}\n" + "\n".join(log[-3:])
+            try:
+                proc = subprocess.run(["bash", "-c", f"set -e; {command}"], cwd=clone, env=env, input=stdin or "",
+                                      capture_output=True, text=True, timeout=left)
+            except subprocess.TimeoutExpired as slow:
+                said = "".join(out.decode(errors="replace") if isinstance(out, bytes) else out
+                               for out in (slow.stdout, slow.stderr) if out)[-3000:]
+                pytest.fail(f"README command still running after {left:.0f} s: {command}\n{said}")
             log.append(f"$ {command}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
             assert proc.returncode == 0, f"README command failed (exit {proc.returncode}):\n" + log[-1]
             if command == "make build KEY=debian-12":  # a no-op after make demo: the registry stays byte for byte

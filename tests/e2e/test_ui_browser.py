@@ -98,6 +98,7 @@ def exact_text(text: str) -> str:
     return f"//*[normalize-space(text())='{text}']"
 
 
+@pytest.mark.timeout(810)  # its own waits add up to 754 s
 def test_ui_shows_every_asset_and_materializes_one_partition(webserver, browser):
     try:
         ui_shows_every_asset_and_materializes_one_partition(webserver, browser)

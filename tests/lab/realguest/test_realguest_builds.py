@@ -27,7 +27,8 @@ from packer_assets.pve import smoke as smoke_module
 from packer_assets.pve.bootstrap import build_access
 from packer_assets.pve.smoke import SmokeTestError, smoke_test
 
-pytestmark = [pytest.mark.realguest, pytest.mark.lab, pytest.mark.packer]
+# a test's own waits add up to 3667 s at most (the linked clone's: three tasks, a boot, the module's build)
+pytestmark = [pytest.mark.realguest, pytest.mark.lab, pytest.mark.packer, pytest.mark.timeout(3720)]
 
 KEY = "debian-12"
 REAL = {"smoke_timeout_seconds": 900}  # a clone's boot under TCG: minutes

@@ -205,7 +205,7 @@ def password_login(port: int, user: str, password: str, host_key: str, deadline:
 
 
 @pytest.mark.realguest
-@pytest.mark.timeout(3600)
+@pytest.mark.timeout(4620)  # its own waits add up to 4563 s
 def test_an_emulated_install_then_a_first_boot(base_image, tmp_path):
     key = EphemeralKey.generate("realguest-installer")
     text, context = rendered_preseed(user="debian", keys=(key.public,))
