@@ -36,7 +36,7 @@ class MirrorItem:
     iso_path: str
     checksum_path: str | None = None
     # The installed system's /etc/os-release the ISO stands for (a boot ISO): the lab's VMs installed
-    # from it report this OS through their guest agent (lab/pve/agent.py).
+    # from it report this OS through their guest agent (pve/agent.py).
     os_release: str | None = None
 
 

@@ -10,6 +10,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 from support import REPO
 from support.checkout import export_repository
 
@@ -92,6 +93,7 @@ def test_a_breach_written_either_way_is_caught(tmp_path):
                                    "stack.py (lab) imports packer_assets.defs.assets.template"]
 
 
+@pytest.mark.timeout(660)  # its own wait: 600 s
 def test_the_product_wheel_holds_no_lab_module_and_no_fakepve_dependency(tmp_path):
     """`pip install .` installs what `pip wheel .` builds: from a copy of the checkout (no stale build/ of an
     earlier layout can leak in), without network (the build backend comes from pip's configured indexes)."""

@@ -1,6 +1,6 @@
-"""The lab's real-guest VMs (lab/pve/realguest.py) where no QEMU is needed: which VMs are real, the installer
-waiting for its boot command, and a boot command whose preseed cannot be fetched or cannot be emulated
-(the VM stops, the reason is kept, no disk is left, nothing secret is said). The real boots are in
+"""The lab's real-guest VMs (lab/packer_assets_lab/pve/realguest.py) where no QEMU is needed: which VMs are
+real, the installer waiting for its boot command, and a boot command whose preseed cannot be fetched or
+cannot be emulated (the VM stops, the reason is kept, no disk is left, nothing secret is said). The real boots are in
 tests/lab/realguest/test_realguest_builds.py."""
 
 import http.server
