@@ -75,7 +75,7 @@ def channel_tag(name: str) -> str:
 def find_template(api: ProxmoxAPI, catalog: Catalog, ref: str, key: str | None = None) -> tuple[TemplateEntry, Guest]:
     """The template `ref` (a VMID or a chain ID) names, as (its key's entry, the guest). With key, it must
     be one of that key's templates (in its VMID range, tagged and named as the key's)."""
-    if ref.isdigit():
+    if ref.isascii() and ref.isdigit():  # not '²', which isdigit() takes and int() refuses
         guest = find_guest(api, int(ref))
         keys = [key] if key else [k for k in catalog.keys() if guest and guest.ours(k)]
         entry = catalog.get(keys[0]) if keys else None

@@ -48,7 +48,8 @@ class Catalog:
             return self.entries[key]
         except KeyError:
             known = ", ".join(self.entries) or "(none)"
-            raise CatalogError(f"{self.display}: {key}: unknown template key; known keys: {known}") from None
+            shown = key if key.isprintable() else repr(key)  # a newline in a key must not make two lines
+            raise CatalogError(f"{self.display}: {shown}: unknown template key; known keys: {known}") from None
 
     __getitem__ = get
 

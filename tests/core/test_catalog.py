@@ -150,6 +150,9 @@ def test_get_unknown_key_lists_known_keys(tmp_path):
     with pytest.raises(CatalogError, match=r"catalog.yaml: gamma: unknown template key; known keys: alpha, beta"):
         catalog.get("gamma")
     assert "alpha" in catalog and len(catalog) == 2
+    with pytest.raises(CatalogError) as caught:  # a key with a newline (make build KEY=$'alpha\n') is one line
+        catalog.get("alpha\n")
+    assert "\n" not in str(caught.value) and "'alpha\\n'" in str(caught.value)
 
 
 def test_checksum_is_normalised_and_iso_filename_defaults_to_url_name(tmp_path):

@@ -138,6 +138,7 @@ def test_channel_set_moves_the_tag_and_unset_takes_it(api, layout, catalog):
     (("production", KEY, "CHAIN-20261101T120000Z-ubuntu-2404"), "is of key ubuntu-2404, not debian-12"),
     (("production", KEY, "CHAIN-20261109T120000Z-debian-12"), "no template of key debian-12"),
     (("production", KEY, "newest"), "'newest' is neither a VMID nor a chain ID"),
+    (("production", KEY, "93\u00b2"), "'93\u00b2' is neither a VMID nor a chain ID"),  # isdigit() takes '²'
     (("production", KEY, "9302"), "template 9302 (debian-12-20261103120000) is revoked"),
 ])
 def test_a_bad_channel_request_is_one_line_and_changes_nothing(api, layout, catalog, args, said):
