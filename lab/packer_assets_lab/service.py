@@ -26,8 +26,9 @@ from pathlib import Path
 import requests
 
 from packer_assets.envfile import read_env_file, write_env_file
-from packer_assets.evidence import atomic_write
 from packer_assets.errors import OperationError
+from packer_assets.evidence import atomic_write
+from packer_assets.procs import process_argv
 
 SERVICE_MODULE = "packer_assets_lab.service"
 START_TIMEOUT = 60.0
@@ -151,11 +152,7 @@ def _read_state(paths: LabPaths) -> dict | None:
 
 def _ours(pid: int, paths: LabPaths) -> bool:
     """True if pid is a running lab process for this state folder (never signal a recycled pid)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    args = [a.decode(errors="replace") for a in cmdline]
+    args = process_argv(pid) or []
     return SERVICE_MODULE in args and str(paths.state.resolve()) in args
 
 
@@ -236,9 +233,12 @@ def control(state: Path, action: str, key: str) -> object:
         raise LabError(f"no lab is running for {state} (start it with `packer-assets lab up`)")
     response = requests.post(f"http://127.0.0.1:{info['control_port']}/{action}/{key}",
                              headers={"Authorization": f"Bearer {info['control_token']}"}, timeout=30)
-    body = response.json()
-    if response.status_code != 200:
-        raise LabError(f"lab {action} {key}: {body.get('error')}")
+    try:
+        body = response.json()
+    except ValueError:  # not the control server's JSON (e.g. a 404 page for a key with a slash)
+        body = {"error": f"HTTP {response.status_code}, not an answer of the lab's control server"}
+    if response.status_code != 200 or not isinstance(body, dict) or "result" not in body:
+        raise LabError(f"lab {action} {key!r}: {body.get('error') if isinstance(body, dict) else body}")
     return body["result"]
 
 

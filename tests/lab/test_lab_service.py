@@ -52,6 +52,8 @@ def test_up_status_publish_down(lab_state):
     assert before != after and published["publish"] in after
     bad = cli("lab", "publish", "no-such-key", "--state", str(lab_state), check=False)
     assert bad.returncode == 2 and "unknown key 'no-such-key'" in bad.stderr
+    slashed = cli("lab", "publish", "../x", "--state", str(lab_state), check=False)  # not the control server's JSON
+    assert slashed.returncode == 2 and "Traceback" not in slashed.stderr and len(slashed.stderr.splitlines()) == 1
 
     # a process that merely looks like ours is never signalled
     decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
