@@ -106,22 +106,22 @@ settings-check: venv
 init: venv dagster-home settings-check ## materialize proxmox_env: API user, role, token, infra/env/.env.proxmox
 	$(DAGSTER) --select proxmox_env
 
-# The rebuild of one key, as the toolkit's build-wrapper.sh: make build KEY=debian-12. A run of the job
-# rebuild_template for the key's partition (in the UI's history of that job, not an anonymous asset run),
-# executed in this process like `dagster asset materialize` (no daemon; the pool still applies).
-REBUILD := $(BIN)/dagster job execute -j rebuild_template -m packer_assets.definitions
+# The rebuild of one key, as the toolkit's build-wrapper.sh: make build KEY=debian-12. One process:
+# `packer-assets build` checks the settings and the key (one line, exit 2: job execute would run and record an
+# unknown partition), then runs Dagster's `dagster job execute -j rebuild_template` for the key's partition in
+# itself: a run of that job (in the UI's history of that job, not an anonymous asset run), executed in this
+# process like `dagster asset materialize` (no daemon; the pool still applies).
 # KEY reaches the shell as an environment variable ("$$KEY"), never pasted into the recipe's quoting: any text
-# is one argument, and an unknown key is refused by `settings --key` before the known key goes into the tags.
-build: venv dagster-home settings-check
+# is one argument (after `--`: a KEY that starts with - is a key too).
+build: venv dagster-home
 	@[ -n "$$KEY" ] || { echo "usage: make build KEY=<template key> (see: make catalog-check)"; exit 2; }
-	@$(BIN)/packer-assets settings --key "$$KEY" >/dev/null  # job execute would run an unknown partition
-	$(REBUILD) --tags "{\"dagster/partition\": \"$$KEY\"}"
+	$(BIN)/packer-assets build -- "$$KEY"
 
 # Only the keys whose inputs changed or that have no template (`packer-assets plan`, the weekly schedule's
 # pre-check); ALL=1 runs every key (each run still skips a key that is up to date).
 build-all: venv dagster-home settings-check ## every key that needs a build, one after the other (ALL=1: every key)
-	@if [ -n "$(ALL)" ]; then keys=$$($(BIN)/python -c "from packer_assets.settings import export_env_files; \
-	  export_env_files(); from packer_assets.catalog import load_catalog; print(' '.join(load_catalog().keys()))"); \
+	@if [ -n "$(ALL)" ]; then keys=$$($(BIN)/python -c "from packer_assets.settings import environment; \
+	  from packer_assets.catalog import load_catalog; print(' '.join(load_catalog(env=environment()).keys()))"); \
 	  else $(BIN)/packer-assets plan; keys=$$($(BIN)/packer-assets plan --keys-only); fi; \
 	  set -e; for key in $$keys; do $(MAKE) --no-print-directory build KEY=$$key; done
 

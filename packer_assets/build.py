@@ -62,7 +62,7 @@ from .pve.templates import (
     withdraw,
 )
 from .errors import OperationError, PackerAssetsError
-from .settings import lab_guest_description, parse_ssh_ports
+from .settings import guest_note, parse_ssh_ports
 
 RECORD = BUILD_RECORD_NAME
 VM_RECORD = "build-vm.json"  # in the work directory from before packer starts until the build VM is settled
@@ -78,7 +78,7 @@ class BuildSettings:
     ssh_port: int | None = None
     ssh_timeout: str | None = None
     ssh_ports: str | None = None  # PACKER_ASSETS_SSH_PORTS: a key's own port (the lab's real guests)
-    lab_guests: str | None = None  # PACKER_ASSETS_LAB_GUESTS: what the lab's guests are (proofs say it)
+    guest_notes: str | None = None  # PACKER_ASSETS_GUEST_NOTES: what each key's guests are (proofs say it)
     boot_wait: str | None = None
     timeout: float = 4 * 3600
     grace: float = 60.0
@@ -200,7 +200,8 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
                       description=f"packer-assets {key} {chain} (building)")
     workdir = layout.work_dir(key) / chain.stamp
     shutil.rmtree(workdir, ignore_errors=True)
-    penv = packer_env(access.endpoint, caps, credentials, ssh_password=ssh_password, workdir=workdir.parent)
+    penv = packer_env(access.endpoint, caps, credentials, ssh_password=ssh_password, workdir=workdir.parent,
+                      base_env=env)
     prepared = prepare_workdir(workdir, entry, plan, caps, project_dir=project_dir, http_dir=rendered_dir,
                                http_files=served.files, allow_degraded=settings.allow_degraded, secrets=penv.secrets)
     redact = Redactor([*penv.secrets, ssh_password])
@@ -284,7 +285,7 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
             "smoke": smoke_facts,
             "input_fingerprint": fingerprint, "previous_template_vmid": current,
             "pruned_vmids": [], "warnings": warnings, "sbom": sbom,
-            "guest": lab_guest_description(settings.lab_guests, key),
+            "guest": guest_note(settings.guest_notes, key),
         }
         # Recorded before the promotion: a run killed from here on leaves a promoted template whose build
         # the next run can still prove (repair.py), with the log up to this line.
@@ -309,7 +310,7 @@ def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, cr
     record["timings"]["finished_at"] = datetime.now(UTC).isoformat()
     write_record(log.path, record)  # the whole log now: the promotion and the prune are in it
     prune_work_dirs(layout, entry)
-    outcome.registry_warning = update_registry(layout, api, project_dir, chain, echo)
+    outcome.registry_warning = update_registry(layout, api, project_dir, chain, echo, env)
     return outcome
 
 
@@ -321,12 +322,13 @@ def write_record(log_file: Path, record: dict) -> Path:
     return atomic_write(Path(log_file).parent / RECORD, json.dumps(record, indent=2, default=str) + "\n")
 
 
-def update_registry(layout: Layout, api, project_dir: Path, chain: ChainId, echo=print) -> str | None:
+def update_registry(layout: Layout, api, project_dir: Path, chain: ChainId, echo=print,
+                    env: Mapping[str, str] | None = None) -> str | None:
     """registry.json rewritten after a promotion and prune (every catalog key, read from the node). A
     failure is a warning, never a failed build: the template is built, promoted and recorded, and the
     next write (a build, a proof, `packer-assets channel`, the template_registry asset) catches up."""
     try:
-        write_registry(layout, api, load_catalog(project_dir=project_dir))
+        write_registry(layout, api, load_catalog(env=env, project_dir=project_dir))
     except Exception as exc:  # noqa: BLE001 - reported; the build it follows succeeded
         warning = f"registry {layout.registry_file} not rewritten: {type(exc).__name__}: {exc}"
         echo(f"{log_header(chain, 'warning')} {warning}")

@@ -25,18 +25,15 @@ def _catalog_check(args) -> int:
 
 def _validate(args) -> int:
     """validate-all.sh: render and validate every key (or those named), then `packer validate` each."""
-    import os
-
     from .build import BuildSettings, render_and_validate
     from .catalog import load_catalog
     from .packer.workdir import PackerCapabilityError
     from .render import RenderError
     from .render.record import ignored_warning
-    from .settings import export_env_files, load_settings
+    from .settings import load_settings
 
     found = load_settings()  # the one validated model, as definitions.py reads it
-    export_env_files()
-    catalog = load_catalog(args.catalog)
+    catalog = load_catalog(args.catalog, env=found.environment)
     layout = found.layout
     degraded = args.allow_degraded or found.allow_degraded  # the lab sets PACKER_ASSETS_ALLOW_DEGRADED
     settings = BuildSettings(packer=found.packer_binary, allow_degraded=degraded)
@@ -44,7 +41,8 @@ def _validate(args) -> int:
     for key in args.keys or catalog.keys():
         entry = catalog.get(key)
         try:
-            result, check = render_and_validate(layout, entry, os.environ, settings, project_dir=catalog.project_dir)
+            result, check = render_and_validate(layout, entry, found.environment, settings,
+                                                project_dir=catalog.project_dir)
         except RenderError as exc:
             print(f"FAIL {key}: render: {exc}")
             failed += 1
@@ -71,15 +69,17 @@ def _settings(args) -> int:
     from dataclasses import fields, is_dataclass
 
     from .catalog import load_catalog
-    from .settings import export_env_files, load_settings
+    from .settings import load_settings
 
     found = load_settings()
-    export_env_files()  # as definitions.py does: the catalog an env file names is the one checked
-    catalog = load_catalog()  # the definitions' partitions come from it: a broken one is one line here
+    # the catalog an env file names is the one checked: the definitions' partitions come from it
+    catalog = load_catalog(env=found.environment)  # a broken one is one line here
     if args.key is not None:
         catalog.get(args.key)  # an unknown key is one line naming the known ones (a run of it would be recorded)
     print(f"catalog: {catalog.display} ({len(catalog)} keys)")
     for item in fields(found):
+        if not item.repr:  # the environment as read: secrets
+            continue
         value = getattr(found, item.name)
         for name, shown in ([(f"{item.name}.{f.name}", getattr(value, f.name)) for f in fields(value)]
                             if is_dataclass(value) else [(item.name, value)]):
@@ -89,15 +89,34 @@ def _settings(args) -> int:
     return 0
 
 
+def _build(args) -> int:
+    """`make build KEY=...`: the settings and the key checked as `settings --key` checks them (one line, exit 2;
+    `dagster job execute` would run and record an unknown partition), then, in this same process, Dagster's own
+    `dagster job execute` of rebuild_template for the key's partition: a run of that job in its history in the UI,
+    in the pool, executed in process. One Python process per build instead of two (issue 25, item 8)."""
+    from .catalog import load_catalog
+    from .settings import load_settings
+
+    load_catalog(env=load_settings().environment).get(args.key)
+    from dagster._cli import ENV_PREFIX, cli as dagster_cli
+
+    argv = ["job", "execute", "-j", "rebuild_template", "-m", "packer_assets.definitions",
+            "--tags", json.dumps({"dagster/partition": args.key})]
+    try:
+        dagster_cli.main(args=argv, prog_name="dagster", auto_envvar_prefix=ENV_PREFIX)
+    except SystemExit as done:  # click ends its commands so; the exit code is the run's
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    return 0
+
+
 def _registry_session():
     """(layout, catalog, the node's API as the build token) as builds have them: settings, env files, catalog."""
     from .catalog import load_catalog
     from .channels import node_api
-    from .settings import export_env_files, load_settings
+    from .settings import load_settings
 
     found = load_settings()
-    export_env_files()  # as definitions.py does: the catalog an env file names is the one used
-    catalog = load_catalog()
+    catalog = load_catalog(env=found.environment)  # the catalog an env file names is the one used
     return found.layout, catalog, node_api(found.layout)
 
 
@@ -165,14 +184,13 @@ def _chain(args) -> int:
     """Everything that carries a chain ID; or the chain IDs of a key, newest first."""
     from .audit import chain_report, chains_of_key
     from .chain import check_key, parse_chain_id
-    from .settings import export_env_files, load_settings
+    from .settings import load_settings
 
     if args.key:
         check_key(args.key)  # a folder name under the output root: `../x` would list folders elsewhere
     elif args.chain_id:
         parse_chain_id(args.chain_id)  # one line (ChainIdError) before settings or the API are touched
     found = load_settings()
-    export_env_files()
     layout = found.layout
     if args.key:
         chains = chains_of_key(layout, args.key)
@@ -222,24 +240,21 @@ def _templates_of_chain(layout, chain_id: str) -> list[dict]:
 
 def _plan(args) -> int:
     """Which keys need a run (the weekly schedule's pre-check; `make build-all` builds those)."""
-    import os
-
     from .catalog import load_catalog
     from .channels import node_api
     from .plan import plan_runs
     from .pve.templates import promoted_vmids
-    from .settings import export_env_files, load_settings
+    from .settings import load_settings
 
     found = load_settings()
-    export_env_files()
-    catalog = load_catalog()
+    catalog = load_catalog(env=found.environment)
     try:
         promoted = promoted_vmids(node_api(found.layout), catalog.keys())
     except Exception as exc:  # noqa: BLE001 - the recorded state still decides; said on stderr
         print(f"packer-assets plan: the node could not be asked ({type(exc).__name__}); the recorded state decides",
               file=sys.stderr)
         promoted = None
-    plan = plan_runs(found.layout, catalog, os.environ, catalog.project_dir, promoted)
+    plan = plan_runs(found.layout, catalog, found.environment, catalog.project_dir, promoted)
     if args.keys_only:
         print(" ".join(plan.to_run))
     elif args.json:
@@ -265,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "them (no secrets); exit 2 naming the variable and where it came from")
     settings.add_argument("--key", help="also require this template key in the catalog (make build checks KEY)")
     settings.set_defaults(func=_settings)
+
+    build = sub.add_parser("build", help="what `make build KEY=...` runs: the settings and KEY checked (one line, "
+                           "exit 2), then a run of the job rebuild_template for KEY's partition in this process")
+    build.add_argument("key", help="a template key of the catalog")
+    build.set_defaults(func=_build)
 
     channel = sub.add_parser("channel", help="channels of a key (registry.json, PVE tags "
                              "packer-assets-channel-<name>): which template consumers clone")

@@ -1,32 +1,20 @@
 """The one place that builds the Dagster definitions (`dagster dev`, `dagster asset materialize -m`).
 
-Settings are read once, through the one validated model (`settings.load_settings`: the environment over
-the env files, the lab's or a site's): a contradiction or a bad value stops the load with one line naming
-the variable and where it came from, before anything runs. The env files' values are then exported into
-the environment, the way Dagster reads `.env`, so resources take their secrets through dg.EnvVar
-whichever way they were provided.
+Settings are read once, through the one validated model (`settings.load_settings`: the process environment
+over the env files, the lab's or a site's): a bad value or a contradiction stops the load with one line
+naming the variable and where it came from. The resources are built from that model
+(defs/resources.build_resources). Nothing is exported into os.environ: what runs need of the environment
+(the catalog it names, install passwords, secrets) they read from the same merged, read-only view.
 """
-
-import os
 
 import dagster as dg
 
-from .settings import export_env_files, load_settings
+from .settings import load_settings
 
-SETTINGS = load_settings()
-# Before the defs are imported: the partitions are read from the catalog at import (defs/partitions.py),
-# and the catalog an env file names (PACKER_ASSETS_CATALOG, e.g. the lab's) must be the one they come from.
-export_env_files()
+SETTINGS = load_settings()  # first: a bad setting is the one line, before the catalog the partitions read
 
 from .defs import assets, checks, jobs, notifications, registry, schedules, sensors  # noqa: E402
-from .defs.notifications import Notifier  # noqa: E402
-from .defs.resources import PackerSettings, ProjectSettings, ProxmoxBootstrap  # noqa: E402
-
-
-def _env(name: str):
-    """dg.EnvVar for a variable that is set (resolved at run time, never stored), else None."""
-    return dg.EnvVar(name) if os.environ.get(name) else None
-
+from .defs.resources import build_resources  # noqa: E402
 
 defs = dg.Definitions(
     # No code references: dagster's local ones are vscode:// paths on the server (useless in a browser
@@ -45,48 +33,8 @@ defs = dg.Definitions(
     # behave the same.
     executor=dg.in_process_executor,
     sensors=[sensors.build_iso_checksum_sensor(SETTINGS.sensor_interval),
-             *notifications.build_notification_sensors(enabled=bool(os.environ.get("PACKER_ASSETS_WEBHOOKS")))],
+             *notifications.build_notification_sensors(enabled=bool(SETTINGS.environment.get("PACKER_ASSETS_WEBHOOKS")))],
     schedules=[schedules.build_weekly_rebuild(SETTINGS.rebuild_cron)],
     asset_checks=[checks.token_authenticates, checks.token_privileges],
-    resources={
-        "notifier": Notifier(webhooks=_env("PACKER_ASSETS_WEBHOOKS"), ui_url=SETTINGS.ui_url),
-        "packer": PackerSettings(
-            binary=SETTINGS.packer_binary,
-            allow_degraded=SETTINGS.allow_degraded,
-            ssh_host=SETTINGS.packer_ssh_host,
-            ssh_port=SETTINGS.packer_ssh_port,
-            ssh_ports=SETTINGS.packer_ssh_ports,
-            lab_guests=SETTINGS.lab_guests,
-            ssh_timeout=SETTINGS.packer_ssh_timeout,
-            boot_wait=SETTINGS.boot_wait,
-            build_user=SETTINGS.build_user,
-            build_password=_env("PROXMOX_BUILD_PASSWORD"),
-        ),
-        "project": ProjectSettings(output_root=str(SETTINGS.output_root),
-                                   signing_key=str(SETTINGS.signing_key) if SETTINGS.signing_key else None,
-                                   signing_key_id=SETTINGS.signing_key_id),
-        "pve_admin": ProxmoxBootstrap(
-            api_url=SETTINGS.proxmox_url or "https://pve.invalid:8006",
-            ca_file=str(SETTINGS.ca_file) if SETTINGS.ca_file else None,
-            tls_fingerprint=SETTINGS.tls_fingerprint,
-            insecure=SETTINGS.insecure,
-            insecure_origin=SETTINGS.insecure_origin,
-            admin_user=SETTINGS.bootstrap_user,
-            admin_password=_env("PROXMOX_BOOTSTRAP_PASSWORD"),
-            admin_token_name=SETTINGS.bootstrap_token_name,
-            admin_token_secret=_env("PROXMOX_BOOTSTRAP_TOKEN_SECRET"),
-            # the toolkit's names; after a first init, .env.proxmox pins what was discovered
-            **ProxmoxBootstrap.config_fields(SETTINGS.bootstrap),
-            method=SETTINGS.bootstrap_method,
-            ssh_host=SETTINGS.ssh_host,
-            ssh_port=SETTINGS.ssh_port,
-            ssh_user=SETTINGS.ssh_user,
-            ssh_key_file=SETTINGS.ssh_key_file,
-            ssh_password=_env("PROXMOX_SSH_PASSWORD"),
-            known_hosts=SETTINGS.ssh_known_hosts,
-            trust_on_first_use=SETTINGS.ssh_trust_on_first_use,
-            build_login=SETTINGS.build_login,
-            packer_binary=SETTINGS.packer_binary,
-        ),
-    },
+    resources=build_resources(SETTINGS),
 )

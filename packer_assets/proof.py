@@ -132,10 +132,10 @@ class BuildProof(_Model):
     pruned_vmids: list[int] = Field(default_factory=list, description="Older templates removed by retention.")
     sbom: SbomRef | None = Field(default=None, description="The installed packages as a CycloneDX SBOM (absent for "
                                                            "builds from before SBOMs).")
-    guest: str | None = Field(default=None, description="What the guest was when the environment says so: in "
-                                                       "the lab, `lab: real guest (...; installer emulated, not a "
-                                                       "real install)` or `lab: simulated guest (...)` "
-                                                       "(PACKER_ASSETS_LAB_GUESTS); absent on a real node.")
+    guest: str | None = Field(default=None, description="What the guest was, as the environment noted it for the "
+                                                       "key (PACKER_ASSETS_GUEST_NOTES; the lab notes `lab: real "
+                                                       "guest (...)` or `lab: simulated guest (...)`); absent when "
+                                                       "nothing was stated.")
     warnings: list[str] = Field(default_factory=list,
                                 description="The build's warnings, as its log has them: each gap of a degraded build "
                                             "(`degraded build: ...`, something the template asks for that the "
@@ -253,7 +253,7 @@ def render_build_readme(proof: BuildProof) -> str:
     t = proof.template
     rows = [("Chain ID", proof.chain_id), ("Key", proof.key), ("Dagster run", proof.dagster_run_id),
             ("Template", f"{t.vmid} {t.name} on {t.node}"), ("Tags", ";".join(t.tags)),
-            ("Guest", proof.guest or "the node's VM"),
+            ("Guest", proof.guest or "not stated (no PACKER_ASSETS_GUEST_NOTES note for this key)"),
             ("ISO", proof.iso.url), ("ISO fetched from", proof.iso.effective_url),
             ("ISO checksum", proof.iso.checksum), ("ISO volume", proof.iso.volid),
             ("Packer", proof.packer_version), ("Packer template sha256", proof.packer_template_sha256),

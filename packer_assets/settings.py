@@ -2,15 +2,17 @@
 
 Read from the process environment and from env files (`infra/env/.env.proxmox` under the output_root,
 and the file named by PACKER_ASSETS_ENV_FILE, e.g. the lab's). The process environment wins, so a
-one-off override needs no file edit.
+one-off override needs no file edit. Nothing here writes to os.environ: `environment()` is the merged,
+read-only view whatever needs a variable (install passwords, secrets, the catalog's) reads.
 """
 
 import os
 import re
 import ssl
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from urllib.parse import urlsplit
 
 from .envfile import read_assignments
@@ -36,7 +38,8 @@ class SettingsError(ConfigError):
 class Settings:
     """Everything the live path (definitions, CLI, Makefile) reads from the environment, validated once.
 
-    Secrets are not held here: resources take them through dg.EnvVar by name.
+    Secrets are in no field but `environment` (never printed, compared or shown): resources read them per
+    run from settings.environment().
     """
 
     output_root: Path
@@ -64,7 +67,7 @@ class Settings:
     packer_ssh_port: int | None = None
     packer_ssh_timeout: str | None = None
     packer_ssh_ports: str | None = None  # `key=port,...`: the lab's real guests (parse_ssh_ports)
-    lab_guests: str | None = None  # `key=kind,...,*=kind`: what the lab's guests are, for proofs (parse_lab_guests)
+    guest_notes: str | None = None  # `key=text;...;*=text`: what each key's guests are, for proofs (parse_guest_notes)
     boot_wait: str | None = None
     build_user: str | None = None
     build_login: str = "auto"  # how Packer logs in: token, password (the automation user's), auto (by version)
@@ -75,6 +78,8 @@ class Settings:
     signing_key: Path | None = None
     signing_key_id: str | None = None
     ui_url: str | None = None  # the Dagster webserver, for links to runs (PACKER_ASSETS_UI_URL)
+    # every variable as read: the process environment over the env files, read-only (secrets too: not printed)
+    environment: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False, compare=False)
 
     @property
     def layout(self) -> Layout:
@@ -108,6 +113,13 @@ def merged_environment(env: Mapping[str, str] | None = None) -> tuple[dict[str, 
     """(values, origin of each value): env files first, then the process environment over them."""
     values, origin, _ = _merged(env)
     return values, origin
+
+
+def environment(env: Mapping[str, str] | None = None) -> Mapping[str, str]:
+    """The process environment over the env files, read now and read-only: what the live path reads a variable
+    from (the catalog's PACKER_ASSETS_CATALOG, an install password, a secret, packer's PATH) where it is not a
+    setting of its own. Nothing is exported: os.environ stays what the process was given."""
+    return MappingProxyType(merged_environment(env)[0])
 
 
 def _merged(env: Mapping[str, str] | None) -> tuple[dict[str, str], dict[str, str], dict[str, int]]:
@@ -267,7 +279,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         packer_ssh_port=port("PACKER_ASSETS_SSH_PORT", None),
         packer_ssh_timeout=text("PACKER_ASSETS_SSH_TIMEOUT"),
         packer_ssh_ports=checked(parse_ssh_ports, "PACKER_ASSETS_SSH_PORTS"),
-        lab_guests=checked(parse_lab_guests, "PACKER_ASSETS_LAB_GUESTS"),
+        guest_notes=checked(parse_guest_notes, "PACKER_ASSETS_GUEST_NOTES"),
         boot_wait=text("PACKER_ASSETS_BOOT_WAIT"),
         build_user=text("PROXMOX_BUILD_USER"),
         build_login=build_login,
@@ -276,13 +288,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         signing_key=_signing_key(existing_file("PACKER_ASSETS_SIGNING_KEY"), where("PACKER_ASSETS_SIGNING_KEY")),
         signing_key_id=text("PACKER_ASSETS_SIGNING_KEY_ID"),
         ui_url=_ui_url(text("PACKER_ASSETS_UI_URL"), where("PACKER_ASSETS_UI_URL")),
+        environment=MappingProxyType(values),
     )
 
 
-def _pairs(value: str | None, what: str) -> list[tuple[int, str, str]]:
+def _pairs(value: str | None, what: str, separator: str = ",") -> list[tuple[int, str, str]]:
     """(item number, name, value) of `name=value,...`; errors name the item by number: no text is echoed."""
     pairs = []
-    for number, item in enumerate((value or "").split(","), 1):
+    for number, item in enumerate((value or "").split(separator), 1):
         name, eq, right = item.strip().partition("=")
         if not item.strip():
             continue
@@ -303,28 +316,17 @@ def parse_ssh_ports(value: str | None) -> dict[str, int]:
     return ports
 
 
-LAB_GUEST_KINDS = {
-    "simulated": "lab: simulated guest (the lab answers for the installed system; nothing ran in a VM)",
-    "real": "lab: real guest (a QEMU VM running Debian 12; installer emulated, not a real install)",
-}
+def parse_guest_notes(value: str | None) -> dict[str, str]:
+    """PACKER_ASSETS_GUEST_NOTES (`debian-12=a VM on the staging node;*=...`): a note per key on what its guests
+    are, which its proofs print (`guest`, the README's Guest row); `*` is every other key. Any environment may
+    say it (the lab says which of its guests are real); unset, a proof says the guest is not stated."""
+    return {key.strip(): note.strip() for _number, key, note in _pairs(value, "key=text", ";")}
 
 
-def parse_lab_guests(value: str | None) -> dict[str, str]:
-    """PACKER_ASSETS_LAB_GUESTS (`debian-12=real,*=simulated`), set by the lab: what each key's guests are
-    (`*`: the other keys). Unset outside the lab."""
-    kinds = {}
-    for number, key, kind in _pairs(value, "key=kind"):
-        if kind not in LAB_GUEST_KINDS:
-            raise ValueError(f"item {number}: the kind is one of {', '.join(LAB_GUEST_KINDS)}")
-        kinds[key] = kind
-    return kinds
-
-
-def lab_guest_description(value: str | None, key: str) -> str | None:
-    """What a proof says about the guest of `key` (None outside the lab)."""
-    kinds = parse_lab_guests(value)
-    kind = kinds.get(key, kinds.get("*"))
-    return LAB_GUEST_KINDS[kind] if kind else None
+def guest_note(value: str | None, key: str) -> str | None:
+    """The note of PACKER_ASSETS_GUEST_NOTES for `key` (its own, else `*`'s); None: not stated."""
+    notes = parse_guest_notes(value)
+    return notes.get(key, notes.get("*"))
 
 
 def _ui_url(value: str | None, origin: str) -> str | None:
@@ -361,16 +363,3 @@ def _signing_key(path: str | None, origin: str) -> Path | None:
     except SigningKeyError as exc:
         raise SettingsError(f"{origin}: PACKER_ASSETS_SIGNING_KEY: {exc}") from None
     return Path(path).expanduser().resolve()
-
-
-def export_env_files(env: "os._Environ[str] | None" = None) -> list[str]:
-    """Put values from the env files into the process environment where it has none (like Dagster's .env).
-
-    Returns the names set. The process environment always wins.
-    """
-    target = os.environ if env is None else env
-    values, origin = merged_environment(dict(target))
-    added = [name for name in values if name not in target and origin.get(name, "environment") != "environment"]
-    for name in added:
-        target[name] = values[name]
-    return added

@@ -39,21 +39,9 @@ PROJECT_VARIABLES = ("PACKER_ASSETS_", "PROXMOX_", "PACKER_INSTALL_", "PACKER_SS
 for _name in [n for n in os.environ if n.startswith(PROJECT_VARIABLES)]:
     del os.environ[_name]
 # Nor what `make demo` left in the checkout (infra/env/.env.proxmox, control/secrets.env): the output root
-# is an empty folder unless a test names its own. Test modules import packer_assets.definitions at
-# collection, which exports the root's env files into the process environment.
+# is an empty folder unless a test names its own (with monkeypatch: no test leaves os.environ changed).
 os.environ["PACKER_ASSETS_ROOT"] = _EMPTY_ROOT = tempfile.mkdtemp(prefix="packer-assets-tests-root-")
 atexit.register(shutil.rmtree, _EMPTY_ROOT, True)
-
-
-@pytest.fixture(autouse=True)
-def _environment_restored():
-    """Undo whatever a test left in os.environ: importing packer_assets.definitions exports the env files
-    of the project it loads (as Dagster reads `.env`), which must not leak into the next test's lab."""
-    saved = dict(os.environ)
-    yield
-    if os.environ != saved:
-        os.environ.clear()
-        os.environ.update(saved)
 
 HAVE_LAB = all(importlib.util.find_spec(name) is not None for name in ("packer_assets_lab", "fakepve", "cryptography"))
 

@@ -23,6 +23,12 @@ from .serving import ServedPve
 LAB_CATALOG = "lab-catalog.yaml"
 # What a real guest's build waits for SSH: the emulated install and the first boot under TCG take minutes.
 REAL_GUEST_SSH_TIMEOUT = "30m"
+# What the lab's guests are, said in every proof through PACKER_ASSETS_GUEST_NOTES (the product's generic note
+# per key): real VMs for the keys run for real, answering fakes for the rest.
+GUEST_NOTES = {
+    "real": "lab: real guest (a QEMU VM running Debian 12, installer emulated, not a real install)",
+    "simulated": "lab: simulated guest (the lab answers for the installed system, nothing ran in a VM)",
+}
 
 
 def _url_path(url: str) -> str:
@@ -150,8 +156,8 @@ class LabStack:
             # The lab signs its proof bundles; `packer-assets proof verify --allowed-signers` with this file checks them.
             "PACKER_ASSETS_SIGNING_KEY": str(self.signing.key_file),
             "PACKER_ASSETS_SIGNING_KEY_ID": self.signing.key_id,
-            # What the lab's guests are, for the proofs: real VMs for the keys marked, answering fakes for the rest.
-            "PACKER_ASSETS_LAB_GUESTS": ",".join([*(f"{k}=real" for k in sorted(self.real_guests)), "*=simulated"]),
+            "PACKER_ASSETS_GUEST_NOTES": ";".join([*(f"{k}={GUEST_NOTES['real']}" for k in sorted(self.real_guests)),
+                                                   f"*={GUEST_NOTES['simulated']}"]),
         }
         if self.real_guests:
             # A real guest is reached through QEMU's forward on a port of its own, and takes minutes to boot.

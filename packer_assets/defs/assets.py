@@ -1,6 +1,5 @@
 """Assets: each body calls the core and reports the result as metadata."""
 
-import os
 from pathlib import Path
 
 import dagster as dg
@@ -191,8 +190,8 @@ def unattended_files(
     key, layout = hold_partition(context, project)
     catalog = project.catalog()
     entry = catalog.get(key)
-    result, check = render_and_validate(layout, entry, os.environ, packer.settings(), project_dir=catalog.project_dir,
-                                        reuse=True)
+    result, check = render_and_validate(layout, entry, project.environment(), packer.settings(),
+                                        project_dir=catalog.project_dir, reuse=True)
     reused = isinstance(result, CachedRender)
     validated = dg.AssetCheckResult(check_name="packer_validate", passed=check.ok,
                                     description=(f"{key}: packer validate passed" + (
@@ -352,11 +351,12 @@ def template(
     force = forced(config, context.run)
     if force:
         context.log.info(f"[{chain}] {key}: forced (config force: true or tag {FORCE_TAG}): builds even if up to date")
+    env = project.environment()  # the install password (the catalog names its variable), packer's PATH
     try:
         outcome = build_template(
-            layout, entry, access, packer.credentials(access), os.environ.get(entry.install_user.password_env, ""),
+            layout, entry, access, packer.credentials(access), env.get(entry.install_user.password_env, ""),
             staged, rendered, chain, packer.settings(force), project_dir=catalog.project_dir,
-            run_id=context.run.run_id, on_stage=lambda line: context.log.info(f"[{chain}] {line}"),
+            run_id=context.run.run_id, on_stage=lambda line: context.log.info(f"[{chain}] {line}"), env=env,
         )
     except Exception as exc:  # the error and the log's last lines where people look, then the step fails
         tag_outcome(context, FAILED)

@@ -12,13 +12,13 @@ run failed twice, e.g. a dead run closed by two runs at once, or a tick evaluate
 daemon died).
 """
 
-import os
-
 import dagster as dg
 from pydantic import Field
 
 from ..notify import Notification, first_line, notify, parse_webhooks, secret_values
+from ..settings import environment
 from .assets import CHAIN_TAG
+from .resources import secret
 
 PARTITION_TAG = "dagster/partition"
 NOTIFIED_TAG = "packer-assets/notified"
@@ -34,7 +34,7 @@ class Notifier(dg.ConfigurableResource):
         return f"{self.ui_url.rstrip('/')}/runs/{run_id}" if self.ui_url else None
 
     def send(self, context, notification: Notification) -> None:
-        for delivery in notify(parse_webhooks(self.webhooks), notification):
+        for delivery in notify(parse_webhooks(secret(self.webhooks, "PACKER_ASSETS_WEBHOOKS")), notification):
             said = f"{notification.event} {notification.key or '-'} -> {delivery.webhook}: {delivery.said} " \
                    f"after {delivery.attempts} attempt(s)"
             (context.log.info if delivery.ok else context.log.warning)(said)
@@ -82,7 +82,7 @@ def build_notification_sensors(enabled: bool) -> list:
         message = context.failure_event.message if context.failure_event else None
         notifier.send(context, Notification(
             event="failed", key=run.tags.get(PARTITION_TAG), chain_id=run.tags.get(CHAIN_TAG), status=run.status.value,
-            run_id=run.run_id, error=first_line(message, secret_values(dict(os.environ))),
+            run_id=run.run_id, error=first_line(message, secret_values(dict(environment()))),
             run_url=notifier.run_url(run.run_id)))
         return None
 

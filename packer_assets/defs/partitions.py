@@ -5,9 +5,11 @@ import warnings
 import dagster as dg
 
 from ..catalog import load_catalog
+from ..settings import environment
 
-# Read at definitions load (a broken catalog stops the code location with its one clear error).
-catalog = load_catalog()
+# Read at definitions load (a broken catalog stops the code location with its one clear error), as the
+# environment over the env files names it (PACKER_ASSETS_CATALOG of the lab's lab.env, a site's file).
+catalog = load_catalog(env=environment())
 template_partitions = dg.StaticPartitionsDefinition(catalog.keys())
 
 

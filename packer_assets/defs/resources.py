@@ -1,5 +1,7 @@
-"""Resources: where the project writes and how it reaches Proxmox. Secrets arrive through dg.EnvVar."""
+"""Resources: where the project writes and how it reaches Proxmox, built from the validated settings
+(build_resources). Secrets are read when a run needs them (secret), never held in a resource's config."""
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import dagster as dg
@@ -16,6 +18,7 @@ from ..pve.bootstrap import BootstrapConfig
 from ..pve.client import Endpoint
 from ..pve.init_env import AdminLogin, Bootstrapper
 from ..pve.ssh import SshBootstrap, SshTarget
+from ..settings import Settings, environment
 
 
 class ProjectSettings(dg.ConfigurableResource):
@@ -33,9 +36,14 @@ class ProjectSettings(dg.ConfigurableResource):
     def signer(self) -> Signer | None:
         return Signer(Path(self.signing_key), self.signing_key_id) if self.signing_key else None
 
+    def environment(self) -> Mapping[str, str]:
+        """The process environment over the env files, read-only (settings.environment): what the catalog
+        names (install passwords, authorized keys), read per run."""
+        return environment()
+
     def catalog(self) -> Catalog:
         """The catalog as the environment names it (PACKER_ASSETS_CATALOG, mirror), read per run."""
-        return load_catalog()
+        return load_catalog(env=self.environment())
 
     def build_access(self) -> BuildAccess:
         """Where and as whom builds talk to Proxmox: what proxmox_env wrote."""
@@ -92,13 +100,15 @@ class ProxmoxBootstrap(dg.ConfigurableResource):
         if self.method != "ssh" or not self.ssh_host:
             raise ValueError(f"pve_admin.method={self.method!r}: use 'api', or 'ssh' with ssh_host set")
         return SshBootstrap(SshTarget(self.ssh_host, self.ssh_port, self.ssh_user, self.ssh_key_file,
-                                      self.ssh_password, self.known_hosts, self.trust_on_first_use))
+                                      secret(self.ssh_password, "PROXMOX_SSH_PASSWORD"), self.known_hosts,
+                                      self.trust_on_first_use))
 
     def endpoint(self) -> Endpoint:
         return Endpoint(self.api_url, ca_file=self.ca_file, tls_fingerprint=self.tls_fingerprint, insecure=self.insecure)
 
     def admin(self) -> AdminLogin:
-        return AdminLogin(self.admin_user, self.admin_password, self.admin_token_name, self.admin_token_secret)
+        return AdminLogin(self.admin_user, secret(self.admin_password, "PROXMOX_BOOTSTRAP_PASSWORD"),
+                          self.admin_token_name, secret(self.admin_token_secret, "PROXMOX_BOOTSTRAP_TOKEN_SECRET"))
 
     @classmethod
     def config_fields(cls, config: BootstrapConfig) -> dict:
@@ -129,8 +139,8 @@ class PackerSettings(dg.ConfigurableResource):
     ssh_timeout: str | None = None
     ssh_ports: str | None = Field(default=None, description="`key=port,...`: a key's own SSH port (the lab's real "
                                   "guests; PACKER_ASSETS_SSH_PORTS)")
-    lab_guests: str | None = Field(default=None, description="`key=real|simulated,...`: what the lab's guests are, "
-                                   "said in each proof (PACKER_ASSETS_LAB_GUESTS, set by the lab)")
+    guest_notes: str | None = Field(default=None, description="`key=text;...;*=text`: what each key's guests are, "
+                                    "said in its proofs (PACKER_ASSETS_GUEST_NOTES); unset: not stated")
     boot_wait: str | None = None
     timeout_seconds: float = 4 * 3600
     grace_seconds: float = Field(default=60.0, description="after one SIGINT, how long Packer may clean up")
@@ -141,10 +151,45 @@ class PackerSettings(dg.ConfigurableResource):
     def settings(self, force: bool = False) -> BuildSettings:
         return BuildSettings(packer=self.binary, allow_degraded=self.allow_degraded, ssh_host=self.ssh_host,
                              ssh_port=self.ssh_port, ssh_timeout=self.ssh_timeout, boot_wait=self.boot_wait,
-                             ssh_ports=self.ssh_ports, lab_guests=self.lab_guests,
+                             ssh_ports=self.ssh_ports, guest_notes=self.guest_notes,
                              timeout=self.timeout_seconds, grace=self.grace_seconds,
                              smoke_timeout=self.smoke_timeout_seconds, force=force)
 
     def credentials(self, access: BuildAccess) -> BuildCredentials:
         return BuildCredentials(token_id=access.token_id, token_secret=access.token_secret,
-                                user=self.build_user, password=self.build_password)
+                                user=self.build_user, password=secret(self.build_password, "PROXMOX_BUILD_PASSWORD"))
+
+
+def secret(configured: str | None, name: str) -> str | None:
+    """A secret as a run uses it: the resource's own value if one was configured, else the variable `name` of
+    the process environment over the env files (settings.environment), read when it is needed. Never put into
+    a resource's config by the definitions: the UI shows configured values."""
+    return configured or environment().get(name) or None
+
+
+def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
+    """The definitions' resources, from the one validated settings object; secrets are read per run (secret)."""
+    from .notifications import Notifier  # notifications imports the assets, which import this module
+
+    return {
+        "notifier": Notifier(ui_url=settings.ui_url),
+        "packer": PackerSettings(
+            binary=settings.packer_binary, allow_degraded=settings.allow_degraded, ssh_host=settings.packer_ssh_host,
+            ssh_port=settings.packer_ssh_port, ssh_ports=settings.packer_ssh_ports, guest_notes=settings.guest_notes,
+            ssh_timeout=settings.packer_ssh_timeout, boot_wait=settings.boot_wait, build_user=settings.build_user),
+        "project": ProjectSettings(output_root=str(settings.output_root),
+                                   signing_key=str(settings.signing_key) if settings.signing_key else None,
+                                   signing_key_id=settings.signing_key_id),
+        "pve_admin": ProxmoxBootstrap(
+            api_url=settings.proxmox_url or "https://pve.invalid:8006",
+            ca_file=str(settings.ca_file) if settings.ca_file else None,
+            tls_fingerprint=settings.tls_fingerprint, insecure=settings.insecure,
+            insecure_origin=settings.insecure_origin, admin_user=settings.bootstrap_user,
+            admin_token_name=settings.bootstrap_token_name,
+            # the toolkit's names; after a first init, .env.proxmox pins what was discovered
+            **ProxmoxBootstrap.config_fields(settings.bootstrap),
+            method=settings.bootstrap_method, ssh_host=settings.ssh_host, ssh_port=settings.ssh_port,
+            ssh_user=settings.ssh_user, ssh_key_file=settings.ssh_key_file, known_hosts=settings.ssh_known_hosts,
+            trust_on_first_use=settings.ssh_trust_on_first_use, build_login=settings.build_login,
+            packer_binary=settings.packer_binary),
+    }

@@ -10,8 +10,6 @@ observable source per input and still launch the run to find out, and this check
 one reason per key that `make build-all` shares.
 """
 
-import os
-
 import dagster as dg
 
 from ..plan import plan_runs
@@ -43,7 +41,7 @@ def build_weekly_rebuild(cron: str) -> dg.ScheduleDefinition:
             context.log.warning(f"the node could not be asked which templates are promoted ({type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}); the recorded state decides")
             promoted = None
-        plan = plan_runs(layout, catalog, os.environ, catalog.project_dir, promoted)
+        plan = plan_runs(layout, catalog, project.environment(), catalog.project_dir, promoted)
         for item in plan.keys:
             if item.run:
                 context.log.info(f"{item.key}: run ({item.reason})")

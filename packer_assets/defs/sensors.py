@@ -11,7 +11,6 @@ import json
 
 import dagster as dg
 
-from ..catalog import load_catalog
 from ..isowatch import poll
 from ..plan import record_observed
 from .jobs import rebuild_job
@@ -53,7 +52,7 @@ def build_iso_checksum_sensor(interval_seconds: int) -> dg.SensorDefinition:
         description="Polls every key's ISO checksum file; a changed checksum rebuilds that key.",
     )
     def iso_checksum_sensor(context: dg.SensorEvaluationContext, project: ProjectSettings) -> dg.SensorResult:
-        sources = iso_sources(load_catalog())
+        sources = iso_sources(project.catalog())
         result = poll({name: iso for name, (_key, iso) in sources.items()}, json.loads(context.cursor or "{}"))
         # the checksums as last observed, for the schedule's pre-check (plan.py)
         record_observed(project.layout(), {name: entry["checksum"] for name, entry in result.cursor.items()

@@ -73,7 +73,7 @@ def test_insecure_is_explicit(tmp_path):
         ({"PACKER_ASSETS_UI_URL": "localhost:3000"}, "PACKER_ASSETS_UI_URL must be an http:// or https:// URL"),
         ({"PACKER_ASSETS_SSH_PORTS": "debian-12=40022,ubuntu-2204"}, "PACKER_ASSETS_SSH_PORTS: item 2 is not key=port"),
         ({"PACKER_ASSETS_SSH_PORTS": "debian-12=70000"}, "PACKER_ASSETS_SSH_PORTS: item 1: not a TCP port"),
-        ({"PACKER_ASSETS_LAB_GUESTS": "debian-12=fast"}, "PACKER_ASSETS_LAB_GUESTS: item 1: the kind is one of"),
+        ({"PACKER_ASSETS_GUEST_NOTES": "debian-12=a VM;rocky-9"}, "PACKER_ASSETS_GUEST_NOTES: item 2 is not key=text"),
     ],
 )
 def test_bad_settings_name_the_variable(tmp_path, env, message):
@@ -106,8 +106,8 @@ def test_sensor_interval_and_rebuild_cron_reach_the_definitions(tmp_path):
     assert build_weekly_rebuild(settings.rebuild_cron).cron_schedule == "30  2 * * mon"
 
 
-def test_toolkit_config_is_read_as_defaults(tmp_path):
-    from packer_assets.settings import TOOLKIT_CONF, export_env_files
+def test_toolkit_config_is_read_as_defaults(tmp_path, monkeypatch, capsys):
+    from packer_assets.settings import TOOLKIT_CONF, environment
 
     conf = tmp_path / TOOLKIT_CONF
     conf.parent.mkdir(parents=True)
@@ -115,11 +115,16 @@ def test_toolkit_config_is_read_as_defaults(tmp_path):
     write_env_file(tmp_path / "control/secrets.env", {"PROXMOX_TOKEN_SECRET": "s3cret-value"})
     settings = load_settings({"PACKER_ASSETS_ROOT": str(tmp_path)})
     assert settings.proxmox_url == "https://pve.lan:8006/api2/json"
+    assert settings.environment["PROXMOX_TOKEN_SECRET"] == "s3cret-value"  # read, for the resources
     env = {"PACKER_ASSETS_ROOT": str(tmp_path), "PROXMOX_NODE": "pve2"}
-    added = export_env_files(env)
-    assert env["PROXMOX_NODE"] == "pve2"  # the environment wins
-    assert env["PROXMOX_VM_STORAGE"] == "local-zfs" and "PROXMOX_VM_STORAGE" in added
-    assert env["PROXMOX_TOKEN_SECRET"] == "s3cret-value"
+    merged = environment(env)
+    assert merged["PROXMOX_NODE"] == "pve2"  # the environment wins
+    assert merged["PROXMOX_VM_STORAGE"] == "local-zfs" and merged["PROXMOX_TOKEN_SECRET"] == "s3cret-value"
+    assert env == {"PACKER_ASSETS_ROOT": str(tmp_path), "PROXMOX_NODE": "pve2"}  # nothing exported into it
+    with pytest.raises(TypeError):
+        merged["PROXMOX_NODE"] = "pve3"  # read-only
+    code, out, _err = settings_command(monkeypatch, capsys, tmp_path)  # prints every setting, not what it read
+    assert code == 0 and "local-zfs" in out and "s3cret-value" not in out
 
 
 def test_insecure_with_a_ca_from_an_env_file_names_both_origins(tmp_path):
@@ -162,19 +167,19 @@ def test_definitions_refuse_a_contradiction_before_any_api_call(tmp_path):
     assert not (tmp_path / "infra/env/.env.proxmox").exists()
 
 
-def test_a_keys_own_ssh_port_and_what_its_lab_guest_is(tmp_path):
+def test_a_keys_own_ssh_port_and_the_note_on_its_guest(tmp_path):
     from packer_assets.build import BuildSettings
-    from packer_assets.settings import lab_guest_description
+    from packer_assets.settings import guest_note
 
+    notes = "debian-12=a VM on the staging node (2 vCPU, q35);*=a VM of the production cluster"
     settings = load_settings({"PACKER_ASSETS_ROOT": str(tmp_path), "PACKER_ASSETS_SSH_PORT": "2222",
-                              "PACKER_ASSETS_SSH_PORTS": "debian-12=40022",
-                              "PACKER_ASSETS_LAB_GUESTS": "debian-12=real,*=simulated"})
+                              "PACKER_ASSETS_SSH_PORTS": "debian-12=40022", "PACKER_ASSETS_GUEST_NOTES": notes})
     build = BuildSettings(ssh_port=settings.packer_ssh_port, ssh_ports=settings.packer_ssh_ports)
     assert (build.ssh_port_for("debian-12"), build.ssh_port_for("ubuntu-2204")) == (40022, 2222)
-    assert "real guest" in lab_guest_description(settings.lab_guests, "debian-12")
-    assert "installer emulated" in lab_guest_description(settings.lab_guests, "debian-12")
-    assert "simulated" in lab_guest_description(settings.lab_guests, "rocky-9")
-    assert lab_guest_description(None, "debian-12") is None  # a real node: the proof says nothing
+    assert guest_note(settings.guest_notes, "debian-12") == "a VM on the staging node (2 vCPU, q35)"
+    assert guest_note(settings.guest_notes, "rocky-9") == "a VM of the production cluster"  # `*`: the others
+    assert guest_note("debian-12=only this one", "rocky-9") is None
+    assert guest_note(None, "debian-12") is None  # nothing stated: the proof says so, and claims nothing
 
 
 SECRET = "Sup3rS3cretPw"
@@ -192,7 +197,7 @@ SECRET_VALUES = [
     ("PACKER_ASSETS_SIGNING_KEY", f"/nonexistent/{SECRET}"), ("PROXMOX_SSH_KEY_FILE", f"/nonexistent/{SECRET}"),
     ("PACKER_ASSETS_UI_URL", f"localhost:{SECRET}"), ("PACKER_ASSETS_UI_URL", f"http://admin:{SECRET}@dagster:3000"),
     ("PACKER_ASSETS_SSH_PORTS", f"debian-12={SECRET}"), ("PACKER_ASSETS_SSH_PORTS", SECRET),
-    ("PACKER_ASSETS_LAB_GUESTS", f"debian-12={SECRET}"),
+    ("PACKER_ASSETS_GUEST_NOTES", SECRET), ("PACKER_ASSETS_GUEST_NOTES", f"debian-12=x;{SECRET}"),
     ("PROXMOX_NODE", f"{SECRET}\n"), ("PROXMOX_TOKEN_NAME", f" {SECRET}"), ("PROXMOX_ROLE", f"{SECRET}\x07"),
 ]
 

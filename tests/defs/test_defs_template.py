@@ -16,7 +16,7 @@ from packer_assets.evidence import sha256_file
 from packer_assets.proof import build_proof_schema
 from packer_assets.pve import templates as pve_templates
 from packer_assets.sbom import package_count, validate_sbom
-from packer_assets.settings import LAB_GUEST_KINDS
+from packer_assets_lab.stack import GUEST_NOTES
 
 pytestmark = pytest.mark.packer
 
@@ -59,7 +59,7 @@ def test_build_promote_prove_then_up_to_date(lab_project):
         proof = json.loads((proof_dir / "proof.json").read_text())
         jsonschema.validate(proof, build_proof_schema())
         # this lab runs no real guest: the proof says the guest was simulated, and so does its README
-        assert proof["guest"] == LAB_GUEST_KINDS["simulated"] and proof["guest"].startswith("lab: simulated guest")
+        assert proof["guest"] == GUEST_NOTES["simulated"] and proof["guest"].startswith("lab: simulated guest")
         assert f"| Guest | `{proof['guest']}` |" in (proof_dir / "README.md").read_text()
         # the SBOM: valid CycloneDX, the sha256 and package count proof.json names, the count in the README
         bom = json.loads((proof_dir / "sbom.cdx.json").read_text())

@@ -81,6 +81,7 @@ NOT_RUN = {
     "packer-assets proof verify PATH|CHAIN-ID [--allowed-signers FILE] [--require-signature]":
         "a synopsis: packer-assets proof verify --allowed-signers .lab/signing/allowed_signers is run",
     "make build KEY=<key>": "a placeholder: make build KEY=debian-12 is run",
+    "packer-assets build ": "what make build KEY=debian-12 runs (it is run); tests/core/test_cli.py runs its errors",
     "make build KEY=\"deb'ian\"": "an error case: tests/core/test_cli.py runs it (one line, nothing run)",
     "packer-assets chain ../../etc": "an error case: tests/core/test_cli.py runs it (one line, exit 2)",
     "dagster job execute -j ...": "a synopsis: the job execute commands above are run",
