@@ -1,6 +1,7 @@
 """/proc, read: the one place that knows its format. The packer runner asks whether its process group is
-empty, the run recovery whether a run's worker still lives, and the tests and benchmarks sample packer's
-process tree with `proc_table`."""
+empty, the run recovery whether a run's worker still lives; the lab whether a pid is its own service
+(`process_argv`) and which QEMU processes it left (`proc_table`); the tests and benchmarks sample packer's
+process tree with `proc_table` and its memory with `memory_kb`."""
 
 import os
 
@@ -41,6 +42,30 @@ def proc_stats():
             yield int(entry), fields[0], int(fields[1]), int(fields[2])
 
 
+def process_argv(pid: int | str) -> list[str] | None:
+    """A process's command line, from /proc/<pid>/cmdline; None if it is gone or not ours to read."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
+    except OSError:
+        return None
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """VmHWM and VmRSS (/proc/<pid>/status) and Pss (smaps_rollup: shared pages divided among their users)
+    of a process in kB; what is gone or unreadable is left out."""
+    out: dict[str, int] = {}
+    for name, keys in (("status", ("VmHWM:", "VmRSS:")), ("smaps_rollup", ("Pss:",))):
+        try:
+            with open(f"/proc/{pid}/{name}") as fh:
+                for line in fh:
+                    if line.startswith(keys):
+                        out[line.split(":")[0]] = int(line.split()[1])
+        except OSError:
+            pass
+    return out
+
+
 def proc_table(cpu: dict | None = None) -> dict[int, tuple[int, list[str]]]:
     """pid -> (ppid, argv) of every readable process; with `cpu`, also pid -> utime+stime seconds into it
     (the tests and benchmarks watch packer's process tree with it)."""
@@ -48,12 +73,7 @@ def proc_table(cpu: dict | None = None) -> dict[int, tuple[int, list[str]]]:
     tick = os.sysconf("SC_CLK_TCK")
     for entry in os.listdir("/proc"):
         fields = _stat_fields(entry) if entry.isdigit() else None
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                argv = [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
-        except OSError:
-            continue
-        if not fields or len(fields) < 13:
+        if not fields or len(fields) < 13 or (argv := process_argv(entry)) is None:
             continue
         table[int(entry)] = (int(fields[1]), argv)
         if cpu is not None:

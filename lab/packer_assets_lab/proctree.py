@@ -12,7 +12,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from packer_assets.procs import group_members, proc_stats, proc_table
+from packer_assets.procs import (
+    group_members,
+    memory_kb,
+    proc_stats,
+    proc_table,
+    process_argv,
+)
 
 ProcTable = dict[int, tuple[int, list[str]]]  # pid -> (ppid, argv), as procs.proc_table reads it
 
@@ -50,36 +56,7 @@ def top_builds(table: ProcTable, pids: set[int]) -> set[int]:
 
 def cmdline(pid: int) -> str:
     """A process's command line joined by spaces, "" if it is gone."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _status_kb(pid: int) -> dict[str, int]:
-    """VmHWM and VmRSS of a process in kB."""
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith(("VmHWM:", "VmRSS:")):
-                    out[line[:5]] = int(line.split()[1])
-    except OSError:
-        pass
-    return out
-
-
-def _pss_kb(pid: int) -> int:
-    """Proportional set size in kB (shared pages divided among their users): what a tree really holds."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as fh:
-            for line in fh:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return " ".join(process_argv(pid) or [])
 
 
 class Sampler:
@@ -142,11 +119,11 @@ class TreeSampler(Sampler):
         rss = pss = 0
         for pid in tree:
             self.cpu[pid] = max(self.cpu.get(pid, 0.0), cpu.get(pid, 0.0))
-            status = _status_kb(pid)
-            rss += status.get("VmRSS", 0)
-            pss += _pss_kb(pid)
-            if status.get("VmHWM", 0) > self.hwm.get(pid, (0, None))[0]:
-                self.hwm[pid] = (status["VmHWM"], table[pid][1])
+            memory = memory_kb(pid)  # Pss: shared pages divided among their users, what a tree really holds
+            rss += memory.get("VmRSS", 0)
+            pss += memory.get("Pss", 0)
+            if memory.get("VmHWM", 0) > self.hwm.get(pid, (0, None))[0]:
+                self.hwm[pid] = (memory["VmHWM"], table[pid][1])
         self.peak_tree_rss = max(self.peak_tree_rss, rss)
         self.peak_tree_pss = max(self.peak_tree_pss, pss)
 

@@ -17,6 +17,7 @@ module's `pytestmark`, else pyproject.toml's `timeout`.
 import ast
 import re
 import tomllib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,9 +173,9 @@ def body_waits(function: ast.FunctionDef, module: Module, seen: frozenset) -> li
     for node in ast.walk(function):
         if isinstance(node, ast.Call):
             waits += call_waits(node, module, seen)
-        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add) and "monotonic()" in ast.unparse(node.left):
-            if (seconds := module.number(node.right)) is not None:
-                waits.append(Wait(seconds, f"{module.label}:{node.lineno}"))
+        elif (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add) and "monotonic()" in ast.unparse(node.left)
+              and (seconds := module.number(node.right)) is not None):
+            waits.append(Wait(seconds, f"{module.label}:{node.lineno}"))
     return waits
 
 
@@ -201,7 +202,8 @@ def overruns(module: Module) -> list[str]:
         waits = waits_of(test, module)
         total = sum(w.seconds for w in waits)
         if total + MARGIN > limit:
-            listed = ", ".join(f"{w.seconds:g} s at {w.where}" for w in sorted(waits, key=Wait.order) if w.seconds >= 10)
+            counted = Counter(w for w in sorted(waits, key=Wait.order) if w.seconds >= 10)
+            listed = ", ".join(f"{n} × " * (n > 1) + f"{w.seconds:g} s at {w.where}" for w, n in counted.items())
             found.append(f"{module.label}::{name} waits up to {total:g} s ({listed}) within a timeout of "
                          f"{limit:g} s: give it @pytest.mark.timeout({int(total + MARGIN)}) or more, or wait less")
     return found

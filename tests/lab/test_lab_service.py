@@ -31,7 +31,7 @@ def lab_state(tmp_path):
     cli("lab", "down", "--state", str(state), check=False)
 
 
-@pytest.mark.timeout(1170)  # its own waits add up to 1110 s
+@pytest.mark.timeout(1290)  # its own waits add up to 1230 s
 def test_up_status_publish_down(lab_state):
     cli("lab", "up", "--state", str(lab_state))
     info = json.loads((lab_state / "state.json").read_text())

@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -39,6 +38,8 @@ from pathlib import Path
 from typing import Any, Self
 
 from packer_assets.errors import OperationError
+from packer_assets.procs import proc_table
+
 from .agent import GuestAgent
 
 QEMU = "qemu-system-x86_64"
@@ -382,14 +383,6 @@ class QemuVm:
 
 def qemu_processes_under(folder: Path) -> list[int]:
     """PIDs of QEMU processes whose command line names a path under `folder` (the tests' orphan check)."""
-    found, needle = [], str(Path(folder))
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if cmdline and re.search(rb"qemu-system", cmdline[0]) and any(needle.encode() in arg for arg in cmdline):
-            found.append(int(entry))
-    return found
+    needle = str(Path(folder))
+    return [pid for pid, (_ppid, argv) in proc_table().items()
+            if argv and "qemu-system" in argv[0] and any(needle in arg for arg in argv)]
