@@ -2,7 +2,8 @@
 
 The images are real so that whatever reads them downstream (pycdlib in the tests, a PVE node in a
 real demo) treats them as ISOs; they are tiny (tens of KB: ISO9660 reserves 32 KB of system area
-before the first descriptor) so the lab stays fast.
+before the first descriptor) so the lab stays fast. They are read with the product's one ISO reader,
+packer_assets.render.read_iso.
 """
 
 from __future__ import annotations
@@ -55,20 +56,3 @@ def make_iso(path: str | os.PathLike[str], volume_id: str, files: dict[str, byte
     return path
 
 
-def read_iso(path: str | os.PathLike[str]) -> tuple[str, dict[str, bytes]]:
-    """(volume id, {rock ridge name: bytes}) of an image made by make_iso; used to check images."""
-    iso = pycdlib.PyCdlib()
-    iso.open(str(path))
-    try:
-        volume_id = iso.pvd.volume_identifier.decode().strip()
-        files = {}
-        for child in iso.list_children(rr_path="/"):
-            if child.is_dot() or child.is_dotdot():
-                continue
-            name = child.rock_ridge.name().decode()
-            out = io.BytesIO()
-            iso.get_file_from_iso_fp(out, rr_path=f"/{name}")
-            files[name] = out.getvalue()
-        return volume_id, files
-    finally:
-        iso.close()

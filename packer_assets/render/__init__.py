@@ -5,7 +5,7 @@
 - `validate_*`: one function per format, each returning a `Verdict`.
 """
 
-from .answer_iso import build_answer_iso, read_answer_iso
+from .answer_iso import build_answer_iso, read_iso
 from .engine import (
     ANSWER_ISO_NAME,
     RenderError,
@@ -31,7 +31,7 @@ from .validators import (
 __all__ = [
     "ANSWER_ISO_NAME", "Expected", "PasswordError", "RenderError", "RenderResult", "RenderedFile",
     "ValidatorUnavailable", "Verdict", "build_answer_iso", "content_hash", "make_environment",
-    "read_answer_iso", "render_files", "render_unattended", "resolve_schema_dir", "sha512_crypt_hash",
+    "read_iso", "render_files", "render_unattended", "resolve_schema_dir", "sha512_crypt_hash",
     "validate_autoinstall", "validate_autounattend", "validate_kickstart", "validate_preseed",
     "verify_sha512_crypt", "windows_decode", "windows_encode",
 ]

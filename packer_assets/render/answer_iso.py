@@ -13,6 +13,9 @@ builds, so identical files give identical bytes and an identical sha256 on every
 zone. The pin swaps the `time` module seen by pycdlib's own modules, under a lock, and puts it back;
 nothing outside pycdlib is affected. `tests/render/test_render_answer_iso.py` fails if a pycdlib upgrade
 starts reading the clock another way.
+
+`read_iso` is the project's one ISO reader: the answer ISO's files for checks and tests, and the lab's
+images (Rock Ridge names) for the lab.
 """
 
 from __future__ import annotations
@@ -116,19 +119,26 @@ def build_answer_iso(
     return written, hashlib.sha256(data).hexdigest()
 
 
-def read_answer_iso(path: str | Path) -> tuple[str, dict[str, bytes]]:
-    """(volume id, {Joliet name: bytes}) of an answer ISO: for checks and tests."""
+def read_iso(path: str | Path) -> tuple[str, dict[str, bytes]]:
+    """(volume id, {name: bytes}) of the files at an ISO image's root, by their Rock Ridge names where the
+    image has them (the lab's images, a cloud-init cidata drive), else by their Joliet names (the answer ISO)."""
     iso = pycdlib.PyCdlib()
     iso.open(str(path))
     try:
         volume = iso.pvd.volume_identifier.decode("ascii").rstrip()  # the ISO9660 label
+        if iso.has_rock_ridge():
+            where, name_of = "rr_path", lambda child: child.rock_ridge.name().decode()
+        elif iso.has_joliet():
+            where, name_of = "joliet_path", lambda child: child.file_identifier().decode("utf-16-be").split(";")[0]
+        else:
+            raise AnswerIsoError(f"{path}: an ISO without Rock Ridge or Joliet names")
         files: dict[str, bytes] = {}
-        for child in iso.list_children(joliet_path="/"):
+        for child in iso.list_children(**{where: "/"}):
             if child.is_dot() or child.is_dotdot() or child.is_dir():
                 continue
-            name = child.file_identifier().decode("utf-16-be").split(";")[0]
+            name = name_of(child)
             out = io.BytesIO()
-            iso.get_file_from_iso_fp(out, joliet_path=f"/{name}")
+            iso.get_file_from_iso_fp(out, **{where: f"/{name}"})
             files[name] = out.getvalue()
         return volume, files
     finally:

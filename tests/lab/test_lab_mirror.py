@@ -7,9 +7,10 @@ import re
 import pycdlib
 import pytest
 import requests
-
-from packer_assets_lab.iso import make_iso, read_iso
+from packer_assets_lab.iso import make_iso
 from packer_assets_lab.mirror import IsoMirror, MirrorItem
+
+from packer_assets.render import read_iso
 
 
 # Independent parsers: the test must not trust the mirror's own formatting code.

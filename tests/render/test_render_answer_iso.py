@@ -10,7 +10,7 @@ from packer_assets.render.answer_iso import (
     AnswerIsoError,
     build_answer_iso,
     iso_bytes,
-    read_answer_iso,
+    read_iso,
 )
 
 FILES = {"Autounattend.xml": b"<unattend/>\n", "firstlogon.ps1": b"Write-Output hi\r\n", "empty.txt": b""}
@@ -20,7 +20,7 @@ def test_the_iso_opens_with_pycdlib_and_holds_the_files(tmp_path):
     path, sha = build_answer_iso(FILES, tmp_path / "a" / "answer.iso")
     assert path.stat().st_mode & 0o777 == 0o600
     assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
-    volume, files = read_answer_iso(path)
+    volume, files = read_iso(path)
     assert volume == "AUTOUNATTEND" and files == FILES
     iso = pycdlib.PyCdlib()
     iso.open(str(path))

@@ -17,7 +17,7 @@ from packer_assets.catalog import InstallUser, load_catalog
 from packer_assets.render import (
     ANSWER_ISO_NAME,
     RenderError,
-    read_answer_iso,
+    read_iso,
     render_files,
     render_unattended,
     verify_sha512_crypt,
@@ -141,7 +141,7 @@ def test_windows_passwords_decode_back_and_iso_holds_the_files(catalog, tmp_path
     assert "E:\\vioscsi\\2k22\\amd64" in paths and "H:\\NetKVM\\2k22\\amd64" in paths
     iso = result.answer_iso
     assert iso is not None and iso.path.name == ANSWER_ISO_NAME and iso.path.stat().st_mode & 0o777 == 0o600
-    volume, files = read_answer_iso(iso.path)
+    volume, files = read_iso(iso.path)
     assert volume == "AUTOUNATTEND"
     assert files["Autounattend.xml"] == xml
     assert files["administrators_authorized_keys"].decode().splitlines() == list(KEYS)
@@ -157,7 +157,7 @@ def test_windows_without_keys_has_no_authorized_keys_file_nor_keeps_an_old_one(c
     result = _render(entry, tmp_path, env={"PACKER_INSTALL_PASSWORD": NASTY_PASSWORD})
     assert sorted(f.name for f in result.files) == ["Autounattend.xml", "firstlogon.ps1"]
     assert sorted(p.name for p in result.out_dir.iterdir()) == ["Autounattend.xml", ANSWER_ISO_NAME, "firstlogon.ps1"]
-    _volume, files = read_answer_iso(result.answer_iso.path)
+    _volume, files = read_iso(result.answer_iso.path)
     assert sorted(files) == ["Autounattend.xml", "firstlogon.ps1"]
 
 

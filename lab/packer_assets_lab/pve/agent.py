@@ -16,8 +16,8 @@ from fakepve.schema import Match
 from fakepve.shapes import networks
 
 from packer_assets.catalog import ExpectedOs
-from packer_assets_lab.iso import read_iso
 from packer_assets.pve.smoke import agent_enabled
+from packer_assets.render import read_iso
 
 # What the lab's ISOs stand for: the OS name per os-release ID (Windows: the agent's id is mswindows).
 OS_NAMES = {"ubuntu": "Ubuntu", "debian": "Debian GNU/Linux", "rocky": "Rocky Linux", "mswindows": "Microsoft Windows"}
