@@ -36,7 +36,7 @@ from .render import ANSWER_ISO_NAME, RenderResult, render_unattended
 from .render.record import RenderRecordError, ServedFiles, read_record, served_files, write_render_record
 from .proof import (BuildProof, CheckResult, IsoRef, PackageChanges, SbomRef, TemplateRef, Timings, previous_sbom,
                     write_build_proof)
-from .pve.bootstrap import BuildAccess, token_privilege_gaps
+from .pve.bootstrap import BootstrapConfig, BuildAccess, token_privilege_gaps
 from .pve.guest_exec import host_key_fingerprints
 from .pve.smoke import BASE_STEPS, SmokeResult, SmokeTestError, smoke_test
 from .signing import Signer
@@ -600,7 +600,8 @@ def validate_build(entry: TemplateEntry, rendered_dir: Path, work_parent: Path, 
     plan = plan_build(entry, settings, vmid=entry.vmid_range.first, name=template_name(entry.key), node="validate",
                       iso_volid=f"local:iso/{entry.iso.filename}",
                       extra_volids=[f"local:iso/{x.filename}" for x in entry.extra_isos], vm_storage="local-lvm",
-                      vm_storage_type="lvmthin", bridge="vmbr0", http_bind_address=None, http_port=8802)
+                      vm_storage_type="lvmthin", bridge="vmbr0", http_bind_address=None,
+                      http_port=BootstrapConfig().http_port)
     Path(work_parent).mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="validate-", dir=work_parent))
     try:

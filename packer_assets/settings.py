@@ -28,6 +28,7 @@ TOOLKIT_CONF = Path("control/tools/provision/init/.conf/proxmox.conf")
 FINGERPRINT_RE = re.compile(r"^([0-9A-Fa-f]{2}:){31}[0-9A-Fa-f]{2}$")
 # Five cron fields of numbers, ranges, steps, lists, `*` and names (mon, jan); Dagster checks the rest.
 CRON_RE = re.compile(r"[\w*/,-]+([ \t]+[\w*/,-]+){4}")
+BOOTSTRAP = BootstrapConfig()  # the defaults of what proxmox_env creates (user, role, token, packer's HTTP port)
 
 
 class SettingsError(ConfigError):
@@ -262,11 +263,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         bootstrap_token_name=text("PROXMOX_BOOTSTRAP_TOKEN_NAME"),
         bootstrap_method=method,
         bootstrap=BootstrapConfig(
-            user=text("PROXMOX_AUTOMATION_USER", "automation@pve"), role=text("PROXMOX_ROLE", "PackerBuilder"),
-            token_name=text("PROXMOX_TOKEN_NAME", "packer"), privsep=flag("PROXMOX_PRIVSEP", True),
-            node=text("PROXMOX_NODE"), vm_storage=text("PROXMOX_VM_STORAGE"), iso_storage=text("PROXMOX_ISO_STORAGE"),
+            user=text("PROXMOX_AUTOMATION_USER", BOOTSTRAP.user), role=text("PROXMOX_ROLE", BOOTSTRAP.role),
+            token_name=text("PROXMOX_TOKEN_NAME", BOOTSTRAP.token_name),
+            privsep=flag("PROXMOX_PRIVSEP", BOOTSTRAP.privsep), node=text("PROXMOX_NODE"),
+            vm_storage=text("PROXMOX_VM_STORAGE"), iso_storage=text("PROXMOX_ISO_STORAGE"),
             bridge=text("PROXMOX_BRIDGE"), http_bind_address=text("PROXMOX_HTTP_BIND_ADDRESS"),
-            http_port=port("PROXMOX_HTTP_PORT", 8802)),
+            http_port=port("PROXMOX_HTTP_PORT", BOOTSTRAP.http_port)),
         ssh_host=text("PROXMOX_SSH_HOST"),
         ssh_port=port("PROXMOX_SSH_PORT", 22),
         ssh_user=text("PROXMOX_SSH_USER", "root"),

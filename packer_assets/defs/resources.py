@@ -57,6 +57,7 @@ class ProjectSettings(dg.ConfigurableResource):
 # schema (launchpad, run config); config_fields() and config() are the one mapping between the two.
 BOOTSTRAP_FIELDS = ("user", "role", "token_name", "privsep", "node", "vm_storage", "iso_storage", "bridge",
                     "http_bind_address", "http_port")
+DEFAULTS = BootstrapConfig()  # their defaults: BootstrapConfig's, the one copy
 
 
 class ProxmoxBootstrap(dg.ConfigurableResource):
@@ -71,16 +72,16 @@ class ProxmoxBootstrap(dg.ConfigurableResource):
     admin_password: str | None = Field(default=None, description="PROXMOX_BOOTSTRAP_PASSWORD")
     admin_token_name: str | None = None
     admin_token_secret: str | None = Field(default=None, description="PROXMOX_BOOTSTRAP_TOKEN_SECRET")
-    user: str = "automation@pve"
-    role: str = "PackerBuilder"
-    token_name: str = "packer"
-    privsep: bool = True
+    user: str = DEFAULTS.user
+    role: str = DEFAULTS.role
+    token_name: str = DEFAULTS.token_name
+    privsep: bool = DEFAULTS.privsep
     node: str | None = None
     vm_storage: str | None = None
     iso_storage: str | None = None
     bridge: str | None = None
     http_bind_address: str | None = None
-    http_port: int = 8802
+    http_port: int = DEFAULTS.http_port
     method: str = Field(default="api", description="api (admin login over HTTPS) or ssh (script run on the node)")
     ssh_host: str | None = Field(default=None, description="node address for the SSH path (PROXMOX_SSH_HOST)")
     ssh_port: int = 22

@@ -52,6 +52,11 @@ def required_privileges(version: str, extra: tuple[str, ...] = ()) -> tuple[str,
 
 @dataclass(frozen=True)
 class BootstrapConfig:
+    """What proxmox_env creates and builds use. Its defaults are the project's one copy of the toolkit's names
+    (user, role, token, packer's HTTP port): the settings and the Dagster resource take them from here;
+    templates/common/common.pkr.hcl and remote/init-packer-remote.sh repeat them, pinned by
+    tests/pve/test_pve_defaults.py."""
+
     user: str = "automation@pve"
     role: str = "PackerBuilder"
     token_name: str = "packer"
