@@ -243,7 +243,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if not interval.isdigit() or int(interval) < 1:
         raise SettingsError(f"{where('PACKER_ASSETS_SENSOR_INTERVAL')}: PACKER_ASSETS_SENSOR_INTERVAL is not a "
                             "whole number of seconds (1 or more)")
-    try:  # a secret: checked here, held only by the notifier resource (dg.EnvVar)
+    try:  # a secret: checked here, read per run by the notifier resource (defs/resources.secret)
         parse_webhooks(values.get("PACKER_ASSETS_WEBHOOKS"))
     except WebhookConfigError as exc:
         raise SettingsError(f"{where('PACKER_ASSETS_WEBHOOKS')}: {exc}") from None
