@@ -115,3 +115,14 @@ def pytest_collection_modifyitems(config, items):
             if item.get_closest_marker(mark) is not None and lacks(mark):
                 item.add_marker(pytest.mark.skip(reason=missing[mark]))
                 break
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """dagster 1.13: DagsterInstance.__exit__ disposes the instance but never closes what its __enter__ opened,
+    so the instance's defs-state storage stays the current one (a context variable). A later test that resolves
+    definitions outside an instance of its own then fails on the disposed one ("Attempted to resolve undefined
+    DagsterInstance weakref"), or not, by the order the tests run in. Each test ends with none current."""
+    from dagster._core.storage.defs_state.base import _current_storage
+
+    _current_storage.set(None)
