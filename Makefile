@@ -120,7 +120,7 @@ build: venv dagster-home
 # Only the keys whose inputs changed or that have no template (`packer-assets plan`, the weekly schedule's
 # pre-check); ALL=1 runs every key (each run still skips a key that is up to date).
 build-all: venv dagster-home settings-check ## every key that needs a build, one after the other (ALL=1: every key)
-	@if [ -n "$(ALL)" ]; then keys=$$($(BIN)/python -c "from packer_assets.settings import environment; \
+	@if [ -n "$(ALL)" ]; then keys=$$($(BIN)/python -c "from packer_assets.config.settings import environment; \
 	  from packer_assets.catalog import load_catalog; print(' '.join(load_catalog(env=environment()).keys()))"); \
 	  else $(BIN)/packer-assets plan; keys=$$($(BIN)/packer-assets plan --keys-only); fi; \
 	  set -e; for key in $$keys; do $(MAKE) --no-print-directory build KEY=$$key; done

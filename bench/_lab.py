@@ -68,9 +68,9 @@ class BenchLab:
 
     @classmethod
     def start(cls, tmp: Path, catalog: Path | None = None, real_guests: tuple[str, ...] = ()) -> "BenchLab":
-        from packer_assets.chain import new_chain_id
-        from packer_assets.envfile import write_env_file
-        from packer_assets.evidence import Layout
+        from packer_assets.evidence.chain import new_chain_id
+        from packer_assets.config.envfile import write_env_file
+        from packer_assets.evidence.layout import Layout
         from packer_assets_lab.stack import LabStack
         from packer_assets.pve.bootstrap import BootstrapConfig
         from packer_assets.pve.client import Endpoint

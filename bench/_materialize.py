@@ -155,8 +155,8 @@ def step_seconds(instance, run_id: str) -> dict[str, float]:
 def packer_in_pipeline(lab: BenchLab, key: str) -> dict[str, float]:
     import json
 
-    from packer_assets.build import RECORD
-    from packer_assets.evidence import Layout
+    from packer_assets.build.pipeline import RECORD
+    from packer_assets.evidence.layout import Layout
 
     record = Layout(lab.root).build_log_dir(key, "latest") / RECORD  # the build just run
     return json.loads(record.read_text())["timings"]["stages"] if record.is_file() else {}

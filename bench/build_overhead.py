@@ -58,8 +58,8 @@ class PackerAlone:
 
     def __init__(self, lab: BenchLab, key: str):
         from packer_assets.catalog import load_catalog
-        from packer_assets.envfile import read_env_file
-        from packer_assets.evidence import Layout
+        from packer_assets.config.envfile import read_env_file
+        from packer_assets.evidence.layout import Layout
         from packer_assets.pve.bootstrap import build_access
 
         self.lab, self.key = lab, key
@@ -71,9 +71,9 @@ class PackerAlone:
         self.lab_env = lab_env
 
     def prepare(self, n: int) -> tuple[Path, dict[str, str], int]:
-        from packer_assets.build import BuildSettings, storage_type, plan_build
-        from packer_assets.chain import new_chain_id
-        from packer_assets.envfile import read_env_file
+        from packer_assets.build.pipeline import BuildSettings, storage_type, plan_build
+        from packer_assets.evidence.chain import new_chain_id
+        from packer_assets.config.envfile import read_env_file
         from packer_assets.packer.env import packer_env
         from packer_assets.packer.version import BuildCredentials, detect_packer
         from packer_assets.packer.workdir import prepare_workdir

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 
 from packer_assets.catalog import IsoSource
-from packer_assets.isowatch import poll
+from packer_assets.upstream.isowatch import poll
 from packer_assets_lab.mirror import IsoMirror, MirrorItem
 
 SENSOR_TIMEOUT = 60  # Dagster's default sensor evaluation timeout (DAGSTER_SENSOR_GRPC_TIMEOUT_SECONDS)

@@ -45,8 +45,8 @@ def main() -> None:
     from packer_assets.catalog import load_catalog
     from packer_assets.defs.resources import ProjectSettings
     from packer_assets.defs.schedules import build_weekly_rebuild
-    from packer_assets.evidence import Layout
-    from packer_assets.plan import (SourceDigests, iso_checksums, plan_fingerprint, plan_key, record_observed,
+    from packer_assets.evidence.layout import Layout
+    from packer_assets.build.plan import (SourceDigests, iso_checksums, plan_fingerprint, plan_key, record_observed,
                                     record_plan)
 
     schedule = build_weekly_rebuild("0 3 * * 0")

@@ -30,7 +30,7 @@ from pathlib import Path
 import requests
 from requests_toolbelt import MultipartEncoder
 
-from packer_assets.checksums import Checksum
+from packer_assets.upstream.checksums import Checksum
 from packer_assets.pve.staging import HashingReader
 
 URLLIB3_BLOCK = 16384  # urllib3 2.x HTTPConnection's default blocksize for file-like bodies

@@ -16,7 +16,7 @@ PLUGINS = "packer_assets.cli"  # each entry point: a function that adds its subp
 
 
 def _catalog_check(args) -> int:
-    from .catalog import check_catalog
+    from packer_assets.catalog import check_catalog
 
     for line in check_catalog(args.catalog):
         print(line)
@@ -25,12 +25,12 @@ def _catalog_check(args) -> int:
 
 def _validate(args) -> int:
     """validate-all.sh: render and validate every key (or those named), then `packer validate` each."""
-    from .build import BuildSettings, render_and_validate
-    from .catalog import load_catalog
-    from .packer.workdir import PackerCapabilityError
-    from .render import RenderError
-    from .render.record import ignored_warning
-    from .settings import load_settings
+    from packer_assets.build.pipeline import BuildSettings, render_and_validate
+    from packer_assets.catalog import load_catalog
+    from packer_assets.packer.workdir import PackerCapabilityError
+    from packer_assets.render import RenderError
+    from packer_assets.render.record import ignored_warning
+    from packer_assets.config.settings import load_settings
 
     found = load_settings()  # the one validated model, as definitions.py reads it
     catalog = load_catalog(args.catalog, env=found.environment)
@@ -68,8 +68,8 @@ def _settings(args) -> int:
     is read into the model, so none is printed."""
     from dataclasses import fields, is_dataclass
 
-    from .catalog import load_catalog
-    from .settings import load_settings
+    from packer_assets.catalog import load_catalog
+    from packer_assets.config.settings import load_settings
 
     found = load_settings()
     # the catalog an env file names is the one checked: the definitions' partitions come from it
@@ -94,8 +94,8 @@ def _build(args) -> int:
     `dagster job execute` would run and record an unknown partition), then, in this same process, Dagster's own
     `dagster job execute` of rebuild_template for the key's partition: a run of that job in its history in the UI,
     in the pool, executed in process. One Python process per build instead of two (issue 25, item 8)."""
-    from .catalog import load_catalog
-    from .settings import load_settings
+    from packer_assets.catalog import load_catalog
+    from packer_assets.config.settings import load_settings
 
     load_catalog(env=load_settings().environment).get(args.key)
     from dagster._cli import ENV_PREFIX, cli as dagster_cli
@@ -111,9 +111,9 @@ def _build(args) -> int:
 
 def _registry_session():
     """(layout, catalog, the node's API as the build token) as builds have them: settings, env files, catalog."""
-    from .catalog import load_catalog
-    from .channels import node_api
-    from .settings import load_settings
+    from packer_assets.catalog import load_catalog
+    from packer_assets.evidence.channels import node_api
+    from packer_assets.config.settings import load_settings
 
     found = load_settings()
     catalog = load_catalog(env=found.environment)  # the catalog an env file names is the one used
@@ -122,8 +122,8 @@ def _registry_session():
 
 def _channel(args) -> int:
     """Point a channel of a key at one of its templates, take it away, or list the channels."""
-    from .channels import channel_name, channel_rows, set_channel, unset_channel
-    from .registry import build_registry
+    from packer_assets.evidence.channels import channel_name, channel_rows, set_channel, unset_channel
+    from packer_assets.evidence.registry import build_registry
 
     if args.channel_command != "list":
         channel_name(args.channel)  # a bad name is refused before the node is asked
@@ -149,7 +149,7 @@ def _channel(args) -> int:
 
 def _revoke(args) -> int:
     """Mark a template revoked: consumers stop using it, its key's next build replaces it."""
-    from .channels import revoke
+    from packer_assets.evidence.channels import revoke
 
     layout, catalog, api = _registry_session()
     done = revoke(layout, api, catalog, args.template, args.reason)
@@ -165,8 +165,8 @@ def _revoke(args) -> int:
 
 def _proof_verify(args) -> int:
     """Verify one bundle (a folder or a chain ID), or every bundle under the output root."""
-    from .settings import load_settings
-    from .verify import FAILED, OK, all_bundles, bundle_chain, find_bundle, verify_bundle
+    from packer_assets.config.settings import load_settings
+    from packer_assets.evidence.verify import FAILED, OK, all_bundles, bundle_chain, find_bundle, verify_bundle
 
     layout = load_settings().layout
     folders = [find_bundle(layout, args.bundle)] if args.bundle else all_bundles(layout)
@@ -182,9 +182,9 @@ def _proof_verify(args) -> int:
 
 def _chain(args) -> int:
     """Everything that carries a chain ID; or the chain IDs of a key, newest first."""
-    from .audit import chain_report, chains_of_key
-    from .chain import check_key, parse_chain_id
-    from .settings import load_settings
+    from packer_assets.evidence.audit import chain_report, chains_of_key
+    from packer_assets.evidence.chain import check_key, parse_chain_id
+    from packer_assets.config.settings import load_settings
 
     if args.key:
         check_key(args.key)  # a folder name under the output root: `../x` would list folders elsewhere
@@ -211,7 +211,7 @@ def _runs_of_chain(chain_id: str, ui_url: str | None) -> list[dict]:
     """The Dagster runs tagged with the chain ID, in the instance DAGSTER_HOME names."""
     import dagster as dg
 
-    from .defs.assets import CHAIN_TAG, LEGACY_CHAIN_TAG
+    from packer_assets.defs.assets import CHAIN_TAG, LEGACY_CHAIN_TAG
 
     with dg.DagsterInstance.get() as instance:  # runs from before the tag's rename carry the old name
         runs = [r for tag in (CHAIN_TAG, LEGACY_CHAIN_TAG)
@@ -222,9 +222,9 @@ def _runs_of_chain(chain_id: str, ui_url: str | None) -> list[dict]:
 
 def _templates_of_chain(layout, chain_id: str) -> list[dict]:
     """Templates of the chain's key whose description names the chain ID (asked as the build token)."""
-    from .chain import parse_chain_id
-    from .channels import node_api
-    from .pve.templates import list_templates, template_description
+    from packer_assets.evidence.chain import parse_chain_id
+    from packer_assets.evidence.channels import node_api
+    from packer_assets.pve.templates import list_templates, template_description
 
     key = parse_chain_id(chain_id).key
     if key == "init":
@@ -240,11 +240,11 @@ def _templates_of_chain(layout, chain_id: str) -> list[dict]:
 
 def _plan(args) -> int:
     """Which keys need a run (the weekly schedule's pre-check; `make build-all` builds those)."""
-    from .catalog import load_catalog
-    from .channels import node_api
-    from .plan import plan_runs
-    from .pve.templates import promoted_vmids
-    from .settings import load_settings
+    from packer_assets.catalog import load_catalog
+    from packer_assets.evidence.channels import node_api
+    from packer_assets.build.plan import plan_runs
+    from packer_assets.pve.templates import promoted_vmids
+    from packer_assets.config.settings import load_settings
 
     found = load_settings()
     catalog = load_catalog(env=found.environment)
@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .errors import PackerAssetsError
+    from packer_assets.errors import PackerAssetsError
 
     args = build_parser().parse_args(argv)
     try:

@@ -9,12 +9,12 @@ naming the variable and where it came from. The resources are built from that mo
 
 import dagster as dg
 
-from .settings import load_settings
+from packer_assets.config.settings import load_settings
 
 SETTINGS = load_settings()  # first: a bad setting is the one line, before the catalog the partitions read
 
-from .defs import assets, checks, jobs, notifications, registry, schedules, sensors  # noqa: E402
-from .defs.resources import build_resources  # noqa: E402
+from packer_assets.defs import assets, checks, jobs, notifications, registry, schedules, sensors  # noqa: E402
+from packer_assets.defs.resources import build_resources  # noqa: E402
 
 defs = dg.Definitions(
     # No code references: dagster's local ones are vscode:// paths on the server (useless in a browser

@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from packer_assets.evidence import sha256_file
+from packer_assets.evidence.layout import sha256_file
 from packer_assets_lab.iso import make_iso
 
 STATE_FILE = ".lab-mirror.json"  # {key: release}; dotfiles are never served

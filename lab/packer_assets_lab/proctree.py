@@ -2,7 +2,7 @@
 scaffold (`Sampler`) and the two things sampled — a process tree under given roots (`TreeSampler`: packer
 builds at once, their lifetimes, memory, CPU) and the process groups this process started
 (`GroupSampler`: every command line seen, what is left). The runner itself never samples: it asks
-`packer_assets.procs` once when it needs to know."""
+`packer_assets.runs.procs` once when it needs to know."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from packer_assets.procs import (
+from packer_assets.runs.procs import (
     group_members,
     memory_kb,
     proc_stats,

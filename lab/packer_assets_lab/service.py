@@ -25,10 +25,10 @@ from pathlib import Path
 
 import requests
 
-from packer_assets.envfile import read_env_file, write_env_file
+from packer_assets.config.envfile import read_env_file, write_env_file
 from packer_assets.errors import OperationError
-from packer_assets.evidence import atomic_write
-from packer_assets.procs import process_argv
+from packer_assets.evidence.layout import atomic_write
+from packer_assets.runs.procs import process_argv
 
 SERVICE_MODULE = "packer_assets_lab.service"
 START_TIMEOUT = 60.0

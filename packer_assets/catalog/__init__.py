@@ -32,7 +32,7 @@ The schema is `models.py`, loading and error gathering `loader.py`. No Dagster i
 ground floor.
 """
 
-from .models import (  # noqa: F401 - the catalog's public names, importable from packer_assets.catalog
+from packer_assets.catalog.models import (  # noqa: F401 - the catalog's public names, importable from packer_assets.catalog
     OS_IDS,
     ExpectedOs,
     RESERVED_STEPS,
@@ -93,7 +93,7 @@ from .models import (  # noqa: F401 - the catalog's public names, importable fro
     Defaults,
     TemplateEntry,
 )
-from .loader import (  # noqa: F401 - the catalog's public names, importable from packer_assets.catalog
+from packer_assets.catalog.loader import (  # noqa: F401 - the catalog's public names, importable from packer_assets.catalog
     Catalog,
     resolve_catalog_path,
     load_catalog,

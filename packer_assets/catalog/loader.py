@@ -14,7 +14,7 @@ from typing import Any, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .models import (
+from packer_assets.catalog.models import (
     CATALOG_ENV,
     CATALOG_VERSION,
     DEFAULT_CATALOG,

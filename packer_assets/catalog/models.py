@@ -18,8 +18,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from ..digests import Checksum
-from ..errors import ConfigError
+from packer_assets.upstream.digests import Checksum
+from packer_assets.errors import ConfigError
 
 CATALOG_ENV = "PACKER_ASSETS_CATALOG"
 MIRROR_ENV = "PACKER_ASSETS_ISO_MIRROR"

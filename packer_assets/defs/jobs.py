@@ -3,7 +3,7 @@ proxmox_env into a partitioned selection breaks the UI's backfill options)."""
 
 import dagster as dg
 
-from . import assets
+from packer_assets.defs import assets
 
 bootstrap_job = dg.define_asset_job(
     "bootstrap", selection=dg.AssetSelection.assets(assets.proxmox_env),

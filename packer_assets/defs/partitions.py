@@ -4,8 +4,8 @@ import warnings
 
 import dagster as dg
 
-from ..catalog import load_catalog
-from ..settings import environment
+from packer_assets.catalog import load_catalog
+from packer_assets.config.settings import environment
 
 # Read at definitions load (a broken catalog stops the code location with its one clear error), as the
 # environment over the env files names it (PACKER_ASSETS_CATALOG of the lab's lab.env, a site's file).

@@ -19,7 +19,7 @@ import socket
 import dagster as dg
 from dagster._core.events import DagsterEventType
 
-from ..procs import process_alive
+from packer_assets.runs.procs import process_alive
 
 HOST_TAG = "packer-assets/host"
 PID_TAG = "packer-assets/pid"

@@ -1,14 +1,14 @@
 """template_registry: registry.json, every key's current template, channels and revocations, as an asset.
 
-The core (packer_assets/registry.py) rewrites the file after every build, proof, channel change and
+The core (packer_assets/evidence/registry.py) rewrites the file after every build, proof, channel change and
 revocation; this asset rewrites it on demand (the `registry` job) and shows it in the UI.
 """
 
 import dagster as dg
 
-from ..registry import content_digest, registry_table, write_registry
-from .assets import OWNERS, template_proof
-from .resources import ProjectSettings
+from packer_assets.evidence.registry import content_digest, registry_table, write_registry
+from packer_assets.defs.assets import OWNERS, template_proof
+from packer_assets.defs.resources import ProjectSettings
 
 
 @dg.asset(

@@ -7,18 +7,18 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from ..build import BuildSettings
-from ..catalog import Catalog, load_catalog
-from ..packer.version import BuildCredentials, PackerVersionError, detect_packer
-from ..envfile import read_env_file
-from ..evidence import Layout
-from ..signing import Signer
-from ..pve.bootstrap import BuildAccess, build_access
-from ..pve.bootstrap import BootstrapConfig
-from ..pve.client import Endpoint
-from ..pve.init_env import AdminLogin, Bootstrapper
-from ..pve.ssh import SshBootstrap, SshTarget
-from ..settings import Settings, environment
+from packer_assets.build.pipeline import BuildSettings
+from packer_assets.catalog import Catalog, load_catalog
+from packer_assets.packer.version import BuildCredentials, PackerVersionError, detect_packer
+from packer_assets.config.envfile import read_env_file
+from packer_assets.evidence.layout import Layout
+from packer_assets.evidence.signing import Signer
+from packer_assets.pve.bootstrap import BuildAccess, build_access
+from packer_assets.pve.bootstrap import BootstrapConfig
+from packer_assets.pve.client import Endpoint
+from packer_assets.pve.init_env import AdminLogin, Bootstrapper
+from packer_assets.pve.ssh import SshBootstrap, SshTarget
+from packer_assets.config.settings import Settings, environment
 
 
 class ProjectSettings(dg.ConfigurableResource):
@@ -170,7 +170,7 @@ def secret(configured: str | None, name: str) -> str | None:
 
 def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
     """The definitions' resources, from the one validated settings object; secrets are read per run (secret)."""
-    from .notifications import Notifier  # notifications imports the assets, which import this module
+    from packer_assets.defs.notifications import Notifier  # notifications imports the assets, which import this module
 
     return {
         "notifier": Notifier(ui_url=settings.ui_url),

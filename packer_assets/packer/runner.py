@@ -32,10 +32,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..chain import ChainId
-from ..evidence import BUILD_LOG_NAME, Layout, Redactor, RunLog
-from ..errors import OperationError
-from ..procs import group_members
+from packer_assets.evidence.chain import ChainId
+from packer_assets.evidence.layout import BUILD_LOG_NAME, Layout, Redactor, RunLog
+from packer_assets.errors import OperationError
+from packer_assets.runs.procs import group_members
 
 _PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # looked up before any fork
 PR_SET_PDEATHSIG = 1

@@ -34,7 +34,7 @@ import subprocess
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from ..errors import ConfigError, OperationError
+from packer_assets.errors import ConfigError, OperationError
 
 Version = tuple[int, int, int]
 

@@ -44,11 +44,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..catalog import TemplateEntry
-from .version import PLUGIN_CONSTRAINT, PLUGIN_SOURCE, PLUGIN_SPLIT_CORE, EFI_TPM_PLUGIN, PackerCapabilities, vtext
-from ..errors import ConfigError
-from ..evidence import sha256_file
-from ..render.record import changed_file, ignored_warning, refusal, stray_files
+from packer_assets.catalog import TemplateEntry
+from packer_assets.packer.version import PLUGIN_CONSTRAINT, PLUGIN_SOURCE, PLUGIN_SPLIT_CORE, EFI_TPM_PLUGIN, PackerCapabilities, vtext
+from packer_assets.errors import ConfigError
+from packer_assets.evidence.layout import sha256_file
+from packer_assets.render.record import changed_file, ignored_warning, refusal, stray_files
 
 VAR_FILE = "build.auto.pkrvars.json"
 PLUGINS_FILE = "plugins.pkr.hcl"

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from proxmoxer import ProxmoxAPI
 from proxmoxer.core import ResourceException
 
-from .client import Endpoint, PveAccessError, connect, translated_errors
-from ..errors import OperationError
+from packer_assets.pve.client import Endpoint, PveAccessError, connect, translated_errors
+from packer_assets.errors import OperationError
 
 # What a Packer build (create, configure, boot, type, template), ISO staging and the smoke test
 # (clone, start, agent, destroy) need, on every PVE version.

@@ -16,7 +16,7 @@ import requests.adapters
 import urllib3
 from proxmoxer import ProxmoxAPI
 from proxmoxer.core import AuthenticationError, ResourceException
-from ..errors import OperationError
+from packer_assets.errors import OperationError
 
 log = logging.getLogger(__name__)
 # proxmoxer logs request bodies at INFO and response bodies at DEBUG: a created token's secret

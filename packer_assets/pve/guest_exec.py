@@ -19,7 +19,7 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ..errors import OperationError
+from packer_assets.errors import OperationError
 
 EXEC_POLL = 0.5  # seconds between exec-status calls: a check takes seconds, an inventory a few more
 

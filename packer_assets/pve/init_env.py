@@ -16,14 +16,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from .. import __version__
-from ..chain import ChainId
-from ..envfile import read_env_file, write_env_file
-from ..evidence import Layout, Redactor, RunLog, atomic_write, sha256_file
-from ..proof import InitProof, write_init_proof
-from ..signing import Signer
-from .bootstrap import BootstrapConfig, BootstrapResult, bootstrap, env_file_values
-from .client import Endpoint
+from packer_assets import __version__
+from packer_assets.evidence.chain import ChainId
+from packer_assets.config.envfile import read_env_file, write_env_file
+from packer_assets.evidence.layout import Layout, Redactor, RunLog, atomic_write, sha256_file
+from packer_assets.evidence.proof import InitProof, write_init_proof
+from packer_assets.evidence.signing import Signer
+from packer_assets.pve.bootstrap import BootstrapConfig, BootstrapResult, bootstrap, env_file_values
+from packer_assets.pve.client import Endpoint
 
 SECRET_KEY = "PROXMOX_TOKEN_SECRET"
 # Packer's password login as the automation user (Packer < 1.7.1), kept beside the token secret.

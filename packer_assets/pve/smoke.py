@@ -28,13 +28,13 @@ from urllib.parse import quote
 from proxmoxer import ProxmoxAPI
 from proxmoxer.core import ResourceException
 
-from ..catalog import TemplateEntry
-from ..errors import ConfigError, OperationError
-from ..guest_checks import GuestCheck, checks_for, parse_identity
-from ..sbom import Package, SbomError, inventory_command, parse_inventory
-from .guest_exec import EphemeralKey, GuestExecTimeout, GuestOutput, SshLoginError, agent_exec, ssh_run
-from .tasks import TASK_TIMEOUT, TaskError, run_task, said
-from .templates import (
+from packer_assets.catalog import TemplateEntry
+from packer_assets.errors import ConfigError, OperationError
+from packer_assets.inspection.guest_checks import GuestCheck, checks_for, parse_identity
+from packer_assets.inspection.sbom import Package, SbomError, inventory_command, parse_inventory
+from packer_assets.pve.guest_exec import EphemeralKey, GuestExecTimeout, GuestOutput, SshLoginError, agent_exec, ssh_run
+from packer_assets.pve.tasks import TASK_TIMEOUT, TaskError, run_task, said
+from packer_assets.pve.templates import (
     SMOKE_TAG,
     TOOL_TAG,
     TemplateError,

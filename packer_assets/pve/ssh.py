@@ -26,7 +26,7 @@ from pathlib import Path
 
 import paramiko
 
-from .bootstrap import (
+from packer_assets.pve.bootstrap import (
     BootstrapConfig,
     BootstrapError,
     BootstrapResult,
@@ -35,7 +35,7 @@ from .bootstrap import (
     required_privileges,
     token_works,
 )
-from .client import Endpoint, PveAccessError
+from packer_assets.pve.client import Endpoint, PveAccessError
 
 SCRIPT = "remote/init-packer-remote.sh"
 EXPORT = re.compile(r"^EXPORT:([A-Z][A-Z0-9_]*)=(.*)$")

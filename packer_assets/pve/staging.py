@@ -32,10 +32,10 @@ import requests
 from proxmoxer import ProxmoxAPI
 from proxmoxer.core import ResourceException
 
-from ..catalog import IsoSource, TemplateEntry
-from ..checksums import Checksum, ChecksumFile, resolve_checksum
-from ..errors import OperationError
-from .tasks import Progress, TaskError, TaskTimeout, follow_task, run_task, said
+from packer_assets.catalog import IsoSource, TemplateEntry
+from packer_assets.upstream.checksums import Checksum, ChecksumFile, resolve_checksum
+from packer_assets.errors import OperationError
+from packer_assets.pve.tasks import Progress, TaskError, TaskTimeout, follow_task, run_task, said
 
 
 

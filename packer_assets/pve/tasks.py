@@ -12,7 +12,7 @@ from proxmoxer import ProxmoxAPI
 from proxmoxer.core import ResourceException
 from proxmoxer.tools import Tasks
 
-from ..errors import OperationError
+from packer_assets.errors import OperationError
 
 TASK_TIMEOUT = 300.0
 Progress = Callable[[str], None]

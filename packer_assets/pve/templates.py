@@ -45,9 +45,9 @@ from proxmoxer import ProxmoxAPI
 from proxmoxer.core import ResourceException
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..catalog import TOOL_TAG_NAMESPACE, TemplateEntry, VmidRange
-from ..errors import OperationError
-from .tasks import TASK_TIMEOUT, TaskError, run_task, said
+from packer_assets.catalog import TOOL_TAG_NAMESPACE, TemplateEntry, VmidRange
+from packer_assets.errors import OperationError
+from packer_assets.pve.tasks import TASK_TIMEOUT, TaskError, run_task, said
 
 TOOL_TAG = TOOL_TAG_NAMESPACE  # every tag below starts with it, and the catalog refuses them all
 LATEST_TAG = "packer-assets-latest"

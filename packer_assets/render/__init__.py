@@ -5,8 +5,8 @@
 - `validate_*`: one function per format, each returning a `Verdict`.
 """
 
-from .answer_iso import build_answer_iso, read_iso
-from .engine import (
+from packer_assets.render.answer_iso import build_answer_iso, read_iso
+from packer_assets.render.engine import (
     ANSWER_ISO_NAME,
     RenderError,
     RenderedFile,
@@ -16,8 +16,8 @@ from .engine import (
     render_files,
     render_unattended,
 )
-from .passwords import PasswordError, sha512_crypt_hash, verify_sha512_crypt, windows_decode, windows_encode
-from .validators import (
+from packer_assets.render.passwords import PasswordError, sha512_crypt_hash, verify_sha512_crypt, windows_decode, windows_encode
+from packer_assets.render.validators import (
     Expected,
     ValidatorUnavailable,
     Verdict,

@@ -33,8 +33,8 @@ from types import SimpleNamespace
 
 import pycdlib
 
-from ..evidence import atomic_write
-from ..errors import ConfigError
+from packer_assets.evidence.layout import atomic_write
+from packer_assets.errors import ConfigError
 
 VOLUME_ID = "AUTOUNATTEND"
 DEFAULT_EPOCH = 946_684_800  # 2000-01-01T00:00:00Z: any fixed, non-zero instant will do

@@ -36,12 +36,12 @@ from typing import Any
 
 import jinja2
 
-from ..catalog import TemplateEntry
-from ..evidence import Redactor, atomic_write
-from . import passwords
-from .answer_iso import iso_bytes
-from .record import stray_files
-from .validators import (
+from packer_assets.catalog import TemplateEntry
+from packer_assets.evidence.layout import Redactor, atomic_write
+from packer_assets.render import passwords
+from packer_assets.render.answer_iso import iso_bytes
+from packer_assets.render.record import stray_files
+from packer_assets.render.validators import (
     Expected,
     ValidatorUnavailable,
     Verdict,
@@ -52,7 +52,7 @@ from .validators import (
     validate_preseed,
     validate_yaml_mapping,
 )
-from ..errors import ConfigError
+from packer_assets.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 ANSWER_ISO_NAME = "autounattend.iso"

@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping
 from functools import lru_cache
 
 from passlib.hash import sha512_crypt
-from ..errors import ConfigError
+from packer_assets.errors import ConfigError
 
 SALT_SEED_ENV = "PACKER_ASSETS_SALT_SEED"
 DEFAULT_SALT_SEED = "packer-assets/v1"

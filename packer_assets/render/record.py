@@ -15,8 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
-from ..evidence import atomic_write, sha256_file
+from packer_assets.errors import ConfigError
+from packer_assets.evidence.layout import atomic_write, sha256_file
 
 
 class RenderRecordError(ConfigError):

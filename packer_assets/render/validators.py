@@ -28,8 +28,8 @@ from typing import Any
 
 import yaml
 
-from .passwords import ADMIN_SUFFIX, USER_SUFFIX, windows_decode
-from ..errors import OperationError
+from packer_assets.render.passwords import ADMIN_SUFFIX, USER_SUFFIX, windows_decode
+from packer_assets.errors import OperationError
 
 SCHEMA_DIR_ENV = "PACKER_ASSETS_SCHEMA_DIR"
 # The schemas shipped as package data (provenance and licences: schemas/SOURCES.md).

@@ -130,7 +130,7 @@ locals {
 
   # Linux families, the first step: first boot's cloud-init must be finished before anything is changed.
   # Exit 2 (cloud-init 23.4+: done, with recoverable errors) is accepted with a WARNING line naming the
-  # errors, as the smoke test's cloud_init check accepts it (packer_assets/guest_checks.py); 1 fails.
+  # errors, as the smoke test's cloud_init check accepts it (packer_assets/inspection/guest_checks.py); 1 fails.
   wait_cloud_init = [
     "ci=0; out=$(cloud-init status --wait --long) || ci=$?",
     "printf '%s\\n' \"$out\"",

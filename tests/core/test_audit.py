@@ -5,9 +5,9 @@ import json
 import pytest
 from support.proofs import written_bundle
 
-from packer_assets.audit import chain_report, chains_of_key
+from packer_assets.evidence.audit import chain_report, chains_of_key
 from packer_assets.cli import main
-from packer_assets.evidence import Layout
+from packer_assets.evidence.layout import Layout
 
 PROVED = "CHAIN-20261125T100000Z-ubuntu-2204"
 FAILED = "CHAIN-20261126T080000Z-ubuntu-2204"

@@ -6,14 +6,14 @@ from types import SimpleNamespace
 import pytest
 from support import REPO
 
-from packer_assets.build import (RECORD, BuildSettings, build_template, input_fingerprint_of, prune_work_dirs,
+from packer_assets.build.pipeline import (RECORD, BuildSettings, build_template, input_fingerprint_of, prune_work_dirs,
                                  render_and_validate, rendered_hashes, served_render)
-from packer_assets.chain import new_chain_id
+from packer_assets.evidence.chain import new_chain_id
 from packer_assets.packer.runner import PackerCheck
 from packer_assets.pve.staging import StagedIso
 from packer_assets.render.record import RenderRecordError
 from packer_assets.catalog import load_catalog
-from packer_assets.evidence import Layout
+from packer_assets.evidence.layout import Layout
 
 
 def test_work_dirs_keep_the_last_successes_and_failures_until_the_next_success(tmp_path):
@@ -42,7 +42,7 @@ ENV = {"PACKER_INSTALL_PASSWORD": "install-pw-1"}
 
 def rendered_key(tmp_path, monkeypatch):
     """debian-12 rendered and recorded as unattended_files does it (`packer validate` stubbed: not its test)."""
-    monkeypatch.setattr("packer_assets.build.validate_build", lambda *a, **k: PackerCheck(True, 0, "", ["packer"]))
+    monkeypatch.setattr("packer_assets.build.pipeline.validate_build", lambda *a, **k: PackerCheck(True, 0, "", ["packer"]))
     layout, entry = Layout(tmp_path / "out"), load_catalog(project_dir=REPO, env={}).get("debian-12")
     render_and_validate(layout, entry, ENV, BuildSettings(), project_dir=REPO, reuse=True)
     return layout, entry, layout.rendered_dir(entry.key)

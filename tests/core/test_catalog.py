@@ -17,7 +17,7 @@ from packer_assets.catalog import (
     mirror_url,
     parse_checksum,
 )
-from packer_assets.chain import CHAIN_RE
+from packer_assets.evidence.chain import CHAIN_RE
 from packer_assets.pve.templates import CHANNEL_TAG_PREFIX, LATEST_TAG, REVOKED_TAG, SMOKE_TAG, TOOL_TAG
 
 SHIPPED_KEYS = ["ubuntu-2204", "ubuntu-2404", "debian-12", "rocky-9", "windows-2022"]

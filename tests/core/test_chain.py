@@ -2,7 +2,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from packer_assets.chain import ChainIdError, check_key, log_header, new_chain_id, parse_chain_id, utc_stamp
+from packer_assets.evidence.chain import ChainIdError, check_key, log_header, new_chain_id, parse_chain_id, utc_stamp
 from packer_assets.errors import ConfigError
 
 
@@ -57,7 +57,7 @@ def test_log_header():
 
 
 def test_fresh_chain_id_waits_for_a_free_second():
-    from packer_assets.chain import fresh_chain_id
+    from packer_assets.evidence.chain import fresh_chain_id
 
     seen = []
     first = fresh_chain_id("debian-12", lambda stamp: False)

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from packer_assets.catalog import IsoSource
-from packer_assets.checksums import (
+from packer_assets.upstream.checksums import (
     Checksum,
     ChecksumError,
     ChecksumFile,

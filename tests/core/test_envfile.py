@@ -3,7 +3,7 @@ import subprocess
 
 import pytest
 
-from packer_assets.envfile import EnvFileError, parse, read_env_file, write_env_file
+from packer_assets.config.envfile import EnvFileError, parse, read_env_file, write_env_file
 from support.settings_cli import settings_command
 
 TRICKY = {

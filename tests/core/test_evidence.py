@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from packer_assets.evidence import Layout, atomic_write, latest, swap_latest
+from packer_assets.evidence.layout import Layout, atomic_write, latest, swap_latest
 
 
 def test_layout_paths_match_the_toolkit(tmp_path):

@@ -14,7 +14,7 @@ import yaml
 from support import REPO
 
 from packer_assets.catalog import RESERVED_STEPS, load_catalog
-from packer_assets.guest_checks import (
+from packer_assets.inspection.guest_checks import (
     CLOUD_INIT,
     FAMILY_CHECKS,
     FRESH_IDENTITY_CHECK,

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from packer_assets.catalog import IsoSource
-from packer_assets.isowatch import PollResult, poll
+from packer_assets.upstream.isowatch import PollResult, poll
 
 
 def sources_for(mirror):

@@ -11,11 +11,11 @@ import pytest
 from support.dagster_procs import BIN, wait_for
 from support.packer import BuildGate
 
-from packer_assets.locks import KeyBusy, hold_key, holder, release_key
+from packer_assets.runs.locks import KeyBusy, hold_key, holder, release_key
 
 HOLD = """
 import subprocess, sys
-from packer_assets.locks import hold_key
+from packer_assets.runs.locks import hold_key
 hold_key(sys.argv[1], "debian-12", "run-in-child")
 if len(sys.argv) > 2:  # a child of ours that outlives us (as a packer left behind would)
     subprocess.Popen(["sleep", "300"])

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from packer_assets.notify import Notification, Webhook, WebhookConfigError, deliver, parse_webhooks
+from packer_assets.runs.notify import Notification, Webhook, WebhookConfigError, deliver, parse_webhooks
 
 NOTE = Notification("failed", "debian-12", None, "FAILURE", "run-1", error="boom")
 

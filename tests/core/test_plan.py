@@ -10,8 +10,8 @@ import yaml
 from support import REPO
 
 from packer_assets.catalog import load_catalog
-from packer_assets.evidence import Layout
-from packer_assets.plan import (
+from packer_assets.evidence.layout import Layout
+from packer_assets.build.plan import (
     SourceDigests,
     iso_checksums,
     plan_fingerprint,

@@ -9,8 +9,8 @@ from pydantic import ValidationError
 from support import REPO
 from support.proofs import sample
 
-from packer_assets.evidence import Layout, latest, sha256_file
-from packer_assets.proof import (
+from packer_assets.evidence.layout import Layout, latest, sha256_file
+from packer_assets.evidence.proof import (
     INIT_SCHEMA_FILE,
     SCHEMA_FILE,
     BuildProof,
@@ -51,9 +51,9 @@ def test_the_schema_documents_every_field():
 @pytest.mark.parametrize("file", [SCHEMA_FILE, INIT_SCHEMA_FILE], ids=["build", "init"])
 def test_the_committed_schema_is_the_generated_one(file):
     committed = REPO / file
-    assert committed.exists(), f"{file} is missing: run `python -m packer_assets.proof`"
+    assert committed.exists(), f"{file} is missing: run `python -m packer_assets.evidence.proof`"
     assert committed.read_text(encoding="utf-8") == schema_text(file), \
-        f"{file} is stale: run `python -m packer_assets.proof`"
+        f"{file} is stale: run `python -m packer_assets.evidence.proof`"
 
 
 def test_the_init_schema_documents_every_field_and_refuses_a_build_chain():

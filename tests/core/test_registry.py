@@ -9,10 +9,10 @@ import jsonschema
 import pytest
 from support import REPO
 
-from packer_assets.channels import ChannelError, channel_name, channel_rows
-from packer_assets.evidence import Layout
-from packer_assets.proof import schema_text
-from packer_assets.registry import (
+from packer_assets.evidence.channels import ChannelError, channel_name, channel_rows
+from packer_assets.evidence.layout import Layout
+from packer_assets.evidence.proof import schema_text
+from packer_assets.evidence.registry import (
     REGISTRY_SCHEMA_FILE,
     Registry,
     read_registry,
@@ -83,9 +83,9 @@ def test_the_schema_documents_every_field():
 
 def test_the_committed_schema_is_the_generated_one():
     committed = REPO / REGISTRY_SCHEMA_FILE
-    assert committed.exists(), f"{REGISTRY_SCHEMA_FILE} is missing: run `python -m packer_assets.proof`"
+    assert committed.exists(), f"{REGISTRY_SCHEMA_FILE} is missing: run `python -m packer_assets.evidence.proof`"
     assert committed.read_text(encoding="utf-8") == schema_text(REGISTRY_SCHEMA_FILE), \
-        f"{REGISTRY_SCHEMA_FILE} is stale: run `python -m packer_assets.proof`"
+        f"{REGISTRY_SCHEMA_FILE} is stale: run `python -m packer_assets.evidence.proof`"
 
 
 def test_a_written_proof_is_recorded_in_the_registry(tmp_path):
@@ -140,8 +140,8 @@ def test_channel_names_that_cannot_be_a_tag_are_refused(name, said):
 
 def test_a_registry_that_cannot_be_written_after_a_build_is_a_warning(tmp_path):
     """build_template's last step: a node that does not answer leaves the build standing, with a warning."""
-    from packer_assets.build import update_registry
-    from packer_assets.chain import new_chain_id
+    from packer_assets.build.pipeline import update_registry
+    from packer_assets.evidence.chain import new_chain_id
     from packer_assets.pve.client import PveAccessError
 
     class Unreachable:

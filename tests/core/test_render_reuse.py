@@ -7,9 +7,9 @@ import shutil
 import pytest
 from support import REPO
 
-from packer_assets.build import BuildSettings, CachedRender, render_and_validate, rendered_hashes, served_render
+from packer_assets.build.pipeline import BuildSettings, CachedRender, render_and_validate, rendered_hashes, served_render
 from packer_assets.catalog import load_catalog
-from packer_assets.evidence import Layout
+from packer_assets.evidence.layout import Layout
 from packer_assets.packer.runner import PackerCheck
 from packer_assets.render import engine
 from packer_assets.render.record import RenderRecordError
@@ -30,7 +30,7 @@ def setup(tmp_path, monkeypatch):
         renders.append(args[0].key)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("packer_assets.build.render_unattended", counting)
+    monkeypatch.setattr("packer_assets.build.pipeline.render_unattended", counting)
     return Layout(tmp_path / "out"), catalog, renders, tmp_path
 
 
@@ -85,7 +85,7 @@ def test_a_stray_file_is_neither_part_of_the_reused_render_nor_validated_nor_ser
         validated.append(sorted(p.name for p in (workdir / "http").iterdir()))
         return PackerCheck(True, 0, "", ["packer", "validate"])
 
-    monkeypatch.setattr("packer_assets.build.packer_validate", seeing)
+    monkeypatch.setattr("packer_assets.build.pipeline.packer_validate", seeing)
     result, _ = run(setup, reuse=False)  # packer-assets validate
     assert result.ignored == ("evil.cfg",) and validated == [["preseed.cfg"]]
     record = json.loads((layout.output_root / "output/state/render/debian-12.json").read_text())

@@ -9,7 +9,7 @@ from packageurl import PackageURL
 
 from packer_assets import __version__
 from packer_assets.errors import OperationError
-from packer_assets.sbom import (DPKG_QUERY, RPM_QUERY, WINDOWS_QUERY, Package, SbomError, build_sbom, diff_sboms,
+from packer_assets.inspection.sbom import (DPKG_QUERY, RPM_QUERY, WINDOWS_QUERY, Package, SbomError, build_sbom, diff_sboms,
                                 inventory_command, package_count, parse_dpkg, parse_inventory, parse_rpm,
                                 parse_windows, purl, sbom_json, validate_sbom)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import certifi
 import pytest
 
-from packer_assets.envfile import write_env_file
-from packer_assets.settings import SettingsError, load_settings
+from packer_assets.config.envfile import write_env_file
+from packer_assets.config.settings import SettingsError, load_settings
 from support.settings_cli import settings_command
 
 CA = certifi.where()  # a real PEM bundle: the CA file must load
@@ -107,7 +107,7 @@ def test_sensor_interval_and_rebuild_cron_reach_the_definitions(tmp_path):
 
 
 def test_toolkit_config_is_read_as_defaults(tmp_path, monkeypatch, capsys):
-    from packer_assets.settings import TOOLKIT_CONF, environment
+    from packer_assets.config.settings import TOOLKIT_CONF, environment
 
     conf = tmp_path / TOOLKIT_CONF
     conf.parent.mkdir(parents=True)
@@ -168,8 +168,8 @@ def test_definitions_refuse_a_contradiction_before_any_api_call(tmp_path):
 
 
 def test_a_keys_own_ssh_port_and_the_note_on_its_guest(tmp_path):
-    from packer_assets.build import BuildSettings
-    from packer_assets.settings import guest_note
+    from packer_assets.build.pipeline import BuildSettings
+    from packer_assets.config.settings import guest_note
 
     notes = "debian-12=a VM on the staging node (2 vCPU, q35);*=a VM of the production cluster"
     settings = load_settings({"PACKER_ASSETS_ROOT": str(tmp_path), "PACKER_ASSETS_SSH_PORT": "2222",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from packer_assets.signing import NAMESPACE, SignatureError, Signer, SigningKeyError, allowed_signer, verify
+from packer_assets.evidence.signing import NAMESPACE, SignatureError, Signer, SigningKeyError, allowed_signer, verify
 
 needs_ssh_keygen = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen (openssh-client) missing")
 pytestmark = [pytest.mark.sshd, needs_ssh_keygen]

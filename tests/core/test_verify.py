@@ -11,10 +11,10 @@ import pytest
 from support.proofs import sample, written_bundle
 
 from packer_assets.cli import main
-from packer_assets.evidence import Layout, sha256_file
-from packer_assets.proof import write_build_proof
-from packer_assets.signing import NAMESPACE, Signer
-from packer_assets.verify import verify_bundle
+from packer_assets.evidence.layout import Layout, sha256_file
+from packer_assets.evidence.proof import write_build_proof
+from packer_assets.evidence.signing import NAMESPACE, Signer
+from packer_assets.evidence.verify import verify_bundle
 
 pytestmark = pytest.mark.sshd  # ssh-keygen makes the keys
 needs_ssh_keygen = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen (openssh-client) missing")
@@ -116,7 +116,7 @@ def test_a_proof_json_edited_with_its_manifest_still_fails_its_signature_and_sch
     proof = json.loads((folder / "proof.json").read_text())
     proof["template"]["vmid"] = "not a number"
     (folder / "proof.json").write_text(json.dumps(proof))
-    from packer_assets.evidence import write_manifest
+    from packer_assets.evidence.layout import write_manifest
     write_manifest(folder)  # the forger rewrites the manifest too, but cannot sign it
     report = verify_bundle(folder, allowed)
     assert any("proof.json: does not match its schema at template/vmid" in p for p in report.problems)
@@ -187,7 +187,7 @@ def test_allowed_signers_given_means_a_signature_is_required(tmp_path, capsys, m
 
 @pytest.mark.parametrize("name", ["proof.json", "README.md", "packer.log"])
 def test_a_file_every_bundle_has_is_named_missing_even_when_unlisted(tmp_path, name):
-    from packer_assets.evidence import write_manifest
+    from packer_assets.evidence.layout import write_manifest
 
     folder = written_bundle(tmp_path)
     (folder / name).unlink()
@@ -330,8 +330,8 @@ def test_allowed_signers_verdict_is_ssh_keygens(signed, tmp_path, text, expected
     ('valid-after="20300230"', "20300301235959", False),
 ])
 def test_validity_times_match_ssh_keygen_at_a_given_verify_time(signed, tmp_path, option, at, expected):
-    from packer_assets.allowed_signers import _absolute_time
-    from packer_assets.signing import allowed_signer
+    from packer_assets.evidence.allowed_signers import _absolute_time
+    from packer_assets.evidence.signing import allowed_signer
 
     folder, allowed = signed
     allowed.write_text(f"builds@example.org {option} {(tmp_path / 'signing.pub').read_text()}")

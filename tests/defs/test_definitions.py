@@ -116,7 +116,7 @@ def test_partitions_come_from_the_catalog_an_env_file_names(tmp_path):
     import yaml
     from support import REPO as repo
 
-    from packer_assets.envfile import write_env_file
+    from packer_assets.config.envfile import write_env_file
     doc = yaml.safe_load(open(os.path.join(repo, "templates/catalog.yaml")).read())
     doc["templates"] = [t for t in doc["templates"] if t["key"] == "debian-12"]
     doc["templates"][0]["key"] = "only-this-key"

@@ -12,7 +12,7 @@ from support.builds import crashing_packer, rebuild
 from support.webhooks import Receiver
 
 from packer_assets.defs.notifications import NOTIFIED_TAG, Notifier, build_notification_sensors
-from packer_assets.notify import Notification, Webhook, deliver, parse_webhooks
+from packer_assets.runs.notify import Notification, Webhook, deliver, parse_webhooks
 
 
 @pytest.fixture
@@ -84,7 +84,7 @@ def test_a_failing_webhook_is_retried_with_backoff_and_named_without_its_path():
 
 @pytest.mark.parametrize("text", ["https://example.org/hook", "json:ftp://example.org/x", "teams:https://x.org/y"])
 def test_a_malformed_webhook_list_names_the_entry_not_the_url(text):
-    from packer_assets.notify import WebhookConfigError
+    from packer_assets.runs.notify import WebhookConfigError
 
     with pytest.raises(WebhookConfigError, match="entry 1") as caught:
         parse_webhooks(text)

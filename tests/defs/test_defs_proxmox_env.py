@@ -5,7 +5,7 @@ import pytest
 
 from packer_assets.defs import assets, checks
 from packer_assets.defs.resources import ProjectSettings, ProxmoxBootstrap
-from packer_assets.envfile import read_env_file
+from packer_assets.config.envfile import read_env_file
 
 
 @pytest.fixture

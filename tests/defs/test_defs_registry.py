@@ -10,10 +10,10 @@ import pytest
 from support.builds import KEY, rebuild, resources, templates_of
 
 from packer_assets.catalog import load_catalog
-from packer_assets.channels import node_api, revoke
+from packer_assets.evidence.channels import node_api, revoke
 from packer_assets.defs.registry import template_registry
-from packer_assets.evidence import BUILD_RECORD_NAME
-from packer_assets.registry import registry_schema
+from packer_assets.evidence.layout import BUILD_RECORD_NAME
+from packer_assets.evidence.registry import registry_schema
 
 pytestmark = pytest.mark.packer
 

@@ -13,7 +13,7 @@ from packer_assets.catalog import load_catalog
 from packer_assets.defs import sensors
 from packer_assets.defs.resources import ProjectSettings
 from packer_assets.defs.schedules import build_weekly_rebuild
-from packer_assets.settings import Settings
+from packer_assets.config.settings import Settings
 
 weekly_rebuild = build_weekly_rebuild(Settings.rebuild_cron)
 
@@ -81,7 +81,7 @@ def test_the_schedule_requests_only_keys_whose_inputs_changed(lab_project, tmp_p
         assert tick(instance, root) == never
 
         # a template that is no longer the promoted one (revoked) is rebuilt
-        from packer_assets.channels import node_api, revoke
+        from packer_assets.evidence.channels import node_api, revoke
         from packer_assets.pve.templates import promoted_template
 
         api = node_api(lab_project.layout)

@@ -10,12 +10,12 @@ import pytest
 from proxmoxer.core import ResourceException
 from support.builds import KEY, crashing_packer, rebuild, resources, templates_of
 
-from packer_assets import build
+from packer_assets.build import pipeline as build
 from packer_assets.defs import assets, jobs
-from packer_assets.evidence import sha256_file
-from packer_assets.proof import build_proof_schema
+from packer_assets.evidence.layout import sha256_file
+from packer_assets.evidence.proof import build_proof_schema
 from packer_assets.pve import templates as pve_templates
-from packer_assets.sbom import package_count, validate_sbom
+from packer_assets.inspection.sbom import package_count, validate_sbom
 from packer_assets_lab.stack import GUEST_NOTES
 
 pytestmark = pytest.mark.packer
@@ -272,7 +272,7 @@ def test_leftovers_of_a_dead_run_are_swept_by_the_next_build(lab_project):
     leaves them: the key's next run removes both, even when it has nothing to build, and says so."""
     from support.pve import pve_client
 
-    from packer_assets.build import VM_RECORD
+    from packer_assets.build.pipeline import VM_RECORD
     from packer_assets.pve.tasks import run_task
     from packer_assets.pve.templates import orphan_volumes
 

@@ -20,7 +20,7 @@ from support.packer import BuildGate
 
 from packer_assets.defs.recovery import PID_TAG
 from packer_assets_lab.proctree import descendants
-from packer_assets.procs import proc_table
+from packer_assets.runs.procs import proc_table
 
 pytestmark = [pytest.mark.lab, pytest.mark.packer, pytest.mark.e2e]
 KILLED, OTHER = "ubuntu-2204", "debian-12"
@@ -117,7 +117,7 @@ def test_no_promoted_template_stays_without_its_signed_proof(lab_project, tmp_pa
     assert (alone / "manifest.json.sig").is_file(), "template alone must leave the promoted template proved"
 
     # the killed key: SIGKILL at the first thing after the promotion (build.record_plan), a named point
-    killed = subprocess.run([str(BIN / "python"), "-m", "support.killpoint", "packer_assets.build:record_plan",
+    killed = subprocess.run([str(BIN / "python"), "-m", "support.killpoint", "packer_assets.build.pipeline:record_plan",
                              "dagster", "asset", "materialize", "--select", ASSETS, "--partition", KILLED,
                              "-m", "packer_assets.definitions"], env=env, cwd=REPO, capture_output=True, text=True,
                             timeout=900)

@@ -17,7 +17,7 @@ import pytest
 from support import REPO
 from support.checkout import export_repository
 
-from packer_assets.sbom import package_count, validate_sbom
+from packer_assets.inspection.sbom import package_count, validate_sbom
 
 pytestmark = [pytest.mark.lab, pytest.mark.packer, pytest.mark.e2e]
 KEYS = ("ubuntu-2204", "ubuntu-2404", "debian-12", "rocky-9", "windows-2022")
@@ -59,7 +59,7 @@ RUN = [
     ("dagster schedule start weekly_rebuild -m packer_assets.definitions", None),
     ("dagster job backfill -j rebuild_template --partitions ubuntu-2204,debian-12 -m packer_assets.definitions", "y\n"),
     ("dagster instance concurrency set packer_builds 4", None),
-    ("python -m packer_assets.proof", None),
+    ("python -m packer_assets.evidence.proof", None),
     ("packer-assets proof verify --allowed-signers .lab/signing/allowed_signers", None),
     ("packer-assets chain --key debian-12", None),
     ("make build-all", None),
@@ -204,7 +204,7 @@ def check_after(command: str, clone: Path, proc: subprocess.CompletedProcess) ->
         text = proc.stdout + proc.stderr
         assert "token_authenticates" in text and "token_privileges" in text, text[-2000:]
         assert "ASSET_CHECK_EVALUATION" in text and "RUN_SUCCESS" in text, text[-2000:]
-    elif command == "python -m packer_assets.proof":  # regenerated in the export: the committed schemas are current
+    elif command == "python -m packer_assets.evidence.proof":  # regenerated in the export: the committed schemas are current
         for name in ("docs/schema/build-proof.schema.json", "docs/schema/init-proof.schema.json"):
             assert (clone / name).read_text() == (REPO / name).read_text()
     elif command.startswith("packer-assets proof verify"):

@@ -16,7 +16,9 @@ pytest.importorskip("packer_assets_lab", reason="needs the lab: pip install -e .
 
 from support import REPO
 
-from packer_assets import guest_checks, sbom
+from packer_assets.inspection import guest_checks
+
+from packer_assets.inspection import sbom
 from packer_assets.catalog import ExpectedOs, SmokeCommand
 from packer_assets_lab.guest import LabGuest
 from packer_assets_lab.mirror import IsoMirror, MirrorItem

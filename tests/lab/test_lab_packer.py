@@ -23,7 +23,7 @@ from support.packer import host_ipv4
 from packer_assets_lab.certs import make_lab_pki
 from packer_assets_lab.proctree import cmdline, descendants
 from packer_assets_lab.pve.packer_compat import keys_to_text
-from packer_assets.procs import proc_table
+from packer_assets.runs.procs import proc_table
 
 PACKER = "/usr/bin/packer"
 needs_packer = pytest.mark.packer

@@ -85,7 +85,7 @@ def new_token(api, userid, tokenid, **options):
 
 def test_the_lab_signing_key_is_0600_whatever_the_umask_and_signs(tmp_path):
     from packer_assets_lab.certs import make_signing_key
-    from packer_assets.signing import Signer, allowed_signer
+    from packer_assets.evidence.signing import Signer, allowed_signer
 
     old = os.umask(0)  # a careless umask must not leave the key readable: Signer would refuse it
     try:

@@ -13,7 +13,7 @@ pytest.importorskip("packer_assets_lab", reason="needs the lab: pip install -e .
 import requests
 from support import REPO as ROOT
 
-from packer_assets.envfile import read_env_file
+from packer_assets.config.envfile import read_env_file
 
 
 def cli(*args, check=True):

@@ -18,8 +18,8 @@ pytestmark = pytest.mark.lab
 pytest.importorskip("packer_assets_lab", reason="needs the lab: pip install -e ./lab (make test installs it)")
 from support.packer import PACKER, REPO, catalog, fake_packer, host_ipv4, plan_for
 
-from packer_assets.chain import new_chain_id
-from packer_assets.evidence import Layout, Redactor, latest
+from packer_assets.evidence.chain import new_chain_id
+from packer_assets.evidence.layout import Layout, Redactor, latest
 from packer_assets_lab.proctree import GroupSampler
 from packer_assets.packer.env import PackerEnvError, packer_env
 from packer_assets.packer.runner import (
@@ -457,7 +457,7 @@ def test_a_binary_that_cannot_start_is_a_packer_error(tmp_path):
 RUN_IN_CHILD = """
 import sys
 from pathlib import Path
-from packer_assets.evidence import RunLog
+from packer_assets.evidence.layout import RunLog
 from packer_assets.packer.runner import run_packer
 workdir, script, record = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 env = {"PATH": "/usr/bin:/bin", "PACKER_FAKE_RECORD": record}

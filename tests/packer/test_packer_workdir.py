@@ -146,7 +146,7 @@ def test_the_template_fingerprint_covers_the_family_template_and_the_common_file
 
 
 def test_fingerprint_of_a_build_follows_the_common_file(tmp_path):
-    from packer_assets.build import input_fingerprint_of
+    from packer_assets.build.pipeline import input_fingerprint_of
     from packer_assets.pve.staging import StagedIso
 
     root = tmp_path / "repo"

@@ -15,10 +15,10 @@ from support.templates import NODE, create_vm, day, description, make_template, 
 
 from packer_assets import cli
 from packer_assets.catalog import load_catalog
-from packer_assets.channels import ChannelError, revoke, set_channel, unset_channel
+from packer_assets.evidence.channels import ChannelError, revoke, set_channel, unset_channel
 from packer_assets.errors import PackerAssetsError
-from packer_assets.evidence import BUILD_RECORD_NAME, Layout
-from packer_assets.locks import exclusive
+from packer_assets.evidence.layout import BUILD_RECORD_NAME, Layout
+from packer_assets.runs.locks import exclusive
 from packer_assets.pve.templates import (
     LATEST_TAG,
     REVOKED_TAG,
@@ -32,7 +32,7 @@ from packer_assets.pve.templates import (
     split_tags,
     template_name,
 )
-from packer_assets.registry import build_registry, read_registry, registry_schema, write_registry
+from packer_assets.evidence.registry import build_registry, read_registry, registry_schema, write_registry
 
 KEY = "debian-12"  # the shipped catalog's key, VMIDs 9300-9399
 FINGERPRINT = "f" * 64

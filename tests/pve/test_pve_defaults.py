@@ -8,7 +8,7 @@ import re
 from support import REPO
 
 from packer_assets.pve.bootstrap import BootstrapConfig
-from packer_assets.settings import load_settings
+from packer_assets.config.settings import load_settings
 
 DEFAULTS = BootstrapConfig()
 

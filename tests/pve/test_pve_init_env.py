@@ -12,9 +12,9 @@ pytest.importorskip("packer_assets_lab", reason="needs the lab: pip install -e .
 
 from support import REPO
 
-from packer_assets.chain import new_chain_id
-from packer_assets.envfile import read_env_file, write_env_file
-from packer_assets.evidence import Layout, latest
+from packer_assets.evidence.chain import new_chain_id
+from packer_assets.config.envfile import read_env_file, write_env_file
+from packer_assets.evidence.layout import Layout, latest
 from packer_assets.pve.bootstrap import (
     BootstrapConfig,
     BootstrapError,

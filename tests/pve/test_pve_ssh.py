@@ -9,9 +9,9 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from packer_assets.chain import new_chain_id
-from packer_assets.envfile import read_env_file
-from packer_assets.evidence import Layout
+from packer_assets.evidence.chain import new_chain_id
+from packer_assets.config.envfile import read_env_file
+from packer_assets.evidence.layout import Layout
 from packer_assets.pve.bootstrap import BootstrapConfig, build_access
 from packer_assets.pve.client import Endpoint, PveAccessError
 from packer_assets.pve.init_env import CA_FILE, AdminLogin, run_init

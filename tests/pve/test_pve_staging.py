@@ -13,7 +13,7 @@ pytest.importorskip("packer_assets_lab", reason="needs the lab: pip install -e .
 from support.mirror import LAB_MIRROR_ITEMS
 
 from packer_assets.catalog import IsoSource, TemplateEntry
-from packer_assets.checksums import Checksum
+from packer_assets.upstream.checksums import Checksum
 from packer_assets_lab.iso import make_iso
 from packer_assets_lab.mirror import MirrorItem
 from packer_assets.pve.bootstrap import BootstrapConfig, bootstrap

@@ -6,7 +6,7 @@ import dagster as dg
 
 from packer_assets.defs import assets, jobs
 from packer_assets.defs.resources import PackerSettings, ProjectSettings
-from packer_assets.envfile import read_env_file
+from packer_assets.config.envfile import read_env_file
 
 KEY = "debian-12"
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from packer_assets.chain import new_chain_id
-from packer_assets.evidence import Layout
+from packer_assets.evidence.chain import new_chain_id
+from packer_assets.evidence.layout import Layout
 from packer_assets_lab.stack import LabStack
 from packer_assets.pve.bootstrap import BootstrapConfig
 from packer_assets.pve.client import Endpoint

@@ -3,8 +3,8 @@
 from datetime import UTC, datetime
 from pathlib import Path
 
-from packer_assets.evidence import Layout, sha256_file
-from packer_assets.proof import BuildProof, CheckResult, write_build_proof
+from packer_assets.evidence.layout import Layout, sha256_file
+from packer_assets.evidence.proof import BuildProof, CheckResult, write_build_proof
 
 
 def sample(log_sha256="0" * 64, **changes):

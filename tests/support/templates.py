@@ -7,9 +7,9 @@ import pytest
 from proxmoxer.core import ProxmoxResource
 
 from packer_assets.catalog import TemplateEntry
-from packer_assets.chain import new_chain_id
-from packer_assets.envfile import read_env_file
-from packer_assets.evidence import Layout
+from packer_assets.evidence.chain import new_chain_id
+from packer_assets.config.envfile import read_env_file
+from packer_assets.evidence.layout import Layout
 from packer_assets.pve.bootstrap import BootstrapConfig, build_access
 from packer_assets.pve.client import Endpoint
 from packer_assets.pve.init_env import AdminLogin, run_init

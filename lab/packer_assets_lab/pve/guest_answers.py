@@ -24,7 +24,9 @@ from urllib.parse import unquote
 from fakepve.model import FakeVm
 from fakepve.schema import Match
 
-from packer_assets import guest_checks, sbom
+from packer_assets.inspection import guest_checks
+
+from packer_assets.inspection import sbom
 from packer_assets_lab.pve.inventory import inventory_output
 
 FAULTS = frozenset({"cloud_init", "fresh_identity", "password_locked", "guest_agent_enabled", "ssh_login",

@@ -24,7 +24,7 @@ from fakepve.schema import Match
 from fakepve.server import API, USER, ok, params
 from fakepve.storage import _is_file
 
-from packer_assets.evidence import file_digest
+from packer_assets.evidence.layout import file_digest
 
 # Where a content type lives below a directory storage (PVE::Storage::Plugin's get_subdir).
 CONTENT_DIRS = {"iso": "template/iso", "vztmpl": "template/cache", "import": "import"}

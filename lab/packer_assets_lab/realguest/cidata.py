@@ -39,7 +39,7 @@ from urllib.parse import unquote
 import pycdlib
 from passlib.hash import sha256_crypt
 
-from packer_assets.evidence import atomic_write
+from packer_assets.evidence.layout import atomic_write
 
 VOLUME_ID = "cidata"
 # Names in the ISO as PVE writes them; ISO9660 names (level 3: d-characters) beside Joliet/Rock Ridge ones.

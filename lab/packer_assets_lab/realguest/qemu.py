@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from packer_assets.errors import OperationError
-from packer_assets.procs import proc_table
+from packer_assets.runs.procs import proc_table
 
 from .agent import GuestAgent
 

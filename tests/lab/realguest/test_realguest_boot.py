@@ -25,7 +25,7 @@ from packer_assets_lab.realguest.qemu import (
     probe_accel,
     qemu_processes_under,
 )
-from packer_assets.procs import process_alive
+from packer_assets.runs.procs import process_alive
 from packer_assets.pve.guest_exec import EphemeralKey
 from packer_assets.pve.smoke import encode_sshkeys
 

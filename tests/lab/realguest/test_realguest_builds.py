@@ -21,7 +21,7 @@ from support import REPO
 from support.builds import rebuild
 from support.lab import started_lab_project
 
-from packer_assets.envfile import read_env_file
+from packer_assets.config.envfile import read_env_file
 from packer_assets_lab.realguest.qemu import qemu_processes_under
 from packer_assets.pve import smoke as smoke_module
 from packer_assets.pve.bootstrap import build_access

@@ -26,11 +26,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
-from .catalog import TemplateEntry
-from .digests import Checksum
-from .evidence import Layout, atomic_write
-from .pve.templates import catalog_entry_json
+from packer_assets import __version__
+from packer_assets.catalog import TemplateEntry
+from packer_assets.upstream.digests import Checksum
+from packer_assets.evidence.layout import Layout, atomic_write
+from packer_assets.pve.templates import catalog_entry_json
 
 PLAN_VERSION = "1"
 OBSERVED_FILE = "iso-observed.json"  # source name -> checksum as the sensor last saw it

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import requests
 
-from . import __version__
-from .catalog import IsoSource, mirror_url
-from .digests import ALGORITHMS, HEX_ALGORITHMS, Checksum
-from .errors import OperationError
+from packer_assets import __version__
+from packer_assets.catalog import IsoSource, mirror_url
+from packer_assets.upstream.digests import ALGORITHMS, HEX_ALGORITHMS, Checksum
+from packer_assets.errors import OperationError
 
 # hex length -> algorithm; exactly the set PVE's download-url/upload take as `checksum-algorithm`.
 _STRENGTH = ("sha512", "sha384", "sha256", "sha224", "sha1", "md5")  # preferred first

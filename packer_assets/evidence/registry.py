@@ -13,7 +13,7 @@ channel change and revocation (channels.py), and by the `template_registry` asse
 reading of the node too, so a run that read the node earlier can never write an older picture over a
 newer one. `updated_at` is when the content last changed: a rewrite that finds nothing new keeps the
 file byte for byte. The schema (`docs/schema/registry.schema.json`) is generated from `Registry` by
-`python -m packer_assets.proof`, as the proofs' are.
+`python -m packer_assets.evidence.proof`, as the proofs' are.
 """
 
 import hashlib
@@ -27,13 +27,13 @@ from typing import Annotated, Any, Literal
 from proxmoxer import ProxmoxAPI
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .catalog import Catalog, TemplateEntry
-from .chain import CHAIN_RE, parse_chain_id
-from .errors import ConfigError
-from .evidence import BUILD_RECORD_NAME, Layout, atomic_write
-from .locks import exclusive
-from .packer.workdir import DEGRADED
-from .pve.templates import Guest, Revocation, TemplateDescription, list_templates, name_time, read_description, \
+from packer_assets.catalog import Catalog, TemplateEntry
+from packer_assets.evidence.chain import CHAIN_RE, parse_chain_id
+from packer_assets.errors import ConfigError
+from packer_assets.evidence.layout import BUILD_RECORD_NAME, Layout, atomic_write
+from packer_assets.runs.locks import exclusive
+from packer_assets.packer.workdir import DEGRADED
+from packer_assets.pve.templates import Guest, Revocation, TemplateDescription, list_templates, name_time, read_description, \
     read_revocation
 
 REGISTRY_SCHEMA_FILE = Path("docs/schema/registry.schema.json")
@@ -297,7 +297,7 @@ def _store(layout: Layout, registry: Registry) -> Registry:
 def registry_schema() -> dict[str, Any]:
     """The JSON Schema of registry.json (what `docs/schema/registry.schema.json` holds)."""
     return {"$schema": "https://json-schema.org/draft/2020-12/schema",
-            "$comment": "Generated from packer_assets.registry.Registry by `python -m packer_assets.proof`; do not edit.",
+            "$comment": "Generated from packer_assets.evidence.registry.Registry by `python -m packer_assets.evidence.proof`; do not edit.",
             **Registry.model_json_schema(mode="serialization")}
 
 

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
+from packer_assets.errors import ConfigError
 
 WHITESPACE = " \t\r\n"
 SUBPATTERN_MAX = 1023  # match.c: a longer subpattern never matches

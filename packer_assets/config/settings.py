@@ -15,11 +15,11 @@ from pathlib import Path
 from types import MappingProxyType
 from urllib.parse import urlsplit
 
-from .envfile import read_assignments
-from .pve.bootstrap import BootstrapConfig
-from .evidence import Layout
-from .errors import ConfigError
-from .notify import WebhookConfigError, parse_webhooks
+from packer_assets.config.envfile import read_assignments
+from packer_assets.pve.bootstrap import BootstrapConfig
+from packer_assets.evidence.layout import Layout
+from packer_assets.errors import ConfigError
+from packer_assets.runs.notify import WebhookConfigError, parse_webhooks
 
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off", ""}
@@ -358,7 +358,7 @@ def _signing_key(path: str | None, origin: str) -> Path | None:
     """The signing key file, checked now (an Ed25519 OpenSSH private key), not at the first proof."""
     if path is None:
         return None
-    from .signing import Signer, SigningKeyError
+    from packer_assets.evidence.signing import Signer, SigningKeyError
 
     try:
         Signer(Path(path).expanduser()).public_key()

@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 from packageurl import PackageURL
 
-from . import __version__
-from .errors import OperationError
+from packer_assets import __version__
+from packer_assets.errors import OperationError
 
 SPEC_VERSION = "1.5"
 SBOM_FILE = "sbom.cdx.json"  # its name in a build's log folder and proof bundle

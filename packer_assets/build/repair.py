@@ -16,12 +16,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .build import NoPromotedBuild, promoted_record, sweep_leftovers, write_proof
-from .catalog import Catalog, TemplateEntry
-from .evidence import Layout, latest, swap_latest
-from .locks import exclusive, key_if_free
-from .registry import record_proof, write_registry
-from .signing import Signer
+from packer_assets.build.pipeline import NoPromotedBuild, promoted_record, sweep_leftovers, write_proof
+from packer_assets.catalog import Catalog, TemplateEntry
+from packer_assets.evidence.layout import Layout, latest, swap_latest
+from packer_assets.runs.locks import exclusive, key_if_free
+from packer_assets.evidence.registry import record_proof, write_registry
+from packer_assets.evidence.signing import Signer
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import jsonschema
 
-from .chain import parse_chain_id
-from .errors import ConfigError
-from .allowed_signers import SignerRefused, check_allowed, read_allowed_signers
-from .evidence import (BUILD_LOG_NAME, BUILD_PROOFS, INIT_PROOFS, MANIFEST, MANIFEST_FORMAT, SIGNATURE, Layout,
+from packer_assets.evidence.chain import parse_chain_id
+from packer_assets.errors import ConfigError
+from packer_assets.evidence.allowed_signers import SignerRefused, check_allowed, read_allowed_signers
+from packer_assets.evidence.layout import (BUILD_LOG_NAME, BUILD_PROOFS, INIT_PROOFS, MANIFEST, MANIFEST_FORMAT, SIGNATURE, Layout,
                        sha256_file)
-from .proof import build_proof_schema, init_proof_schema
-from .signing import NAMESPACE, SignatureError, verify
+from packer_assets.evidence.proof import build_proof_schema, init_proof_schema
+from packer_assets.evidence.signing import NAMESPACE, SignatureError, verify
 
 OK, FAILED = 0, 1  # exit codes; a bundle that cannot be found is a ConfigError (2)
 

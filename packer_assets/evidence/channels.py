@@ -25,14 +25,14 @@ from typing import Any
 from proxmoxer import ProxmoxAPI
 from proxmoxer.core import ResourceException
 
-from .catalog import Catalog, TemplateEntry
-from .envfile import read_env_file
-from .chain import CHAIN_RE, parse_chain_id
-from .errors import ConfigError
-from .evidence import Layout
-from .pve.bootstrap import build_access
-from .pve.tasks import said
-from .pve.templates import (
+from packer_assets.catalog import Catalog, TemplateEntry
+from packer_assets.config.envfile import read_env_file
+from packer_assets.evidence.chain import CHAIN_RE, parse_chain_id
+from packer_assets.errors import ConfigError
+from packer_assets.evidence.layout import Layout
+from packer_assets.pve.bootstrap import build_access
+from packer_assets.pve.tasks import said
+from packer_assets.pve.templates import (
     CHANNEL_TAG_PREFIX,
     LATEST_TAG,
     REVOKED_TAG,
@@ -50,7 +50,7 @@ from .pve.templates import (
     take_tag,
     template_description,
 )
-from .registry import CHANNEL_RE, LATEST, Registry, check_writable, write_registry
+from packer_assets.evidence.registry import CHANNEL_RE, LATEST, Registry, check_writable, write_registry
 
 MAX_REASON = 200
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from .errors import ConfigError
+from packer_assets.errors import ConfigError
 
 KEY_PATTERN = r"[a-z][a-z0-9-]*"  # the catalog's key rule (catalog.models.KEY_RE)
 CHAIN_RE = re.compile(rf"CHAIN-(\d{{8}}T\d{{6}}Z)-({KEY_PATTERN})")  # fullmatch: no trailing newline

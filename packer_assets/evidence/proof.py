@@ -3,7 +3,7 @@
 `docs/proof/platform/packer-builds/builds/<key>/<ts>/` holds README.md, proof.json and packer.log;
 `docs/proof/platform/packer-builds/init/<ts>/` README.md, proof.json and init-packer.log; `latest`
 points at the newest of each. The JSON Schemas in `docs/schema/` (build-proof, init-proof) are generated
-from `BuildProof` and `InitProof` (`python -m packer_assets.proof` rewrites them); a test keeps them equal.
+from `BuildProof` and `InitProof` (`python -m packer_assets.evidence.proof` rewrites them); a test keeps them equal.
 
 A proof exists only for a build that passed its checks: the model refuses a failed or missing
 check, and `write_build_proof` refuses a log whose sha256 differs from the one recorded.
@@ -19,10 +19,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .chain import CHAIN_RE, parse_chain_id
-from .evidence import BUILD_LOG_NAME, Layout, sha256_file, write_proof_bundle
-from .registry import REGISTRY_SCHEMA_FILE, registry_schema
-from .signing import Signer
+from packer_assets.evidence.chain import CHAIN_RE, parse_chain_id
+from packer_assets.evidence.layout import BUILD_LOG_NAME, Layout, sha256_file, write_proof_bundle
+from packer_assets.evidence.registry import REGISTRY_SCHEMA_FILE, registry_schema
+from packer_assets.evidence.signing import Signer
 
 SCHEMA_FILE = Path("docs/schema/build-proof.schema.json")
 INIT_SCHEMA_FILE = Path("docs/schema/init-proof.schema.json")
@@ -207,7 +207,7 @@ class InitProof(_Model):
 
 def _schema(model: type[BaseModel]) -> dict[str, Any]:
     return {"$schema": "https://json-schema.org/draft/2020-12/schema",
-            "$comment": f"Generated from packer_assets.proof.{model.__name__} by `python -m packer_assets.proof`; "
+            "$comment": f"Generated from packer_assets.evidence.proof.{model.__name__} by `python -m packer_assets.evidence.proof`; "
                         "do not edit.",
             **model.model_json_schema(mode="serialization")}
 
@@ -343,6 +343,6 @@ def write_init_proof(layout: Layout, proof: InitProof, log_file: Path, signer: S
                               proof.model_dump(mode="json"), log_file, Path(log_file).name, signer=signer)
 
 
-if __name__ == "__main__":  # python -m packer_assets.proof [source tree]: regenerate the committed schemas
+if __name__ == "__main__":  # python -m packer_assets.evidence.proof [source tree]: regenerate the committed schemas
     for written in write_schema(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(".")):
         print(written)

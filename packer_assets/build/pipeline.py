@@ -22,28 +22,28 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import __version__
-from .catalog import TemplateEntry, load_catalog
-from .chain import ChainId, log_header, parse_chain_id
-from .checksums import Checksum
-from .evidence import BUILD_RECORD_NAME, Layout, Redactor, atomic_write, sha256_file
-from .packer.env import packer_env, validate_env
-from .plan import SourceDigests, iso_checksums, plan_fingerprint, plan_key, record_plan, render_key
-from .packer.runner import PackerCheck, PackerError, open_build_log, packer_init, packer_validate, run_packer
-from .packer.version import BuildCredentials, detect_packer
-from .packer.workdir import BuildPlan, prepare_workdir, template_sha256
-from .render import ANSWER_ISO_NAME, RenderResult, render_unattended
-from .render.record import RenderRecordError, ServedFiles, read_record, served_files, write_render_record
-from .proof import (BuildProof, CheckResult, IsoRef, PackageChanges, SbomRef, TemplateRef, Timings, previous_sbom,
+from packer_assets import __version__
+from packer_assets.catalog import TemplateEntry, load_catalog
+from packer_assets.evidence.chain import ChainId, log_header, parse_chain_id
+from packer_assets.upstream.checksums import Checksum
+from packer_assets.evidence.layout import BUILD_RECORD_NAME, Layout, Redactor, atomic_write, sha256_file
+from packer_assets.packer.env import packer_env, validate_env
+from packer_assets.build.plan import SourceDigests, iso_checksums, plan_fingerprint, plan_key, record_plan, render_key
+from packer_assets.packer.runner import PackerCheck, PackerError, open_build_log, packer_init, packer_validate, run_packer
+from packer_assets.packer.version import BuildCredentials, detect_packer
+from packer_assets.packer.workdir import BuildPlan, prepare_workdir, template_sha256
+from packer_assets.render import ANSWER_ISO_NAME, RenderResult, render_unattended
+from packer_assets.render.record import RenderRecordError, ServedFiles, read_record, served_files, write_render_record
+from packer_assets.evidence.proof import (BuildProof, CheckResult, IsoRef, PackageChanges, SbomRef, TemplateRef, Timings, previous_sbom,
                     write_build_proof)
-from .pve.bootstrap import BootstrapConfig, BuildAccess, token_privilege_gaps
-from .pve.guest_exec import host_key_fingerprints
-from .pve.smoke import BASE_STEPS, SmokeResult, SmokeTestError, smoke_test
-from .signing import Signer
-from .sbom import SBOM_FILE, SbomError, build_sbom, diff_sboms, package_count, sbom_json, validate_sbom
-from .pve.staging import StagedIso, upload_iso
-from .registry import record_proof, write_registry
-from .pve.templates import (
+from packer_assets.pve.bootstrap import BootstrapConfig, BuildAccess, token_privilege_gaps
+from packer_assets.pve.guest_exec import host_key_fingerprints
+from packer_assets.pve.smoke import BASE_STEPS, SmokeResult, SmokeTestError, smoke_test
+from packer_assets.evidence.signing import Signer
+from packer_assets.inspection.sbom import SBOM_FILE, SbomError, build_sbom, diff_sboms, package_count, sbom_json, validate_sbom
+from packer_assets.pve.staging import StagedIso, upload_iso
+from packer_assets.evidence.registry import record_proof, write_registry
+from packer_assets.pve.templates import (
     TemplateDescription,
     TemplateError,
     allocate_vmid,
@@ -61,8 +61,8 @@ from .pve.templates import (
     template_tags,
     withdraw,
 )
-from .errors import OperationError, PackerAssetsError
-from .settings import guest_note, parse_ssh_ports
+from packer_assets.errors import OperationError, PackerAssetsError
+from packer_assets.config.settings import guest_note, parse_ssh_ports
 
 RECORD = BUILD_RECORD_NAME
 VM_RECORD = "build-vm.json"  # in the work directory from before packer starts until the build VM is settled

@@ -27,7 +27,7 @@ import requests.adapters
 import urllib3
 import urllib3.connection
 
-from .errors import ConfigError, OperationError
+from packer_assets.errors import ConfigError, OperationError
 
 Event = Literal["failed", "promoted"]
 RETRIES = 3

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 
 import requests
 
-from .catalog import IsoSource
-from .checksums import Checksum, ChecksumError, ChecksumFile, FetchResult, fetch_checksum_file
+from packer_assets.catalog import IsoSource
+from packer_assets.upstream.checksums import Checksum, ChecksumError, ChecksumFile, FetchResult, fetch_checksum_file
 
 
 @dataclass

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .build import RECORD
-from .chain import ChainId, parse_chain_id
-from .evidence import Layout, sha256_file
+from packer_assets.build.pipeline import RECORD
+from packer_assets.evidence.chain import ChainId, parse_chain_id
+from packer_assets.evidence.layout import Layout, sha256_file
 
 
 @dataclass

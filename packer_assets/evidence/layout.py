@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .chain import log_header
+from packer_assets.evidence.chain import log_header
 
 if TYPE_CHECKING:
-    from .signing import Signer
+    from packer_assets.evidence.signing import Signer
 
 ENV_FILE = Path("infra/env/.env.proxmox")
 SECRETS_FILE = Path("control/secrets.env")

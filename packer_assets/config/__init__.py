@@ -1,0 +1,1 @@
+"""Settings: the validated settings object and the env files it reads."""

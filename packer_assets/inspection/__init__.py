@@ -1,0 +1,1 @@
+"""What a template holds: the checks run in its clone and the SBOM of its packages."""

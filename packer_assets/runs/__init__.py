@@ -1,0 +1,1 @@
+"""Around runs: one run per key (locks), processes, notifications."""
