@@ -23,7 +23,7 @@ TEST_PACKAGES := packer openssh-server openssh-client debconf gnupg postgresql c
 # pytest arguments, e.g. `make test PYTEST_ARGS="-m 'not slow'"` (markers: pyproject.toml)
 PYTEST_ARGS ?=
 
-.PHONY: settings-check init demo demo-real lab-up-real build build-all validate test test-deps test-fast test-lab bench bench-builds ui venv packer dagster-home lab-up lab-down lab-status catalog-check clean
+.PHONY: settings-check init demo demo-real lab-up-real build build-all validate test test-deps test-fast test-lab lint bench bench-builds ui venv packer dagster-home lab-up lab-down lab-status catalog-check clean
 
 demo: venv packer lab-up catalog-check ## the lab, then every asset of every template against it
 	$(MAKE) init PACKER_ASSETS_ENV_FILE=$(abspath $(LAB_STATE))/lab.env
@@ -59,8 +59,16 @@ PYTEST = env -u PACKER_ASSETS_ENV_FILE -u DAGSTER_HOME $(BIN)/pytest --junitxml=
 # The two fast tiers, by marker (pyproject.toml; tests/conftest.py says what each needs)
 BINARIES := packer or sshd or postgres or e2e or browser or realguest
 
-test: test-deps venv ## the whole test suite; installs what it needs first (as root with apt), else says what is missing
+test: lint test-deps venv ## the gates, then the whole test suite; installs what it needs first (as root with apt), else says what is missing
 	$(PYTEST) $(PYTEST_ARGS)
+
+# The gates (configuration: pyproject.toml's [tool.ruff] and [tool.mypy]): lint, format, types, on the product
+# and the lab. Each is its own line, so a failure names its gate.
+LINT_PATHS := packer_assets lab/packer_assets_lab
+lint: venv ## ruff check, ruff format --check and mypy (strict on the core) on the product and the lab
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/mypy
 
 test-fast: venv ## the unit tests alone: no lab, packer, sshd, PostgreSQL, Dagster processes, browser or QEMU guest
 	$(PYTEST) -m "not (lab or $(BINARIES))" $(PYTEST_ARGS)

@@ -27,10 +27,10 @@ def _validate(args) -> int:
     """validate-all.sh: render and validate every key (or those named), then `packer validate` each."""
     from packer_assets.build.pipeline import BuildSettings, render_and_validate
     from packer_assets.catalog import load_catalog
+    from packer_assets.config.settings import load_settings
     from packer_assets.packer.workdir import PackerCapabilityError
     from packer_assets.render import RenderError
     from packer_assets.render.record import ignored_warning
-    from packer_assets.config.settings import load_settings
 
     found = load_settings()  # the one validated model, as definitions.py reads it
     catalog = load_catalog(args.catalog, env=found.environment)
@@ -98,7 +98,8 @@ def _build(args) -> int:
     from packer_assets.config.settings import load_settings
 
     load_catalog(env=load_settings().environment).get(args.key)
-    from dagster._cli import ENV_PREFIX, cli as dagster_cli
+    from dagster._cli import ENV_PREFIX
+    from dagster._cli import cli as dagster_cli
 
     argv = ["job", "execute", "-j", "rebuild_template", "-m", "packer_assets.definitions",
             "--tags", json.dumps({"dagster/partition": args.key})]
@@ -112,8 +113,8 @@ def _build(args) -> int:
 def _registry_session():
     """(layout, catalog, the node's API as the build token) as builds have them: settings, env files, catalog."""
     from packer_assets.catalog import load_catalog
-    from packer_assets.evidence.channels import node_api
     from packer_assets.config.settings import load_settings
+    from packer_assets.evidence.channels import node_api
 
     found = load_settings()
     catalog = load_catalog(env=found.environment)  # the catalog an env file names is the one used
@@ -182,9 +183,9 @@ def _proof_verify(args) -> int:
 
 def _chain(args) -> int:
     """Everything that carries a chain ID; or the chain IDs of a key, newest first."""
+    from packer_assets.config.settings import load_settings
     from packer_assets.evidence.audit import chain_report, chains_of_key
     from packer_assets.evidence.chain import check_key, parse_chain_id
-    from packer_assets.config.settings import load_settings
 
     if args.key:
         check_key(args.key)  # a folder name under the output root: `../x` would list folders elsewhere
@@ -240,11 +241,11 @@ def _templates_of_chain(layout, chain_id: str) -> list[dict]:
 
 def _plan(args) -> int:
     """Which keys need a run (the weekly schedule's pre-check; `make build-all` builds those)."""
-    from packer_assets.catalog import load_catalog
-    from packer_assets.evidence.channels import node_api
     from packer_assets.build.plan import plan_runs
-    from packer_assets.pve.templates import promoted_vmids
+    from packer_assets.catalog import load_catalog
     from packer_assets.config.settings import load_settings
+    from packer_assets.evidence.channels import node_api
+    from packer_assets.pve.templates import promoted_vmids
 
     found = load_settings()
     catalog = load_catalog(env=found.environment)

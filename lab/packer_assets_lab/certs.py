@@ -35,7 +35,7 @@ def cert_fingerprint(der):
     """SHA-256 of a DER certificate, colon-separated upper-case hex (PVE's ssl_fingerprint format)."""
     digest = hashes.Hash(hashes.SHA256())
     digest.update(der)
-    return ":".join("{0:02X}".format(b) for b in digest.finalize())
+    return ":".join(f"{b:02X}" for b in digest.finalize())
 
 
 def _name(common_name):
@@ -77,7 +77,7 @@ def make_lab_pki(directory, hosts=DEFAULT_HOSTS):
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     start, end = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=VALID_DAYS)
 
     ca_key = ec.generate_private_key(ec.SECP256R1())

@@ -22,8 +22,9 @@ import re
 import shlex
 import socket
 import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, ClassVar
 
 import paramiko
 from paramiko.common import MSG_CHANNEL_REQUEST
@@ -129,7 +130,7 @@ class LabGuest:
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
-    def start(self) -> "LabGuest":
+    def start(self) -> LabGuest:
         self._sock = socket.create_server((self.host, self._port))
         self._sock.settimeout(0.1)  # lets the accept loop notice stop()
         self._thread = threading.Thread(target=self._accept_loop, name=f"lab-guest:{self.port}", daemon=True)
@@ -147,7 +148,7 @@ class LabGuest:
         for t in transports:
             t.close()
 
-    def __enter__(self) -> "LabGuest":
+    def __enter__(self) -> LabGuest:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -158,7 +159,7 @@ class LabGuest:
         while self._sock is sock:
             try:
                 conn, _ = sock.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -207,7 +208,7 @@ class LabGuest:
                 self._chmod(argv)
                 status, out = self.exec_handler(command) if self.exec_handler else (0, b"")
                 chan.sendall(out)
-        except Exception as e:  # a lab bug must still end the channel, or the client hangs
+        except Exception as e:  # noqa: BLE001 - a lab bug must still end the channel, or the client hangs
             try:
                 chan.sendall_stderr(f"lab guest: {type(e).__name__}: {e}\n".encode())
             except (OSError, EOFError, paramiko.SSHException):
@@ -231,7 +232,7 @@ def _is_probe(conn: socket.socket) -> bool:
     conn.settimeout(0.5)
     try:
         return conn.recv(1, socket.MSG_PEEK) == b""
-    except socket.timeout:
+    except TimeoutError:
         return False  # a client that waits for our banner first: serve it
     except OSError:
         return True
@@ -354,7 +355,7 @@ class _Transport(paramiko.Transport):
     close the channel first, and Go's client then loses the reply (Start fails with EOF).
     """
 
-    _channel_handler_table = {
+    _channel_handler_table: ClassVar[dict[int, Any]] = {  # paramiko's own table, one entry replaced
         **paramiko.Transport._channel_handler_table,
         MSG_CHANNEL_REQUEST: _handle_request_then_start,
     }

@@ -43,7 +43,7 @@ def make_iso(path: str | os.PathLike[str], volume_id: str, files: dict[str, byte
     iso = pycdlib.PyCdlib()
     iso.new(interchange_level=1, vol_ident=_volume_id(volume_id), rock_ridge="1.09")
     try:
-        for (name, data), iso_name in zip(files.items(), iso_names):
+        for (name, data), iso_name in zip(files.items(), iso_names, strict=True):
             if "/" in name:
                 raise ValueError(f"make_iso takes flat file names, got {name!r}")
             iso.add_fp(io.BytesIO(data), len(data), iso_name, rr_name=name)

@@ -203,7 +203,7 @@ class IsoMirror:
             data = bytes([data[0] ^ 0xFF]) + data[1:]  # byte 0 is system area: still a valid ISO
         return data, mtime
 
-    def start(self) -> "IsoMirror":
+    def start(self) -> IsoMirror:
         mirror = self
 
         class Handler(_Handler):
@@ -227,7 +227,7 @@ class IsoMirror:
             self._thread.join(timeout=5)
             self._server = self._thread = None
 
-    def __enter__(self) -> "IsoMirror":
+    def __enter__(self) -> IsoMirror:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -122,7 +122,7 @@ def run(prog: str, args: list[str]) -> int:
     for name in FORMAT_OPTIONS:
         options.pop(name, None)
     try:
-        data = call(connect(), method, template, dict(zip(names, positional)), options)
+        data = call(connect(), method, template, dict(zip(names, positional, strict=False)), options)
     except ResourceException as exc:
         if exc.errors:
             details = "".join(f"{key}: {msg}\n" for key, msg in sorted(exc.errors.items()))

@@ -71,10 +71,10 @@ class ControlServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - http.server's naming
+            def do_POST(self):
                 if self.headers.get("Authorization") != f"Bearer {server.token}":
                     return self._send(403, {"error": "bad control token"})
-                _, action, key = (self.path.split("/", 2) + ["", ""])[:3]
+                _, action, key = [*self.path.split("/", 2), "", ""][:3]
                 handler = server.actions.get(action)
                 if handler is None:
                     return self._send(404, {"error": f"unknown action {action!r}"})

@@ -12,10 +12,11 @@ from urllib.parse import urlsplit
 import yaml
 
 from packer_assets.catalog import CATALOG_ENV, MIRROR_ENV, Catalog, load_catalog
+from packer_assets.errors import ConfigError
+
 from .certs import LabPki, LabSigningKey, make_lab_pki, make_signing_key
 from .guest import LabGuest
 from .mirror import IsoMirror, MirrorItem
-from packer_assets.errors import ConfigError
 from .pve import LabPve, RealGuests, kill_stale_qemus
 from .pve.agent import os_release_text
 from .serving import ServedPve

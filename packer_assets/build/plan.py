@@ -28,9 +28,9 @@ from pathlib import Path
 
 from packer_assets import __version__
 from packer_assets.catalog import TemplateEntry
-from packer_assets.upstream.digests import Checksum
 from packer_assets.evidence.layout import Layout, atomic_write
 from packer_assets.pve.templates import catalog_entry_json
+from packer_assets.upstream.digests import Checksum
 
 PLAN_VERSION = "1"
 OBSERVED_FILE = "iso-observed.json"  # source name -> checksum as the sensor last saw it

@@ -19,9 +19,9 @@ from pathlib import Path
 from packer_assets.build.pipeline import NoPromotedBuild, promoted_record, sweep_leftovers, write_proof
 from packer_assets.catalog import Catalog, TemplateEntry
 from packer_assets.evidence.layout import Layout, latest, swap_latest
-from packer_assets.runs.locks import exclusive, key_if_free
 from packer_assets.evidence.registry import record_proof, write_registry
 from packer_assets.evidence.signing import Signer
+from packer_assets.runs.locks import exclusive, key_if_free
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def repair_proofs(layout: Layout, api, catalog: Catalog, signer: Signer | None) 
     """ensure_proof for each key no other live run works on (that run writes its own proof); one line
     per repair and per key whose proof could not be written."""
     lines = []
-    for key in catalog.keys():
+    for key in catalog.keys():  # noqa: SIM118 - a Catalog iterates its entries; keys() are their names
         with key_if_free(layout.lock_file(key)) as free:
             line = _repair_one(layout, api, catalog, key, signer) if free else None
         if line:

@@ -126,12 +126,12 @@ def _load_yaml(text: str) -> Any:
     """Parse with the fast loader; on an error, parse again with the Python one for its wording
     (it names the alias or token where libyaml's does not; line and column are the same)."""
     try:
-        return yaml.load(text, Loader=_FastUniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_FastUniqueKeyLoader)
     except yaml.YAMLError:
         if _FastUniqueKeyLoader is _UniqueKeyLoader:
             raise
         try:
-            yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+            yaml.load(text, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as error:
             raise error from None
         raise  # the parsers disagree: keep libyaml's error

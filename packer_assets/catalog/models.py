@@ -18,8 +18,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from packer_assets.upstream.digests import Checksum
+
 from packer_assets.errors import ConfigError
+from packer_assets.upstream.digests import Checksum
 
 CATALOG_ENV = "PACKER_ASSETS_CATALOG"
 MIRROR_ENV = "PACKER_ASSETS_ISO_MIRROR"

@@ -11,8 +11,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
-from packer_assets.evidence.layout import atomic_write
 from packer_assets.errors import ConfigError
+from packer_assets.evidence.layout import atomic_write
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SECRET_MODE = 0o600

@@ -16,9 +16,9 @@ from types import MappingProxyType
 from urllib.parse import urlsplit
 
 from packer_assets.config.envfile import read_assignments
-from packer_assets.pve.bootstrap import BootstrapConfig
-from packer_assets.evidence.layout import Layout
 from packer_assets.errors import ConfigError
+from packer_assets.evidence.layout import Layout
+from packer_assets.pve.bootstrap import BootstrapConfig
 from packer_assets.runs.notify import WebhookConfigError, parse_webhooks
 
 TRUE = {"1", "true", "yes", "on"}
@@ -54,7 +54,7 @@ class Settings:
     bootstrap_user: str = "root@pam"
     bootstrap_token_name: str | None = None
     bootstrap_method: str = "api"
-    bootstrap: BootstrapConfig = BootstrapConfig()  # user, role, token, node, storages, bridge, HTTP bind
+    bootstrap: BootstrapConfig = BootstrapConfig()  # noqa: RUF009 - frozen, one shared default is safe. user, role, token, node, storages, bridge, HTTP bind
     ssh_host: str | None = None
     ssh_port: int = 22
     ssh_user: str = "root"

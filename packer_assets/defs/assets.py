@@ -5,18 +5,24 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from packer_assets.render.record import ignored_warning
-from packer_assets.build.pipeline import CachedRender, NoPromotedBuild, build_template, promoted_record, render_and_validate
-from packer_assets.evidence.chain import fresh_chain_id
-from packer_assets.evidence.layout import Layout
-from packer_assets.runs.locks import hold_key
-from packer_assets.packer.workdir import DEGRADED
-from packer_assets.pve.init_env import run_init
+from packer_assets.build.pipeline import (
+    CachedRender,
+    NoPromotedBuild,
+    build_template,
+    promoted_record,
+    render_and_validate,
+)
 from packer_assets.build.repair import ensure_proof, repair_proofs, sweep_idle_keys
-from packer_assets.pve.staging import StagedIso, stage_entry
 from packer_assets.defs.partitions import catalog, key_check, template_partitions
 from packer_assets.defs.recovery import recover
 from packer_assets.defs.resources import PackerSettings, ProjectSettings, ProxmoxBootstrap
+from packer_assets.evidence.chain import fresh_chain_id
+from packer_assets.evidence.layout import Layout
+from packer_assets.packer.workdir import DEGRADED
+from packer_assets.pve.init_env import run_init
+from packer_assets.pve.staging import StagedIso, stage_entry
+from packer_assets.render.record import ignored_warning
+from packer_assets.runs.locks import hold_key
 
 # Short, so the UI's tag chip (400 px) shows `chain: CHAIN-<ts>-<key>` whole: the value is what matters.
 CHAIN_TAG = "chain"

@@ -3,10 +3,10 @@
 import dagster as dg
 
 from packer_assets.config.envfile import read_env_file
-from packer_assets.pve.bootstrap import BootstrapError, build_access, token_privilege_gaps
-from packer_assets.pve.client import PveAccessError
 from packer_assets.defs.assets import proxmox_env
 from packer_assets.defs.resources import ProjectSettings
+from packer_assets.pve.bootstrap import BootstrapError, build_access, token_privilege_gaps
+from packer_assets.pve.client import PveAccessError
 
 
 def _access(project: ProjectSettings):

@@ -15,10 +15,10 @@ daemon died).
 import dagster as dg
 from pydantic import Field
 
-from packer_assets.runs.notify import Notification, first_line, notify, parse_webhooks, secret_values
 from packer_assets.config.settings import environment
 from packer_assets.defs.assets import CHAIN_TAG
 from packer_assets.defs.resources import secret
+from packer_assets.runs.notify import Notification, first_line, notify, parse_webhooks, secret_values
 
 PARTITION_TAG = "dagster/partition"
 NOTIFIED_TAG = "packer-assets/notified"

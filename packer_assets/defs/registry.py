@@ -6,9 +6,9 @@ revocation; this asset rewrites it on demand (the `registry` job) and shows it i
 
 import dagster as dg
 
-from packer_assets.evidence.registry import content_digest, registry_table, write_registry
 from packer_assets.defs.assets import OWNERS, template_proof
 from packer_assets.defs.resources import ProjectSettings
+from packer_assets.evidence.registry import content_digest, registry_table, write_registry
 
 
 @dg.asset(

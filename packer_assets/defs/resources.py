@@ -9,16 +9,15 @@ from pydantic import Field
 
 from packer_assets.build.pipeline import BuildSettings
 from packer_assets.catalog import Catalog, load_catalog
-from packer_assets.packer.version import BuildCredentials, PackerVersionError, detect_packer
 from packer_assets.config.envfile import read_env_file
+from packer_assets.config.settings import Settings, environment
 from packer_assets.evidence.layout import Layout
 from packer_assets.evidence.signing import Signer
-from packer_assets.pve.bootstrap import BuildAccess, build_access
-from packer_assets.pve.bootstrap import BootstrapConfig
+from packer_assets.packer.version import BuildCredentials, PackerVersionError, detect_packer
+from packer_assets.pve.bootstrap import BootstrapConfig, BuildAccess, build_access
 from packer_assets.pve.client import Endpoint
 from packer_assets.pve.init_env import AdminLogin, Bootstrapper
 from packer_assets.pve.ssh import SshBootstrap, SshTarget
-from packer_assets.config.settings import Settings, environment
 
 
 class ProjectSettings(dg.ConfigurableResource):

@@ -13,9 +13,9 @@ one reason per key that `make build-all` shares.
 import dagster as dg
 
 from packer_assets.build.plan import plan_runs
-from packer_assets.pve.templates import promoted_vmids
 from packer_assets.defs.jobs import rebuild_job
 from packer_assets.defs.resources import ProjectSettings
+from packer_assets.pve.templates import promoted_vmids
 
 KEY_TAG = "packer-assets/key"
 

@@ -11,10 +11,10 @@ import json
 
 import dagster as dg
 
-from packer_assets.upstream.isowatch import poll
 from packer_assets.build.plan import record_observed
 from packer_assets.defs.jobs import rebuild_job
 from packer_assets.defs.resources import ProjectSettings
+from packer_assets.upstream.isowatch import poll
 
 # The tag Dagster reads an observation's data version from (dagster._core.definitions.data_version).
 DATA_VERSION_TAG = "dagster/data_version"

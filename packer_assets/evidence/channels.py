@@ -22,15 +22,16 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from proxmoxer import ProxmoxAPI
 from proxmoxer.core import ResourceException
 
 from packer_assets.catalog import Catalog, TemplateEntry
 from packer_assets.config.envfile import read_env_file
-from packer_assets.evidence.chain import CHAIN_RE, parse_chain_id
 from packer_assets.errors import ConfigError
+from packer_assets.evidence.chain import CHAIN_RE, parse_chain_id
 from packer_assets.evidence.layout import Layout
+from packer_assets.evidence.registry import CHANNEL_RE, LATEST, Registry, check_writable, write_registry
 from packer_assets.pve.bootstrap import build_access
+from packer_assets.pve.client import PveApi
 from packer_assets.pve.tasks import said
 from packer_assets.pve.templates import (
     CHANNEL_TAG_PREFIX,
@@ -39,18 +40,17 @@ from packer_assets.pve.templates import (
     Guest,
     Revocation,
     TemplateError,
-    find_guest,
-    list_templates,
     edit_config,
     edit_tags,
+    find_guest,
     join_tags,
+    list_templates,
     read_revocation,
     revoked_description,
     split_tags,
     take_tag,
     template_description,
 )
-from packer_assets.evidence.registry import CHANNEL_RE, LATEST, Registry, check_writable, write_registry
 
 MAX_REASON = 200
 
@@ -72,12 +72,12 @@ def channel_tag(name: str) -> str:
     return CHANNEL_TAG_PREFIX + channel_name(name)
 
 
-def find_template(api: ProxmoxAPI, catalog: Catalog, ref: str, key: str | None = None) -> tuple[TemplateEntry, Guest]:
+def find_template(api: PveApi, catalog: Catalog, ref: str, key: str | None = None) -> tuple[TemplateEntry, Guest]:
     """The template `ref` (a VMID or a chain ID) names, as (its key's entry, the guest). With key, it must
     be one of that key's templates (in its VMID range, tagged and named as the key's)."""
     if ref.isascii() and ref.isdigit():  # not '²', which isdigit() takes and int() refuses
         guest = find_guest(api, int(ref))
-        keys = [key] if key else [k for k in catalog.keys() if guest and guest.ours(k)]
+        keys = [key] if key else [k for k in catalog.keys() if guest and guest.ours(k)]  # noqa: SIM118 - Catalog iterates entries
         entry = catalog.get(keys[0]) if keys else None
         found = next((g for g in list_templates(api, entry.key, entry.vmid_range) if g.vmid == int(ref)), None) \
             if entry else None
@@ -106,7 +106,7 @@ class ChannelChange:
     registry: Registry
 
 
-def set_channel(layout: Layout, api: ProxmoxAPI, catalog: Catalog, channel: str, key: str, ref: str) -> ChannelChange:
+def set_channel(layout: Layout, api: PveApi, catalog: Catalog, channel: str, key: str, ref: str) -> ChannelChange:
     """Point the key's channel at the template ref names (a VMID or chain ID of the key, not revoked)."""
     tag = channel_tag(channel)
     entry, target = find_template(api, catalog, ref, catalog.get(key).key)  # get: an unknown key is named first
@@ -125,7 +125,7 @@ def set_channel(layout: Layout, api: ProxmoxAPI, catalog: Catalog, channel: str,
     return ChannelChange(key, channel, target.vmid, taken, write_registry(layout, api, catalog))
 
 
-def unset_channel(layout: Layout, api: ProxmoxAPI, catalog: Catalog, channel: str, key: str) -> ChannelChange:
+def unset_channel(layout: Layout, api: PveApi, catalog: Catalog, channel: str, key: str) -> ChannelChange:
     """Take the channel from every template of the key (nothing to take is no error)."""
     tag, entry = channel_tag(channel), catalog.get(key)
     check_writable(layout)
@@ -145,7 +145,7 @@ class Revoked:
     registry: Registry
 
 
-def revoke(layout: Layout, api: ProxmoxAPI, catalog: Catalog, ref: str, reason: str | None = None, *,
+def revoke(layout: Layout, api: PveApi, catalog: Catalog, ref: str, reason: str | None = None, *,
            now: datetime | None = None) -> Revoked:
     """Mark the template ref names revoked: tag, description line, promotion and channel tags taken."""
     if reason is not None and (not reason.strip() or len(reason) > MAX_REASON or not reason.isprintable()):
@@ -171,7 +171,7 @@ def revoke(layout: Layout, api: ProxmoxAPI, catalog: Catalog, ref: str, reason: 
                    write_registry(layout, api, catalog))
 
 
-class _api_errors:  # noqa: N801 - a context manager, reads like one
+class _api_errors:
     """A refused API call as one TemplateError naming what was being done."""
 
     def __init__(self, what: str):
@@ -197,7 +197,7 @@ def channel_rows(registry: Registry, key: str | None = None) -> list[tuple[str, 
     return rows
 
 
-def node_api(layout: Layout) -> ProxmoxAPI:
+def node_api(layout: Layout) -> PveApi:
     """The build token's API, from the env file proxmox_env wrote: the node as builds reach it."""
     if not layout.env_file.is_file():
         raise ConfigError(f"{layout.env_file} does not exist: run `make init` (proxmox_env) first")

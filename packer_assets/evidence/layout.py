@@ -152,7 +152,7 @@ class RunLog:
         self.chain = chain
         self.redact = redact or Redactor()
         self.echo = echo
-        self._out = open(self.path, "a", encoding="utf-8")
+        self._out = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held for the run, closed by close()
 
     def line(self, stage: str, text: str) -> str:
         clean = self.redact(text.rstrip("\n"))

@@ -24,17 +24,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from proxmoxer import ProxmoxAPI
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from packer_assets.catalog import Catalog, TemplateEntry
-from packer_assets.evidence.chain import CHAIN_RE, parse_chain_id
 from packer_assets.errors import ConfigError
+from packer_assets.evidence.chain import CHAIN_RE, parse_chain_id
 from packer_assets.evidence.layout import BUILD_RECORD_NAME, Layout, atomic_write
-from packer_assets.runs.locks import exclusive
 from packer_assets.packer.workdir import DEGRADED
-from packer_assets.pve.templates import Guest, Revocation, TemplateDescription, list_templates, name_time, read_description, \
-    read_revocation
+from packer_assets.pve.client import PveApi
+from packer_assets.pve.templates import (
+    Guest,
+    Revocation,
+    TemplateDescription,
+    list_templates,
+    name_time,
+    read_description,
+    read_revocation,
+)
+from packer_assets.runs.locks import exclusive
 
 REGISTRY_SCHEMA_FILE = Path("docs/schema/registry.schema.json")
 SCHEMA_VERSION = 1
@@ -128,13 +135,13 @@ class Registry(_Model):
 # ------------------------------------------------------------------ from the node and the output root
 
 
-def build_registry(layout: Layout, api: ProxmoxAPI, catalog: Catalog, *, now: datetime | None = None) -> Registry:
+def build_registry(layout: Layout, api: PveApi, catalog: Catalog, *, now: datetime | None = None) -> Registry:
     """The registry as the node and the output root say now (reads only)."""
     return Registry(updated_at=now or datetime.now(UTC),
                     templates={entry.key: key_templates(layout, api, entry) for entry in catalog})
 
 
-def key_templates(layout: Layout, api: ProxmoxAPI, entry: TemplateEntry) -> KeyTemplates:
+def key_templates(layout: Layout, api: PveApi, entry: TemplateEntry) -> KeyTemplates:
     """One key: its templates whose build passed, the current one (newest promoted, unrevoked, as
     `promoted_template` picks it) and the channels (a channel on several templates, after a change cut
     short: the newest)."""
@@ -247,7 +254,7 @@ def check_writable(layout: Layout) -> None:
                                 "nothing was changed") from None
 
 
-def write_registry(layout: Layout, api: ProxmoxAPI, catalog: Catalog) -> Registry:
+def write_registry(layout: Layout, api: PveApi, catalog: Catalog) -> Registry:
     """Rebuild the registry from the node and the output root and write it; returns what the file holds.
     The node is read under the lock: whoever writes last read last."""
     with exclusive(layout.registry_lock):

@@ -22,8 +22,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from packer_assets.evidence.allowed_signers import SignerRefused, check_allowed, read_allowed_signers
 from packer_assets.errors import ConfigError, OperationError
+from packer_assets.evidence.allowed_signers import SignerRefused, check_allowed, read_allowed_signers
 
 NAMESPACE = "packer-assets-proof"
 MAGIC = b"SSHSIG"

@@ -21,11 +21,19 @@ from pathlib import Path
 
 import jsonschema
 
-from packer_assets.evidence.chain import parse_chain_id
 from packer_assets.errors import ConfigError
 from packer_assets.evidence.allowed_signers import SignerRefused, check_allowed, read_allowed_signers
-from packer_assets.evidence.layout import (BUILD_LOG_NAME, BUILD_PROOFS, INIT_PROOFS, MANIFEST, MANIFEST_FORMAT, SIGNATURE, Layout,
-                       sha256_file)
+from packer_assets.evidence.chain import parse_chain_id
+from packer_assets.evidence.layout import (
+    BUILD_LOG_NAME,
+    BUILD_PROOFS,
+    INIT_PROOFS,
+    MANIFEST,
+    MANIFEST_FORMAT,
+    SIGNATURE,
+    Layout,
+    sha256_file,
+)
 from packer_assets.evidence.proof import build_proof_schema, init_proof_schema
 from packer_assets.evidence.signing import NAMESPACE, SignatureError, verify
 
@@ -203,7 +211,7 @@ def _check_required(report: VerifyReport, entries: dict[str, str], listed: dict[
             required.append(sbom["file"])
     for name in required:
         if name not in entries and name not in listed:
-            report.problems.append(f"{name}: missing (every {proof and proof.get('kind') or 'proof'} bundle has it)")
+            report.problems.append(f"{name}: missing (every {(proof and proof.get('kind')) or 'proof'} bundle has it)")
 
 
 def _check_signature(report: VerifyReport, folder: Path, entries: dict[str, str], manifest: dict,

@@ -19,8 +19,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Literal
 
-from packer_assets.catalog import TemplateEntry
-from packer_assets.catalog import SmokeCommand
+from packer_assets.catalog import SmokeCommand, TemplateEntry
 
 Via = Literal["agent", "ssh"]
 OUTPUT_SHOWN = 300  # characters of a check's output kept in its result (metadata, proofs)

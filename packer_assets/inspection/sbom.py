@@ -17,7 +17,7 @@ import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -233,7 +233,7 @@ def _component(package: Package, distro: str) -> dict[str, Any]:
 def _utc(timestamp: datetime) -> str:
     if timestamp.tzinfo is None:
         raise SbomError(f"SBOM timestamp {timestamp.isoformat()} has no time zone")
-    return timestamp.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return timestamp.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def build_sbom(packages: Iterable[Package], *, family: str, os_id: str, os_version: str, template_name: str,

@@ -19,9 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from packer_assets.pve.client import Endpoint, PveAccessError
-from packer_assets.packer.version import BuildCredentials, PackerCapabilities, auth_env
 from packer_assets.errors import ConfigError
+from packer_assets.packer.version import BuildCredentials, PackerCapabilities, auth_env
+from packer_assets.pve.client import Endpoint, PveAccessError
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from packer_assets.errors import OperationError
 from packer_assets.evidence.chain import ChainId
 from packer_assets.evidence.layout import BUILD_LOG_NAME, Layout, Redactor, RunLog
-from packer_assets.errors import OperationError
 from packer_assets.runs.procs import group_members
 
 _PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # looked up before any fork

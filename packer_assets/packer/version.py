@@ -34,6 +34,7 @@ import subprocess
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
 from packer_assets.errors import ConfigError, OperationError
 
 Version = tuple[int, int, int]
@@ -116,7 +117,10 @@ def capabilities_for(core: Version, plugin: Version | None = None, binary: str =
         plugin, source = BUNDLED_PLUGIN_ASSUMED, "bundled (assumed)"
     else:
         plugin, source = PLUGIN_MIN, f"packer init (assumed {PLUGIN_CONSTRAINT})"
-    has = (lambda need: plugin is not None and plugin >= need)
+
+    def has(need: Version) -> bool:
+        return plugin is not None and plugin >= need
+
     return PackerCapabilities(
         packer_version=vtext(core),
         plugin_version=vtext(plugin),

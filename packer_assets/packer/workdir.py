@@ -45,9 +45,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from packer_assets.catalog import TemplateEntry
-from packer_assets.packer.version import PLUGIN_CONSTRAINT, PLUGIN_SOURCE, PLUGIN_SPLIT_CORE, EFI_TPM_PLUGIN, PackerCapabilities, vtext
 from packer_assets.errors import ConfigError
 from packer_assets.evidence.layout import sha256_file
+from packer_assets.packer.version import (
+    EFI_TPM_PLUGIN,
+    PLUGIN_CONSTRAINT,
+    PLUGIN_SOURCE,
+    PLUGIN_SPLIT_CORE,
+    PackerCapabilities,
+    vtext,
+)
 from packer_assets.render.record import changed_file, ignored_warning, refusal, stray_files
 
 VAR_FILE = "build.auto.pkrvars.json"
@@ -201,7 +208,7 @@ def splice_region(text: str, region: str, name: str) -> str:
         raise WorkdirError(f"{name}: needs exactly one '{REGION_START}' ... '{REGION_END}' region "
                            f"(found {len(starts)} start and {len(ends)} end markers)")
     lines = text.splitlines()
-    return "\n".join(lines[:starts[0] + 1] + [region] + lines[ends[0]:]) + "\n"
+    return "\n".join([*lines[:starts[0] + 1], region, *lines[ends[0]:]]) + "\n"
 
 
 # ------------------------------------------------------------------ variables

@@ -1,1 +1,1 @@
-"""Proxmox operations on a proxmoxer `ProxmoxAPI` handed in (no Dagster, no lab)."""
+"""Proxmox operations on a proxmoxer API object handed in, typed as `client.PveApi` (no Dagster, no lab)."""

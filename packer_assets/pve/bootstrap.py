@@ -12,11 +12,10 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from proxmoxer import ProxmoxAPI
 from proxmoxer.core import ResourceException
 
-from packer_assets.pve.client import Endpoint, PveAccessError, connect, translated_errors
 from packer_assets.errors import OperationError
+from packer_assets.pve.client import Endpoint, PveAccessError, PveApi, connect, translated_errors
 
 # What a Packer build (create, configure, boot, type, template), ISO staging and the smoke test
 # (clone, start, agent, destroy) need, on every PVE version.
@@ -119,7 +118,7 @@ def _pick(kind: str, wanted: str | None, candidates: list[str], everything: list
     return candidates[0]
 
 
-def discover_node(api: ProxmoxAPI, wanted: str | None) -> str:
+def discover_node(api: PveApi, wanted: str | None) -> str:
     nodes = api.nodes.get()
     online = sorted(n["node"] for n in nodes if n.get("status") == "online")
     everything = sorted(n["node"] for n in nodes)
@@ -130,7 +129,7 @@ def discover_node(api: ProxmoxAPI, wanted: str | None) -> str:
     return _pick("node", None, online, everything)
 
 
-def discover_storage(api: ProxmoxAPI, node: str, content: str, wanted: str | None) -> str:
+def discover_storage(api: PveApi, node: str, content: str, wanted: str | None) -> str:
     stores = api.nodes(node).storage.get()
     everything = sorted(s["storage"] for s in stores)
     usable = [s for s in stores if s.get("enabled", 1) and s.get("active")
@@ -141,7 +140,7 @@ def discover_storage(api: ProxmoxAPI, node: str, content: str, wanted: str | Non
     return _pick(f"{kind} on node {node}", wanted, [s["storage"] for s in usable], everything)
 
 
-def discover_bridge(api: ProxmoxAPI, node: str, wanted: str | None) -> str:
+def discover_bridge(api: PveApi, node: str, wanted: str | None) -> str:
     bridges = [i for i in api.nodes(node).network.get(type="any_bridge")]
     everything = sorted(b["iface"] for b in bridges)
     active = sorted(b["iface"] for b in bridges if b.get("active"))
@@ -150,7 +149,7 @@ def discover_bridge(api: ProxmoxAPI, node: str, wanted: str | None) -> str:
     return _pick(f"bridge on node {node}", wanted, active if not wanted else everything, everything)
 
 
-def discover_node_ip(api: ProxmoxAPI, node: str, endpoint: Endpoint) -> str:
+def discover_node_ip(api: PveApi, node: str, endpoint: Endpoint) -> str:
     for entry in api.cluster.status.get():
         if entry.get("type") == "node" and entry.get("name") == node and entry.get("ip"):
             return entry["ip"]
@@ -171,7 +170,7 @@ def http_bind_address(endpoint: Endpoint, config: BootstrapConfig) -> str:
     return config.http_bind_address or local_address_towards(socket.gethostbyname(endpoint.host))
 
 
-def discover(api: ProxmoxAPI, endpoint: Endpoint, config: BootstrapConfig) -> Discovery:
+def discover(api: PveApi, endpoint: Endpoint, config: BootstrapConfig) -> Discovery:
     node = discover_node(api, config.node)
     node_ip = discover_node_ip(api, node, endpoint)
     return Discovery(
@@ -188,7 +187,7 @@ def discover(api: ProxmoxAPI, endpoint: Endpoint, config: BootstrapConfig) -> Di
 # ------------------------------------------------------------------ access objects
 
 
-def ensure_role(api: ProxmoxAPI, role: str, privileges: tuple[str, ...], changes: list[str]) -> None:
+def ensure_role(api: PveApi, role: str, privileges: tuple[str, ...], changes: list[str]) -> None:
     roles = {r["roleid"]: r for r in api.access.roles.get()}
     wanted = ",".join(privileges)
     if role not in roles:
@@ -202,13 +201,13 @@ def ensure_role(api: ProxmoxAPI, role: str, privileges: tuple[str, ...], changes
                        f"had extra {sorted(have - set(privileges))})")
 
 
-def ensure_user(api: ProxmoxAPI, user: str, changes: list[str]) -> None:
+def ensure_user(api: PveApi, user: str, changes: list[str]) -> None:
     if user not in {u["userid"] for u in api.access.users.get()}:
         api.access.users.post(userid=user, comment="packer-assets automation (templates)")
         changes.append(f"created user {user}")
 
 
-def ensure_acl(api: ProxmoxAPI, path: str, role: str, kind: str, ugid: str, changes: list[str]) -> None:
+def ensure_acl(api: PveApi, path: str, role: str, kind: str, ugid: str, changes: list[str]) -> None:
     for entry in api.access.acl.get():
         if (entry.get("path"), entry.get("roleid"), entry.get("type"), entry.get("ugid")) == (path, role, kind, ugid):
             return
@@ -231,7 +230,7 @@ def token_works(endpoint: Endpoint, config: BootstrapConfig, secret: str) -> boo
     return logs_in(endpoint, config.user, token_name=config.token_name, token_secret=secret)
 
 
-def ensure_token(api: ProxmoxAPI, endpoint: Endpoint, config: BootstrapConfig, known_secret: str | None,
+def ensure_token(api: PveApi, endpoint: Endpoint, config: BootstrapConfig, known_secret: str | None,
                  changes: list[str]) -> tuple[str, str]:
     """(secret, action): reuse a working known secret unless rotating; otherwise (re)create the token."""
     tokens = api.access.users(config.user).token
@@ -247,7 +246,7 @@ def ensure_token(api: ProxmoxAPI, endpoint: Endpoint, config: BootstrapConfig, k
     return created["value"], action
 
 
-def ensure_build_password(api: ProxmoxAPI, endpoint: Endpoint, config: BootstrapConfig, known: str | None,
+def ensure_build_password(api: PveApi, endpoint: Endpoint, config: BootstrapConfig, known: str | None,
                           admin_user: str, admin_password: str | None, changes: list[str]) -> tuple[str, str]:
     """(password, action): a known password that still logs in is kept; otherwise a new one is set.
     PVE lets only a password login (not an API token) set passwords, and wants the admin's own password
@@ -358,7 +357,7 @@ def needed_grants(privileges: tuple[str, ...], found: Discovery) -> dict[str, se
     return grants
 
 
-def missing_privileges(api_as_token: ProxmoxAPI, grants: dict[str, set[str]]) -> list[tuple[str, str]]:
+def missing_privileges(api_as_token: PveApi, grants: dict[str, set[str]]) -> list[tuple[str, str]]:
     """(path, privilege) pairs the token lacks, asked of /access/permissions as the token itself."""
     missing = []
     for path, privs in sorted(grants.items()):
@@ -367,7 +366,7 @@ def missing_privileges(api_as_token: ProxmoxAPI, grants: dict[str, set[str]]) ->
     return missing
 
 
-def token_privilege_gaps(api_as_token: ProxmoxAPI, found: Discovery) -> tuple[dict[str, set[str]], list[tuple[str, str]]]:
+def token_privilege_gaps(api_as_token: PveApi, found: Discovery) -> tuple[dict[str, set[str]], list[tuple[str, str]]]:
     """(what a build needs where, the (path, privilege) pairs the token lacks): the check `token_privileges`
     and the build's own check before packer starts ask the same."""
     grants = needed_grants(required_privileges(str(api_as_token.version.get()["version"])), found)
@@ -391,7 +390,7 @@ class BuildAccess:
     def token_name(self) -> str:
         return self.token_id.partition("!")[2]
 
-    def connect(self) -> ProxmoxAPI:
+    def connect(self) -> PveApi:
         return connect(self.endpoint, self.user, token_name=self.token_name, token_secret=self.token_secret)
 
 

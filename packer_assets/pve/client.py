@@ -9,6 +9,7 @@ import hashlib
 import logging
 import ssl
 from dataclasses import dataclass
+from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
 import requests
@@ -16,6 +17,7 @@ import requests.adapters
 import urllib3
 from proxmoxer import ProxmoxAPI
 from proxmoxer.core import AuthenticationError, ResourceException
+
 from packer_assets.errors import OperationError
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,33 @@ for _name in ("proxmoxer", "proxmoxer.core", "proxmoxer.backends.https"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 DEFAULT_TIMEOUT = 15
+
+
+class PveResource(Protocol):
+    """One step of proxmoxer's path chain, as this project uses it: attributes and calls build the path
+    (`api.nodes(node).qemu(vmid).status.current`), the verbs send it. proxmoxer ships no types; the answers
+    are PVE's JSON (`Any`: each caller reads the fields it knows)."""
+
+    def __getattr__(self, name: str) -> "PveResource": ...
+
+    def __call__(self, *path: str | int) -> "PveResource": ...
+
+    def get(self, *args: Any, **params: Any) -> Any: ...
+
+    def post(self, *args: Any, **params: Any) -> Any: ...
+
+    def put(self, *args: Any, **params: Any) -> Any: ...
+
+    def delete(self, *args: Any, **params: Any) -> Any: ...
+
+    def create(self, *args: Any, **params: Any) -> Any: ...
+
+    def set(self, *args: Any, **params: Any) -> Any: ...
+
+
+# A logged-in proxmoxer.ProxmoxAPI, typed by what is done with it (connect() makes one; the tests' fakes and the
+# lab's clients are the same shape). Every signature in pve/ and above takes this, never proxmoxer's class.
+PveApi = PveResource
 
 
 class PveAccessError(OperationError):
@@ -103,25 +132,25 @@ def _who(user: str, token_name: str | None) -> str:
 
 
 def connect(endpoint: Endpoint, user: str, *, password: str | None = None, token_name: str | None = None,
-            token_secret: str | None = None, check: bool = True) -> ProxmoxAPI:
+            token_secret: str | None = None, check: bool = True) -> PveApi:
     """A logged-in ProxmoxAPI (password or API token); with check, /version is read to prove access."""
     who = _who(user, token_name)
-    kwargs = dict(port=endpoint.port, user=user, backend="https", timeout=endpoint.timeout)
+    kwargs: dict[str, Any] = dict(port=endpoint.port, user=user, backend="https", timeout=endpoint.timeout)
     if token_name:
         kwargs.update(token_name=token_name, token_value=token_secret)
     else:
         kwargs.update(password=password)
     with translated_errors(endpoint, who):
-        api = ProxmoxAPI(endpoint.host, verify_ssl=endpoint.verify(), **kwargs)
+        api = cast(PveApi, ProxmoxAPI(endpoint.host, verify_ssl=endpoint.verify(), **kwargs))
         if endpoint.tls_fingerprint:
             # Every later connection of the session is pinned too, not only the first check.
-            api._store["session"].mount(endpoint.base, PinnedAdapter(endpoint.tls_fingerprint))
+            cast(Any, api)._store["session"].mount(endpoint.base, PinnedAdapter(endpoint.tls_fingerprint))
         if check:
             api.version.get()
     return api
 
 
-class translated_errors:  # noqa: N801 - used as a context manager, reads like one
+class translated_errors:
     """Turn proxmoxer/requests failures into one PveAccessError naming the URL and identity."""
 
     def __init__(self, endpoint: Endpoint, who: str):

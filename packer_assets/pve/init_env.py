@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Protocol
 
 from packer_assets import __version__
-from packer_assets.evidence.chain import ChainId
 from packer_assets.config.envfile import read_env_file, write_env_file
+from packer_assets.evidence.chain import ChainId
 from packer_assets.evidence.layout import Layout, Redactor, RunLog, atomic_write, sha256_file
 from packer_assets.evidence.proof import InitProof, write_init_proof
 from packer_assets.evidence.signing import Signer

@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-from proxmoxer import ProxmoxAPI
 from proxmoxer.core import ResourceException
 
 from packer_assets.catalog import TemplateEntry
 from packer_assets.errors import ConfigError, OperationError
 from packer_assets.inspection.guest_checks import GuestCheck, checks_for, parse_identity
 from packer_assets.inspection.sbom import Package, SbomError, inventory_command, parse_inventory
+from packer_assets.pve.client import PveApi
 from packer_assets.pve.guest_exec import EphemeralKey, GuestExecTimeout, GuestOutput, SshLoginError, agent_exec, ssh_run
 from packer_assets.pve.tasks import TASK_TIMEOUT, TaskError, run_task, said
 from packer_assets.pve.templates import (
@@ -195,7 +195,7 @@ def _poll(run: _Run, step: str, deadline: float, poll: float, attempt) -> Any:
         time.sleep(poll)
 
 
-def smoke_test(api: ProxmoxAPI, node: str, template_vmid: int, entry: TemplateEntry, *,
+def smoke_test(api: PveApi, node: str, template_vmid: int, entry: TemplateEntry, *,
                clone_vmid: int | None = None, ssh_public_key: str | None = None, ci_user: str = DEFAULT_CI_USER,
                storage: str | None = None, timeout: float = 600.0, task_timeout: float = TASK_TIMEOUT,
                poll: float = 2.0, ssh_address: tuple[str, int] | None = None) -> SmokeResult:
@@ -231,7 +231,7 @@ def smoke_test(api: ProxmoxAPI, node: str, template_vmid: int, entry: TemplateEn
                        result["machine_id"], tuple(result["host_keys"]), tuple(run.warnings))
 
 
-def _cleanup(api: ProxmoxAPI, node: str, run: _Run, task_timeout: float) -> tuple[bool, str | None]:
+def _cleanup(api: PveApi, node: str, run: _Run, task_timeout: float) -> tuple[bool, str | None]:
     """Stop and destroy the clone: (True, what happened) or (False, the failure)."""
     if not run.created:
         return True, None
@@ -359,7 +359,7 @@ def _test(api, node, template_vmid, entry, run: _Run, clone_vmid, ssh_public_key
             "packages": packages, **identity}
 
 
-def _has_ciupgrade(api: ProxmoxAPI) -> bool:
+def _has_ciupgrade(api: PveApi) -> bool:
     """Does the node know `ciupgrade` (PVE 8.1 and later)?"""
     try:
         version = str(api.version.get().get("version") or "")

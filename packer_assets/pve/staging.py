@@ -29,14 +29,13 @@ from pathlib import Path
 from urllib.parse import quote
 
 import requests
-from proxmoxer import ProxmoxAPI
 from proxmoxer.core import ResourceException
 
 from packer_assets.catalog import IsoSource, TemplateEntry
-from packer_assets.upstream.checksums import Checksum, ChecksumFile, resolve_checksum
 from packer_assets.errors import OperationError
+from packer_assets.pve.client import PveApi
 from packer_assets.pve.tasks import Progress, TaskError, TaskTimeout, follow_task, run_task, said
-
+from packer_assets.upstream.checksums import Checksum, ChecksumFile, resolve_checksum
 
 
 class StagingError(OperationError):
@@ -70,7 +69,7 @@ def release_filename(filename: str, checksum: Checksum) -> str:
     return f"{stem}.{checksum.short}.iso"
 
 
-def iso_volumes(api: ProxmoxAPI, node: str, storage: str) -> dict[str, dict]:
+def iso_volumes(api: PveApi, node: str, storage: str) -> dict[str, dict]:
     """volid -> content entry (size, ctime, ...) of the ISOs on the storage."""
     try:
         items = api.nodes(node).storage(storage).content.get(content="iso")
@@ -83,7 +82,7 @@ def _volid(storage: str, filename: str) -> str:
     return f"{storage}:iso/{filename}"
 
 
-def _finish_task(api: ProxmoxAPI, node: str, storage: str, upid: str, volid: str, what: str, *,
+def _finish_task(api: PveApi, node: str, storage: str, upid: str, volid: str, what: str, *,
                  timeout: float, on_progress: Progress | None, poll_interval: float) -> None:
     """Wait; on failure make sure the node left no volume, then raise with exit status and UPID."""
     try:
@@ -95,7 +94,7 @@ def _finish_task(api: ProxmoxAPI, node: str, storage: str, upid: str, volid: str
                            f"{_cleanup(api, node, storage, volid)}")
 
 
-def _cleanup(api: ProxmoxAPI, node: str, storage: str, volid: str) -> str:
+def _cleanup(api: PveApi, node: str, storage: str, volid: str) -> str:
     """Remove volid if a failed transfer left it; returns a note for the error message."""
     try:
         if volid not in iso_volumes(api, node, storage):
@@ -106,7 +105,7 @@ def _cleanup(api: ProxmoxAPI, node: str, storage: str, volid: str) -> str:
         return f"; a volume may be left and could not be removed: {exc}"
 
 
-def delete_volume(api: ProxmoxAPI, node: str, storage: str, volid: str, timeout: float = 120) -> None:
+def delete_volume(api: PveApi, node: str, storage: str, volid: str, timeout: float = 120) -> None:
     try:
         # quoted: a volid holds ':' and '/', which must stay one path segment
         upid = api.nodes(node).storage(storage).content(quote(volid, safe="")).delete()
@@ -123,7 +122,7 @@ def delete_volume(api: ProxmoxAPI, node: str, storage: str, volid: str, timeout:
 # ------------------------------------------------------------------ download-url
 
 
-def stage_iso(api: ProxmoxAPI, node: str, storage: str, iso: IsoSource, checksum: Checksum | None = None, *,
+def stage_iso(api: PveApi, node: str, storage: str, iso: IsoSource, checksum: Checksum | None = None, *,
               timeout: float = 3600, on_progress: Progress | None = None, poll_interval: float = 1.0,
               cache: MutableMapping[str, ChecksumFile] | None = None) -> StagedIso:
     """Have the node download iso (its effective, i.e. mirrored, URL) and verify it against checksum
@@ -152,14 +151,14 @@ def stage_iso(api: ProxmoxAPI, node: str, storage: str, iso: IsoSource, checksum
                      round(time.monotonic() - started, 3), 0, upid is not None, upid)
 
 
-def _must_exist(api: ProxmoxAPI, node: str, storage: str, volid: str, upid: str) -> dict:
+def _must_exist(api: PveApi, node: str, storage: str, volid: str, upid: str) -> dict:
     found = iso_volumes(api, node, storage).get(volid)
     if found is None:
         raise StagingError(f"{volid}: task {upid} ended OK but the volume is not listed on {node}/{storage}")
     return found
 
 
-def stage_entry(api: ProxmoxAPI, node: str, storage: str, entry: TemplateEntry,
+def stage_entry(api: PveApi, node: str, storage: str, entry: TemplateEntry,
                 checksums: Mapping[str, Checksum] | None = None, **options) -> dict[str, StagedIso]:
     """The boot ISO (as "iso") and every extra ISO (by its name), each staged like stage_iso.
 
@@ -261,7 +260,7 @@ class HashingReader(io.RawIOBase):
         super().close()
 
 
-def upload_iso(api: ProxmoxAPI, node: str, storage: str, path: str | os.PathLike[str], checksum: Checksum, *,
+def upload_iso(api: PveApi, node: str, storage: str, path: str | os.PathLike[str], checksum: Checksum, *,
                filename: str | None = None, timeout: float = 600, on_progress: Progress | None = None,
                poll_interval: float = 1.0) -> StagedIso:
     """Upload a local ISO whose checksum is known (pinned, or computed when the file was generated).

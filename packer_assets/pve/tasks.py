@@ -8,11 +8,11 @@ its final status; `run_task` is the common case: wait, and raise unless it ended
 import time
 from collections.abc import Callable
 
-from proxmoxer import ProxmoxAPI
 from proxmoxer.core import ResourceException
 from proxmoxer.tools import Tasks
 
 from packer_assets.errors import OperationError
+from packer_assets.pve.client import PveApi
 
 TASK_TIMEOUT = 300.0
 Progress = Callable[[str], None]
@@ -31,7 +31,7 @@ def said(exc: ResourceException) -> str:
     return f"HTTP {exc.status_code} {exc.status_message}: {str(exc.content).strip()}".strip()
 
 
-def follow_task(api: ProxmoxAPI, upid: str, *, timeout: float, on_progress: Progress | None = None,
+def follow_task(api: PveApi, upid: str, *, timeout: float, on_progress: Progress | None = None,
                 poll: float = 1.0, log_interval: float = 5.0, stop_on_timeout: bool = True) -> dict:
     """Wait for a task, passing its new log lines to on_progress every log_interval seconds and at the
     end. Returns the final status, whatever its exit status. On timeout raise TaskTimeout, with
@@ -58,7 +58,7 @@ def follow_task(api: ProxmoxAPI, upid: str, *, timeout: float, on_progress: Prog
         time.sleep(poll)
 
 
-def run_task(api: ProxmoxAPI, upid: str | None, what: str, timeout: float = TASK_TIMEOUT, poll: float = 0.5) -> None:
+def run_task(api: PveApi, upid: str | None, what: str, timeout: float = TASK_TIMEOUT, poll: float = 0.5) -> None:
     """Wait for a task and raise TaskError (naming `what`, with the exit status) unless it ended OK.
     Some calls answer null instead of a UPID when there was nothing to do: that is success."""
     if not upid:
@@ -71,7 +71,7 @@ def run_task(api: ProxmoxAPI, upid: str | None, what: str, timeout: float = TASK
         raise TaskError(f"{what}: task {upid} failed: {status.get('exitstatus')}")
 
 
-def _follow_log(api: ProxmoxAPI, node: str, upid: str, seen: int, on_progress: Progress) -> int:
+def _follow_log(api: PveApi, node: str, upid: str, seen: int, on_progress: Progress) -> int:
     while True:
         lines = api.nodes(node).tasks(upid).log.get(start=seen, limit=500)
         for line in lines:

@@ -1,6 +1,6 @@
 """The template lifecycle through the API: VMID, finishing, up-to-date rule, cleanup, promotion, retention.
 
-Everything takes a proxmoxer `ProxmoxAPI` (the build token) and works with the PackerBuilder role.
+Everything takes a proxmoxer `PveApi` (the build token) and works with the PackerBuilder role.
 
 Ownership. A VM is "ours for key K" when it is a QEMU guest tagged `packer-assets` and `K`, named
 `K-<yyyymmddhhmmss>`. Promotion, pruning and the up-to-date rule only ever look at such VMs; a VM of
@@ -41,12 +41,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from proxmoxer import ProxmoxAPI
 from proxmoxer.core import ResourceException
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from packer_assets.catalog import TOOL_TAG_NAMESPACE, TemplateEntry, VmidRange
 from packer_assets.errors import OperationError
+from packer_assets.pve.client import PveApi
 from packer_assets.pve.tasks import TASK_TIMEOUT, TaskError, run_task, said
 
 TOOL_TAG = TOOL_TAG_NAMESPACE  # every tag below starts with it, and the catalog refuses them all
@@ -152,16 +152,16 @@ class Guest:
         return tuple(sorted(t.removeprefix(CHANNEL_TAG_PREFIX) for t in self.tags if t.startswith(CHANNEL_TAG_PREFIX)))
 
 
-def guests(api: ProxmoxAPI) -> dict[int, Guest]:
+def guests(api: PveApi) -> dict[int, Guest]:
     """vmid -> Guest, VMs and containers of the whole cluster (those the caller may audit)."""
     return {g.vmid: g for g in (Guest.of(i) for i in api.cluster.resources.get(type="vm"))}
 
 
-def find_guest(api: ProxmoxAPI, vmid: int) -> Guest | None:
+def find_guest(api: PveApi, vmid: int) -> Guest | None:
     return guests(api).get(int(vmid))
 
 
-def leftover_vms(api: ProxmoxAPI, key: str, vmid_range: VmidRange) -> list[Guest]:
+def leftover_vms(api: PveApi, key: str, vmid_range: VmidRange) -> list[Guest]:
     """QEMU guests of the key's range that are not templates and carry a name only this tool gives: a
     build VM `<key>-<yyyymmddhhmmss>`, a smoke clone `<key>-smoke-<vmid>`, a disk-cleanup placeholder
     `cleanup-<vmid>`. Leftovers of a dead run only to a caller that holds the key's lock (locks.py):
@@ -171,7 +171,7 @@ def leftover_vms(api: ProxmoxAPI, key: str, vmid_range: VmidRange) -> list[Guest
                    and (name_time(key, g.name) is not None or ours.fullmatch(g.name))), key=lambda g: g.vmid)
 
 
-def list_templates(api: ProxmoxAPI, key: str, vmid_range: VmidRange | None = None) -> list[Guest]:
+def list_templates(api: PveApi, key: str, vmid_range: VmidRange | None = None) -> list[Guest]:
     """Our templates of key (template=1), newest first by the time in their name, then by VMID."""
     found = [g for g in guests(api).values() if g.template and g.ours(key)
              and (vmid_range is None or g.vmid in vmid_range)]
@@ -181,7 +181,7 @@ def list_templates(api: ProxmoxAPI, key: str, vmid_range: VmidRange | None = Non
 # ------------------------------------------------------------------ VMIDs
 
 
-def allocate_vmid(api: ProxmoxAPI, entry: TemplateEntry, exclude: Iterable[int] = ()) -> int:
+def allocate_vmid(api: PveApi, entry: TemplateEntry, exclude: Iterable[int] = ()) -> int:
     """The lowest free VMID of the key's range.
 
     /cluster/resources shows what the caller may audit (VMs and containers on every node); each
@@ -344,7 +344,7 @@ class FinishedTemplate:
     converted: bool  # True if this call made it a template (Packer had not)
 
 
-def finish_template(api: ProxmoxAPI, node: str, vmid: int, *, family: str, vm_storage: str,
+def finish_template(api: PveApi, node: str, vmid: int, *, family: str, vm_storage: str,
                     description: TemplateDescription, tags: Iterable[str] | None = None, name: str | None = None,
                     timeout: float = TASK_TIMEOUT) -> FinishedTemplate:
     """After Packer: eject every ISO, give a Linux template its cloud-init drive, write description and
@@ -412,14 +412,14 @@ def input_fingerprint(iso_checksum: str, rendered_files: Mapping[str, str], pack
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def promoted_template(api: ProxmoxAPI, key: str) -> Guest | None:
+def promoted_template(api: PveApi, key: str) -> Guest | None:
     """The template of key tagged `packer-assets-latest`. Should several carry it (a promotion cut
     short between its two steps), the newest wins, which is the one promote() was moving it to."""
     promoted = [g for g in list_templates(api, key) if g.promoted and not g.revoked]
     return promoted[0] if promoted else None
 
 
-def promoted_vmids(api: ProxmoxAPI, keys: Iterable[str]) -> dict[str, int]:
+def promoted_vmids(api: PveApi, keys: Iterable[str]) -> dict[str, int]:
     """key -> VMID of its promoted template, for many keys from one /cluster/resources call (the newest
     wins, as in promoted_template)."""
     wanted, found = set(keys), {}
@@ -432,11 +432,11 @@ def promoted_vmids(api: ProxmoxAPI, keys: Iterable[str]) -> dict[str, int]:
     return {key: vmid for key, (vmid, _when) in found.items()}
 
 
-def template_description(api: ProxmoxAPI, guest: Guest) -> TemplateDescription | None:
+def template_description(api: PveApi, guest: Guest) -> TemplateDescription | None:
     return read_description(api.nodes(guest.node).qemu(guest.vmid).config.get().get("description"))
 
 
-def is_up_to_date(api: ProxmoxAPI, key: str, fingerprint: str) -> tuple[bool, int | None]:
+def is_up_to_date(api: PveApi, key: str, fingerprint: str) -> tuple[bool, int | None]:
     """(True, vmid) when the promoted template was built from exactly these inputs; otherwise
     (False, the promoted vmid or None when nothing is promoted). A revoked template is never the promoted
     one (promoted_template), so revoking the current template makes the key's next build build. Forcing a
@@ -451,7 +451,7 @@ def is_up_to_date(api: ProxmoxAPI, key: str, fingerprint: str) -> tuple[bool, in
 # ------------------------------------------------------------------ destroying
 
 
-def destroy_vm(api: ProxmoxAPI, node: str, vmid: int, *, timeout: float = TASK_TIMEOUT, poll: float = 0.5) -> bool:
+def destroy_vm(api: PveApi, node: str, vmid: int, *, timeout: float = TASK_TIMEOUT, poll: float = 0.5) -> bool:
     """Stop (if running) and destroy a VM with its disks, waiting for each task. No guards: callers
     check ownership first. False if the VM did not exist.
 
@@ -490,7 +490,7 @@ def _gone(exc: ResourceException) -> bool:
     return exc.status_code == 500 and "does not exist" in str(exc.content)
 
 
-def destroy_build_vm(api: ProxmoxAPI, node: str, vmid: int, entry: TemplateEntry, *,
+def destroy_build_vm(api: PveApi, node: str, vmid: int, entry: TemplateEntry, *,
                      timeout: float = TASK_TIMEOUT) -> bool:
     """Remove whatever a failed build left at vmid (running or not, template or not, with its disks).
 
@@ -518,7 +518,7 @@ def destroy_build_vm(api: ProxmoxAPI, node: str, vmid: int, entry: TemplateEntry
     return destroy_vm(api, guest.node or node, vmid, timeout=timeout)
 
 
-def orphan_volumes(api: ProxmoxAPI, node: str, vmid: int) -> list[str]:
+def orphan_volumes(api: PveApi, node: str, vmid: int) -> list[str]:
     """Image volumes owned by vmid on the node's storages (with or without a VM)."""
     found: set[str] = set()
     for store in api.nodes(node).storage.get(content="images", enabled=1):
@@ -527,7 +527,7 @@ def orphan_volumes(api: ProxmoxAPI, node: str, vmid: int) -> list[str]:
     return sorted(found)
 
 
-def _destroy_orphans(api: ProxmoxAPI, node: str, vmid: int, entry: TemplateEntry, timeout: float) -> bool:
+def _destroy_orphans(api: PveApi, node: str, vmid: int, entry: TemplateEntry, timeout: float) -> bool:
     where = f"{entry.key}: VM {vmid} on {node}"
     try:
         if not orphan_volumes(api, node, vmid):
@@ -560,7 +560,7 @@ def digest_refused(exc: Exception) -> bool:
     return DIGEST_REFUSED.search(str(exc)) is not None
 
 
-def edit_config(api: ProxmoxAPI, node: str, vmid: int, change: Callable[[Mapping[str, Any]], Mapping[str, Any]],
+def edit_config(api: PveApi, node: str, vmid: int, change: Callable[[Mapping[str, Any]], Mapping[str, Any]],
                 what: str, write: Callable[[Mapping[str, Any]], Any] | None = None) -> tuple[dict, dict]:
     """A compare-and-set on the VM's config: read it, compute the updates from THAT read (change(config);
     empty: nothing to write), and write them with the read's digest, which PVE refuses if anyone wrote in
@@ -585,7 +585,7 @@ def edit_config(api: ProxmoxAPI, node: str, vmid: int, change: Callable[[Mapping
                         f"{CONFIG_WRITE_TRIES} reads and writes; nothing written, try again")
 
 
-def edit_tags(api: ProxmoxAPI, guest: Guest, edit: Callable[[tuple[str, ...]], Iterable[str]],
+def edit_tags(api: PveApi, guest: Guest, edit: Callable[[tuple[str, ...]], Iterable[str]],
               what: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Set the guest's tags to edit(its tags as read from its config), as a compare-and-set (edit_config):
     a tag someone else wrote meanwhile is never lost nor put back. edit may raise to refuse what it
@@ -600,7 +600,7 @@ def edit_tags(api: ProxmoxAPI, guest: Guest, edit: Callable[[tuple[str, ...]], I
     return before, tuple(split_tags(updates["tags"])) if updates else before
 
 
-def remove_tag(api: ProxmoxAPI, guest: Guest, tag: str, what: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def remove_tag(api: PveApi, guest: Guest, tag: str, what: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return edit_tags(api, guest, lambda tags: [t for t in tags if t != tag], what)
 
 
@@ -610,7 +610,7 @@ class Promotion:
     previous: tuple[int, ...]  # templates the tag was taken from
 
 
-def promote(api: ProxmoxAPI, node: str, key: str, new_vmid: int) -> Promotion:
+def promote(api: PveApi, node: str, key: str, new_vmid: int) -> Promotion:
     """Move `packer-assets-latest` to new_vmid. Call it only after new_vmid's smoke test passed.
 
     The new template is tagged first, then the tag is taken from the others: there is never a moment
@@ -635,7 +635,7 @@ def promote(api: ProxmoxAPI, node: str, key: str, new_vmid: int) -> Promotion:
     return Promotion(new_vmid, previous)
 
 
-def _tag_latest(api: ProxmoxAPI, guest: Guest, what: str, refused: str) -> None:
+def _tag_latest(api: PveApi, guest: Guest, what: str, refused: str) -> None:
     """Add the promotion tag to guest, refused (TemplateError(refused)) when its tags as read say revoked."""
     def tag(tags: tuple[str, ...]) -> list[str]:
         if REVOKED_TAG in tags:
@@ -645,7 +645,7 @@ def _tag_latest(api: ProxmoxAPI, guest: Guest, what: str, refused: str) -> None:
     edit_tags(api, guest, tag, what)
 
 
-def take_tag(api: ProxmoxAPI, key: str, tag: str, what: str, *, keep: int | None = None,
+def take_tag(api: PveApi, key: str, tag: str, what: str, *, keep: int | None = None,
              vmid_range: VmidRange | None = None) -> tuple[int, ...]:
     """Take tag from every template of the key but `keep` (which must still carry it, unrevoked), each a
     compare-and-set, listing the key again after each pass until none carries it (a writer that does not
@@ -666,7 +666,7 @@ def take_tag(api: ProxmoxAPI, key: str, tag: str, what: str, *, keep: int | None
                         "passes")
 
 
-def withdraw(api: ProxmoxAPI, node: str, entry: TemplateEntry, vmid: int,
+def withdraw(api: PveApi, node: str, entry: TemplateEntry, vmid: int,
              previous: Guest | None) -> tuple[bool, str]:
     """After a failure past vmid's smoke test (promotion refused, an API error, a later step): take back what
     its promotion did and destroy vmid, so no such template is left behind. `previous` is the template
@@ -700,7 +700,7 @@ class PruneResult:
     failed: Mapping[int, str]  # vmid -> why it could not be destroyed (e.g. linked clones still use it)
 
 
-def prune(api: ProxmoxAPI, node: str, key: str, retention: int, keep: Iterable[int] = (), *,
+def prune(api: PveApi, node: str, key: str, retention: int, keep: Iterable[int] = (), *,
           vmid_range: VmidRange | None = None, timeout: float = TASK_TIMEOUT) -> PruneResult:
     """Destroy the oldest templates of key beyond `retention`.
 
@@ -735,12 +735,43 @@ def prune(api: ProxmoxAPI, node: str, key: str, retention: int, keep: Iterable[i
 
 
 __all__ = [
-    "CHANNEL_TAG_PREFIX", "LATEST_TAG", "REVOKED_TAG", "SMOKE_TAG", "TOOL_TAG", "FinishedTemplate", "Guest",
-    "Promotion", "PruneResult", "Revocation", "TemplateDescription", "read_revocation", "revoked_description",
-    "CONFIG_WRITE_TRIES", "ConfigChanged", "digest_refused", "edit_config", "edit_tags", "remove_tag",
-    "take_tag", "withdraw",
-    "TemplateError", "VmidRangeFull", "allocate_vmid", "catalog_entry_json", "destroy_build_vm", "destroy_vm",
-    "find_guest", "finish_template", "input_fingerprint", "is_up_to_date", "list_templates", "orphan_volumes",
+    "CHANNEL_TAG_PREFIX",
+    "CONFIG_WRITE_TRIES",
+    "LATEST_TAG",
+    "REVOKED_TAG",
+    "SMOKE_TAG",
+    "TOOL_TAG",
+    "ConfigChanged",
+    "FinishedTemplate",
+    "Guest",
+    "Promotion",
+    "PruneResult",
+    "Revocation",
+    "TemplateDescription",
+    "TemplateError",
+    "VmidRangeFull",
+    "allocate_vmid",
+    "catalog_entry_json",
+    "destroy_build_vm",
+    "destroy_vm",
+    "digest_refused",
+    "edit_config",
+    "edit_tags",
+    "find_guest",
+    "finish_template",
+    "input_fingerprint",
+    "is_up_to_date",
+    "list_templates",
+    "orphan_volumes",
     "promote",
-    "promoted_template", "prune", "read_description", "template_name", "template_tags",
+    "promoted_template",
+    "prune",
+    "read_description",
+    "read_revocation",
+    "remove_tag",
+    "revoked_description",
+    "take_tag",
+    "template_name",
+    "template_tags",
+    "withdraw",
 ]

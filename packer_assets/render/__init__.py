@@ -8,15 +8,21 @@
 from packer_assets.render.answer_iso import build_answer_iso, read_iso
 from packer_assets.render.engine import (
     ANSWER_ISO_NAME,
-    RenderError,
     RenderedFile,
+    RenderError,
     RenderResult,
     content_hash,
     make_environment,
     render_files,
     render_unattended,
 )
-from packer_assets.render.passwords import PasswordError, sha512_crypt_hash, verify_sha512_crypt, windows_decode, windows_encode
+from packer_assets.render.passwords import (
+    PasswordError,
+    sha512_crypt_hash,
+    verify_sha512_crypt,
+    windows_decode,
+    windows_encode,
+)
 from packer_assets.render.validators import (
     Expected,
     ValidatorUnavailable,

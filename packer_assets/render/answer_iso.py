@@ -33,8 +33,8 @@ from types import SimpleNamespace
 
 import pycdlib
 
-from packer_assets.evidence.layout import atomic_write
 from packer_assets.errors import ConfigError
+from packer_assets.evidence.layout import atomic_write
 
 VOLUME_ID = "AUTOUNATTEND"
 DEFAULT_EPOCH = 946_684_800  # 2000-01-01T00:00:00Z: any fixed, non-zero instant will do
@@ -62,7 +62,7 @@ def _pinned_clock(epoch: int) -> Iterator[None]:
                 module.time = fake
             yield
         finally:
-            for module, original in zip(modules, saved):
+            for module, original in zip(modules, saved, strict=True):
                 module.time = original
 
 
@@ -92,7 +92,7 @@ def iso_bytes(files: Mapping[str, bytes], volume_id: str = VOLUME_ID, epoch: int
         iso = pycdlib.PyCdlib()
         iso.new(interchange_level=3, joliet=3, vol_ident=vol)
         try:
-            for name, iso_name in zip(names, iso_names):
+            for name, iso_name in zip(names, iso_names, strict=True):
                 data = files[name]
                 iso.add_fp(io.BytesIO(data), len(data), iso_name, joliet_path=f"/{name}")
             out = io.BytesIO()

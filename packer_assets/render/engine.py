@@ -37,6 +37,7 @@ from typing import Any
 import jinja2
 
 from packer_assets.catalog import TemplateEntry
+from packer_assets.errors import ConfigError
 from packer_assets.evidence.layout import Redactor, atomic_write
 from packer_assets.render import passwords
 from packer_assets.render.answer_iso import iso_bytes
@@ -52,7 +53,6 @@ from packer_assets.render.validators import (
     validate_preseed,
     validate_yaml_mapping,
 )
-from packer_assets.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 ANSWER_ISO_NAME = "autounattend.iso"
@@ -177,7 +177,7 @@ class _Output:
     mode: int
     template: str | None = None
     static: str | None = None
-    validate: Callable[[str, "_Job"], Verdict] | None = field(default=None, compare=False)
+    validate: Callable[[str, _Job], Verdict] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping
 from functools import lru_cache
 
 from passlib.hash import sha512_crypt
+
 from packer_assets.errors import ConfigError
 
 SALT_SEED_ENV = "PACKER_ASSETS_SALT_SEED"

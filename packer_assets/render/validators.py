@@ -28,8 +28,8 @@ from typing import Any
 
 import yaml
 
-from packer_assets.render.passwords import ADMIN_SUFFIX, USER_SUFFIX, windows_decode
 from packer_assets.errors import OperationError
+from packer_assets.render.passwords import ADMIN_SUFFIX, USER_SUFFIX, windows_decode
 
 SCHEMA_DIR_ENV = "PACKER_ASSETS_SCHEMA_DIR"
 # The schemas shipped as package data (provenance and licences: schemas/SOURCES.md).
@@ -240,9 +240,9 @@ def _kickstart_round_trip(handler, expected: Expected) -> list[str]:
     user = users.get(expected.user) if expected.user is not None else None
     if expected.user is not None and user is None:
         out.append("round trip: no 'user' command for the install user")
-    if user is not None and expected.password_hash is not None:
-        if not user.isCrypted or user.password != expected.password_hash:
-            out.append("round trip: the install user's password is not the rendered hash with --iscrypted")
+    if user is not None and expected.password_hash is not None and (
+            not user.isCrypted or user.password != expected.password_hash):
+        out.append("round trip: the install user's password is not the rendered hash with --iscrypted")
     if expected.dhcp and not any(n.bootProto == "dhcp" for n in handler.network.network):
         out.append("round trip: no 'network --bootproto=dhcp'")
     return out

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+
 from packer_assets.errors import OperationError
 
 # lock file -> descriptor, for the locks this process holds

@@ -32,8 +32,8 @@ import requests
 
 from packer_assets import __version__
 from packer_assets.catalog import IsoSource, mirror_url
-from packer_assets.upstream.digests import ALGORITHMS, HEX_ALGORITHMS, Checksum
 from packer_assets.errors import OperationError
+from packer_assets.upstream.digests import ALGORITHMS, HEX_ALGORITHMS, Checksum
 
 # hex length -> algorithm; exactly the set PVE's download-url/upload take as `checksum-algorithm`.
 _STRENGTH = ("sha512", "sha384", "sha256", "sha224", "sha1", "md5")  # preferred first

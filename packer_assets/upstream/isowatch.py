@@ -76,7 +76,7 @@ def _validators(entries: list[dict], url: str, names: list[str]) -> tuple[str | 
     """The (etag, last_modified) to send for a URL: only if every key sharing it holds the same ones,
     for this URL and name, with a checksum (otherwise a 304 would leave some key without an answer)."""
     seen = {(e.get("etag"), e.get("last_modified")) for e in entries}
-    usable = all(e.get("checksum") and e.get("url") == url and e.get("name") == n for e, n in zip(entries, names))
+    usable = all(e.get("checksum") and e.get("url") == url and e.get("name") == n for e, n in zip(entries, names, strict=False))
     if usable and len(seen) == 1:
         return next(iter(seen))
     return None, None
@@ -121,7 +121,7 @@ def poll(sources: Mapping[str, IsoSource], cursor: Mapping | None, max_workers: 
         if groups:
             with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(groups))),
                                     thread_name_prefix="isowatch") as pool:
-                outcomes = dict(zip(groups, pool.map(fetch, groups)))
+                outcomes = dict(zip(groups, pool.map(fetch, groups), strict=True))
         else:
             outcomes = {}
     finally:

@@ -72,6 +72,7 @@ RUN = [
 
 NOT_RUN = {
     "make test": "the suite itself (make test-fast, make test-lab and PYTEST_ARGS: parts of it)",
+    "make lint": "the gates: make test (.ci/run) runs it first",
     "make ui": "a long-running webserver: tests/e2e/test_ui_browser.py drives `dagster dev` in Chromium",
     "dagster dev": "a long-running webserver: tests/e2e/test_ui_browser.py runs it",
     "make bench": "prints figures for minutes; bench/ is not a test",

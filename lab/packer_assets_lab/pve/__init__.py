@@ -69,8 +69,8 @@ __all__ = [
     "LabAccess",
     "LabAgent",
     "LabGuestExec",
-    "LabRealGuest",
     "LabPve",
+    "LabRealGuest",
     "LabTransfer",
     "PackerCompat",
     "RealGuests",
@@ -78,10 +78,10 @@ __all__ = [
     "builtin_roles",
     "decode_sshkeys",
     "encode_text",
+    "kill_stale_qemus",
     "normalize_content_filename",
     "normalize_path",
     "parse_multipart",
-    "kill_stale_qemus",
 ]
 
 

@@ -24,9 +24,7 @@ from urllib.parse import unquote
 from fakepve.model import FakeVm
 from fakepve.schema import Match
 
-from packer_assets.inspection import guest_checks
-
-from packer_assets.inspection import sbom
+from packer_assets.inspection import guest_checks, sbom
 from packer_assets_lab.pve.inventory import inventory_output
 
 FAULTS = frozenset({"cloud_init", "fresh_identity", "password_locked", "guest_agent_enabled", "ssh_login",
@@ -34,7 +32,7 @@ FAULTS = frozenset({"cloud_init", "fresh_identity", "password_locked", "guest_ag
 INVENTORY, OTHER = "inventory", "commands"  # command kinds besides the checks' names
 FAMILY_OF_OS = {"debian": "debian", "ubuntu": "ubuntu", "rocky": "rocky", "mswindows": "windows"}
 # Dates in answers (boot, clone tag) count from here, so the same VM answers the same text in every run.
-LAB_EPOCH = dt.datetime(2026, 1, 5, 8, 0, tzinfo=dt.timezone.utc)
+LAB_EPOCH = dt.datetime(2026, 1, 5, 8, 0, tzinfo=dt.UTC)
 
 
 @dataclass(frozen=True)

@@ -192,7 +192,7 @@ def _updated(family: str, rows: list[list[str]], release: int) -> list[list[str]
     updates = [0] * len(rows)
     for r in range(2, release + 1):
         updates[(r - 2) % len(rows)] += 1
-    return [[row[0], _bumped(family, row[1], times), *row[2:]] for row, times in zip(rows, updates)]
+    return [[row[0], _bumped(family, row[1], times), *row[2:]] for row, times in zip(rows, updates, strict=True)]
 
 
 def _added(family: str, extras: list[list[str]], release: int) -> list[list[str]]:

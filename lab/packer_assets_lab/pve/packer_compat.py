@@ -62,7 +62,7 @@ meta_l meta_r compose f13 f14 f15 f16 f17 f18 f19 f20 f21 f22 f23 f24
 # A US keyboard: key code -> (character, character with shift).
 _US: dict[str, tuple[str, str]] = dict(
     [(c, (c, c.upper())) for c in "abcdefghijklmnopqrstuvwxyz"]
-    + list(zip("1234567890", zip("1234567890", "!@#$%^&*()")))
+    + list(zip("1234567890", zip("1234567890", "!@#$%^&*()", strict=True), strict=True))
     + [("minus", ("-", "_")), ("equal", ("=", "+")), ("bracket_left", ("[", "{")), ("bracket_right", ("]", "}")),
        ("semicolon", (";", ":")), ("apostrophe", ("'", '"')), ("grave_accent", ("`", "~")),
        ("backslash", ("\\", "|")), ("comma", (",", "<")), ("dot", (".", ">")), ("slash", ("/", "?")),
@@ -163,7 +163,7 @@ class PackerCompat:
                 raise die(f"disk image '{self._volume_path(sid, volname, 'images')}' already exists")
             raise die(_exists_message(store, volname))
         if "avail" in store:
-            if CLOUDINIT_SIZE > store["avail"]:
+            if store["avail"] < CLOUDINIT_SIZE:
                 raise die(f"unable to write to storage '{sid}': No space left on device")
             store["avail"] -= CLOUDINIT_SIZE
         store.setdefault("volumes", {})[volname] = {"content": "images", "format": fmt, "size": CLOUDINIT_SIZE,

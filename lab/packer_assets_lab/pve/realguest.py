@@ -104,6 +104,7 @@ class Machine:
     failure: str | None = None
     install: dict[str, Any] | None = None  # what the installer emulation applied and ignored
     boots: int = 0
+    installer: asyncio.Future[None] | None = None  # the running install: held so the loop does not drop it
     agent_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -337,7 +338,7 @@ class LabRealGuest:
         url = preseed_url(keys_to_text(getattr(vm, "sendkeys", [])))
         if url is not None:
             machine.phase = "installing"
-            asyncio.ensure_future(self._install(vm, machine, url))
+            machine.installer = asyncio.ensure_future(self._install(vm, machine, url))
 
     async def _install(self, vm: FakeVm, machine: Machine, url: str) -> None:
         """Fetch the preseed the boot command names, emulate the install, boot the installed system."""

@@ -220,7 +220,7 @@ class LabTransfer:
                     log.append(f"ERROR {resp.status}: {resp.reason}.")
                     raise TaskError(f"download failed: command '{wget}' failed: exit code {WGET_SERVER}")
                 # Plain blocking writes of 1 MiB chunks to a local file: the lab's event loop can afford them.
-                with open(tmp, "wb") as out:  # noqa: ASYNC230
+                with open(tmp, "wb") as out:
                     async for chunk in resp.content.iter_chunked(CHUNK):
                         out.write(chunk)
                         size += len(chunk)

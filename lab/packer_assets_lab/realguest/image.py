@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from packer_assets.errors import OperationError
+
 from .sources import debian_mirrors
 
 SUITE = "bookworm"

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from packer_assets.errors import OperationError
+
 from .image import (
     INSTALLER_FW_CFG_NAME,
     INSTALLER_INIT_PATH,

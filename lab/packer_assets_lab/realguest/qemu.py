@@ -242,7 +242,7 @@ class QemuVm:
         if len(s.cdroms) > 3:
             raise ValueError("at most three CD-ROMs besides the disk")
         # CD-ROMs where PVE puts them: ide2 (bus 1 unit 0: the cloud-init drive's usual slot), ide3, ide0.
-        for index, (iso, (bus, unit)) in enumerate(zip(s.cdroms, [(1, 0), (1, 1), (0, 0)])):
+        for index, (iso, (bus, unit)) in enumerate(zip(s.cdroms, [(1, 0), (1, 1), (0, 0)], strict=False)):
             argv += ["-drive", f"file={iso},if=none,id=cd{index},media=cdrom,readonly=on",
                      "-device", f"ide-cd,drive=cd{index},bus=ide.{bus},unit={unit}"]
         for name, path in s.fw_cfg:
