@@ -8,6 +8,10 @@ a template that passed is promoted (`packer-assets-latest`) and only then are ol
 failure destroys the build VM (never a promoted template), keeps the log and writes no record, so no
 proof can follow; one after the smoke test (promotion refused, an API error, the prune) gives the
 promotion back to the template that had it and then destroys the new one (pve/templates.withdraw).
+
+build_template reads as its phases: survey and prepare (the up-to-date rule, a VMID, the work directory),
+packer_and_finish, smoke_and_sbom, build_record (written before the promotion), promote_and_prune,
+final_record. Each takes the frozen BuildJob and what the phase before it returned (a frozen dataclass).
 """
 
 import json
@@ -16,34 +20,60 @@ import shutil
 import sys
 import tempfile
 import traceback
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from packer_assets import __version__
-from packer_assets.catalog import TemplateEntry, load_catalog
-from packer_assets.evidence.chain import ChainId, log_header, parse_chain_id
-from packer_assets.upstream.checksums import Checksum
-from packer_assets.evidence.layout import BUILD_RECORD_NAME, Layout, Redactor, atomic_write, sha256_file
-from packer_assets.packer.env import packer_env, validate_env
 from packer_assets.build.plan import SourceDigests, iso_checksums, plan_fingerprint, plan_key, record_plan, render_key
-from packer_assets.packer.runner import PackerCheck, PackerError, open_build_log, packer_init, packer_validate, run_packer
-from packer_assets.packer.version import BuildCredentials, detect_packer
-from packer_assets.packer.workdir import BuildPlan, prepare_workdir, template_sha256
-from packer_assets.render import ANSWER_ISO_NAME, RenderResult, render_unattended
-from packer_assets.render.record import RenderRecordError, ServedFiles, read_record, served_files, write_render_record
-from packer_assets.evidence.proof import (BuildProof, CheckResult, IsoRef, PackageChanges, SbomRef, TemplateRef, Timings, previous_sbom,
-                    write_build_proof)
+from packer_assets.catalog import TemplateEntry, load_catalog
+from packer_assets.config.settings import guest_note, parse_ssh_ports
+from packer_assets.errors import OperationError, PackerAssetsError
+from packer_assets.evidence.chain import ChainId, log_header, parse_chain_id
+from packer_assets.evidence.layout import BUILD_RECORD_NAME, Layout, Redactor, RunLog, atomic_write, sha256_file
+from packer_assets.evidence.proof import (
+    BuildProof,
+    CheckResult,
+    IsoRef,
+    PackageChanges,
+    SbomRef,
+    TemplateRef,
+    Timings,
+    previous_sbom,
+    write_build_proof,
+)
+from packer_assets.evidence.registry import record_proof, write_registry
+from packer_assets.evidence.signing import Signer
+from packer_assets.inspection.sbom import (
+    SBOM_FILE,
+    SbomError,
+    build_sbom,
+    diff_sboms,
+    package_count,
+    sbom_json,
+    validate_sbom,
+)
+from packer_assets.packer.env import PackerEnv, packer_env, validate_env
+from packer_assets.packer.runner import (
+    PackerCheck,
+    PackerError,
+    open_build_log,
+    packer_init,
+    packer_validate,
+    run_packer,
+)
+from packer_assets.packer.version import BuildCredentials, PackerCapabilities, detect_packer
+from packer_assets.packer.workdir import BuildPlan, Workdir, prepare_workdir, template_sha256
 from packer_assets.pve.bootstrap import BootstrapConfig, BuildAccess, token_privilege_gaps
 from packer_assets.pve.guest_exec import host_key_fingerprints
 from packer_assets.pve.smoke import BASE_STEPS, SmokeResult, SmokeTestError, smoke_test
-from packer_assets.evidence.signing import Signer
-from packer_assets.inspection.sbom import SBOM_FILE, SbomError, build_sbom, diff_sboms, package_count, sbom_json, validate_sbom
 from packer_assets.pve.staging import StagedIso, upload_iso
-from packer_assets.evidence.registry import record_proof, write_registry
 from packer_assets.pve.templates import (
+    Promotion,
+    PruneResult,
     TemplateDescription,
     TemplateError,
     allocate_vmid,
@@ -61,8 +91,9 @@ from packer_assets.pve.templates import (
     template_tags,
     withdraw,
 )
-from packer_assets.errors import OperationError, PackerAssetsError
-from packer_assets.config.settings import guest_note, parse_ssh_ports
+from packer_assets.render import ANSWER_ISO_NAME, RenderResult, render_unattended
+from packer_assets.render.record import RenderRecordError, ServedFiles, read_record, served_files, write_render_record
+from packer_assets.upstream.checksums import Checksum
 
 RECORD = BUILD_RECORD_NAME
 VM_RECORD = "build-vm.json"  # in the work directory from before packer starts until the build VM is settled
@@ -168,149 +199,300 @@ def _answer_iso(api, access: BuildAccess, entry: TemplateEntry, served: ServedFi
     return staged.volid
 
 
-def build_template(layout: Layout, entry: TemplateEntry, access: BuildAccess, credentials: BuildCredentials,
-                   ssh_password: str, staged: dict[str, StagedIso], rendered_dir: Path, chain: ChainId,
-                   settings: BuildSettings, *, project_dir: Path, run_id: str | None = None,
-                   on_stage=None, cancel_event=None, echo=print, env: Mapping[str, str] | None = None) -> BuildOutcome:
-    started = datetime.now(UTC)
-    key, found = entry.key, access.discovery
-    served = served_render(layout, key, rendered_dir)  # what the render wrote and validated, unchanged
-    fingerprint = input_fingerprint_of(entry, staged, served, project_dir)
-    planned = plan_of(layout, entry, staged, project_dir, env)  # for the schedule's pre-check (plan.py)
-    api = access.connect()
-    swept = sweep_leftovers(api, found.node, entry, layout)
-    up_to_date, current = is_up_to_date(api, key, fingerprint)
-    if up_to_date and not settings.force:
-        record_plan(layout, key, *planned, current, None)
-        return BuildOutcome(key, str(chain), fingerprint, True, current, swept=swept)
+@dataclass(frozen=True)
+class BuildJob:
+    """What one build is given (build_template's argument), passed to each phase as one value."""
 
-    _grants, missing = token_privilege_gaps(api, found)
-    if missing:  # before packer: a missing privilege would otherwise show up after a whole build
-        lacks = "; ".join(f"{priv} on {path}" for path, priv in missing)
-        raise BuildPrivilegeError(f"{key}: token {access.token_id} lacks {lacks}: nothing was built "
-                                  "(run `make init` to set the role back, or grant it)")
-    caps = detect_packer(settings.packer)
-    vmid, name = allocate_vmid(api, entry), template_name(key, started)
-    extra = [staged[n].volid for n in sorted(staged) if n != "iso"]
-    answer = _answer_iso(api, access, entry, served)
-    plan = plan_build(entry, settings, vmid=vmid, name=name, node=found.node, iso_volid=staged["iso"].volid,
-                      extra_volids=extra + ([answer] if answer else []), vm_storage=found.vm_storage,
-                      vm_storage_type=storage_type(api, found.node, found.vm_storage), bridge=found.bridge,
-                      http_bind_address=found.http_bind_address, http_port=found.http_port,
-                      description=f"packer-assets {key} {chain} (building)")
-    workdir = layout.work_dir(key) / chain.stamp
-    shutil.rmtree(workdir, ignore_errors=True)
-    penv = packer_env(access.endpoint, caps, credentials, ssh_password=ssh_password, workdir=workdir.parent,
-                      base_env=env)
-    prepared = prepare_workdir(workdir, entry, plan, caps, project_dir=project_dir, http_dir=rendered_dir,
-                               http_files=served.files, allow_degraded=settings.allow_degraded, secrets=penv.secrets)
-    redact = Redactor([*penv.secrets, ssh_password])
-    description = TemplateDescription(chain_id=str(chain), key=key, iso_url=entry.iso.url,
-                                      iso_checksum=f"{staged['iso'].algorithm}:{staged['iso'].checksum}",
-                                      iso_volid=staged["iso"].volid, input_fingerprint=fingerprint,
-                                      built_at=started, tool_version=__version__,
-                                      packer_version=caps.packer_version)
-    stages: dict[str, float] = {}
-    vm_record = atomic_write(workdir / VM_RECORD, json.dumps({"vmid": vmid, "name": name, "run_id": run_id}) + "\n")
-    with open_build_log(layout, key, chain, redact, echo=echo) as log:
-        for line in swept:
+    layout: Layout
+    entry: TemplateEntry
+    access: BuildAccess
+    credentials: BuildCredentials
+    ssh_password: str
+    staged: dict[str, StagedIso]
+    rendered_dir: Path
+    chain: ChainId
+    settings: BuildSettings
+    project_dir: Path
+    run_id: str | None = None
+    env: Mapping[str, str] | None = None
+    on_stage: Callable[[str], None] | None = None
+    cancel_event: Any = None
+    echo: Callable[[str], None] = print
+
+    @property
+    def key(self) -> str:
+        return self.entry.key
+
+    @property
+    def node(self) -> str:
+        return self.access.discovery.node
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """prepare, first part: what the build is of, and whether the key's promoted template already is that."""
+
+    started: datetime
+    served: ServedFiles            # what the render wrote and validated, unchanged
+    fingerprint: str
+    planned: tuple[str, str]       # for the schedule's pre-check (plan.py)
+    api: Any
+    swept: list[str]
+    up_to_date: bool
+    current: int | None            # the key's promoted template (its VMID)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """prepare, second part: the build VM's VMID and name, the work directory, the record of the VM."""
+
+    caps: PackerCapabilities
+    vmid: int
+    name: str
+    workdir: Path
+    penv: PackerEnv
+    prepared: Workdir
+    redact: Redactor
+    description: TemplateDescription
+    vm_record: Path                # VM_RECORD: written before packer starts, unlinked once the VM is settled
+
+
+@dataclass(frozen=True)
+class Smoked:
+    """smoke + SBOM: a template that passed; its facts as the record keeps them."""
+
+    smoke: SmokeResult
+    sbom: dict[str, Any]
+    facts: dict[str, Any]
+    warnings: list[str]
+
+
+@dataclass(frozen=True)
+class Promoted:
+    promotion: Promotion
+    pruned: PruneResult
+
+
+def build_template(job: BuildJob) -> BuildOutcome:
+    """prepare -> packer -> finish -> smoke + SBOM -> promote -> record (the module's docstring says why)."""
+    layout, entry, chain = job.layout, job.entry, job.chain
+    inputs = survey(job)
+    if inputs.up_to_date and not job.settings.force:
+        record_plan(layout, entry.key, *inputs.planned, inputs.current, None)
+        return BuildOutcome(entry.key, str(chain), inputs.fingerprint, True, inputs.current, swept=inputs.swept)
+    prep = prepare(job, inputs)
+    with open_build_log(layout, entry.key, chain, prep.redact, echo=job.echo) as log:
+        for line in inputs.swept:
             log.line("cleanup", line)
-        for warning in prepared.warnings:
+        for warning in prep.prepared.warnings:
             log.line("warning", warning)
-        try:
-            if caps.needs_init:  # installs the plugins required_plugins names
-                init = packer_init(workdir, penv.env, packer=settings.packer, redact=redact)
-                for line in init.output.splitlines():
-                    log.line("packer-init", line)
-                if not init.ok:
-                    raise PackerError(f"packer init failed (exit {init.exit_code}); log: {log.path}",
-                                      log_path=log.path)
-            result = run_packer(workdir, penv.env, log, timeout=settings.timeout, on_stage=on_stage,
-                                cancel_event=cancel_event, grace=settings.grace, packer=settings.packer)
-            stages["packer"] = round(result.duration, 3)
-            finish_template(api, found.node, vmid, family=entry.family, vm_storage=found.vm_storage,
-                            description=description, name=name, tags=entry.tags)
-            log.line("finish", f"template {vmid} ({name}) finished: ISO ejected, description and tags written")
-        except BaseException as exc:
-            log.line("error", f"{type(exc).__name__}: {redact(str(exc))}")
-            if _destroy(api, found.node, vmid, entry, log):
-                vm_record.unlink(missing_ok=True)
-            raise
-        ssh_address = (settings.ssh_host, settings.ssh_port_for(entry.key) or 22) if settings.ssh_host else None
-        try:
-            smoke = smoke_test(api, found.node, vmid, entry, timeout=settings.smoke_timeout, ssh_address=ssh_address)
-            for step in smoke.steps:
-                log.line("smoke", redact(f"{step.name}: passed in {step.seconds:.1f} s"
-                                         + (f" ({step.detail})" if step.detail else "")))
-            sbom = write_template_sbom(log.path.parent, smoke, entry, name, chain, started)
-        except (SmokeTestError, SbomError) as exc:
-            for step in getattr(exc, "steps", ()):
-                log.line("smoke", redact(f"{step.name}: {'passed' if step.passed else 'FAILED'}"
-                                         + (f" ({step.detail})" if step.detail else "")))
-            log.line("smoke", redact(f"FAILED: {exc}; destroying the new template {vmid}, the promoted one stays"))
-            if _destroy(api, found.node, vmid, entry, log):
-                vm_record.unlink(missing_ok=True)
-            return BuildOutcome(key, str(chain), fingerprint, False, vmid, name, log.path,
-                                smoke_error=_named(key, redact(str(exc))), smoke_steps=[_step_facts(s, redact)
-                                                                           for s in getattr(exc, "steps", ())],
-                                swept=swept)
-        except Exception as exc:  # no verdict on the template (SmokeInternalError: our bug): it goes, the build fails
-            log.line("error", redact(f"{type(exc).__name__}: {exc}"))
-            for line in "".join(traceback.format_exception(exc)).splitlines():
-                log.line("traceback", redact(line))
-            log.line("smoke", f"the smoke test did not finish: destroying the new template {vmid}, the promoted "
-                              "one stays")
-            if _destroy(api, found.node, vmid, entry, log):
-                vm_record.unlink(missing_ok=True)
-            raise
-        stages["smoke"] = smoke.seconds
-        warnings = [*prepared.warnings, *map(redact, smoke.warnings)]  # checks passed with a warning (cloud-init 2)
-        for warning in smoke.warnings:
-            log.line("warning", redact(warning))
-        log.line("smoke", f"passed: clone {smoke.clone_vmid} booted {smoke.found_os} (expected {smoke.expected_os}), "
-                          f"agent answered, ips {smoke.ips}, {sbom['packages']} packages in {SBOM_FILE}")
-        vm_record.unlink(missing_ok=True)  # a template that passed: no longer a build VM
-        smoke_facts = {"clone_vmid": smoke.clone_vmid, "os": smoke.os_name, "found_os": smoke.found_os,
-                       "expected_os": smoke.expected_os, "ips": smoke.ips, "seconds": smoke.seconds,
-                       "machine_id": smoke.machine_id, "host_keys": host_key_fingerprints(smoke.host_keys),
-                       "steps": [_step_facts(s, redact) for s in smoke.steps], "packages": sbom["packages"]}
-        record = {
-            "chain_id": str(chain), "key": key, "dagster_run_id": run_id, "tool_version": __version__,
-            "template": {"vmid": vmid, "name": name, "node": found.node, "tags": template_tags(key, entry.tags)},
-            "iso": {"url": entry.iso.url, "effective_url": staged["iso"].source,
-                    "checksum": f"{staged['iso'].algorithm}:{staged['iso'].checksum}", "volid": staged["iso"].volid},
-            "rendered_files": rendered_hashes(served), "packer_version": caps.packer_version,
-            "packer_template_sha256": prepared.template_sha256,
-            "timings": {"started_at": started.isoformat(), "stages": stages},
-            "smoke": smoke_facts,
-            "input_fingerprint": fingerprint, "previous_template_vmid": current,
-            "pruned_vmids": [], "warnings": warnings, "sbom": sbom,
-            "guest": guest_note(settings.guest_notes, key),
-        }
+        stages = packer_and_finish(job, inputs, prep, log)
+        smoked = smoke_and_sbom(job, inputs, prep, log)
+        if isinstance(smoked, BuildOutcome):  # the smoke test failed: the new template is gone
+            return smoked
+        stages["smoke"] = smoked.smoke.seconds
+        record = build_record(job, inputs, prep, smoked, stages)
         # Recorded before the promotion: a run killed from here on leaves a promoted template whose build
         # the next run can still prove (repair.py), with the log up to this line.
         record_file = write_record(log.path, record)
-        before = None  # the promoted template, which gets the tag back should anything below fail
-        try:
-            before = promoted_template(api, key)
-            promotion = promote(api, found.node, key, vmid)
-            record_plan(layout, key, *planned, vmid, str(chain))
-            pruned = prune(api, found.node, key, entry.retention, keep={vmid})
-        except Exception as exc:  # past the smoke test: the template is withdrawn, never left behind
-            raise _withdrawn(api, found.node, entry, vmid, before, exc, log, record_file) from None
-        log.line("promote", f"{vmid} is now packer-assets-latest (before: {promotion.previous}); "
-                            f"pruned {pruned.destroyed or 'nothing'}")
-        for vm, why in pruned.failed.items():
-            log.line("warning", f"prune of {vm} failed: {why}")
-    previous = promotion.previous[0] if promotion.previous else None
-    outcome = BuildOutcome(key, str(chain), fingerprint, False, vmid, name, log.path, smoke=smoke_facts,
-                           previous_vmid=previous, pruned=list(pruned.destroyed), warnings=list(warnings),
-                           swept=swept, record_file=record_file)
-    record.update(previous_template_vmid=previous, pruned_vmids=list(pruned.destroyed))
+        promoted = promote_and_prune(job, inputs, prep.vmid, log, record_file)
+    return final_record(job, inputs, prep, smoked, promoted, record, log.path, record_file)
+
+
+def survey(job: BuildJob) -> Inputs:
+    """The build's input fingerprint and plan, the node swept of dead runs' leftovers, the up-to-date rule."""
+    started = datetime.now(UTC)
+    served = served_render(job.layout, job.key, job.rendered_dir)
+    fingerprint = input_fingerprint_of(job.entry, job.staged, served, job.project_dir)
+    planned = plan_of(job.layout, job.entry, job.staged, job.project_dir, job.env)
+    api = job.access.connect()
+    swept = sweep_leftovers(api, job.node, job.entry, job.layout)
+    up_to_date, current = is_up_to_date(api, job.key, fingerprint)
+    return Inputs(started, served, fingerprint, planned, api, swept, up_to_date, current)
+
+
+def prepare(job: BuildJob, inputs: Inputs) -> Prepared:
+    """Before packer: the token's privileges, a VMID, the placed plan, the work directory, the VM record."""
+    api, found, key, staged = inputs.api, job.access.discovery, job.key, job.staged
+    _grants, missing = token_privilege_gaps(api, found)
+    if missing:  # before packer: a missing privilege would otherwise show up after a whole build
+        lacks = "; ".join(f"{priv} on {path}" for path, priv in missing)
+        raise BuildPrivilegeError(f"{key}: token {job.access.token_id} lacks {lacks}: nothing was built "
+                                  "(run `make init` to set the role back, or grant it)")
+    caps = detect_packer(job.settings.packer)
+    vmid, name = allocate_vmid(api, job.entry), template_name(key, inputs.started)
+    plan = _placed_plan(job, inputs, vmid, name)
+    workdir = job.layout.work_dir(key) / job.chain.stamp
+    shutil.rmtree(workdir, ignore_errors=True)
+    penv = packer_env(job.access.endpoint, caps, job.credentials, ssh_password=job.ssh_password,
+                      workdir=workdir.parent, base_env=job.env)
+    prepared = prepare_workdir(workdir, job.entry, plan, caps, project_dir=job.project_dir, http_dir=job.rendered_dir,
+                               http_files=inputs.served.files, allow_degraded=job.settings.allow_degraded,
+                               secrets=penv.secrets)
+    redact = Redactor([*penv.secrets, job.ssh_password])
+    description = TemplateDescription(chain_id=str(job.chain), key=key, iso_url=job.entry.iso.url,
+                                      iso_checksum=f"{staged['iso'].algorithm}:{staged['iso'].checksum}",
+                                      iso_volid=staged["iso"].volid, input_fingerprint=inputs.fingerprint,
+                                      built_at=inputs.started, tool_version=__version__,
+                                      packer_version=caps.packer_version)
+    vm_record = atomic_write(workdir / VM_RECORD,
+                             json.dumps({"vmid": vmid, "name": name, "run_id": job.run_id}) + "\n")
+    return Prepared(caps, vmid, name, workdir, penv, prepared, redact, description, vm_record)
+
+
+def _placed_plan(job: BuildJob, inputs: Inputs, vmid: int, name: str) -> BuildPlan:
+    """The BuildPlan on the discovered node: the ISOs as staged (and Windows' answer ISO, uploaded)."""
+    api, found, staged = inputs.api, job.access.discovery, job.staged
+    extra = [staged[n].volid for n in sorted(staged) if n != "iso"]
+    answer = _answer_iso(api, job.access, job.entry, inputs.served)
+    return plan_build(job.entry, job.settings, vmid=vmid, name=name, node=found.node, iso_volid=staged["iso"].volid,
+                      extra_volids=extra + ([answer] if answer else []), vm_storage=found.vm_storage,
+                      vm_storage_type=storage_type(api, found.node, found.vm_storage), bridge=found.bridge,
+                      http_bind_address=found.http_bind_address, http_port=found.http_port,
+                      description=f"packer-assets {job.key} {job.chain} (building)")
+
+
+def packer_and_finish(job: BuildJob, inputs: Inputs, prep: Prepared, log: RunLog) -> dict[str, float]:
+    """packer (init, then build), then the template finished through the API; the stage timings. Any
+    failure destroys the build VM (its record goes once nothing of it is left) and is raised."""
+    stages: dict[str, float] = {}
+    try:
+        stages["packer"] = run_packer_phase(job, prep, log)
+        finish_template(inputs.api, job.node, prep.vmid, family=job.entry.family,
+                        vm_storage=job.access.discovery.vm_storage, description=prep.description, name=prep.name,
+                        tags=job.entry.tags)
+        log.line("finish", f"template {prep.vmid} ({prep.name}) finished: ISO ejected, description and tags written")
+    except BaseException as exc:
+        log.line("error", f"{type(exc).__name__}: {prep.redact(str(exc))}")
+        if _destroy(inputs.api, job.node, prep.vmid, job.entry, log):
+            prep.vm_record.unlink(missing_ok=True)
+        raise
+    return stages
+
+
+def run_packer_phase(job: BuildJob, prep: Prepared, log: RunLog) -> float:
+    """`packer init` when the plugins need it, then `packer build`: its duration (seconds, rounded)."""
+    settings, penv = job.settings, prep.penv
+    if prep.caps.needs_init:  # installs the plugins required_plugins names
+        init = packer_init(prep.workdir, penv.env, packer=settings.packer, redact=prep.redact)
+        for line in init.output.splitlines():
+            log.line("packer-init", line)
+        if not init.ok:
+            raise PackerError(f"packer init failed (exit {init.exit_code}); log: {log.path}", log_path=log.path)
+    result = run_packer(prep.workdir, penv.env, log, timeout=settings.timeout, on_stage=job.on_stage,
+                        cancel_event=job.cancel_event, grace=settings.grace, packer=settings.packer)
+    return round(result.duration, 3)
+
+
+def smoke_and_sbom(job: BuildJob, inputs: Inputs, prep: Prepared, log: RunLog) -> Smoked | BuildOutcome:
+    """The smoke test on a clone and the SBOM of its packages. A failed test (or SBOM) destroys the new
+    template and is the outcome; an internal error logs its traceback, destroys the template and is raised."""
+    settings, redact, vmid = job.settings, prep.redact, prep.vmid
+    ssh_address = (settings.ssh_host, settings.ssh_port_for(job.key) or 22) if settings.ssh_host else None
+    try:
+        smoke = smoke_test(inputs.api, job.node, vmid, job.entry, timeout=settings.smoke_timeout,
+                           ssh_address=ssh_address)
+        for step in smoke.steps:
+            log.line("smoke", redact(f"{step.name}: passed in {step.seconds:.1f} s"
+                                     + (f" ({step.detail})" if step.detail else "")))
+        sbom = write_template_sbom(log.path.parent, smoke, job.entry, prep.name, job.chain, inputs.started)
+    except (SmokeTestError, SbomError) as exc:
+        return _smoke_failed(job, inputs, prep, log, exc)
+    except Exception as exc:  # no verdict on the template (SmokeInternalError: our bug): it goes, the build fails
+        log.line("error", redact(f"{type(exc).__name__}: {exc}"))
+        for line in "".join(traceback.format_exception(exc)).splitlines():
+            log.line("traceback", redact(line))
+        log.line("smoke", f"the smoke test did not finish: destroying the new template {vmid}, the promoted "
+                          "one stays")
+        if _destroy(inputs.api, job.node, vmid, job.entry, log):
+            prep.vm_record.unlink(missing_ok=True)
+        raise
+    return _passed(job, prep, log, smoke, sbom)
+
+
+def _smoke_failed(job: BuildJob, inputs: Inputs, prep: Prepared, log: RunLog,
+                  exc: SmokeTestError | SbomError) -> BuildOutcome:
+    redact, vmid = prep.redact, prep.vmid
+    for step in getattr(exc, "steps", ()):
+        log.line("smoke", redact(f"{step.name}: {'passed' if step.passed else 'FAILED'}"
+                                 + (f" ({step.detail})" if step.detail else "")))
+    log.line("smoke", redact(f"FAILED: {exc}; destroying the new template {vmid}, the promoted one stays"))
+    if _destroy(inputs.api, job.node, vmid, job.entry, log):
+        prep.vm_record.unlink(missing_ok=True)
+    return BuildOutcome(job.key, str(job.chain), inputs.fingerprint, False, vmid, prep.name, log.path,
+                        smoke_error=_named(job.key, redact(str(exc))),
+                        smoke_steps=[_step_facts(s, redact) for s in getattr(exc, "steps", ())], swept=inputs.swept)
+
+
+def _passed(job: BuildJob, prep: Prepared, log: RunLog, smoke: SmokeResult, sbom: dict[str, Any]) -> Smoked:
+    """A template that passed: its warnings logged, its VM record gone (no longer a build VM), its facts."""
+    redact = prep.redact
+    warnings = [*prep.prepared.warnings, *map(redact, smoke.warnings)]  # checks passed with a warning (cloud-init 2)
+    for warning in smoke.warnings:
+        log.line("warning", redact(warning))
+    log.line("smoke", f"passed: clone {smoke.clone_vmid} booted {smoke.found_os} (expected {smoke.expected_os}), "
+                      f"agent answered, ips {smoke.ips}, {sbom['packages']} packages in {SBOM_FILE}")
+    prep.vm_record.unlink(missing_ok=True)  # a template that passed: no longer a build VM
+    facts = {"clone_vmid": smoke.clone_vmid, "os": smoke.os_name, "found_os": smoke.found_os,
+             "expected_os": smoke.expected_os, "ips": smoke.ips, "seconds": smoke.seconds,
+             "machine_id": smoke.machine_id, "host_keys": host_key_fingerprints(smoke.host_keys),
+             "steps": [_step_facts(s, redact) for s in smoke.steps], "packages": sbom["packages"]}
+    return Smoked(smoke, sbom, facts, warnings)
+
+
+def build_record(job: BuildJob, inputs: Inputs, prep: Prepared, smoked: Smoked,
+                 stages: dict[str, float]) -> dict[str, Any]:
+    """The build record as written before the promotion (previous template and prune filled in after)."""
+    key, iso = job.key, job.staged["iso"]
+    return {
+        "chain_id": str(job.chain), "key": key, "dagster_run_id": job.run_id, "tool_version": __version__,
+        "template": {"vmid": prep.vmid, "name": prep.name, "node": job.node,
+                     "tags": template_tags(key, job.entry.tags)},
+        "iso": {"url": job.entry.iso.url, "effective_url": iso.source,
+                "checksum": f"{iso.algorithm}:{iso.checksum}", "volid": iso.volid},
+        "rendered_files": rendered_hashes(inputs.served), "packer_version": prep.caps.packer_version,
+        "packer_template_sha256": prep.prepared.template_sha256,
+        "timings": {"started_at": inputs.started.isoformat(), "stages": stages},
+        "smoke": smoked.facts,
+        "input_fingerprint": inputs.fingerprint, "previous_template_vmid": inputs.current,
+        "pruned_vmids": [], "warnings": smoked.warnings, "sbom": smoked.sbom,
+        "guest": guest_note(job.settings.guest_notes, key),
+    }
+
+
+def promote_and_prune(job: BuildJob, inputs: Inputs, vmid: int, log: RunLog, record_file: Path) -> Promoted:
+    """The tag moved to the new template, the plan recorded, old templates pruned; any failure withdraws
+    the new template (its promotion given back) and raises (_withdrawn)."""
+    api, node, key = inputs.api, job.node, job.key
+    before = None  # the promoted template, which gets the tag back should anything below fail
+    try:
+        before = promoted_template(api, key)
+        promotion = promote(api, node, key, vmid)
+        record_plan(job.layout, key, *inputs.planned, vmid, str(job.chain))
+        pruned = prune(api, node, key, job.entry.retention, keep={vmid})
+    except Exception as exc:  # noqa: BLE001 - past the smoke test: the template is withdrawn, never left behind
+        raise _withdrawn(api, node, job.entry, vmid, before, exc, log, record_file) from None
+    log.line("promote", f"{vmid} is now packer-assets-latest (before: {promotion.previous}); "
+                        f"pruned {pruned.destroyed or 'nothing'}")
+    for vm, why in pruned.failed.items():
+        log.line("warning", f"prune of {vm} failed: {why}")
+    return Promoted(promotion, pruned)
+
+
+def final_record(job: BuildJob, inputs: Inputs, prep: Prepared, smoked: Smoked, promoted: Promoted,
+                 record: dict[str, Any], log_file: Path, record_file: Path) -> BuildOutcome:
+    """The record rewritten with the whole log (promotion and prune in it), old work directories pruned,
+    registry.json rewritten (a failure there is the outcome's warning)."""
+    previous = promoted.promotion.previous[0] if promoted.promotion.previous else None
+    pruned = list(promoted.pruned.destroyed)
+    outcome = BuildOutcome(job.key, str(job.chain), inputs.fingerprint, False, prep.vmid, prep.name, log_file,
+                           smoke=smoked.facts, previous_vmid=previous, pruned=pruned, warnings=list(smoked.warnings),
+                           swept=inputs.swept, record_file=record_file)
+    record.update(previous_template_vmid=previous, pruned_vmids=list(pruned))
     record["timings"]["finished_at"] = datetime.now(UTC).isoformat()
-    write_record(log.path, record)  # the whole log now: the promotion and the prune are in it
-    prune_work_dirs(layout, entry)
-    outcome.registry_warning = update_registry(layout, api, project_dir, chain, echo, env)
+    write_record(log_file, record)  # the whole log now: the promotion and the prune are in it
+    prune_work_dirs(job.layout, job.entry)
+    outcome.registry_warning = update_registry(job.layout, inputs.api, job.project_dir, job.chain, job.echo, job.env)
     return outcome
 
 
@@ -367,7 +549,7 @@ def _withdrawn(api, node: str, entry: TemplateEntry, vmid: int, before, exc: Exc
     log.line("error", failed)
     try:
         destroyed, done = withdraw(api, node, entry, vmid, before)
-    except Exception as undo:  # reported with the original failure, never hiding it
+    except Exception as undo:  # noqa: BLE001 - reported with the original failure, never hiding it
         destroyed, done = False, f"could not withdraw VM {vmid}: {undo}"
     if destroyed:
         record_file.unlink(missing_ok=True)
@@ -381,7 +563,7 @@ def _destroy(api, node: str, vmid: int, entry: TemplateEntry, log) -> bool:
         if destroy_build_vm(api, node, vmid, entry):
             log.line("cleanup", f"build VM {vmid} destroyed")
         return True
-    except Exception as exc:  # reported, never hiding the original failure
+    except Exception as exc:  # noqa: BLE001 - reported, never hiding the original failure
         log.line("cleanup", f"could not destroy build VM {vmid}: {exc} (the key's next build removes it)")
         return False
 

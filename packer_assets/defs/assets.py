@@ -6,6 +6,7 @@ import dagster as dg
 from pydantic import Field
 
 from packer_assets.build.pipeline import (
+    BuildJob,
     CachedRender,
     NoPromotedBuild,
     build_template,
@@ -359,11 +360,11 @@ def template(
         context.log.info(f"[{chain}] {key}: forced (config force: true or tag {FORCE_TAG}): builds even if up to date")
     env = project.environment()  # the install password (the catalog names its variable), packer's PATH
     try:
-        outcome = build_template(
+        outcome = build_template(BuildJob(
             layout, entry, access, packer.credentials(access), env.get(entry.install_user.password_env, ""),
             staged, rendered, chain, packer.settings(force), project_dir=catalog.project_dir,
             run_id=context.run.run_id, on_stage=lambda line: context.log.info(f"[{chain}] {line}"), env=env,
-        )
+        ))
     except Exception as exc:  # the error and the log's last lines where people look, then the step fails
         tag_outcome(context, FAILED)
         log_file = layout.build_log_dir(key, chain.stamp) / "packer.log"

@@ -195,6 +195,43 @@ def _poll(run: _Run, step: str, deadline: float, poll: float, attempt) -> Any:
         time.sleep(poll)
 
 
+@dataclass(frozen=True)
+class SmokeContext:
+    """What every step of one smoke test reads: smoke_test's arguments, its step bookkeeping and login key."""
+
+    api: PveApi
+    node: str
+    template_vmid: int
+    entry: TemplateEntry
+    run: _Run
+    login: EphemeralKey            # the key pair made for this test (Linux: in the clone's cloud-init keys)
+    clone_vmid: int | None = None  # as asked for (None: allocated in the key's range)
+    ssh_public_key: str | None = None
+    ci_user: str = DEFAULT_CI_USER
+    storage: str | None = None
+    timeout: float = 600.0
+    task_timeout: float = TASK_TIMEOUT
+    poll: float = 2.0
+    ssh_address: tuple[str, int] | None = None
+
+    @property
+    def linux(self) -> bool:
+        return self.entry.family != "windows"
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the steps saw of the clone (smoke_test adds the timings, steps and warnings)."""
+
+    clone_vmid: int
+    os_info: dict[str, Any]
+    interfaces: list[dict[str, Any]]
+    ips: list[str]
+    packages: tuple[Package, ...]
+    machine_id: str | None
+    host_keys: list[str]
+
+
 def smoke_test(api: PveApi, node: str, template_vmid: int, entry: TemplateEntry, *,
                clone_vmid: int | None = None, ssh_public_key: str | None = None, ci_user: str = DEFAULT_CI_USER,
                storage: str | None = None, timeout: float = 600.0, task_timeout: float = TASK_TIMEOUT,
@@ -211,8 +248,9 @@ def smoke_test(api: PveApi, node: str, template_vmid: int, entry: TemplateEntry,
     run = _Run(entry.key, template_vmid)
     started = time.monotonic()
     try:
-        result = _test(api, node, template_vmid, entry, run, clone_vmid, ssh_public_key, ci_user, storage,
-                       timeout, task_timeout, poll, ssh_address)
+        ctx = SmokeContext(api, node, template_vmid, entry, run, EphemeralKey.generate(), clone_vmid, ssh_public_key,
+                           ci_user, storage, timeout, task_timeout, poll, ssh_address)
+        seen = _test(ctx)
     except BaseException as exc:
         cleaned, note = _cleanup(api, node, run, task_timeout)
         if isinstance(exc, SmokeTestError):
@@ -226,9 +264,9 @@ def smoke_test(api: PveApi, node: str, template_vmid: int, entry: TemplateEntry,
     cleaned, note = _cleanup(api, node, run, task_timeout)
     if not cleaned:
         raise SmokeTestError("cleanup", template_vmid, run.clone_vmid, entry.key, note, steps=tuple(run.steps))
-    return SmokeResult(template_vmid, result["clone_vmid"], result["os_info"], result["interfaces"], result["ips"],
-                       time.monotonic() - started, tuple(run.steps), str(entry.expected_os), result["packages"],
-                       result["machine_id"], tuple(result["host_keys"]), tuple(run.warnings))
+    return SmokeResult(template_vmid, seen.clone_vmid, seen.os_info, seen.interfaces, seen.ips,
+                       time.monotonic() - started, tuple(run.steps), str(entry.expected_os), seen.packages,
+                       seen.machine_id, tuple(seen.host_keys), tuple(run.warnings))
 
 
 def _cleanup(api: PveApi, node: str, run: _Run, task_timeout: float) -> tuple[bool, str | None]:
@@ -254,11 +292,30 @@ def _cleanup(api: PveApi, node: str, run: _Run, task_timeout: float) -> tuple[bo
     return True, f"clone {run.clone_vmid} destroyed" if destroyed else f"clone {run.clone_vmid} was already gone"
 
 
-def _test(api, node, template_vmid, entry, run: _Run, clone_vmid, ssh_public_key, ci_user, storage, timeout,
-          task_timeout, poll, ssh_address) -> dict[str, Any]:
-    linux = entry.family != "windows"
-    login = EphemeralKey.generate()
+def _test(ctx: SmokeContext) -> Observed:
+    """The steps in order, each timed and named by ctx.run (the clone is removed by the caller)."""
+    run = ctx.run
+    clone_vmid = _clone(ctx)
+    clone = ctx.api.nodes(ctx.node).qemu(clone_vmid)
+    agent_on = _configure(ctx, clone)
+    with run.step("start"):
+        run_task(ctx.api, clone.status.start.post(), f"start clone {clone_vmid}", ctx.task_timeout)
+    deadline = time.monotonic() + ctx.timeout  # the guest's boot: agent up and an address, together
+    os_info = _booted_os(ctx, clone, agent_on, deadline)
+    with run.step("network"):
+        interfaces = _poll(run, "network", deadline, ctx.poll,
+                           lambda: _with_ips(clone.agent("network-get-interfaces").get().get("result") or []))
+    ips = guest_ips(interfaces)
+    machine_id, host_keys = _guest_checks(ctx, clone, ips, deadline)
+    packages = _inventory(ctx, clone, deadline)
+    return Observed(clone_vmid, os_info, interfaces, ips, packages, machine_id, host_keys)
+
+
+def _clone(ctx: SmokeContext) -> int:
+    """Step clone: the template full-cloned to a free VMID of the key's range (run.created once PVE took it)."""
+    run, entry, api, template_vmid = ctx.run, ctx.entry, ctx.api, ctx.template_vmid
     with run.step("clone"):
+        clone_vmid = ctx.clone_vmid
         if clone_vmid is None:
             clone_vmid = allocate_vmid(api, entry, exclude=[template_vmid])
         run.clone_vmid = clone_vmid
@@ -270,11 +327,11 @@ def _test(api, node, template_vmid, entry, run: _Run, clone_vmid, ssh_public_key
         params = dict(newid=clone_vmid, full=1, name=f"{entry.key}-smoke-{template_vmid}",
                       description=f"Temporary smoke-test clone of template {template_vmid} (packer-assets); "
                                   "destroyed when the test ends.")
-        if storage:
-            params["storage"] = storage
+        if ctx.storage:
+            params["storage"] = ctx.storage
         run.clone_name = params["name"]
         try:
-            upid = api.nodes(node).qemu(template_vmid).clone.post(**params)
+            upid = api.nodes(ctx.node).qemu(template_vmid).clone.post(**params)
         except ResourceException:
             raise  # PVE refused it: nothing was created, and the VMID may be someone else's
         except Exception:
@@ -282,37 +339,42 @@ def _test(api, node, template_vmid, entry, run: _Run, clone_vmid, ssh_public_key
             run.created = True  # _cleanup destroys it only if it carries our name
             raise
         run.created = True
-        run_task(api, upid, f"clone {template_vmid} -> {clone_vmid}", task_timeout)
+        run_task(api, upid, f"clone {template_vmid} -> {clone_vmid}", ctx.task_timeout)
+    return clone_vmid
 
-    clone = api.nodes(node).qemu(clone_vmid)
-    with run.step("configure"):
+
+def _configure(ctx: SmokeContext, clone: Any) -> bool:
+    """Step configure: the clone's tags, and (Linux) its cloud-init user and keys; True if the template
+    enables the guest agent."""
+    with ctx.run.step("configure"):
         config = clone.config.get()
         # The clone inherits the template's tags (maybe the promotion tag) and description: replace both,
         # so it is never taken for a template of the key.
-        updates: dict[str, Any] = {"tags": join_tags([TOOL_TAG, entry.key, SMOKE_TAG])}
-        if linux:
+        updates: dict[str, Any] = {"tags": join_tags([TOOL_TAG, ctx.entry.key, SMOKE_TAG])}
+        if ctx.linux:
             if cloudinit_drive(config) is None:
-                raise run.error("configure", "the template has no cloud-init drive (finish_template adds one)")
-            updates["ciuser"] = ci_user
-            keys = [ssh_public_key.strip()] if ssh_public_key and ssh_public_key.strip() else []
-            updates["sshkeys"] = encode_sshkeys("\n".join([*keys, login.public]))
+                raise ctx.run.error("configure", "the template has no cloud-init drive (finish_template adds one)")
+            updates["ciuser"] = ctx.ci_user
+            key = ctx.ssh_public_key
+            keys = [key.strip()] if key and key.strip() else []
+            updates["sshkeys"] = encode_sshkeys("\n".join([*keys, ctx.login.public]))
             if "net0" in config:
                 updates["ipconfig0"] = "ip=dhcp"
-            if _has_ciupgrade(api):
+            if _has_ciupgrade(ctx.api):
                 # PVE >= 8.1 upgrades a clone's packages on first boot by default: the clone would then not be
                 # the template (and its inventory not the template's SBOM), and would need a mirror and minutes.
                 updates["ciupgrade"] = 0
         clone.config.put(**updates)
-        agent_on = agent_enabled(config)
+        return agent_enabled(config)
 
-    with run.step("start"):
-        run_task(api, clone.status.start.post(), f"start clone {clone_vmid}", task_timeout)
 
-    deadline = time.monotonic() + timeout  # the guest's boot: agent up and an address, together
+def _booted_os(ctx: SmokeContext, clone: Any, agent_on: bool, deadline: float) -> dict[str, Any]:
+    """Steps agent, osinfo and identity: the agent answers, and the OS it reports is the one expected."""
+    run = ctx.run
     with run.step("agent"):
         if not agent_on:
             raise run.error("agent", "the template does not enable the QEMU guest agent (agent=1 in its config)")
-        _poll(run, "agent", deadline, poll, lambda: clone.agent.ping.post() or True)
+        _poll(run, "agent", deadline, ctx.poll, lambda: clone.agent.ping.post() or True)
 
     with run.step("osinfo"):
         os_info = clone.agent("get-osinfo").get().get("result") or {}
@@ -320,24 +382,25 @@ def _test(api, node, template_vmid, entry, run: _Run, clone_vmid, ssh_public_key
             raise run.error("osinfo", "the guest agent returned no OS information")
 
     with run.step("identity"):
-        expected = entry.expected_os
+        expected = ctx.entry.expected_os
         if not expected.matches(os_info.get("id"), os_info.get("version-id")):
             raise run.error("identity", f"expected {expected}, found {found_os(os_info)} "
                                         f"({os_info.get('pretty-name') or os_info.get('name') or 'no name'}): "
                                         "the template was not installed from the key's ISO")
+    return os_info
 
-    with run.step("network"):
-        interfaces = _poll(run, "network", deadline, poll,
-                           lambda: _with_ips(clone.agent("network-get-interfaces").get().get("result") or []))
-    ips = guest_ips(interfaces)
-    values = {"install_user": entry.install_user.name, "ci_user": ci_user}
-    identity: dict[str, Any] = {"machine_id": None, "host_keys": []}
+
+def _guest_checks(ctx: SmokeContext, clone: Any, ips: list[str], deadline: float) -> tuple[str | None, list[str]]:
+    """The family's and the catalog's checks, a step each: (machine ID, SSH host keys) as fresh_identity read them."""
+    run, entry = ctx.run, ctx.entry
+    values = {"install_user": entry.install_user.name, "ci_user": ctx.ci_user}
+    machine_id: str | None = None
+    host_keys: list[str] = []
     for check in checks_for(entry):
         with run.step(check.name):
             if check.via == "ssh":
-                host, port = ssh_address or (_ssh_host(ips), 22)
-                output = _ssh_output(run, check, host, port, ci_user, login, identity["host_keys"],
-                                     check.ssh_command(values), deadline)
+                host, port = ctx.ssh_address or (_ssh_host(ips), 22)
+                output = _ssh_output(ctx, check, (host, port), host_keys, check.ssh_command(values), deadline)
             else:
                 output = _agent_output(run, check.name, clone.agent, check.command(values), deadline)
             passed, run.detail = check.judge(output.exit_code, output.out, values, output.err)
@@ -345,18 +408,22 @@ def _test(api, node, template_vmid, entry, run: _Run, clone_vmid, ssh_public_key
                 raise run.error(check.name, f"{check.purpose}: {run.detail}")
             if check.warned(output.exit_code):
                 run.warnings.append(f"{entry.key}: smoke test: {check.name} {run.detail}")
-            if check.name == "fresh_identity" and linux:
-                identity["machine_id"], identity["host_keys"] = parse_identity(output.out)
+            if check.name == "fresh_identity" and ctx.linux:
+                machine_id, host_keys = parse_identity(output.out)
+    return machine_id, host_keys
 
+
+def _inventory(ctx: SmokeContext, clone: Any, deadline: float) -> tuple[Package, ...]:
+    """Step inventory: the installed packages (for the SBOM)."""
+    run, family = ctx.run, ctx.entry.family
     with run.step("inventory"):
-        output = _agent_output(run, "inventory", clone.agent, inventory_command(entry.family), deadline)
+        output = _agent_output(run, "inventory", clone.agent, inventory_command(family), deadline)
         if output.exit_code != 0:
             raise run.error("inventory", f"the package query exited {output.exit_code}: "
                                          f"{' '.join((output.err or output.out).split())[:300]}")
-        packages = tuple(parse_inventory(entry.family, output.out))
+        packages = tuple(parse_inventory(family, output.out))
         run.detail = f"{len(packages)} packages"
-    return {"clone_vmid": clone_vmid, "os_info": os_info, "interfaces": interfaces, "ips": ips,
-            "packages": packages, **identity}
+    return packages
 
 
 def _has_ciupgrade(api: PveApi) -> bool:
@@ -380,12 +447,14 @@ def _agent_output(run: _Run, step: str, agent, argv: list[str], deadline: float)
         raise run.error(step, f"gave up waiting for the guest: {exc}") from None
 
 
-def _ssh_output(run: _Run, check: GuestCheck, host: str, port: int, user: str, login: EphemeralKey,
-                host_keys: list[str], command: str, deadline: float) -> GuestOutput:
+def _ssh_output(ctx: SmokeContext, check: GuestCheck, address: tuple[str, int], host_keys: list[str], command: str,
+                deadline: float) -> GuestOutput:
+    """`command` over SSH as the cloud-init user with the test's key (host keys pinned once known)."""
+    host, port = address
     try:
-        return ssh_run(host, port, user, login, host_keys, command, deadline=deadline)
+        return ssh_run(host, port, ctx.ci_user, ctx.login, host_keys, command, deadline=deadline)
     except SshLoginError as exc:
-        raise run.error(check.name, f"{check.purpose}: {exc}") from None
+        raise ctx.run.error(check.name, f"{check.purpose}: {exc}") from None
 
 
 def _with_ips(interfaces: list[dict[str, Any]]) -> list[dict[str, Any]] | None:

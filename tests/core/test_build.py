@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 from support import REPO
 
-from packer_assets.build.pipeline import (RECORD, BuildSettings, build_template, input_fingerprint_of, prune_work_dirs,
+from packer_assets.build.pipeline import (RECORD, BuildJob, BuildSettings, build_template, input_fingerprint_of, prune_work_dirs,
                                  render_and_validate, rendered_hashes, served_render)
 from packer_assets.evidence.chain import new_chain_id
 from packer_assets.packer.runner import PackerCheck
@@ -74,7 +74,7 @@ def test_a_build_refuses_a_render_changed_since_it_was_validated_before_touching
         (layout.output_root / "output/state/render/debian-12.json").unlink()
     node = SimpleNamespace(discovery=None, connect=lambda: pytest.fail("the node was contacted"))
     with pytest.raises(RenderRecordError) as err:
-        build_template(layout, entry, node, None, "", staged_iso(), folder, new_chain_id(entry.key), BuildSettings(),
-                       project_dir=REPO)
+        build_template(BuildJob(layout, entry, node, None, "", staged_iso(), folder, new_chain_id(entry.key),
+                                BuildSettings(), project_dir=REPO))
     assert str(err.value).startswith("debian-12: ") and "\n" not in str(err.value)
     assert ("preseed.cfg: changed since the render" if change == "edited" else "no record") in str(err.value)
