@@ -59,7 +59,7 @@ def _error(source: str, line: int, what: str) -> EnvFileError:
 
 def parse(text: str, source: str = "<string>") -> dict[str, str]:
     """The variables `text` sets as bash `source` reads them, without expansion."""
-    return {word.name: word.value for word in assignments(text, source)}
+    return {word.name: word.value for word in assignments(text, source) if word.name is not None}
 
 
 def assignments(text: str, source: str = "<string>") -> list[Word]:
@@ -141,7 +141,7 @@ def _word_value(text: str, i: int, source: str, line: int, name: str | None) -> 
     return "".join(out), min(i, len(text))
 
 
-def _unescape(match: re.Match) -> str:
+def _unescape(match: re.Match[str]) -> str:
     return "" if match.group(1) == "\n" else match.group(1)  # a backslash-newline joins the lines
 
 
@@ -161,7 +161,7 @@ def _closing_quote(text: str, i: int) -> int:
 
 
 def read_env_file(path: Path) -> dict[str, str]:
-    return {word.name: word.value for word in read_assignments(path)}
+    return {word.name: word.value for word in read_assignments(path) if word.name is not None}
 
 
 def read_assignments(path: Path) -> list[Word]:

@@ -303,7 +303,8 @@ def validate_sbom(bom: dict[str, Any]) -> None:
         problems.append(f"{error.data.json_path}: {message[:200]}{'...' if len(message) > 200 else ''}")
     if len(errors) > MAX_SCHEMA_ERRORS:
         problems.append(f"and {len(errors) - MAX_SCHEMA_ERRORS} more schema errors")
-    refs = [c.get("bom-ref") for c in bom.get("components") or [] if isinstance(c, dict) and c.get("bom-ref")]
+    refs: list[str] = [c["bom-ref"] for c in bom.get("components") or []
+                       if isinstance(c, dict) and isinstance(c.get("bom-ref"), str) and c["bom-ref"]]
     duplicates = sorted({r for r in refs if refs.count(r) > 1})
     if duplicates:
         problems.append(f"$.components: bom-ref not unique: {', '.join(duplicates[:3])}")

@@ -14,6 +14,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from packer_assets.errors import ConfigError
 from packer_assets.evidence.layout import atomic_write, sha256_file
@@ -50,7 +51,7 @@ def stray_files(folder: Path, rendered: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(n for n in found if n not in known and not n.startswith(".")))
 
 
-def write_render_record(path: Path, render_key: str | None, metadata: Mapping, files: Mapping[str, str],
+def write_render_record(path: Path, render_key: str | None, metadata: Mapping[str, Any], files: Mapping[str, str],
                  argv: Iterable[str] = ()) -> Path:
     """render_key: set only when `packer validate` passed too (then unattended_files may reuse the render);
     files: every file the render wrote (the answer ISO too), its sha256."""
@@ -58,7 +59,7 @@ def write_render_record(path: Path, render_key: str | None, metadata: Mapping, f
                                           "argv": list(argv)}, indent=1, sort_keys=True) + "\n")
 
 
-def read_record(path: Path) -> dict | None:
+def read_record(path: Path) -> dict[str, Any] | None:
     try:
         record = json.loads(Path(path).read_text())
     except (OSError, ValueError):

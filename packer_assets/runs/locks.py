@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from packer_assets.errors import OperationError
 
@@ -31,15 +32,16 @@ class KeyBusy(OperationError):
     """Another live run holds the key (only raised when not waiting)."""
 
 
-def holder(lock_file: Path) -> dict:
+def holder(lock_file: Path) -> dict[str, Any]:
     """Who holds (or last held) the lock, as written by that process; {} when unknown."""
     try:
-        return json.loads(Path(lock_file).read_text() or "{}")
+        info = json.loads(Path(lock_file).read_text() or "{}")
+        return info if isinstance(info, dict) else {}
     except (OSError, ValueError):
         return {}
 
 
-def describe(info: dict) -> str:
+def describe(info: dict[str, Any]) -> str:
     if not info:
         return "another process"
     return (f"run {info.get('run_id') or '(no run ID)'} (pid {info.get('pid')} on {info.get('host')}, "

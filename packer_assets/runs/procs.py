@@ -4,6 +4,7 @@ empty, the run recovery whether a run's worker still lives; the lab whether a pi
 process tree with `proc_table` and its memory with `memory_kb`."""
 
 import os
+from collections.abc import Iterator
 
 
 def process_alive(pid: int, started_before: float | None = None) -> bool:
@@ -34,7 +35,7 @@ def _stat_fields(pid: str) -> list[str] | None:
         return None
 
 
-def proc_stats():
+def proc_stats() -> Iterator[tuple[int, str, int, int]]:
     """(pid, state, ppid, pgid) of every process, from /proc/<pid>/stat."""
     for entry in os.listdir("/proc"):
         fields = _stat_fields(entry) if entry.isdigit() else None
@@ -66,10 +67,10 @@ def memory_kb(pid: int) -> dict[str, int]:
     return out
 
 
-def proc_table(cpu: dict | None = None) -> dict[int, tuple[int, list[str]]]:
+def proc_table(cpu: dict[int, float] | None = None) -> dict[int, tuple[int, list[str]]]:
     """pid -> (ppid, argv) of every readable process; with `cpu`, also pid -> utime+stime seconds into it
     (the tests and benchmarks watch packer's process tree with it)."""
-    table = {}
+    table: dict[int, tuple[int, list[str]]] = {}
     tick = os.sysconf("SC_CLK_TCK")
     for entry in os.listdir("/proc"):
         fields = _stat_fields(entry) if entry.isdigit() else None

@@ -271,7 +271,7 @@ def verify_signature(data: str | bytes, signature: bytes | str | None = None, *,
                 "--keyring", str(ring), "--trust-model", "always", "--no-auto-key-retrieve"]
         env = {"GNUPGHOME": home, "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
 
-        def run(args: list[str], stdin: bytes | None = None) -> subprocess.CompletedProcess:
+        def run(args: list[str], stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
             try:
                 return subprocess.run(args, input=stdin, capture_output=True, env=env, timeout=timeout, check=False)
             except subprocess.TimeoutExpired:
@@ -304,7 +304,7 @@ def verify_signature(data: str | bytes, signature: bytes | str | None = None, *,
     return VerifiedText(text, valid)
 
 
-def _gpg_said(out: subprocess.CompletedProcess) -> str:
+def _gpg_said(out: subprocess.CompletedProcess[bytes]) -> str:
     lines = [ln for ln in out.stderr.decode("utf-8", "replace").splitlines() if ln.startswith("gpg:")]
     return "; ".join(" ".join(ln.removeprefix("gpg: ").split()) for ln in lines[-3:]) or f"exit {out.returncode}"
 
@@ -324,6 +324,7 @@ def resolve_checksum(iso: IsoSource, *, cache: MutableMapping[str, ChecksumFile]
     if iso.checksum:
         return Checksum.parse(iso.checksum)
     url = iso.effective_checksum_url
+    assert url is not None  # the catalog holds exactly one of checksum and checksum_url
     parsed = cache.get(url) if cache is not None else None
     if parsed is None:
         body = http_get(url, timeout=timeout, session=session).content

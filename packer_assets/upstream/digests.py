@@ -19,7 +19,7 @@ class Checksum:
     algorithm: str  # md5 | sha1 | sha224 | sha256 | sha384 | sha512
     hex: str  # lower case
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         algo, digest = self.algorithm.strip().lower(), self.hex.strip().lower()
         if algo not in ALGORITHMS:
             raise ValueError(f"unsupported checksum algorithm {self.algorithm!r} (want one of {sorted(ALGORITHMS)})")

@@ -29,16 +29,18 @@ import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import requests
 
 from packer_assets.catalog import IsoSource
-from packer_assets.upstream.checksums import Checksum, ChecksumError, ChecksumFile, FetchResult, fetch_checksum_file
+from packer_assets.upstream.checksums import ChecksumError, ChecksumFile, FetchResult, fetch_checksum_file
+from packer_assets.upstream.digests import Checksum
 
 
 @dataclass
 class PollResult:
-    cursor: dict[str, dict]  # the next cursor (JSON-serialisable)
+    cursor: dict[str, dict[str, Any]]  # the next cursor (JSON-serialisable)
     changed: dict[str, str] = field(default_factory=dict)  # key -> new "algo:hex"
     unchanged: list[str] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)  # key -> message naming the URL
@@ -67,12 +69,12 @@ class PollResult:
         return ", ".join(parts) or "no ISO source in the catalog"
 
 
-def _entry(cursor: Mapping, key: str) -> dict:
+def _entry(cursor: Mapping[str, Any], key: str) -> dict[str, Any]:
     value = cursor.get(key) if isinstance(cursor, Mapping) else None
     return dict(value) if isinstance(value, Mapping) else {}
 
 
-def _validators(entries: list[dict], url: str, names: list[str]) -> tuple[str | None, str | None]:
+def _validators(entries: list[dict[str, Any]], url: str, names: list[str]) -> tuple[str | None, str | None]:
     """The (etag, last_modified) to send for a URL: only if every key sharing it holds the same ones,
     for this URL and name, with a checksum (otherwise a 304 would leave some key without an answer)."""
     seen = {(e.get("etag"), e.get("last_modified")) for e in entries}
@@ -82,7 +84,7 @@ def _validators(entries: list[dict], url: str, names: list[str]) -> tuple[str | 
     return None, None
 
 
-def poll(sources: Mapping[str, IsoSource], cursor: Mapping | None, max_workers: int = 8,
+def poll(sources: Mapping[str, IsoSource], cursor: Mapping[str, Any] | None, max_workers: int = 8,
          timeout: float = 5) -> PollResult:
     cursor = cursor or {}
     result = PollResult(cursor={})
@@ -94,7 +96,9 @@ def poll(sources: Mapping[str, IsoSource], cursor: Mapping | None, max_workers: 
                    "etag": None, "last_modified": None}
             _classify(result, key, old.get("checksum"), new)
         else:
-            groups.setdefault(iso.effective_checksum_url, []).append(key)
+            url = iso.effective_checksum_url
+            assert url is not None  # the catalog holds exactly one of checksum and checksum_url
+            groups.setdefault(url, []).append(key)
 
     local = threading.local()
     sessions: list[requests.Session] = []
@@ -106,7 +110,8 @@ def poll(sources: Mapping[str, IsoSource], cursor: Mapping | None, max_workers: 
             local.session = requests.Session()
             with lock:
                 sessions.append(local.session)
-        return local.session
+        current: requests.Session = local.session
+        return current
 
     def fetch(url: str) -> FetchResult | ChecksumError:
         keys = groups[url]
@@ -133,7 +138,7 @@ def poll(sources: Mapping[str, IsoSource], cursor: Mapping | None, max_workers: 
     return result
 
 
-def _apply(result: PollResult, cursor: Mapping, sources: Mapping[str, IsoSource], url: str, keys: list[str],
+def _apply(result: PollResult, cursor: Mapping[str, Any], sources: Mapping[str, IsoSource], url: str, keys: list[str],
            outcome: FetchResult | ChecksumError) -> None:
     if isinstance(outcome, ChecksumError):
         result.fetches[url] = "error"
@@ -157,7 +162,7 @@ def _apply(result: PollResult, cursor: Mapping, sources: Mapping[str, IsoSource]
         _classify(result, key, old.get("checksum"), new)
 
 
-def _classify(result: PollResult, key: str, old_checksum: str | None, new: dict) -> None:
+def _classify(result: PollResult, key: str, old_checksum: str | None, new: dict[str, Any]) -> None:
     result.cursor[key] = new
     if not old_checksum:
         result.first_seen[key] = new["checksum"]
@@ -167,7 +172,7 @@ def _classify(result: PollResult, key: str, old_checksum: str | None, new: dict)
         result.unchanged.append(key)
 
 
-def _failed(result: PollResult, cursor: Mapping, key: str, message: str) -> None:
+def _failed(result: PollResult, cursor: Mapping[str, Any], key: str, message: str) -> None:
     result.errors[key] = message
     old = _entry(cursor, key)
     if old:
