@@ -92,7 +92,7 @@ def _display(path: Path, project_dir: Path) -> str:
         return str(path)
 
 
-class _UniqueKeys:
+class _UniqueKeys(yaml.constructor.SafeConstructor):
     """Safe-loader mixin that rejects a key repeated within one mapping (PyYAML keeps the last silently)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -106,7 +106,8 @@ class _UniqueKeys:
                     "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
                 )
             seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
 
 
 class _UniqueKeyLoader(_UniqueKeys, yaml.SafeLoader):
@@ -115,11 +116,12 @@ class _UniqueKeyLoader(_UniqueKeys, yaml.SafeLoader):
 
 # libyaml's C parser where PyYAML has it: ~7x faster on a large catalog, which the checksum sensor
 # re-reads every tick. Same constructor and resolver (Python), so the same data.
+_FastUniqueKeyLoader: type[yaml.SafeLoader] | type[yaml.CSafeLoader] = _UniqueKeyLoader  # PyYAML built without libyaml
 if getattr(yaml, "__with_libyaml__", False):
-    class _FastUniqueKeyLoader(_UniqueKeys, yaml.CSafeLoader):
+    class _CUniqueKeyLoader(_UniqueKeys, yaml.CSafeLoader):
         """libyaml's parser with the safe constructor."""
-else:  # pragma: no cover - PyYAML built without libyaml
-    _FastUniqueKeyLoader = _UniqueKeyLoader
+
+    _FastUniqueKeyLoader = _CUniqueKeyLoader
 
 
 def _load_yaml(text: str) -> Any:
@@ -261,7 +263,7 @@ def load_catalog(
         raw_key = raw.get("key") if isinstance(raw, dict) else None
         # the key names the entry in messages, unless it would break the one line or flood it
         plain = isinstance(raw_key, str) and raw_key.strip() and raw_key.isprintable() and len(raw_key) <= KEY_MAX
-        label = raw_key if plain else f"templates[{i}]"
+        label = raw_key if plain and isinstance(raw_key, str) else f"templates[{i}]"
         if not isinstance(raw, dict):
             errors.append(f"{display}: {label}: (entry): must be a mapping")
             continue

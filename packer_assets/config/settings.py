@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import overload
 from urllib.parse import urlsplit
 
 from packer_assets.config.envfile import read_assignments
@@ -140,7 +141,7 @@ def _merged(env: Mapping[str, str] | None) -> tuple[dict[str, str], dict[str, st
             for line, name, value in read_assignments(path):
                 # .env.proxmox records the last init's choice; turning TLS verification off must be asked
                 # for on each init, never inherited from that record
-                if name == "PROXMOX_INSECURE" and path == layout.env_file:
+                if name is None or (name == "PROXMOX_INSECURE" and path == layout.env_file):
                     continue
                 values[name], origin[name], lines[name] = value, str(path), line
     for name, value in env.items():
@@ -166,6 +167,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     def where(name: str) -> str:
         return f"{origin[name]}: line {lines[name]}" if name in lines else origin.get(name, "environment")
 
+    @overload
+    def text(name: str) -> str | None: ...
+    @overload
+    def text(name: str, default: str) -> str: ...
     def text(name: str, default: str | None = None) -> str | None:
         value = values.get(name)
         if value is None or value == "":
@@ -179,6 +184,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         value = values.get(name)
         return default if value is None or value == "" else _flag(name, value, where(name))
 
+    @overload
+    def port(name: str, default: int) -> int: ...
+    @overload
+    def port(name: str, default: None) -> int | None: ...
     def port(name: str, default: int | None) -> int | None:
         value = text(name)
         if value is None:

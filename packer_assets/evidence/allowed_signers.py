@@ -19,6 +19,7 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from packer_assets.errors import ConfigError
 
@@ -130,9 +131,10 @@ def _parse_line(line: str, principal: str | None) -> tuple[str, bytes, _Options]
     rest = line.lstrip(WHITESPACE)
     if not rest or rest[0] == "#":
         return None
-    principals, rest = _strdelimw(rest)
-    if principals is None or rest is None:
+    principals, after = _strdelimw(rest)
+    if principals is None or after is None:
         raise _BadLine("invalid line")
+    rest = after
     if principal is not None and match_pattern_list(principal, principals) != 1:
         return None  # checked before the rest of the line is parsed, as ssh-keygen does
     key = _read_key(rest)
@@ -214,7 +216,7 @@ def _ssh_string(blob: bytes, at: int) -> tuple[bytes | None, int]:
 
 
 def _parse_options(opts: str) -> _Options:
-    found: dict = {}
+    found: dict[str, Any] = {}
     i = 0
     while i < len(opts) and opts[i] not in " \t":
         i = _one_option(opts, i, found)
@@ -231,7 +233,7 @@ def _parse_options(opts: str) -> _Options:
     return options
 
 
-def _one_option(opts: str, i: int, found: dict) -> int:
+def _one_option(opts: str, i: int, found: dict[str, Any]) -> int:
     """Parse the option at i into found; return where it ends (unchanged if none is known there)."""
     lower = opts[i:].lower()
     if lower.startswith("cert-authority"):  # a prefix match, as opt_flag

@@ -20,7 +20,8 @@ ends with the registry rewritten. Every tag write is a compare-and-set on the co
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from types import TracebackType
+from typing import Any, Literal, Self
 
 from proxmoxer.core import ResourceException
 
@@ -177,10 +178,10 @@ class _api_errors:
     def __init__(self, what: str):
         self.what = what
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, kind, exc, _tb):
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _tb: TracebackType | None) -> Literal[False]:
         if isinstance(exc, ResourceException):
             raise TemplateError(f"{self.what}: {said(exc)}") from None
         return False

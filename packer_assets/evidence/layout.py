@@ -7,9 +7,10 @@ renaming a new symlink over the old one, so `latest` always points at a complete
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Self
 
 from packer_assets.evidence.chain import log_header
 
@@ -146,7 +147,8 @@ class RunLog:
     `close()`, so it always points at a log that ended.
     """
 
-    def __init__(self, path: Path, chain: str, redact: Redactor | None = None, echo=None):
+    def __init__(self, path: Path, chain: str, redact: Redactor | None = None,
+                 echo: Callable[[str], object] | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.chain = chain
@@ -169,10 +171,10 @@ class RunLog:
             swap_latest(self.path.parent)
         return self.path
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -212,7 +214,7 @@ def write_manifest(folder: Path, signer: "Signer | None" = None) -> Path:
     return manifest
 
 
-def write_proof_bundle(proof_dir: Path, readme: str, proof: dict, log_file: Path, log_name: str,
+def write_proof_bundle(proof_dir: Path, readme: str, proof: dict[str, Any], log_file: Path, log_name: str,
                        extra_files: dict[str, Path] | None = None, signer: "Signer | None" = None) -> Path:
     """README.md, proof.json, a copy of the log (and of `extra_files`: name -> source) and the manifest
     (signed when a signer is given) in a fresh folder, then `latest` swapped to it.

@@ -26,7 +26,7 @@ from packer_assets.evidence.signing import Signer
 
 SCHEMA_FILE = Path("docs/schema/build-proof.schema.json")
 INIT_SCHEMA_FILE = Path("docs/schema/init-proof.schema.json")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="sha256, 64 lower-case hex digits")]
 
@@ -318,7 +318,7 @@ def write_build_proof(layout: Layout, proof: BuildProof, log_file: Path, sbom_fi
     actual = sha256_file(log_file)
     if actual != proof.log_sha256:
         raise ValueError(f"{log_file}: sha256 {actual} differs from the proof's log_sha256 {proof.log_sha256}")
-    extra = {}
+    extra: dict[str, Path] = {}
     if proof.sbom is not None:
         if sbom_file is None or sha256_file(Path(sbom_file)) != proof.sbom.sha256:
             raise ValueError(f"{sbom_file}: missing, or its sha256 differs from the proof's sbom.sha256 {proof.sbom.sha256}")

@@ -44,7 +44,7 @@ from packer_assets.pve.templates import (
 from packer_assets.runs.locks import exclusive
 
 REGISTRY_SCHEMA_FILE = Path("docs/schema/registry.schema.json")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 LATEST = "latest"  # the channel every key has while a template is promoted; set by builds, not by hand
 # A channel name becomes the PVE tag `packer-assets-channel-<name>` (tags: [a-z0-9_][a-z0-9_+.-]*).
 CHANNEL_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
@@ -189,9 +189,10 @@ def template_version(layout: Layout, key: str, guest: Guest, described: Template
         revoked_reason=revocation.reason if revocation else None)
 
 
-def _smoke(record: dict | None) -> SmokeSummary | None:
+def _smoke(record: dict[str, Any] | None) -> SmokeSummary | None:
     """The smoke test as the build record has it (a record is written only when the test passed)."""
-    smoke = (record or {}).get("smoke")
+    record = record or {}
+    smoke = record.get("smoke")
     if not smoke:
         return None
     packages = smoke.get("packages", (record.get("sbom") or {}).get("packages"))
@@ -207,7 +208,7 @@ def _stamp(key: str, described: TemplateDescription | None) -> str | None:
     return chain.stamp if chain and chain.key == key else None
 
 
-def _record(layout: Layout, key: str, stamp: str, vmid: int) -> dict | None:
+def _record(layout: Layout, key: str, stamp: str, vmid: int) -> dict[str, Any] | None:
     """The build record of the template's chain, if it is in this output root and names this VMID."""
     try:
         record = json.loads((layout.build_log_dir(key, stamp) / BUILD_RECORD_NAME).read_text())
@@ -269,7 +270,7 @@ def record_proof(layout: Layout, key: str, chain_id: str) -> bool:
     with exclusive(layout.registry_lock):
         registry = read_registry(layout)
         found = registry.templates.get(key) if registry else None
-        if found is None or not folder.is_dir():
+        if registry is None or found is None or not folder.is_dir():
             return False
         proof = folder.relative_to(layout.output_root).as_posix()
 

@@ -18,6 +18,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 
@@ -109,7 +110,7 @@ def verify_bundle(folder: Path, allowed_signers: Path | None = None, require_sig
     _check_files(report, folder, entries, manifest["files"])
     proof = _read_proof(report, folder, entries)
     _check_required(report, entries, manifest["files"], proof)
-    _check_signature(report, folder, entries, manifest, None if signers is None else (allowed_signers, signers),
+    _check_signature(report, folder, entries, manifest, None if signers is None or allowed_signers is None else (allowed_signers, signers),
                      require_signature or signers is not None)
     if proof is not None:
         _check_proof(report, proof, chain_id)
@@ -151,14 +152,14 @@ def _not_a_file(name: str, kind: str) -> str:
     return f"{name}: a {kind}, not a regular file (a bundle holds its listed files and nothing else)"
 
 
-def _read_manifest(report: VerifyReport, folder: Path, entries: dict[str, str]) -> dict | None:
+def _read_manifest(report: VerifyReport, folder: Path, entries: dict[str, str]) -> dict[str, Any] | None:
     kind = entries.get(MANIFEST)
     if kind != "file":
         report.problems.append(_not_a_file(MANIFEST, kind) if kind else
                                f"{MANIFEST} is missing: nothing to check the files against")
         return None
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest: dict[str, Any] = json.loads((folder / MANIFEST).read_text())
         files = manifest["files"]
         signed_by = manifest.get("signed_by")
         if manifest.get("format") != MANIFEST_FORMAT:
@@ -188,7 +189,7 @@ def _check_files(report: VerifyReport, folder: Path, entries: dict[str, str], li
         report.problems.append(f"{name}: added (not in the manifest)" if kind == "file" else _not_a_file(name, kind))
 
 
-def _read_proof(report: VerifyReport, folder: Path, entries: dict[str, str]) -> dict | None:
+def _read_proof(report: VerifyReport, folder: Path, entries: dict[str, str]) -> dict[str, Any] | None:
     if entries.get("proof.json") != "file":
         return None  # named as missing or not a file
     try:
@@ -201,7 +202,7 @@ def _read_proof(report: VerifyReport, folder: Path, entries: dict[str, str]) -> 
     return proof
 
 
-def _check_required(report: VerifyReport, entries: dict[str, str], listed: dict[str, str], proof: dict | None) -> None:
+def _check_required(report: VerifyReport, entries: dict[str, str], listed: dict[str, str], proof: dict[str, Any] | None) -> None:
     """Files every bundle has are named when absent, listed in the manifest or not."""
     required = ["README.md", "proof.json"]
     if proof is not None:
@@ -214,7 +215,7 @@ def _check_required(report: VerifyReport, entries: dict[str, str], listed: dict[
             report.problems.append(f"{name}: missing (every {(proof and proof.get('kind')) or 'proof'} bundle has it)")
 
 
-def _check_signature(report: VerifyReport, folder: Path, entries: dict[str, str], manifest: dict,
+def _check_signature(report: VerifyReport, folder: Path, entries: dict[str, str], manifest: dict[str, Any],
                      signers: tuple[Path, bytes] | None, required: bool) -> None:
     kind = entries.get(SIGNATURE)
     if kind is None:
@@ -240,7 +241,7 @@ def _check_signature(report: VerifyReport, folder: Path, entries: dict[str, str]
         report.signature = "signer not allowed"
 
 
-def _check_signer(report: VerifyReport, key: str, signed_by: dict, signers: tuple[Path, bytes] | None) -> None:
+def _check_signer(report: VerifyReport, key: str, signed_by: dict[str, Any], signers: tuple[Path, bytes] | None) -> None:
     """The signature's key is the one the manifest names; with allowed signers, it may sign for the
     manifest's key_id (what `ssh-keygen -Y verify -I <key_id>` checks; no key_id: any principal)."""
     named = signed_by.get("public_key")
@@ -256,7 +257,7 @@ def _check_signer(report: VerifyReport, key: str, signed_by: dict, signers: tupl
     report.signature = f"signed by {principal}"
 
 
-def _check_proof(report: VerifyReport, proof: dict, chain_id: str | None) -> None:
+def _check_proof(report: VerifyReport, proof: dict[str, Any], chain_id: str | None) -> None:
     if chain_id is not None and proof.get("chain_id") != chain_id:
         report.problems.append(f"proof.json: chain_id {proof.get('chain_id')!r} is not {chain_id}, the bundle "
                                "asked for (another build's proof in its folder)")

@@ -43,6 +43,7 @@ import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from packer_assets.catalog import TemplateEntry
 from packer_assets.errors import ConfigError
@@ -128,7 +129,7 @@ class Workdir:
     common: Path                         # the common file, its version region rewritten
     var_file: Path
     http_dir: Path
-    variables: dict
+    variables: dict[str, Any]
     capabilities: PackerCapabilities
     gaps: list[Gap] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -214,7 +215,7 @@ def splice_region(text: str, region: str, name: str) -> str:
 # ------------------------------------------------------------------ variables
 
 
-def variables_for(entry: TemplateEntry, plan: BuildPlan, caps: PackerCapabilities, degraded: bool) -> dict:
+def variables_for(entry: TemplateEntry, plan: BuildPlan, caps: PackerCapabilities, degraded: bool) -> dict[str, Any]:
     hw = entry.hardware
     bios, efi, tpm, machine = hw.bios, hw.efi, hw.tpm, hw.machine
     extra = list(plan.extra_iso_files)
@@ -355,20 +356,21 @@ def prepare_workdir(workdir: Path, entry: TemplateEntry, plan: BuildPlan, caps: 
     source_sha, common_sha = hashlib.sha256(source_bytes).hexdigest(), hashlib.sha256(common_bytes).hexdigest()
     files = {p.relative_to(workdir).as_posix(): sha256_file(p) for p in sorted(workdir.rglob("*")) if p.is_file()}
     warnings = [f"{DEGRADED}{g.line(entry.key, caps)}" for g in gaps]
-    if ignored:
+    if ignored and http_dir is not None:  # only files of an http_dir are ever ignored
         warnings.append(ignored_warning(entry.key, Path(http_dir), ignored))
     if not caps.tags and plan.tags:
         warnings.append(f"{entry.key}: tags: {caps.describe()} cannot set tags; set them through the API")
+    template_sha256 = _combined_sha256(source_sha, common_sha)
     manifest = {"key": entry.key, "family": entry.family, "template": source.as_posix(),
                 "common": common_source.as_posix(),
                 "sources": {source.as_posix(): source_sha, common_source.as_posix(): common_sha},
-                "template_sha256": _combined_sha256(source_sha, common_sha), "capabilities": caps.as_dict(),
+                "template_sha256": template_sha256, "capabilities": caps.as_dict(),
                 "gaps": [g.__dict__ for g in gaps], "warnings": warnings, "files": files}
     (workdir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     _assert_no_secret(workdir, secrets)
     return Workdir(workdir, template, common, var_file, http, variables, caps, gaps, warnings, files,
-                   manifest["template_sha256"])
+                   template_sha256)
 
 
 def _copy_rendered(key: str, source: Path, http: Path, files: Mapping[str, str]) -> tuple[str, ...]:

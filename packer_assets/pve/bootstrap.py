@@ -152,7 +152,7 @@ def discover_bridge(api: PveApi, node: str, wanted: str | None) -> str:
 def discover_node_ip(api: PveApi, node: str, endpoint: Endpoint) -> str:
     for entry in api.cluster.status.get():
         if entry.get("type") == "node" and entry.get("name") == node and entry.get("ip"):
-            return entry["ip"]
+            return str(entry["ip"])
     return socket.gethostbyname(endpoint.host)
 
 
@@ -162,7 +162,8 @@ def local_address_towards(ip: str) -> str:
         return "127.0.0.1"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.connect((ip, 9))  # UDP connect sends nothing; it only picks the route
-        return probe.getsockname()[0]
+        address: str = probe.getsockname()[0]
+        return address
 
 
 def http_bind_address(endpoint: Endpoint, config: BootstrapConfig) -> str:
@@ -215,10 +216,11 @@ def ensure_acl(api: PveApi, path: str, role: str, kind: str, ugid: str, changes:
     changes.append(f"granted {role} on {path} to {kind} {ugid}")
 
 
-def logs_in(endpoint: Endpoint, user: str, **credentials: str) -> bool:
+def logs_in(endpoint: Endpoint, user: str, *, password: str | None = None, token_name: str | None = None,
+            token_secret: str | None = None) -> bool:
     """Whether these credentials (password=..., or token_name= + token_secret=) log in; other failures raise."""
     try:
-        connect(endpoint, user, **credentials)
+        connect(endpoint, user, password=password, token_name=token_name, token_secret=token_secret)
     except PveAccessError as exc:
         if "authentication failed" in str(exc):
             return False

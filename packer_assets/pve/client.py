@@ -9,7 +9,8 @@ import hashlib
 import logging
 import ssl
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from types import TracebackType
+from typing import Any, Literal, Protocol, Self, cast
 from urllib.parse import urlsplit
 
 import requests
@@ -103,6 +104,8 @@ class Endpoint:
             pem = ssl.get_server_certificate((self.host, self.port), timeout=self.timeout)
         except OSError as exc:
             raise PveAccessError(f"{self.base}: cannot reach the API to check its certificate: {exc}") from None
+        if not self.tls_fingerprint:
+            raise PveAccessError(f"{self.base}: no TLS certificate fingerprint is pinned")
         digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest().upper()
         seen = ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
         if seen != self.tls_fingerprint.upper():
@@ -118,13 +121,13 @@ class PinnedAdapter(requests.adapters.HTTPAdapter):
         self.fingerprint = fingerprint.replace(":", "").lower()
         super().__init__()
 
-    def init_poolmanager(self, *args, **kwargs):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         kwargs["assert_fingerprint"] = self.fingerprint
         return super().init_poolmanager(*args, **kwargs)
 
-    def cert_verify(self, conn, url, verify, cert):
+    def cert_verify(self, conn: Any, url: str, verify: bool | str, cert: Any) -> None:
         conn.assert_fingerprint = self.fingerprint
-        return super().cert_verify(conn, url, verify, cert)
+        super().cert_verify(conn, url, verify, cert)  # type: ignore[no-untyped-call]  # unannotated in requests' stubs
 
 
 def _who(user: str, token_name: str | None) -> str:
@@ -156,10 +159,11 @@ class translated_errors:
     def __init__(self, endpoint: Endpoint, who: str):
         self.endpoint, self.who = endpoint, who
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, kind, exc, _tb):
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 _tb: TracebackType | None) -> Literal[False]:
         if exc is None or isinstance(exc, PveAccessError):
             return False
         where = self.endpoint.base

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from packer_assets.errors import OperationError
+from packer_assets.pve.client import PveResource
 
 EXEC_POLL = 0.5  # seconds between exec-status calls: a check takes seconds, an inventory a few more
 
@@ -35,7 +36,7 @@ class GuestExecTimeout(OperationError):
     """The command was still running at the deadline."""
 
 
-def agent_exec(agent, argv: list[str], deadline: float, poll: float = EXEC_POLL) -> GuestOutput:
+def agent_exec(agent: PveResource, argv: list[str], deadline: float, poll: float = EXEC_POLL) -> GuestOutput:
     """Run argv in the guest as root (`agent` = proxmoxer's `nodes(n).qemu(id).agent`), wait for its end.
 
     PVE decodes the agent's base64 output; `exec-status` answers `exited: false` while it runs."""
@@ -90,7 +91,7 @@ def _public_key(line: str) -> paramiko.PKey | None:
     kind, _, blob = line.partition(" ")
     try:
         return paramiko.PKey.from_type_string(kind, base64.b64decode(blob.split()[0]))
-    except paramiko.UnknownKeyType:
+    except paramiko.pkey.UnknownKeyType:  # the same class; the stubs know it only here
         return None
 
 

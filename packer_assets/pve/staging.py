@@ -26,6 +26,7 @@ import time
 from collections.abc import Mapping, MutableMapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import requests
@@ -35,7 +36,8 @@ from packer_assets.catalog import IsoSource, TemplateEntry
 from packer_assets.errors import OperationError
 from packer_assets.pve.client import PveApi
 from packer_assets.pve.tasks import Progress, TaskError, TaskTimeout, follow_task, run_task, said
-from packer_assets.upstream.checksums import Checksum, ChecksumFile, resolve_checksum
+from packer_assets.upstream.checksums import ChecksumFile, resolve_checksum
+from packer_assets.upstream.digests import Checksum
 
 
 class StagingError(OperationError):
@@ -69,7 +71,7 @@ def release_filename(filename: str, checksum: Checksum) -> str:
     return f"{stem}.{checksum.short}.iso"
 
 
-def iso_volumes(api: PveApi, node: str, storage: str) -> dict[str, dict]:
+def iso_volumes(api: PveApi, node: str, storage: str) -> dict[str, dict[str, Any]]:
     """volid -> content entry (size, ctime, ...) of the ISOs on the storage."""
     try:
         items = api.nodes(node).storage(storage).content.get(content="iso")
@@ -151,7 +153,7 @@ def stage_iso(api: PveApi, node: str, storage: str, iso: IsoSource, checksum: Ch
                      round(time.monotonic() - started, 3), 0, upid is not None, upid)
 
 
-def _must_exist(api: PveApi, node: str, storage: str, volid: str, upid: str) -> dict:
+def _must_exist(api: PveApi, node: str, storage: str, volid: str, upid: str) -> dict[str, Any]:
     found = iso_volumes(api, node, storage).get(volid)
     if found is None:
         raise StagingError(f"{volid}: task {upid} ended OK but the volume is not listed on {node}/{storage}")
@@ -159,7 +161,7 @@ def _must_exist(api: PveApi, node: str, storage: str, volid: str, upid: str) -> 
 
 
 def stage_entry(api: PveApi, node: str, storage: str, entry: TemplateEntry,
-                checksums: Mapping[str, Checksum] | None = None, **options) -> dict[str, StagedIso]:
+                checksums: Mapping[str, Checksum] | None = None, **options: Any) -> dict[str, StagedIso]:
     """The boot ISO (as "iso") and every extra ISO (by its name), each staged like stage_iso.
 
     checksums: known values by the same names (e.g. from the sensor); the rest are resolved, one
@@ -224,7 +226,7 @@ class HashingReader(io.RawIOBase):
                 break
         return bytes(buf) if got == len(buf) else bytes(buf[:got])
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: Any) -> int:  # a writable buffer (bytearray, memoryview)
         if self._pos != self._done:
             raise io.UnsupportedOperation(f"{self.path}: read at {self._pos} after {self._done} bytes were hashed")
         view = memoryview(buffer).cast("B")[: self.len - self._done]

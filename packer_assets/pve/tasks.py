@@ -7,6 +7,7 @@ its final status; `run_task` is the common case: wait, and raise unless it ended
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from proxmoxer.core import ResourceException
 from proxmoxer.tools import Tasks
@@ -32,7 +33,7 @@ def said(exc: ResourceException) -> str:
 
 
 def follow_task(api: PveApi, upid: str, *, timeout: float, on_progress: Progress | None = None,
-                poll: float = 1.0, log_interval: float = 5.0, stop_on_timeout: bool = True) -> dict:
+                poll: float = 1.0, log_interval: float = 5.0, stop_on_timeout: bool = True) -> dict[str, Any]:
     """Wait for a task, passing its new log lines to on_progress every log_interval seconds and at the
     end. Returns the final status, whatever its exit status. On timeout raise TaskTimeout, with
     stop_on_timeout after asking the node to stop the task (a late finish would surprise the next run)."""
@@ -40,7 +41,7 @@ def follow_task(api: PveApi, upid: str, *, timeout: float, on_progress: Progress
     deadline = time.monotonic() + timeout
     seen, next_log = 0, time.monotonic() + log_interval
     while True:
-        status = api.nodes(node).tasks(upid).status.get()
+        status: dict[str, Any] = api.nodes(node).tasks(upid).status.get()
         now, done = time.monotonic(), status.get("status") == "stopped"
         if on_progress is not None and (done or now >= next_log):
             seen, next_log = _follow_log(api, node, upid, seen, on_progress), now + log_interval

@@ -27,9 +27,10 @@ import io
 import re
 import threading
 import time as _time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pycdlib
 
@@ -54,7 +55,7 @@ def _pinned_clock(epoch: int) -> Iterator[None]:
     fake = SimpleNamespace(**{name: getattr(_time, name) for name in dir(_time) if not name.startswith("__")})
     fake.time = lambda: float(epoch)
     fake.localtime = lambda secs=None: _time.gmtime(epoch if secs is None else secs)
-    modules = [importlib.import_module(name) for name in _CLOCK_MODULES]
+    modules: list[Any] = [importlib.import_module(name) for name in _CLOCK_MODULES]  # each has a `time`
     with _CLOCK_LOCK:
         saved = [module.time for module in modules]
         try:
@@ -126,6 +127,7 @@ def read_iso(path: str | Path) -> tuple[str, dict[str, bytes]]:
     iso.open(str(path))
     try:
         volume = iso.pvd.volume_identifier.decode("ascii").rstrip()  # the ISO9660 label
+        name_of: Callable[[Any], str]  # of a pycdlib directory record (pycdlib ships no types)
         if iso.has_rock_ridge():
             where, name_of = "rr_path", lambda child: child.rock_ridge.name().decode()
         elif iso.has_joliet():

@@ -150,7 +150,7 @@ def yaml_value(value: Any) -> str:
 
 
 def _autoescape(name: str | None) -> bool:
-    return bool(name) and name.removesuffix(".j2").lower().endswith((".xml", ".html"))
+    return name is not None and name != "" and name.removesuffix(".j2").lower().endswith((".xml", ".html"))
 
 
 def make_environment(template_dir: Path) -> jinja2.Environment:

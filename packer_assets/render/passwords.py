@@ -87,7 +87,8 @@ def _native_crypt() -> Callable[[bytes, bytes], bytes | None] | None:
     def run(phrase: bytes, setting: bytes) -> bytes | None:
         # struct crypt_data: 32 KiB in libxcrypt, ~128 KiB in old glibc; zeroed, one per call (thread-safe)
         data = ctypes.create_string_buffer(1 << 18)
-        return crypt_r(phrase, setting, data)
+        out: bytes | None = crypt_r(phrase, setting, data)
+        return out
 
     return run
 
@@ -103,7 +104,8 @@ def _crypt(password: str, salt: str, rounds: int = CRYPT_ROUNDS) -> str:
         # libxcrypt answers a failure with None or a string starting with "*"
         if out and out.startswith(setting.encode("ascii")):
             return out.decode("ascii")
-    return sha512_crypt.using(salt=salt, rounds=rounds).hash(password)
+    hashed: str = sha512_crypt.using(salt=salt, rounds=rounds).hash(password)  # passlib: untyped
+    return hashed
 
 
 def sha512_crypt_hash(password: str, salt: str) -> str:
@@ -116,7 +118,8 @@ def sha512_crypt_hash(password: str, salt: str) -> str:
 def verify_sha512_crypt(password: str, hashed: str) -> bool:
     match = re.fullmatch(r"\$6\$rounds=(\d+)\$([./0-9A-Za-z]{1,16})\$[./0-9A-Za-z]{86}", hashed)
     if match is None:
-        return sha512_crypt.verify(password, hashed)  # another form of $6$: the library's parser
+        ok: bool = sha512_crypt.verify(password, hashed)  # another form of $6$: the library's parser
+        return ok
     return hmac.compare_digest(_crypt(password, match.group(2), int(match.group(1))), hashed)
 
 

@@ -92,7 +92,8 @@ def resolve_schema_dir(env: Mapping[str, str] | None, project_dir: Path, schema_
 @lru_cache(maxsize=16)
 def _load_schema(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        schema: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        return schema
     except FileNotFoundError:
         raise ValidatorUnavailable(
             f"schema file {path} not found (set {SCHEMA_DIR_ENV} to the folder holding the validation schemas)"
@@ -101,12 +102,12 @@ def _load_schema(path: Path) -> dict[str, Any]:
         raise ValidatorUnavailable(f"schema file {path} is unreadable: {exc}") from None
 
 
-def autoinstall_schema_path(schema_dir: Path, release: str) -> Path:
+def autoinstall_schema_path(schema_dir: Path, release: str | None) -> Path:  # None: no such file, said so
     return schema_dir / f"autoinstall-schema-{release}.json"
 
 
 @lru_cache(maxsize=16)
-def _validator(path: Path):
+def _validator(path: Path) -> Any:  # a jsonschema validator (jsonschema ships no types)
     """A validator of the class the schema declares (cloud-config: draft-04, network v2: draft-07;
     the autoinstall schemas declare none: the latest draft, as subiquity's `jsonschema.validate`).
 
@@ -116,18 +117,18 @@ def _validator(path: Path):
     """
     from jsonschema import Draft202012Validator
     from jsonschema.validators import validator_for
-    from referencing import Registry, Resource
+    from referencing import Registry
     from referencing.jsonschema import specification_with
 
     schema = _load_schema(path)
     cls = validator_for(schema, default=Draft202012Validator)
     spec = specification_with(schema.get("$schema") or cls.META_SCHEMA["$schema"])
     uri = path.resolve().as_uri()
-    registry = Registry().with_resource(uri, Resource(contents=schema, specification=spec))
+    registry = Registry().with_resource(uri, spec.create_resource(schema))
     return cls(schema, registry=registry)
 
 
-def _schema_messages(validator, instance: Any, where: str) -> list[str]:
+def _schema_messages(validator: Any, instance: Any, where: str) -> list[str]:
     """One line per schema error, `where/<json path>: message`.
 
     A oneOf/anyOf failure says only "is not valid under any of the given schemas"; the line shows
@@ -146,7 +147,7 @@ def _schema_messages(validator, instance: Any, where: str) -> list[str]:
 # ------------------------------------------------------------------ autoinstall (Ubuntu)
 
 
-def validate_autoinstall(text: str, release: str, schema_dir: Path, expected: Expected | None = None) -> Verdict:
+def validate_autoinstall(text: str, release: str | None, schema_dir: Path, expected: Expected | None = None) -> Verdict:
     """Subiquity user-data: `#cloud-config` with `autoinstall:` checked against the pinned schema.
 
     Beyond the schema: unknown top-level autoinstall keys are errors (the schema allows them, and
@@ -234,7 +235,7 @@ def validate_kickstart(text: str, expected: Expected | None = None) -> Verdict:
     return _verdict(name, messages)
 
 
-def _kickstart_round_trip(handler, expected: Expected) -> list[str]:
+def _kickstart_round_trip(handler: Any, expected: Expected) -> list[str]:  # pykickstart: untyped
     out = []
     users = {u.name: u for u in handler.user.userList}
     user = users.get(expected.user) if expected.user is not None else None
@@ -366,7 +367,7 @@ def validate_autounattend(text: str | bytes, expected: Expected | None = None) -
     return _verdict(name, messages)
 
 
-def _component_messages(component, pass_name: str) -> list[str]:
+def _component_messages(component: Any, pass_name: str) -> list[str]:  # an lxml element (untyped)
     label = f"line {component.sourceline}: {pass_name}/{component.get('name') or '(no name)'}"
     out = []
     if not component.get("name"):
@@ -384,7 +385,7 @@ def _component_messages(component, pass_name: str) -> list[str]:
     return out
 
 
-def _autounattend_round_trip(root, expected: Expected) -> list[str]:
+def _autounattend_round_trip(root: Any, expected: Expected) -> list[str]:  # an lxml element
     ns = {"u": UNATTEND_NS}
     out = []
     shell = root.xpath("u:settings[@pass='oobeSystem']/u:component[@name='Microsoft-Windows-Shell-Setup']", namespaces=ns)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import requests
@@ -92,7 +92,7 @@ class Notification:
     error: str | None = None
     run_url: str | None = None
 
-    def payload(self) -> dict:
+    def payload(self) -> dict[str, Any]:
         return {"source": "packer-assets", **asdict(self)}
 
     def text(self) -> str:
@@ -123,7 +123,7 @@ class Delivery:
     said: str
 
 
-def body_for(hook: Webhook, notification: Notification) -> dict:
+def body_for(hook: Webhook, notification: Notification) -> dict[str, Any]:
     return {"text": notification.text()} if hook.format == "slack" else notification.payload()
 
 
@@ -183,7 +183,7 @@ class _DeadlineReader:
     """The response's socket file, checking the delivery's deadline before each read and bounding the
     read's socket timeout by the time left."""
 
-    def __init__(self, fp, sock, limit: tuple[float, Callable[[], float]]):
+    def __init__(self, fp: Any, sock: Any, limit: tuple[float, Callable[[], float]]) -> None:  # a socket file, a socket
         self._fp, self._sock, (self._until, self._clock) = fp, sock, limit
         self._timeout = sock.gettimeout()
 
@@ -193,35 +193,35 @@ class _DeadlineReader:
             raise DeadlinePassed("the delivery's deadline passed")
         self._sock.settimeout(min(self._timeout, left) if self._timeout is not None else left)
 
-    def read(self, *args):
+    def read(self, *args: Any) -> Any:
         return self._checked("read", args)
 
-    def read1(self, *args):
+    def read1(self, *args: Any) -> Any:
         return self._checked("read1", args)
 
-    def readinto(self, *args):
+    def readinto(self, *args: Any) -> Any:
         return self._checked("readinto", args)
 
-    def readline(self, *args):
+    def readline(self, *args: Any) -> Any:
         return self._checked("readline", args)
 
-    def peek(self, *args):
+    def peek(self, *args: Any) -> Any:
         return self._checked("peek", args)
 
-    def _checked(self, name: str, args: tuple):
+    def _checked(self, name: str, args: tuple[Any, ...]) -> Any:
         self._check()
         return getattr(self._fp, name)(*args)
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._fp, name)
 
 
 class _DeadlineResponse(http.client.HTTPResponse):
-    def __init__(self, sock, *args, **kwargs):
+    def __init__(self, sock: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(sock, *args, **kwargs)
         limit = _LIMIT.get()
         if limit is not None:
-            self.fp = _DeadlineReader(self.fp, sock, limit)
+            self.fp = _DeadlineReader(self.fp, sock, limit)  # type: ignore[assignment]  # reads like the socket file
 
 
 class _HTTPConnection(urllib3.connection.HTTPConnection):
@@ -246,11 +246,11 @@ _POOLS = {"http": _HTTPPool, "https": _HTTPSPool}
 class _DeadlineAdapter(requests.adapters.HTTPAdapter):
     """requests as usual (proxies from the environment, certifi's CAs), answers read through _DeadlineReader."""
 
-    def init_poolmanager(self, *args, **kwargs):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = _POOLS
 
-    def proxy_manager_for(self, proxy, **kwargs):
+    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
         manager = super().proxy_manager_for(proxy, **kwargs)
         manager.pool_classes_by_scheme = _POOLS
         return manager
@@ -264,7 +264,7 @@ def _deadline_session() -> requests.Session:
     return session
 
 
-def notify(hooks: Iterable[Webhook], notification: Notification, **options) -> list[Delivery]:
+def notify(hooks: Iterable[Webhook], notification: Notification, **options: Any) -> list[Delivery]:
     return [deliver(hook, notification, **options) for hook in hooks]
 
 
