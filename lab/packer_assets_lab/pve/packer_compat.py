@@ -46,8 +46,8 @@ from fakepve.storage import _exists_message, _is_file
 
 __all__ = ["QEMU_KEYS", "PackerCompat", "keys_to_text"]
 
-# QEMU's QKeyCode names (qapi/ui.json), the names HMP `sendkey` takes.
-QEMU_KEYS = frozenset("""
+# QEMU's QKeyCode names (qapi/ui.json), the names HMP `sendkey` takes; kept as text, to compare with qapi/ui.json.
+_QEMU_KEY_TEXT = """
 unmapped pause ro kp_comma kp_equals power hiragana henkan yen sleep wake audionext audioprev audiostop
 audioplay audiomute volumeup volumedown mediaselect mail calculator computer ac_home ac_back ac_forward
 ac_refresh ac_bookmarks muhenkan katakanahiragana lang1 lang2 shift shift_r alt alt_r ctrl ctrl_r menu esc
@@ -57,7 +57,8 @@ caps_lock f1 f2 f3 f4 f5 f6 f7 f8 f9 f10 num_lock scroll_lock kp_divide kp_multi
 kp_enter kp_decimal sysrq kp_0 kp_1 kp_2 kp_3 kp_4 kp_5 kp_6 kp_7 kp_8 kp_9 less f11 f12 print home pgup
 pgdn end left up down right insert delete stop again props undo front copy open paste find cut lf help
 meta_l meta_r compose f13 f14 f15 f16 f17 f18 f19 f20 f21 f22 f23 f24
-""".split())  # noqa: SIM905 - kept as text, to compare with qapi/ui.json
+"""
+QEMU_KEYS = frozenset(_QEMU_KEY_TEXT.split())
 
 # A US keyboard: key code -> (character, character with shift).
 _US: dict[str, tuple[str, str]] = dict(
