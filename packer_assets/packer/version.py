@@ -34,6 +34,7 @@ import subprocess
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, overload
 
 from packer_assets.errors import ConfigError, OperationError
 
@@ -66,6 +67,10 @@ class PackerAuthError(ConfigError):
     """The build credentials do not fit what the installed Packer can log in with."""
 
 
+@overload
+def vtext(version: Version) -> str: ...
+@overload
+def vtext(version: Version | None) -> str | None: ...
 def vtext(version: Version | None) -> str | None:
     return ".".join(map(str, version)) if version else None
 
@@ -103,7 +108,7 @@ class PackerCapabilities:
             f"packer-plugin-proxmox {self.plugin_version}, {self.plugin_source}"
         return f"packer {self.packer_version} ({plugin})"
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
@@ -139,7 +144,7 @@ def capabilities_for(core: Version, plugin: Version | None = None, binary: str =
 
 # ------------------------------------------------------------------ detection (cached)
 
-_cache: dict[tuple, PackerCapabilities] = {}
+_cache: dict[tuple[Any, ...], PackerCapabilities] = {}
 _lock = threading.Lock()
 
 
@@ -150,7 +155,7 @@ def _probe_env(env: Mapping[str, str] | None) -> dict[str, str]:
     return out
 
 
-def _run(argv: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+def _run(argv: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           timeout=timeout, check=False)
 
@@ -212,7 +217,7 @@ class BuildCredentials:
     user: str | None = None                                  # user@realm
     password: str | None = field(default=None, repr=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if bool(self.token_id) != bool(self.token_secret):
             raise PackerAuthError("build_credentials: token_id and token_secret go together")
         if bool(self.user) != bool(self.password):
@@ -256,5 +261,7 @@ def auth_env(caps: PackerCapabilities, creds: BuildCredentials) -> dict[str, str
     """The PROXMOX_* login variables for packer's environment (never its arguments or files)."""
     if login_mode(caps, creds) == "token":
         # The plugin takes the token ID as the username and the secret as PROXMOX_TOKEN.
+        assert creds.token_id and creds.token_secret  # __post_init__: a token ID comes with its secret
         return {"PROXMOX_USERNAME": creds.token_id, "PROXMOX_TOKEN": creds.token_secret}
+    assert creds.user and creds.password  # login_mode: a password login has a user; __post_init__: and its password
     return {"PROXMOX_USERNAME": creds.user, "PROXMOX_PASSWORD": creds.password}
