@@ -41,8 +41,9 @@ def _validate(args) -> int:
     for key in args.keys or catalog.keys():
         entry = catalog.get(key)
         try:
-            result, check = render_and_validate(layout, entry, found.environment, settings,
-                                                project_dir=catalog.project_dir)
+            result, check = render_and_validate(
+                layout, entry, found.environment, settings, project_dir=catalog.project_dir
+            )
         except RenderError as exc:
             print(f"FAIL {key}: render: {exc}")
             failed += 1
@@ -57,7 +58,9 @@ def _validate(args) -> int:
         if check.ok:
             print(f"ok   {key}: {len(result.files)} file(s) [{verdicts}], packer validate")
         else:
-            said = check.output.strip().splitlines()[-1] if check.output.strip() else f"exit {check.exit_code}, no output"
+            said = (
+                check.output.strip().splitlines()[-1] if check.output.strip() else f"exit {check.exit_code}, no output"
+            )
             print(f"FAIL {key}: packer validate: {said}")
             failed += 1
     return 1 if failed else 0
@@ -81,8 +84,11 @@ def _settings(args) -> int:
         if not item.repr:  # the environment as read: secrets
             continue
         value = getattr(found, item.name)
-        for name, shown in ([(f"{item.name}.{f.name}", getattr(value, f.name)) for f in fields(value)]
-                            if is_dataclass(value) else [(item.name, value)]):
+        for name, shown in (
+            [(f"{item.name}.{f.name}", getattr(value, f.name)) for f in fields(value)]
+            if is_dataclass(value)
+            else [(item.name, value)]
+        ):
             print(f"{name}: {shown}")
     if found.insecure:
         print(f"warning: TLS verification of the API is OFF (PROXMOX_INSECURE=1 from {found.insecure_origin})")
@@ -101,8 +107,16 @@ def _build(args) -> int:
     from dagster._cli import ENV_PREFIX
     from dagster._cli import cli as dagster_cli
 
-    argv = ["job", "execute", "-j", "rebuild_template", "-m", "packer_assets.definitions",
-            "--tags", json.dumps({"dagster/partition": args.key})]
+    argv = [
+        "job",
+        "execute",
+        "-j",
+        "rebuild_template",
+        "-m",
+        "packer_assets.definitions",
+        "--tags",
+        json.dumps({"dagster/partition": args.key}),
+    ]
     try:
         dagster_cli.main(args=argv, prog_name="dagster", auto_envvar_prefix=ENV_PREFIX)
     except SystemExit as done:  # click ends its commands so; the exit code is the run's
@@ -159,8 +173,11 @@ def _revoke(args) -> int:
         notes.append(f"it was the current template of {done.key}: the key's next build builds a new one")
     if done.channels:
         notes.append(f"channels taken: {', '.join(done.channels)}")
-    print(f"{done.key}: template {done.vmid} ({done.name}) revoked" + "".join(f"; {n}" for n in notes)
-          + f"; registry {layout.registry_file}")
+    print(
+        f"{done.key}: template {done.vmid} ({done.name}) revoked"
+        + "".join(f"; {n}" for n in notes)
+        + f"; registry {layout.registry_file}"
+    )
     return 0
 
 
@@ -174,8 +191,7 @@ def _proof_verify(args) -> int:
     if not folders:
         print(f"no proof bundles under {layout.output_root}")
         return FAILED
-    reports = [verify_bundle(f, args.allowed_signers, args.require_signature, bundle_chain(layout, f))
-               for f in folders]
+    reports = [verify_bundle(f, args.allowed_signers, args.require_signature, bundle_chain(layout, f)) for f in folders]
     for report in reports:
         print("\n".join(report.lines()))
     return OK if all(r.ok for r in reports) else FAILED
@@ -202,8 +218,12 @@ def _chain(args) -> int:
         return 0 if chains else 1
     if not args.chain_id:
         raise SystemExit("packer-assets chain: give a chain ID, or --key KEY")
-    report = chain_report(layout, args.chain_id, runs=lambda c: _runs_of_chain(c, found.ui_url),
-                          templates=lambda c: _templates_of_chain(layout, c))
+    report = chain_report(
+        layout,
+        args.chain_id,
+        runs=lambda c: _runs_of_chain(c, found.ui_url),
+        templates=lambda c: _templates_of_chain(layout, c),
+    )
     print(report.as_json() if args.json else "\n".join(report.lines()))
     return 0 if report.found else 1
 
@@ -215,10 +235,20 @@ def _runs_of_chain(chain_id: str, ui_url: str | None) -> list[dict]:
     from packer_assets.defs.assets import CHAIN_TAG, LEGACY_CHAIN_TAG
 
     with dg.DagsterInstance.get() as instance:  # runs from before the tag's rename carry the old name
-        runs = [r for tag in (CHAIN_TAG, LEGACY_CHAIN_TAG)
-                for r in instance.get_runs(filters=dg.RunsFilter(tags={tag: chain_id}))]
-    return [{"run_id": r.run_id, "status": r.status.value, "job": r.job_name,
-             "url": f"{ui_url}/runs/{r.run_id}" if ui_url else None} for r in runs]
+        runs = [
+            r
+            for tag in (CHAIN_TAG, LEGACY_CHAIN_TAG)
+            for r in instance.get_runs(filters=dg.RunsFilter(tags={tag: chain_id}))
+        ]
+    return [
+        {
+            "run_id": r.run_id,
+            "status": r.status.value,
+            "job": r.job_name,
+            "url": f"{ui_url}/runs/{r.run_id}" if ui_url else None,
+        }
+        for r in runs
+    ]
 
 
 def _templates_of_chain(layout, chain_id: str) -> list[dict]:
@@ -252,8 +282,10 @@ def _plan(args) -> int:
     try:
         promoted = promoted_vmids(node_api(found.layout), catalog.keys())
     except Exception as exc:  # noqa: BLE001 - the recorded state still decides; said on stderr
-        print(f"packer-assets plan: the node could not be asked ({type(exc).__name__}); the recorded state decides",
-              file=sys.stderr)
+        print(
+            f"packer-assets plan: the node could not be asked ({type(exc).__name__}); the recorded state decides",
+            file=sys.stderr,
+        )
         promoted = None
     plan = plan_runs(found.layout, catalog, found.environment, catalog.project_dir, promoted)
     if args.keys_only:
@@ -273,22 +305,34 @@ def build_parser() -> argparse.ArgumentParser:
     catalog = sub.add_parser("catalog", help="the template catalog")
     catalog_sub = catalog.add_subparsers(dest="catalog_command", required=True)
     check = catalog_sub.add_parser("check", help="validate templates/catalog.yaml and list its templates")
-    check.add_argument("--catalog", type=Path, default=None, help="catalog file (default: PACKER_ASSETS_CATALOG "
-                       "or templates/catalog.yaml)")
+    check.add_argument(
+        "--catalog",
+        type=Path,
+        default=None,
+        help="catalog file (default: PACKER_ASSETS_CATALOG or templates/catalog.yaml)",
+    )
     check.set_defaults(func=_catalog_check)
 
-    settings = sub.add_parser("settings", help="check every setting as the definitions read them and print "
-                              "them (no secrets); exit 2 naming the variable and where it came from")
+    settings = sub.add_parser(
+        "settings",
+        help="check every setting as the definitions read them and print "
+        "them (no secrets); exit 2 naming the variable and where it came from",
+    )
     settings.add_argument("--key", help="also require this template key in the catalog (make build checks KEY)")
     settings.set_defaults(func=_settings)
 
-    build = sub.add_parser("build", help="what `make build KEY=...` runs: the settings and KEY checked (one line, "
-                           "exit 2), then a run of the job rebuild_template for KEY's partition in this process")
+    build = sub.add_parser(
+        "build",
+        help="what `make build KEY=...` runs: the settings and KEY checked (one line, "
+        "exit 2), then a run of the job rebuild_template for KEY's partition in this process",
+    )
     build.add_argument("key", help="a template key of the catalog")
     build.set_defaults(func=_build)
 
-    channel = sub.add_parser("channel", help="channels of a key (registry.json, PVE tags "
-                             "packer-assets-channel-<name>): which template consumers clone")
+    channel = sub.add_parser(
+        "channel",
+        help="channels of a key (registry.json, PVE tags packer-assets-channel-<name>): which template consumers clone",
+    )
     channel_sub = channel.add_subparsers(dest="channel_command", required=True)
     channel_set = channel_sub.add_parser("set", help="point CHANNEL of KEY at one of its templates (not a revoked one)")
     channel_set.add_argument("channel")
@@ -301,38 +345,58 @@ def build_parser() -> argparse.ArgumentParser:
     channel_list.add_argument("key", nargs="?")
     for cmd in (channel_set, channel_unset, channel_list):
         cmd.set_defaults(func=_channel)
-    revoke = sub.add_parser("revoke", help="mark a template revoked (PVE tag packer-assets-revoked, a line in its "
-                            "description): its promotion and channels are taken, its key's next build replaces it")
+    revoke = sub.add_parser(
+        "revoke",
+        help="mark a template revoked (PVE tag packer-assets-revoked, a line in its "
+        "description): its promotion and channels are taken, its key's next build replaces it",
+    )
     revoke.add_argument("template", help="the template's VMID or its chain ID")
     revoke.add_argument("--reason", help="one line, kept in the description and registry.json")
     revoke.set_defaults(func=_revoke)
     validate = sub.add_parser("validate", help="render and validate every key, then packer validate (validate-all.sh)")
     validate.add_argument("keys", nargs="*", help="keys to validate (default: all)")
     validate.add_argument("--catalog", type=Path, default=None)
-    validate.add_argument("--allow-degraded", action="store_true",
-                          help="accept what the installed packer cannot do (EFI/TPM on 1.6.6) as warnings")
+    validate.add_argument(
+        "--allow-degraded",
+        action="store_true",
+        help="accept what the installed packer cannot do (EFI/TPM on 1.6.6) as warnings",
+    )
     validate.set_defaults(func=_validate)
 
-    plan = sub.add_parser("plan", help="which keys need a run: inputs changed since the promoted template, or none "
-                          "recorded (what the weekly schedule and make build-all ask first)")
+    plan = sub.add_parser(
+        "plan",
+        help="which keys need a run: inputs changed since the promoted template, or none "
+        "recorded (what the weekly schedule and make build-all ask first)",
+    )
     plan.add_argument("--keys-only", action="store_true", help="just the keys to run, space-separated")
     plan.add_argument("--json", action="store_true", help="JSON for scripts")
     plan.set_defaults(func=_plan)
 
     proof = sub.add_parser("proof", help="proof bundles")
     proof_sub = proof.add_subparsers(dest="proof_command", required=True)
-    verify = proof_sub.add_parser("verify", help="check a bundle's files against its manifest, its signature and "
-                                  "proof.json against its schema; exit 0 ok, 1 a problem (each named), 2 not found")
+    verify = proof_sub.add_parser(
+        "verify",
+        help="check a bundle's files against its manifest, its signature and "
+        "proof.json against its schema; exit 0 ok, 1 a problem (each named), 2 not found",
+    )
     verify.add_argument("bundle", nargs="?", help="a bundle folder or a chain ID (default: every bundle)")
-    verify.add_argument("--allowed-signers", type=Path, default=None,
-                        help="ssh-keygen's allowed_signers file: a signature is required, and its signer must be "
-                        "allowed for the manifest's key_id as `ssh-keygen -Y verify -I <key_id>` decides")
-    verify.add_argument("--require-signature", action="store_true",
-                        help="an unsigned bundle fails (implied by --allowed-signers)")
+    verify.add_argument(
+        "--allowed-signers",
+        type=Path,
+        default=None,
+        help="ssh-keygen's allowed_signers file: a signature is required, and its signer must be "
+        "allowed for the manifest's key_id as `ssh-keygen -Y verify -I <key_id>` decides",
+    )
+    verify.add_argument(
+        "--require-signature", action="store_true", help="an unsigned bundle fails (implied by --allowed-signers)"
+    )
     verify.set_defaults(func=_proof_verify)
 
-    chain = sub.add_parser("chain", help="everything that carries a chain ID: logs, record, proof, Dagster runs, "
-                           "Proxmox templates; or --key KEY: its chain IDs, newest first")
+    chain = sub.add_parser(
+        "chain",
+        help="everything that carries a chain ID: logs, record, proof, Dagster runs, "
+        "Proxmox templates; or --key KEY: its chain IDs, newest first",
+    )
     chain.add_argument("chain_id", nargs="?")
     chain.add_argument("--key", help="list the chain IDs of this key instead")
     chain.add_argument("--json", action="store_true", help="JSON for scripts")

@@ -19,10 +19,22 @@ from packer_assets.defs.resources import build_resources  # noqa: E402
 defs = dg.Definitions(
     # No code references: dagster's local ones are vscode:// paths on the server (useless in a browser
     # elsewhere) and beta (11 BetaWarnings at every load).
-    assets=[assets.proxmox_env, assets.iso_release, assets.unattended_files, assets.staged_iso, assets.template,
-            assets.template_proof, registry.template_registry],
-    jobs=[jobs.bootstrap_job, jobs.rebuild_job, jobs.rebuild_forced_job, jobs.check_proxmox_env_job,
-          registry.registry_job],
+    assets=[
+        assets.proxmox_env,
+        assets.iso_release,
+        assets.unattended_files,
+        assets.staged_iso,
+        assets.template,
+        assets.template_proof,
+        registry.template_registry,
+    ],
+    jobs=[
+        jobs.bootstrap_job,
+        jobs.rebuild_job,
+        jobs.rebuild_forced_job,
+        jobs.check_proxmox_env_job,
+        registry.registry_job,
+    ],
     # Every step of a run in the run's own process. Dagster's default (multiprocess) starts one more
     # Python process per step, each importing Dagster and these definitions again (4 per rebuild, each
     # 1.5-3 s of CPU and ~130 MiB): in the lab that was most of a rebuild's wall time and, with several
@@ -32,8 +44,10 @@ defs = dg.Definitions(
     # (op granularity) and run cancellation (one SIGINT to packer, its cleanup, the build VM destroyed)
     # behave the same.
     executor=dg.in_process_executor,
-    sensors=[sensors.build_iso_checksum_sensor(SETTINGS.sensor_interval),
-             *notifications.build_notification_sensors(enabled=bool(SETTINGS.environment.get("PACKER_ASSETS_WEBHOOKS")))],
+    sensors=[
+        sensors.build_iso_checksum_sensor(SETTINGS.sensor_interval),
+        *notifications.build_notification_sensors(enabled=bool(SETTINGS.environment.get("PACKER_ASSETS_WEBHOOKS"))),
+    ],
     schedules=[schedules.build_weekly_rebuild(SETTINGS.rebuild_cron)],
     asset_checks=[checks.token_authenticates, checks.token_privileges],
     resources=build_resources(SETTINGS),

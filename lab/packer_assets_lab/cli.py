@@ -45,16 +45,27 @@ def add_lab_command(sub: "argparse._SubParsersAction") -> None:
     """The entry point: add `lab` and its commands to the subparsers of `packer-assets`."""
     lab = sub.add_parser("lab", help="the embedded lab: fake PVE API, ISO mirror, guest SSH")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
-    for name, text in (("up", "start the lab in the background"), ("down", "stop the lab `up` started"),
-                       ("status", "is the lab running, and where"), ("publish", "publish a new ISO release of KEY"),
-                       ("corrupt", "serve a corrupted ISO for KEY"), ("repair", "undo corrupt for KEY")):
+    for name, text in (
+        ("up", "start the lab in the background"),
+        ("down", "stop the lab `up` started"),
+        ("status", "is the lab running, and where"),
+        ("publish", "publish a new ISO release of KEY"),
+        ("corrupt", "serve a corrupted ISO for KEY"),
+        ("repair", "undo corrupt for KEY"),
+    ):
         cmd = lab_sub.add_parser(name, help=text)
         cmd.add_argument("--state", type=Path, default=DEFAULT_LAB_STATE, help="state folder (default .lab)")
         if name == "up":
             cmd.add_argument("--catalog", type=Path, default=None)
-            cmd.add_argument("--real-guest", nargs="?", const=",".join(REAL_GUEST_DEFAULT), default=None,
-                             metavar="KEYS", help="run these keys' VMs for real: QEMU on a Debian 12 image "
-                                                  f"(comma-separated; default {','.join(REAL_GUEST_DEFAULT)})")
+            cmd.add_argument(
+                "--real-guest",
+                nargs="?",
+                const=",".join(REAL_GUEST_DEFAULT),
+                default=None,
+                metavar="KEYS",
+                help="run these keys' VMs for real: QEMU on a Debian 12 image "
+                f"(comma-separated; default {','.join(REAL_GUEST_DEFAULT)})",
+            )
         if name in ("publish", "corrupt", "repair"):
             cmd.add_argument("key")
         cmd.set_defaults(func=_lab)

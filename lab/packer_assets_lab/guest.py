@@ -216,7 +216,6 @@ class LabGuest:
         finally:
             _finish(chan, status)
 
-
     def _chmod(self, argv: list[str]) -> None:
         """`chmod <octal> <path>...` changes the uploaded files as a real guest's chmod would (packer makes
         its env var file, which holds the install password, 0600 this way). Anything else changes nothing."""

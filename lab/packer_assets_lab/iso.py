@@ -54,5 +54,3 @@ def make_iso(path: str | os.PathLike[str], volume_id: str, files: dict[str, byte
     finally:
         iso.close()
     return path
-
-

@@ -40,8 +40,6 @@ class MirrorItem:
     os_release: str | None = None
 
 
-
-
 def checksum_text(name: str, entries: dict[str, str], sizes: dict[str, int]) -> str:
     """Checksum file body in the format its name implies: *CHECKSUM* → BSD (Rocky), else GNU."""
     lines = []

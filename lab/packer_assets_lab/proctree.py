@@ -50,8 +50,11 @@ def descendants(table: ProcTable, roots: set[int]) -> set[int]:
 def top_builds(table: ProcTable, pids: set[int]) -> set[int]:
     """The `packer build` processes among `pids` whose parent is not one: packer 1.6.6 re-executes itself
     (panicwrap) and forks, and those are the same build."""
-    return {pid for pid in pids if is_packer_build(table[pid][1])
-            and not is_packer_build(table.get(table[pid][0], (0, []))[1])}
+    return {
+        pid
+        for pid in pids
+        if is_packer_build(table[pid][1]) and not is_packer_build(table.get(table[pid][0], (0, []))[1])
+    }
 
 
 def cmdline(pid: int) -> str:

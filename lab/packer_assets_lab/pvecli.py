@@ -69,8 +69,8 @@ def split_args(args: list[str]) -> tuple[list[str], dict[str, str]]:
 
 def resolve(prog: str, args: list[str]):
     for words, spec in sorted(COMMANDS.items(), key=lambda kv: -len(kv[0])):
-        if words[0] == prog and tuple(args[:len(words) - 1]) == words[1:]:
-            return words, spec, args[len(words) - 1:]
+        if words[0] == prog and tuple(args[: len(words) - 1]) == words[1:]:
+            return words, spec, args[len(words) - 1 :]
     known = ", ".join(" ".join(w) for w in COMMANDS if w[0] == prog)
     raise CliError(f"lab {prog}: unknown or unimplemented command '{' '.join(args)}' (lab implements: {known})")
 
@@ -80,8 +80,15 @@ def connect():
 
     url = urlsplit(os.environ["PA_LAB_API_URL"])
     password = Path(os.environ["PA_LAB_ROOT_PASSWORD_FILE"]).read_text().strip()
-    return ProxmoxAPI(url.hostname, port=url.port or 8006, user="root@pam", password=password, backend="https",
-                      verify_ssl=os.environ["PA_LAB_CA_FILE"], timeout=30)
+    return ProxmoxAPI(
+        url.hostname,
+        port=url.port or 8006,
+        user="root@pam",
+        password=password,
+        backend="https",
+        verify_ssl=os.environ["PA_LAB_CA_FILE"],
+        timeout=30,
+    )
 
 
 def call(api, method: str, template: str, values: dict[str, str], options: dict[str, str]):
@@ -153,8 +160,9 @@ export PA_LAB_API_URL={url} PA_LAB_CA_FILE={ca} PA_LAB_ROOT_PASSWORD_FILE={passw
 """
 
 
-def install_shims(bin_dir, api_url: str, ca_file, root_password_file, log_file=None,
-                  python: str = sys.executable) -> dict[str, Path]:
+def install_shims(
+    bin_dir, api_url: str, ca_file, root_password_file, log_file=None, python: str = sys.executable
+) -> dict[str, Path]:
     """Write executable `pveum` and `pvesh` into bin_dir; put bin_dir on the node's PATH to use them."""
     bin_dir = Path(bin_dir)
     bin_dir.mkdir(parents=True, exist_ok=True)
@@ -162,9 +170,16 @@ def install_shims(bin_dir, api_url: str, ca_file, root_password_file, log_file=N
     made = {}
     for prog in ("pveum", "pvesh"):
         path = bin_dir / prog
-        path.write_text(SHIM.format(prog=prog, url=shlex.quote(api_url), ca=shlex.quote(str(ca_file)),
-                                    password_file=shlex.quote(str(root_password_file)), log=log,
-                                    python=shlex.quote(python)))
+        path.write_text(
+            SHIM.format(
+                prog=prog,
+                url=shlex.quote(api_url),
+                ca=shlex.quote(str(ca_file)),
+                password_file=shlex.quote(str(root_password_file)),
+                log=log,
+                python=shlex.quote(python),
+            )
+        )
         path.chmod(0o755)
         made[prog] = path
     return made

@@ -119,15 +119,35 @@ def serve(state: Path, catalog_path: Path, project_dir: Path, real_guests: tuple
 
     paths = LabPaths(state)
     creds = _credentials(paths)
-    stack = LabStack.start(state, catalog_path, creds["LAB_ROOT_PASSWORD"], creds["LAB_GUEST_PASSWORD"],
-                           project_dir=project_dir, real_guests=real_guests)
+    stack = LabStack.start(
+        state,
+        catalog_path,
+        creds["LAB_ROOT_PASSWORD"],
+        creds["LAB_GUEST_PASSWORD"],
+        project_dir=project_dir,
+        real_guests=real_guests,
+    )
     token = secrets.token_urlsafe(24)
-    control = ControlServer(token, {"publish": stack.mirror.publish, "corrupt": lambda k: stack.mirror.corrupt(k, True),
-                                    "repair": lambda k: stack.mirror.corrupt(k, False)},
-                            keys=sorted(stack.mirror.items))
-    write_env_file(paths.env_file, stack.env(), header="Written by `packer-assets lab up`: points the project at the lab.")
-    info = {"pid": os.getpid(), "argv": sys.argv, "started": time.time(), "control_port": control.port,
-            "control_token": token, **stack.describe()}
+    control = ControlServer(
+        token,
+        {
+            "publish": stack.mirror.publish,
+            "corrupt": lambda k: stack.mirror.corrupt(k, True),
+            "repair": lambda k: stack.mirror.corrupt(k, False),
+        },
+        keys=sorted(stack.mirror.items),
+    )
+    write_env_file(
+        paths.env_file, stack.env(), header="Written by `packer-assets lab up`: points the project at the lab."
+    )
+    info = {
+        "pid": os.getpid(),
+        "argv": sys.argv,
+        "started": time.time(),
+        "control_port": control.port,
+        "control_token": token,
+        **stack.describe(),
+    }
     atomic_write(paths.state_json, json.dumps(info, indent=2), mode=0o600)
     print(f"lab ready: {json.dumps(stack.describe())}", flush=True)
 
@@ -164,8 +184,9 @@ def running_state(state: Path) -> dict | None:
     return None
 
 
-def up(state: Path, catalog_path: Path | None = None, project_dir: Path | None = None,
-       real_guests: tuple[str, ...] = ()) -> dict:
+def up(
+    state: Path, catalog_path: Path | None = None, project_dir: Path | None = None, real_guests: tuple[str, ...] = ()
+) -> dict:
     """Start the lab for the catalog (default: the project's, as `catalog check` finds it); the VMs of the
     keys in real_guests run for real (the base image is built here, with progress lines, if not cached)."""
     from packer_assets.catalog import load_catalog
@@ -175,8 +196,10 @@ def up(state: Path, catalog_path: Path | None = None, project_dir: Path | None =
     if info:
         running = sorted(info.get("real_guests") or {})
         if running != sorted(real_guests) and real_guests:
-            raise LabError(f"a lab is already running for {state} with real guests for "
-                           f"{', '.join(running) or 'no key'}: stop it first (`packer-assets lab down`)")
+            raise LabError(
+                f"a lab is already running for {state} with real guests for "
+                f"{', '.join(running) or 'no key'}: stop it first (`packer-assets lab down`)"
+            )
         return info
     project_dir = (project_dir or Path.cwd()).resolve()
     catalog = load_catalog(catalog_path, project_dir=project_dir)  # a broken catalog fails here, before any process
@@ -191,11 +214,22 @@ def up(state: Path, catalog_path: Path | None = None, project_dir: Path | None =
         ensure_base_image(progress=lambda line: print(line, flush=True))  # minutes the first time: in the open
     paths.state.mkdir(parents=True, exist_ok=True)
     paths.state_json.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", SERVICE_MODULE, "--state", str(paths.state), "--catalog", str(catalog.path),
-            "--project-dir", str(project_dir), *(["--real-guest", ",".join(real_guests)] if real_guests else [])]
+    argv = [
+        sys.executable,
+        "-m",
+        SERVICE_MODULE,
+        "--state",
+        str(paths.state),
+        "--catalog",
+        str(catalog.path),
+        "--project-dir",
+        str(project_dir),
+        *(["--real-guest", ",".join(real_guests)] if real_guests else []),
+    ]
     with open(paths.log, "ab") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=paths.state)
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True, cwd=paths.state
+        )
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         info = _read_state(paths)
@@ -231,8 +265,11 @@ def control(state: Path, action: str, key: str) -> object:
     info = running_state(state.resolve())
     if not info:
         raise LabError(f"no lab is running for {state} (start it with `packer-assets lab up`)")
-    response = requests.post(f"http://127.0.0.1:{info['control_port']}/{action}/{key}",
-                             headers={"Authorization": f"Bearer {info['control_token']}"}, timeout=30)
+    response = requests.post(
+        f"http://127.0.0.1:{info['control_port']}/{action}/{key}",
+        headers={"Authorization": f"Bearer {info['control_token']}"},
+        timeout=30,
+    )
     try:
         body = response.json()
     except ValueError:  # not the control server's JSON (e.g. a 404 page for a key with a slash)

@@ -43,9 +43,14 @@ def mirror_items(catalog: Catalog) -> list[MirrorItem]:
     for entry in catalog:
         for iso in entry.all_isos():
             name = getattr(iso, "name", None)
-            items.append(MirrorItem(key=f"{entry.key}--{name}" if name else entry.key, iso_path=_url_path(iso.url),
-                                    checksum_path=_url_path(iso.checksum_url) if iso.checksum_url else None,
-                                    os_release=None if name else os_release_text(entry.expected_os)))
+            items.append(
+                MirrorItem(
+                    key=f"{entry.key}--{name}" if name else entry.key,
+                    iso_path=_url_path(iso.url),
+                    checksum_path=_url_path(iso.checksum_url) if iso.checksum_url else None,
+                    os_release=None if name else os_release_text(entry.expected_os),
+                )
+            )
     return items
 
 
@@ -62,8 +67,12 @@ def write_lab_catalog(source: Path, target: Path) -> Path:
                 del iso["checksum"]
                 iso["checksum_url"] = posixpath.join(posixpath.dirname(iso["url"]), "SHA256SUMS")
                 iso.setdefault("filename", posixpath.basename(urlsplit(iso["url"]).path))
-    target.write_text("# Written by the lab from " + str(source) + " (pinned checksums -> mirror SHA256SUMS)\n"
-                      + yaml.safe_dump(data, sort_keys=False))
+    target.write_text(
+        "# Written by the lab from "
+        + str(source)
+        + " (pinned checksums -> mirror SHA256SUMS)\n"
+        + yaml.safe_dump(data, sort_keys=False)
+    )
     return target
 
 
@@ -74,8 +83,10 @@ def check_real_guest_keys(catalog: Catalog, keys: tuple[str, ...]) -> None:
             raise ConfigError(f"--real-guest {key}: no such key in {catalog.path} (keys: {', '.join(catalog.keys())})")
         entry = catalog.get(key)
         if not entry.expected_os.matches("debian", "12"):
-            raise ConfigError(f"--real-guest {key}: the lab's real guest is Debian 12 (debootstrap); {key} expects "
-                              f"{entry.expected_os}")
+            raise ConfigError(
+                f"--real-guest {key}: the lab's real guest is Debian 12 (debootstrap); {key} expects "
+                f"{entry.expected_os}"
+            )
 
 
 def _free_port() -> int:
@@ -103,9 +114,16 @@ class LabStack:
         return self.served.pve
 
     @classmethod
-    def start(cls, state: Path, catalog_path: Path | None, root_password: str, guest_password: str,
-              project_dir: Path | None = None, real_guests: tuple[str, ...] = (),
-              progress=print) -> "LabStack":
+    def start(
+        cls,
+        state: Path,
+        catalog_path: Path | None,
+        root_password: str,
+        guest_password: str,
+        project_dir: Path | None = None,
+        real_guests: tuple[str, ...] = (),
+        progress=print,
+    ) -> "LabStack":
         """real_guests: keys whose VMs run for real (QEMU on the cached Debian 12 base image, built here
         the first time: minutes, root and the apt mirror)."""
         state = Path(state)
@@ -123,18 +141,40 @@ class LabStack:
 
             check_real_guest_keys(catalog, tuple(real_guests))
             ports = {key: _free_port() for key in real_guests}
-            pve.enable_real_guests(RealGuests(keys=frozenset(real_guests), image=ensure_base_image(progress=progress),
-                                              root=state / "pve-data" / "realguest", ssh_ports=ports))
+            pve.enable_real_guests(
+                RealGuests(
+                    keys=frozenset(real_guests),
+                    image=ensure_base_image(progress=progress),
+                    root=state / "pve-data" / "realguest",
+                    ssh_ports=ports,
+                )
+            )
         served = ServedPve(pve, pki).start()
         mirror = IsoMirror(state / "mirror", mirror_items(catalog)).start()
         users = sorted({entry.install_user.name for entry in catalog})
         # The guest also plays the smoke test's clones: their cloud-init user logs in with the keys in the
         # clone's config, and the clone's agent reports the guest's host key as the clone's own.
-        guest = LabGuest(state / "guest", username=users[0], password=guest_password, also_accept=users[1:],
-                         key_source=pve.lab_ssh_keys).start()
+        guest = LabGuest(
+            state / "guest",
+            username=users[0],
+            password=guest_password,
+            also_accept=users[1:],
+            key_source=pve.lab_ssh_keys,
+        ).start()
         pve.lab_guest_host_keys = [f"{guest.host_key.get_name()} {guest.host_key.get_base64()}"]
-        return cls(state, pki, served, mirror, guest, catalog, lab_catalog_path, root_password, guest_password,
-                   make_signing_key(state / "signing"), ports)
+        return cls(
+            state,
+            pki,
+            served,
+            mirror,
+            guest,
+            catalog,
+            lab_catalog_path,
+            root_password,
+            guest_password,
+            make_signing_key(state / "signing"),
+            ports,
+        )
 
     def env(self) -> dict[str, str]:
         """What points the project at the lab (bootstrap login, trust, mirror, guest endpoint)."""
@@ -157,8 +197,9 @@ class LabStack:
             # The lab signs its proof bundles; `packer-assets proof verify --allowed-signers` with this file checks them.
             "PACKER_ASSETS_SIGNING_KEY": str(self.signing.key_file),
             "PACKER_ASSETS_SIGNING_KEY_ID": self.signing.key_id,
-            "PACKER_ASSETS_GUEST_NOTES": ";".join([*(f"{k}={GUEST_NOTES['real']}" for k in sorted(self.real_guests)),
-                                                   f"*={GUEST_NOTES['simulated']}"]),
+            "PACKER_ASSETS_GUEST_NOTES": ";".join(
+                [*(f"{k}={GUEST_NOTES['real']}" for k in sorted(self.real_guests)), f"*={GUEST_NOTES['simulated']}"]
+            ),
         }
         if self.real_guests:
             # A real guest is reached through QEMU's forward on a port of its own, and takes minutes to boot.
@@ -169,10 +210,15 @@ class LabStack:
         return values
 
     def describe(self) -> dict:
-        return {"pve_url": self.served.url, "ca_file": str(self.pki.ca_file), "mirror_url": self.mirror.base_url,
-                "allowed_signers": str(self.signing.allowed_signers),
-                "guest": f"{self.guest.host}:{self.guest.port}", "catalog": str(self.catalog_path),
-                "real_guests": {key: f"127.0.0.1:{port}" for key, port in sorted(self.real_guests.items())}}
+        return {
+            "pve_url": self.served.url,
+            "ca_file": str(self.pki.ca_file),
+            "mirror_url": self.mirror.base_url,
+            "allowed_signers": str(self.signing.allowed_signers),
+            "guest": f"{self.guest.host}:{self.guest.port}",
+            "catalog": str(self.catalog_path),
+            "real_guests": {key: f"127.0.0.1:{port}" for key, port in sorted(self.real_guests.items())},
+        }
 
     def stop(self) -> None:
         self.pve.stop_real_guests()

@@ -105,7 +105,7 @@ class BuildSettings:
 
     packer: str = "packer"
     allow_degraded: bool = False  # build without what the installed Packer cannot do (EFI/TPM on 1.6.6)
-    ssh_host: str | None = None   # the lab: Debian's packer ignores loopback addresses from the agent
+    ssh_host: str | None = None  # the lab: Debian's packer ignores loopback addresses from the agent
     ssh_port: int | None = None
     ssh_timeout: str | None = None
     ssh_ports: str | None = None  # PACKER_ASSETS_SSH_PORTS: a key's own port (the lab's real guests)
@@ -125,12 +125,12 @@ class BuildOutcome:
     key: str
     chain_id: str
     input_fingerprint: str
-    skipped: bool                 # up to date: nothing was built
+    skipped: bool  # up to date: nothing was built
     vmid: int | None
     name: str | None = None
     log_file: Path | None = None
     record_file: Path | None = None
-    smoke: dict | None = None     # the smoke test's facts (passed builds only)
+    smoke: dict | None = None  # the smoke test's facts (passed builds only)
     smoke_error: str | None = None  # a failed smoke test (the new template was destroyed)
     smoke_steps: list[dict] = field(default_factory=list)  # its steps, up to the failed one
     previous_vmid: int | None = None
@@ -151,33 +151,64 @@ def served_render(layout: Layout, key: str, rendered_dir: Path) -> ServedFiles:
     return served_files(key, rendered_dir, _render_record(layout, key))
 
 
-def plan_of(layout: Layout, entry: TemplateEntry, staged: dict[str, StagedIso], project_dir: Path,
-            env: Mapping[str, str] | None) -> tuple[str, str]:
+def plan_of(
+    layout: Layout, entry: TemplateEntry, staged: dict[str, StagedIso], project_dir: Path, env: Mapping[str, str] | None
+) -> tuple[str, str]:
     """(plan fingerprint, ISO checksums) of this build (plan.py), with the ISOs as staged."""
     isos = iso_checksums(entry, {}, {name: str(Checksum(iso.algorithm, iso.checksum)) for name, iso in staged.items()})
-    return plan_fingerprint(entry, os.environ if env is None else env, SourceDigests(project_dir), plan_key(layout),
-                            isos), isos
+    return plan_fingerprint(
+        entry, os.environ if env is None else env, SourceDigests(project_dir), plan_key(layout), isos
+    ), isos
 
 
-def input_fingerprint_of(entry: TemplateEntry, staged: dict[str, StagedIso], served: ServedFiles,
-                         project_dir: Path) -> str:
+def input_fingerprint_of(
+    entry: TemplateEntry, staged: dict[str, StagedIso], served: ServedFiles, project_dir: Path
+) -> str:
     isos = ";".join(f"{name}={staged[name].algorithm}:{staged[name].checksum}" for name in sorted(staged))
     # template_sha256: the family's template AND templates/common/common.pkr.hcl, one input
-    return input_fingerprint(isos, rendered_hashes(served), template_sha256(project_dir, entry),
-                             catalog_entry_json(entry))
+    return input_fingerprint(
+        isos, rendered_hashes(served), template_sha256(project_dir, entry), catalog_entry_json(entry)
+    )
 
 
-def plan_build(entry: TemplateEntry, settings: BuildSettings, *, vmid: int, name: str, node: str, iso_volid: str,
-               extra_volids: Iterable[str] = (), vm_storage: str, vm_storage_type: str, bridge: str,
-               http_bind_address: str | None, http_port: int, description: str = "") -> BuildPlan:
+def plan_build(
+    entry: TemplateEntry,
+    settings: BuildSettings,
+    *,
+    vmid: int,
+    name: str,
+    node: str,
+    iso_volid: str,
+    extra_volids: Iterable[str] = (),
+    vm_storage: str,
+    vm_storage_type: str,
+    bridge: str,
+    http_bind_address: str | None,
+    http_port: int,
+    description: str = "",
+) -> BuildPlan:
     """The one BuildPlan constructor (builds, validation and the benchmarks): the catalog entry and the
     build settings, placed on a node."""
-    return BuildPlan(vm_id=vmid, vm_name=name, node=node, iso_file=iso_volid, vm_storage=vm_storage,
-                     vm_storage_type=vm_storage_type, bridge=bridge, http_bind_address=http_bind_address,
-                     http_port_min=http_port, http_port_max=http_port + 10, ssh_username=entry.install_user.name,
-                     ssh_host=settings.ssh_host, ssh_port=settings.ssh_port_for(entry.key) or 22, ssh_timeout=settings.ssh_timeout,
-                     extra_iso_files=tuple(extra_volids), description=description,
-                     tags=tuple(template_tags(entry.key)), boot_wait=settings.boot_wait)
+    return BuildPlan(
+        vm_id=vmid,
+        vm_name=name,
+        node=node,
+        iso_file=iso_volid,
+        vm_storage=vm_storage,
+        vm_storage_type=vm_storage_type,
+        bridge=bridge,
+        http_bind_address=http_bind_address,
+        http_port_min=http_port,
+        http_port_max=http_port + 10,
+        ssh_username=entry.install_user.name,
+        ssh_host=settings.ssh_host,
+        ssh_port=settings.ssh_port_for(entry.key) or 22,
+        ssh_timeout=settings.ssh_timeout,
+        extra_iso_files=tuple(extra_volids),
+        description=description,
+        tags=tuple(template_tags(entry.key)),
+        boot_wait=settings.boot_wait,
+    )
 
 
 def storage_type(api, node: str, storage: str) -> str:
@@ -194,8 +225,9 @@ def _answer_iso(api, access: BuildAccess, entry: TemplateEntry, served: ServedFi
     if entry.family != "windows" or recorded is None:
         return None
     checksum = Checksum("sha256", recorded)
-    staged = upload_iso(api, access.discovery.node, access.discovery.iso_storage, path, checksum,
-                        filename=f"{entry.key}-answers.iso")
+    staged = upload_iso(
+        api, access.discovery.node, access.discovery.iso_storage, path, checksum, filename=f"{entry.key}-answers.iso"
+    )
     return staged.volid
 
 
@@ -233,13 +265,13 @@ class Inputs:
     """prepare, first part: what the build is of, and whether the key's promoted template already is that."""
 
     started: datetime
-    served: ServedFiles            # what the render wrote and validated, unchanged
+    served: ServedFiles  # what the render wrote and validated, unchanged
     fingerprint: str
-    planned: tuple[str, str]       # for the schedule's pre-check (plan.py)
+    planned: tuple[str, str]  # for the schedule's pre-check (plan.py)
     api: Any
     swept: list[str]
     up_to_date: bool
-    current: int | None            # the key's promoted template (its VMID)
+    current: int | None  # the key's promoted template (its VMID)
 
 
 @dataclass(frozen=True)
@@ -254,7 +286,7 @@ class Prepared:
     prepared: Workdir
     redact: Redactor
     description: TemplateDescription
-    vm_record: Path                # VM_RECORD: written before packer starts, unlinked once the VM is settled
+    vm_record: Path  # VM_RECORD: written before packer starts, unlinked once the VM is settled
 
 
 @dataclass(frozen=True)
@@ -317,26 +349,47 @@ def prepare(job: BuildJob, inputs: Inputs) -> Prepared:
     _grants, missing = token_privilege_gaps(api, found)
     if missing:  # before packer: a missing privilege would otherwise show up after a whole build
         lacks = "; ".join(f"{priv} on {path}" for path, priv in missing)
-        raise BuildPrivilegeError(f"{key}: token {job.access.token_id} lacks {lacks}: nothing was built "
-                                  "(run `make init` to set the role back, or grant it)")
+        raise BuildPrivilegeError(
+            f"{key}: token {job.access.token_id} lacks {lacks}: nothing was built "
+            "(run `make init` to set the role back, or grant it)"
+        )
     caps = detect_packer(job.settings.packer)
     vmid, name = allocate_vmid(api, job.entry), template_name(key, inputs.started)
     plan = _placed_plan(job, inputs, vmid, name)
     workdir = job.layout.work_dir(key) / job.chain.stamp
     shutil.rmtree(workdir, ignore_errors=True)
-    penv = packer_env(job.access.endpoint, caps, job.credentials, ssh_password=job.ssh_password,
-                      workdir=workdir.parent, base_env=job.env)
-    prepared = prepare_workdir(workdir, job.entry, plan, caps, project_dir=job.project_dir, http_dir=job.rendered_dir,
-                               http_files=inputs.served.files, allow_degraded=job.settings.allow_degraded,
-                               secrets=penv.secrets)
+    penv = packer_env(
+        job.access.endpoint,
+        caps,
+        job.credentials,
+        ssh_password=job.ssh_password,
+        workdir=workdir.parent,
+        base_env=job.env,
+    )
+    prepared = prepare_workdir(
+        workdir,
+        job.entry,
+        plan,
+        caps,
+        project_dir=job.project_dir,
+        http_dir=job.rendered_dir,
+        http_files=inputs.served.files,
+        allow_degraded=job.settings.allow_degraded,
+        secrets=penv.secrets,
+    )
     redact = Redactor([*penv.secrets, job.ssh_password])
-    description = TemplateDescription(chain_id=str(job.chain), key=key, iso_url=job.entry.iso.url,
-                                      iso_checksum=f"{staged['iso'].algorithm}:{staged['iso'].checksum}",
-                                      iso_volid=staged["iso"].volid, input_fingerprint=inputs.fingerprint,
-                                      built_at=inputs.started, tool_version=__version__,
-                                      packer_version=caps.packer_version)
-    vm_record = atomic_write(workdir / VM_RECORD,
-                             json.dumps({"vmid": vmid, "name": name, "run_id": job.run_id}) + "\n")
+    description = TemplateDescription(
+        chain_id=str(job.chain),
+        key=key,
+        iso_url=job.entry.iso.url,
+        iso_checksum=f"{staged['iso'].algorithm}:{staged['iso'].checksum}",
+        iso_volid=staged["iso"].volid,
+        input_fingerprint=inputs.fingerprint,
+        built_at=inputs.started,
+        tool_version=__version__,
+        packer_version=caps.packer_version,
+    )
+    vm_record = atomic_write(workdir / VM_RECORD, json.dumps({"vmid": vmid, "name": name, "run_id": job.run_id}) + "\n")
     return Prepared(caps, vmid, name, workdir, penv, prepared, redact, description, vm_record)
 
 
@@ -345,11 +398,21 @@ def _placed_plan(job: BuildJob, inputs: Inputs, vmid: int, name: str) -> BuildPl
     api, found, staged = inputs.api, job.access.discovery, job.staged
     extra = [staged[n].volid for n in sorted(staged) if n != "iso"]
     answer = _answer_iso(api, job.access, job.entry, inputs.served)
-    return plan_build(job.entry, job.settings, vmid=vmid, name=name, node=found.node, iso_volid=staged["iso"].volid,
-                      extra_volids=extra + ([answer] if answer else []), vm_storage=found.vm_storage,
-                      vm_storage_type=storage_type(api, found.node, found.vm_storage), bridge=found.bridge,
-                      http_bind_address=found.http_bind_address, http_port=found.http_port,
-                      description=f"packer-assets {job.key} {job.chain} (building)")
+    return plan_build(
+        job.entry,
+        job.settings,
+        vmid=vmid,
+        name=name,
+        node=found.node,
+        iso_volid=staged["iso"].volid,
+        extra_volids=extra + ([answer] if answer else []),
+        vm_storage=found.vm_storage,
+        vm_storage_type=storage_type(api, found.node, found.vm_storage),
+        bridge=found.bridge,
+        http_bind_address=found.http_bind_address,
+        http_port=found.http_port,
+        description=f"packer-assets {job.key} {job.chain} (building)",
+    )
 
 
 def packer_and_finish(job: BuildJob, inputs: Inputs, prep: Prepared, log: RunLog) -> dict[str, float]:
@@ -358,9 +421,16 @@ def packer_and_finish(job: BuildJob, inputs: Inputs, prep: Prepared, log: RunLog
     stages: dict[str, float] = {}
     try:
         stages["packer"] = run_packer_phase(job, prep, log)
-        finish_template(inputs.api, job.node, prep.vmid, family=job.entry.family,
-                        vm_storage=job.access.discovery.vm_storage, description=prep.description, name=prep.name,
-                        tags=job.entry.tags)
+        finish_template(
+            inputs.api,
+            job.node,
+            prep.vmid,
+            family=job.entry.family,
+            vm_storage=job.access.discovery.vm_storage,
+            description=prep.description,
+            name=prep.name,
+            tags=job.entry.tags,
+        )
         log.line("finish", f"template {prep.vmid} ({prep.name}) finished: ISO ejected, description and tags written")
     except BaseException as exc:
         log.line("error", f"{type(exc).__name__}: {prep.redact(str(exc))}")
@@ -379,8 +449,16 @@ def run_packer_phase(job: BuildJob, prep: Prepared, log: RunLog) -> float:
             log.line("packer-init", line)
         if not init.ok:
             raise PackerError(f"packer init failed (exit {init.exit_code}); log: {log.path}", log_path=log.path)
-    result = run_packer(prep.workdir, penv.env, log, timeout=settings.timeout, on_stage=job.on_stage,
-                        cancel_event=job.cancel_event, grace=settings.grace, packer=settings.packer)
+    result = run_packer(
+        prep.workdir,
+        penv.env,
+        log,
+        timeout=settings.timeout,
+        on_stage=job.on_stage,
+        cancel_event=job.cancel_event,
+        grace=settings.grace,
+        packer=settings.packer,
+    )
     return round(result.duration, 3)
 
 
@@ -390,11 +468,14 @@ def smoke_and_sbom(job: BuildJob, inputs: Inputs, prep: Prepared, log: RunLog) -
     settings, redact, vmid = job.settings, prep.redact, prep.vmid
     ssh_address = (settings.ssh_host, settings.ssh_port_for(job.key) or 22) if settings.ssh_host else None
     try:
-        smoke = smoke_test(inputs.api, job.node, vmid, job.entry, timeout=settings.smoke_timeout,
-                           ssh_address=ssh_address)
+        smoke = smoke_test(
+            inputs.api, job.node, vmid, job.entry, timeout=settings.smoke_timeout, ssh_address=ssh_address
+        )
         for step in smoke.steps:
-            log.line("smoke", redact(f"{step.name}: passed in {step.seconds:.1f} s"
-                                     + (f" ({step.detail})" if step.detail else "")))
+            log.line(
+                "smoke",
+                redact(f"{step.name}: passed in {step.seconds:.1f} s" + (f" ({step.detail})" if step.detail else "")),
+            )
         sbom = write_template_sbom(log.path.parent, smoke, job.entry, prep.name, job.chain, inputs.started)
     except (SmokeTestError, SbomError) as exc:
         return _smoke_failed(job, inputs, prep, log, exc)
@@ -402,26 +483,39 @@ def smoke_and_sbom(job: BuildJob, inputs: Inputs, prep: Prepared, log: RunLog) -
         log.line("error", redact(f"{type(exc).__name__}: {exc}"))
         for line in "".join(traceback.format_exception(exc)).splitlines():
             log.line("traceback", redact(line))
-        log.line("smoke", f"the smoke test did not finish: destroying the new template {vmid}, the promoted "
-                          "one stays")
+        log.line("smoke", f"the smoke test did not finish: destroying the new template {vmid}, the promoted one stays")
         if _destroy(inputs.api, job.node, vmid, job.entry, log):
             prep.vm_record.unlink(missing_ok=True)
         raise
     return _passed(job, prep, log, smoke, sbom)
 
 
-def _smoke_failed(job: BuildJob, inputs: Inputs, prep: Prepared, log: RunLog,
-                  exc: SmokeTestError | SbomError) -> BuildOutcome:
+def _smoke_failed(
+    job: BuildJob, inputs: Inputs, prep: Prepared, log: RunLog, exc: SmokeTestError | SbomError
+) -> BuildOutcome:
     redact, vmid = prep.redact, prep.vmid
     for step in getattr(exc, "steps", ()):
-        log.line("smoke", redact(f"{step.name}: {'passed' if step.passed else 'FAILED'}"
-                                 + (f" ({step.detail})" if step.detail else "")))
+        log.line(
+            "smoke",
+            redact(
+                f"{step.name}: {'passed' if step.passed else 'FAILED'}" + (f" ({step.detail})" if step.detail else "")
+            ),
+        )
     log.line("smoke", redact(f"FAILED: {exc}; destroying the new template {vmid}, the promoted one stays"))
     if _destroy(inputs.api, job.node, vmid, job.entry, log):
         prep.vm_record.unlink(missing_ok=True)
-    return BuildOutcome(job.key, str(job.chain), inputs.fingerprint, False, vmid, prep.name, log.path,
-                        smoke_error=_named(job.key, redact(str(exc))),
-                        smoke_steps=[_step_facts(s, redact) for s in getattr(exc, "steps", ())], swept=inputs.swept)
+    return BuildOutcome(
+        job.key,
+        str(job.chain),
+        inputs.fingerprint,
+        False,
+        vmid,
+        prep.name,
+        log.path,
+        smoke_error=_named(job.key, redact(str(exc))),
+        smoke_steps=[_step_facts(s, redact) for s in getattr(exc, "steps", ())],
+        swept=inputs.swept,
+    )
 
 
 def _passed(job: BuildJob, prep: Prepared, log: RunLog, smoke: SmokeResult, sbom: dict[str, Any]) -> Smoked:
@@ -430,32 +524,59 @@ def _passed(job: BuildJob, prep: Prepared, log: RunLog, smoke: SmokeResult, sbom
     warnings = [*prep.prepared.warnings, *map(redact, smoke.warnings)]  # checks passed with a warning (cloud-init 2)
     for warning in smoke.warnings:
         log.line("warning", redact(warning))
-    log.line("smoke", f"passed: clone {smoke.clone_vmid} booted {smoke.found_os} (expected {smoke.expected_os}), "
-                      f"agent answered, ips {smoke.ips}, {sbom['packages']} packages in {SBOM_FILE}")
+    log.line(
+        "smoke",
+        f"passed: clone {smoke.clone_vmid} booted {smoke.found_os} (expected {smoke.expected_os}), "
+        f"agent answered, ips {smoke.ips}, {sbom['packages']} packages in {SBOM_FILE}",
+    )
     prep.vm_record.unlink(missing_ok=True)  # a template that passed: no longer a build VM
-    facts = {"clone_vmid": smoke.clone_vmid, "os": smoke.os_name, "found_os": smoke.found_os,
-             "expected_os": smoke.expected_os, "ips": smoke.ips, "seconds": smoke.seconds,
-             "machine_id": smoke.machine_id, "host_keys": host_key_fingerprints(smoke.host_keys),
-             "steps": [_step_facts(s, redact) for s in smoke.steps], "packages": sbom["packages"]}
+    facts = {
+        "clone_vmid": smoke.clone_vmid,
+        "os": smoke.os_name,
+        "found_os": smoke.found_os,
+        "expected_os": smoke.expected_os,
+        "ips": smoke.ips,
+        "seconds": smoke.seconds,
+        "machine_id": smoke.machine_id,
+        "host_keys": host_key_fingerprints(smoke.host_keys),
+        "steps": [_step_facts(s, redact) for s in smoke.steps],
+        "packages": sbom["packages"],
+    }
     return Smoked(smoke, sbom, facts, warnings)
 
 
-def build_record(job: BuildJob, inputs: Inputs, prep: Prepared, smoked: Smoked,
-                 stages: dict[str, float]) -> dict[str, Any]:
+def build_record(
+    job: BuildJob, inputs: Inputs, prep: Prepared, smoked: Smoked, stages: dict[str, float]
+) -> dict[str, Any]:
     """The build record as written before the promotion (previous template and prune filled in after)."""
     key, iso = job.key, job.staged["iso"]
     return {
-        "chain_id": str(job.chain), "key": key, "dagster_run_id": job.run_id, "tool_version": __version__,
-        "template": {"vmid": prep.vmid, "name": prep.name, "node": job.node,
-                     "tags": template_tags(key, job.entry.tags)},
-        "iso": {"url": job.entry.iso.url, "effective_url": iso.source,
-                "checksum": f"{iso.algorithm}:{iso.checksum}", "volid": iso.volid},
-        "rendered_files": rendered_hashes(inputs.served), "packer_version": prep.caps.packer_version,
+        "chain_id": str(job.chain),
+        "key": key,
+        "dagster_run_id": job.run_id,
+        "tool_version": __version__,
+        "template": {
+            "vmid": prep.vmid,
+            "name": prep.name,
+            "node": job.node,
+            "tags": template_tags(key, job.entry.tags),
+        },
+        "iso": {
+            "url": job.entry.iso.url,
+            "effective_url": iso.source,
+            "checksum": f"{iso.algorithm}:{iso.checksum}",
+            "volid": iso.volid,
+        },
+        "rendered_files": rendered_hashes(inputs.served),
+        "packer_version": prep.caps.packer_version,
         "packer_template_sha256": prep.prepared.template_sha256,
         "timings": {"started_at": inputs.started.isoformat(), "stages": stages},
         "smoke": smoked.facts,
-        "input_fingerprint": inputs.fingerprint, "previous_template_vmid": inputs.current,
-        "pruned_vmids": [], "warnings": smoked.warnings, "sbom": smoked.sbom,
+        "input_fingerprint": inputs.fingerprint,
+        "previous_template_vmid": inputs.current,
+        "pruned_vmids": [],
+        "warnings": smoked.warnings,
+        "sbom": smoked.sbom,
         "guest": guest_note(job.settings.guest_notes, key),
     }
 
@@ -472,22 +593,44 @@ def promote_and_prune(job: BuildJob, inputs: Inputs, vmid: int, log: RunLog, rec
         pruned = prune(api, node, key, job.entry.retention, keep={vmid})
     except Exception as exc:  # noqa: BLE001 - past the smoke test: the template is withdrawn, never left behind
         raise _withdrawn(api, node, job.entry, vmid, before, exc, log, record_file) from None
-    log.line("promote", f"{vmid} is now packer-assets-latest (before: {promotion.previous}); "
-                        f"pruned {pruned.destroyed or 'nothing'}")
+    log.line(
+        "promote",
+        f"{vmid} is now packer-assets-latest (before: {promotion.previous}); pruned {pruned.destroyed or 'nothing'}",
+    )
     for vm, why in pruned.failed.items():
         log.line("warning", f"prune of {vm} failed: {why}")
     return Promoted(promotion, pruned)
 
 
-def final_record(job: BuildJob, inputs: Inputs, prep: Prepared, smoked: Smoked, promoted: Promoted,
-                 record: dict[str, Any], log_file: Path, record_file: Path) -> BuildOutcome:
+def final_record(
+    job: BuildJob,
+    inputs: Inputs,
+    prep: Prepared,
+    smoked: Smoked,
+    promoted: Promoted,
+    record: dict[str, Any],
+    log_file: Path,
+    record_file: Path,
+) -> BuildOutcome:
     """The record rewritten with the whole log (promotion and prune in it), old work directories pruned,
     registry.json rewritten (a failure there is the outcome's warning)."""
     previous = promoted.promotion.previous[0] if promoted.promotion.previous else None
     pruned = list(promoted.pruned.destroyed)
-    outcome = BuildOutcome(job.key, str(job.chain), inputs.fingerprint, False, prep.vmid, prep.name, log_file,
-                           smoke=smoked.facts, previous_vmid=previous, pruned=pruned, warnings=list(smoked.warnings),
-                           swept=inputs.swept, record_file=record_file)
+    outcome = BuildOutcome(
+        job.key,
+        str(job.chain),
+        inputs.fingerprint,
+        False,
+        prep.vmid,
+        prep.name,
+        log_file,
+        smoke=smoked.facts,
+        previous_vmid=previous,
+        pruned=pruned,
+        warnings=list(smoked.warnings),
+        swept=inputs.swept,
+        record_file=record_file,
+    )
     record.update(previous_template_vmid=previous, pruned_vmids=list(pruned))
     record["timings"]["finished_at"] = datetime.now(UTC).isoformat()
     write_record(log_file, record)  # the whole log now: the promotion and the prune are in it
@@ -504,8 +647,9 @@ def write_record(log_file: Path, record: dict) -> Path:
     return atomic_write(Path(log_file).parent / RECORD, json.dumps(record, indent=2, default=str) + "\n")
 
 
-def update_registry(layout: Layout, api, project_dir: Path, chain: ChainId, echo=print,
-                    env: Mapping[str, str] | None = None) -> str | None:
+def update_registry(
+    layout: Layout, api, project_dir: Path, chain: ChainId, echo=print, env: Mapping[str, str] | None = None
+) -> str | None:
     """registry.json rewritten after a promotion and prune (every catalog key, read from the node). A
     failure is a warning, never a failed build: the template is built, promoted and recorded, and the
     next write (a build, a proof, `packer-assets channel`, the template_registry asset) catches up."""
@@ -527,20 +671,29 @@ def _step_facts(step, redact: Redactor) -> dict:
     return {"name": step.name, "passed": step.passed, "seconds": round(step.seconds, 3), "detail": redact(step.detail)}
 
 
-def write_template_sbom(folder: Path, smoke: SmokeResult, entry: TemplateEntry, name: str, chain: ChainId,
-                        started: datetime) -> dict:
+def write_template_sbom(
+    folder: Path, smoke: SmokeResult, entry: TemplateEntry, name: str, chain: ChainId, started: datetime
+) -> dict:
     """The clone's packages as a validated CycloneDX SBOM in the build's log folder (the proof copies it);
     returns what the record keeps of it: file name, sha256 and package count."""
-    bom = build_sbom(smoke.packages, family=entry.family, os_id=str(smoke.os_info.get("id") or entry.expected_os.id),
-                     os_version=str(smoke.os_info.get("version-id") or ""), template_name=name, key=entry.key,
-                     chain_id=str(chain), timestamp=started)
+    bom = build_sbom(
+        smoke.packages,
+        family=entry.family,
+        os_id=str(smoke.os_info.get("id") or entry.expected_os.id),
+        os_version=str(smoke.os_info.get("version-id") or ""),
+        template_name=name,
+        key=entry.key,
+        chain_id=str(chain),
+        timestamp=started,
+    )
     validate_sbom(bom)
     path = atomic_write(Path(folder) / SBOM_FILE, sbom_json(bom))
     return {"file": SBOM_FILE, "sha256": sha256_file(path), "packages": package_count(bom)}
 
 
-def _withdrawn(api, node: str, entry: TemplateEntry, vmid: int, before, exc: Exception, log,
-               record_file: Path) -> TemplateError:
+def _withdrawn(
+    api, node: str, entry: TemplateEntry, vmid: int, before, exc: Exception, log, record_file: Path
+) -> TemplateError:
     """The error (one line) of a template that failed after its smoke test, once withdraw() took its
     promotion back and destroyed it (its record goes too: no proof follows a destroyed template)."""
     said = (str(exc).splitlines() or [""])[0].removeprefix(f"{entry.key}: ")
@@ -578,8 +731,10 @@ def sweep_leftovers(api, node: str, entry: TemplateEntry, layout: Layout) -> lis
     lines = []
     for guest in leftover_vms(api, entry.key, entry.vmid_range):
         destroy_build_vm(api, guest.node or node, guest.vmid, entry)
-        lines.append(f"leftover VM {guest.vmid} ({guest.name}, {guest.status}) of a run that did not finish: "
-                     "stopped and destroyed")
+        lines.append(
+            f"leftover VM {guest.vmid} ({guest.name}, {guest.status}) of a run that did not finish: "
+            "stopped and destroyed"
+        )
     for record in sorted(layout.work_dir(entry.key).glob(f"*/{VM_RECORD}")):
         try:
             vmid = int(json.loads(record.read_text())["vmid"])
@@ -596,8 +751,9 @@ def prune_work_dirs(layout: Layout, entry: TemplateEntry) -> list[Path]:
     """After a successful build: keep the work directories of the key's last `work_dirs` successful
     builds; those of failed builds before it go (a failed build's stays until this next success)."""
     removed, kept = [], 0
-    for folder in sorted((p for p in layout.work_dir(entry.key).iterdir() if p.is_dir() and p.name[:1].isdigit()),
-                         reverse=True):
+    for folder in sorted(
+        (p for p in layout.work_dir(entry.key).iterdir() if p.is_dir() and p.name[:1].isdigit()), reverse=True
+    ):
         succeeded = (layout.build_log_dir(entry.key, folder.name) / RECORD).is_file()
         if succeeded and kept < entry.work_dirs:
             kept += 1
@@ -625,13 +781,16 @@ def promoted_record(layout: Layout, api, key: str) -> tuple[Path, dict]:
         raise NoPromotedBuild(f"{key}: no template is promoted (tag packer-assets-latest) on the node: build it first")
     described = template_description(api, guest)
     if described is None:
-        raise NoPromotedBuild(f"{key}: promoted template {guest.vmid} has no packer-assets description: "
-                              "it was not built by this tool")
+        raise NoPromotedBuild(
+            f"{key}: promoted template {guest.vmid} has no packer-assets description: it was not built by this tool"
+        )
     folder = layout.build_log_dir(key, parse_chain_id(described.chain_id).stamp)
     record = folder / RECORD
     if not record.is_file():
-        raise NoPromotedBuild(f"{key}: the record of promoted template {guest.vmid} ({described.chain_id}) is not "
-                              f"in this output root: {record} is missing")
+        raise NoPromotedBuild(
+            f"{key}: the record of promoted template {guest.vmid} ({described.chain_id}) is not "
+            f"in this output root: {record} is missing"
+        )
     built = json.loads(record.read_text())
     # the proof names the template's tags as they are now (promotion, channels), not as the build left them
     return folder, {**built, "template": {**built["template"], "tags": sorted(guest.tags)}}
@@ -644,30 +803,51 @@ def write_proof(layout: Layout, record: dict, log_file: Path, signer: Signer | N
     if record.get("sbom"):
         sbom_file = Path(log_file).parent / record["sbom"]["file"]
         stamp = parse_chain_id(record["chain_id"]).stamp
-        sbom_ref = SbomRef(sha256=record["sbom"]["sha256"], packages=record["sbom"]["packages"],
-                           changes=package_changes(layout, record["key"], stamp, sbom_file))
+        sbom_ref = SbomRef(
+            sha256=record["sbom"]["sha256"],
+            packages=record["sbom"]["packages"],
+            changes=package_changes(layout, record["key"], stamp, sbom_file),
+        )
     proof = BuildProof(
-        chain_id=record["chain_id"], key=record["key"], dagster_run_id=record.get("dagster_run_id"),
-        template=TemplateRef(**record["template"]), iso=IsoRef(**record["iso"]),
-        rendered_files=record["rendered_files"], packer_template_sha256=record.get("packer_template_sha256"),
-        packer_version=record["packer_version"], timings=Timings(**record["timings"]),
-        checks=[CheckResult(name="smoke_test", passed=True,
-                            description=f"clone {record['smoke']['clone_vmid']} booted {record['smoke']['os']} "
-                                        f"(found {record['smoke'].get('found_os', '?')}, expected "
-                                        f"{record['smoke'].get('expected_os', '?')}), guest agent answered with "
-                                        f"{record['smoke']['ips']}" + _checks_passed(record["smoke"]),
-                            details=record["smoke"])],
-        log_sha256=record["log_sha256"], input_fingerprint=record["input_fingerprint"],
-        tool_version=record["tool_version"], previous_template_vmid=record.get("previous_template_vmid"),
-        pruned_vmids=record.get("pruned_vmids", []), sbom=sbom_ref, warnings=record.get("warnings", []),
-        guest=record.get("guest"))
+        chain_id=record["chain_id"],
+        key=record["key"],
+        dagster_run_id=record.get("dagster_run_id"),
+        template=TemplateRef(**record["template"]),
+        iso=IsoRef(**record["iso"]),
+        rendered_files=record["rendered_files"],
+        packer_template_sha256=record.get("packer_template_sha256"),
+        packer_version=record["packer_version"],
+        timings=Timings(**record["timings"]),
+        checks=[
+            CheckResult(
+                name="smoke_test",
+                passed=True,
+                description=f"clone {record['smoke']['clone_vmid']} booted {record['smoke']['os']} "
+                f"(found {record['smoke'].get('found_os', '?')}, expected "
+                f"{record['smoke'].get('expected_os', '?')}), guest agent answered with "
+                f"{record['smoke']['ips']}" + _checks_passed(record["smoke"]),
+                details=record["smoke"],
+            )
+        ],
+        log_sha256=record["log_sha256"],
+        input_fingerprint=record["input_fingerprint"],
+        tool_version=record["tool_version"],
+        previous_template_vmid=record.get("previous_template_vmid"),
+        pruned_vmids=record.get("pruned_vmids", []),
+        sbom=sbom_ref,
+        warnings=record.get("warnings", []),
+        guest=record.get("guest"),
+    )
     with recorded_log(Path(log_file), record.get("log_bytes")) as log_copy:
         proof_dir = write_build_proof(layout, proof, log_copy, sbom_file, signer)
     try:  # the proof path in registry.json; a failure is a warning, the proof stands
         record_proof(layout, record["key"], record["chain_id"])
-    except Exception as exc:  # noqa: BLE001
-        print(f"{log_header(record['chain_id'], 'warning')} registry {layout.registry_file} not updated with the "
-              f"proof: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - reported; the proof stands and the next registry write catches up
+        print(
+            f"{log_header(record['chain_id'], 'warning')} registry {layout.registry_file} not updated with the "
+            f"proof: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
     return proof_dir
 
 
@@ -696,13 +876,23 @@ def package_changes(layout: Layout, key: str, stamp: str, sbom_file: Path) -> Pa
         return None
     chain_id, previous = found
     diff = diff_sboms(json.loads(previous.read_text()), json.loads(Path(sbom_file).read_text()))
-    return PackageChanges(previous_chain_id=chain_id, added=[f"{n} {v}" for n, v in diff.added],
-                          removed=[f"{n} {v}" for n, v in diff.removed],
-                          changed=[f"{n} {old} -> {new}" for n, old, new in diff.changed])
+    return PackageChanges(
+        previous_chain_id=chain_id,
+        added=[f"{n} {v}" for n, v in diff.added],
+        removed=[f"{n} {v}" for n, v in diff.removed],
+        changed=[f"{n} {old} -> {new}" for n, old, new in diff.changed],
+    )
 
 
-def render_and_validate(layout: Layout, entry: TemplateEntry, env: Mapping[str, str], settings: BuildSettings, *,
-                        project_dir: Path, reuse: bool = False) -> tuple["RenderResult | CachedRender", PackerCheck]:
+def render_and_validate(
+    layout: Layout,
+    entry: TemplateEntry,
+    env: Mapping[str, str],
+    settings: BuildSettings,
+    *,
+    project_dir: Path,
+    reuse: bool = False,
+) -> tuple["RenderResult | CachedRender", PackerCheck]:
     """unattended_files and `packer-assets validate`: render the key's files (each checked by its own
     validator; RenderError if one fails, the previous render kept), then `packer validate` on them.
 
@@ -717,13 +907,23 @@ def render_and_validate(layout: Layout, entry: TemplateEntry, env: Mapping[str, 
     key = render_key(entry, env, SourceDigests(project_dir), plan_key(layout), _validator(settings)) if reuse else None
     cached = _cached_render(layout, entry.key, key) if key else None
     if cached is not None:
-        return cached, PackerCheck(True, 0, "inputs unchanged since the last render that passed packer validate; "
-                                            "its validation stands", ["packer", "validate", "(cached)"])
+        return cached, PackerCheck(
+            True,
+            0,
+            "inputs unchanged since the last render that passed packer validate; its validation stands",
+            ["packer", "validate", "(cached)"],
+        )
     result = render_unattended(entry, env, layout.rendered_dir(entry.key), project_dir=project_dir)
     record = _render_record(layout, entry.key)
     write_render_record(record, None, result.metadata(), result.written())
-    check = validate_build(entry, result.out_dir, layout.work_dir(entry.key), settings, project_dir=project_dir,
-                           http_files=result.written())
+    check = validate_build(
+        entry,
+        result.out_dir,
+        layout.work_dir(entry.key),
+        settings,
+        project_dir=project_dir,
+        http_files=result.written(),
+    )
     if key and check.ok:
         write_render_record(record, key, result.metadata(), result.written(), check.argv)
     return result, check
@@ -772,23 +972,47 @@ def _cached_render(layout: Layout, key: str, render_key_now: str) -> CachedRende
     return CachedRender(served.folder, record["metadata"]["content_hash"], record["metadata"], served.ignored)
 
 
-def validate_build(entry: TemplateEntry, rendered_dir: Path, work_parent: Path, settings: BuildSettings, *,
-                   project_dir: Path, http_files: Mapping[str, str] | None = None) -> PackerCheck:
+def validate_build(
+    entry: TemplateEntry,
+    rendered_dir: Path,
+    work_parent: Path,
+    settings: BuildSettings,
+    *,
+    project_dir: Path,
+    http_files: Mapping[str, str] | None = None,
+) -> PackerCheck:
     """`packer validate` of the key's template on a work directory prepared as a build would be, with
     placeholder node values (validate checks the builder config without connecting). The directory is
     this call's own (`<work_parent>/validate-*`, removed after): validations of one key at once never
     share one."""
     caps = detect_packer(settings.packer)
-    plan = plan_build(entry, settings, vmid=entry.vmid_range.first, name=template_name(entry.key), node="validate",
-                      iso_volid=f"local:iso/{entry.iso.filename}",
-                      extra_volids=[f"local:iso/{x.filename}" for x in entry.extra_isos], vm_storage="local-lvm",
-                      vm_storage_type="lvmthin", bridge="vmbr0", http_bind_address=None,
-                      http_port=BootstrapConfig().http_port)
+    plan = plan_build(
+        entry,
+        settings,
+        vmid=entry.vmid_range.first,
+        name=template_name(entry.key),
+        node="validate",
+        iso_volid=f"local:iso/{entry.iso.filename}",
+        extra_volids=[f"local:iso/{x.filename}" for x in entry.extra_isos],
+        vm_storage="local-lvm",
+        vm_storage_type="lvmthin",
+        bridge="vmbr0",
+        http_bind_address=None,
+        http_port=BootstrapConfig().http_port,
+    )
     Path(work_parent).mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="validate-", dir=work_parent))
     try:
-        prepare_workdir(workdir, entry, plan, caps, project_dir=project_dir, http_dir=rendered_dir,
-                        http_files=http_files, allow_degraded=settings.allow_degraded)
+        prepare_workdir(
+            workdir,
+            entry,
+            plan,
+            caps,
+            project_dir=project_dir,
+            http_dir=rendered_dir,
+            http_files=http_files,
+            allow_degraded=settings.allow_degraded,
+        )
         return packer_validate(workdir, validate_env().env, packer=settings.packer)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -92,8 +92,12 @@ def record_observed(layout: Layout, checksums: Mapping[str, str]) -> None:
     atomic_write(_state_dir(layout) / OBSERVED_FILE, json.dumps(merged, indent=1, sort_keys=True) + "\n")
 
 
-def iso_checksums(entry: TemplateEntry, observed: Mapping[str, str], staged: Mapping[str, str] | None = None,
-                  known: Mapping[str, str] | None = None) -> str:
+def iso_checksums(
+    entry: TemplateEntry,
+    observed: Mapping[str, str],
+    staged: Mapping[str, str] | None = None,
+    known: Mapping[str, str] | None = None,
+) -> str:
     """`name=checksum;...` of the entry's ISOs: the staged ones (a run), else as last observed by the
     sensor, else as the key's last build had them (`known`), else the catalog's pinned checksum, else `?`
     (unknown: the key runs)."""
@@ -103,7 +107,7 @@ def iso_checksums(entry: TemplateEntry, observed: Mapping[str, str], staged: Map
         source = f"{entry.key}--{name}" if name else entry.key
         label = name or "iso"
         pinned = str(Checksum.parse(iso.checksum)) if iso.checksum else None
-        checksum = ((staged or {}).get(label) or observed.get(source) or (known or {}).get(label) or pinned or "?")
+        checksum = (staged or {}).get(label) or observed.get(source) or (known or {}).get(label) or pinned or "?"
         parts.append(f"{label}={checksum}")
     return ";".join(sorted(parts))
 
@@ -117,8 +121,11 @@ def _inputs(entry: TemplateEntry, env: Mapping[str, str], sources: SourceDigests
     password = env.get(entry.install_user.password_env) or ""
     keys_env = entry.install_user.ssh_authorized_keys_env
     return {
-        "plan": PLAN_VERSION, "tool": __version__, "entry": catalog_entry_json(entry),
-        "packer_dir": sources.of(entry.packer_dir), "common": sources.of("templates/common"),
+        "plan": PLAN_VERSION,
+        "tool": __version__,
+        "entry": catalog_entry_json(entry),
+        "packer_dir": sources.of(entry.packer_dir),
+        "common": sources.of("templates/common"),
         "password": hmac.new(key, password.encode(), hashlib.sha256).hexdigest(),
         "ssh_keys": (env.get(keys_env) or "") if keys_env else "",
         "salt_seed": env.get("PACKER_ASSETS_SALT_SEED") or "",
@@ -130,14 +137,16 @@ def _digest(blob: dict) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
-def plan_fingerprint(entry: TemplateEntry, env: Mapping[str, str], sources: SourceDigests, key: bytes,
-                     isos: str) -> str:
+def plan_fingerprint(
+    entry: TemplateEntry, env: Mapping[str, str], sources: SourceDigests, key: bytes, isos: str
+) -> str:
     """sha256 over everything a build of the entry is made of, from files and settings only."""
     return _digest({**_inputs(entry, env, sources, key), "isos": isos})
 
 
-def render_key(entry: TemplateEntry, env: Mapping[str, str], sources: SourceDigests, key: bytes,
-               validator: Mapping[str, str]) -> str:
+def render_key(
+    entry: TemplateEntry, env: Mapping[str, str], sources: SourceDigests, key: bytes, validator: Mapping[str, str]
+) -> str:
     """What a render and its `packer validate` depend on: the inputs, plus the validating Packer
     (`validator`: its path, size and mtime, and the build settings that change the prepared work dir)."""
     return _digest({**_inputs(entry, env, sources, key), "validator": dict(validator)})
@@ -163,8 +172,9 @@ class Plan:
         return [k.key for k in self.keys if not k.run]
 
     def summary(self) -> str:
-        return (f"{len(self.to_run)} of {len(self.keys)} key(s) to run, {len(self.skipped)} unchanged"
-                + (f": run {', '.join(self.to_run)}" if self.to_run else ""))
+        return f"{len(self.to_run)} of {len(self.keys)} key(s) to run, {len(self.skipped)} unchanged" + (
+            f": run {', '.join(self.to_run)}" if self.to_run else ""
+        )
 
 
 def state_file(layout: Layout, key: str) -> Path:
@@ -174,9 +184,11 @@ def state_file(layout: Layout, key: str) -> Path:
 def record_plan(layout: Layout, key: str, fingerprint: str, isos: str, vmid: int | None, chain_id: str | None) -> Path:
     """After a build promoted `vmid`, or a run found it up to date: what the key's template was made of
     (the plan fingerprint, and the ISO checksums it was built from: `known` for the next pre-check)."""
-    return atomic_write(state_file(layout, key), json.dumps({"plan_fingerprint": fingerprint, "isos": isos,
-                                                             "vmid": vmid, "chain_id": chain_id},
-                                                            sort_keys=True) + "\n")
+    return atomic_write(
+        state_file(layout, key),
+        json.dumps({"plan_fingerprint": fingerprint, "isos": isos, "vmid": vmid, "chain_id": chain_id}, sort_keys=True)
+        + "\n",
+    )
 
 
 def read_plan_state(layout: Layout, key: str) -> dict | None:
@@ -186,8 +198,13 @@ def read_plan_state(layout: Layout, key: str) -> dict | None:
         return None
 
 
-def plan_runs(layout: Layout, entries: Iterable[TemplateEntry], env: Mapping[str, str], project_dir: Path,
-              promoted: Mapping[str, int] | None) -> Plan:
+def plan_runs(
+    layout: Layout,
+    entries: Iterable[TemplateEntry],
+    env: Mapping[str, str],
+    project_dir: Path,
+    promoted: Mapping[str, int] | None,
+) -> Plan:
     """Which keys need a run. `promoted`: key -> VMID of the promoted template as the node says now
     (one /cluster/resources call), or None when the node could not be asked (the state is trusted)."""
     sources, key, observed, plan = SourceDigests(project_dir), plan_key(layout), read_observed(layout), Plan()
@@ -202,8 +219,14 @@ def plan_runs(layout: Layout, entries: Iterable[TemplateEntry], env: Mapping[str
             plan.keys.append(KeyPlan(entry.key, True, "inputs changed (catalog, templates, ISO or secrets)"))
         elif promoted is not None and promoted.get(entry.key) != state.get("vmid"):
             now = promoted.get(entry.key)
-            plan.keys.append(KeyPlan(entry.key, True, f"template {state.get('vmid')} is no longer the promoted one "
-                                                      f"({'none is' if now is None else f'{now} is'})"))
+            plan.keys.append(
+                KeyPlan(
+                    entry.key,
+                    True,
+                    f"template {state.get('vmid')} is no longer the promoted one "
+                    f"({'none is' if now is None else f'{now} is'})",
+                )
+            )
         else:
             plan.keys.append(KeyPlan(entry.key, False, f"up to date: template {state.get('vmid')}"))
     return plan

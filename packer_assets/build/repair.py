@@ -29,9 +29,9 @@ class ProofState:
     key: str
     chain_id: str
     proof_dir: Path
-    written: bool   # the proof was missing and is now written
+    written: bool  # the proof was missing and is now written
     relinked: bool  # `latest` pointed elsewhere and now points at it
-    record: dict    # the build record it proves
+    record: dict  # the build record it proves
 
     def line(self) -> str | None:
         """What was repaired, or None when the proof stood as it was."""

@@ -65,18 +65,20 @@ class Catalog:
     def summary_rows(self) -> list[dict[str, str]]:
         rows = []
         for e in self:
-            rows.append({
-                "key": e.key,
-                "family": e.family,
-                "unattended": e.unattended,
-                "vmids": str(e.vmid_range),
-                "retention": str(e.retention),
-                "iso": e.iso.filename,
-                "iso_url": e.iso.effective_url,
-                "checksum": e.iso.checksum or f"file:{e.iso.effective_checksum_url}",
-                "extra_isos": ", ".join(x.name for x in e.extra_isos),
-                "packer_dir": e.packer_dir,
-            })
+            rows.append(
+                {
+                    "key": e.key,
+                    "family": e.family,
+                    "unattended": e.unattended,
+                    "vmids": str(e.vmid_range),
+                    "retention": str(e.retention),
+                    "iso": e.iso.filename,
+                    "iso_url": e.iso.effective_url,
+                    "checksum": e.iso.checksum or f"file:{e.iso.effective_checksum_url}",
+                    "extra_isos": ", ".join(x.name for x in e.extra_isos),
+                    "packer_dir": e.packer_dir,
+                }
+            )
         return rows
 
 
@@ -118,6 +120,7 @@ class _UniqueKeyLoader(_UniqueKeys, yaml.SafeLoader):
 # re-reads every tick. Same constructor and resolver (Python), so the same data.
 _FastUniqueKeyLoader: type[yaml.SafeLoader] | type[yaml.CSafeLoader] = _UniqueKeyLoader  # PyYAML built without libyaml
 if getattr(yaml, "__with_libyaml__", False):
+
     class _CUniqueKeyLoader(_UniqueKeys, yaml.CSafeLoader):
         """libyaml's parser with the safe constructor."""
 
@@ -179,7 +182,11 @@ def _error_lines(display: str, label: str, model: type[BaseModel], exc: Validati
         if kind == "extra_forbidden":
             allowed = _model_fields_at(model, loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            message = f"unknown field (did you mean {close[0]!r}?)" if close else f"unknown field (allowed: {', '.join(allowed)})"
+            message = (
+                f"unknown field (did you mean {close[0]!r}?)"
+                if close
+                else f"unknown field (allowed: {', '.join(allowed)})"
+            )
         elif kind == "missing":
             message = "missing required field"
         elif kind == "literal_error":
@@ -218,7 +225,9 @@ def load_catalog(
     try:
         mirror = mirror_from_env(env)
     except ValueError as exc:
-        errors.append(f"{display}: environment: {MIRROR_ENV}: {exc} (like http://127.0.0.1:8081 or https://mirror.example.com/isos)")
+        errors.append(
+            f"{display}: environment: {MIRROR_ENV}: {exc} (like http://127.0.0.1:8081 or https://mirror.example.com/isos)"
+        )
         mirror = None
 
     try:
@@ -246,7 +255,9 @@ def load_catalog(
         errors.append(f"{display}: top-level: version: must be {CATALOG_VERSION}, got {doc.get('version')!r}")
 
     raw_defaults = doc.get("defaults") or {}
-    defaults = _validate(Defaults, raw_defaults, display, "defaults", errors) if isinstance(raw_defaults, dict) else None
+    defaults = (
+        _validate(Defaults, raw_defaults, display, "defaults", errors) if isinstance(raw_defaults, dict) else None
+    )
     if not isinstance(raw_defaults, dict):
         errors.append(f"{display}: defaults: (section): must be a mapping")
     defaults_ok = defaults is not None  # else entries would only echo the defaults' problems
@@ -268,7 +279,9 @@ def load_catalog(
             errors.append(f"{display}: {label}: (entry): must be a mapping")
             continue
         if isinstance(raw_key, str) and raw_key in first_index:
-            errors.append(f"{display}: {label}: key: duplicate key (templates[{first_index[raw_key]}] and templates[{i}])")
+            errors.append(
+                f"{display}: {label}: key: duplicate key (templates[{first_index[raw_key]}] and templates[{i}])"
+            )
             continue
         if isinstance(raw_key, str):
             first_index[raw_key] = i
@@ -280,7 +293,7 @@ def load_catalog(
 
     ordered = sorted(entries.values(), key=lambda e: (e.vmid_range.first, e.vmid_range.last))
     for a_i, a in enumerate(ordered):
-        for b in ordered[a_i + 1:]:
+        for b in ordered[a_i + 1 :]:
             if b.vmid_range.first > a.vmid_range.last:
                 break
             errors.append(
@@ -291,19 +304,24 @@ def load_catalog(
     for entry in entries.values():
         for i, tag in enumerate(entry.tags):
             if tag != entry.key and tag in entries:
-                errors.append(f"{display}: {entry.key}: tags[{i}]: {tag!r} is the key of another entry, a tag the "
-                              "tool gives that key's templates: choose another")
+                errors.append(
+                    f"{display}: {entry.key}: tags[{i}]: {tag!r} is the key of another entry, a tag the "
+                    "tool gives that key's templates: choose another"
+                )
 
     inside = project_path.resolve()
     for entry in entries.values():
         for i, iso in enumerate(entry.all_isos()):
             where = "iso" if i == 0 else f"extra_isos[{i - 1}]"
             if iso.keyring and not (inside / iso.keyring).resolve().is_relative_to(inside):
-                errors.append(f"{display}: {entry.key}: {where}.keyring: {iso.keyring} is outside the project root "
-                              f"{inside}: keep keyrings under it (e.g. keys/debian.gpg)")
+                errors.append(
+                    f"{display}: {entry.key}: {where}.keyring: {iso.keyring} is outside the project root "
+                    f"{inside}: keep keyrings under it (e.g. keys/debian.gpg)"
+                )
             elif iso.keyring and not (project_path / iso.keyring).is_file():
-                errors.append(f"{display}: {entry.key}: {where}.keyring: file {iso.keyring} does not exist under "
-                              f"{project_path}")
+                errors.append(
+                    f"{display}: {entry.key}: {where}.keyring: file {iso.keyring} does not exist under {project_path}"
+                )
     if errors:
         raise CatalogError("\n".join(errors))
     for entry in entries.values():

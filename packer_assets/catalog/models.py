@@ -39,12 +39,47 @@ KEY_MAX = 48
 # The staged volume is `<name>.<12 hex>.iso`; file names stop at 255 bytes.
 ISO_FILENAME_MAX = 200
 # Install users a Linux installer refuses, or that would make the build log in as a system account.
-RESERVED_USERS = frozenset({
-    "root", "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news", "uucp", "proxy", "www-data",
-    "backup", "list", "irc", "gnats", "nobody", "nogroup", "adm", "admin", "sudo", "wheel", "operator",
-    "shutdown", "halt", "ftp", "sshd", "messagebus", "polkitd", "systemd-network", "systemd-resolve",
-    "systemd-timesync", "_apt", "tss", "ubuntu", "cloud-user",
-})
+RESERVED_USERS = frozenset(
+    {
+        "root",
+        "daemon",
+        "bin",
+        "sys",
+        "sync",
+        "games",
+        "man",
+        "lp",
+        "mail",
+        "news",
+        "uucp",
+        "proxy",
+        "www-data",
+        "backup",
+        "list",
+        "irc",
+        "gnats",
+        "nobody",
+        "nogroup",
+        "adm",
+        "admin",
+        "sudo",
+        "wheel",
+        "operator",
+        "shutdown",
+        "halt",
+        "ftp",
+        "sshd",
+        "messagebus",
+        "polkitd",
+        "systemd-network",
+        "systemd-resolve",
+        "systemd-timesync",
+        "_apt",
+        "tss",
+        "ubuntu",
+        "cloud-user",
+    }
+)
 VMID_MIN, VMID_MAX = 100, 999_999_999
 TAG_RE = re.compile(r"[a-z0-9_][a-z0-9_+.-]*")  # PVE's tag syntax (it accepts upper case, matching without case)
 # Every tag the tool sets itself starts with this (pve/templates.py: the tool, promotion, revocation, smoke
@@ -52,8 +87,9 @@ TAG_RE = re.compile(r"[a-z0-9_][a-z0-9_+.-]*")  # PVE's tag syntax (it accepts u
 TOOL_TAG_NAMESPACE = "packer-assets"
 WINDOWS_OS_TYPES = ("wxp", "w2k", "w2k3", "w2k8", "wvista", "win7", "win8", "win10", "win11")
 OTHER_OS_TYPES = ("l24", "l26", "solaris", "other")
-OsType = Literal["wxp", "w2k", "w2k3", "w2k8", "wvista", "win7", "win8", "win10", "win11",
-                 "l24", "l26", "solaris", "other"]  # Proxmox `ostype`
+OsType = Literal[
+    "wxp", "w2k", "w2k3", "w2k8", "wvista", "win7", "win8", "win10", "win11", "l24", "l26", "solaris", "other"
+]  # Proxmox `ostype`
 CATALOG_ALGORITHMS = ("sha256", "sha512")
 
 
@@ -154,8 +190,10 @@ def _check_key(value: str) -> str:
     if not KEY_RE.fullmatch(value):
         raise ValueError(f"{value!r} must start with a lower-case letter and hold only a-z, 0-9 and '-'")
     if len(value) > KEY_MAX:
-        raise ValueError(f"is {len(value)} characters long; at most {KEY_MAX} (the VM name <key>-<yyyymmddhhmmss> "
-                         "must be a DNS label of at most 63)")
+        raise ValueError(
+            f"is {len(value)} characters long; at most {KEY_MAX} (the VM name <key>-<yyyymmddhhmmss> "
+            "must be a DNS label of at most 63)"
+        )
     return value
 
 
@@ -187,8 +225,10 @@ def _check_tag(value: str) -> str:
     if not TAG_RE.fullmatch(tag):
         raise ValueError(f"{value!r} is not a Proxmox tag: a-z, 0-9 or _ first, then also '+', '.', '-'")
     if tag == TOOL_TAG_NAMESPACE or tag.startswith(f"{TOOL_TAG_NAMESPACE}-"):
-        raise ValueError(f"{value!r} is one of the tags this tool sets itself ({TOOL_TAG_NAMESPACE}, "
-                         f"{TOOL_TAG_NAMESPACE}-latest, -revoked, -smoke, -channel-<name>): choose another")
+        raise ValueError(
+            f"{value!r} is one of the tags this tool sets itself ({TOOL_TAG_NAMESPACE}, "
+            f"{TOOL_TAG_NAMESPACE}-latest, -revoked, -smoke, -channel-<name>): choose another"
+        )
     return tag
 
 
@@ -421,7 +461,8 @@ class ExpectedOs(_Model):
     def matches(self, os_id: str | None, version_id: str | None) -> bool:
         found = str(version_id or "")
         return str(os_id or "").lower() == self.id.lower() and (
-            self.version_id is None or found == self.version_id or found.startswith(self.version_id + "."))
+            self.version_id is None or found == self.version_id or found.startswith(self.version_id + ".")
+        )
 
     def __str__(self) -> str:
         return f"{self.id} {self.version_id or '(any release)'}"
@@ -447,9 +488,24 @@ def default_expected_os(key: str, family: str) -> ExpectedOs:
 
 
 # The smoke test's own step names (pve/smoke.py, guest_checks.FAMILY_CHECKS): a site check may not take one.
-RESERVED_STEPS = frozenset({"clone", "configure", "start", "agent", "osinfo", "identity", "network", "inventory",
-                            "cleanup", "cloud_init", "ssh_login", "fresh_identity", "password_locked",
-                            "guest_agent_enabled"})
+RESERVED_STEPS = frozenset(
+    {
+        "clone",
+        "configure",
+        "start",
+        "agent",
+        "osinfo",
+        "identity",
+        "network",
+        "inventory",
+        "cleanup",
+        "cloud_init",
+        "ssh_login",
+        "fresh_identity",
+        "password_locked",
+        "guest_agent_enabled",
+    }
+)
 CHECK_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,47}")
 
 
@@ -519,26 +575,36 @@ class TemplateEntry(_Model):
         seen: dict[str, int] = {}
         for i, extra in enumerate(self.extra_isos):
             if extra.name in seen:
-                raise _FieldError(f"extra_isos[{i}].name", f"duplicate name {extra.name!r} (also extra_isos[{seen[extra.name]}])")
+                raise _FieldError(
+                    f"extra_isos[{i}].name", f"duplicate name {extra.name!r} (also extra_isos[{seen[extra.name]}])"
+                )
             seen[extra.name] = i
         if self.family != "windows" and self.install_user.name.lower() in RESERVED_USERS:
-            raise _FieldError("install_user.name", f"{self.install_user.name!r} is reserved (a system account or "
-                              "root, which Linux installers refuse as the first user): choose another name")
+            raise _FieldError(
+                "install_user.name",
+                f"{self.install_user.name!r} is reserved (a system account or "
+                "root, which Linux installers refuse as the first user): choose another name",
+            )
         if self.autoinstall_schema is not None and self.family != "ubuntu":
             raise _FieldError("autoinstall_schema", f"only ubuntu entries take it (family is {self.family})")
         for i, command in enumerate(self.smoke.commands if self.smoke else ()):
             if command.via == "ssh" and self.family == "windows":
-                raise _FieldError(f"smoke.commands[{i}].via", "ssh needs a cloud-init user, which Windows "
-                                  "templates have not: use via: agent")
+                raise _FieldError(
+                    f"smoke.commands[{i}].via",
+                    "ssh needs a cloud-init user, which Windows templates have not: use via: agent",
+                )
         names = [c.name for c in (self.smoke.commands if self.smoke else ()) if c.name]
         taken = sorted({n for n in names if names.count(n) > 1} | (set(names) & RESERVED_STEPS))
         if taken:
-            raise _FieldError("smoke.commands", f"step name {taken[0]!r} is taken (a smoke-test step or "
-                              "another command of the entry)")
+            raise _FieldError(
+                "smoke.commands", f"step name {taken[0]!r} is taken (a smoke-test step or another command of the entry)"
+            )
         windows_os = self.hardware.os_type in WINDOWS_OS_TYPES
         if windows_os != (self.family == "windows"):
             want = "a Windows type (win11, win10, ...)" if self.family == "windows" else "l26 (or l24/other)"
-            raise _FieldError("hardware.os_type", f"{self.hardware.os_type!r} does not fit family {self.family}; use {want}")
+            raise _FieldError(
+                "hardware.os_type", f"{self.hardware.os_type!r} does not fit family {self.family}; use {want}"
+            )
         if self.vmid_range.size < self.retention + 1:
             raise _FieldError(
                 "vmid_range",

@@ -86,12 +86,16 @@ def assignments(text: str, source: str = "<string>") -> list[Word]:
 def _stray_word(earlier: list[Word], same_line: bool) -> str:
     last = next((w for w in reversed(earlier) if w.name), None)
     if same_line and last is not None:
-        return (f"{last.name}: an unquoted blank in or before the value (bash would run the rest as a command); "
-                "quote the whole value")
+        return (
+            f"{last.name}: an unquoted blank in or before the value (bash would run the rest as a command); "
+            "quote the whole value"
+        )
     if last is None:
         return "not a KEY=value assignment"
-    return (f"not a KEY=value assignment (the last variable before it: {last.name} on line {last.line}; "
-            "a value wrapped onto a new line?)")
+    return (
+        f"not a KEY=value assignment (the last variable before it: {last.name} on line {last.line}; "
+        "a value wrapped onto a new line?)"
+    )
 
 
 ASSIGNMENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
@@ -127,13 +131,15 @@ def _word_value(text: str, i: int, source: str, line: int, name: str | None) -> 
         if char in "'\"":
             end = _closing_quote(text, i)
             if end < 0:
-                what = f"{name}: the value's {char} quote is never closed" if name else f"a {char} quote is never closed"
+                what = (
+                    f"{name}: the value's {char} quote is never closed" if name else f"a {char} quote is never closed"
+                )
                 raise _error(source, line, what)
-            inner = text[i + 1:end]
+            inner = text[i + 1 : end]
             out.append(inner if char == "'" else ESCAPED_IN_DOUBLE_QUOTES.sub(_unescape, inner))
             i = end + 1
         elif char == "\\":
-            out.append(text[i + 1:i + 2] if text[i + 1:i + 2] != "\n" else "")
+            out.append(text[i + 1 : i + 2] if text[i + 1 : i + 2] != "\n" else "")
             i += 2
         else:
             out.append(char)
@@ -171,7 +177,7 @@ def read_assignments(path: Path) -> list[Word]:
     except FileNotFoundError:
         raise EnvFileError(f"{path}: no such env file") from None
     except UnicodeDecodeError as exc:
-        line = exc.object[:exc.start].count(b"\n") + 1
+        line = exc.object[: exc.start].count(b"\n") + 1
         raise EnvFileError(f"{path}: line {line}: not UTF-8 text") from None
     except OSError as exc:
         raise EnvFileError(f"{path}: cannot read the env file ({exc.strerror or exc.__class__.__name__})") from None

@@ -176,8 +176,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         if value is None or value == "":
             return default
         if value != value.strip() or not value.isprintable():
-            raise SettingsError(f"{where(name)}: {name} has leading/trailing white space or a control character "
-                                "(a stray newline?)")
+            raise SettingsError(
+                f"{where(name)}: {name} has leading/trailing white space or a control character (a stray newline?)"
+            )
         return value
 
     def flag(name: str, default: bool) -> bool:
@@ -210,7 +211,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         if value is not None and Path(value).expanduser().is_dir():  # a directory is no secret: named
             raise SettingsError(f"{where(name)}: {name}: {value} is a directory, not a file")
         if value is not None and not Path(value).expanduser().is_file():  # unnamed: what was meant as a path
-            raise SettingsError(f"{where(name)}: {name} names no file")     # may be a secret pasted in
+            raise SettingsError(f"{where(name)}: {name} names no file")  # may be a secret pasted in
         return value
 
     url_name = "PROXMOX_API_URL" if values.get("PROXMOX_API_URL") else "PROXMOX_URL"
@@ -224,8 +225,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         try:
             ssl.create_default_context(cafile=ca_file)
         except (ssl.SSLError, ValueError) as exc:
-            raise SettingsError(f"{where('PROXMOX_CA_FILE')}: PROXMOX_CA_FILE {ca_file} is not a PEM CA "
-                                f"certificate ({exc.__class__.__name__})") from None
+            raise SettingsError(
+                f"{where('PROXMOX_CA_FILE')}: PROXMOX_CA_FILE {ca_file} is not a PEM CA "
+                f"certificate ({exc.__class__.__name__})"
+            ) from None
     fingerprint = text("PROXMOX_TLS_FINGERPRINT")
     if fingerprint and not FINGERPRINT_RE.fullmatch(fingerprint):
         raise SettingsError(
@@ -246,20 +249,23 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError(f"{where('PROXMOX_BOOTSTRAP_METHOD')}: PROXMOX_BOOTSTRAP_METHOD=ssh needs PROXMOX_SSH_HOST")
     build_login = text("PROXMOX_BUILD_LOGIN", "auto")
     if build_login not in ("auto", "token", "password"):
-        raise SettingsError(f"{where('PROXMOX_BUILD_LOGIN')}: PROXMOX_BUILD_LOGIN is none of auto, token, "
-                            "password")
+        raise SettingsError(f"{where('PROXMOX_BUILD_LOGIN')}: PROXMOX_BUILD_LOGIN is none of auto, token, password")
     interval = text("PACKER_ASSETS_SENSOR_INTERVAL", str(Settings.sensor_interval))
     if not interval.isdigit() or int(interval) < 1:
-        raise SettingsError(f"{where('PACKER_ASSETS_SENSOR_INTERVAL')}: PACKER_ASSETS_SENSOR_INTERVAL is not a "
-                            "whole number of seconds (1 or more)")
+        raise SettingsError(
+            f"{where('PACKER_ASSETS_SENSOR_INTERVAL')}: PACKER_ASSETS_SENSOR_INTERVAL is not a "
+            "whole number of seconds (1 or more)"
+        )
     try:  # a secret: checked here, read per run by the notifier resource (defs/resources.secret)
         parse_webhooks(values.get("PACKER_ASSETS_WEBHOOKS"))
     except WebhookConfigError as exc:
         raise SettingsError(f"{where('PACKER_ASSETS_WEBHOOKS')}: {exc}") from None
     cron = text("PACKER_ASSETS_REBUILD_CRON", Settings.rebuild_cron)
     if not CRON_RE.fullmatch(cron):
-        raise SettingsError(f"{where('PACKER_ASSETS_REBUILD_CRON')}: PACKER_ASSETS_REBUILD_CRON is not a "
-                            "five-field cron expression (minute hour day month weekday)")
+        raise SettingsError(
+            f"{where('PACKER_ASSETS_REBUILD_CRON')}: PACKER_ASSETS_REBUILD_CRON is not a "
+            "five-field cron expression (minute hour day month weekday)"
+        )
     return Settings(
         output_root=output_root,
         proxmox_url=url,
@@ -272,12 +278,17 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         bootstrap_token_name=text("PROXMOX_BOOTSTRAP_TOKEN_NAME"),
         bootstrap_method=method,
         bootstrap=BootstrapConfig(
-            user=text("PROXMOX_AUTOMATION_USER", BOOTSTRAP.user), role=text("PROXMOX_ROLE", BOOTSTRAP.role),
+            user=text("PROXMOX_AUTOMATION_USER", BOOTSTRAP.user),
+            role=text("PROXMOX_ROLE", BOOTSTRAP.role),
             token_name=text("PROXMOX_TOKEN_NAME", BOOTSTRAP.token_name),
-            privsep=flag("PROXMOX_PRIVSEP", BOOTSTRAP.privsep), node=text("PROXMOX_NODE"),
-            vm_storage=text("PROXMOX_VM_STORAGE"), iso_storage=text("PROXMOX_ISO_STORAGE"),
-            bridge=text("PROXMOX_BRIDGE"), http_bind_address=text("PROXMOX_HTTP_BIND_ADDRESS"),
-            http_port=port("PROXMOX_HTTP_PORT", BOOTSTRAP.http_port)),
+            privsep=flag("PROXMOX_PRIVSEP", BOOTSTRAP.privsep),
+            node=text("PROXMOX_NODE"),
+            vm_storage=text("PROXMOX_VM_STORAGE"),
+            iso_storage=text("PROXMOX_ISO_STORAGE"),
+            bridge=text("PROXMOX_BRIDGE"),
+            http_bind_address=text("PROXMOX_HTTP_BIND_ADDRESS"),
+            http_port=port("PROXMOX_HTTP_PORT", BOOTSTRAP.http_port),
+        ),
         ssh_host=text("PROXMOX_SSH_HOST"),
         ssh_port=port("PROXMOX_SSH_PORT", 22),
         ssh_user=text("PROXMOX_SSH_USER", "root"),

@@ -69,10 +69,11 @@ def repair_once(context: dg.AssetExecutionContext, project: ProjectSettings, key
         access, catalog = project.build_access(), project.catalog()
         api = access.connect()
         others = [entry for entry in catalog if entry.key != key]
-        lines = [f"dead run's leftover: {line}" for line in sweep_idle_keys(project.layout(), api,
-                                                                            access.discovery.node, others)]
-        lines += [f"proof repaired: {line}" for line in repair_proofs(project.layout(), api, catalog,
-                                                                      project.signer())]
+        lines = [
+            f"dead run's leftover: {line}"
+            for line in sweep_idle_keys(project.layout(), api, access.discovery.node, others)
+        ]
+        lines += [f"proof repaired: {line}" for line in repair_proofs(project.layout(), api, catalog, project.signer())]
     except Exception as exc:  # noqa: BLE001 - a render needs no node; a build finds the same error itself
         lines = [f"dead runs' leftovers not checked: {type(exc).__name__}: {exc}"]
     for line in lines:
@@ -110,10 +111,20 @@ def proxmox_env(
     chain = fresh_chain_id("init", lambda stamp: layout.init_log_dir(stamp).exists())
     tag_run(context, str(chain))
     if pve_admin.insecure:  # an explicit choice, said on every run that makes it
-        context.log.warning(f"[{chain}] TLS verification of {pve_admin.api_url} is OFF: PROXMOX_INSECURE=1 "
-                            f"from {pve_admin.insecure_origin or 'the run config'}")
-    outcome = run_init(layout, pve_admin.endpoint(), pve_admin.bootstrapper(), pve_admin.config(config.rotate),
-                       chain, run_id=context.run.run_id, echo=print, signer=project.signer())
+        context.log.warning(
+            f"[{chain}] TLS verification of {pve_admin.api_url} is OFF: PROXMOX_INSECURE=1 "
+            f"from {pve_admin.insecure_origin or 'the run config'}"
+        )
+    outcome = run_init(
+        layout,
+        pve_admin.endpoint(),
+        pve_admin.bootstrapper(),
+        pve_admin.config(config.rotate),
+        chain,
+        run_id=context.run.run_id,
+        echo=print,
+        signer=project.signer(),
+    )
     result, found = outcome.result, outcome.result.discovery
     context.log.info(f"[{chain}] token {result.token_id} {result.token_action}; {len(result.changes)} change(s)")
     return dg.MaterializeResult(
@@ -150,6 +161,7 @@ def access_fingerprint(proof: dict) -> str:
 
 # ------------------------------------------------------------------ per template key
 
+
 def iso_sources_table(entries) -> str:
     """Each key's ISO URLs and where their checksums come from, as a Markdown table (iso_release's metadata)."""
     rows = []
@@ -173,8 +185,10 @@ iso_release = dg.AssetSpec(
     description="The upstream ISO (and extra ISOs) of a template key: external state, observed by "
     "iso_checksum_sensor with the published checksum as its data version.",
     # known from the catalog before the sensor ever ran
-    metadata={"sources": dg.MetadataValue.md(iso_sources_table(catalog)),
-              "mirror": catalog.mirror or "none: the upstream URLs are fetched (PACKER_ASSETS_ISO_MIRROR)"},
+    metadata={
+        "sources": dg.MetadataValue.md(iso_sources_table(catalog)),
+        "mirror": catalog.mirror or "none: the upstream URLs are fetched (PACKER_ASSETS_ISO_MIRROR)",
+    },
 )
 
 
@@ -183,9 +197,15 @@ iso_release = dg.AssetSpec(
     group_name="templates",
     kinds={"jinja", "packer"},
     owners=OWNERS,
-    check_specs=[key_check("packer_validate", "unattended_files", blocking=True,
-                           description="`packer validate` with the real binary on a work directory prepared as "
-                           "the build's, with the key's rendered files (each evaluation names the key).")],
+    check_specs=[
+        key_check(
+            "packer_validate",
+            "unattended_files",
+            blocking=True,
+            description="`packer validate` with the real binary on a work directory prepared as "
+            "the build's, with the key's rendered files (each evaluation names the key).",
+        )
+    ],
     hooks={failed_outcome},
     description="user-data/meta-data, preseed.cfg, ks.cfg or Autounattend.xml (+ answer ISO) rendered from "
     "`templates/<family>/` into `output/rendered/<key>/`, each checked by its ecosystem's validator. "
@@ -197,20 +217,32 @@ def unattended_files(
     key, layout = hold_partition(context, project)
     catalog = project.catalog()
     entry = catalog.get(key)
-    result, check = render_and_validate(layout, entry, project.environment(), packer.settings(),
-                                        project_dir=catalog.project_dir, reuse=True)
+    result, check = render_and_validate(
+        layout, entry, project.environment(), packer.settings(), project_dir=catalog.project_dir, reuse=True
+    )
     reused = isinstance(result, CachedRender)
-    validated = dg.AssetCheckResult(check_name="packer_validate", passed=check.ok,
-                                    description=(f"{key}: packer validate passed" + (
-                                        " (inputs unchanged since that validation: it stands)" if reused else ""))
-                                    if check.ok else f"{key}: packer validate failed:\n{check.output[-2000:]}",
-                                    metadata={"argv": " ".join(check.argv), "reused": reused})
+    validated = dg.AssetCheckResult(
+        check_name="packer_validate",
+        passed=check.ok,
+        description=(
+            f"{key}: packer validate passed"
+            + (" (inputs unchanged since that validation: it stands)" if reused else "")
+        )
+        if check.ok
+        else f"{key}: packer validate failed:\n{check.output[-2000:]}",
+        metadata={"argv": " ".join(check.argv), "reused": reused},
+    )
     meta = result.metadata()
-    rows = "\n".join(f"| `{name}` | `{f['sha256'][:16]}` | {f['size']} | "
-                     + ", ".join(f"{v}: {verdict}" for v, verdict in f["verdicts"].items()) + " |"
-                     for name, f in meta["files"].items())
-    context.log.info(f"{key}: {'unchanged' if reused else 'rendered'} {len(meta['files'])} file(s), content hash "
-                     f"{result.content_hash[:16]}")
+    rows = "\n".join(
+        f"| `{name}` | `{f['sha256'][:16]}` | {f['size']} | "
+        + ", ".join(f"{v}: {verdict}" for v, verdict in f["verdicts"].items())
+        + " |"
+        for name, f in meta["files"].items()
+    )
+    context.log.info(
+        f"{key}: {'unchanged' if reused else 'rendered'} {len(meta['files'])} file(s), content hash "
+        f"{result.content_hash[:16]}"
+    )
     if result.ignored:  # never served: builds serve exactly the render's record (render/record.py)
         context.log.warning(ignored_warning(key, result.out_dir, result.ignored))
     return dg.MaterializeResult(
@@ -240,8 +272,13 @@ def staged_iso(context: dg.AssetExecutionContext, project: ProjectSettings) -> d
     key, _layout = hold_partition(context, project)
     access = project.build_access()
     node, storage = access.discovery.node, access.discovery.iso_storage
-    staged = stage_entry(access.connect(), node, storage, project.catalog().get(key),
-                         on_progress=lambda line: context.log.debug(f"{key}: {line}"))
+    staged = stage_entry(
+        access.connect(),
+        node,
+        storage,
+        project.catalog().get(key),
+        on_progress=lambda line: context.log.debug(f"{key}: {line}"),
+    )
     for name, iso in staged.items():
         verb = "downloaded by the node" if iso.downloaded else "already staged"
         context.log.info(f"{key}: {name} {iso.volid} {verb} ({iso.size} bytes, {iso.seconds:.1f}s)")
@@ -266,7 +303,8 @@ def staged_in_this_run(context: dg.AssetExecutionContext, key: str) -> dict[str,
     """What staged_iso staged for the key earlier in this run (its metadata), so the ISOs are looked up
     once per run; None when staged_iso did not run in this run (then template stages them itself)."""
     records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey("staged_iso"), asset_partitions=[key]), limit=1).records
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("staged_iso"), asset_partitions=[key]), limit=1
+    ).records
     if not records or records[0].run_id != context.run.run_id:
         return None
     isos = records[0].asset_materialization.metadata.get("isos")
@@ -282,11 +320,15 @@ def staged_version(staged: dict) -> str:
 
 
 class TemplateConfig(dg.Config):
-    force: bool = Field(default=False, description=(
-        "Build even when the key's promoted template was built from exactly these inputs (the same input "
-        "fingerprint: ISO checksums, rendered files, Packer template, catalog entry). Without it such a run builds "
-        "nothing: its tag packer-assets/outcome says up-to-date and template_proof is skipped. The job "
-        "rebuild_template_forced sets it (and the run tag packer-assets/force: true, which forces too)."))
+    force: bool = Field(
+        default=False,
+        description=(
+            "Build even when the key's promoted template was built from exactly these inputs (the same input "
+            "fingerprint: ISO checksums, rendered files, Packer template, catalog entry). Without it such a run builds "
+            "nothing: its tag packer-assets/outcome says up-to-date and template_proof is skipped. The job "
+            "rebuild_template_forced sets it (and the run tag packer-assets/force: true, which forces too)."
+        ),
+    )
 
 
 def forced(config: TemplateConfig, run: dg.DagsterRun) -> bool:
@@ -296,38 +338,47 @@ def forced(config: TemplateConfig, run: dg.DagsterRun) -> bool:
 
 
 TEMPLATE_CHECKS = [
-    key_check("smoke_test", "template", blocking=True,
-              description="Full clone, cloud-init user and key, boot, guest agent answers with the key's expected OS "
-              "and network; in the clone: cloud-init done, fresh machine-id and host keys, SSH login with the given "
-              "key, install password locked, guest agent enabled, the catalog's smoke.commands; package inventory "
-              "(SBOM). The clone is destroyed in every case. Evaluated by builds only (an up-to-date run tests "
-              "nothing); each evaluation names the key."),
-    key_check("degraded", "template",
-              description="Warns (severity WARN, never blocks) when a build ran without something the template asks "
-              "for because the installed Packer cannot do it (EFI disk, TPM, q35, extra ISOs; allowed by "
-              "PACKER_ASSETS_ALLOW_DEGRADED=1). Each reason is in the evaluation, in proof.json `warnings` and in "
-              "the proof README's Warnings section."),
+    key_check(
+        "smoke_test",
+        "template",
+        blocking=True,
+        description="Full clone, cloud-init user and key, boot, guest agent answers with the key's expected OS "
+        "and network; in the clone: cloud-init done, fresh machine-id and host keys, SSH login with the given "
+        "key, install password locked, guest agent enabled, the catalog's smoke.commands; package inventory "
+        "(SBOM). The clone is destroyed in every case. Evaluated by builds only (an up-to-date run tests "
+        "nothing); each evaluation names the key.",
+    ),
+    key_check(
+        "degraded",
+        "template",
+        description="Warns (severity WARN, never blocks) when a build ran without something the template asks "
+        "for because the installed Packer cannot do it (EFI disk, TPM, q35, extra ISOs; allowed by "
+        "PACKER_ASSETS_ALLOW_DEGRADED=1). Each reason is in the evaluation, in proof.json `warnings` and in "
+        "the proof README's Warnings section.",
+    ),
 ]
 
 
 @dg.multi_asset(
     name="template",
-    specs=[dg.AssetSpec(
-        "template",
-        deps=[unattended_files, staged_iso, proxmox_env],
-        group_name="templates",
-        kinds={"packer", "proxmox"},
-        owners=OWNERS,
-        skippable=True,  # an up-to-date run materializes nothing
-        description="`packer build` of the key under a new VMID, finished through the API (ISO ejected, cloud-init "
-        "drive, description with chain ID and input fingerprint), smoke-tested, then promoted (tag "
-        "`packer-assets-latest`) and older ones pruned to the retention count. Each materialization is one new "
-        "template, with the last lines of its build log.\n\n"
-        "**A run is a no-op when the key is up to date**: when the promoted template was built from the same "
-        "inputs, nothing is built or materialized (an observation says so), template_proof is skipped and the run's "
-        "tag `packer-assets/outcome` says `up-to-date` (`built` or `failed` otherwise). To build anyway: the job "
-        "`rebuild_template_forced` (config `force: true`).",
-    )],
+    specs=[
+        dg.AssetSpec(
+            "template",
+            deps=[unattended_files, staged_iso, proxmox_env],
+            group_name="templates",
+            kinds={"packer", "proxmox"},
+            owners=OWNERS,
+            skippable=True,  # an up-to-date run materializes nothing
+            description="`packer build` of the key under a new VMID, finished through the API (ISO ejected, cloud-init "
+            "drive, description with chain ID and input fingerprint), smoke-tested, then promoted (tag "
+            "`packer-assets-latest`) and older ones pruned to the retention count. Each materialization is one new "
+            "template, with the last lines of its build log.\n\n"
+            "**A run is a no-op when the key is up to date**: when the promoted template was built from the same "
+            "inputs, nothing is built or materialized (an observation says so), template_proof is skipped and the run's "
+            "tag `packer-assets/outcome` says `up-to-date` (`built` or `failed` otherwise). To build anyway: the job "
+            "`rebuild_template_forced` (config `force: true`).",
+        )
+    ],
     partitions_def=template_partitions,
     pool="packer_builds",
     check_specs=TEMPLATE_CHECKS,
@@ -340,79 +391,133 @@ def template(
     context: dg.AssetExecutionContext, config: TemplateConfig, project: ProjectSettings, packer: PackerSettings
 ):
     if dg.AssetKey("template") not in context.selected_asset_keys:  # can_subset lets the UI offer a check alone
-        raise dg.Failure("smoke_test and degraded are evaluated by a build: materialize template (job "
-                         "rebuild_template, or rebuild_template_forced for a key that is up to date)")
+        raise dg.Failure(
+            "smoke_test and degraded are evaluated by a build: materialize template (job "
+            "rebuild_template, or rebuild_template_forced for a key that is up to date)"
+        )
     key, layout = hold_partition(context, project)
     catalog = project.catalog()
     entry, access = catalog.get(key), project.build_access()
     rendered = layout.rendered_dir(key)
     if not rendered.is_dir():
         raise FileNotFoundError(f"{rendered} does not exist: materialize unattended_files[{key}] first")
-    staged = staged_in_this_run(context, key) or stage_entry(access.connect(), access.discovery.node,
-                                                             access.discovery.iso_storage, entry)
+    staged = staged_in_this_run(context, key) or stage_entry(
+        access.connect(), access.discovery.node, access.discovery.iso_storage, entry
+    )
     chain = fresh_chain_id(key, lambda stamp: layout.build_log_dir(key, stamp).exists())
     tag_run(context, str(chain))
     if access.endpoint.insecure:
-        context.log.warning(f"[{chain}] TLS verification of {access.endpoint.base} is OFF: PROXMOX_INSECURE=1 "
-                            f"in {layout.env_file} (written by an init that asked for it)")
+        context.log.warning(
+            f"[{chain}] TLS verification of {access.endpoint.base} is OFF: PROXMOX_INSECURE=1 "
+            f"in {layout.env_file} (written by an init that asked for it)"
+        )
     force = forced(config, context.run)
     if force:
         context.log.info(f"[{chain}] {key}: forced (config force: true or tag {FORCE_TAG}): builds even if up to date")
     env = project.environment()  # the install password (the catalog names its variable), packer's PATH
     try:
-        outcome = build_template(BuildJob(
-            layout, entry, access, packer.credentials(access), env.get(entry.install_user.password_env, ""),
-            staged, rendered, chain, packer.settings(force), project_dir=catalog.project_dir,
-            run_id=context.run.run_id, on_stage=lambda line: context.log.info(f"[{chain}] {line}"), env=env,
-        ))
+        outcome = build_template(
+            BuildJob(
+                layout,
+                entry,
+                access,
+                packer.credentials(access),
+                env.get(entry.install_user.password_env, ""),
+                staged,
+                rendered,
+                chain,
+                packer.settings(force),
+                project_dir=catalog.project_dir,
+                run_id=context.run.run_id,
+                on_stage=lambda line: context.log.info(f"[{chain}] {line}"),
+                env=env,
+            )
+        )
     except Exception as exc:  # the error and the log's last lines where people look, then the step fails
         tag_outcome(context, FAILED)
         log_file = layout.build_log_dir(key, chain.stamp) / "packer.log"
-        yield dg.AssetObservation(asset_key="template", partition=key, metadata={
-            "outcome": FAILED, "chain_id": str(chain), "error": dg.MetadataValue.md(code_block(str(exc)[-2000:])),
-            "build_log": dg.MetadataValue.path(str(log_file)), "log_tail": log_tail(log_file)})
+        yield dg.AssetObservation(
+            asset_key="template",
+            partition=key,
+            metadata={
+                "outcome": FAILED,
+                "chain_id": str(chain),
+                "error": dg.MetadataValue.md(code_block(str(exc)[-2000:])),
+                "build_log": dg.MetadataValue.path(str(log_file)),
+                "log_tail": log_tail(log_file),
+            },
+        )
         raise
     for line in outcome.swept:
         context.log.warning(f"[{chain}] {key}: {line}")
-    meta = {"chain_id": str(chain), "input_fingerprint": outcome.input_fingerprint, "vmid": outcome.vmid,
-            "swept": dg.MetadataValue.json(outcome.swept)}
+    meta = {
+        "chain_id": str(chain),
+        "input_fingerprint": outcome.input_fingerprint,
+        "vmid": outcome.vmid,
+        "swept": dg.MetadataValue.json(outcome.swept),
+    }
     if outcome.skipped:
         tag_outcome(context, UP_TO_DATE)
         yield up_to_date_observation(context, layout, access.connect(), key, meta)
         return
-    meta.update(name=outcome.name, node=access.discovery.node,
-                build_log=dg.MetadataValue.path(str(outcome.log_file)), log_tail=log_tail(outcome.log_file),
-                warnings=dg.MetadataValue.json(outcome.warnings))
+    meta.update(
+        name=outcome.name,
+        node=access.discovery.node,
+        build_log=dg.MetadataValue.path(str(outcome.log_file)),
+        log_tail=log_tail(outcome.log_file),
+        warnings=dg.MetadataValue.json(outcome.warnings),
+    )
     degraded = degraded_check(key, outcome.warnings)
     if outcome.smoke_error:
         tag_outcome(context, FAILED)
         context.log.error(f"[{chain}] smoke test failed, new template destroyed: {outcome.smoke_error}")
-        smoke = dg.AssetCheckResult(check_name="smoke_test", passed=False, description=outcome.smoke_error,
-                                    metadata={"steps": dg.MetadataValue.md(steps_table(outcome.smoke_steps))})
-        yield dg.MaterializeResult(metadata={**meta, "outcome": FAILED, "promoted": False},
-                                   check_results=[smoke, degraded], data_version=dg.DataVersion(outcome.input_fingerprint))
+        smoke = dg.AssetCheckResult(
+            check_name="smoke_test",
+            passed=False,
+            description=outcome.smoke_error,
+            metadata={"steps": dg.MetadataValue.md(steps_table(outcome.smoke_steps))},
+        )
+        yield dg.MaterializeResult(
+            metadata={**meta, "outcome": FAILED, "promoted": False},
+            check_results=[smoke, degraded],
+            data_version=dg.DataVersion(outcome.input_fingerprint),
+        )
         return
     tag_outcome(context, BUILT)
     # in this step, so no selection (template alone, from the UI) promotes a template without its proof
     proved = ensure_proof(layout, access.connect(), catalog, key, project.signer())
     context.log.info(f"[{chain}] proof {proved.proof_dir}")
-    meta.update(outcome=BUILT, promoted=True, previous_vmid=outcome.previous_vmid,
-                pruned=dg.MetadataValue.json(outcome.pruned), proof=dg.MetadataValue.path(str(proved.proof_dir)))
+    meta.update(
+        outcome=BUILT,
+        promoted=True,
+        previous_vmid=outcome.previous_vmid,
+        pruned=dg.MetadataValue.json(outcome.pruned),
+        proof=dg.MetadataValue.path(str(proved.proof_dir)),
+    )
     smoke = dg.AssetCheckResult(
-        check_name="smoke_test", passed=True,
+        check_name="smoke_test",
+        passed=True,
         description=f"{key}: clone {outcome.smoke['clone_vmid']} of template {outcome.vmid} passed every step",
         metadata={
-            "clone_vmid": outcome.smoke["clone_vmid"], "os": outcome.smoke["os"],
-            "found_os": outcome.smoke["found_os"], "expected_os": outcome.smoke["expected_os"],
-            "ips": dg.MetadataValue.json(outcome.smoke["ips"]), "seconds": outcome.smoke["seconds"],
-            "packages": outcome.smoke["packages"], "machine_id": outcome.smoke["machine_id"] or "",
-            "steps": dg.MetadataValue.md(steps_table(outcome.smoke["steps"]))})
-    yield dg.MaterializeResult(metadata=meta, check_results=[smoke, degraded],
-                               data_version=dg.DataVersion(outcome.input_fingerprint))
+            "clone_vmid": outcome.smoke["clone_vmid"],
+            "os": outcome.smoke["os"],
+            "found_os": outcome.smoke["found_os"],
+            "expected_os": outcome.smoke["expected_os"],
+            "ips": dg.MetadataValue.json(outcome.smoke["ips"]),
+            "seconds": outcome.smoke["seconds"],
+            "packages": outcome.smoke["packages"],
+            "machine_id": outcome.smoke["machine_id"] or "",
+            "steps": dg.MetadataValue.md(steps_table(outcome.smoke["steps"])),
+        },
+    )
+    yield dg.MaterializeResult(
+        metadata=meta, check_results=[smoke, degraded], data_version=dg.DataVersion(outcome.input_fingerprint)
+    )
 
 
-def up_to_date_observation(context: dg.AssetExecutionContext, layout: Layout, api, key: str,
-                           meta: dict) -> dg.AssetObservation:
+def up_to_date_observation(
+    context: dg.AssetExecutionContext, layout: Layout, api, key: str, meta: dict
+) -> dg.AssetObservation:
     """What an up-to-date run says, as an observation: the partition's latest materialization stays the
     promoted template's build (its date, log, name, warnings and chain ID, which its proof carries)."""
     chain, vmid = meta["chain_id"], meta["vmid"]
@@ -422,26 +527,46 @@ def up_to_date_observation(context: dg.AssetExecutionContext, layout: Layout, ap
     except NoPromotedBuild as exc:  # built from another output root: nothing here to point at
         built_by, proof = None, None
         context.log.warning(f"[{chain}] {exc}")
-    context.log.info(f"[{chain}] {key}: up to date, nothing built: promoted template {vmid} ({built_by or 'no record'})"
-                     " was built from these inputs; template_proof is skipped (force: true, or the job "
-                     "rebuild_template_forced, builds anyway)")
+    context.log.info(
+        f"[{chain}] {key}: up to date, nothing built: promoted template {vmid} ({built_by or 'no record'})"
+        " was built from these inputs; template_proof is skipped (force: true, or the job "
+        "rebuild_template_forced, builds anyway)"
+    )
     if proof is not None and not proof.exists():  # repair_once writes it; still missing is an error
-        context.log.error(f"[{chain}] {key}: the proof of {built_by} is missing ({proof}) and could not be written: "
-                          "see this run's warnings")
-    return dg.AssetObservation(asset_key="template", partition=key, metadata={
-        **meta, "outcome": UP_TO_DATE, "promoted_vmid": vmid, "promoted_chain_id": built_by or "",
-        "proof": dg.MetadataValue.path(str(proof)) if proof else ""})
+        context.log.error(
+            f"[{chain}] {key}: the proof of {built_by} is missing ({proof}) and could not be written: "
+            "see this run's warnings"
+        )
+    return dg.AssetObservation(
+        asset_key="template",
+        partition=key,
+        metadata={
+            **meta,
+            "outcome": UP_TO_DATE,
+            "promoted_vmid": vmid,
+            "promoted_chain_id": built_by or "",
+            "proof": dg.MetadataValue.path(str(proof)) if proof else "",
+        },
+    )
 
 
 def degraded_check(key: str, warnings: list[str]) -> dg.AssetCheckResult:
     """Fails (WARN) on each capability gap among the build's warnings; notes (tags set through the API) pass."""
     gaps = [w.removeprefix(DEGRADED) for w in warnings if w.startswith(DEGRADED)]
     if not gaps:
-        return dg.AssetCheckResult(check_name="degraded", passed=True, severity=dg.AssetCheckSeverity.WARN,
-                                   description=f"{key}: built with everything the template asks for")
-    return dg.AssetCheckResult(check_name="degraded", passed=False, severity=dg.AssetCheckSeverity.WARN,
-                               description=f"{key}: degraded build, {len(gaps)} gap(s): " + "; ".join(gaps),
-                               metadata={"gaps": dg.MetadataValue.md("\n".join(f"- {g}" for g in gaps))})
+        return dg.AssetCheckResult(
+            check_name="degraded",
+            passed=True,
+            severity=dg.AssetCheckSeverity.WARN,
+            description=f"{key}: built with everything the template asks for",
+        )
+    return dg.AssetCheckResult(
+        check_name="degraded",
+        passed=False,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=f"{key}: degraded build, {len(gaps)} gap(s): " + "; ".join(gaps),
+        metadata={"gaps": dg.MetadataValue.md("\n".join(f"- {g}" for g in gaps))},
+    )
 
 
 def code_block(text: str) -> str:
@@ -458,8 +583,11 @@ def log_tail(path: Path | None) -> dg.MetadataValue:
 
 def steps_table(steps: list[dict]) -> str:
     """The smoke test's steps as a Markdown table (a check's metadata)."""
-    rows = [f"| {s['name']} | {'passed' if s['passed'] else 'FAILED'} | {s['seconds']:.1f} | "
-            f"{(s['detail'] or '').replace('|', '/')} |" for s in steps]
+    rows = [
+        f"| {s['name']} | {'passed' if s['passed'] else 'FAILED'} | {s['seconds']:.1f} | "
+        f"{(s['detail'] or '').replace('|', '/')} |"
+        for s in steps
+    ]
     return "\n".join(["| Step | Result | Seconds | Detail |", "|---|---|---:|---|", *rows]) if rows else "no steps ran"
 
 
@@ -479,14 +607,16 @@ def template_proof(context: dg.AssetExecutionContext, project: ProjectSettings) 
     key, layout = hold_partition(context, project)
     # the promoted template's build, not the newest log: a failed build writes a log but never a record;
     # its proof is written by the template step, or here by any run after a crash
-    proved = ensure_proof(layout, project.build_access().connect(), project.catalog(), key,
-                          project.signer())
+    proved = ensure_proof(layout, project.build_access().connect(), project.catalog(), key, project.signer())
     record, proof_dir = proved.record, proved.proof_dir
     context.log.info(f"[{record['chain_id']}] proof {proof_dir}")
     return dg.MaterializeResult(
-        metadata={"chain_id": record["chain_id"], "proof": dg.MetadataValue.path(str(proof_dir)),
-                  "readme": dg.MetadataValue.md((proof_dir / "README.md").read_text()),
-                  "template_vmid": record["template"]["vmid"],
-                  "packages": (record.get("sbom") or {}).get("packages", 0)},
+        metadata={
+            "chain_id": record["chain_id"],
+            "proof": dg.MetadataValue.path(str(proof_dir)),
+            "readme": dg.MetadataValue.md((proof_dir / "README.md").read_text()),
+            "template_vmid": record["template"]["vmid"],
+            "packages": (record.get("sbom") or {}).get("packages", 0),
+        },
         data_version=dg.DataVersion(record["input_fingerprint"]),
     )

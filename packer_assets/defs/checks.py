@@ -39,7 +39,12 @@ def token_privileges(project: ProjectSettings) -> dg.AssetCheckResult:
     checked = {path: sorted(privs) for path, privs in grants.items()}
     if missing:
         text = "; ".join(f"{priv} on {path}" for path, priv in missing)
-        return dg.AssetCheckResult(passed=False, description=f"token {access.token_id} lacks: {text}",
-                                   metadata={"missing": dg.MetadataValue.json([list(m) for m in missing]),
-                                             "checked": dg.MetadataValue.json(checked)})
+        return dg.AssetCheckResult(
+            passed=False,
+            description=f"token {access.token_id} lacks: {text}",
+            metadata={
+                "missing": dg.MetadataValue.json([list(m) for m in missing]),
+                "checked": dg.MetadataValue.json(checked),
+            },
+        )
     return dg.AssetCheckResult(passed=True, metadata={"checked": dg.MetadataValue.json(checked)})

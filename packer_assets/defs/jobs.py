@@ -6,7 +6,8 @@ import dagster as dg
 from packer_assets.defs import assets
 
 bootstrap_job = dg.define_asset_job(
-    "bootstrap", selection=dg.AssetSelection.assets(assets.proxmox_env),
+    "bootstrap",
+    selection=dg.AssetSelection.assets(assets.proxmox_env),
     description="proxmox_env and its checks: API user, role, token, .env.proxmox.",
 )
 
@@ -34,6 +35,7 @@ rebuild_forced_job = dg.define_asset_job(
 # dagster 1.13's CLI has no `dagster asset check`: the checks alone are this job
 # (`dagster job execute -j check_proxmox_env -m packer_assets.definitions`).
 check_proxmox_env_job = dg.define_asset_job(
-    "check_proxmox_env", selection=dg.AssetSelection.checks_for_assets(assets.proxmox_env),
+    "check_proxmox_env",
+    selection=dg.AssetSelection.checks_for_assets(assets.proxmox_env),
     description="The checks of proxmox_env alone (token logs in, holds every privilege), without changing anything.",
 )

@@ -35,8 +35,10 @@ class Notifier(dg.ConfigurableResource):
 
     def send(self, context, notification: Notification) -> None:
         for delivery in notify(parse_webhooks(secret(self.webhooks, "PACKER_ASSETS_WEBHOOKS")), notification):
-            said = f"{notification.event} {notification.key or '-'} -> {delivery.webhook}: {delivery.said} " \
-                   f"after {delivery.attempts} attempt(s)"
+            said = (
+                f"{notification.event} {notification.key or '-'} -> {delivery.webhook}: {delivery.said} "
+                f"after {delivery.attempts} attempt(s)"
+            )
             (context.log.info if delivery.ok else context.log.warning)(said)
 
 
@@ -46,7 +48,9 @@ def _materializations(instance: dg.DagsterInstance, run_id: str) -> dict[str, di
     for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
         materialization = entry.asset_materialization
         if materialization is not None:
-            found[materialization.asset_key.to_user_string()] = {k: v.value for k, v in materialization.metadata.items()}
+            found[materialization.asset_key.to_user_string()] = {
+                k: v.value for k, v in materialization.metadata.items()
+            }
     return found
 
 
@@ -73,23 +77,39 @@ def passed(context: dg.RunStatusSensorContext, why: str) -> None:
 def build_notification_sensors(enabled: bool) -> list:
     status = dg.DefaultSensorStatus.RUNNING if enabled else dg.DefaultSensorStatus.STOPPED
 
-    @dg.run_failure_sensor(name="notify_on_failure", default_status=status, monitor_all_code_locations=True,
-                           description="Posts each failed run (key, chain ID, first error line) to PACKER_ASSETS_WEBHOOKS.")
+    @dg.run_failure_sensor(
+        name="notify_on_failure",
+        default_status=status,
+        monitor_all_code_locations=True,
+        description="Posts each failed run (key, chain ID, first error line) to PACKER_ASSETS_WEBHOOKS.",
+    )
     def notify_on_failure(context: dg.RunFailureSensorContext, notifier: Notifier):
         run = context.dagster_run
         if skip := claim(context, "failed"):
             return passed(context, skip)
         message = context.failure_event.message if context.failure_event else None
-        notifier.send(context, Notification(
-            event="failed", key=run.tags.get(PARTITION_TAG), chain_id=run.tags.get(CHAIN_TAG), status=run.status.value,
-            run_id=run.run_id, error=first_line(message, secret_values(dict(environment()))),
-            run_url=notifier.run_url(run.run_id)))
+        notifier.send(
+            context,
+            Notification(
+                event="failed",
+                key=run.tags.get(PARTITION_TAG),
+                chain_id=run.tags.get(CHAIN_TAG),
+                status=run.status.value,
+                run_id=run.run_id,
+                error=first_line(message, secret_values(dict(environment()))),
+                run_url=notifier.run_url(run.run_id),
+            ),
+        )
         return None
 
-    @dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, name="notify_on_promotion", default_status=status,
-                          monitor_all_code_locations=True,
-                          description="Posts each run that promoted a new template to PACKER_ASSETS_WEBHOOKS "
-                                      "(an up-to-date run promotes nothing and says nothing).")
+    @dg.run_status_sensor(
+        run_status=dg.DagsterRunStatus.SUCCESS,
+        name="notify_on_promotion",
+        default_status=status,
+        monitor_all_code_locations=True,
+        description="Posts each run that promoted a new template to PACKER_ASSETS_WEBHOOKS "
+        "(an up-to-date run promotes nothing and says nothing).",
+    )
     def notify_on_promotion(context: dg.RunStatusSensorContext, notifier: Notifier):
         run = context.dagster_run
         done = _materializations(context.instance, run.run_id)
@@ -99,10 +119,19 @@ def build_notification_sensors(enabled: bool) -> list:
         if skip := claim(context, "promoted"):
             return passed(context, skip)
         proof = template.get("proof")  # written in the template step, whatever the run selected
-        notifier.send(context, Notification(
-            event="promoted", key=run.tags.get(PARTITION_TAG), chain_id=run.tags.get(CHAIN_TAG) or template.get("chain_id"),
-            status=run.status.value, run_id=run.run_id, template_vmid=template.get("vmid"),
-            proof=str(proof) if proof else None, run_url=notifier.run_url(run.run_id)))
+        notifier.send(
+            context,
+            Notification(
+                event="promoted",
+                key=run.tags.get(PARTITION_TAG),
+                chain_id=run.tags.get(CHAIN_TAG) or template.get("chain_id"),
+                status=run.status.value,
+                run_id=run.run_id,
+                template_vmid=template.get("vmid"),
+                proof=str(proof) if proof else None,
+                run_url=notifier.run_url(run.run_id),
+            ),
+        )
         return None
 
     return [notify_on_failure, notify_on_promotion]

@@ -19,7 +19,9 @@ def key_check(name: str, asset: str, description: str, *, blocking: bool = False
     another's failure). dagster 1.13 marks a check's partitions_def as a preview and warns at every load; that
     one warning is silenced deliberately, here only (tests/defs/test_definitions.py fails on any other)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec",
-                                category=dg.PreviewWarning)
-        return dg.AssetCheckSpec(name, asset=asset, description=description, blocking=blocking,
-                                 partitions_def=template_partitions)
+        warnings.filterwarnings(
+            "ignore", message="Specifying a partitions_def on an AssetCheckSpec", category=dg.PreviewWarning
+        )
+        return dg.AssetCheckSpec(
+            name, asset=asset, description=description, blocking=blocking, partitions_def=template_partitions
+        )

@@ -48,17 +48,21 @@ def reap_dead_runs(instance: dg.DagsterInstance, this_run_id: str) -> list[str]:
         started = record.start_time or record.create_timestamp.timestamp()
         if pid is None or process_alive(pid, started_before=started):
             continue
-        reason = (f"packer-assets: the process of run {run.run_id} (pid {pid} on {socket.gethostname()}) is gone "
-                  "without finishing the run (killed?); closed by run " + this_run_id)
+        reason = (
+            f"packer-assets: the process of run {run.run_id} (pid {pid} on {socket.gethostname()}) is gone "
+            "without finishing the run (killed?); closed by run " + this_run_id
+        )
         if run.status == dg.DagsterRunStatus.CANCELING:
             instance.report_run_canceled(run, message=reason)
         else:
             instance.report_run_failed(run, message=reason)
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         partition = run.tags.get("dagster/partition", "-")
-        closed.append(f"run {run.run_id} ({run.job_name}, partition {partition}, pid {pid}) died without "
-                      f"finishing: marked {'canceled' if run.status == dg.DagsterRunStatus.CANCELING else 'failed'}"
-                      ", its pool slots freed")
+        closed.append(
+            f"run {run.run_id} ({run.job_name}, partition {partition}, pid {pid}) died without "
+            f"finishing: marked {'canceled' if run.status == dg.DagsterRunStatus.CANCELING else 'failed'}"
+            ", its pool slots freed"
+        )
     return closed
 
 

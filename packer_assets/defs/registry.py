@@ -24,8 +24,9 @@ def template_registry(context: dg.AssetExecutionContext, project: ProjectSetting
     layout = project.layout()
     registry = write_registry(layout, project.build_access().connect(), project.catalog())
     current = [key for key, found in registry.templates.items() if found.current]
-    context.log.info(f"registry {layout.registry_file}: {len(current)} of {len(registry.templates)} keys have a "
-                     "current template")
+    context.log.info(
+        f"registry {layout.registry_file}: {len(current)} of {len(registry.templates)} keys have a current template"
+    )
     return dg.MaterializeResult(
         metadata={
             "registry": dg.MetadataValue.path(str(layout.registry_file)),
@@ -40,7 +41,8 @@ def template_registry(context: dg.AssetExecutionContext, project: ProjectSetting
 
 
 registry_job = dg.define_asset_job(
-    "registry", selection=dg.AssetSelection.assets(template_registry),
+    "registry",
+    selection=dg.AssetSelection.assets(template_registry),
     description="Rewrite registry.json from the node and the build records (after a change made outside "
     "packer-assets, or to see it in the UI).",
 )

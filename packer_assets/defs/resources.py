@@ -24,10 +24,14 @@ class ProjectSettings(dg.ConfigurableResource):
     """The output root for env files, logs, proofs and rendered files."""
 
     output_root: str = Field(default=".", description="output root (PACKER_ASSETS_ROOT)")
-    signing_key: str | None = Field(default=None, description="Ed25519 OpenSSH private key file that signs every "
-                                    "proof bundle's manifest (PACKER_ASSETS_SIGNING_KEY); unset: unsigned")
-    signing_key_id: str | None = Field(default=None, description="who signs, as in allowed_signers "
-                                       "(PACKER_ASSETS_SIGNING_KEY_ID)")
+    signing_key: str | None = Field(
+        default=None,
+        description="Ed25519 OpenSSH private key file that signs every "
+        "proof bundle's manifest (PACKER_ASSETS_SIGNING_KEY); unset: unsigned",
+    )
+    signing_key_id: str | None = Field(
+        default=None, description="who signs, as in allowed_signers (PACKER_ASSETS_SIGNING_KEY_ID)"
+    )
 
     def layout(self) -> Layout:
         return Layout(Path(self.output_root).resolve())
@@ -54,8 +58,18 @@ class ProjectSettings(dg.ConfigurableResource):
 
 # The fields ProxmoxBootstrap shares with BootstrapConfig: Dagster needs them as the resource's own config
 # schema (launchpad, run config); config_fields() and config() are the one mapping between the two.
-BOOTSTRAP_FIELDS = ("user", "role", "token_name", "privsep", "node", "vm_storage", "iso_storage", "bridge",
-                    "http_bind_address", "http_port")
+BOOTSTRAP_FIELDS = (
+    "user",
+    "role",
+    "token_name",
+    "privsep",
+    "node",
+    "vm_storage",
+    "iso_storage",
+    "bridge",
+    "http_bind_address",
+    "http_port",
+)
 DEFAULTS = BootstrapConfig()  # their defaults: BootstrapConfig's, the one copy
 
 
@@ -89,9 +103,12 @@ class ProxmoxBootstrap(dg.ConfigurableResource):
     ssh_password: str | None = Field(default=None, description="PROXMOX_SSH_PASSWORD (prefer a key)")
     known_hosts: str | None = Field(default=None, description="known_hosts file (default ~/.ssh/known_hosts)")
     trust_on_first_use: bool = Field(default=False, description="accept and record an unknown host key")
-    build_login: str = Field(default="auto", description="PROXMOX_BUILD_LOGIN: how Packer logs in. token; password "
-                             "(proxmox_env gives the automation user one, kept in control/secrets.env); auto: "
-                             "password when the installed Packer has no token login (< 1.7.1)")
+    build_login: str = Field(
+        default="auto",
+        description="PROXMOX_BUILD_LOGIN: how Packer logs in. token; password "
+        "(proxmox_env gives the automation user one, kept in control/secrets.env); auto: "
+        "password when the installed Packer has no token login (< 1.7.1)",
+    )
     packer_binary: str = Field(default="packer", description="the Packer whose version `auto` asks")
 
     def bootstrapper(self) -> AdminLogin | Bootstrapper:
@@ -99,24 +116,41 @@ class ProxmoxBootstrap(dg.ConfigurableResource):
             return self.admin()
         if self.method != "ssh" or not self.ssh_host:
             raise ValueError(f"pve_admin.method={self.method!r}: use 'api', or 'ssh' with ssh_host set")
-        return SshBootstrap(SshTarget(self.ssh_host, self.ssh_port, self.ssh_user, self.ssh_key_file,
-                                      secret(self.ssh_password, "PROXMOX_SSH_PASSWORD"), self.known_hosts,
-                                      self.trust_on_first_use))
+        return SshBootstrap(
+            SshTarget(
+                self.ssh_host,
+                self.ssh_port,
+                self.ssh_user,
+                self.ssh_key_file,
+                secret(self.ssh_password, "PROXMOX_SSH_PASSWORD"),
+                self.known_hosts,
+                self.trust_on_first_use,
+            )
+        )
 
     def endpoint(self) -> Endpoint:
-        return Endpoint(self.api_url, ca_file=self.ca_file, tls_fingerprint=self.tls_fingerprint, insecure=self.insecure)
+        return Endpoint(
+            self.api_url, ca_file=self.ca_file, tls_fingerprint=self.tls_fingerprint, insecure=self.insecure
+        )
 
     def admin(self) -> AdminLogin:
-        return AdminLogin(self.admin_user, secret(self.admin_password, "PROXMOX_BOOTSTRAP_PASSWORD"),
-                          self.admin_token_name, secret(self.admin_token_secret, "PROXMOX_BOOTSTRAP_TOKEN_SECRET"))
+        return AdminLogin(
+            self.admin_user,
+            secret(self.admin_password, "PROXMOX_BOOTSTRAP_PASSWORD"),
+            self.admin_token_name,
+            secret(self.admin_token_secret, "PROXMOX_BOOTSTRAP_TOKEN_SECRET"),
+        )
 
     @classmethod
     def config_fields(cls, config: BootstrapConfig) -> dict:
         return {name: getattr(config, name) for name in BOOTSTRAP_FIELDS}
 
     def config(self, rotate: bool = False) -> BootstrapConfig:
-        return BootstrapConfig(**{name: getattr(self, name) for name in BOOTSTRAP_FIELDS}, rotate=rotate,
-                               build_password=self.wants_build_password())
+        return BootstrapConfig(
+            **{name: getattr(self, name) for name in BOOTSTRAP_FIELDS},
+            rotate=rotate,
+            build_password=self.wants_build_password(),
+        )
 
     def wants_build_password(self) -> bool:
         if self.build_login != "auto":
@@ -132,15 +166,23 @@ class PackerSettings(dg.ConfigurableResource):
     which has no token login) a password login for builds through PROXMOX_BUILD_USER/PASSWORD."""
 
     binary: str = "packer"
-    allow_degraded: bool = Field(default=False, description="build without EFI/TPM/extra ISOs where the "
-                                 "installed Packer cannot do them (recorded as warnings); the lab sets it")
+    allow_degraded: bool = Field(
+        default=False,
+        description="build without EFI/TPM/extra ISOs where the "
+        "installed Packer cannot do them (recorded as warnings); the lab sets it",
+    )
     ssh_host: str | None = Field(default=None, description="communicator address override (the lab's guest)")
     ssh_port: int | None = None
     ssh_timeout: str | None = None
-    ssh_ports: str | None = Field(default=None, description="`key=port,...`: a key's own SSH port (the lab's real "
-                                  "guests; PACKER_ASSETS_SSH_PORTS)")
-    guest_notes: str | None = Field(default=None, description="`key=text;...;*=text`: what each key's guests are, "
-                                    "said in its proofs (PACKER_ASSETS_GUEST_NOTES); unset: not stated")
+    ssh_ports: str | None = Field(
+        default=None,
+        description="`key=port,...`: a key's own SSH port (the lab's real guests; PACKER_ASSETS_SSH_PORTS)",
+    )
+    guest_notes: str | None = Field(
+        default=None,
+        description="`key=text;...;*=text`: what each key's guests are, "
+        "said in its proofs (PACKER_ASSETS_GUEST_NOTES); unset: not stated",
+    )
     boot_wait: str | None = None
     timeout_seconds: float = 4 * 3600
     grace_seconds: float = Field(default=60.0, description="after one SIGINT, how long Packer may clean up")
@@ -149,15 +191,28 @@ class PackerSettings(dg.ConfigurableResource):
     build_password: str | None = Field(default=None, description="PROXMOX_BUILD_PASSWORD")
 
     def settings(self, force: bool = False) -> BuildSettings:
-        return BuildSettings(packer=self.binary, allow_degraded=self.allow_degraded, ssh_host=self.ssh_host,
-                             ssh_port=self.ssh_port, ssh_timeout=self.ssh_timeout, boot_wait=self.boot_wait,
-                             ssh_ports=self.ssh_ports, guest_notes=self.guest_notes,
-                             timeout=self.timeout_seconds, grace=self.grace_seconds,
-                             smoke_timeout=self.smoke_timeout_seconds, force=force)
+        return BuildSettings(
+            packer=self.binary,
+            allow_degraded=self.allow_degraded,
+            ssh_host=self.ssh_host,
+            ssh_port=self.ssh_port,
+            ssh_timeout=self.ssh_timeout,
+            boot_wait=self.boot_wait,
+            ssh_ports=self.ssh_ports,
+            guest_notes=self.guest_notes,
+            timeout=self.timeout_seconds,
+            grace=self.grace_seconds,
+            smoke_timeout=self.smoke_timeout_seconds,
+            force=force,
+        )
 
     def credentials(self, access: BuildAccess) -> BuildCredentials:
-        return BuildCredentials(token_id=access.token_id, token_secret=access.token_secret,
-                                user=self.build_user, password=secret(self.build_password, "PROXMOX_BUILD_PASSWORD"))
+        return BuildCredentials(
+            token_id=access.token_id,
+            token_secret=access.token_secret,
+            user=self.build_user,
+            password=secret(self.build_password, "PROXMOX_BUILD_PASSWORD"),
+        )
 
 
 def secret(configured: str | None, name: str) -> str | None:
@@ -174,22 +229,39 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
     return {
         "notifier": Notifier(ui_url=settings.ui_url),
         "packer": PackerSettings(
-            binary=settings.packer_binary, allow_degraded=settings.allow_degraded, ssh_host=settings.packer_ssh_host,
-            ssh_port=settings.packer_ssh_port, ssh_ports=settings.packer_ssh_ports, guest_notes=settings.guest_notes,
-            ssh_timeout=settings.packer_ssh_timeout, boot_wait=settings.boot_wait, build_user=settings.build_user),
-        "project": ProjectSettings(output_root=str(settings.output_root),
-                                   signing_key=str(settings.signing_key) if settings.signing_key else None,
-                                   signing_key_id=settings.signing_key_id),
+            binary=settings.packer_binary,
+            allow_degraded=settings.allow_degraded,
+            ssh_host=settings.packer_ssh_host,
+            ssh_port=settings.packer_ssh_port,
+            ssh_ports=settings.packer_ssh_ports,
+            guest_notes=settings.guest_notes,
+            ssh_timeout=settings.packer_ssh_timeout,
+            boot_wait=settings.boot_wait,
+            build_user=settings.build_user,
+        ),
+        "project": ProjectSettings(
+            output_root=str(settings.output_root),
+            signing_key=str(settings.signing_key) if settings.signing_key else None,
+            signing_key_id=settings.signing_key_id,
+        ),
         "pve_admin": ProxmoxBootstrap(
             api_url=settings.proxmox_url or "https://pve.invalid:8006",
             ca_file=str(settings.ca_file) if settings.ca_file else None,
-            tls_fingerprint=settings.tls_fingerprint, insecure=settings.insecure,
-            insecure_origin=settings.insecure_origin, admin_user=settings.bootstrap_user,
+            tls_fingerprint=settings.tls_fingerprint,
+            insecure=settings.insecure,
+            insecure_origin=settings.insecure_origin,
+            admin_user=settings.bootstrap_user,
             admin_token_name=settings.bootstrap_token_name,
             # the toolkit's names; after a first init, .env.proxmox pins what was discovered
             **ProxmoxBootstrap.config_fields(settings.bootstrap),
-            method=settings.bootstrap_method, ssh_host=settings.ssh_host, ssh_port=settings.ssh_port,
-            ssh_user=settings.ssh_user, ssh_key_file=settings.ssh_key_file, known_hosts=settings.ssh_known_hosts,
-            trust_on_first_use=settings.ssh_trust_on_first_use, build_login=settings.build_login,
-            packer_binary=settings.packer_binary),
+            method=settings.bootstrap_method,
+            ssh_host=settings.ssh_host,
+            ssh_port=settings.ssh_port,
+            ssh_user=settings.ssh_user,
+            ssh_key_file=settings.ssh_key_file,
+            known_hosts=settings.ssh_known_hosts,
+            trust_on_first_use=settings.ssh_trust_on_first_use,
+            build_login=settings.build_login,
+            packer_binary=settings.packer_binary,
+        ),
     }

@@ -38,8 +38,10 @@ def build_weekly_rebuild(cron: str) -> dg.ScheduleDefinition:
         try:
             promoted = promoted_vmids(project.build_access().connect(), catalog.keys())
         except Exception as exc:  # noqa: BLE001 - the recorded state still decides; said, not hidden
-            context.log.warning(f"the node could not be asked which templates are promoted ({type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0] if str(exc) else ''}); the recorded state decides")
+            context.log.warning(
+                f"the node could not be asked which templates are promoted ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); the recorded state decides"
+            )
             promoted = None
         plan = plan_runs(layout, catalog, project.environment(), catalog.project_dir, promoted)
         for item in plan.keys:
@@ -49,8 +51,11 @@ def build_weekly_rebuild(cron: str) -> dg.ScheduleDefinition:
         if not plan.to_run:
             return dg.SkipReason(f"all {len(plan.keys)} key(s) up to date: no run requested")
         # the key first in the run key and as a tag of its own: what the UI's preview of a tick shows of a request
-        return [dg.RunRequest(partition_key=key, run_key=f"{key}:weekly:{day}",
-                              tags={KEY_TAG: key, "packer-assets/trigger": "weekly"})
-                for key in plan.to_run]
+        return [
+            dg.RunRequest(
+                partition_key=key, run_key=f"{key}:weekly:{day}", tags={KEY_TAG: key, "packer-assets/trigger": "weekly"}
+            )
+            for key in plan.to_run
+        ]
 
     return weekly_rebuild

@@ -55,8 +55,10 @@ def build_iso_checksum_sensor(interval_seconds: int) -> dg.SensorDefinition:
         sources = iso_sources(project.catalog())
         result = poll({name: iso for name, (_key, iso) in sources.items()}, json.loads(context.cursor or "{}"))
         # the checksums as last observed, for the schedule's pre-check (plan.py)
-        record_observed(project.layout(), {name: entry["checksum"] for name, entry in result.cursor.items()
-                                           if entry.get("checksum")})
+        record_observed(
+            project.layout(),
+            {name: entry["checksum"] for name, entry in result.cursor.items() if entry.get("checksum")},
+        )
         for name, message in result.errors.items():
             context.log.warning(f"{name}: {message} (keeps its last known checksum)")
         by_key: dict[str, list[str]] = {}
@@ -70,18 +72,28 @@ def build_iso_checksum_sensor(interval_seconds: int) -> dg.SensorDefinition:
             first = any(n in result.first_seen for n in names)
             if version is None or not (changed or first):
                 continue
-            observations.append(dg.AssetObservation(asset_key="iso_release", partition=key,
-                                                    tags={DATA_VERSION_TAG: version}))
+            observations.append(
+                dg.AssetObservation(asset_key="iso_release", partition=key, tags={DATA_VERSION_TAG: version})
+            )
             if changed or key not in built:
-                requests.append(dg.RunRequest(partition_key=key, run_key=f"{key}:{version}",
-                                              tags={"packer-assets/trigger": "iso-change" if changed else "first-sight"}))
+                requests.append(
+                    dg.RunRequest(
+                        partition_key=key,
+                        run_key=f"{key}:{version}",
+                        tags={"packer-assets/trigger": "iso-change" if changed else "first-sight"},
+                    )
+                )
         found = f"{len(sources)} ISO source(s) polled: {result.summary()}"
         context.log.info(f"{found}; {len(requests)} rebuild(s) requested")
         skip = None
         if not requests:  # the tick's line in the UI says what happened, not "returned an empty result"
-            skip = f"{found}; " + ("every key seen for the first time was built before: nothing to rebuild"
-                                   if result.first_seen else "nothing to rebuild")
-        return dg.SensorResult(run_requests=requests, asset_events=observations, cursor=json.dumps(result.cursor),
-                               skip_reason=skip)
+            skip = f"{found}; " + (
+                "every key seen for the first time was built before: nothing to rebuild"
+                if result.first_seen
+                else "nothing to rebuild"
+            )
+        return dg.SensorResult(
+            run_requests=requests, asset_events=observations, cursor=json.dumps(result.cursor), skip_reason=skip
+        )
 
     return iso_checksum_sensor

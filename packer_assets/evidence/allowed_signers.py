@@ -27,15 +27,30 @@ WHITESPACE = " \t\r\n"
 SUBPATTERN_MAX = 1023  # match.c: a longer subpattern never matches
 # Key type names sshkey_read knows (OpenSSH 9.x keyimpls) -> the type the key blob must carry.
 KEY_TYPES = {
-    **{name: name for name in (
-        "ssh-ed25519", "ssh-ed25519-cert-v01@openssh.com", "sk-ssh-ed25519@openssh.com",
-        "sk-ssh-ed25519-cert-v01@openssh.com", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
-        "ecdsa-sha2-nistp256-cert-v01@openssh.com", "ecdsa-sha2-nistp384-cert-v01@openssh.com",
-        "ecdsa-sha2-nistp521-cert-v01@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com",
-        "sk-ecdsa-sha2-nistp256-cert-v01@openssh.com", "ssh-dss", "ssh-dss-cert-v01@openssh.com", "ssh-rsa",
-        "ssh-rsa-cert-v01@openssh.com")},
+    **{
+        name: name
+        for name in (
+            "ssh-ed25519",
+            "ssh-ed25519-cert-v01@openssh.com",
+            "sk-ssh-ed25519@openssh.com",
+            "sk-ssh-ed25519-cert-v01@openssh.com",
+            "ecdsa-sha2-nistp256",
+            "ecdsa-sha2-nistp384",
+            "ecdsa-sha2-nistp521",
+            "ecdsa-sha2-nistp256-cert-v01@openssh.com",
+            "ecdsa-sha2-nistp384-cert-v01@openssh.com",
+            "ecdsa-sha2-nistp521-cert-v01@openssh.com",
+            "sk-ecdsa-sha2-nistp256@openssh.com",
+            "sk-ecdsa-sha2-nistp256-cert-v01@openssh.com",
+            "ssh-dss",
+            "ssh-dss-cert-v01@openssh.com",
+            "ssh-rsa",
+            "ssh-rsa-cert-v01@openssh.com",
+        )
+    },
     "webauthn-sk-ecdsa-sha2-nistp256@openssh.com": "sk-ecdsa-sha2-nistp256@openssh.com",
-    "rsa-sha2-256": "ssh-rsa", "rsa-sha2-512": "ssh-rsa",
+    "rsa-sha2-256": "ssh-rsa",
+    "rsa-sha2-512": "ssh-rsa",
     "rsa-sha2-256-cert-v01@openssh.com": "ssh-rsa-cert-v01@openssh.com",
     "rsa-sha2-512-cert-v01@openssh.com": "ssh-rsa-cert-v01@openssh.com",
 }
@@ -71,8 +86,14 @@ def read_allowed_signers(path: Path) -> bytes:
         raise AllowedSignersError(f"allowed signers file {path}: cannot read it ({exc.strerror})") from None
 
 
-def check_allowed(data: bytes, key_blob: bytes, principal: str | None, namespace: str,
-                  verify_time: int | None = None, source: str = "allowed_signers") -> str:
+def check_allowed(
+    data: bytes,
+    key_blob: bytes,
+    principal: str | None,
+    namespace: str,
+    verify_time: int | None = None,
+    source: str = "allowed_signers",
+) -> str:
     """The principal (else the line's principals) of the first line that allows `key_blob` (a plain
     key's wire blob) to sign for `principal` (ssh-keygen's -I; None: any, as find-principals) in
     `namespace` at `verify_time` (seconds; default now, as ssh-keygen without -Overify-time).
@@ -155,19 +176,19 @@ def _strdelimw(s: str) -> tuple[str | None, str | None]:
     if at is None:
         return s, None
     if s[at] == '"':
-        s = s[:at] + s[at + 1:]
+        s = s[:at] + s[at + 1 :]
         end = s.find('"', at)
         if end < 0:
             return None, None
-        return s[:end], s[end + 1:].lstrip(WHITESPACE)
-    return s[:at], s[at + 1:].lstrip(WHITESPACE)
+        return s[:end], s[end + 1 :].lstrip(WHITESPACE)
+    return s[:at], s[at + 1 :].lstrip(WHITESPACE)
 
 
 def _past_options(s: str) -> tuple[str, str]:
     """authfile.c sshkey_advance_past_options: split at the first unquoted space or tab."""
     quoted, i = False, 0
     while i < len(s) and (quoted or s[i] not in " \t"):
-        if s[i] == "\\" and s[i + 1:i + 2] == '"':
+        if s[i] == "\\" and s[i + 1 : i + 2] == '"':
             i += 1
         elif s[i] == '"':
             quoted = not quoted
@@ -206,10 +227,10 @@ def _blob_is(blob: bytes, kind: str) -> bool:
 def _ssh_string(blob: bytes, at: int) -> tuple[bytes | None, int]:
     if at + 4 > len(blob):
         return None, at
-    (size,) = struct.unpack(">I", blob[at:at + 4])
+    (size,) = struct.unpack(">I", blob[at : at + 4])
     if at + 4 + size > len(blob):
         return None, at
-    return blob[at + 4:at + 4 + size], at + 4 + size
+    return blob[at + 4 : at + 4 + size], at + 4 + size
 
 
 # ------------------------------------------------------------------ options (sshsigopt_parse)
@@ -251,11 +272,11 @@ def _one_option(opts: str, i: int, found: dict[str, Any]) -> int:
 
 def _dequote(s: str, i: int) -> tuple[str, int]:
     """misc.c opt_dequote: a "quoted" value, \\" for a quote inside."""
-    if s[i:i + 1] != '"':
+    if s[i : i + 1] != '"':
         raise _BadLine("bad options: missing start quote")
     out, i = [], i + 1
     while i < len(s) and s[i] != '"':
-        if s[i] == "\\" and s[i + 1:i + 2] == '"':
+        if s[i] == "\\" and s[i + 1 : i + 2] == '"':
             i += 1
         out.append(s[i])
         i += 1
@@ -274,7 +295,7 @@ def _absolute_time(text: str, name: str) -> int:
         text, utc = text[:-3], True
     if len(text) not in (8, 12, 14) or not text.isascii() or not text.isdigit():
         raise bad
-    parts = [int(text[i:i + w]) for i, w in ((0, 4), (4, 2), (6, 2), (8, 2), (10, 2), (12, 2)) if i < len(text)]
+    parts = [int(text[i : i + w]) for i, w in ((0, 4), (4, 2), (6, 2), (8, 2), (10, 2), (12, 2)) if i < len(text)]
     parts += [0] * (6 - len(parts))
     year, month, day, hour, minute, second = parts
     if not (1 <= month <= 12 and 1 <= day <= 31 and hour <= 23 and minute <= 59 and second <= 61):

@@ -24,13 +24,13 @@ from packer_assets.evidence.layout import Layout, sha256_file
 class ChainReport:
     chain_id: str
     key: str
-    logs: dict[str, str] = field(default_factory=dict)       # path -> sha256
-    record: str | None = None                                # build.json: only a build that passed its smoke test
+    logs: dict[str, str] = field(default_factory=dict)  # path -> sha256
+    record: str | None = None  # build.json: only a build that passed its smoke test
     rendered_files: dict[str, str] = field(default_factory=dict)
     proof: str | None = None
     runs: list[dict[str, Any]] = field(default_factory=list)  # run_id, status, job, url
     templates: list[dict[str, Any]] = field(default_factory=list)  # vmid, name, node, tags
-    unknown: list[str] = field(default_factory=list)          # what could not be asked, and why
+    unknown: list[str] = field(default_factory=list)  # what could not be asked, and why
 
     @property
     def found(self) -> bool:
@@ -41,16 +41,25 @@ class ChainReport:
 
     def lines(self) -> list[str]:
         out = [f"{self.chain_id} (key {self.key})"]
-        out += [f"  log       {path}  sha256 {digest}" for path, digest in sorted(self.logs.items())] or \
-            ["  log       none in this output root"]
-        out.append(f"  record    {self.record}" if self.record else
-                   "  record    none (the build failed, was interrupted, or ran elsewhere)")
+        out += [f"  log       {path}  sha256 {digest}" for path, digest in sorted(self.logs.items())] or [
+            "  log       none in this output root"
+        ]
+        out.append(
+            f"  record    {self.record}"
+            if self.record
+            else "  record    none (the build failed, was interrupted, or ran elsewhere)"
+        )
         out += [f"  rendered  {name}  sha256 {digest}" for name, digest in sorted(self.rendered_files.items())]
-        out.append(f"  proof     {self.proof}" if self.proof else "  proof     none (written only for a build that passed)")
-        out += [f"  run       {r['run_id']}  {r['status']}  {r['job']}" + (f"  {r['url']}" if r.get("url") else "")
-                for r in self.runs] or ["  run       none found"]
-        out += [f"  template  {t['vmid']} {t['name']} on {t['node']}  tags {t['tags']}" for t in self.templates] or \
-            ["  template  none names this chain"]
+        out.append(
+            f"  proof     {self.proof}" if self.proof else "  proof     none (written only for a build that passed)"
+        )
+        out += [
+            f"  run       {r['run_id']}  {r['status']}  {r['job']}" + (f"  {r['url']}" if r.get("url") else "")
+            for r in self.runs
+        ] or ["  run       none found"]
+        out += [f"  template  {t['vmid']} {t['name']} on {t['node']}  tags {t['tags']}" for t in self.templates] or [
+            "  template  none names this chain"
+        ]
         out += [f"  unknown   {why}" for why in self.unknown]
         return out
 
@@ -59,8 +68,9 @@ RunFinder = Callable[[str], list[dict[str, Any]]]
 TemplateFinder = Callable[[str], list[dict[str, Any]]]
 
 
-def chain_report(layout: Layout, chain_id: str, runs: RunFinder | None = None,
-                 templates: TemplateFinder | None = None) -> ChainReport:
+def chain_report(
+    layout: Layout, chain_id: str, runs: RunFinder | None = None, templates: TemplateFinder | None = None
+) -> ChainReport:
     """What the output root holds for chain_id, plus the runs and templates the finders return
     (a finder that raises is reported under `unknown`)."""
     chain = parse_chain_id(chain_id)
@@ -74,7 +84,10 @@ def chain_report(layout: Layout, chain_id: str, runs: RunFinder | None = None,
             report.rendered_files = dict(json.loads(record.read_text()).get("rendered_files") or {})
     if proof_dir.is_dir():
         report.proof = str(proof_dir)
-    for name, finder, target in (("Dagster runs", runs, report.runs), ("Proxmox templates", templates, report.templates)):
+    for name, finder, target in (
+        ("Dagster runs", runs, report.runs),
+        ("Proxmox templates", templates, report.templates),
+    ):
         if finder is None:
             continue
         try:

@@ -19,6 +19,8 @@ SHOWN = 80  # characters of bad input an error repeats
 
 class ChainIdError(ConfigError):
     """Text that is not a chain ID (or a key); a ValueError too, as before."""
+
+
 TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 
 

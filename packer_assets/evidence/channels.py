@@ -80,21 +80,32 @@ def find_template(api: PveApi, catalog: Catalog, ref: str, key: str | None = Non
         guest = find_guest(api, int(ref))
         keys = [key] if key else [k for k in catalog.keys() if guest and guest.ours(k)]  # noqa: SIM118 - Catalog iterates entries
         entry = catalog.get(keys[0]) if keys else None
-        found = next((g for g in list_templates(api, entry.key, entry.vmid_range) if g.vmid == int(ref)), None) \
-            if entry else None
+        found = (
+            next((g for g in list_templates(api, entry.key, entry.vmid_range) if g.vmid == int(ref)), None)
+            if entry
+            else None
+        )
     elif CHAIN_RE.fullmatch(ref):
         chain_key = parse_chain_id(ref).key
         if key and chain_key != key:
             raise ChannelError(f"{key}: chain ID {ref} is of key {chain_key}, not {key}")
         entry = catalog.get(chain_key)
-        found = next((g for g in list_templates(api, entry.key, entry.vmid_range)
-                      if (d := template_description(api, g)) and d.chain_id == ref), None)
+        found = next(
+            (
+                g
+                for g in list_templates(api, entry.key, entry.vmid_range)
+                if (d := template_description(api, g)) and d.chain_id == ref
+            ),
+            None,
+        )
     else:
         raise ChannelError(f"{ref!r} is neither a VMID nor a chain ID (CHAIN-<yyyymmddThhmmssZ>-<key>)")
     if found is None or entry is None:
         whose = f"key {key}" if key else "any catalog key"
-        raise ChannelError(f"{ref}: no template of {whose} on the node (tagged packer-assets and the key, "
-                           "named <key>-<timestamp>, in the key's VMID range)")
+        raise ChannelError(
+            f"{ref}: no template of {whose} on the node (tagged packer-assets and the key, "
+            "named <key>-<timestamp>, in the key's VMID range)"
+        )
     return entry, found
 
 
@@ -116,8 +127,9 @@ def set_channel(layout: Layout, api: PveApi, catalog: Catalog, channel: str, key
 
     def point(tags: tuple[str, ...]) -> list[str]:  # refused on the tags as read, not as listed
         if REVOKED_TAG in tags:
-            raise ChannelError(f"{key}: template {target.vmid} ({target.name}) is revoked: a channel cannot "
-                               "point at it")
+            raise ChannelError(
+                f"{key}: template {target.vmid} ({target.name}) is revoked: a channel cannot point at it"
+            )
         return [*tags, tag]
 
     with _api_errors(what):
@@ -146,8 +158,9 @@ class Revoked:
     registry: Registry
 
 
-def revoke(layout: Layout, api: PveApi, catalog: Catalog, ref: str, reason: str | None = None, *,
-           now: datetime | None = None) -> Revoked:
+def revoke(
+    layout: Layout, api: PveApi, catalog: Catalog, ref: str, reason: str | None = None, *, now: datetime | None = None
+) -> Revoked:
     """Mark the template ref names revoked: tag, description line, promotion and channel tags taken."""
     if reason is not None and (not reason.strip() or len(reason) > MAX_REASON or not reason.isprintable()):
         raise ChannelError(f"--reason must be one line of 1-{MAX_REASON} printable characters")
@@ -160,16 +173,17 @@ def revoke(layout: Layout, api: PveApi, catalog: Catalog, ref: str, reason: str 
         found, text = split_tags(config.get("tags")), config.get("description")
         if REVOKED_TAG in found:
             said_before = read_revocation(text)
-            raise ChannelError(f"{entry.key}: template {guest.vmid} ({guest.name}) is already revoked"
-                               + (f" ({said_before.revoked_at:%Y-%m-%d %H:%M:%S} UTC)" if said_before else ""))
+            raise ChannelError(
+                f"{entry.key}: template {guest.vmid} ({guest.name}) is already revoked"
+                + (f" ({said_before.revoked_at:%Y-%m-%d %H:%M:%S} UTC)" if said_before else "")
+            )
         kept = [t for t in found if t != LATEST_TAG and not t.startswith(CHANNEL_TAG_PREFIX)]
         return {"tags": join_tags([*kept, REVOKED_TAG]), "description": revoked_description(text, revocation)}
 
     with _api_errors(what):
         config, _ = edit_config(api, guest.node, guest.vmid, change, what)
     was = replace(guest, tags=tuple(split_tags(config.get("tags"))))  # as it was when it was revoked
-    return Revoked(entry.key, guest.vmid, guest.name, was.promoted, was.channels,
-                   write_registry(layout, api, catalog))
+    return Revoked(entry.key, guest.vmid, guest.name, was.promoted, was.channels, write_registry(layout, api, catalog))
 
 
 class _api_errors:
@@ -181,7 +195,9 @@ class _api_errors:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _tb: TracebackType | None) -> Literal[False]:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, _tb: TracebackType | None
+    ) -> Literal[False]:
         if isinstance(exc, ResourceException):
             raise TemplateError(f"{self.what}: {said(exc)}") from None
         return False

@@ -147,8 +147,9 @@ class RunLog:
     `close()`, so it always points at a log that ended.
     """
 
-    def __init__(self, path: Path, chain: str, redact: Redactor | None = None,
-                 echo: Callable[[str], object] | None = None):
+    def __init__(
+        self, path: Path, chain: str, redact: Redactor | None = None, echo: Callable[[str], object] | None = None
+    ):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.chain = chain
@@ -204,18 +205,29 @@ def write_manifest(folder: Path, signer: "Signer | None" = None) -> Path:
     import json
 
     folder = Path(folder)
-    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())
-             if p.is_file() and p.name not in (MANIFEST, SIGNATURE)}
+    files = {
+        p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name not in (MANIFEST, SIGNATURE)
+    }
     signed_by = {"key_id": signer.key_id, "public_key": signer.public_key()} if signer else None
-    manifest = atomic_write(folder / MANIFEST, json.dumps({"format": MANIFEST_FORMAT, "files": files,
-                                                            "signed_by": signed_by}, indent=2, sort_keys=True) + "\n")
+    manifest = atomic_write(
+        folder / MANIFEST,
+        json.dumps({"format": MANIFEST_FORMAT, "files": files, "signed_by": signed_by}, indent=2, sort_keys=True)
+        + "\n",
+    )
     if signer:
         atomic_write(folder / SIGNATURE, signer.sign(manifest.read_bytes()))
     return manifest
 
 
-def write_proof_bundle(proof_dir: Path, readme: str, proof: dict[str, Any], log_file: Path, log_name: str,
-                       extra_files: dict[str, Path] | None = None, signer: "Signer | None" = None) -> Path:
+def write_proof_bundle(
+    proof_dir: Path,
+    readme: str,
+    proof: dict[str, Any],
+    log_file: Path,
+    log_name: str,
+    extra_files: dict[str, Path] | None = None,
+    signer: "Signer | None" = None,
+) -> Path:
     """README.md, proof.json, a copy of the log (and of `extra_files`: name -> source) and the manifest
     (signed when a signer is given) in a fresh folder, then `latest` swapped to it.
 

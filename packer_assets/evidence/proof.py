@@ -58,9 +58,10 @@ class Timings(_Model):
 
     started_at: datetime = Field(description="Start of the run (UTC, ISO 8601).")
     finished_at: datetime = Field(description="End of the run (UTC, ISO 8601).")
-    stages: dict[str, float] = Field(default_factory=dict,
-                                     description="Seconds per timed stage, in run order: `packer` (packer "
-                                                 "build), `smoke` (the clone's smoke test).")
+    stages: dict[str, float] = Field(
+        default_factory=dict,
+        description="Seconds per timed stage, in run order: `packer` (packer build), `smoke` (the clone's smoke test).",
+    )
 
     @property
     def seconds(self) -> float:
@@ -98,8 +99,9 @@ class SbomRef(_Model):
     format: Literal["CycloneDX 1.5"] = Field(default="CycloneDX 1.5", description="Validated against this schema.")
     sha256: Sha256 = Field(description="sha256 of sbom.cdx.json.")
     packages: int = Field(ge=0, description="Installed packages (components) it lists, read from the smoke-test clone.")
-    changes: PackageChanges | None = Field(default=None, description="Against the key's previous proved template; "
-                                                                     "absent for the key's first SBOM.")
+    changes: PackageChanges | None = Field(
+        default=None, description="Against the key's previous proved template; absent for the key's first SBOM."
+    )
 
 
 class BuildProof(_Model):
@@ -109,39 +111,52 @@ class BuildProof(_Model):
 
     schema_version: Literal[1] = Field(default=SCHEMA_VERSION, description="Version of this format.")
     kind: Literal["build"] = Field(default="build", description="Always `build` (init proofs have `init`).")
-    chain_id: str = Field(pattern=f"^{CHAIN_RE.pattern}$",
-                          description="`CHAIN-<UTC yyyymmddThhmmssZ>-<key>`: the ID in the run tags, every log line "
-                                      "and the template description.")
+    chain_id: str = Field(
+        pattern=f"^{CHAIN_RE.pattern}$",
+        description="`CHAIN-<UTC yyyymmddThhmmssZ>-<key>`: the ID in the run tags, every log line "
+        "and the template description.",
+    )
     key: str = Field(description="The catalog template key (= the Dagster partition).")
     dagster_run_id: str | None = Field(default=None, description="The Dagster run that built it, if any.")
     template: TemplateRef = Field(description="The template built (promoted when the proof was written).")
     iso: IsoRef = Field(description="The installation ISO.")
     rendered_files: dict[str, Sha256] = Field(description="Unattended files served to the installer: name -> sha256.")
     packer_template_sha256: Sha256 | None = Field(
-        default=None, description="sha256 of the Packer input used: the family's template and "
-                                  "templates/common/common.pkr.hcl, combined (packer.workdir.template_sha256).")
+        default=None,
+        description="sha256 of the Packer input used: the family's template and "
+        "templates/common/common.pkr.hcl, combined (packer.workdir.template_sha256).",
+    )
     packer_version: str = Field(description="`packer version` of the binary that ran.")
     timings: Timings = Field(description="Start, end and seconds per stage.")
     checks: list[CheckResult] = Field(min_length=1, description="Every check run on the template; all passed.")
     log_sha256: Sha256 = Field(description="sha256 of packer.log next to this file.")
-    input_fingerprint: Sha256 = Field(description="sha256 over ISO checksum, rendered files, Packer template and "
-                                                  "catalog entry; equal fingerprints mean nothing to rebuild.")
+    input_fingerprint: Sha256 = Field(
+        description="sha256 over ISO checksum, rendered files, Packer template and "
+        "catalog entry; equal fingerprints mean nothing to rebuild."
+    )
     tool_version: str = Field(description="The packer-assets version that ran the build.")
-    previous_template_vmid: int | None = Field(default=None,
-                                               description="The template that was promoted before this one.")
+    previous_template_vmid: int | None = Field(
+        default=None, description="The template that was promoted before this one."
+    )
     pruned_vmids: list[int] = Field(default_factory=list, description="Older templates removed by retention.")
-    sbom: SbomRef | None = Field(default=None, description="The installed packages as a CycloneDX SBOM (absent for "
-                                                           "builds from before SBOMs).")
-    guest: str | None = Field(default=None, description="What the guest was, as the environment noted it for the "
-                                                       "key (PACKER_ASSETS_GUEST_NOTES; the lab notes `lab: real "
-                                                       "guest (...)` or `lab: simulated guest (...)`); absent when "
-                                                       "nothing was stated.")
-    warnings: list[str] = Field(default_factory=list,
-                                description="The build's warnings, as its log has them: each gap of a degraded build "
-                                            "(`degraded build: ...`, something the template asks for that the "
-                                            "installed Packer cannot do and the build went without: EFI disk, TPM, "
-                                            "q35, extra ISOs; allowed by PACKER_ASSETS_ALLOW_DEGRADED=1) and notes "
-                                            "such as tags set through the API. Empty when there were none.")
+    sbom: SbomRef | None = Field(
+        default=None, description="The installed packages as a CycloneDX SBOM (absent for builds from before SBOMs)."
+    )
+    guest: str | None = Field(
+        default=None,
+        description="What the guest was, as the environment noted it for the "
+        "key (PACKER_ASSETS_GUEST_NOTES; the lab notes `lab: real "
+        "guest (...)` or `lab: simulated guest (...)`); absent when "
+        "nothing was stated.",
+    )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="The build's warnings, as its log has them: each gap of a degraded build "
+        "(`degraded build: ...`, something the template asks for that the "
+        "installed Packer cannot do and the build went without: EFI disk, TPM, "
+        "q35, extra ISOs; allowed by PACKER_ASSETS_ALLOW_DEGRADED=1) and notes "
+        "such as tags set through the API. Empty when there were none.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> BuildProof:
@@ -206,10 +221,12 @@ class InitProof(_Model):
 
 
 def _schema(model: type[BaseModel]) -> dict[str, Any]:
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
-            "$comment": f"Generated from packer_assets.evidence.proof.{model.__name__} by `python -m packer_assets.evidence.proof`; "
-                        "do not edit.",
-            **model.model_json_schema(mode="serialization")}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$comment": f"Generated from packer_assets.evidence.proof.{model.__name__} by `python -m packer_assets.evidence.proof`; "
+        "do not edit.",
+        **model.model_json_schema(mode="serialization"),
+    }
 
 
 def build_proof_schema() -> dict[str, Any]:
@@ -251,36 +268,49 @@ def _cell(value: object) -> str:
 def render_build_readme(proof: BuildProof) -> str:
     """The proof as Markdown: a summary table, then stages, checks and rendered files."""
     t = proof.template
-    rows = [("Chain ID", proof.chain_id), ("Key", proof.key), ("Dagster run", proof.dagster_run_id),
-            ("Template", f"{t.vmid} {t.name} on {t.node}"), ("Tags", ";".join(t.tags)),
-            ("Guest", proof.guest or "not stated (no PACKER_ASSETS_GUEST_NOTES note for this key)"),
-            ("ISO", proof.iso.url), ("ISO fetched from", proof.iso.effective_url),
-            ("ISO checksum", proof.iso.checksum), ("ISO volume", proof.iso.volid),
-            ("Packer", proof.packer_version), ("Packer template sha256", proof.packer_template_sha256),
-            ("Input fingerprint", proof.input_fingerprint),
-            ("Started", proof.timings.started_at.isoformat()), ("Finished", proof.timings.finished_at.isoformat()),
-            ("Duration", f"{proof.timings.seconds:.1f} s"),
-            ("Previous template", proof.previous_template_vmid),
-            ("Pruned", ", ".join(map(str, proof.pruned_vmids)) or None),
-            ("Packages (SBOM)", f"{proof.sbom.packages} in {proof.sbom.file}" if proof.sbom else None),
-            ("Package changes", _changes_cell(proof.sbom) if proof.sbom else None),
-            ("Warnings", f"{len(proof.warnings)} (see Warnings)" if proof.warnings else "none"),
-            ("Log sha256", proof.log_sha256), ("Tool", f"packer-assets {proof.tool_version}")]
+    rows = [
+        ("Chain ID", proof.chain_id),
+        ("Key", proof.key),
+        ("Dagster run", proof.dagster_run_id),
+        ("Template", f"{t.vmid} {t.name} on {t.node}"),
+        ("Tags", ";".join(t.tags)),
+        ("Guest", proof.guest or "not stated (no PACKER_ASSETS_GUEST_NOTES note for this key)"),
+        ("ISO", proof.iso.url),
+        ("ISO fetched from", proof.iso.effective_url),
+        ("ISO checksum", proof.iso.checksum),
+        ("ISO volume", proof.iso.volid),
+        ("Packer", proof.packer_version),
+        ("Packer template sha256", proof.packer_template_sha256),
+        ("Input fingerprint", proof.input_fingerprint),
+        ("Started", proof.timings.started_at.isoformat()),
+        ("Finished", proof.timings.finished_at.isoformat()),
+        ("Duration", f"{proof.timings.seconds:.1f} s"),
+        ("Previous template", proof.previous_template_vmid),
+        ("Pruned", ", ".join(map(str, proof.pruned_vmids)) or None),
+        ("Packages (SBOM)", f"{proof.sbom.packages} in {proof.sbom.file}" if proof.sbom else None),
+        ("Package changes", _changes_cell(proof.sbom) if proof.sbom else None),
+        ("Warnings", f"{len(proof.warnings)} (see Warnings)" if proof.warnings else "none"),
+        ("Log sha256", proof.log_sha256),
+        ("Tool", f"packer-assets {proof.tool_version}"),
+    ]
     out = [f"# Template build {proof.chain_id}", "", "| | |", "|---|---|"]
     out += [f"| {name} | {_cell(value)} |" for name, value in rows]
     out += ["", "## Stages", "", "| Stage | Seconds |", "|---|---:|"]
     out += [f"| {name} | {seconds:.1f} |" for name, seconds in proof.timings.stages.items()] or ["| - | - |"]
     out += ["", "## Checks", "", "| Check | Result | Description |", "|---|---|---|"]
-    out += [f"| {c.name} | {'passed' if c.passed else 'FAILED'} | {c.description.replace('|', '/')} |"
-            for c in proof.checks]
+    out += [
+        f"| {c.name} | {'passed' if c.passed else 'FAILED'} | {c.description.replace('|', '/')} |" for c in proof.checks
+    ]
     out += ["", "## Warnings", ""]
     out += [f"- {w}" for w in proof.warnings] or ["None: the build had everything the catalog entry asks for."]
     if proof.sbom and proof.sbom.changes:
         c = proof.sbom.changes
         out += ["", f"## Package changes since {c.previous_chain_id}", "", "| Change | Package |", "|---|---|"]
-        out += ([f"| {what} | {_cell(item)} |" for what, items in (("changed", c.changed), ("added", c.added),
-                                                                   ("removed", c.removed)) for item in items]
-                or ["| - | no changes |"])
+        out += [
+            f"| {what} | {_cell(item)} |"
+            for what, items in (("changed", c.changed), ("added", c.added), ("removed", c.removed))
+            for item in items
+        ] or ["| - | no changes |"]
     out += ["", "## Rendered files", "", "| File | sha256 |", "|---|---|"]
     out += [f"| {name} | {_cell(digest)} |" for name, digest in sorted(proof.rendered_files.items())] or ["| - | - |"]
     return "\n".join(out) + "\n"
@@ -295,11 +325,22 @@ def _changes_cell(sbom: SbomRef) -> str:
 
 def render_init_readme(proof: InitProof) -> str:
     found = proof.discovery
-    rows = [("Chain ID", proof.chain_id), ("Dagster run", proof.dagster_run_id), ("Bootstrap", proof.bootstrap),
-            ("API", proof.api_url), ("TLS trust", proof.tls), ("PVE version", proof.pve_version),
-            ("Node", found.node), ("VM storage", found.vm_storage), ("ISO storage", found.iso_storage),
-            ("Bridge", found.bridge), ("Token", f"{proof.token_id} ({proof.token_action})"),
-            ("Packer login", proof.build_login), ("Role", proof.role), ("Log sha256", proof.log_sha256)]
+    rows = [
+        ("Chain ID", proof.chain_id),
+        ("Dagster run", proof.dagster_run_id),
+        ("Bootstrap", proof.bootstrap),
+        ("API", proof.api_url),
+        ("TLS trust", proof.tls),
+        ("PVE version", proof.pve_version),
+        ("Node", found.node),
+        ("VM storage", found.vm_storage),
+        ("ISO storage", found.iso_storage),
+        ("Bridge", found.bridge),
+        ("Token", f"{proof.token_id} ({proof.token_action})"),
+        ("Packer login", proof.build_login),
+        ("Role", proof.role),
+        ("Log sha256", proof.log_sha256),
+    ]
     out = [f"# Proxmox API bootstrap {proof.chain_id}", "", "| | |", "|---|---|"]
     out += [f"| {name} | {_cell(value)} |" for name, value in rows]
     out += ["", "## Changes", ""] + ([f"- {c}" for c in proof.changes] or ["- nothing to change"])
@@ -310,8 +351,9 @@ def render_init_readme(proof: InitProof) -> str:
 # ------------------------------------------------------------------ the bundle
 
 
-def write_build_proof(layout: Layout, proof: BuildProof, log_file: Path, sbom_file: Path | None = None,
-                      signer: Signer | None = None) -> Path:
+def write_build_proof(
+    layout: Layout, proof: BuildProof, log_file: Path, sbom_file: Path | None = None, signer: Signer | None = None
+) -> Path:
     """README.md, proof.json, packer.log (and sbom.cdx.json) in `builds/<key>/<ts>/`, then `latest` swapped
     to it. Each file must have the sha256 the proof names."""
     log_file = Path(log_file)
@@ -321,10 +363,19 @@ def write_build_proof(layout: Layout, proof: BuildProof, log_file: Path, sbom_fi
     extra: dict[str, Path] = {}
     if proof.sbom is not None:
         if sbom_file is None or sha256_file(Path(sbom_file)) != proof.sbom.sha256:
-            raise ValueError(f"{sbom_file}: missing, or its sha256 differs from the proof's sbom.sha256 {proof.sbom.sha256}")
+            raise ValueError(
+                f"{sbom_file}: missing, or its sha256 differs from the proof's sbom.sha256 {proof.sbom.sha256}"
+            )
         extra[proof.sbom.file] = Path(sbom_file)
-    return write_proof_bundle(layout.build_proof_dir(proof.key, proof.stamp), render_build_readme(proof),
-                              proof.model_dump(mode="json"), log_file, BUILD_LOG_NAME, extra, signer)
+    return write_proof_bundle(
+        layout.build_proof_dir(proof.key, proof.stamp),
+        render_build_readme(proof),
+        proof.model_dump(mode="json"),
+        log_file,
+        BUILD_LOG_NAME,
+        extra,
+        signer,
+    )
 
 
 def previous_sbom(layout: Layout, key: str, stamp: str) -> tuple[str, Path] | None:
@@ -339,8 +390,14 @@ def previous_sbom(layout: Layout, key: str, stamp: str) -> tuple[str, Path] | No
 
 def write_init_proof(layout: Layout, proof: InitProof, log_file: Path, signer: Signer | None = None) -> Path:
     """README.md, proof.json and init-packer.log in `init/<ts>/`, then `latest` swapped to it."""
-    return write_proof_bundle(layout.init_proof_dir(parse_chain_id(proof.chain_id).stamp), render_init_readme(proof),
-                              proof.model_dump(mode="json"), log_file, Path(log_file).name, signer=signer)
+    return write_proof_bundle(
+        layout.init_proof_dir(parse_chain_id(proof.chain_id).stamp),
+        render_init_readme(proof),
+        proof.model_dump(mode="json"),
+        log_file,
+        Path(log_file).name,
+        signer=signer,
+    )
 
 
 if __name__ == "__main__":  # python -m packer_assets.evidence.proof [source tree]: regenerate the committed schemas

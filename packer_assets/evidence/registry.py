@@ -69,7 +69,9 @@ class SmokeSummary(_Model):
     passed: bool = Field(description="Whether the smoke test passed.")
     found_os: str | None = Field(default=None, description="The OS the clone's guest agent reported, `<id> <version>`.")
     expected_os: str | None = Field(default=None, description="The OS the key expects.")
-    packages: int | None = Field(default=None, ge=0, description="Installed packages read from the clone (the SBOM's count).")
+    packages: int | None = Field(
+        default=None, ge=0, description="Installed packages read from the clone (the SBOM's count)."
+    )
 
 
 class TemplateVersion(_Model):
@@ -78,23 +80,33 @@ class TemplateVersion(_Model):
     vmid: int = Field(ge=100, description="The template's VMID: what a clone names (`clone { vm_id = ... }`).")
     name: str = Field(description="`<key>-<yyyymmddhhmmss>` (UTC build time).")
     node: str = Field(description="The node the template lives on.")
-    chain_id: str | None = Field(default=None, pattern=f"^{CHAIN_RE.pattern}$",
-                                 description="The build's chain ID (from the template's description); null when the "
-                                             "description was edited away.")
+    chain_id: str | None = Field(
+        default=None,
+        pattern=f"^{CHAIN_RE.pattern}$",
+        description="The build's chain ID (from the template's description); null when the "
+        "description was edited away.",
+    )
     built_at: datetime = Field(description="When its build started (UTC, ISO 8601).")
     iso: RegistryIso | None = Field(default=None, description="The installation ISO; null without a description.")
     packer_version: str | None = Field(default=None, description="`packer version` of the binary that built it.")
-    degraded: bool | None = Field(default=None, description="Built without something the installed Packer cannot do "
-                                                            "(EFI/TPM on 1.6.6); null when the build record is not in "
-                                                            "this output root.")
-    degraded_reasons: list[str] = Field(default_factory=list, description="What was left out (the build's "
-                                                                          "`degraded build: ` warnings).")
+    degraded: bool | None = Field(
+        default=None,
+        description="Built without something the installed Packer cannot do "
+        "(EFI/TPM on 1.6.6); null when the build record is not in "
+        "this output root.",
+    )
+    degraded_reasons: list[str] = Field(
+        default_factory=list, description="What was left out (the build's `degraded build: ` warnings)."
+    )
     smoke: SmokeSummary | None = Field(default=None, description="The smoke test; null without a build record.")
-    proof: str | None = Field(default=None, description="The proof bundle's folder, relative to the output root; "
-                                                        "null until template_proof wrote it.")
+    proof: str | None = Field(
+        default=None,
+        description="The proof bundle's folder, relative to the output root; null until template_proof wrote it.",
+    )
     promoted: bool = Field(description="Tagged `packer-assets-latest`: the key's current template.")
-    channels: list[ChannelName] = Field(default_factory=list, description="Channels that point at it "
-                                                                          "(`packer-assets-channel-<name>` tags).")
+    channels: list[ChannelName] = Field(
+        default_factory=list, description="Channels that point at it (`packer-assets-channel-<name>` tags)."
+    )
     revoked: bool = Field(default=False, description="Revoked (`packer-assets revoke`): do not clone it.")
     revoked_at: datetime | None = Field(default=None, description="When it was revoked.")
     revoked_reason: str | None = Field(default=None, description="Why, as given to `packer-assets revoke --reason`.")
@@ -104,15 +116,20 @@ class KeyTemplates(_Model):
     """What a catalog key has on the node."""
 
     family: str = Field(description="The key's OS family.")
-    current: TemplateVersion | None = Field(description="The promoted, unrevoked template; null when there is none "
-                                                         "(never built, or revoked and not rebuilt yet).")
-    channels: dict[ChannelName, int] = Field(default_factory=dict,
-                                             description="Channel -> VMID. `latest` is the current template; the "
-                                                         "others are set with `packer-assets channel set`.",
-                                             json_schema_extra={"additionalProperties": False})
-    retained: list[TemplateVersion] = Field(default_factory=list,
-                                            description="The key's other templates that passed their build (older, "
-                                                        "or revoked), newest first.")
+    current: TemplateVersion | None = Field(
+        description="The promoted, unrevoked template; null when there is none "
+        "(never built, or revoked and not rebuilt yet)."
+    )
+    channels: dict[ChannelName, int] = Field(
+        default_factory=dict,
+        description="Channel -> VMID. `latest` is the current template; the "
+        "others are set with `packer-assets channel set`.",
+        json_schema_extra={"additionalProperties": False},
+    )
+    retained: list[TemplateVersion] = Field(
+        default_factory=list,
+        description="The key's other templates that passed their build (older, or revoked), newest first.",
+    )
 
 
 class Registry(_Model):
@@ -122,10 +139,12 @@ class Registry(_Model):
 
     schema_version: Literal[1] = Field(default=SCHEMA_VERSION, description="Version of this format.")
     kind: Literal["registry"] = Field(default="registry", description="Always `registry`.")
-    updated_at: datetime = Field(description="When the content last changed (UTC); a rewrite that finds nothing "
-                                             "new keeps it, and the file.")
-    templates: dict[str, KeyTemplates] = Field(description="Catalog key -> its templates, in catalog order; every "
-                                                           "key of the catalog is listed.")
+    updated_at: datetime = Field(
+        description="When the content last changed (UTC); a rewrite that finds nothing new keeps it, and the file."
+    )
+    templates: dict[str, KeyTemplates] = Field(
+        description="Catalog key -> its templates, in catalog order; every key of the catalog is listed."
+    )
 
     def versions(self, key: str) -> list[TemplateVersion]:
         found = self.templates.get(key)
@@ -137,8 +156,10 @@ class Registry(_Model):
 
 def build_registry(layout: Layout, api: PveApi, catalog: Catalog, *, now: datetime | None = None) -> Registry:
     """The registry as the node and the output root say now (reads only)."""
-    return Registry(updated_at=now or datetime.now(UTC),
-                    templates={entry.key: key_templates(layout, api, entry) for entry in catalog})
+    return Registry(
+        updated_at=now or datetime.now(UTC),
+        templates={entry.key: key_templates(layout, api, entry) for entry in catalog},
+    )
 
 
 def key_templates(layout: Layout, api: PveApi, entry: TemplateEntry) -> KeyTemplates:
@@ -158,12 +179,17 @@ def key_templates(layout: Layout, api: PveApi, entry: TemplateEntry) -> KeyTempl
             channels.setdefault(channel, version.vmid)
     if current is not None:
         channels[LATEST] = current.vmid
-    return KeyTemplates(family=entry.family, current=current, channels=dict(sorted(channels.items())),
-                        retained=[v for v in versions if v is not current])
+    return KeyTemplates(
+        family=entry.family,
+        current=current,
+        channels=dict(sorted(channels.items())),
+        retained=[v for v in versions if v is not current],
+    )
 
 
-def template_version(layout: Layout, key: str, guest: Guest, described: TemplateDescription | None,
-                     revocation: Revocation | None) -> TemplateVersion | None:
+def template_version(
+    layout: Layout, key: str, guest: Guest, described: TemplateDescription | None, revocation: Revocation | None
+) -> TemplateVersion | None:
     """The template as the registry lists it, or None for one still under test.
 
     Listed is a template whose build passed: it carries the promotion, a channel or the revoked tag, or
@@ -178,15 +204,23 @@ def template_version(layout: Layout, key: str, guest: Guest, described: Template
     gaps = [w.removeprefix(DEGRADED) for w in (record or {}).get("warnings", []) if w.startswith(DEGRADED)]
     proof = layout.build_proof_dir(key, stamp) if stamp else None
     return TemplateVersion(
-        vmid=guest.vmid, name=guest.name, node=guest.node, chain_id=described.chain_id if described else None,
+        vmid=guest.vmid,
+        name=guest.name,
+        node=guest.node,
+        chain_id=described.chain_id if described else None,
         built_at=described.built_at if described else name_time(key, guest.name),
         iso=RegistryIso(url=described.iso_url, checksum=described.iso_checksum) if described else None,
         packer_version=(record or {}).get("packer_version") or (described.packer_version if described else None),
-        degraded=bool(gaps) if record else None, degraded_reasons=gaps, smoke=_smoke(record),
+        degraded=bool(gaps) if record else None,
+        degraded_reasons=gaps,
+        smoke=_smoke(record),
         proof=proof.relative_to(layout.output_root).as_posix() if proof and proof.is_dir() else None,
-        promoted=guest.promoted, channels=list(guest.channels), revoked=guest.revoked,
+        promoted=guest.promoted,
+        channels=list(guest.channels),
+        revoked=guest.revoked,
         revoked_at=revocation.revoked_at if revocation else None,
-        revoked_reason=revocation.reason if revocation else None)
+        revoked_reason=revocation.reason if revocation else None,
+    )
 
 
 def _smoke(record: dict[str, Any] | None) -> SmokeSummary | None:
@@ -196,8 +230,9 @@ def _smoke(record: dict[str, Any] | None) -> SmokeSummary | None:
     if not smoke:
         return None
     packages = smoke.get("packages", (record.get("sbom") or {}).get("packages"))
-    return SmokeSummary(passed=True, found_os=smoke.get("found_os"), expected_os=smoke.get("expected_os"),
-                        packages=packages)
+    return SmokeSummary(
+        passed=True, found_os=smoke.get("found_os"), expected_os=smoke.get("expected_os"), packages=packages
+    )
 
 
 def _stamp(key: str, described: TemplateDescription | None) -> str | None:
@@ -243,16 +278,19 @@ def check_writable(layout: Layout) -> None:
     must fail them while nothing is changed yet, not after the tag moved."""
     path = layout.registry_file
     if path.is_dir() and not path.is_symlink():
-        raise RegistryError(f"{path} is a directory, not a file: remove or rename it (the registry is rewritten "
-                            "from the node); nothing was changed")
+        raise RegistryError(
+            f"{path} is a directory, not a file: remove or rename it (the registry is rewritten "
+            "from the node); nothing was changed"
+        )
     for folder in (path.parent, layout.registry_lock.parent):
         try:
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".check"):
                 pass
         except OSError as exc:
-            raise RegistryError(f"{path} cannot be written: {folder}: {exc.strerror or type(exc).__name__}; "
-                                "nothing was changed") from None
+            raise RegistryError(
+                f"{path} cannot be written: {folder}: {exc.strerror or type(exc).__name__}; nothing was changed"
+            ) from None
 
 
 def write_registry(layout: Layout, api: PveApi, catalog: Catalog) -> Registry:
@@ -277,11 +315,16 @@ def record_proof(layout: Layout, key: str, chain_id: str) -> bool:
         def proved(version: TemplateVersion | None) -> Any:
             return version.model_copy(update={"proof": proof}) if version and version.chain_id == chain_id else version
 
-        updated = found.model_copy(update={"current": proved(found.current),
-                                           "retained": [proved(v) for v in found.retained]})
+        updated = found.model_copy(
+            update={"current": proved(found.current), "retained": [proved(v) for v in found.retained]}
+        )
         if updated != found:
-            _store(layout, registry.model_copy(update={"templates": {**registry.templates, key: updated},
-                                                       "updated_at": datetime.now(UTC)}))
+            _store(
+                layout,
+                registry.model_copy(
+                    update={"templates": {**registry.templates, key: updated}, "updated_at": datetime.now(UTC)}
+                ),
+            )
         return any(v.chain_id == chain_id for v in registry.versions(key))
 
 
@@ -304,9 +347,11 @@ def _store(layout: Layout, registry: Registry) -> Registry:
 
 def registry_schema() -> dict[str, Any]:
     """The JSON Schema of registry.json (what `docs/schema/registry.schema.json` holds)."""
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
-            "$comment": "Generated from packer_assets.evidence.registry.Registry by `python -m packer_assets.evidence.proof`; do not edit.",
-            **Registry.model_json_schema(mode="serialization")}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$comment": "Generated from packer_assets.evidence.registry.Registry by `python -m packer_assets.evidence.proof`; do not edit.",
+        **Registry.model_json_schema(mode="serialization"),
+    }
 
 
 def registry_table(registry: Registry) -> str:
@@ -319,9 +364,12 @@ def registry_table(registry: Registry) -> str:
             rows.append(f"| {key} | - | none | - | - | - | {channels} | - |")
             continue
         # the count only: the reasons are long, and a long table is folded away in the UI (registry_json has them)
-        degraded = "unknown" if now.degraded is None else (f"yes ({len(now.degraded_reasons)} gaps)"
-                                                           if now.degraded else "no")
-        rows.append(f"| {key} | {now.vmid} | {now.name} | {now.built_at.astimezone(UTC):%Y-%m-%d %H:%M} | "
-                    f"{Path(now.iso.url).name if now.iso else '-'} | {degraded.replace('|', '/')} | {channels} | "
-                    f"{now.proof or '-'} |")
+        degraded = (
+            "unknown" if now.degraded is None else (f"yes ({len(now.degraded_reasons)} gaps)" if now.degraded else "no")
+        )
+        rows.append(
+            f"| {key} | {now.vmid} | {now.name} | {now.built_at.astimezone(UTC):%Y-%m-%d %H:%M} | "
+            f"{Path(now.iso.url).name if now.iso else '-'} | {degraded.replace('|', '/')} | {channels} | "
+            f"{now.proof or '-'} |"
+        )
     return "\n".join(rows)

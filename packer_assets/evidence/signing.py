@@ -48,15 +48,20 @@ def _string(data: bytes) -> bytes:
 def _read_string(buf: bytes, at: int) -> tuple[bytes, int]:
     if at + 4 > len(buf):
         raise SignatureError("signature truncated")
-    (size,) = struct.unpack(">I", buf[at:at + 4])
+    (size,) = struct.unpack(">I", buf[at : at + 4])
     if at + 4 + size > len(buf):
         raise SignatureError("signature truncated")
-    return buf[at + 4:at + 4 + size], at + 4 + size
+    return buf[at + 4 : at + 4 + size], at + 4 + size
 
 
 def _signed_data(namespace: str, message: bytes, hash_name: str = HASH) -> bytes:
-    return (MAGIC + _string(namespace.encode()) + _string(b"") + _string(hash_name.encode())
-            + _string(hashlib.new(hash_name, message).digest()))
+    return (
+        MAGIC
+        + _string(namespace.encode())
+        + _string(b"")
+        + _string(hash_name.encode())
+        + _string(hashlib.new(hash_name, message).digest())
+    )
 
 
 def public_key_line(public: Ed25519PublicKey) -> str:
@@ -80,8 +85,10 @@ class Signer:
         try:
             key = serialization.load_ssh_private_key(data, password=None)
         except (ValueError, TypeError):
-            raise SigningKeyError(f"signing key {self.key_file}: not an unencrypted OpenSSH private key "
-                                  "(make one with: ssh-keygen -t ed25519 -N '' -f <file>)") from None
+            raise SigningKeyError(
+                f"signing key {self.key_file}: not an unencrypted OpenSSH private key "
+                "(make one with: ssh-keygen -t ed25519 -N '' -f <file>)"
+            ) from None
         if not isinstance(key, Ed25519PrivateKey):
             raise SigningKeyError(f"signing key {self.key_file}: an Ed25519 key is needed (ssh-keygen -t ed25519)")
         return key
@@ -93,10 +100,17 @@ class Signer:
         """The armoured SSHSIG signature of message."""
         private = self._private()
         signature = _string(KEY_TYPE.encode()) + _string(private.sign(_signed_data(namespace, message)))
-        blob = (MAGIC + struct.pack(">I", 1) + _string(_public_blob(private.public_key()))
-                + _string(namespace.encode()) + _string(b"") + _string(HASH.encode()) + _string(signature))
+        blob = (
+            MAGIC
+            + struct.pack(">I", 1)
+            + _string(_public_blob(private.public_key()))
+            + _string(namespace.encode())
+            + _string(b"")
+            + _string(HASH.encode())
+            + _string(signature)
+        )
         text = base64.b64encode(blob).decode()
-        lines = [text[i:i + 70] for i in range(0, len(text), 70)]
+        lines = [text[i : i + 70] for i in range(0, len(text), 70)]
         return "\n".join([ARMOR_BEGIN, *lines, ARMOR_END]) + "\n"
 
 
@@ -114,9 +128,11 @@ def read_private_key_file(path: Path) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             raise SigningKeyError(f"signing key {path}: not a regular file")
         if info.st_uid == os.getuid() and info.st_mode & 0o077:
-            raise SigningKeyError(f"signing key {path}: UNPROTECTED PRIVATE KEY FILE: permissions "
-                                  f"0{info.st_mode & 0o777:03o} are too open, ssh-keygen ignores such a key too "
-                                  f"(chmod 600 {path})")
+            raise SigningKeyError(
+                f"signing key {path}: UNPROTECTED PRIVATE KEY FILE: permissions "
+                f"0{info.st_mode & 0o777:03o} are too open, ssh-keygen ignores such a key too "
+                f"(chmod 600 {path})"
+            )
         with os.fdopen(os.dup(fd), "rb") as key_file:
             return key_file.read()
     finally:
@@ -132,7 +148,7 @@ def verify(message: bytes, armored: str, namespace: str = NAMESPACE) -> str:
     if not (text.startswith(ARMOR_BEGIN) and text.endswith(ARMOR_END)):
         raise SignatureError("not an armoured SSH signature")
     try:
-        blob = base64.b64decode("".join(text[len(ARMOR_BEGIN):-len(ARMOR_END)].split()), validate=True)
+        blob = base64.b64decode("".join(text[len(ARMOR_BEGIN) : -len(ARMOR_END)].split()), validate=True)
     except ValueError:
         raise SignatureError("signature is not valid base64") from None
     if blob[:6] != MAGIC or blob[6:10] != struct.pack(">I", 1):
@@ -143,8 +159,9 @@ def verify(message: bytes, armored: str, namespace: str = NAMESPACE) -> str:
     hash_name, at = _read_string(blob, at)
     signature, at = _read_string(blob, at)
     if signed_namespace.decode(errors="replace") != namespace:
-        raise SignatureError(f"signature is for namespace {signed_namespace.decode(errors='replace')!r}, "
-                             f"not {namespace!r}")
+        raise SignatureError(
+            f"signature is for namespace {signed_namespace.decode(errors='replace')!r}, not {namespace!r}"
+        )
     kind, rest = _read_string(public, 0)
     sig_kind, sig_at = _read_string(signature, 0)
     if kind.decode() != KEY_TYPE or sig_kind.decode() != KEY_TYPE:
@@ -157,13 +174,19 @@ def verify(message: bytes, armored: str, namespace: str = NAMESPACE) -> str:
     try:
         key.verify(raw_signature, _signed_data(namespace, message, hash_name.decode()))
     except InvalidSignature:
-        raise SignatureError("signature does not verify: the signed file changed, or it was signed by "
-                             "another key") from None
+        raise SignatureError(
+            "signature does not verify: the signed file changed, or it was signed by another key"
+        ) from None
     return public_key_line(key)
 
 
-def allowed_signer(path: Path, public_key: str, namespace: str = NAMESPACE, principal: str | None = None,
-                   verify_time: int | None = None) -> str | None:
+def allowed_signer(
+    path: Path,
+    public_key: str,
+    namespace: str = NAMESPACE,
+    principal: str | None = None,
+    verify_time: int | None = None,
+) -> str | None:
     """The principals of the allowed_signers line that lets `public_key` sign for `principal` (the
     `-I` of `ssh-keygen -Y verify`; None: any) in `namespace` now (or at `verify_time`), or None.
     Read exactly as ssh-keygen reads it (allowed_signers.py); an unreadable file raises
@@ -174,8 +197,13 @@ def allowed_signer(path: Path, public_key: str, namespace: str = NAMESPACE, prin
         return None
 
 
-def check_allowed_signer(path: Path, public_key: str, namespace: str = NAMESPACE, principal: str | None = None,
-                         verify_time: int | None = None) -> str:
+def check_allowed_signer(
+    path: Path,
+    public_key: str,
+    namespace: str = NAMESPACE,
+    principal: str | None = None,
+    verify_time: int | None = None,
+) -> str:
     """As allowed_signer, but a refusal raises SignerRefused saying why (the line and the reason)."""
     blob = base64.b64decode(public_key.split()[1])
     return check_allowed(read_allowed_signers(path), blob, principal, namespace, verify_time, source=str(path))

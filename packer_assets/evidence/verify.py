@@ -70,7 +70,9 @@ def find_bundle(layout: Layout, what: str) -> Path:
         chain = parse_chain_id(what)
     except ValueError:
         raise BundleNotFound(f"{what}: neither a proof bundle folder nor a chain ID (CHAIN-<ts>-<key>)") from None
-    folder = layout.init_proof_dir(chain.stamp) if chain.key == "init" else layout.build_proof_dir(chain.key, chain.stamp)
+    folder = (
+        layout.init_proof_dir(chain.stamp) if chain.key == "init" else layout.build_proof_dir(chain.key, chain.stamp)
+    )
     if not folder.is_dir():
         raise BundleNotFound(f"{what}: no proof bundle at {folder} (a failed build has a log and no proof)")
     return folder
@@ -96,8 +98,9 @@ def bundle_chain(layout: Layout, folder: Path) -> str | None:
     return None
 
 
-def verify_bundle(folder: Path, allowed_signers: Path | None = None, require_signature: bool = False,
-                  chain_id: str | None = None) -> VerifyReport:
+def verify_bundle(
+    folder: Path, allowed_signers: Path | None = None, require_signature: bool = False, chain_id: str | None = None
+) -> VerifyReport:
     """Check one bundle. Allowed signers given: a signature is required and its signer must be allowed.
     chain_id given: proof.json must carry it. An unreadable allowed_signers file raises ConfigError."""
     folder = Path(folder)
@@ -110,8 +113,14 @@ def verify_bundle(folder: Path, allowed_signers: Path | None = None, require_sig
     _check_files(report, folder, entries, manifest["files"])
     proof = _read_proof(report, folder, entries)
     _check_required(report, entries, manifest["files"], proof)
-    _check_signature(report, folder, entries, manifest, None if signers is None or allowed_signers is None else (allowed_signers, signers),
-                     require_signature or signers is not None)
+    _check_signature(
+        report,
+        folder,
+        entries,
+        manifest,
+        None if signers is None or allowed_signers is None else (allowed_signers, signers),
+        require_signature or signers is not None,
+    )
     if proof is not None:
         _check_proof(report, proof, chain_id)
     return report
@@ -141,8 +150,13 @@ def _entries(folder: Path, report: VerifyReport) -> dict[str, str]:
 
 
 def _kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISREG, "file"), (stat.S_ISDIR, "directory"), (stat.S_ISLNK, "symlink"),
-                       (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket")):
+    for test, kind in (
+        (stat.S_ISREG, "file"),
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISLNK, "symlink"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISSOCK, "socket"),
+    ):
         if test(mode):
             return kind
     return "device or other special file"
@@ -155,8 +169,9 @@ def _not_a_file(name: str, kind: str) -> str:
 def _read_manifest(report: VerifyReport, folder: Path, entries: dict[str, str]) -> dict[str, Any] | None:
     kind = entries.get(MANIFEST)
     if kind != "file":
-        report.problems.append(_not_a_file(MANIFEST, kind) if kind else
-                               f"{MANIFEST} is missing: nothing to check the files against")
+        report.problems.append(
+            _not_a_file(MANIFEST, kind) if kind else f"{MANIFEST} is missing: nothing to check the files against"
+        )
         return None
     try:
         manifest: dict[str, Any] = json.loads((folder / MANIFEST).read_text())
@@ -202,7 +217,9 @@ def _read_proof(report: VerifyReport, folder: Path, entries: dict[str, str]) -> 
     return proof
 
 
-def _check_required(report: VerifyReport, entries: dict[str, str], listed: dict[str, str], proof: dict[str, Any] | None) -> None:
+def _check_required(
+    report: VerifyReport, entries: dict[str, str], listed: dict[str, str], proof: dict[str, Any] | None
+) -> None:
     """Files every bundle has are named when absent, listed in the manifest or not."""
     required = ["README.md", "proof.json"]
     if proof is not None:
@@ -215,8 +232,14 @@ def _check_required(report: VerifyReport, entries: dict[str, str], listed: dict[
             report.problems.append(f"{name}: missing (every {(proof and proof.get('kind')) or 'proof'} bundle has it)")
 
 
-def _check_signature(report: VerifyReport, folder: Path, entries: dict[str, str], manifest: dict[str, Any],
-                     signers: tuple[Path, bytes] | None, required: bool) -> None:
+def _check_signature(
+    report: VerifyReport,
+    folder: Path,
+    entries: dict[str, str],
+    manifest: dict[str, Any],
+    signers: tuple[Path, bytes] | None,
+    required: bool,
+) -> None:
     kind = entries.get(SIGNATURE)
     if kind is None:
         if manifest.get("signed_by"):
@@ -241,7 +264,9 @@ def _check_signature(report: VerifyReport, folder: Path, entries: dict[str, str]
         report.signature = "signer not allowed"
 
 
-def _check_signer(report: VerifyReport, key: str, signed_by: dict[str, Any], signers: tuple[Path, bytes] | None) -> None:
+def _check_signer(
+    report: VerifyReport, key: str, signed_by: dict[str, Any], signers: tuple[Path, bytes] | None
+) -> None:
     """The signature's key is the one the manifest names; with allowed signers, it may sign for the
     manifest's key_id (what `ssh-keygen -Y verify -I <key_id>` checks; no key_id: any principal)."""
     named = signed_by.get("public_key")
@@ -259,8 +284,10 @@ def _check_signer(report: VerifyReport, key: str, signed_by: dict[str, Any], sig
 
 def _check_proof(report: VerifyReport, proof: dict[str, Any], chain_id: str | None) -> None:
     if chain_id is not None and proof.get("chain_id") != chain_id:
-        report.problems.append(f"proof.json: chain_id {proof.get('chain_id')!r} is not {chain_id}, the bundle "
-                               "asked for (another build's proof in its folder)")
+        report.problems.append(
+            f"proof.json: chain_id {proof.get('chain_id')!r} is not {chain_id}, the bundle "
+            "asked for (another build's proof in its folder)"
+        )
     try:
         schema = init_proof_schema() if proof.get("kind") == "init" else build_proof_schema()
         jsonschema.validate(proof, schema)

@@ -55,7 +55,7 @@ class GuestCheck:
                 return False, f"output does not match {pattern!r}: {shown}"
         if self.warned(exit_code):
             errors = "; ".join(listed_errors(output)) or shown
-            return True, f"passed with a warning: exit {exit_code}, errors listed: {errors}"[:2 * OUTPUT_SHOWN]
+            return True, f"passed with a warning: exit {exit_code}, errors listed: {errors}"[: 2 * OUTPUT_SHOWN]
         return True, shown
 
     def warned(self, exit_code: int | None) -> bool:
@@ -122,37 +122,61 @@ esac"""
 # Exit 2 (cloud-init 23.4+): done, with recoverable errors. Accepted with a warning that names them, as the
 # templates' provisioners accept it (local.wait_cloud_init in templates/common/common.pkr.hcl); 1 fails.
 CLOUD_INIT = GuestCheck(
-    "cloud_init", ("cloud-init", "status", "--wait", "--long"), expect_output=r"^status: done", warn_exit=2,
+    "cloud_init",
+    ("cloud-init", "status", "--wait", "--long"),
+    expect_output=r"^status: done",
+    warn_exit=2,
     purpose="cloud-init finished on the clone (status: done; exit 0, or 2 with a warning naming the errors it "
-            "recovered from); --wait: it may still run")
+    "recovered from); --wait: it may still run",
+)
 SSH_LOGIN = GuestCheck(
-    "ssh_login", ("id", "-un"), via="ssh", expect_output=r"^{ci_user}$",
-    purpose="the cloud-init user and SSH key given to the clone log in and run a command")
+    "ssh_login",
+    ("id", "-un"),
+    via="ssh",
+    expect_output=r"^{ci_user}$",
+    purpose="the cloud-init user and SSH key given to the clone log in and run a command",
+)
 FRESH_IDENTITY_CHECK = GuestCheck(
-    "fresh_identity", _sh(FRESH_IDENTITY), expect_output=r"^machine-id [0-9a-f]{{32}}$",
-    purpose="machine-id and SSH host keys were made on this clone's first boot (the template was generalized)")
+    "fresh_identity",
+    _sh(FRESH_IDENTITY),
+    expect_output=r"^machine-id [0-9a-f]{{32}}$",
+    purpose="machine-id and SSH host keys were made on this clone's first boot (the template was generalized)",
+)
 PASSWORD_LOCKED_CHECK = GuestCheck(
-    "password_locked", _sh(PASSWORD_LOCKED), params=("install_user",),
-    purpose="the install user's password login was locked when the template was generalized")
+    "password_locked",
+    _sh(PASSWORD_LOCKED),
+    params=("install_user",),
+    purpose="the install user's password login was locked when the template was generalized",
+)
 AGENT_ENABLED = GuestCheck(
-    "guest_agent_enabled", ("systemctl", "is-enabled", "qemu-guest-agent"),
-    purpose="qemu-guest-agent starts at boot (enabled or static)")
+    "guest_agent_enabled",
+    ("systemctl", "is-enabled", "qemu-guest-agent"),
+    purpose="qemu-guest-agent starts at boot (enabled or static)",
+)
 
 WINDOWS_AGENT_ENABLED = GuestCheck(
-    "guest_agent_enabled", _powershell("(Get-Service -Name 'QEMU-GA').StartType"), expect_output=r"Automatic",
-    purpose="the QEMU-GA service starts automatically")
+    "guest_agent_enabled",
+    _powershell("(Get-Service -Name 'QEMU-GA').StartType"),
+    expect_output=r"Automatic",
+    purpose="the QEMU-GA service starts automatically",
+)
 # sysprep /generalize writes HKLM\SYSTEM\Setup\CloneTag; an image that was never generalized has none.
 WINDOWS_GENERALIZED = GuestCheck(
-    "fresh_identity", _powershell(
+    "fresh_identity",
+    _powershell(
         "$tag = (Get-ItemProperty -Path 'HKLM:\\SYSTEM\\Setup' -Name CloneTag -ErrorAction SilentlyContinue).CloneTag; "
         "if (-not $tag) { 'HKLM:\\SYSTEM\\Setup has no CloneTag: sysprep /generalize never ran'; exit 1 }; "
-        "\"clone-tag $tag\""),
+        '"clone-tag $tag"'
+    ),
     expect_output=r"^clone-tag ",
-    purpose="the image was generalized by sysprep (CloneTag set), so the clone got its own SID")
+    purpose="the image was generalized by sysprep (CloneTag set), so the clone got its own SID",
+)
 
 LINUX = (CLOUD_INIT, FRESH_IDENTITY_CHECK, SSH_LOGIN, PASSWORD_LOCKED_CHECK, AGENT_ENABLED)
 FAMILY_CHECKS: dict[str, tuple[GuestCheck, ...]] = {
-    "debian": LINUX, "ubuntu": LINUX, "rocky": LINUX,
+    "debian": LINUX,
+    "ubuntu": LINUX,
+    "rocky": LINUX,
     "windows": (WINDOWS_GENERALIZED, WINDOWS_AGENT_ENABLED),
 }
 
@@ -163,8 +187,14 @@ def site_check(family: str, index: int, command: SmokeCommand) -> GuestCheck:
         argv: tuple[str, ...] = (command.run,)  # the cloud-init user's login shell runs it
     else:
         argv = _powershell(command.run) if family == "windows" else _sh(command.run)
-    return GuestCheck(command.name or f"command_{index + 1}", argv, purpose=f"site check: {command.run}",
-                      expect_exit=command.expect_exit, expect_output=command.expect_output, via=command.via)
+    return GuestCheck(
+        command.name or f"command_{index + 1}",
+        argv,
+        purpose=f"site check: {command.run}",
+        expect_exit=command.expect_exit,
+        expect_output=command.expect_output,
+        via=command.via,
+    )
 
 
 def checks_for(entry: TemplateEntry) -> tuple[GuestCheck, ...]:

@@ -38,17 +38,19 @@ DPKG_QUERY = ["dpkg-query", "-W", "-f=${db:Status-Abbrev}\t${Package}\t${Version
 RPM_QUERY = ["rpm", "-qa", "--qf", "%{NAME}\t%{EPOCHNUM}:%{VERSION}-%{RELEASE}\t%{ARCH}\n"]
 # One line, single quotes only: the argv survives cmd.exe, OpenSSH and the guest agent unchanged.
 # Both registry views (64- and 32-bit programs); entries without DisplayName are not programs.
-_WINDOWS_SCRIPT = "; ".join([
-    "$ErrorActionPreference = 'Stop'",
-    "[Console]::OutputEncoding = [Text.Encoding]::UTF8",
-    "$keys = @('HKLM:\\Software\\Microsoft\\Windows\\CurrentVersion\\Uninstall\\*', "
-    "'HKLM:\\Software\\WOW6432Node\\Microsoft\\Windows\\CurrentVersion\\Uninstall\\*')",
-    "$programs = @(Get-ItemProperty -Path $keys -ErrorAction SilentlyContinue | Where-Object { $_.DisplayName } | "
-    "ForEach-Object { [pscustomobject]@{ DisplayName = [string]$_.DisplayName; "
-    "DisplayVersion = [string]$_.DisplayVersion; Publisher = [string]$_.Publisher } })",
-    "$hotfixes = @(Get-HotFix | ForEach-Object { [pscustomobject]@{ HotFixID = [string]$_.HotFixID } })",
-    "[pscustomobject]@{ programs = $programs; hotfixes = $hotfixes } | ConvertTo-Json -Depth 4 -Compress",
-])
+_WINDOWS_SCRIPT = "; ".join(
+    [
+        "$ErrorActionPreference = 'Stop'",
+        "[Console]::OutputEncoding = [Text.Encoding]::UTF8",
+        "$keys = @('HKLM:\\Software\\Microsoft\\Windows\\CurrentVersion\\Uninstall\\*', "
+        "'HKLM:\\Software\\WOW6432Node\\Microsoft\\Windows\\CurrentVersion\\Uninstall\\*')",
+        "$programs = @(Get-ItemProperty -Path $keys -ErrorAction SilentlyContinue | Where-Object { $_.DisplayName } | "
+        "ForEach-Object { [pscustomobject]@{ DisplayName = [string]$_.DisplayName; "
+        "DisplayVersion = [string]$_.DisplayVersion; Publisher = [string]$_.Publisher } })",
+        "$hotfixes = @(Get-HotFix | ForEach-Object { [pscustomobject]@{ HotFixID = [string]$_.HotFixID } })",
+        "[pscustomobject]@{ programs = $programs; hotfixes = $hotfixes } | ConvertTo-Json -Depth 4 -Compress",
+    ]
+)
 WINDOWS_QUERY = ["powershell.exe", "-NoProfile", "-NonInteractive", "-Command", _WINDOWS_SCRIPT]
 
 Kind = Literal["deb", "rpm", "windows-program", "windows-hotfix"]
@@ -74,6 +76,7 @@ class Package:
 
 
 # ------------------------------------------------------------------ inventories
+
 
 def inventory_command(family: str) -> list[str]:
     """The argv that prints the installed-package inventory on a guest of this family."""
@@ -103,14 +106,16 @@ def _fields(text: str, count: int, what: str) -> Iterable[tuple[int, list[str]]]
             continue
         fields = line.split("\t")
         if len(fields) != count:
-            raise SbomError(f"{what} inventory line {number}: {len(fields)} tab-separated fields, "
-                            f"expected {count}: {line[:120]!r}")
+            raise SbomError(
+                f"{what} inventory line {number}: {len(fields)} tab-separated fields, expected {count}: {line[:120]!r}"
+            )
         # dpkg's status abbreviation is padded with a space ("ii "): only that field is stripped
         fields[0] = fields[0].strip() if what == "dpkg" else fields[0]
         for index, value in enumerate(fields):
             if not _NO_SPACE.match(value):
-                raise SbomError(f"{what} inventory line {number}: field {index + 1} is empty or holds "
-                                f"whitespace: {line[:120]!r}")
+                raise SbomError(
+                    f"{what} inventory line {number}: field {index + 1} is empty or holds whitespace: {line[:120]!r}"
+                )
         yield number, fields
 
 
@@ -142,8 +147,9 @@ def parse_rpm(text: str) -> list[Package]:
             raise SbomError(f"rpm inventory line {number}: {evr!r} is not epoch:version-release")
         epoch = int(match["epoch"])
         version = f"{match['version']}-{match['release']}"
-        packages.append(Package(name, f"{epoch}:{version}" if epoch else version, "rpm",
-                                None if arch == "(none)" else arch, epoch))
+        packages.append(
+            Package(name, f"{epoch}:{version}" if epoch else version, "rpm", None if arch == "(none)" else arch, epoch)
+        )
     return _non_empty(packages, "rpm")
 
 
@@ -166,15 +172,19 @@ def parse_windows(text: str) -> list[Package]:
     except json.JSONDecodeError as err:
         raise SbomError(f"Windows inventory line {err.lineno} column {err.colno}: not JSON: {err.msg}") from None
     if not isinstance(data, dict):
-        raise SbomError(f"Windows inventory: expected a JSON object with programs and hotfixes, "
-                        f"got {type(data).__name__}")
+        raise SbomError(
+            f"Windows inventory: expected a JSON object with programs and hotfixes, got {type(data).__name__}"
+        )
     packages = []
     for index, entry in enumerate(_entries(data, "programs")):
         name = _text(entry, "DisplayName") if isinstance(entry, dict) else ""
         if not name:
             raise SbomError(f"Windows inventory programs[{index}]: no DisplayName: {str(entry)[:120]}")
-        packages.append(Package(name, _text(entry, "DisplayVersion"), "windows-program",
-                                publisher=_text(entry, "Publisher") or None))
+        packages.append(
+            Package(
+                name, _text(entry, "DisplayVersion"), "windows-program", publisher=_text(entry, "Publisher") or None
+            )
+        )
     for index, entry in enumerate(_entries(data, "hotfixes")):
         hotfix = _text(entry, "HotFixID") if isinstance(entry, dict) else ""
         if not _HOTFIX.match(hotfix):
@@ -184,6 +194,7 @@ def parse_windows(text: str) -> list[Package]:
 
 
 # ------------------------------------------------------------------ purls
+
 
 def purl(package: Package, distro: str) -> str | None:
     """The package URL of a Linux package (None for Windows): pkg:deb/<distro>/... or pkg:rpm/<distro>/...
@@ -198,13 +209,15 @@ def purl(package: Package, distro: str) -> str | None:
     if package.kind == "rpm" and package.epoch:
         qualifiers["epoch"] = str(package.epoch)
         version = version.split(":", 1)[1]
-    text = PackageURL(type=package.kind, namespace=distro, name=package.name, version=version,
-                      qualifiers=qualifiers).to_string()
+    text = PackageURL(
+        type=package.kind, namespace=distro, name=package.name, version=version, qualifiers=qualifiers
+    ).to_string()
     # "pkg:" is the only colon that is syntax; deb/rpm names and arch never hold one
-    return "pkg:" + text[len("pkg:"):].replace(":", "%3A")
+    return "pkg:" + text[len("pkg:") :].replace(":", "%3A")
 
 
 # ------------------------------------------------------------------ the SBOM
+
 
 def _property(name: str, value: str) -> dict[str, str]:
     return {"name": f"{PROPERTY_PREFIX}:{name}", "value": value}
@@ -218,9 +231,12 @@ def _component(package: Package, distro: str) -> dict[str, Any]:
     if ref is not None:
         component.update({"type": "library", "bom-ref": ref, "purl": ref})
     else:
-        component.update({"type": "application",
-                          "bom-ref": f"win:{package.name}@{package.version}" if package.version
-                          else f"win:{package.name}"})
+        component.update(
+            {
+                "type": "application",
+                "bom-ref": f"win:{package.name}@{package.version}" if package.version else f"win:{package.name}",
+            }
+        )
     if package.publisher:
         component["publisher"] = package.publisher
     properties = [_property("kind", package.kind)]
@@ -236,8 +252,17 @@ def _utc(timestamp: datetime) -> str:
     return timestamp.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def build_sbom(packages: Iterable[Package], *, family: str, os_id: str, os_version: str, template_name: str,
-               key: str, chain_id: str, timestamp: datetime) -> dict[str, Any]:
+def build_sbom(
+    packages: Iterable[Package],
+    *,
+    family: str,
+    os_id: str,
+    os_version: str,
+    template_name: str,
+    key: str,
+    chain_id: str,
+    timestamp: datetime,
+) -> dict[str, Any]:
     """The CycloneDX 1.5 SBOM of one template: the OS as metadata.component, one component per package.
 
     Deterministic: the serial number is a UUID5 of the chain ID, components are sorted and deduplicated.
@@ -261,8 +286,12 @@ def build_sbom(packages: Iterable[Package], *, family: str, os_id: str, os_versi
                 "bom-ref": f"os:{os_id}@{os_version}",
                 "name": os_id,
                 "version": os_version,
-                "properties": [_property("template", template_name), _property("key", key),
-                               _property("chain-id", chain_id), _property("family", family)],
+                "properties": [
+                    _property("template", template_name),
+                    _property("key", key),
+                    _property("chain-id", chain_id),
+                    _property("family", family),
+                ],
             },
         },
         "components": components,
@@ -279,6 +308,7 @@ def package_count(bom: dict[str, Any]) -> int:
 
 
 # ------------------------------------------------------------------ validation
+
 
 @lru_cache(maxsize=1)
 def _validator() -> Any:
@@ -303,8 +333,11 @@ def validate_sbom(bom: dict[str, Any]) -> None:
         problems.append(f"{error.data.json_path}: {message[:200]}{'...' if len(message) > 200 else ''}")
     if len(errors) > MAX_SCHEMA_ERRORS:
         problems.append(f"and {len(errors) - MAX_SCHEMA_ERRORS} more schema errors")
-    refs: list[str] = [c["bom-ref"] for c in bom.get("components") or []
-                       if isinstance(c, dict) and isinstance(c.get("bom-ref"), str) and c["bom-ref"]]
+    refs: list[str] = [
+        c["bom-ref"]
+        for c in bom.get("components") or []
+        if isinstance(c, dict) and isinstance(c.get("bom-ref"), str) and c["bom-ref"]
+    ]
     duplicates = sorted({r for r in refs if refs.count(r) > 1})
     if duplicates:
         problems.append(f"$.components: bom-ref not unique: {', '.join(duplicates[:3])}")
@@ -314,12 +347,19 @@ def validate_sbom(bom: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------ diff
 
+
 def _versions(bom: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
     """(name, arch) -> versions; a name may be installed in several versions (rpm kernels)."""
     found: dict[tuple[str, str], set[str]] = {}
     for component in bom.get("components") or []:
-        arch = next((p.get("value", "") for p in component.get("properties") or []
-                     if p.get("name") == f"{PROPERTY_PREFIX}:arch"), "")
+        arch = next(
+            (
+                p.get("value", "")
+                for p in component.get("properties") or []
+                if p.get("name") == f"{PROPERTY_PREFIX}:arch"
+            ),
+            "",
+        )
         found.setdefault((component["name"], arch), set()).add(component.get("version", ""))
     return found
 
@@ -344,9 +384,11 @@ class SbomDiff:
             return f"first template of this key ({len(self.added)} packages)"
         if not (self.added or self.removed or self.changed):
             return "no changes"
-        rows = ([f"| changed | {_cell(n)} | {_cell(old)} | {_cell(new)} |" for n, old, new in self.changed]
-                + [f"| added | {_cell(n)} | - | {_cell(v)} |" for n, v in self.added]
-                + [f"| removed | {_cell(n)} | {_cell(v)} | - |" for n, v in self.removed])
+        rows = (
+            [f"| changed | {_cell(n)} | {_cell(old)} | {_cell(new)} |" for n, old, new in self.changed]
+            + [f"| added | {_cell(n)} | - | {_cell(v)} |" for n, v in self.added]
+            + [f"| removed | {_cell(n)} | {_cell(v)} | - |" for n, v in self.removed]
+        )
         counts = ", ".join(f"{count} {what}" for what, count in self.counts.items() if count)
         lines = [counts, "", "| change | package | previous | current |", "| --- | --- | --- | --- |", *rows[:limit]]
         if len(rows) > limit:

@@ -1,14 +1,14 @@
 """Packer's environment: the only way credentials reach it (never argv, never a file in the workdir).
 
-    PROXMOX_URL                      the API (https://host:port/api2/json)
-    PROXMOX_USERNAME + PROXMOX_TOKEN or PROXMOX_PASSWORD   the login (version.auth_env decides which)
-    SSL_CERT_FILE                    the CA file, or the pinned certificate itself (Go trusts a root
-                                     that is the leaf), so TLS stays verified; `insecure` is the only
-                                     way off, and it is logged
-    PKR_VAR_ssh_password             the install user's password (a sensitive template variable)
-    CHECKPOINT_DISABLE=1             no update check against the internet
-    PATH, HOME, TMPDIR, plugin dirs  copied from the caller's environment; nothing else is inherited,
-                                     so unrelated secrets of the calling process stay out of Packer
+PROXMOX_URL                      the API (https://host:port/api2/json)
+PROXMOX_USERNAME + PROXMOX_TOKEN or PROXMOX_PASSWORD   the login (version.auth_env decides which)
+SSL_CERT_FILE                    the CA file, or the pinned certificate itself (Go trusts a root
+                                 that is the leaf), so TLS stays verified; `insecure` is the only
+                                 way off, and it is logged
+PKR_VAR_ssh_password             the install user's password (a sensitive template variable)
+CHECKPOINT_DISABLE=1             no update check against the internet
+PATH, HOME, TMPDIR, plugin dirs  copied from the caller's environment; nothing else is inherited,
+                                 so unrelated secrets of the calling process stay out of Packer
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from packer_assets.pve.client import Endpoint, PveAccessError
 
 log = logging.getLogger(__name__)
 
-INHERITED = ("PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "XDG_CONFIG_HOME", "PACKER_PLUGIN_PATH",
-             "PACKER_CONFIG_DIR")
+INHERITED = ("PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "XDG_CONFIG_HOME", "PACKER_PLUGIN_PATH", "PACKER_CONFIG_DIR")
 # The API login used only by `packer validate`, which checks that a login is configured but does not
 # connect. Placeholders, not secrets.
 VALIDATE_LOGIN = {"PROXMOX_USERNAME": "validate@pve", "PROXMOX_PASSWORD": "validate-only"}
@@ -69,8 +68,15 @@ def tls_env(endpoint: Endpoint, workdir: Path) -> dict[str, str]:
     return {}  # the system store
 
 
-def packer_env(endpoint: Endpoint, caps: PackerCapabilities, credentials: BuildCredentials, *,
-               ssh_password: str, workdir: Path, base_env: Mapping[str, str] | None = None) -> PackerEnv:
+def packer_env(
+    endpoint: Endpoint,
+    caps: PackerCapabilities,
+    credentials: BuildCredentials,
+    *,
+    ssh_password: str,
+    workdir: Path,
+    base_env: Mapping[str, str] | None = None,
+) -> PackerEnv:
     """The environment of `packer build`; raises PackerAuthError before anything runs when the
     credentials do not fit the installed Packer. Call it after prepare_workdir: with a pinned
     fingerprint it writes the certificate (public, not a secret) into `workdir`."""
@@ -84,8 +90,9 @@ def packer_env(endpoint: Endpoint, caps: PackerCapabilities, credentials: BuildC
     return PackerEnv(env, [*credentials.secrets(), ssh_password], mode)
 
 
-def validate_env(endpoint_url: str = "https://pve.invalid:8006/api2/json", *,
-                 base_env: Mapping[str, str] | None = None) -> PackerEnv:
+def validate_env(
+    endpoint_url: str = "https://pve.invalid:8006/api2/json", *, base_env: Mapping[str, str] | None = None
+) -> PackerEnv:
     """An environment for `packer validate`: a placeholder login and ssh password (validate does not connect)."""
     env = _base(base_env)
     env["PROXMOX_URL"] = endpoint_url

@@ -47,8 +47,15 @@ _COMMA = "%!(PACKER_COMMA)"
 class PackerError(OperationError):
     """A build that did not produce a template; the message names the log and the first errors."""
 
-    def __init__(self, message: str, *, log_path: Path | None, errors: Iterable[str] = (),
-                 exit_code: int | None = None, reason: str = "failed"):
+    def __init__(
+        self,
+        message: str,
+        *,
+        log_path: Path | None,
+        errors: Iterable[str] = (),
+        exit_code: int | None = None,
+        reason: str = "failed",
+    ):
         super().__init__(message)
         self.log_path = log_path
         self.errors = list(errors)
@@ -95,8 +102,13 @@ def parse_machine_line(line: str) -> MachineLine | None:
     return MachineLine(parts[0], parts[1], parts[2], tuple(unescape(p) for p in parts[3:]))
 
 
-def open_build_log(layout: Layout, key: str, chain: ChainId, redactor: Redactor | None = None,
-                   echo: Callable[[str], None] | None = None) -> RunLog:
+def open_build_log(
+    layout: Layout,
+    key: str,
+    chain: ChainId,
+    redactor: Redactor | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> RunLog:
     """`output/logs/packer/builds/<key>/<chain stamp>/packer.log`; `latest` moves when it is closed."""
     return RunLog(layout.build_log_dir(key, chain.stamp) / BUILD_LOG_NAME, str(chain), redactor, echo or echo_stdout)
 
@@ -177,10 +189,12 @@ def _exited(pid: int) -> bool:
 
 def _interrupt_when_parent_dies(parent: int) -> Callable[[], None]:
     """For preexec_fn (runs in the child between fork and exec: async-signal-safe calls only)."""
+
     def setup() -> None:
         _PRCTL(PR_SET_PDEATHSIG, signal.SIGINT)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os.kill(os.getpid(), signal.SIGINT)
+
     return setup
 
 
@@ -239,8 +253,11 @@ class _Run:
 
     def stop(self, why: str) -> None:
         """One SIGINT, the grace period, then SIGKILL for whatever is left of the group."""
-        self.log.line("packer-runner", f"{why}: SIGINT to packer's process group {self.pgid}; waiting up to "
-                                       f"{self.grace:g}s for packer's own cleanup")
+        self.log.line(
+            "packer-runner",
+            f"{why}: SIGINT to packer's process group {self.pgid}; waiting up to "
+            f"{self.grace:g}s for packer's own cleanup",
+        )
         if _signal_group(self.pgid, signal.SIGINT):
             self.signals.append("SIGINT")
         try:
@@ -270,8 +287,7 @@ class _Run:
                     time.sleep(0.05)
             finally:  # also when interrupted while waiting: nothing of the group outlives the run
                 if group_members(self.pgid):
-                    self.log.line("packer-runner", f"processes left in group {self.pgid} after packer exited: "
-                                                   "SIGKILL")
+                    self.log.line("packer-runner", f"processes left in group {self.pgid} after packer exited: SIGKILL")
                     self.kill()
         code = self.proc.wait()
         self.reader.join(timeout=5)
@@ -281,10 +297,19 @@ class _Run:
         return code
 
 
-def run_packer(workdir: Path, env: dict[str, str], log, *, timeout: float | None = None,
-               on_stage: Callable[[str], None] | None = None, cancel_event: threading.Event | None = None,
-               grace: float = DEFAULT_GRACE, packer: str = "packer", extra_args: Iterable[str] = (),
-               poll: float = 0.1) -> PackerResult:
+def run_packer(
+    workdir: Path,
+    env: dict[str, str],
+    log,
+    *,
+    timeout: float | None = None,
+    on_stage: Callable[[str], None] | None = None,
+    cancel_event: threading.Event | None = None,
+    grace: float = DEFAULT_GRACE,
+    packer: str = "packer",
+    extra_args: Iterable[str] = (),
+    poll: float = 0.1,
+) -> PackerResult:
     """Run `packer build` on a prepared work directory; see the module doc.
 
     log: a RunLog (or anything with `.line(stage, text)`, `.path` and optionally `.redact`); it is not
@@ -306,9 +331,16 @@ def run_packer(workdir: Path, env: dict[str, str], log, *, timeout: float | None
     stream = _Stream(log, on_stage)
     started = time.monotonic()
     try:
-        proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_interrupt_when_parent_dies(os.getpid()))
+        proc = subprocess.Popen(
+            argv,
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_interrupt_when_parent_dies(os.getpid()),
+        )
     except OSError as exc:
         log.line("packer-runner", f"cannot start packer: {exc}")
         raise PackerError(f"cannot start {binary}: {exc.strerror}; log: {log_path}", log_path=log_path) from None
@@ -333,30 +365,56 @@ def run_packer(workdir: Path, env: dict[str, str], log, *, timeout: float | None
         except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt, SystemExit, Dagster's interrupt
             interrupt, reason = exc, "interrupted"
         if reason and not _exited(proc.pid):
-            run.stop({"cancelled": "cancel requested", "timeout": f"timeout after {timeout:g}s" if timeout else "",
-                      "interrupted": f"interrupted ({type(interrupt).__name__})"}[reason])
+            run.stop(
+                {
+                    "cancelled": "cancel requested",
+                    "timeout": f"timeout after {timeout:g}s" if timeout else "",
+                    "interrupted": f"interrupted ({type(interrupt).__name__})",
+                }[reason]
+            )
     finally:
         code = run.reap()
     duration = time.monotonic() - started
     errors = stream.ordered_errors()
-    log.line("packer-runner", f"packer exited {code} after {duration:.1f}s"
-                              + (f" ({reason}; signals sent: {', '.join(run.signals) or 'none'})" if reason else ""))
+    log.line(
+        "packer-runner",
+        f"packer exited {code} after {duration:.1f}s"
+        + (f" ({reason}; signals sent: {', '.join(run.signals) or 'none'})" if reason else ""),
+    )
     if interrupt is not None:
         raise interrupt
     first = "; ".join(errors[:3]) or "no error lines"
     if reason == "cancelled":
-        raise PackerCancelled(f"packer build cancelled (exit {code}); log: {log_path}; first errors: {first}",
-                              log_path=log_path, errors=errors, exit_code=code, reason=reason)
+        raise PackerCancelled(
+            f"packer build cancelled (exit {code}); log: {log_path}; first errors: {first}",
+            log_path=log_path,
+            errors=errors,
+            exit_code=code,
+            reason=reason,
+        )
     if reason == "timeout":
-        raise PackerTimeout(f"packer build timed out after {timeout:g}s (exit {code}); log: {log_path}; "
-                            f"first errors: {first}", log_path=log_path, errors=errors, exit_code=code, reason=reason)
+        raise PackerTimeout(
+            f"packer build timed out after {timeout:g}s (exit {code}); log: {log_path}; first errors: {first}",
+            log_path=log_path,
+            errors=errors,
+            exit_code=code,
+            reason=reason,
+        )
     if code != 0:
-        raise PackerError(f"packer build failed (exit {code}); log: {log_path}; first errors: {first}",
-                          log_path=log_path, errors=errors, exit_code=code)
+        raise PackerError(
+            f"packer build failed (exit {code}); log: {log_path}; first errors: {first}",
+            log_path=log_path,
+            errors=errors,
+            exit_code=code,
+        )
     artifact = stream.artifact_id()
     if artifact is None:
-        raise PackerError(f"packer build exited 0 but reported no artifact; log: {log_path}",
-                          log_path=log_path, errors=errors, exit_code=code)
+        raise PackerError(
+            f"packer build exited 0 but reported no artifact; log: {log_path}",
+            log_path=log_path,
+            errors=errors,
+            exit_code=code,
+        )
     vmid = int(artifact) if artifact.isdigit() else None
     return PackerResult(artifact, vmid, code, errors, duration, log_path, stream.stages)
 
@@ -374,8 +432,17 @@ class PackerCheck:
 
 def _simple(argv: list[str], workdir: Path, env: dict[str, str], timeout: float, redact=None) -> PackerCheck:
     try:
-        done = subprocess.run(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, timeout=timeout, start_new_session=True, check=False)
+        done = subprocess.run(
+            argv,
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            start_new_session=True,
+            check=False,
+        )
         code, output = done.returncode, (done.stdout + done.stderr)
     except subprocess.TimeoutExpired as exc:
         code, output = -1, f"{argv[1]} timed out after {timeout:g}s: {exc.output or ''}"
@@ -383,8 +450,15 @@ def _simple(argv: list[str], workdir: Path, env: dict[str, str], timeout: float,
     return PackerCheck(code == 0, code, output.strip(), argv)
 
 
-def packer_validate(workdir: Path, env: dict[str, str], *, packer: str = "packer", syntax_only: bool = False,
-                    timeout: float = 120.0, redact=None) -> PackerCheck:
+def packer_validate(
+    workdir: Path,
+    env: dict[str, str],
+    *,
+    packer: str = "packer",
+    syntax_only: bool = False,
+    timeout: float = 120.0,
+    redact=None,
+) -> PackerCheck:
     """`packer validate [-syntax-only] <workdir>` (1.6.6's full validate checks the builder config
     without connecting; it needs a login configured: env.validate_env gives a placeholder one)."""
     binary = shutil.which(packer, path=env.get("PATH")) or packer
@@ -392,8 +466,9 @@ def packer_validate(workdir: Path, env: dict[str, str], *, packer: str = "packer
     return _simple(argv, Path(workdir), env, timeout, redact)
 
 
-def packer_init(workdir: Path, env: dict[str, str], *, packer: str = "packer", timeout: float = 600.0,
-                redact=None) -> PackerCheck:
+def packer_init(
+    workdir: Path, env: dict[str, str], *, packer: str = "packer", timeout: float = 600.0, redact=None
+) -> PackerCheck:
     """`packer init <workdir>`: installs required_plugins (only generated where caps.needs_init)."""
     binary = shutil.which(packer, path=env.get("PATH")) or packer
     return _simple([binary, "init", str(Path(workdir).resolve())], Path(workdir), env, timeout, redact)

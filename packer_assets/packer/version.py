@@ -92,7 +92,7 @@ def parse_plugin_version(text: str) -> Version | None:
 class PackerCapabilities:
     packer_version: str
     plugin_version: str | None  # None: the builder is built into packer (< 1.7.0)
-    plugin_source: str          # builtin | installed | bundled (assumed) | packer init (assumed)
+    plugin_source: str  # builtin | installed | bundled (assumed) | packer init (assumed)
     token_auth: bool
     boot_iso_block: bool
     additional_isos: bool
@@ -104,8 +104,11 @@ class PackerCapabilities:
     binary: str = "packer"
 
     def describe(self) -> str:
-        plugin = "builtin proxmox builder" if self.plugin_version is None else \
-            f"packer-plugin-proxmox {self.plugin_version}, {self.plugin_source}"
+        plugin = (
+            "builtin proxmox builder"
+            if self.plugin_version is None
+            else f"packer-plugin-proxmox {self.plugin_version}, {self.plugin_source}"
+        )
         return f"packer {self.packer_version} ({plugin})"
 
     def as_dict(self) -> dict[str, Any]:
@@ -156,8 +159,9 @@ def _probe_env(env: Mapping[str, str] | None) -> dict[str, str]:
 
 
 def _run(argv: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def resolve_binary(binary: str = "packer", env: Mapping[str, str] | None = None) -> str:
@@ -165,13 +169,15 @@ def resolve_binary(binary: str = "packer", env: Mapping[str, str] | None = None)
     path = (env if env is not None else os.environ).get("PATH")
     found = shutil.which(binary, path=path)
     if not found:
-        raise PackerVersionError(f"packer binary {binary!r} not found (PATH={path!r}); install Packer or configure "
-                                 "its path")
+        raise PackerVersionError(
+            f"packer binary {binary!r} not found (PATH={path!r}); install Packer or configure its path"
+        )
     return os.path.realpath(found)
 
 
-def detect_packer(binary: str = "packer", env: Mapping[str, str] | None = None,
-                  timeout: float = 60.0) -> PackerCapabilities:
+def detect_packer(
+    binary: str = "packer", env: Mapping[str, str] | None = None, timeout: float = 60.0
+) -> PackerCapabilities:
     """Ask the binary once; later calls with the same unchanged binary come from the cache."""
     real = resolve_binary(binary, env)
     stat = os.stat(real)
@@ -182,7 +188,9 @@ def detect_packer(binary: str = "packer", env: Mapping[str, str] | None = None,
             return _cache[key]
     done = _run([real, "version"], probe_env, timeout)
     if done.returncode != 0:
-        raise PackerVersionError(f"{real} version exited {done.returncode}: {(done.stderr or done.stdout).strip()[:300]}")
+        raise PackerVersionError(
+            f"{real} version exited {done.returncode}: {(done.stderr or done.stdout).strip()[:300]}"
+        )
     core = parse_packer_version(done.stdout)
     plugin = None
     if core >= PLUGIN_SPLIT_CORE:
@@ -212,9 +220,9 @@ class BuildCredentials:
     the automation user. Secrets are excluded from repr.
     """
 
-    token_id: str | None = None                              # user@realm!name
+    token_id: str | None = None  # user@realm!name
     token_secret: str | None = field(default=None, repr=False)
-    user: str | None = None                                  # user@realm
+    user: str | None = None  # user@realm
     password: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -227,8 +235,9 @@ class BuildCredentials:
         if self.user and not re.fullmatch(r"[^@!\s]+@[^@!\s]+", self.user):
             raise PackerAuthError(f"build_credentials: user {self.user!r} is not user@realm")
         if not (self.token_id or self.user):
-            raise PackerAuthError("build_credentials: give an API token (token_id + token_secret) or a password "
-                                  "login (user + password)")
+            raise PackerAuthError(
+                "build_credentials: give an API token (token_id + token_secret) or a password login (user + password)"
+            )
 
     @classmethod
     def from_env(cls, values: Mapping[str, str]) -> BuildCredentials:
@@ -254,7 +263,8 @@ def login_mode(caps: PackerCapabilities, creds: BuildCredentials) -> str:
         f"{caps.describe()} cannot log in with the API token {creds.token_id}: API-token login needs packer >= "
         f"{vtext(TOKEN_AUTH_CORE)} (packer-plugin-proxmox). Give build_credentials a password login for the "
         f"automation user (user + password, e.g. PROXMOX_BUILD_USER/PROXMOX_BUILD_PASSWORD), or install packer >= "
-        f"{vtext(TOKEN_AUTH_CORE)}")
+        f"{vtext(TOKEN_AUTH_CORE)}"
+    )
 
 
 def auth_env(caps: PackerCapabilities, creds: BuildCredentials) -> dict[str, str]:

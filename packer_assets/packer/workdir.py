@@ -90,21 +90,21 @@ class BuildPlan:
     vm_id: int
     vm_name: str
     node: str
-    iso_file: str                        # boot ISO volume, e.g. local:iso/ubuntu-24.04.iso
+    iso_file: str  # boot ISO volume, e.g. local:iso/ubuntu-24.04.iso
     vm_storage: str
-    vm_storage_type: str                 # the storage's PVE type: lvmthin, dir, zfspool, ...
+    vm_storage_type: str  # the storage's PVE type: lvmthin, dir, zfspool, ...
     bridge: str
     http_bind_address: str | None
     http_port_min: int
     http_port_max: int
     ssh_username: str
-    ssh_host: str | None = None          # None: the address the guest agent reports
+    ssh_host: str | None = None  # None: the address the guest agent reports
     ssh_port: int = 22
-    ssh_timeout: str | None = None       # None: the family's default in the template
+    ssh_timeout: str | None = None  # None: the family's default in the template
     extra_iso_files: tuple[str, ...] = ()  # volumes: the Windows answer ISO, virtio-win, ...
     description: str = ""
     tags: tuple[str, ...] = ()
-    boot_wait: str | None = None         # None: the family's default
+    boot_wait: str | None = None  # None: the family's default
     boot_command: tuple[str, ...] | None = None
     cpu_type: str = "host"
     insecure_skip_tls_verify: bool = False
@@ -118,15 +118,17 @@ class Gap:
     fallback: str
 
     def line(self, key: str, caps: PackerCapabilities) -> str:
-        return (f"{key}: {self.field}: {self.wanted} needs {self.needs}; installed: {caps.describe()} "
-                f"(degraded: {self.fallback})")
+        return (
+            f"{key}: {self.field}: {self.wanted} needs {self.needs}; installed: {caps.describe()} "
+            f"(degraded: {self.fallback})"
+        )
 
 
 @dataclass
 class Workdir:
     path: Path
-    template: Path                       # the family's template
-    common: Path                         # the common file, its version region rewritten
+    template: Path  # the family's template
+    common: Path  # the common file, its version region rewritten
     var_file: Path
     http_dir: Path
     variables: dict[str, Any]
@@ -134,7 +136,7 @@ class Workdir:
     gaps: list[Gap] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
-    template_sha256: str = ""            # both source files as prepared (see template_sha256())
+    template_sha256: str = ""  # both source files as prepared (see template_sha256())
 
 
 # ------------------------------------------------------------------ version differences
@@ -155,9 +157,14 @@ def capability_gaps(entry: TemplateEntry, plan: BuildPlan, caps: PackerCapabilit
     if hw.machine and not caps.firmware:
         gaps.append(Gap("hardware.machine", hw.machine, plugin, "the default machine (i440fx)"))
     if plan.extra_iso_files and not caps.additional_isos:
-        gaps.append(Gap("extra_isos", ", ".join(plan.extra_iso_files),
-                        f"packer >= {vtext(PLUGIN_SPLIT_CORE)} (packer 1.6.6's HCL2 decoder rejects "
-                        "additional_iso_files)", "not attached: an installer that needs them will not finish"))
+        gaps.append(
+            Gap(
+                "extra_isos",
+                ", ".join(plan.extra_iso_files),
+                f"packer >= {vtext(PLUGIN_SPLIT_CORE)} (packer 1.6.6's HCL2 decoder rejects additional_iso_files)",
+                "not attached: an installer that needs them will not finish",
+            )
+        )
     return gaps
 
 
@@ -165,26 +172,54 @@ def version_region(caps: PackerCapabilities) -> str:
     """The HCL that replaces the template's version-specific region (variables only, no values)."""
     lines = []
     if caps.boot_iso_block:
-        lines += ["boot_iso {", '  type     = "ide"', '  index    = "2"', "  iso_file = var.iso_file",
-                  "  unmount  = true", "}"]
+        lines += [
+            "boot_iso {",
+            '  type     = "ide"',
+            '  index    = "2"',
+            "  iso_file = var.iso_file",
+            "  unmount  = true",
+            "}",
+        ]
     else:
         # No unmount_iso on 1.6.6: it fails after the template exists (PVE appends size= to the cdrom
         # entry). The template lifecycle ejects the ISO through the API afterwards, on every version.
         lines += ["iso_file = var.iso_file"]
     if caps.additional_isos:
-        bus = ('  type     = "sata"', "  index    = additional_iso_files.key") if caps.boot_iso_block else \
-              ('  device   = "sata${additional_iso_files.key}"',)
-        lines += ['dynamic "additional_iso_files" {', "  for_each = var.extra_iso_files", "  content {",
-                  *("  " + b for b in bus), "    iso_file = additional_iso_files.value",
-                  "    unmount  = true", "  }", "}"]
+        bus = (
+            ('  type     = "sata"', "  index    = additional_iso_files.key")
+            if caps.boot_iso_block
+            else ('  device   = "sata${additional_iso_files.key}"',)
+        )
+        lines += [
+            'dynamic "additional_iso_files" {',
+            "  for_each = var.extra_iso_files",
+            "  content {",
+            *("  " + b for b in bus),
+            "    iso_file = additional_iso_files.value",
+            "    unmount  = true",
+            "  }",
+            "}",
+        ]
     if caps.firmware:
         lines += ["bios    = var.bios", "machine = var.machine"]
     if caps.efi_tpm_blocks:
-        lines += ['dynamic "efi_config" {', "  for_each = var.efi ? [1] : []", "  content {",
-                  "    efi_storage_pool  = var.vm_storage", '    efi_type          = "4m"',
-                  "    pre_enrolled_keys = true", "  }", "}",
-                  'dynamic "tpm_config" {', "  for_each = var.tpm ? [1] : []", "  content {",
-                  "    tpm_storage_pool = var.vm_storage", '    tpm_version      = "v2.0"', "  }", "}"]
+        lines += [
+            'dynamic "efi_config" {',
+            "  for_each = var.efi ? [1] : []",
+            "  content {",
+            "    efi_storage_pool  = var.vm_storage",
+            '    efi_type          = "4m"',
+            "    pre_enrolled_keys = true",
+            "  }",
+            "}",
+            'dynamic "tpm_config" {',
+            "  for_each = var.tpm ? [1] : []",
+            "  content {",
+            "    tpm_storage_pool = var.vm_storage",
+            '    tpm_version      = "v2.0"',
+            "  }",
+            "}",
+        ]
     if caps.tags:
         lines += ['tags = join(";", var.tags)']
     else:
@@ -196,20 +231,24 @@ def version_region(caps: PackerCapabilities) -> str:
 def plugins_hcl(caps: PackerCapabilities) -> str | None:
     if not caps.needs_init:
         return None
-    return ("# generated by packer_assets/packer/workdir.py: packer >= 1.10 ships no builders\n"
-            "packer {\n  required_plugins {\n    proxmox = {\n"
-            f'      version = "{PLUGIN_CONSTRAINT}"\n      source  = "{PLUGIN_SOURCE}"\n'
-            "    }\n  }\n}\n")
+    return (
+        "# generated by packer_assets/packer/workdir.py: packer >= 1.10 ships no builders\n"
+        "packer {\n  required_plugins {\n    proxmox = {\n"
+        f'      version = "{PLUGIN_CONSTRAINT}"\n      source  = "{PLUGIN_SOURCE}"\n'
+        "    }\n  }\n}\n"
+    )
 
 
 def splice_region(text: str, region: str, name: str) -> str:
     starts = [i for i, line in enumerate(text.splitlines()) if line.strip().startswith(REGION_START)]
     ends = [i for i, line in enumerate(text.splitlines()) if line.strip().startswith(REGION_END)]
     if len(starts) != 1 or len(ends) != 1 or ends[0] < starts[0]:
-        raise WorkdirError(f"{name}: needs exactly one '{REGION_START}' ... '{REGION_END}' region "
-                           f"(found {len(starts)} start and {len(ends)} end markers)")
+        raise WorkdirError(
+            f"{name}: needs exactly one '{REGION_START}' ... '{REGION_END}' region "
+            f"(found {len(starts)} start and {len(ends)} end markers)"
+        )
     lines = text.splitlines()
-    return "\n".join([*lines[:starts[0] + 1], region, *lines[ends[0]:]]) + "\n"
+    return "\n".join([*lines[: starts[0] + 1], region, *lines[ends[0] :]]) + "\n"
 
 
 # ------------------------------------------------------------------ variables
@@ -272,11 +311,14 @@ def find_template(project_dir: Path, entry: TemplateEntry) -> Path:
     folder = Path(project_dir) / entry.packer_dir
     found = sorted(folder.glob("*.pkr.hcl"))
     if len(found) != 1:
-        raise WorkdirError(f"{entry.key}: packer_dir: {entry.packer_dir} must hold exactly one *.pkr.hcl "
-                           f"(found {len(found)}: {', '.join(p.name for p in found) or 'none'})")
+        raise WorkdirError(
+            f"{entry.key}: packer_dir: {entry.packer_dir} must hold exactly one *.pkr.hcl "
+            f"(found {len(found)}: {', '.join(p.name for p in found) or 'none'})"
+        )
     if found[0].name in (Path(COMMON_TEMPLATE).name, PLUGINS_FILE):
-        raise WorkdirError(f"{entry.key}: {found[0]}: the name {found[0].name} is taken in the work directory; "
-                           "rename the template")
+        raise WorkdirError(
+            f"{entry.key}: {found[0]}: the name {found[0].name} is taken in the work directory; rename the template"
+        )
     return found[0]
 
 
@@ -304,11 +346,18 @@ def _combined_sha256(template_sha: str, common_sha: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-
-
-def prepare_workdir(workdir: Path, entry: TemplateEntry, plan: BuildPlan, caps: PackerCapabilities, *,
-                    project_dir: Path, http_dir: Path | None = None, http_files: Mapping[str, str] | None = None,
-                    allow_degraded: bool = False, secrets: Iterable[str] = ()) -> Workdir:
+def prepare_workdir(
+    workdir: Path,
+    entry: TemplateEntry,
+    plan: BuildPlan,
+    caps: PackerCapabilities,
+    *,
+    project_dir: Path,
+    http_dir: Path | None = None,
+    http_files: Mapping[str, str] | None = None,
+    allow_degraded: bool = False,
+    secrets: Iterable[str] = (),
+) -> Workdir:
     """Fill an empty (or missing) `workdir` for one build of `entry`; see the module doc.
 
     http_files (name -> sha256, the render's record): only these files of `http_dir` are served, each
@@ -318,7 +367,8 @@ def prepare_workdir(workdir: Path, entry: TemplateEntry, plan: BuildPlan, caps: 
     if gaps and not allow_degraded:
         raise PackerCapabilityError(
             "\n".join(g.line(entry.key, caps) for g in gaps)
-            + "\nupgrade Packer, change the catalog entry, or allow a degraded build explicitly (allow_degraded)")
+            + "\nupgrade Packer, change the catalog entry, or allow a degraded build explicitly (allow_degraded)"
+        )
     source, common_source = template_files(project_dir, entry)
     source_bytes, common_bytes = source.read_bytes(), common_source.read_bytes()
     source_text, common_text = source_bytes.decode("utf-8"), common_bytes.decode("utf-8")
@@ -361,16 +411,22 @@ def prepare_workdir(workdir: Path, entry: TemplateEntry, plan: BuildPlan, caps: 
     if not caps.tags and plan.tags:
         warnings.append(f"{entry.key}: tags: {caps.describe()} cannot set tags; set them through the API")
     template_sha256 = _combined_sha256(source_sha, common_sha)
-    manifest = {"key": entry.key, "family": entry.family, "template": source.as_posix(),
-                "common": common_source.as_posix(),
-                "sources": {source.as_posix(): source_sha, common_source.as_posix(): common_sha},
-                "template_sha256": template_sha256, "capabilities": caps.as_dict(),
-                "gaps": [g.__dict__ for g in gaps], "warnings": warnings, "files": files}
+    manifest = {
+        "key": entry.key,
+        "family": entry.family,
+        "template": source.as_posix(),
+        "common": common_source.as_posix(),
+        "sources": {source.as_posix(): source_sha, common_source.as_posix(): common_sha},
+        "template_sha256": template_sha256,
+        "capabilities": caps.as_dict(),
+        "gaps": [g.__dict__ for g in gaps],
+        "warnings": warnings,
+        "files": files,
+    }
     (workdir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     _assert_no_secret(workdir, secrets)
-    return Workdir(workdir, template, common, var_file, http, variables, caps, gaps, warnings, files,
-                   template_sha256)
+    return Workdir(workdir, template, common, var_file, http, variables, caps, gaps, warnings, files, template_sha256)
 
 
 def _copy_rendered(key: str, source: Path, http: Path, files: Mapping[str, str]) -> tuple[str, ...]:

@@ -20,11 +20,24 @@ from packer_assets.pve.client import Endpoint, PveAccessError, PveApi, connect, 
 # What a Packer build (create, configure, boot, type, template), ISO staging and the smoke test
 # (clone, start, agent, destroy) need, on every PVE version.
 COMMON_PRIVILEGES = (
-    "Datastore.AllocateSpace", "Datastore.AllocateTemplate", "Datastore.Audit",
-    "SDN.Use", "Sys.Audit",
-    "VM.Allocate", "VM.Audit", "VM.Clone", "VM.Config.CDROM", "VM.Config.CPU", "VM.Config.Cloudinit",
-    "VM.Config.Disk", "VM.Config.HWType", "VM.Config.Memory", "VM.Config.Network", "VM.Config.Options",
-    "VM.Console", "VM.PowerMgmt",
+    "Datastore.AllocateSpace",
+    "Datastore.AllocateTemplate",
+    "Datastore.Audit",
+    "SDN.Use",
+    "Sys.Audit",
+    "VM.Allocate",
+    "VM.Audit",
+    "VM.Clone",
+    "VM.Config.CDROM",
+    "VM.Config.CPU",
+    "VM.Config.Cloudinit",
+    "VM.Config.Disk",
+    "VM.Config.HWType",
+    "VM.Config.Memory",
+    "VM.Config.Network",
+    "VM.Config.Options",
+    "VM.Console",
+    "VM.PowerMgmt",
 )
 # PVE 9 dropped VM.Monitor (guest-agent access became VM.GuestAgent.*) and lets download-url run with
 # Sys.AccessNetwork; before 9, download-url needs Sys.Audit + Sys.Modify and the agent VM.Monitor.
@@ -132,8 +145,9 @@ def discover_node(api: PveApi, wanted: str | None) -> str:
 def discover_storage(api: PveApi, node: str, content: str, wanted: str | None) -> str:
     stores = api.nodes(node).storage.get()
     everything = sorted(s["storage"] for s in stores)
-    usable = [s for s in stores if s.get("enabled", 1) and s.get("active")
-              and content in str(s.get("content", "")).split(",")]
+    usable = [
+        s for s in stores if s.get("enabled", 1) and s.get("active") and content in str(s.get("content", "")).split(",")
+    ]
     # Most free space first: the one a human would pick on a fresh node.
     usable.sort(key=lambda s: (-int(s.get("avail") or 0), s["storage"]))
     kind = "VM storage (content images)" if content == "images" else "ISO storage (content iso)"
@@ -198,8 +212,10 @@ def ensure_role(api: PveApi, role: str, privileges: tuple[str, ...], changes: li
     have = set(filter(None, str(roles[role].get("privs", "")).split(",")))
     if have != set(privileges):
         api.access.roles(role).put(privs=wanted)
-        changes.append(f"set role {role} privileges (was missing {sorted(set(privileges) - have)}, "
-                       f"had extra {sorted(have - set(privileges))})")
+        changes.append(
+            f"set role {role} privileges (was missing {sorted(set(privileges) - have)}, "
+            f"had extra {sorted(have - set(privileges))})"
+        )
 
 
 def ensure_user(api: PveApi, user: str, changes: list[str]) -> None:
@@ -216,8 +232,14 @@ def ensure_acl(api: PveApi, path: str, role: str, kind: str, ugid: str, changes:
     changes.append(f"granted {role} on {path} to {kind} {ugid}")
 
 
-def logs_in(endpoint: Endpoint, user: str, *, password: str | None = None, token_name: str | None = None,
-            token_secret: str | None = None) -> bool:
+def logs_in(
+    endpoint: Endpoint,
+    user: str,
+    *,
+    password: str | None = None,
+    token_name: str | None = None,
+    token_secret: str | None = None,
+) -> bool:
     """Whether these credentials (password=..., or token_name= + token_secret=) log in; other failures raise."""
     try:
         connect(endpoint, user, password=password, token_name=token_name, token_secret=token_secret)
@@ -232,8 +254,9 @@ def token_works(endpoint: Endpoint, config: BootstrapConfig, secret: str) -> boo
     return logs_in(endpoint, config.user, token_name=config.token_name, token_secret=secret)
 
 
-def ensure_token(api: PveApi, endpoint: Endpoint, config: BootstrapConfig, known_secret: str | None,
-                 changes: list[str]) -> tuple[str, str]:
+def ensure_token(
+    api: PveApi, endpoint: Endpoint, config: BootstrapConfig, known_secret: str | None, changes: list[str]
+) -> tuple[str, str]:
     """(secret, action): reuse a working known secret unless rotating; otherwise (re)create the token."""
     tokens = api.access.users(config.user).token
     exists = config.token_name in {t["tokenid"] for t in tokens.get()}
@@ -241,24 +264,34 @@ def ensure_token(api: PveApi, endpoint: Endpoint, config: BootstrapConfig, known
         return known_secret, "reused"
     if exists:
         tokens(config.token_name).delete()
-    created = tokens(config.token_name).post(privsep=int(config.privsep),
-                                             comment="packer-assets builds (made by proxmox_env)")
+    created = tokens(config.token_name).post(
+        privsep=int(config.privsep), comment="packer-assets builds (made by proxmox_env)"
+    )
     action = "rotated" if config.rotate and exists else "replaced" if exists else "created"
     changes.append(f"{action} token {config.token_id}")
     return created["value"], action
 
 
-def ensure_build_password(api: PveApi, endpoint: Endpoint, config: BootstrapConfig, known: str | None,
-                          admin_user: str, admin_password: str | None, changes: list[str]) -> tuple[str, str]:
+def ensure_build_password(
+    api: PveApi,
+    endpoint: Endpoint,
+    config: BootstrapConfig,
+    known: str | None,
+    admin_user: str,
+    admin_password: str | None,
+    changes: list[str],
+) -> tuple[str, str]:
     """(password, action): a known password that still logs in is kept; otherwise a new one is set.
     PVE lets only a password login (not an API token) set passwords, and wants the admin's own password
     to confirm unless the admin is root@pam."""
     if known and logs_in(endpoint, config.user, password=known):
         return known, "reused"
     if not admin_password:
-        raise BootstrapError(f"setting a password for {config.user} (Packer < 1.7.1 logs in with one) needs a "
-                             "password login for the bootstrap: PVE refuses it to API tokens "
-                             "(set PROXMOX_BOOTSTRAP_PASSWORD, or PROXMOX_BUILD_LOGIN=token with a newer Packer)")
+        raise BootstrapError(
+            f"setting a password for {config.user} (Packer < 1.7.1 logs in with one) needs a "
+            "password login for the bootstrap: PVE refuses it to API tokens "
+            "(set PROXMOX_BOOTSTRAP_PASSWORD, or PROXMOX_BUILD_LOGIN=token with a newer Packer)"
+        )
     new = secrets.token_urlsafe(24)
     confirm = {} if admin_user == "root@pam" else {"confirmation-password": admin_password}
     api.access.password.put(userid=config.user, password=new, **confirm)
@@ -266,15 +299,24 @@ def ensure_build_password(api: PveApi, endpoint: Endpoint, config: BootstrapConf
     return new, "set"
 
 
-def bootstrap(endpoint: Endpoint, admin_user: str, *, known_secret: str | None, config: BootstrapConfig,
-              admin_password: str | None = None, admin_token_name: str | None = None,
-              admin_token_secret: str | None = None,
-              save_secret: Callable[[str], None] | None = None, known_password: str | None = None,
-              save_password: Callable[[str], None] | None = None) -> BootstrapResult:
+def bootstrap(
+    endpoint: Endpoint,
+    admin_user: str,
+    *,
+    known_secret: str | None,
+    config: BootstrapConfig,
+    admin_password: str | None = None,
+    admin_token_name: str | None = None,
+    admin_token_secret: str | None = None,
+    save_secret: Callable[[str], None] | None = None,
+    known_password: str | None = None,
+    save_password: Callable[[str], None] | None = None,
+) -> BootstrapResult:
     """Run the whole bootstrap. save_secret (save_password) is called as soon as a new secret (password)
     exists, before anything else can fail, so a created token's secret is never lost."""
-    admin = connect(endpoint, admin_user, password=admin_password, token_name=admin_token_name,
-                    token_secret=admin_token_secret)
+    admin = connect(
+        endpoint, admin_user, password=admin_password, token_name=admin_token_name, token_secret=admin_token_secret
+    )
     who = f"{admin_user}!{admin_token_name}" if admin_token_name else admin_user
     changes: list[str] = []
     with translated_errors(endpoint, who):
@@ -293,14 +335,29 @@ def bootstrap(endpoint: Endpoint, admin_user: str, *, known_secret: str | None, 
             password, password_action = None, None
             if config.build_password:
                 password, password_action = ensure_build_password(
-                    admin, endpoint, config, known_password, admin_user,
-                    admin_password if not admin_token_name else None, changes)
+                    admin,
+                    endpoint,
+                    config,
+                    known_password,
+                    admin_user,
+                    admin_password if not admin_token_name else None,
+                    changes,
+                )
                 if password_action != "reused" and save_password:
                     save_password(password)
         except ResourceException as exc:
             raise BootstrapError(f"{endpoint.base}: {exc}") from None
-    return BootstrapResult(version, config.token_id, secret, action, privileges, found, changes,
-                           build_password=password, build_password_action=password_action)
+    return BootstrapResult(
+        version,
+        config.token_id,
+        secret,
+        action,
+        privileges,
+        found,
+        changes,
+        build_password=password,
+        build_password_action=password_action,
+    )
 
 
 def env_file_values(result: BootstrapResult, endpoint: Endpoint) -> dict[str, str]:
@@ -398,16 +455,25 @@ class BuildAccess:
 
 def build_access(values: dict[str, str], source: str) -> BuildAccess:
     """Read the env file's values; a missing one is named with the file it should be in."""
+
     def need(name: str) -> str:
         if not values.get(name):
             raise BootstrapError(f"{source}: {name} is missing (materialize proxmox_env / run `make init`)")
         return values[name]
 
-    endpoint = Endpoint(need("PROXMOX_API_URL"), ca_file=values.get("PROXMOX_CA_FILE") or None,
-                        tls_fingerprint=values.get("PROXMOX_TLS_FINGERPRINT") or None,
-                        insecure=values.get("PROXMOX_INSECURE") == "1")
-    found = Discovery(node=need("PROXMOX_NODE"), node_ip=values.get("PROXMOX_NODE_IP", ""),
-                      vm_storage=need("PROXMOX_VM_STORAGE"), iso_storage=need("PROXMOX_ISO_STORAGE"),
-                      bridge=need("PROXMOX_BRIDGE"), http_bind_address=need("PROXMOX_HTTP_BIND_ADDRESS"),
-                      http_port=int(need("PROXMOX_HTTP_PORT")))
+    endpoint = Endpoint(
+        need("PROXMOX_API_URL"),
+        ca_file=values.get("PROXMOX_CA_FILE") or None,
+        tls_fingerprint=values.get("PROXMOX_TLS_FINGERPRINT") or None,
+        insecure=values.get("PROXMOX_INSECURE") == "1",
+    )
+    found = Discovery(
+        node=need("PROXMOX_NODE"),
+        node_ip=values.get("PROXMOX_NODE_IP", ""),
+        vm_storage=need("PROXMOX_VM_STORAGE"),
+        iso_storage=need("PROXMOX_ISO_STORAGE"),
+        bridge=need("PROXMOX_BRIDGE"),
+        http_bind_address=need("PROXMOX_HTTP_BIND_ADDRESS"),
+        http_port=int(need("PROXMOX_HTTP_PORT")),
+    )
     return BuildAccess(endpoint, need("PROXMOX_TOKEN_ID"), need("PROXMOX_TOKEN_SECRET"), found)

@@ -107,10 +107,12 @@ class Endpoint:
         if not self.tls_fingerprint:
             raise PveAccessError(f"{self.base}: no TLS certificate fingerprint is pinned")
         digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest().upper()
-        seen = ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+        seen = ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
         if seen != self.tls_fingerprint.upper():
-            raise PveAccessError(f"{self.base}: TLS certificate fingerprint {seen} does not match the pinned "
-                                 f"{self.tls_fingerprint.upper()}")
+            raise PveAccessError(
+                f"{self.base}: TLS certificate fingerprint {seen} does not match the pinned "
+                f"{self.tls_fingerprint.upper()}"
+            )
         return pem
 
 
@@ -134,8 +136,15 @@ def _who(user: str, token_name: str | None) -> str:
     return f"{user}!{token_name}" if token_name else user
 
 
-def connect(endpoint: Endpoint, user: str, *, password: str | None = None, token_name: str | None = None,
-            token_secret: str | None = None, check: bool = True) -> PveApi:
+def connect(
+    endpoint: Endpoint,
+    user: str,
+    *,
+    password: str | None = None,
+    token_name: str | None = None,
+    token_secret: str | None = None,
+    check: bool = True,
+) -> PveApi:
     """A logged-in ProxmoxAPI (password or API token); with check, /version is read to prove access."""
     who = _who(user, token_name)
     kwargs: dict[str, Any] = dict(port=endpoint.port, user=user, backend="https", timeout=endpoint.timeout)
@@ -162,19 +171,23 @@ class translated_errors:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 _tb: TracebackType | None) -> Literal[False]:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, _tb: TracebackType | None
+    ) -> Literal[False]:
         if exc is None or isinstance(exc, PveAccessError):
             return False
         where = self.endpoint.base
         if isinstance(exc, requests.exceptions.SSLError):
-            raise PveAccessError(f"{where}: TLS verification failed (wrong CA file or certificate?): "
-                                 f"{_short(exc)}") from None
+            raise PveAccessError(
+                f"{where}: TLS verification failed (wrong CA file or certificate?): {_short(exc)}"
+            ) from None
         if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
             raise PveAccessError(f"{where}: API unreachable: {_short(exc)}") from None
         if isinstance(exc, AuthenticationError) or (isinstance(exc, ResourceException) and exc.status_code == 401):
-            raise PveAccessError(f"{where}: authentication failed for {self.who} (wrong password, or the token "
-                                 "was deleted or its secret is wrong)") from None
+            raise PveAccessError(
+                f"{where}: authentication failed for {self.who} (wrong password, or the token "
+                "was deleted or its secret is wrong)"
+            ) from None
         if isinstance(exc, ResourceException) and exc.status_code == 403:
             raise PveAccessError(f"{where}: {self.who} is not allowed: {exc.content.strip()}") from None
         return False
@@ -185,5 +198,5 @@ def _short(exc: Exception) -> str:
     # requests nests urllib3's reason; keep the innermost, readable part.
     for marker in ("SSLError(", "NewConnectionError(", "ConnectTimeoutError("):
         if marker in text:
-            text = text[text.index(marker):]
+            text = text[text.index(marker) :]
     return text[:300]

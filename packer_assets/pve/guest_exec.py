@@ -45,8 +45,11 @@ def agent_exec(agent: PveResource, argv: list[str], deadline: float, poll: float
         status = agent("exec-status").get(pid=pid)
         if status.get("exited"):
             code = status.get("exitcode")
-            return GuestOutput(None if code is None else int(code), str(status.get("out-data") or ""),
-                               str(status.get("err-data") or ""))
+            return GuestOutput(
+                None if code is None else int(code),
+                str(status.get("out-data") or ""),
+                str(status.get("err-data") or ""),
+            )
         if time.monotonic() >= deadline:
             raise GuestExecTimeout(f"{argv[0]} (pid {pid}) still running at the deadline")
         time.sleep(poll)
@@ -62,7 +65,8 @@ class EphemeralKey:
     @classmethod
     def generate(cls, comment: str = "packer-assets-smoke") -> EphemeralKey:
         pem = Ed25519PrivateKey.generate().private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
         key = paramiko.Ed25519Key.from_private_key(io.StringIO(pem.decode()))
         return cls(key, f"{key.get_name()} {key.get_base64()} {comment}")
 
@@ -99,16 +103,27 @@ def host_key_entry(host: str, port: int) -> str:
     return host if port == 22 else f"[{host}]:{port}"
 
 
-def ssh_run(host: str, port: int, user: str, key: EphemeralKey, host_keys: list[str], command: str, *,
-            deadline: float, poll: float = 2.0) -> GuestOutput:
+def ssh_run(
+    host: str,
+    port: int,
+    user: str,
+    key: EphemeralKey,
+    host_keys: list[str],
+    command: str,
+    *,
+    deadline: float,
+    poll: float = 2.0,
+) -> GuestOutput:
     """Log in as `user` with `key`, trusting only `host_keys` (`type base64` lines), and run `command`.
 
     A refused or unreachable port is retried until `deadline` (sshd may still be starting); a refused
     key or an unknown host key is not: those are the answers the check is about."""
     pinned = [key for key in map(_public_key, host_keys) if key is not None]
     if not pinned:
-        raise SshLoginError(f"no host key of {host}:{port} to pin: the guest reported "
-                            f"{'none' if not host_keys else 'only types SSH clients no longer use (ssh-dss)'}")
+        raise SshLoginError(
+            f"no host key of {host}:{port} to pin: the guest reported "
+            f"{'none' if not host_keys else 'only types SSH clients no longer use (ssh-dss)'}"
+        )
     last = "no attempt"
     while True:
         client = paramiko.SSHClient()
@@ -117,8 +132,17 @@ def ssh_run(host: str, port: int, user: str, key: EphemeralKey, host_keys: list[
             known.add(host_key_entry(host, port), public.get_name(), public)
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
         try:
-            client.connect(host, port=port, username=user, pkey=key.key, look_for_keys=False, allow_agent=False,
-                           timeout=min(30.0, max(1.0, deadline - time.monotonic())), banner_timeout=30, auth_timeout=30)
+            client.connect(
+                host,
+                port=port,
+                username=user,
+                pkey=key.key,
+                look_for_keys=False,
+                allow_agent=False,
+                timeout=min(30.0, max(1.0, deadline - time.monotonic())),
+                banner_timeout=30,
+                auth_timeout=30,
+            )
             _stdin, stdout, stderr = client.exec_command(command, timeout=max(1.0, deadline - time.monotonic()))
             out = stdout.read().decode(errors="replace")
             code = stdout.channel.recv_exit_status()

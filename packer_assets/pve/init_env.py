@@ -57,10 +57,16 @@ class Bootstrapper(Protocol):
 
     def secrets(self) -> list[str | None]: ...
 
-    def __call__(self, endpoint: Endpoint, config: BootstrapConfig, known_secret: str | None,
-                 save_secret: Callable[[str], None], note: Callable[[str], object],
-                 known_password: str | None = None,
-                 save_password: Callable[[str], None] | None = None) -> BootstrapResult: ...
+    def __call__(
+        self,
+        endpoint: Endpoint,
+        config: BootstrapConfig,
+        known_secret: str | None,
+        save_secret: Callable[[str], None],
+        note: Callable[[str], object],
+        known_password: str | None = None,
+        save_password: Callable[[str], None] | None = None,
+    ) -> BootstrapResult: ...
 
 
 @dataclass(frozen=True)
@@ -77,12 +83,22 @@ class ApiBootstrap:
     def secrets(self) -> list[str | None]:
         return [self.admin.password, self.admin.token_secret]
 
-    def __call__(self, endpoint, config, known_secret, save_secret, note, known_password=None,
-                 save_password=None) -> BootstrapResult:
+    def __call__(
+        self, endpoint, config, known_secret, save_secret, note, known_password=None, save_password=None
+    ) -> BootstrapResult:
         admin = self.admin
-        return bootstrap(endpoint, admin.user, admin_password=admin.password, admin_token_name=admin.token_name,
-                         admin_token_secret=admin.token_secret, known_secret=known_secret, config=config,
-                         save_secret=save_secret, known_password=known_password, save_password=save_password)
+        return bootstrap(
+            endpoint,
+            admin.user,
+            admin_password=admin.password,
+            admin_token_name=admin.token_name,
+            admin_token_secret=admin.token_secret,
+            known_secret=known_secret,
+            config=config,
+            save_secret=save_secret,
+            known_password=known_password,
+            save_password=save_password,
+        )
 
 
 @dataclass(frozen=True)
@@ -122,8 +138,16 @@ def explicit_trust(endpoint: Endpoint) -> bool:
     return bool(endpoint.ca_file or endpoint.tls_fingerprint or endpoint.insecure)
 
 
-def run_init(layout: Layout, endpoint: Endpoint, admin: "AdminLogin | Bootstrapper", config: BootstrapConfig,
-             chain: ChainId, run_id: str | None = None, echo=None, signer: Signer | None = None) -> InitOutcome:
+def run_init(
+    layout: Layout,
+    endpoint: Endpoint,
+    admin: "AdminLogin | Bootstrapper",
+    config: BootstrapConfig,
+    chain: ChainId,
+    run_id: str | None = None,
+    echo=None,
+    signer: Signer | None = None,
+) -> InitOutcome:
     """admin: an AdminLogin (the API path) or any Bootstrapper (e.g. SshBootstrap); signer: signs the
     proof bundle's manifest when given."""
     method = ApiBootstrap(admin) if isinstance(admin, AdminLogin) else admin
@@ -138,14 +162,24 @@ def run_init(layout: Layout, endpoint: Endpoint, admin: "AdminLogin | Bootstrapp
         endpoint = replace(endpoint, ca_file=str(ca_path))
     log_file = layout.init_log_dir(chain.stamp) / "init-packer.log"
     with RunLog(log_file, str(chain), redact, echo) as log:
-        log.line("init", f"{method.describe(endpoint)}: user {config.user}, role {config.role}, "
-                         f"token {config.token_id} (privsep={int(config.privsep)}, rotate={int(config.rotate)})")
+        log.line(
+            "init",
+            f"{method.describe(endpoint)}: user {config.user}, role {config.role}, "
+            f"token {config.token_id} (privsep={int(config.privsep)}, rotate={int(config.rotate)})",
+        )
         try:
-            result = method(endpoint, config, secret,
-                            lambda new: (redact.add(new), save_secret(layout, config.token_id, new)),
-                            lambda text: log.line(method.method, text), known_password=password,
-                            save_password=lambda new: (redact.add(new), save_secrets(
-                                layout, **{BUILD_USER_KEY: config.user, BUILD_PASSWORD_KEY: new})))
+            result = method(
+                endpoint,
+                config,
+                secret,
+                lambda new: (redact.add(new), save_secret(layout, config.token_id, new)),
+                lambda text: log.line(method.method, text),
+                known_password=password,
+                save_password=lambda new: (
+                    redact.add(new),
+                    save_secrets(layout, **{BUILD_USER_KEY: config.user, BUILD_PASSWORD_KEY: new}),
+                ),
+            )
         except Exception as exc:
             log.line("error", f"{type(exc).__name__}: {exc}")
             raise
@@ -156,25 +190,47 @@ def run_init(layout: Layout, endpoint: Endpoint, admin: "AdminLogin | Bootstrapp
             if use_fetched_ca:
                 # The CA came over an SSH connection whose host key was verified: TLS is verified from now on.
                 endpoint = replace(endpoint, ca_file=str(ca_path))
-        write_env_file(layout.env_file, env_file_values(result, endpoint),
-                       header=f"Written by packer-assets proxmox_env ({chain}); mode 0600, holds the token secret")
+        write_env_file(
+            layout.env_file,
+            env_file_values(result, endpoint),
+            header=f"Written by packer-assets proxmox_env ({chain}); mode 0600, holds the token secret",
+        )
         for change in result.changes or ["nothing to change"]:
             log.line("init", change)
         log.line("init", f"PVE {result.pve_version}; token {result.token_id} {result.token_action}")
         if result.build_password_action:
-            log.line("init", f"Packer logs in as {config.user} with a password ({result.build_password_action}; "
-                             f"in {layout.secrets_file})")
+            log.line(
+                "init",
+                f"Packer logs in as {config.user} with a password ({result.build_password_action}; "
+                f"in {layout.secrets_file})",
+            )
         log.line("discover", ", ".join(f"{k}={v}" for k, v in asdict(result.discovery).items()))
         log.line("init", f"wrote {layout.env_file} and {layout.secrets_file}")
     proof = InitProof(
-        bootstrap=method.method, chain_id=str(chain), dagster_run_id=run_id, tool_version=__version__,
-        started_at=started, finished_at=datetime.now(UTC), api_url=endpoint.api_url,
-        tls="ca_file" if endpoint.ca_file else "fingerprint" if endpoint.tls_fingerprint else
-            "insecure" if endpoint.insecure else "system",
-        pve_version=result.pve_version, token_id=result.token_id, token_action=result.token_action,
+        bootstrap=method.method,
+        chain_id=str(chain),
+        dagster_run_id=run_id,
+        tool_version=__version__,
+        started_at=started,
+        finished_at=datetime.now(UTC),
+        api_url=endpoint.api_url,
+        tls="ca_file"
+        if endpoint.ca_file
+        else "fingerprint"
+        if endpoint.tls_fingerprint
+        else "insecure"
+        if endpoint.insecure
+        else "system",
+        pve_version=result.pve_version,
+        token_id=result.token_id,
+        token_action=result.token_action,
         build_login=f"password as {config.user}" if result.build_password_action else "token",
-        role=config.role, privileges=list(result.privileges), changes=result.changes,
-        discovery=asdict(result.discovery), env_file=str(layout.env_file.relative_to(layout.output_root)),
-        log_sha256=sha256_file(log_file))
+        role=config.role,
+        privileges=list(result.privileges),
+        changes=result.changes,
+        discovery=asdict(result.discovery),
+        env_file=str(layout.env_file.relative_to(layout.output_root)),
+        log_sha256=sha256_file(log_file),
+    )
     proof_dir = write_init_proof(layout, proof, log_file, signer)
     return InitOutcome(result, layout.env_file, layout.secrets_file, log_file, proof_dir, proof.model_dump(mode="json"))

@@ -55,12 +55,22 @@ LOOPBACK_NAMES = ("lo", "Loopback Pseudo-Interface 1")
 class SmokeTestError(OperationError):
     """The smoke test failed at `step`; the message names the step, the template and the clone."""
 
-    def __init__(self, step: str, template_vmid: int, clone_vmid: int | None, key: str, reason: str,
-                 cleanup: str | None = None, steps: tuple[SmokeStep, ...] = ()):
+    def __init__(
+        self,
+        step: str,
+        template_vmid: int,
+        clone_vmid: int | None,
+        key: str,
+        reason: str,
+        cleanup: str | None = None,
+        steps: tuple[SmokeStep, ...] = (),
+    ):
         self.step, self.template_vmid, self.clone_vmid, self.key = step, template_vmid, clone_vmid, key
         self.reason, self.cleanup, self.steps = reason, cleanup, steps
-        text = (f"{key}: smoke test of template {template_vmid} failed at step {step!r} "
-                f"(clone {clone_vmid if clone_vmid is not None else '-'}): {reason}")
+        text = (
+            f"{key}: smoke test of template {template_vmid} failed at step {step!r} "
+            f"(clone {clone_vmid if clone_vmid is not None else '-'}): {reason}"
+        )
         super().__init__(text + (f"; cleanup: {cleanup}" if cleanup else ""))
 
 
@@ -71,9 +81,11 @@ class SmokeInternalError(OperationError):
     def __init__(self, step: str, template_vmid: int, key: str, exc: BaseException):
         self.step, self.template_vmid, self.key = step, template_vmid, key
         self.steps: tuple[SmokeStep, ...] = ()
-        super().__init__(f"{key}: smoke test of template {template_vmid}: internal error at step {step!r}: "
-                         f"{type(exc).__name__}: {exc}: a bug in packer-assets, not a fault of the template "
-                         "(the traceback is in the build log)")
+        super().__init__(
+            f"{key}: smoke test of template {template_vmid}: internal error at step {step!r}: "
+            f"{type(exc).__name__}: {exc}: a bug in packer-assets, not a fault of the template "
+            "(the traceback is in the build log)"
+        )
 
 
 # Our own code failing on what it read (a bug), as opposed to the guest or the node failing.
@@ -116,7 +128,6 @@ class SmokeResult:
 
 def found_os(os_info: dict[str, Any]) -> str:
     return f"{os_info.get('id') or '?'} {os_info.get('version-id') or '?'}"
-
 
 
 def encode_sshkeys(keys: str) -> str:
@@ -171,7 +182,9 @@ class _Run:
             self.steps.append(SmokeStep(name, time.monotonic() - started, False, reason))
             raise self.error(name, reason) from exc
         except INTERNAL_ERRORS as exc:
-            self.steps.append(SmokeStep(name, time.monotonic() - started, False, f"internal error: {type(exc).__name__}"))
+            self.steps.append(
+                SmokeStep(name, time.monotonic() - started, False, f"internal error: {type(exc).__name__}")
+            )
             raise SmokeInternalError(name, self.template_vmid, self.key, exc) from exc
         self.steps.append(SmokeStep(name, time.monotonic() - started, True, self.detail))
         self.detail = ""
@@ -204,7 +217,7 @@ class SmokeContext:
     template_vmid: int
     entry: TemplateEntry
     run: _Run
-    login: EphemeralKey            # the key pair made for this test (Linux: in the clone's cloud-init keys)
+    login: EphemeralKey  # the key pair made for this test (Linux: in the clone's cloud-init keys)
     clone_vmid: int | None = None  # as asked for (None: allocated in the key's range)
     ssh_public_key: str | None = None
     ci_user: str = DEFAULT_CI_USER
@@ -232,10 +245,21 @@ class Observed:
     host_keys: list[str]
 
 
-def smoke_test(api: PveApi, node: str, template_vmid: int, entry: TemplateEntry, *,
-               clone_vmid: int | None = None, ssh_public_key: str | None = None, ci_user: str = DEFAULT_CI_USER,
-               storage: str | None = None, timeout: float = 600.0, task_timeout: float = TASK_TIMEOUT,
-               poll: float = 2.0, ssh_address: tuple[str, int] | None = None) -> SmokeResult:
+def smoke_test(
+    api: PveApi,
+    node: str,
+    template_vmid: int,
+    entry: TemplateEntry,
+    *,
+    clone_vmid: int | None = None,
+    ssh_public_key: str | None = None,
+    ci_user: str = DEFAULT_CI_USER,
+    storage: str | None = None,
+    timeout: float = 600.0,
+    task_timeout: float = TASK_TIMEOUT,
+    poll: float = 2.0,
+    ssh_address: tuple[str, int] | None = None,
+) -> SmokeResult:
     """Full-clone template_vmid to clone_vmid (a free VMID of the key's range; allocated when None),
     set a cloud-init user and SSH keys (Linux: `ssh_public_key` if given, and a key pair made for this
     test; Windows templates have no cloud-init drive), start it, wait for the guest agent and an address
@@ -248,14 +272,29 @@ def smoke_test(api: PveApi, node: str, template_vmid: int, entry: TemplateEntry,
     run = _Run(entry.key, template_vmid)
     started = time.monotonic()
     try:
-        ctx = SmokeContext(api, node, template_vmid, entry, run, EphemeralKey.generate(), clone_vmid, ssh_public_key,
-                           ci_user, storage, timeout, task_timeout, poll, ssh_address)
+        ctx = SmokeContext(
+            api,
+            node,
+            template_vmid,
+            entry,
+            run,
+            EphemeralKey.generate(),
+            clone_vmid,
+            ssh_public_key,
+            ci_user,
+            storage,
+            timeout,
+            task_timeout,
+            poll,
+            ssh_address,
+        )
         seen = _test(ctx)
     except BaseException as exc:
         cleaned, note = _cleanup(api, node, run, task_timeout)
         if isinstance(exc, SmokeTestError):
-            raise SmokeTestError(exc.step, template_vmid, run.clone_vmid, entry.key, exc.reason, note,
-                                 tuple(run.steps)) from exc
+            raise SmokeTestError(
+                exc.step, template_vmid, run.clone_vmid, entry.key, exc.reason, note, tuple(run.steps)
+            ) from exc
         if isinstance(exc, SmokeInternalError):
             exc.steps = tuple(run.steps)
         if not cleaned:
@@ -264,9 +303,20 @@ def smoke_test(api: PveApi, node: str, template_vmid: int, entry: TemplateEntry,
     cleaned, note = _cleanup(api, node, run, task_timeout)
     if not cleaned:
         raise SmokeTestError("cleanup", template_vmid, run.clone_vmid, entry.key, note, steps=tuple(run.steps))
-    return SmokeResult(template_vmid, seen.clone_vmid, seen.os_info, seen.interfaces, seen.ips,
-                       time.monotonic() - started, tuple(run.steps), str(entry.expected_os), seen.packages,
-                       seen.machine_id, tuple(seen.host_keys), tuple(run.warnings))
+    return SmokeResult(
+        template_vmid,
+        seen.clone_vmid,
+        seen.os_info,
+        seen.interfaces,
+        seen.ips,
+        time.monotonic() - started,
+        tuple(run.steps),
+        str(entry.expected_os),
+        seen.packages,
+        seen.machine_id,
+        tuple(seen.host_keys),
+        tuple(run.warnings),
+    )
 
 
 def _cleanup(api: PveApi, node: str, run: _Run, task_timeout: float) -> tuple[bool, str | None]:
@@ -278,8 +328,9 @@ def _cleanup(api: PveApi, node: str, run: _Run, task_timeout: float) -> tuple[bo
         found = find_guest(api, run.clone_vmid)
         if found is not None and found.name != run.clone_name:
             run.steps.append(SmokeStep("cleanup", time.monotonic() - started, False))
-            return False, (f"VM {run.clone_vmid} is not our clone (named {found.name!r}, not {run.clone_name!r}); "
-                           "left alone")
+            return False, (
+                f"VM {run.clone_vmid} is not our clone (named {found.name!r}, not {run.clone_name!r}); left alone"
+            )
         destroyed = found is not None and destroy_vm(api, found.node or node, run.clone_vmid, timeout=task_timeout)
         left = find_guest(api, run.clone_vmid)
     except Exception as exc:  # noqa: BLE001 - any failure here must be reported, not raised over the test's own
@@ -303,8 +354,13 @@ def _test(ctx: SmokeContext) -> Observed:
     deadline = time.monotonic() + ctx.timeout  # the guest's boot: agent up and an address, together
     os_info = _booted_os(ctx, clone, agent_on, deadline)
     with run.step("network"):
-        interfaces = _poll(run, "network", deadline, ctx.poll,
-                           lambda: _with_ips(clone.agent("network-get-interfaces").get().get("result") or []))
+        interfaces = _poll(
+            run,
+            "network",
+            deadline,
+            ctx.poll,
+            lambda: _with_ips(clone.agent("network-get-interfaces").get().get("result") or []),
+        )
     ips = guest_ips(interfaces)
     machine_id, host_keys = _guest_checks(ctx, clone, ips, deadline)
     packages = _inventory(ctx, clone, deadline)
@@ -320,13 +376,20 @@ def _clone(ctx: SmokeContext) -> int:
             clone_vmid = allocate_vmid(api, entry, exclude=[template_vmid])
         run.clone_vmid = clone_vmid
         if clone_vmid not in entry.vmid_range or clone_vmid == template_vmid:
-            raise run.error("clone", f"clone VMID {clone_vmid} must be a free VMID of the key's range "
-                                     f"{entry.vmid_range} other than the template's")
+            raise run.error(
+                "clone",
+                f"clone VMID {clone_vmid} must be a free VMID of the key's range "
+                f"{entry.vmid_range} other than the template's",
+            )
         if find_guest(api, clone_vmid) is not None:
             raise run.error("clone", f"VMID {clone_vmid} is in use")
-        params = dict(newid=clone_vmid, full=1, name=f"{entry.key}-smoke-{template_vmid}",
-                      description=f"Temporary smoke-test clone of template {template_vmid} (packer-assets); "
-                                  "destroyed when the test ends.")
+        params = dict(
+            newid=clone_vmid,
+            full=1,
+            name=f"{entry.key}-smoke-{template_vmid}",
+            description=f"Temporary smoke-test clone of template {template_vmid} (packer-assets); "
+            "destroyed when the test ends.",
+        )
         if ctx.storage:
             params["storage"] = ctx.storage
         run.clone_name = params["name"]
@@ -384,9 +447,12 @@ def _booted_os(ctx: SmokeContext, clone: Any, agent_on: bool, deadline: float) -
     with run.step("identity"):
         expected = ctx.entry.expected_os
         if not expected.matches(os_info.get("id"), os_info.get("version-id")):
-            raise run.error("identity", f"expected {expected}, found {found_os(os_info)} "
-                                        f"({os_info.get('pretty-name') or os_info.get('name') or 'no name'}): "
-                                        "the template was not installed from the key's ISO")
+            raise run.error(
+                "identity",
+                f"expected {expected}, found {found_os(os_info)} "
+                f"({os_info.get('pretty-name') or os_info.get('name') or 'no name'}): "
+                "the template was not installed from the key's ISO",
+            )
     return os_info
 
 
@@ -419,8 +485,10 @@ def _inventory(ctx: SmokeContext, clone: Any, deadline: float) -> tuple[Package,
     with run.step("inventory"):
         output = _agent_output(run, "inventory", clone.agent, inventory_command(family), deadline)
         if output.exit_code != 0:
-            raise run.error("inventory", f"the package query exited {output.exit_code}: "
-                                         f"{' '.join((output.err or output.out).split())[:300]}")
+            raise run.error(
+                "inventory",
+                f"the package query exited {output.exit_code}: {' '.join((output.err or output.out).split())[:300]}",
+            )
         packages = tuple(parse_inventory(family, output.out))
         run.detail = f"{len(packages)} packages"
     return packages
@@ -447,8 +515,9 @@ def _agent_output(run: _Run, step: str, agent, argv: list[str], deadline: float)
         raise run.error(step, f"gave up waiting for the guest: {exc}") from None
 
 
-def _ssh_output(ctx: SmokeContext, check: GuestCheck, address: tuple[str, int], host_keys: list[str], command: str,
-                deadline: float) -> GuestOutput:
+def _ssh_output(
+    ctx: SmokeContext, check: GuestCheck, address: tuple[str, int], host_keys: list[str], command: str, deadline: float
+) -> GuestOutput:
     """`command` over SSH as the cloud-init user with the test's key (host keys pinned once known)."""
     host, port = address
     try:

@@ -40,8 +40,18 @@ from packer_assets.pve.client import Endpoint, PveAccessError
 SCRIPT = "remote/init-packer-remote.sh"
 EXPORT = re.compile(r"^EXPORT:([A-Z][A-Z0-9_]*)=(.*)$")
 REPEATED = {"CHANGE"}
-NEEDED = ("PVE_VERSION", "NODE", "VM_STORAGE", "ISO_STORAGE", "BRIDGE", "PRIVILEGES", "TOKEN_ID", "TOKEN_ACTION",
-          "CA_PEM", "DONE")  # names as parse_exports gives them (_B64 decoded and dropped)
+NEEDED = (
+    "PVE_VERSION",
+    "NODE",
+    "VM_STORAGE",
+    "ISO_STORAGE",
+    "BRIDGE",
+    "PRIVILEGES",
+    "TOKEN_ID",
+    "TOKEN_ACTION",
+    "CA_PEM",
+    "DONE",
+)  # names as parse_exports gives them (_B64 decoded and dropped)
 MISSING_TOOLS = 3  # the script's exit code when pveum/pvesh are not there
 
 
@@ -96,7 +106,8 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
             raise SshBootstrapError(
                 f"{self.target.where}: host key check: unknown host key {host_key_fingerprint(key)} for {hostname} "
                 f"(not in {path}); check it on the node (ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub) and add it, "
-                f"or allow trust on first use")
+                f"or allow trust on first use"
+            )
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Appended, not rewritten: the file's other entries, comments and hashing stay as they are.
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -113,15 +124,23 @@ def open_ssh(target: SshTarget, note: Callable[[str], object] = lambda _text: No
         try:
             client.load_host_keys(str(target.known_hosts_file))
         except (OSError, paramiko.SSHException) as exc:
-            raise SshBootstrapError(f"{target.where}: host key check: cannot read {target.known_hosts_file}: "
-                                    f"{exc}") from None
+            raise SshBootstrapError(
+                f"{target.where}: host key check: cannot read {target.known_hosts_file}: {exc}"
+            ) from None
     client.set_missing_host_key_policy(_HostKeyPolicy(target, note))
     auth = dict(key_filename=target.key_file, password=target.password)
     if target.key_file or target.password:
         auth.update(look_for_keys=False, allow_agent=False)
     try:
-        client.connect(target.host, port=target.port, username=target.user, timeout=target.timeout,
-                       banner_timeout=target.timeout, auth_timeout=target.timeout, **auth)
+        client.connect(
+            target.host,
+            port=target.port,
+            username=target.user,
+            timeout=target.timeout,
+            banner_timeout=target.timeout,
+            auth_timeout=target.timeout,
+            **auth,
+        )
     except SshBootstrapError:
         client.close()
         raise
@@ -131,7 +150,8 @@ def open_ssh(target: SshTarget, note: Callable[[str], object] = lambda _text: No
             f"{target.where}: host key check: the host key CHANGED: {target.host_key_name} offers "
             f"{host_key_fingerprint(exc.key)}, {target.known_hosts_file} has {host_key_fingerprint(exc.expected_key)}; refusing "
             f"(a reinstalled node, or someone in between). If the change is expected, remove the old entry: "
-            f"ssh-keygen -R '{target.host_key_name}' -f {target.known_hosts_file}") from None
+            f"ssh-keygen -R '{target.host_key_name}' -f {target.known_hosts_file}"
+        ) from None
     except paramiko.AuthenticationException:
         client.close()
         how = f"key {target.key_file}" if target.key_file else "password" if target.password else "agent/default keys"
@@ -152,13 +172,18 @@ def script_bytes() -> bytes:
 def remote_env(config: BootstrapConfig, skip_token_gen: bool) -> dict[str, str]:
     """The script's settings. Both privilege lists go along: the script knows the node's PVE version."""
     values = {
-        "PA_USER": config.user, "PA_ROLE": config.role, "PA_TOKEN": config.token_name,
+        "PA_USER": config.user,
+        "PA_ROLE": config.role,
+        "PA_TOKEN": config.token_name,
         "PA_PRIVS": ",".join(required_privileges("9", config.extra_privileges)),
         "PA_PRIVS_PRE9": ",".join(required_privileges("8", config.extra_privileges)),
-        "PA_PRIVSEP": str(int(config.privsep)), "PA_ROTATE": str(int(config.rotate)),
+        "PA_PRIVSEP": str(int(config.privsep)),
+        "PA_ROTATE": str(int(config.rotate)),
         "SKIP_TOKEN_GEN": str(int(skip_token_gen)),
-        "PA_NODE": config.node or "", "PA_VM_STORAGE": config.vm_storage or "",
-        "PA_ISO_STORAGE": config.iso_storage or "", "PA_BRIDGE": config.bridge or "",
+        "PA_NODE": config.node or "",
+        "PA_VM_STORAGE": config.vm_storage or "",
+        "PA_ISO_STORAGE": config.iso_storage or "",
+        "PA_BRIDGE": config.bridge or "",
     }
     return {k: v for k, v in values.items() if v != ""}
 
@@ -239,8 +264,9 @@ def parse_exports(stdout: str) -> tuple[dict[str, str], list[str], list[str]]:
 # ------------------------------------------------------------------ the bootstrap
 
 
-def known_secret_works(endpoint: Endpoint, config: BootstrapConfig, secret: str | None,
-                       note: Callable[[str], object]) -> bool:
+def known_secret_works(
+    endpoint: Endpoint, config: BootstrapConfig, secret: str | None, note: Callable[[str], object]
+) -> bool:
     """The reuse rule's test: log in over the API with the secret we hold."""
     if not secret or config.rotate:
         return False
@@ -254,9 +280,14 @@ def known_secret_works(endpoint: Endpoint, config: BootstrapConfig, secret: str 
     return works
 
 
-def ssh_bootstrap(target: SshTarget, endpoint: Endpoint, config: BootstrapConfig, known_secret: str | None,
-                  save_secret: Callable[[str], None] | None = None,
-                  note: Callable[[str], object] = lambda _text: None) -> BootstrapResult:
+def ssh_bootstrap(
+    target: SshTarget,
+    endpoint: Endpoint,
+    config: BootstrapConfig,
+    known_secret: str | None,
+    save_secret: Callable[[str], None] | None = None,
+    note: Callable[[str], object] = lambda _text: None,
+) -> BootstrapResult:
     skip = known_secret_works(endpoint, config, known_secret, note)
     client = open_ssh(target, note)
     try:
@@ -275,8 +306,9 @@ def ssh_bootstrap(target: SshTarget, endpoint: Endpoint, config: BootstrapConfig
     for line in other:
         note(_redact(line, hide))
     if run.exit_code == MISSING_TOOLS:
-        raise SshBootstrapError(f"{script}: pveum/pvesh not found: is this a Proxmox VE node? "
-                                f"{_redact(run.stderr, hide).strip()}")
+        raise SshBootstrapError(
+            f"{script}: pveum/pvesh not found: is this a Proxmox VE node? {_redact(run.stderr, hide).strip()}"
+        )
     if run.exit_code != 0:
         raise SshBootstrapError(f"{script} failed (exit {run.exit_code}): {_redact(run.stderr, hide).strip()}")
     missing = [name for name in NEEDED if name not in values]
@@ -298,18 +330,24 @@ def _result(values, changes, known_secret, skip, endpoint, config, script) -> Bo
     version = values["PVE_VERSION"]
     privileges = required_privileges(version, config.extra_privileges)
     if values["PRIVILEGES"] != ",".join(privileges):
-        raise SshBootstrapError(f"{script}: set privileges {values['PRIVILEGES']} for PVE {version}, "
-                                f"expected {','.join(privileges)}")
+        raise SshBootstrapError(
+            f"{script}: set privileges {values['PRIVILEGES']} for PVE {version}, expected {','.join(privileges)}"
+        )
     if values["TOKEN_ID"] != config.token_id:
         raise SshBootstrapError(f"{script}: made token {values['TOKEN_ID']}, expected {config.token_id}")
     found = Discovery(
         node=values["NODE"],
         # the API path's fallback too: the address the API name resolves to
         node_ip=values.get("NODE_IP") or socket.gethostbyname(endpoint.host),
-        vm_storage=values["VM_STORAGE"], iso_storage=values["ISO_STORAGE"], bridge=values["BRIDGE"],
-        http_bind_address=http_bind_address(endpoint, config), http_port=config.http_port)
-    return BootstrapResult(version, config.token_id, secret, action, privileges, found, changes,
-                           ca_pem=values["CA_PEM"])
+        vm_storage=values["VM_STORAGE"],
+        iso_storage=values["ISO_STORAGE"],
+        bridge=values["BRIDGE"],
+        http_bind_address=http_bind_address(endpoint, config),
+        http_port=config.http_port,
+    )
+    return BootstrapResult(
+        version, config.token_id, secret, action, privileges, found, changes, ca_pem=values["CA_PEM"]
+    )
 
 
 def _redact(text: str, hide) -> str:
@@ -329,16 +367,21 @@ class SshBootstrap:
 
     def describe(self, endpoint: Endpoint) -> str:
         trust = "trust on first use" if self.target.trust_on_first_use else "known host keys only"
-        return (f"bootstrap over SSH as {self.target.where} (host keys: {self.target.known_hosts_file}, {trust}); "
-                f"API {endpoint.base}")
+        return (
+            f"bootstrap over SSH as {self.target.where} (host keys: {self.target.known_hosts_file}, {trust}); "
+            f"API {endpoint.base}"
+        )
 
     def secrets(self) -> list[str | None]:
         return [self.target.password]
 
-    def __call__(self, endpoint, config, known_secret, save_secret, note, known_password=None,
-                 save_password=None) -> BootstrapResult:
+    def __call__(
+        self, endpoint, config, known_secret, save_secret, note, known_password=None, save_password=None
+    ) -> BootstrapResult:
         if config.build_password:
             # Setting it here would put the password on the node's command line (pvesh's argv).
-            note(f"not setting a password for {config.user} over SSH: a Packer without token login (< 1.7.1) "
-                 "needs PROXMOX_BUILD_USER/PROXMOX_BUILD_PASSWORD set by you, or the API bootstrap")
+            note(
+                f"not setting a password for {config.user} over SSH: a Packer without token login (< 1.7.1) "
+                "needs PROXMOX_BUILD_USER/PROXMOX_BUILD_PASSWORD set by you, or the API bootstrap"
+            )
         return ssh_bootstrap(self.target, endpoint, config, known_secret, save_secret, note)

@@ -84,16 +84,27 @@ def _volid(storage: str, filename: str) -> str:
     return f"{storage}:iso/{filename}"
 
 
-def _finish_task(api: PveApi, node: str, storage: str, upid: str, volid: str, what: str, *,
-                 timeout: float, on_progress: Progress | None, poll_interval: float) -> None:
+def _finish_task(
+    api: PveApi,
+    node: str,
+    storage: str,
+    upid: str,
+    volid: str,
+    what: str,
+    *,
+    timeout: float,
+    on_progress: Progress | None,
+    poll_interval: float,
+) -> None:
     """Wait; on failure make sure the node left no volume, then raise with exit status and UPID."""
     try:
         status = follow_task(api, upid, timeout=timeout, on_progress=on_progress, poll=poll_interval)
     except TaskTimeout as exc:
         raise StagingError(f"{volid}: {what}: {exc}{_cleanup(api, node, storage, volid)}") from None
     if status.get("exitstatus") != "OK":
-        raise StagingError(f"{volid}: {what} task {upid} failed: {status.get('exitstatus')}"
-                           f"{_cleanup(api, node, storage, volid)}")
+        raise StagingError(
+            f"{volid}: {what} task {upid} failed: {status.get('exitstatus')}{_cleanup(api, node, storage, volid)}"
+        )
 
 
 def _cleanup(api: PveApi, node: str, storage: str, volid: str) -> str:
@@ -124,33 +135,67 @@ def delete_volume(api: PveApi, node: str, storage: str, volid: str, timeout: flo
 # ------------------------------------------------------------------ download-url
 
 
-def stage_iso(api: PveApi, node: str, storage: str, iso: IsoSource, checksum: Checksum | None = None, *,
-              timeout: float = 3600, on_progress: Progress | None = None, poll_interval: float = 1.0,
-              cache: MutableMapping[str, ChecksumFile] | None = None) -> StagedIso:
+def stage_iso(
+    api: PveApi,
+    node: str,
+    storage: str,
+    iso: IsoSource,
+    checksum: Checksum | None = None,
+    *,
+    timeout: float = 3600,
+    on_progress: Progress | None = None,
+    poll_interval: float = 1.0,
+    cache: MutableMapping[str, ChecksumFile] | None = None,
+) -> StagedIso:
     """Have the node download iso (its effective, i.e. mirrored, URL) and verify it against checksum
     (resolved from the catalog when not given). Nothing is downloaded when the release is there."""
     started = time.monotonic()
-    checksum = checksum or resolve_checksum(iso, cache=cache, keyring=iso.keyring_path,
-                                            signature_url=iso.signature_url)
+    checksum = checksum or resolve_checksum(iso, cache=cache, keyring=iso.keyring_path, signature_url=iso.signature_url)
     filename = release_filename(iso.filename, checksum)
     volid, url = _volid(storage, filename), iso.effective_url
     found = iso_volumes(api, node, storage).get(volid)
     if found is None:
         try:
-            upid = api.nodes(node).storage(storage)("download-url").post(
-                url=url, content="iso", filename=filename, checksum=checksum.hex,
-                **{"checksum-algorithm": checksum.algorithm})
+            upid = (
+                api.nodes(node)
+                .storage(storage)("download-url")
+                .post(
+                    url=url,
+                    content="iso",
+                    filename=filename,
+                    checksum=checksum.hex,
+                    **{"checksum-algorithm": checksum.algorithm},
+                )
+            )
         except ResourceException as exc:
             raise StagingError(f"{volid}: {node} refused download-url of {url}: {said(exc)}") from None
         except requests.RequestException as exc:
             raise StagingError(f"{volid}: download-url of {url} could not be requested: {exc}") from None
-        _finish_task(api, node, storage, upid, volid, f"download of {url}", timeout=timeout,
-                     on_progress=on_progress, poll_interval=poll_interval)
+        _finish_task(
+            api,
+            node,
+            storage,
+            upid,
+            volid,
+            f"download of {url}",
+            timeout=timeout,
+            on_progress=on_progress,
+            poll_interval=poll_interval,
+        )
         found = _must_exist(api, node, storage, volid, upid)
     else:
         upid = None
-    return StagedIso(volid, int(found.get("size") or 0), checksum.hex, checksum.algorithm, url,
-                     round(time.monotonic() - started, 3), 0, upid is not None, upid)
+    return StagedIso(
+        volid,
+        int(found.get("size") or 0),
+        checksum.hex,
+        checksum.algorithm,
+        url,
+        round(time.monotonic() - started, 3),
+        0,
+        upid is not None,
+        upid,
+    )
 
 
 def _must_exist(api: PveApi, node: str, storage: str, volid: str, upid: str) -> dict[str, Any]:
@@ -160,8 +205,14 @@ def _must_exist(api: PveApi, node: str, storage: str, volid: str, upid: str) -> 
     return found
 
 
-def stage_entry(api: PveApi, node: str, storage: str, entry: TemplateEntry,
-                checksums: Mapping[str, Checksum] | None = None, **options: Any) -> dict[str, StagedIso]:
+def stage_entry(
+    api: PveApi,
+    node: str,
+    storage: str,
+    entry: TemplateEntry,
+    checksums: Mapping[str, Checksum] | None = None,
+    **options: Any,
+) -> dict[str, StagedIso]:
     """The boot ISO (as "iso") and every extra ISO (by its name), each staged like stage_iso.
 
     checksums: known values by the same names (e.g. from the sensor); the rest are resolved, one
@@ -248,8 +299,10 @@ class HashingReader(io.RawIOBase):
         if self.digest is None:
             self.digest = self._hash.hexdigest()
             if self.digest != self.expected.hex:
-                self.mismatch = (f"{self.path}: {self.expected.algorithm} of its {self.len} bytes is {self.digest}, "
-                                 f"expected {self.expected.hex}")
+                self.mismatch = (
+                    f"{self.path}: {self.expected.algorithm} of its {self.len} bytes is {self.digest}, "
+                    f"expected {self.expected.hex}"
+                )
         if self.mismatch:
             raise ChecksumMismatch(self.mismatch)
 
@@ -262,9 +315,18 @@ class HashingReader(io.RawIOBase):
         super().close()
 
 
-def upload_iso(api: PveApi, node: str, storage: str, path: str | os.PathLike[str], checksum: Checksum, *,
-               filename: str | None = None, timeout: float = 600, on_progress: Progress | None = None,
-               poll_interval: float = 1.0) -> StagedIso:
+def upload_iso(
+    api: PveApi,
+    node: str,
+    storage: str,
+    path: str | os.PathLike[str],
+    checksum: Checksum,
+    *,
+    filename: str | None = None,
+    timeout: float = 600,
+    on_progress: Progress | None = None,
+    poll_interval: float = 1.0,
+) -> StagedIso:
     """Upload a local ISO whose checksum is known (pinned, or computed when the file was generated).
 
     filename: the name on the storage before the release fragment (default: the file's name).
@@ -275,30 +337,66 @@ def upload_iso(api: PveApi, node: str, storage: str, path: str | os.PathLike[str
     volid = _volid(storage, target)
     found = iso_volumes(api, node, storage).get(volid)
     if found is not None:
-        return StagedIso(volid, int(found.get("size") or 0), checksum.hex, checksum.algorithm, str(source),
-                         round(time.monotonic() - started, 3), 0, False)
+        return StagedIso(
+            volid,
+            int(found.get("size") or 0),
+            checksum.hex,
+            checksum.algorithm,
+            str(source),
+            round(time.monotonic() - started, 3),
+            0,
+            False,
+        )
     try:
         reader = HashingReader(source, checksum, name=target)
     except OSError as exc:
         raise StagingError(f"{volid}: cannot read {source}: {exc.strerror or exc}") from None
     with reader:
         try:
-            upid = api.nodes(node).storage(storage).upload.post(
-                content="iso", filename=reader, checksum=checksum.hex, **{"checksum-algorithm": checksum.algorithm})
+            upid = (
+                api.nodes(node)
+                .storage(storage)
+                .upload.post(
+                    content="iso", filename=reader, checksum=checksum.hex, **{"checksum-algorithm": checksum.algorithm}
+                )
+            )
         except ChecksumMismatch as exc:
-            raise StagingError(f"{volid}: refused to upload: {exc}; the upload was cut off before its last block"
-                               f"{_cleanup(api, node, storage, volid)}") from None
+            raise StagingError(
+                f"{volid}: refused to upload: {exc}; the upload was cut off before its last block"
+                f"{_cleanup(api, node, storage, volid)}"
+            ) from None
         except ResourceException as exc:
             raise StagingError(f"{volid}: {node} refused the upload of {source}: {said(exc)}") from None
         except requests.RequestException as exc:
-            raise StagingError(f"{volid}: the upload of {source} failed: {exc}"
-                               f"{_cleanup(api, node, storage, volid)}") from None
+            raise StagingError(
+                f"{volid}: the upload of {source} failed: {exc}{_cleanup(api, node, storage, volid)}"
+            ) from None
         if not reader.verified:  # the request ended without reading the whole file
-            raise StagingError(f"{volid}: the upload read {reader.tell()} of {reader.len} bytes of {source}"
-                               f"{_cleanup(api, node, storage, volid)}")
+            raise StagingError(
+                f"{volid}: the upload read {reader.tell()} of {reader.len} bytes of {source}"
+                f"{_cleanup(api, node, storage, volid)}"
+            )
         sent = reader.len
-    _finish_task(api, node, storage, upid, volid, f"upload of {source}", timeout=timeout,
-                 on_progress=on_progress, poll_interval=poll_interval)
+    _finish_task(
+        api,
+        node,
+        storage,
+        upid,
+        volid,
+        f"upload of {source}",
+        timeout=timeout,
+        on_progress=on_progress,
+        poll_interval=poll_interval,
+    )
     found = _must_exist(api, node, storage, volid, upid)
-    return StagedIso(volid, int(found.get("size") or 0), checksum.hex, checksum.algorithm, str(source),
-                     round(time.monotonic() - started, 3), sent, True, upid)
+    return StagedIso(
+        volid,
+        int(found.get("size") or 0),
+        checksum.hex,
+        checksum.algorithm,
+        str(source),
+        round(time.monotonic() - started, 3),
+        sent,
+        True,
+        upid,
+    )

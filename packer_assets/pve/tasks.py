@@ -32,8 +32,16 @@ def said(exc: ResourceException) -> str:
     return f"HTTP {exc.status_code} {exc.status_message}: {str(exc.content).strip()}".strip()
 
 
-def follow_task(api: PveApi, upid: str, *, timeout: float, on_progress: Progress | None = None,
-                poll: float = 1.0, log_interval: float = 5.0, stop_on_timeout: bool = True) -> dict[str, Any]:
+def follow_task(
+    api: PveApi,
+    upid: str,
+    *,
+    timeout: float,
+    on_progress: Progress | None = None,
+    poll: float = 1.0,
+    log_interval: float = 5.0,
+    stop_on_timeout: bool = True,
+) -> dict[str, Any]:
     """Wait for a task, passing its new log lines to on_progress every log_interval seconds and at the
     end. Returns the final status, whatever its exit status. On timeout raise TaskTimeout, with
     stop_on_timeout after asking the node to stop the task (a late finish would surprise the next run)."""

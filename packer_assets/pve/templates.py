@@ -128,15 +128,22 @@ class Guest:
 
     @classmethod
     def of(cls, item: Mapping[str, Any]) -> Guest:
-        return cls(vmid=int(item["vmid"]), node=str(item.get("node", "")), kind=str(item.get("type", "")),
-                   name=str(item.get("name") or ""), tags=tuple(split_tags(item.get("tags"))),
-                   template=bool(int(item.get("template") or 0)), status=str(item.get("status", "")),
-                   lock=item.get("lock") or None)
+        return cls(
+            vmid=int(item["vmid"]),
+            node=str(item.get("node", "")),
+            kind=str(item.get("type", "")),
+            name=str(item.get("name") or ""),
+            tags=tuple(split_tags(item.get("tags"))),
+            template=bool(int(item.get("template") or 0)),
+            status=str(item.get("status", "")),
+            lock=item.get("lock") or None,
+        )
 
     def ours(self, key: str) -> bool:
         """A QEMU guest tagged with the tool and the key, named `<key>-<timestamp>`."""
-        return (self.kind == "qemu" and TOOL_TAG in self.tags and key in self.tags
-                and name_time(key, self.name) is not None)
+        return (
+            self.kind == "qemu" and TOOL_TAG in self.tags and key in self.tags and name_time(key, self.name) is not None
+        )
 
     @property
     def promoted(self) -> bool:
@@ -167,14 +174,24 @@ def leftover_vms(api: PveApi, key: str, vmid_range: VmidRange) -> list[Guest]:
     `cleanup-<vmid>`. Leftovers of a dead run only to a caller that holds the key's lock (locks.py):
     then no live run of the key can own them."""
     ours = re.compile(rf"{re.escape(key)}-smoke-\d+|cleanup-\d+")
-    return sorted((g for g in guests(api).values() if g.kind == "qemu" and not g.template and g.vmid in vmid_range
-                   and (name_time(key, g.name) is not None or ours.fullmatch(g.name))), key=lambda g: g.vmid)
+    return sorted(
+        (
+            g
+            for g in guests(api).values()
+            if g.kind == "qemu"
+            and not g.template
+            and g.vmid in vmid_range
+            and (name_time(key, g.name) is not None or ours.fullmatch(g.name))
+        ),
+        key=lambda g: g.vmid,
+    )
 
 
 def list_templates(api: PveApi, key: str, vmid_range: VmidRange | None = None) -> list[Guest]:
     """Our templates of key (template=1), newest first by the time in their name, then by VMID."""
-    found = [g for g in guests(api).values() if g.template and g.ours(key)
-             and (vmid_range is None or g.vmid in vmid_range)]
+    found = [
+        g for g in guests(api).values() if g.template and g.ours(key) and (vmid_range is None or g.vmid in vmid_range)
+    ]
     return sorted(found, key=lambda g: (name_time(key, g.name), g.vmid), reverse=True)
 
 
@@ -200,8 +217,10 @@ def allocate_vmid(api: PveApi, entry: TemplateEntry, exclude: Iterable[int] = ()
                 continue
             raise TemplateError(f"{entry.key}: /cluster/nextid?vmid={vmid}: {said(exc)}") from None
         return vmid
-    raise VmidRangeFull(f"{entry.key}: no free VMID in its range {entry.vmid_range} (all "
-                        f"{entry.vmid_range.size} in use); prune old templates or widen vmid_range in the catalog")
+    raise VmidRangeFull(
+        f"{entry.key}: no free VMID in its range {entry.vmid_range} (all "
+        f"{entry.vmid_range.size} in use); prune old templates or widen vmid_range in the catalog"
+    )
 
 
 # ------------------------------------------------------------------ description
@@ -224,14 +243,22 @@ class TemplateDescription(BaseModel):
 
     def render(self) -> str:
         """A Markdown block for the Notes panel, then one machine-readable line (keep it last)."""
-        rows = [("Chain ID", self.chain_id), ("ISO", self.iso_url), ("ISO volume", self.iso_volid or "-"),
-                ("ISO checksum", self.iso_checksum), ("Input fingerprint", self.input_fingerprint),
-                ("Built", self.built_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")),
-                ("Packer", self.packer_version or "-"), ("Tool", f"packer-assets {self.tool_version}")]
+        rows = [
+            ("Chain ID", self.chain_id),
+            ("ISO", self.iso_url),
+            ("ISO volume", self.iso_volid or "-"),
+            ("ISO checksum", self.iso_checksum),
+            ("Input fingerprint", self.input_fingerprint),
+            ("Built", self.built_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")),
+            ("Packer", self.packer_version or "-"),
+            ("Tool", f"packer-assets {self.tool_version}"),
+        ]
         table = "\n".join(f"| {name} | `{value}` |" for name, value in rows)
-        return (f"**Template `{self.key}`**, built by packer-assets. The last line is read by the tool: "
-                f"do not edit it.\n\n| | |\n|---|---|\n{table}\n\n"
-                f"{DESCRIPTION_PREFIX}{self.model_dump_json()}\n")
+        return (
+            f"**Template `{self.key}`**, built by packer-assets. The last line is read by the tool: "
+            f"do not edit it.\n\n| | |\n|---|---|\n{table}\n\n"
+            f"{DESCRIPTION_PREFIX}{self.model_dump_json()}\n"
+        )
 
 
 def read_description(text: str | None) -> TemplateDescription | None:
@@ -257,7 +284,7 @@ def _last_record(text: str | None, prefix: str, model: type[BaseModel]) -> Any:
     for line in reversed((text or "").splitlines()):
         if line.startswith(prefix):
             try:
-                return model.model_validate_json(line[len(prefix):])
+                return model.model_validate_json(line[len(prefix) :])
             except ValidationError:
                 return None
     return None
@@ -267,8 +294,12 @@ def revoked_description(text: str | None, revocation: Revocation) -> str:
     """The description with the revocation (a Markdown line and the machine-readable line) inserted just
     before the build record, which stays the last line `read_description` reads."""
     when = revocation.revoked_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    block = [f"**Revoked** {when}" + (f": {revocation.reason}" if revocation.reason else ""), "",
-             f"{REVOKED_PREFIX}{revocation.model_dump_json()}", ""]
+    block = [
+        f"**Revoked** {when}" + (f": {revocation.reason}" if revocation.reason else ""),
+        "",
+        f"{REVOKED_PREFIX}{revocation.model_dump_json()}",
+        "",
+    ]
     lines = (text or "").splitlines()
     at = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith(DESCRIPTION_PREFIX)), len(lines))
     return "\n".join(lines[:at] + block + lines[at:]) + "\n"
@@ -317,8 +348,15 @@ def free_cloudinit_slot(config: Mapping[str, Any], where: str = "") -> str:
     raise TemplateError(f"{where}: no free slot for a cloud-init drive (tried {', '.join(CLOUDINIT_SLOTS)})")
 
 
-def _finish_updates(config: Mapping[str, Any], family: str, vm_storage: str, description: TemplateDescription,
-                    tags: Iterable[str] | None, name: str | None, where: str) -> dict[str, Any]:
+def _finish_updates(
+    config: Mapping[str, Any],
+    family: str,
+    vm_storage: str,
+    description: TemplateDescription,
+    tags: Iterable[str] | None,
+    name: str | None,
+    where: str,
+) -> dict[str, Any]:
     """finish_template's config write, from the config as read: every ISO ejected, a cloud-init drive for a
     Linux template that has none, the tags, the description and the name."""
     updates: dict[str, Any] = {key: "none,media=cdrom" for key in iso_cdroms(config)}
@@ -344,9 +382,18 @@ class FinishedTemplate:
     converted: bool  # True if this call made it a template (Packer had not)
 
 
-def finish_template(api: PveApi, node: str, vmid: int, *, family: str, vm_storage: str,
-                    description: TemplateDescription, tags: Iterable[str] | None = None, name: str | None = None,
-                    timeout: float = TASK_TIMEOUT) -> FinishedTemplate:
+def finish_template(
+    api: PveApi,
+    node: str,
+    vmid: int,
+    *,
+    family: str,
+    vm_storage: str,
+    description: TemplateDescription,
+    tags: Iterable[str] | None = None,
+    name: str | None = None,
+    timeout: float = TASK_TIMEOUT,
+) -> FinishedTemplate:
     """After Packer: eject every ISO, give a Linux template its cloud-init drive, write description and
     tags (`packer-assets`, the key, plus `tags`), and convert it to a template if Packer did not.
 
@@ -358,13 +405,19 @@ def finish_template(api: PveApi, node: str, vmid: int, *, family: str, vm_storag
     try:
         if vm.status.current.get().get("status") == "running":
             raise TemplateError(f"{where}: still running; Packer did not shut it down, it cannot become a template")
+
         def configure(values: Mapping[str, Any]) -> None:  # POST: allocating the cloud-init volume is a task
             run_task(api, vm.config.post(**values), f"{where}: configure", timeout)
 
         # A compare-and-set: what is ejected and where the cloud-init drive goes follow the config it replaces.
         config, updates = edit_config(
-            api, node, vmid, lambda read: _finish_updates(read, family, vm_storage, description, tags, name, where),
-            f"{where}: configure", write=configure)
+            api,
+            node,
+            vmid,
+            lambda read: _finish_updates(read, family, vm_storage, description, tags, name, where),
+            f"{where}: configure",
+            write=configure,
+        )
         ejected = tuple(iso_cdroms(config))
         slot, added = cloudinit_drive(config), False
         if slot is None and family != "windows":
@@ -377,8 +430,9 @@ def finish_template(api: PveApi, node: str, vmid: int, *, family: str, vm_storag
         raise TemplateError(f"{where}: {said(exc)}") from None
     if not int(final.get("template") or 0):
         raise TemplateError(f"{where}: still not a template after conversion")
-    return FinishedTemplate(vmid, node, str(final.get("name", "")), tuple(split_tags(final.get("tags"))), ejected,
-                            slot, added, converted)
+    return FinishedTemplate(
+        vmid, node, str(final.get("name", "")), tuple(split_tags(final.get("tags"))), ejected, slot, added, converted
+    )
 
 
 # ------------------------------------------------------------------ up-to-date rule
@@ -392,12 +446,17 @@ NOT_BUILD_INPUTS = frozenset({"retention", "work_dirs", "expect_os", "smoke"})
 def catalog_entry_json(entry: TemplateEntry) -> str:
     """The entry as canonical JSON (sorted keys), without NOT_BUILD_INPUTS. The ISO mirror is not part
     of it either (a private attribute): fetching the same ISO elsewhere does not make a template old."""
-    return json.dumps(entry.model_dump(mode="json", exclude=set(NOT_BUILD_INPUTS)), sort_keys=True,
-                      separators=(",", ":"))
+    return json.dumps(
+        entry.model_dump(mode="json", exclude=set(NOT_BUILD_INPUTS)), sort_keys=True, separators=(",", ":")
+    )
 
 
-def input_fingerprint(iso_checksum: str, rendered_files: Mapping[str, str], packer_template_sha256: str,
-                      catalog_entry_json: str | Mapping[str, Any]) -> str:
+def input_fingerprint(
+    iso_checksum: str,
+    rendered_files: Mapping[str, str],
+    packer_template_sha256: str,
+    catalog_entry_json: str | Mapping[str, Any],
+) -> str:
     """sha256 hex over everything a build depends on, in a canonical form (key order and JSON
     whitespace do not matter)."""
     entry = catalog_entry_json
@@ -406,9 +465,17 @@ def input_fingerprint(iso_checksum: str, rendered_files: Mapping[str, str], pack
             entry = json.loads(entry)
         except ValueError:
             pass  # not JSON: hashed as the text it is
-    blob = json.dumps({"v": 1, "iso_checksum": iso_checksum, "rendered_files": dict(sorted(rendered_files.items())),
-                       "packer_template_sha256": packer_template_sha256, "catalog_entry": entry},
-                      sort_keys=True, separators=(",", ":"))
+    blob = json.dumps(
+        {
+            "v": 1,
+            "iso_checksum": iso_checksum,
+            "rendered_files": dict(sorted(rendered_files.items())),
+            "packer_template_sha256": packer_template_sha256,
+            "catalog_entry": entry,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -472,13 +539,19 @@ def destroy_vm(api: PveApi, node: str, vmid: int, *, timeout: float = TASK_TIMEO
             if not status.get("lock"):
                 break
             if time.monotonic() >= deadline:
-                raise TemplateError(f"{where}: locked ({status['lock']}) for {timeout:g}s; only root can override "
-                                    f"it (`qm unlock {vmid}` on {node}), then destroy it")
+                raise TemplateError(
+                    f"{where}: locked ({status['lock']}) for {timeout:g}s; only root can override "
+                    f"it (`qm unlock {vmid}` on {node}), then destroy it"
+                )
             time.sleep(poll)
         if status.get("status") != "stopped":
             run_task(api, vm.status.stop.post(), f"{where}: stop", max(1.0, deadline - time.monotonic()))
-        run_task(api, vm.delete(purge=1, **{"destroy-unreferenced-disks": 1}), f"{where}: destroy",
-                  max(1.0, deadline - time.monotonic()))
+        run_task(
+            api,
+            vm.delete(purge=1, **{"destroy-unreferenced-disks": 1}),
+            f"{where}: destroy",
+            max(1.0, deadline - time.monotonic()),
+        )
     except ResourceException as exc:
         if _gone(exc):
             return False
@@ -490,8 +563,7 @@ def _gone(exc: ResourceException) -> bool:
     return exc.status_code == 500 and "does not exist" in str(exc.content)
 
 
-def destroy_build_vm(api: PveApi, node: str, vmid: int, entry: TemplateEntry, *,
-                     timeout: float = TASK_TIMEOUT) -> bool:
+def destroy_build_vm(api: PveApi, node: str, vmid: int, entry: TemplateEntry, *, timeout: float = TASK_TIMEOUT) -> bool:
     """Remove whatever a failed build left at vmid (running or not, template or not, with its disks).
 
     Guards, checked before anything is changed: vmid must lie in the key's range; the VM must not be
@@ -513,8 +585,10 @@ def destroy_build_vm(api: PveApi, node: str, vmid: int, entry: TemplateEntry, *,
     if guest.promoted:
         raise TemplateError(f"{entry.key}: refusing to destroy VM {vmid} ({guest.name}): it is the promoted template")
     if TOOL_TAG in guest.tags and entry.key not in guest.tags:
-        raise TemplateError(f"{entry.key}: refusing to destroy VM {vmid} ({guest.name}): it belongs to another key "
-                            f"(tags {';'.join(guest.tags)})")
+        raise TemplateError(
+            f"{entry.key}: refusing to destroy VM {vmid} ({guest.name}): it belongs to another key "
+            f"(tags {';'.join(guest.tags)})"
+        )
     return destroy_vm(api, guest.node or node, vmid, timeout=timeout)
 
 
@@ -532,9 +606,14 @@ def _destroy_orphans(api: PveApi, node: str, vmid: int, entry: TemplateEntry, ti
     try:
         if not orphan_volumes(api, node, vmid):
             return False
-        run_task(api, api.nodes(node).qemu.post(vmid=vmid, name=f"cleanup-{vmid}",
-                                                 description="Placeholder of packer-assets, to remove orphaned disks"),
-                  f"{where}: placeholder for orphaned disks", timeout)
+        run_task(
+            api,
+            api.nodes(node).qemu.post(
+                vmid=vmid, name=f"cleanup-{vmid}", description="Placeholder of packer-assets, to remove orphaned disks"
+            ),
+            f"{where}: placeholder for orphaned disks",
+            timeout,
+        )
     except ResourceException as exc:
         raise TemplateError(f"{where}: orphaned disks: {said(exc)}") from None
     destroy_vm(api, node, vmid, timeout=timeout)
@@ -560,8 +639,14 @@ def digest_refused(exc: Exception) -> bool:
     return DIGEST_REFUSED.search(str(exc)) is not None
 
 
-def edit_config(api: PveApi, node: str, vmid: int, change: Callable[[Mapping[str, Any]], Mapping[str, Any]],
-                what: str, write: Callable[[Mapping[str, Any]], Any] | None = None) -> tuple[dict, dict]:
+def edit_config(
+    api: PveApi,
+    node: str,
+    vmid: int,
+    change: Callable[[Mapping[str, Any]], Mapping[str, Any]],
+    what: str,
+    write: Callable[[Mapping[str, Any]], Any] | None = None,
+) -> tuple[dict, dict]:
     """A compare-and-set on the VM's config: read it, compute the updates from THAT read (change(config);
     empty: nothing to write), and write them with the read's digest, which PVE refuses if anyone wrote in
     between. Refused: read again and recompute, up to CONFIG_WRITE_TRIES times, then ConfigChanged.
@@ -581,15 +666,19 @@ def edit_config(api: PveApi, node: str, vmid: int, change: Callable[[Mapping[str
         except (ResourceException, TaskError) as exc:
             if not digest_refused(exc):
                 raise
-    raise ConfigChanged(f"{what}: VM {vmid} on {node} was changed by someone else between each of "
-                        f"{CONFIG_WRITE_TRIES} reads and writes; nothing written, try again")
+    raise ConfigChanged(
+        f"{what}: VM {vmid} on {node} was changed by someone else between each of "
+        f"{CONFIG_WRITE_TRIES} reads and writes; nothing written, try again"
+    )
 
 
-def edit_tags(api: PveApi, guest: Guest, edit: Callable[[tuple[str, ...]], Iterable[str]],
-              what: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def edit_tags(
+    api: PveApi, guest: Guest, edit: Callable[[tuple[str, ...]], Iterable[str]], what: str
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Set the guest's tags to edit(its tags as read from its config), as a compare-and-set (edit_config):
     a tag someone else wrote meanwhile is never lost nor put back. edit may raise to refuse what it
     read. Returns (tags read, tags now)."""
+
     def change(config: Mapping[str, Any]) -> dict[str, str]:
         before = join_tags(split_tags(config.get("tags")))
         after = join_tags(edit(tuple(split_tags(before))))
@@ -622,8 +711,10 @@ def promote(api: PveApi, node: str, key: str, new_vmid: int) -> Promotion:
     templates = list_templates(api, key)
     new = next((g for g in templates if g.vmid == new_vmid), None)
     if new is None:
-        raise TemplateError(f"{key}: refusing to promote VM {new_vmid}: not a template of this key "
-                            f"(tagged {TOOL_TAG};{key}, named {key}-<timestamp>)")
+        raise TemplateError(
+            f"{key}: refusing to promote VM {new_vmid}: not a template of this key "
+            f"(tagged {TOOL_TAG};{key}, named {key}-<timestamp>)"
+        )
     if new.node != node:
         raise TemplateError(f"{key}: VM {new_vmid} is on node {new.node}, not {node}")
     what = f"{key}: promoting VM {new_vmid}"
@@ -637,6 +728,7 @@ def promote(api: PveApi, node: str, key: str, new_vmid: int) -> Promotion:
 
 def _tag_latest(api: PveApi, guest: Guest, what: str, refused: str) -> None:
     """Add the promotion tag to guest, refused (TemplateError(refused)) when its tags as read say revoked."""
+
     def tag(tags: tuple[str, ...]) -> list[str]:
         if REVOKED_TAG in tags:
             raise TemplateError(refused)
@@ -645,8 +737,9 @@ def _tag_latest(api: PveApi, guest: Guest, what: str, refused: str) -> None:
     edit_tags(api, guest, tag, what)
 
 
-def take_tag(api: PveApi, key: str, tag: str, what: str, *, keep: int | None = None,
-             vmid_range: VmidRange | None = None) -> tuple[int, ...]:
+def take_tag(
+    api: PveApi, key: str, tag: str, what: str, *, keep: int | None = None, vmid_range: VmidRange | None = None
+) -> tuple[int, ...]:
     """Take tag from every template of the key but `keep` (which must still carry it, unrevoked), each a
     compare-and-set, listing the key again after each pass until none carries it (a writer that does not
     compare-and-set may have put it back). Returns the VMIDs it was taken from."""
@@ -654,20 +747,21 @@ def take_tag(api: PveApi, key: str, tag: str, what: str, *, keep: int | None = N
     for _ in range(CONFIG_WRITE_TRIES):
         templates = list_templates(api, key, vmid_range)
         if keep is not None and not any(g.vmid == keep and tag in g.tags and not g.revoked for g in templates):
-            raise TemplateError(f"{what}: VM {keep} lost {tag} (or was revoked) meanwhile; the other templates "
-                                "keep theirs")
+            raise TemplateError(
+                f"{what}: VM {keep} lost {tag} (or was revoked) meanwhile; the other templates keep theirs"
+            )
         others = [g for g in templates if tag in g.tags and g.vmid != keep]
         if not others:
             return tuple(taken)
         for old in others:
             if tag in remove_tag(api, old, tag, what)[0] and old.vmid not in taken:
                 taken.append(old.vmid)
-    raise ConfigChanged(f"{what}: {tag} kept coming back on other templates of the key after {CONFIG_WRITE_TRIES} "
-                        "passes")
+    raise ConfigChanged(
+        f"{what}: {tag} kept coming back on other templates of the key after {CONFIG_WRITE_TRIES} passes"
+    )
 
 
-def withdraw(api: PveApi, node: str, entry: TemplateEntry, vmid: int,
-             previous: Guest | None) -> tuple[bool, str]:
+def withdraw(api: PveApi, node: str, entry: TemplateEntry, vmid: int, previous: Guest | None) -> tuple[bool, str]:
     """After a failure past vmid's smoke test (promotion refused, an API error, a later step): take back what
     its promotion did and destroy vmid, so no such template is left behind. `previous` is the template
     that was promoted before (promoted_template, read before promote); it gets the tag back first, so a
@@ -682,8 +776,9 @@ def withdraw(api: PveApi, node: str, entry: TemplateEntry, vmid: int,
             new = find_guest(api, vmid)
             if new is not None and new.promoted:
                 why = said(exc) if isinstance(exc, ResourceException) else str(exc)
-                return False, (f"VM {vmid} stays the promoted template: {previous.vmid} could not be promoted "
-                               f"again ({why})")
+                return False, (
+                    f"VM {vmid} stays the promoted template: {previous.vmid} could not be promoted again ({why})"
+                )
     new = find_guest(api, vmid)
     try:
         if new is not None:
@@ -700,8 +795,16 @@ class PruneResult:
     failed: Mapping[int, str]  # vmid -> why it could not be destroyed (e.g. linked clones still use it)
 
 
-def prune(api: PveApi, node: str, key: str, retention: int, keep: Iterable[int] = (), *,
-          vmid_range: VmidRange | None = None, timeout: float = TASK_TIMEOUT) -> PruneResult:
+def prune(
+    api: PveApi,
+    node: str,
+    key: str,
+    retention: int,
+    keep: Iterable[int] = (),
+    *,
+    vmid_range: VmidRange | None = None,
+    timeout: float = TASK_TIMEOUT,
+) -> PruneResult:
     """Destroy the oldest templates of key beyond `retention`.
 
     Age is the timestamp in the name, not the VMID: VMIDs are reused lowest-first, so a new template
@@ -718,7 +821,7 @@ def prune(api: PveApi, node: str, key: str, retention: int, keep: Iterable[int] 
     promoted = next((g for g in templates if g.promoted), None)
     if promoted is None:
         return PruneResult((), {})
-    candidates = templates[templates.index(promoted):]  # the promoted one and older, newest first
+    candidates = templates[templates.index(promoted) :]  # the promoted one and older, newest first
     keep = set(keep)
     doomed = [g for g in candidates[retention:] if g.vmid not in keep and not g.promoted and not g.channels]
     destroyed, failed = [], {}

@@ -84,7 +84,9 @@ def iso_bytes(files: Mapping[str, bytes], volume_id: str = VOLUME_ID, epoch: int
     names = sorted(files)
     for name in names:
         if not _JOLIET_NAME.match(name):
-            raise AnswerIsoError(f"{name!r}: answer ISO files take flat names of 1-64 characters without / \\ : * ? \" < > | ;")
+            raise AnswerIsoError(
+                f'{name!r}: answer ISO files take flat names of 1-64 characters without / \\ : * ? " < > | ;'
+            )
     iso_names = [_iso9660_name(n) for n in names]
     if len(set(iso_names)) != len(iso_names) or len({n.lower() for n in names}) != len(names):
         raise AnswerIsoError(f"file names collide on the ISO: {names}")

@@ -106,9 +106,18 @@ class RenderResult:
             f.name: {"sha256": f.sha256, "size": f.size, "verdicts": {v.validator: v.summary() for v in f.verdicts}}
             for f in self.files
         }
-        out: dict[str, Any] = {"key": self.key, "family": self.family, "content_hash": self.content_hash, "files": files}
+        out: dict[str, Any] = {
+            "key": self.key,
+            "family": self.family,
+            "content_hash": self.content_hash,
+            "files": files,
+        }
         if self.answer_iso is not None:
-            out["answer_iso"] = {"name": self.answer_iso.name, "sha256": self.answer_iso.sha256, "size": self.answer_iso.size}
+            out["answer_iso"] = {
+                "name": self.answer_iso.name,
+                "sha256": self.answer_iso.sha256,
+                "size": self.answer_iso.size,
+            }
         return out
 
 
@@ -136,7 +145,7 @@ def _yaml_safe_char(ch: str) -> str:
     code = ord(ch)
     if 0xD800 <= code <= 0xDFFF:
         raise UnsafeValue("a value holds a lone UTF-16 surrogate, which no UTF-8 file can carry")
-    printable = (0x20 <= code <= 0x7E or 0xA0 <= code <= 0xD7FF or 0xE000 <= code <= 0xFFFD or code >= 0x10000)
+    printable = 0x20 <= code <= 0x7E or 0xA0 <= code <= 0xD7FF or 0xE000 <= code <= 0xFFFD or code >= 0x10000
     # YAML 1.1 (PyYAML, cloud-init, subiquity) reads NEL/LS/PS as line breaks and rejects C0/C1
     # controls, DEL and BOM inside scalars: escape them; JSON already escaped C0 and quotes.
     if printable and code not in (0x2028, 0x2029, 0xFEFF):
@@ -189,19 +198,34 @@ class _Job:
 
 FAMILIES: dict[str, tuple[_Output, ...]] = {
     "ubuntu": (
-        _Output("user-data", SECRET_MODE, "user-data.j2",
-                validate=lambda text, job: validate_autoinstall(text, job.entry.autoinstall_schema, job.schema_dir, job.expected)),
+        _Output(
+            "user-data",
+            SECRET_MODE,
+            "user-data.j2",
+            validate=lambda text, job: validate_autoinstall(
+                text, job.entry.autoinstall_schema, job.schema_dir, job.expected
+            ),
+        ),
         _Output("meta-data", PUBLIC_MODE, "meta-data.j2", validate=lambda text, job: validate_yaml_mapping(text)),
     ),
     "debian": (
-        _Output("preseed.cfg", SECRET_MODE, "preseed.cfg.j2", validate=lambda text, job: validate_preseed(text, job.expected)),
+        _Output(
+            "preseed.cfg",
+            SECRET_MODE,
+            "preseed.cfg.j2",
+            validate=lambda text, job: validate_preseed(text, job.expected),
+        ),
     ),
     "rocky": (
         _Output("ks.cfg", SECRET_MODE, "ks.cfg.j2", validate=lambda text, job: validate_kickstart(text, job.expected)),
     ),
     "windows": (
-        _Output("Autounattend.xml", SECRET_MODE, "Autounattend.xml.j2",
-                validate=lambda text, job: validate_autounattend(text, job.expected)),
+        _Output(
+            "Autounattend.xml",
+            SECRET_MODE,
+            "Autounattend.xml.j2",
+            validate=lambda text, job: validate_autounattend(text, job.expected),
+        ),
         _Output(WINDOWS_SCRIPT, PUBLIC_MODE, static=f"scripts/{WINDOWS_SCRIPT}"),
         _Output(WINDOWS_KEYS_FILE, PUBLIC_MODE),  # generated below from the authorized keys
     ),
@@ -300,7 +324,9 @@ def _redactor(env: Mapping[str, str], entry: TemplateEntry, context: Mapping[str
     return Redactor([s for s in secrets if s])
 
 
-def validate_files(entry: TemplateEntry, files: Mapping[str, bytes], expected: Expected, schema_dir: Path) -> dict[str, tuple[Verdict, ...]]:
+def validate_files(
+    entry: TemplateEntry, files: Mapping[str, bytes], expected: Expected, schema_dir: Path
+) -> dict[str, tuple[Verdict, ...]]:
     """Run each file's validators: {name: verdicts}. Raises RenderError if a validator cannot run."""
     job = _Job(entry, schema_dir, expected)
     verdicts: dict[str, tuple[Verdict, ...]] = {}
@@ -335,7 +361,9 @@ def render_unattended(
     """
     project_dir = Path(project_dir) if project_dir is not None else PROJECT_ROOT
     if entry.family == "ubuntu" and not entry.autoinstall_schema:
-        raise RenderError(f"{entry.key}: autoinstall_schema: missing; name the Subiquity release of the ISO (like 24.04.1)")
+        raise RenderError(
+            f"{entry.key}: autoinstall_schema: missing; name the Subiquity release of the ISO (like 24.04.1)"
+        )
     files, context = render_files(entry, env, project_dir=project_dir, salt=salt)
     expected = Expected(
         user=entry.install_user.name,
@@ -346,7 +374,10 @@ def render_unattended(
     verdicts = validate_files(entry, files, expected, resolve_schema_dir(env, project_dir, schema_dir))
     failures = [
         f"{entry.key}: {name}: {verdict.validator}: {message}"
-        for name, found in verdicts.items() for verdict in found if not verdict.ok for message in verdict.messages
+        for name, found in verdicts.items()
+        for verdict in found
+        if not verdict.ok
+        for message in verdict.messages
     ]
     if failures:
         raise RenderError(_redactor(env, entry, context)("\n".join(failures)))
@@ -357,7 +388,9 @@ def render_unattended(
     written = []
     for name, data in files.items():
         path = atomic_write(out_dir / name, data, mode=modes[name])
-        written.append(RenderedFile(name, path, hashlib.sha256(data).hexdigest(), len(data), modes[name], verdicts[name]))
+        written.append(
+            RenderedFile(name, path, hashlib.sha256(data).hexdigest(), len(data), modes[name], verdicts[name])
+        )
     for name in modes.keys() - files.keys():  # one an earlier render wrote (keys configured then) goes
         (out_dir / name).unlink(missing_ok=True)
     answer = None
@@ -365,5 +398,6 @@ def render_unattended(
         path = atomic_write(out_dir / ANSWER_ISO_NAME, iso, mode=SECRET_MODE)
         answer = RenderedFile(ANSWER_ISO_NAME, path, hashlib.sha256(iso).hexdigest(), len(iso), SECRET_MODE)
     names = [f.name for f in written] + ([ANSWER_ISO_NAME] if answer else [])
-    return RenderResult(entry.key, entry.family, out_dir, tuple(written), content_hash(files), answer,
-                        stray_files(out_dir, names))
+    return RenderResult(
+        entry.key, entry.family, out_dir, tuple(written), content_hash(files), answer, stray_files(out_dir, names)
+    )

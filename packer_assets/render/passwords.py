@@ -64,7 +64,9 @@ def read_password(env: Mapping[str, str], variable: str, key: str) -> str:
             f"{'unset' if value is None else 'empty'}; set it to the install password for {key}"
         )
     if "\x00" in value:
-        raise PasswordError(f"{key}: install_user.password_env: {variable} holds a NUL byte, which no installer accepts")
+        raise PasswordError(
+            f"{key}: install_user.password_env: {variable} holds a NUL byte, which no installer accepts"
+        )
     return value
 
 

@@ -29,7 +29,7 @@ class ServedFiles:
     """What a build serves of a rendered folder."""
 
     folder: Path
-    files: dict[str, str]       # name -> sha256, as the render recorded them (checked on disk)
+    files: dict[str, str]  # name -> sha256, as the render recorded them (checked on disk)
     ignored: tuple[str, ...] = ()  # in the folder, not written by the render: never served
 
     def warnings(self, key: str) -> list[str]:
@@ -37,8 +37,10 @@ class ServedFiles:
 
 
 def ignored_warning(key: str, folder: Path, names: Iterable[str]) -> str:
-    return (f"{key}: {folder}: ignored {', '.join(sorted(names))}: not written by the render nor checked by its "
-            "validators, so never served to the installer")
+    return (
+        f"{key}: {folder}: ignored {', '.join(sorted(names))}: not written by the render nor checked by its "
+        "validators, so never served to the installer"
+    )
 
 
 def stray_files(folder: Path, rendered: Iterable[str]) -> tuple[str, ...]:
@@ -51,12 +53,20 @@ def stray_files(folder: Path, rendered: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(n for n in found if n not in known and not n.startswith(".")))
 
 
-def write_render_record(path: Path, render_key: str | None, metadata: Mapping[str, Any], files: Mapping[str, str],
-                 argv: Iterable[str] = ()) -> Path:
+def write_render_record(
+    path: Path, render_key: str | None, metadata: Mapping[str, Any], files: Mapping[str, str], argv: Iterable[str] = ()
+) -> Path:
     """render_key: set only when `packer validate` passed too (then unattended_files may reuse the render);
     files: every file the render wrote (the answer ISO too), its sha256."""
-    return atomic_write(path, json.dumps({"render_key": render_key, "metadata": dict(metadata), "files": dict(files),
-                                          "argv": list(argv)}, indent=1, sort_keys=True) + "\n")
+    return atomic_write(
+        path,
+        json.dumps(
+            {"render_key": render_key, "metadata": dict(metadata), "files": dict(files), "argv": list(argv)},
+            indent=1,
+            sort_keys=True,
+        )
+        + "\n",
+    )
 
 
 def read_record(path: Path) -> dict[str, Any] | None:
@@ -77,8 +87,10 @@ def changed_file(path: Path, digest: str) -> str | None:
 
 
 def refusal(key: str, path: Path, why: str) -> str:
-    return (f"{key}: {path}: {why}: refusing to serve it; materialize unattended_files[{key}] to render and "
-            "validate it anew")
+    return (
+        f"{key}: {path}: {why}: refusing to serve it; materialize unattended_files[{key}] to render and "
+        "validate it anew"
+    )
 
 
 def served_files(key: str, folder: Path, record_path: Path) -> ServedFiles:
@@ -87,8 +99,10 @@ def served_files(key: str, folder: Path, record_path: Path) -> ServedFiles:
     folder = Path(folder)
     record = read_record(record_path)
     if record is None or not record["files"]:
-        raise RenderRecordError(f"{key}: no record of a validated render ({record_path}): materialize "
-                                f"unattended_files[{key}] (or run `packer-assets validate {key}`) first")
+        raise RenderRecordError(
+            f"{key}: no record of a validated render ({record_path}): materialize "
+            f"unattended_files[{key}] (or run `packer-assets validate {key}`) first"
+        )
     files = {str(name): str(digest) for name, digest in record["files"].items()}
     for name in files:
         if "/" in name or name.startswith(".") or not name:

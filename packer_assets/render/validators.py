@@ -37,7 +37,15 @@ SHIPPED_SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 CLOUD_CONFIG_SCHEMA = "schema-cloud-config-v1.json"
 NETWORK_V2_SCHEMA = "schema-network-config-v2.json"
 UNATTEND_NS = "urn:schemas-microsoft-com:unattend"
-UNATTEND_PASSES = ("windowsPE", "offlineServicing", "generalize", "specialize", "auditSystem", "auditUser", "oobeSystem")
+UNATTEND_PASSES = (
+    "windowsPE",
+    "offlineServicing",
+    "generalize",
+    "specialize",
+    "auditSystem",
+    "auditUser",
+    "oobeSystem",
+)
 REQUIRED_PASSES = ("windowsPE", "specialize", "oobeSystem")
 ARCHITECTURES = ("amd64", "x86", "arm64")
 PUBLIC_KEY_TOKEN = re.compile(r"^[0-9a-fA-F]{16}$")
@@ -228,8 +236,11 @@ def validate_kickstart(text: str, expected: Expected | None = None) -> Verdict:
             parser.readKickstartFromString(text)
         except KickstartError as exc:
             return _verdict(name, [f"pykickstart (RHEL9): {' '.join(str(exc).split())}"])
-    messages = [f"pykickstart (RHEL9) warning: {' '.join(str(w.message).split())}" for w in caught
-                if w.category.__module__.startswith("pykickstart") or "kickstart" in w.category.__name__.lower()]
+    messages = [
+        f"pykickstart (RHEL9) warning: {' '.join(str(w.message).split())}"
+        for w in caught
+        if w.category.__module__.startswith("pykickstart") or "kickstart" in w.category.__name__.lower()
+    ]
     if expected is not None and not messages:
         messages += _kickstart_round_trip(handler, expected)
     return _verdict(name, messages)
@@ -241,8 +252,11 @@ def _kickstart_round_trip(handler: Any, expected: Expected) -> list[str]:  # pyk
     user = users.get(expected.user) if expected.user is not None else None
     if expected.user is not None and user is None:
         out.append("round trip: no 'user' command for the install user")
-    if user is not None and expected.password_hash is not None and (
-            not user.isCrypted or user.password != expected.password_hash):
+    if (
+        user is not None
+        and expected.password_hash is not None
+        and (not user.isCrypted or user.password != expected.password_hash)
+    ):
         out.append("round trip: the install user's password is not the rendered hash with --iscrypted")
     if expected.dhcp and not any(n.bootProto == "dhcp" for n in handler.network.network):
         out.append("round trip: no 'network --bootproto=dhcp'")
@@ -261,16 +275,24 @@ def validate_preseed(text: str, expected: Expected | None = None) -> Verdict:
     name = "preseed"
     tool = shutil.which("debconf-set-selections")
     if tool is None:
-        raise ValidatorUnavailable("debconf-set-selections not found (Debian package 'debconf': apt-get install debconf)")
+        raise ValidatorUnavailable(
+            "debconf-set-selections not found (Debian package 'debconf': apt-get install debconf)"
+        )
     with tempfile.TemporaryDirectory(prefix="preseed-check-") as tmp:
         path = Path(tmp) / "preseed.cfg"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # it may hold a password hash
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(text)
         proc = subprocess.run(
-            [tool, "-c", str(path)], capture_output=True, text=True, timeout=60,
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8",
-                 "DEBCONF_SYSTEMRC": str(_private_debconf(Path(tmp)))},
+            [tool, "-c", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={
+                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                "LC_ALL": "C.UTF-8",
+                "DEBCONF_SYSTEMRC": str(_private_debconf(Path(tmp))),
+            },
         )
     output = (proc.stdout + proc.stderr).strip()
     messages = [f"debconf-set-selections: {line}" for line in output.splitlines()]
@@ -287,9 +309,11 @@ def _private_debconf(folder: Path) -> Path:
     rendered by concurrent runs) then finds it locked and exits 1 without a word (-c silences the
     warning). With its own empty databases each check is independent; the parse is the same."""
     conf = folder / "debconf.conf"
-    conf.write_text(f"Config: configdb\nTemplates: templatedb\n\n"
-                    f"Name: configdb\nDriver: File\nFilename: {folder / 'config.dat'}\n\n"
-                    f"Name: templatedb\nDriver: File\nMode: 644\nFilename: {folder / 'templates.dat'}\n")
+    conf.write_text(
+        f"Config: configdb\nTemplates: templatedb\n\n"
+        f"Name: configdb\nDriver: File\nFilename: {folder / 'config.dat'}\n\n"
+        f"Name: templatedb\nDriver: File\nMode: 644\nFilename: {folder / 'templates.dat'}\n"
+    )
     return conf
 
 
@@ -310,7 +334,10 @@ def _preseed_round_trip(text: str, expected: Expected) -> list[str]:
     answers = parse_preseed(text)
     if expected.user is not None and answers.get("passwd/username", ("", ""))[1] != expected.user:
         out.append("round trip: passwd/username is not the install user")
-    if expected.password_hash is not None and answers.get("passwd/user-password-crypted", ("", ""))[1] != expected.password_hash:
+    if (
+        expected.password_hash is not None
+        and answers.get("passwd/user-password-crypted", ("", ""))[1] != expected.password_hash
+    ):
         out.append("round trip: passwd/user-password-crypted is not the rendered hash")
     if expected.dhcp and answers.get("netcfg/disable_autoconfig", ("", "false"))[1] != "false":
         out.append("round trip: netcfg/disable_autoconfig must stay false (DHCP)")
@@ -327,7 +354,11 @@ def validate_autounattend(text: str | bytes, expected: Expected | None = None) -
     name = "autounattend"
     data = text.encode("utf-8") if isinstance(text, str) else text
     parser = etree.XMLParser(
-        resolve_entities=False, no_network=True, load_dtd=False, dtd_validation=False, huge_tree=False,
+        resolve_entities=False,
+        no_network=True,
+        load_dtd=False,
+        dtd_validation=False,
+        huge_tree=False,
     )
     try:
         root = etree.fromstring(data, parser)
@@ -388,7 +419,9 @@ def _component_messages(component: Any, pass_name: str) -> list[str]:  # an lxml
 def _autounattend_round_trip(root: Any, expected: Expected) -> list[str]:  # an lxml element
     ns = {"u": UNATTEND_NS}
     out = []
-    shell = root.xpath("u:settings[@pass='oobeSystem']/u:component[@name='Microsoft-Windows-Shell-Setup']", namespaces=ns)
+    shell = root.xpath(
+        "u:settings[@pass='oobeSystem']/u:component[@name='Microsoft-Windows-Shell-Setup']", namespaces=ns
+    )
     if not shell:
         return ["round trip: oobeSystem has no Microsoft-Windows-Shell-Setup component"]
     shell = shell[0]

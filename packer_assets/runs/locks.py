@@ -44,12 +44,22 @@ def holder(lock_file: Path) -> dict[str, Any]:
 def describe(info: dict[str, Any]) -> str:
     if not info:
         return "another process"
-    return (f"run {info.get('run_id') or '(no run ID)'} (pid {info.get('pid')} on {info.get('host')}, "
-            f"since {info.get('since')})")
+    return (
+        f"run {info.get('run_id') or '(no run ID)'} (pid {info.get('pid')} on {info.get('host')}, "
+        f"since {info.get('since')})"
+    )
 
 
-def hold_key(lock_file: Path, key: str, run_id: str | None, *, wait: bool = True,
-             on_wait: Callable[[str], None] | None = None, poll: float = 1.0, say_every: float = 60.0) -> bool:
+def hold_key(
+    lock_file: Path,
+    key: str,
+    run_id: str | None,
+    *,
+    wait: bool = True,
+    on_wait: Callable[[str], None] | None = None,
+    poll: float = 1.0,
+    say_every: float = 60.0,
+) -> bool:
     """Take the key's lock for the rest of this process. True if taken now, False if this process held it.
 
     Held by another process: wait (polling, so a run cancellation still interrupts the wait), telling
@@ -78,8 +88,13 @@ def hold_key(lock_file: Path, key: str, run_id: str | None, *, wait: bool = True
     except BaseException:
         os.close(fd)
         raise
-    info = {"key": key, "pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id,
-            "since": datetime.now(UTC).isoformat(timespec="seconds")}
+    info = {
+        "key": key,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "run_id": run_id,
+        "since": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
     _HELD[lock_file] = fd

@@ -63,8 +63,9 @@ def parse_webhooks(text: str | None) -> list[Webhook]:
             continue
         kind, sep, url = raw.partition(":")
         if kind not in ("json", "slack") or not sep or not _valid_url(url):
-            raise WebhookConfigError(f"PACKER_ASSETS_WEBHOOKS entry {i + 1}: want json:<http(s) URL> or "
-                                     "slack:<http(s) URL>, comma-separated")
+            raise WebhookConfigError(
+                f"PACKER_ASSETS_WEBHOOKS entry {i + 1}: want json:<http(s) URL> or slack:<http(s) URL>, comma-separated"
+            )
         hooks.append(Webhook(kind, url))  # type: ignore[arg-type]
     return hooks
 
@@ -96,8 +97,11 @@ class Notification:
         return {"source": "packer-assets", **asdict(self)}
 
     def text(self) -> str:
-        what = (f"template {self.template_vmid} promoted" if self.event == "promoted"
-                else f"run FAILED: {self.error or 'no error message'}")
+        what = (
+            f"template {self.template_vmid} promoted"
+            if self.event == "promoted"
+            else f"run FAILED: {self.error or 'no error message'}"
+        )
         where = f" ({self.chain_id})" if self.chain_id else ""
         tail = f" {self.run_url}" if self.run_url else f" run {self.run_id}"
         proof = f"; proof {self.proof}" if self.proof else ""
@@ -127,9 +131,17 @@ def body_for(hook: Webhook, notification: Notification) -> dict[str, Any]:
     return {"text": notification.text()} if hook.format == "slack" else notification.payload()
 
 
-def deliver(hook: Webhook, notification: Notification, *, retries: int = RETRIES, timeout: float = TIMEOUT,
-            backoff: float = BACKOFF, deadline: float = DEADLINE, sleep: Callable[[float], None] = time.sleep,
-            clock: Callable[[], float] = time.monotonic) -> Delivery:
+def deliver(
+    hook: Webhook,
+    notification: Notification,
+    *,
+    retries: int = RETRIES,
+    timeout: float = TIMEOUT,
+    backoff: float = BACKOFF,
+    deadline: float = DEADLINE,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> Delivery:
     """Post once, retrying a connection error, a 429 or a 5xx up to `retries` attempts in all, every attempt
     and pause within `deadline` seconds of the first (`timeout` bounds one read: a receiver that trickles
     its answer would pass every read)."""
@@ -157,13 +169,15 @@ def deliver(hook: Webhook, notification: Notification, *, retries: int = RETRIES
     return Delivery(hook.shown, False, retries, said)
 
 
-def _post(session: requests.Session, url: str, data: bytes, timeout: float,
-          limit: tuple[float, Callable[[], float]]) -> tuple[requests.Response | None, str]:
+def _post(
+    session: requests.Session, url: str, data: bytes, timeout: float, limit: tuple[float, Callable[[], float]]
+) -> tuple[requests.Response | None, str]:
     """One attempt: the answer (None on a connection error or a timeout) and what to say of it."""
     token = _LIMIT.set(limit)
     try:
-        answer = session.post(url, data=data, timeout=timeout,
-                              headers={"Content-Type": "application/json", "User-Agent": "packer-assets"})
+        answer = session.post(
+            url, data=data, timeout=timeout, headers={"Content-Type": "application/json", "User-Agent": "packer-assets"}
+        )
         return answer, f"HTTP {answer.status_code}"
     except requests.RequestException as exc:
         return None, type(exc).__name__  # its text would carry the URL

@@ -125,11 +125,14 @@ class ChecksumFile:
         if not found:
             raise ChecksumError(f"{self.source}: no checksum for {base!r}; {self._listing(base)}")
         best = min(found, key=lambda e: _STRENGTH.index(e.checksum.algorithm))
-        rivals = {e.path for e in found if e.checksum.algorithm == best.checksum.algorithm
-                  and e.checksum != best.checksum}
+        rivals = {
+            e.path for e in found if e.checksum.algorithm == best.checksum.algorithm and e.checksum != best.checksum
+        }
         if rivals:
-            raise ChecksumError(f"{self.source}: {base!r} is listed with different {best.checksum.algorithm} "
-                                f"checksums ({', '.join(sorted(rivals | {best.path}))}); cannot tell which applies")
+            raise ChecksumError(
+                f"{self.source}: {base!r} is listed with different {best.checksum.algorithm} "
+                f"checksums ({', '.join(sorted(rivals | {best.path}))}); cannot tell which applies"
+            )
         return best.checksum
 
     def _listing(self, base: str) -> str:
@@ -176,8 +179,14 @@ class HttpBody:
     headers: Mapping[str, str]
 
 
-def http_get(url: str, *, headers: dict[str, str] | None = None, timeout: float = 10,
-             session: requests.Session | None = None, limit: int = MAX_CHECKSUM_FILE) -> HttpBody:
+def http_get(
+    url: str,
+    *,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10,
+    session: requests.Session | None = None,
+    limit: int = MAX_CHECKSUM_FILE,
+) -> HttpBody:
     """GET with a total deadline (requests' timeout is per socket read) and a body size limit.
 
     A 200 or 304 is returned; anything else raises ChecksumError naming the URL.
@@ -214,12 +223,17 @@ def _reason(exc: Exception) -> str:
     text = str(exc)
     for marker in ("NewConnectionError(", "SSLError(", "ConnectTimeoutError(", "RemoteDisconnected("):
         if marker in text:
-            text = text[text.index(marker):]
+            text = text[text.index(marker) :]
     return text[:300]
 
 
-def fetch_checksum_file(url: str, etag: str | None = None, last_modified: str | None = None, timeout: float = 10,
-                        session: requests.Session | None = None) -> FetchResult:
+def fetch_checksum_file(
+    url: str,
+    etag: str | None = None,
+    last_modified: str | None = None,
+    timeout: float = 10,
+    session: requests.Session | None = None,
+) -> FetchResult:
     """Conditional GET of a checksum file: 304 -> status 'unchanged' (no text); 200 -> 'changed' + text.
 
     The validators a 304 omits are carried over from the request, so the caller can store them as is.
@@ -246,9 +260,14 @@ class VerifiedText:
     fingerprints: tuple[str, ...]  # primary-key fingerprints of the good signatures
 
 
-def verify_signature(data: str | bytes, signature: bytes | str | None = None, *,
-                     keyring: str | os.PathLike[str], source: str = "<checksum file>",
-                     timeout: float = 30) -> VerifiedText:
+def verify_signature(
+    data: str | bytes,
+    signature: bytes | str | None = None,
+    *,
+    keyring: str | os.PathLike[str],
+    source: str = "<checksum file>",
+    timeout: float = 30,
+) -> VerifiedText:
     """Verify a clearsigned file (signature=None) or `data` against a detached signature (.gpg/.sig/.sign,
     binary or armoured), trusting exactly the keys in `keyring` (binary keyring, keybox or armoured export).
 
@@ -267,8 +286,19 @@ def verify_signature(data: str | bytes, signature: bytes | str | None = None, *,
         os.chmod(home, 0o700)
         ring = home_path / "trusted.gpg"
         key_bytes = keyring.read_bytes()
-        base = [gpg, "--batch", "--no-tty", "--homedir", home, "--no-default-keyring",
-                "--keyring", str(ring), "--trust-model", "always", "--no-auto-key-retrieve"]
+        base = [
+            gpg,
+            "--batch",
+            "--no-tty",
+            "--homedir",
+            home,
+            "--no-default-keyring",
+            "--keyring",
+            str(ring),
+            "--trust-model",
+            "always",
+            "--no-auto-key-retrieve",
+        ]
         env = {"GNUPGHOME": home, "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
 
         def run(args: list[str], stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -312,9 +342,15 @@ def _gpg_said(out: subprocess.CompletedProcess[bytes]) -> str:
 # ------------------------------------------------------------------ resolving an ISO's checksum
 
 
-def resolve_checksum(iso: IsoSource, *, cache: MutableMapping[str, ChecksumFile] | None = None,
-                     timeout: float = 10, keyring: str | os.PathLike[str] | None = None,
-                     signature_url: str | None = None, session: requests.Session | None = None) -> Checksum:
+def resolve_checksum(
+    iso: IsoSource,
+    *,
+    cache: MutableMapping[str, ChecksumFile] | None = None,
+    timeout: float = 10,
+    keyring: str | os.PathLike[str] | None = None,
+    signature_url: str | None = None,
+    session: requests.Session | None = None,
+) -> Checksum:
     """The pinned checksum, or the line for `iso.upstream_name` in its (mirrored) checksum file.
 
     cache: url -> parsed file, so the ISOs of one run sharing a SHA256SUMS fetch it once.

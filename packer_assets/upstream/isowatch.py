@@ -59,13 +59,16 @@ class PollResult:
             parts.append(f"baseline of {len(self.first_seen)} source(s)")
         if self.unchanged:
             not_modified = sum(1 for status in self.fetches.values() if status == "304")
-            parts.append(f"{len(self.unchanged)} unchanged" + (f" ({not_modified} checksum file(s) answered 304)"
-                                                               if not_modified else ""))
+            parts.append(
+                f"{len(self.unchanged)} unchanged"
+                + (f" ({not_modified} checksum file(s) answered 304)" if not_modified else "")
+            )
         if self.changed:
             parts.append(f"{len(self.changed)} changed ({', '.join(sorted(self.changed))})")
         if self.errors:
-            parts.append(f"{len(self.errors)} failed (" + "; ".join(f"{k}: {m}" for k, m in sorted(self.errors.items()))
-                         + ")")
+            parts.append(
+                f"{len(self.errors)} failed (" + "; ".join(f"{k}: {m}" for k, m in sorted(self.errors.items())) + ")"
+            )
         return ", ".join(parts) or "no ISO source in the catalog"
 
 
@@ -78,22 +81,30 @@ def _validators(entries: list[dict[str, Any]], url: str, names: list[str]) -> tu
     """The (etag, last_modified) to send for a URL: only if every key sharing it holds the same ones,
     for this URL and name, with a checksum (otherwise a 304 would leave some key without an answer)."""
     seen = {(e.get("etag"), e.get("last_modified")) for e in entries}
-    usable = all(e.get("checksum") and e.get("url") == url and e.get("name") == n for e, n in zip(entries, names, strict=False))
+    usable = all(
+        e.get("checksum") and e.get("url") == url and e.get("name") == n for e, n in zip(entries, names, strict=False)
+    )
     if usable and len(seen) == 1:
         return next(iter(seen))
     return None, None
 
 
-def poll(sources: Mapping[str, IsoSource], cursor: Mapping[str, Any] | None, max_workers: int = 8,
-         timeout: float = 5) -> PollResult:
+def poll(
+    sources: Mapping[str, IsoSource], cursor: Mapping[str, Any] | None, max_workers: int = 8, timeout: float = 5
+) -> PollResult:
     cursor = cursor or {}
     result = PollResult(cursor={})
     groups: dict[str, list[str]] = {}
     for key, iso in sources.items():
         old = _entry(cursor, key)
         if iso.checksum:
-            new = {"checksum": str(Checksum.parse(iso.checksum)), "url": None, "name": iso.upstream_name,
-                   "etag": None, "last_modified": None}
+            new = {
+                "checksum": str(Checksum.parse(iso.checksum)),
+                "url": None,
+                "name": iso.upstream_name,
+                "etag": None,
+                "last_modified": None,
+            }
             _classify(result, key, old.get("checksum"), new)
         else:
             url = iso.effective_checksum_url
@@ -115,8 +126,7 @@ def poll(sources: Mapping[str, IsoSource], cursor: Mapping[str, Any] | None, max
 
     def fetch(url: str) -> FetchResult | ChecksumError:
         keys = groups[url]
-        etag, modified = _validators([_entry(cursor, k) for k in keys], url,
-                                     [sources[k].upstream_name for k in keys])
+        etag, modified = _validators([_entry(cursor, k) for k in keys], url, [sources[k].upstream_name for k in keys])
         try:
             return fetch_checksum_file(url, etag, modified, timeout=timeout, session=session())
         except ChecksumError as exc:
@@ -124,8 +134,9 @@ def poll(sources: Mapping[str, IsoSource], cursor: Mapping[str, Any] | None, max
 
     try:
         if groups:
-            with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(groups))),
-                                    thread_name_prefix="isowatch") as pool:
+            with ThreadPoolExecutor(
+                max_workers=max(1, min(max_workers, len(groups))), thread_name_prefix="isowatch"
+            ) as pool:
                 outcomes = dict(zip(groups, pool.map(fetch, groups), strict=True))
         else:
             outcomes = {}
@@ -138,8 +149,14 @@ def poll(sources: Mapping[str, IsoSource], cursor: Mapping[str, Any] | None, max
     return result
 
 
-def _apply(result: PollResult, cursor: Mapping[str, Any], sources: Mapping[str, IsoSource], url: str, keys: list[str],
-           outcome: FetchResult | ChecksumError) -> None:
+def _apply(
+    result: PollResult,
+    cursor: Mapping[str, Any],
+    sources: Mapping[str, IsoSource],
+    url: str,
+    keys: list[str],
+    outcome: FetchResult | ChecksumError,
+) -> None:
     if isinstance(outcome, ChecksumError):
         result.fetches[url] = "error"
         for key in keys:
@@ -157,8 +174,13 @@ def _apply(result: PollResult, cursor: Mapping[str, Any], sources: Mapping[str, 
             except ChecksumError as exc:
                 _failed(result, cursor, key, str(exc))
                 continue
-        new = {"checksum": checksum, "url": url, "name": sources[key].upstream_name,
-               "etag": outcome.etag, "last_modified": outcome.last_modified}
+        new = {
+            "checksum": checksum,
+            "url": url,
+            "name": sources[key].upstream_name,
+            "etag": outcome.etag,
+            "last_modified": outcome.last_modified,
+        }
         _classify(result, key, old.get("checksum"), new)
 
 

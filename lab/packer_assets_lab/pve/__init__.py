@@ -92,8 +92,9 @@ class LabPve(LabRealGuest, PackerCompat, LabAccess, LabTransfer, LabGuestExec, L
     are kept under data_dir/<storage>/<content dir>/<filename>. Serve it with serving.ServedPve.
     """
 
-    def __init__(self, *, password: str, data_dir: str | os.PathLike[str], host: str = "127.0.0.1",
-                 port: int = 0) -> None:
+    def __init__(
+        self, *, password: str, data_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 0
+    ) -> None:
         if not password:
             raise ValueError("LabPve needs a root@pam password")
         super().__init__(user="root@pam", password=password, host=host, port=port)

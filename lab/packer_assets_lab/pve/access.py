@@ -27,9 +27,11 @@ from .roles import Grant, builtin_roles, grant_of
 REALMS = {"pam": "pam", "pve": "pve"}
 # Paths GET /access/permissions reports even without ACLs there (RPCEnvironment::get_effective_permissions).
 TOP_PATHS = ("/", "/access", "/access/groups", "/nodes", "/pool", "/sdn", "/storage", "/vms")
-ACL_PATH = re.compile(r"^(/|/access|/access/groups|/access/groups/[\w.-]+|/access/realm|/access/realm/[\w.-]+"
-                      r"|/nodes|/nodes/[\w.-]+|/pool|/pool/[\w.-]+|/sdn|/sdn/zones/[\w.-]+|/sdn/vnets/[\w.-]+"
-                      r"|/storage|/storage/[\w.-]+|/vms|/vms/[1-9][0-9]{2,}|/mapping(?:/\w+(?:/[\w.-]+)?)?)$")
+ACL_PATH = re.compile(
+    r"^(/|/access|/access/groups|/access/groups/[\w.-]+|/access/realm|/access/realm/[\w.-]+"
+    r"|/nodes|/nodes/[\w.-]+|/pool|/pool/[\w.-]+|/sdn|/sdn/zones/[\w.-]+|/sdn/vnets/[\w.-]+"
+    r"|/storage|/storage/[\w.-]+|/vms|/vms/[1-9][0-9]{2,}|/mapping(?:/\w+(?:/[\w.-]+)?)?)$"
+)
 TOKEN_ID = re.compile(r"^([^\s:/]+@[A-Za-z][A-Za-z0-9.\-_]+)!([A-Za-z][A-Za-z0-9.\-_]+)$")
 TOKEN_FIELDS = ("privsep", "expire", "comment")
 USER_FIELDS = ("enable", "expire", "firstname", "lastname", "email", "comment", "keys")
@@ -47,6 +49,7 @@ def normalize_path(path: str | None) -> str | None:
 
 
 # ------------------------------------------------------------------------ access control
+
 
 class LabAccess:
     """Mixin: stateful users, API tokens, roles and ACLs, and PVE's permission model over them.
@@ -66,14 +69,25 @@ class LabAccess:
     def _routes_lab_access(self) -> list[tuple[str, str, Any]]:
         user, token = "/access/users/{userid}", "/access/users/{userid}/token/{tokenid}"
         role = "/access/roles/{roleid}"
-        return [("GET", "/access/users", self._user_index), ("POST", "/access/users", self._user_create),
-                ("GET", user, self._user_read), ("PUT", user, self._user_update), ("DELETE", user, self._user_delete),
-                ("GET", user + "/token", self._token_index), ("GET", token, self._token_read),
-                ("POST", token, self._token_create), ("PUT", token, self._token_update),
-                ("DELETE", token, self._token_delete),
-                ("GET", "/access/roles", self._role_index), ("POST", "/access/roles", self._role_create),
-                ("GET", role, self._role_read), ("PUT", role, self._role_update), ("DELETE", role, self._role_delete),
-                ("GET", "/access/acl", self._acl_index), ("PUT", "/access/acl", self._acl_update)]
+        return [
+            ("GET", "/access/users", self._user_index),
+            ("POST", "/access/users", self._user_create),
+            ("GET", user, self._user_read),
+            ("PUT", user, self._user_update),
+            ("DELETE", user, self._user_delete),
+            ("GET", user + "/token", self._token_index),
+            ("GET", token, self._token_read),
+            ("POST", token, self._token_create),
+            ("PUT", token, self._token_update),
+            ("DELETE", token, self._token_delete),
+            ("GET", "/access/roles", self._role_index),
+            ("POST", "/access/roles", self._role_create),
+            ("GET", role, self._role_read),
+            ("PUT", role, self._role_update),
+            ("DELETE", role, self._role_delete),
+            ("GET", "/access/acl", self._acl_index),
+            ("PUT", "/access/acl", self._acl_update),
+        ]
 
     # ------------------------------------------------------------ permissions
 
@@ -148,8 +162,9 @@ class LabAccess:
                 privs[priv] = int(privs.get(priv, 0) or propagate)
         return privs
 
-    def check_permissions(self, user: str | None, perms: dict[str, Any] | None, values: Values,
-                          declared: dict[str, Any] | None = None) -> None:
+    def check_permissions(
+        self, user: str | None, perms: dict[str, Any] | None, values: Values, declared: dict[str, Any] | None = None
+    ) -> None:
         if user is None or "!" not in user or not root_only(user):
             return super().check_permissions(user, perms, values, declared)
         # fakepve waves every root@pam token through. In PVE only the root@pam login is root; its
@@ -163,14 +178,18 @@ class LabAccess:
         if not allowed:
             raise PveError(403, f"Permission check failed ({why})" if why else "Permission check failed")
 
-    def _check(self, user: str, check: list[Any], values: Values,
-               declared: dict[str, Any] | None = None) -> tuple[bool, str | None]:
+    def _check(
+        self, user: str, check: list[Any], values: Values, declared: dict[str, Any] | None = None
+    ) -> tuple[bool, str | None]:
         if check[0] == "perm-modify":
             # RPCEnvironment::check_perm_modify: VM.Allocate on a VM (and the like) may also hand out ACLs there.
             path = normalize_path(str(values.get("path", ""))) or str(values.get("path", ""))
             privs = ["Permissions.Modify"]
-            for prefix, extra in (("/storage/", "Datastore.Allocate"), ("/vms/", "VM.Allocate"),
-                                  ("/pool/", "Pool.Allocate")):
+            for prefix, extra in (
+                ("/storage/", "Datastore.Allocate"),
+                ("/vms/", "VM.Allocate"),
+                ("/pool/", "Pool.Allocate"),
+            ):
                 if path.startswith(prefix) and len(path) > len(prefix):
                     privs.append(extra)
             return any(self._has(user, path, p) for p in privs), f"{path}, {'|'.join(privs)}"
@@ -333,8 +352,14 @@ class LabAccess:
     async def _token_read(self, v: Values, user: str) -> dict[str, Any]:
         return dict(self._token(v["userid"], v["tokenid"]))
 
-    def add_token(self, userid: str, tokenid: str, privsep: int | str = 1, expire: int | str | None = None,
-                  comment: str | None = None) -> dict[str, Any]:
+    def add_token(
+        self,
+        userid: str,
+        tokenid: str,
+        privsep: int | str = 1,
+        expire: int | str | None = None,
+        comment: str | None = None,
+    ) -> dict[str, Any]:
         """Create an API token as POST .../token/{tokenid} does; returns that answer (full-tokenid, info, value)."""
         record = self._user(userid)
         if tokenid in record.setdefault("tokens", {}):
@@ -390,8 +415,10 @@ class LabAccess:
         return privs
 
     async def _role_index(self, v: Values, user: str) -> list[dict[str, Any]]:
-        return [{"roleid": r, "privs": ",".join(sorted(p)), "special": int(r in self.special_roles)}
-                for r, p in sorted(self.roles.items())]
+        return [
+            {"roleid": r, "privs": ",".join(sorted(p)), "special": int(r in self.special_roles)}
+            for r, p in sorted(self.roles.items())
+        ]
 
     async def _role_create(self, v: Values, user: str) -> None:
         privs, roleid = self._privileges(v.get("privs")), v["roleid"]
@@ -436,9 +463,15 @@ class LabAccess:
             for path, grant in entries:
                 if audit or self._may_modify(user, path):
                     key, _, propagate = grant_of(grant)
-                    out.append({"path": path, "type": kind, "ugid": ugid.lstrip("@"),
-                                "roleid": key if isinstance(key, str) else ",".join(sorted(key)),
-                                "propagate": propagate})
+                    out.append(
+                        {
+                            "path": path,
+                            "type": kind,
+                            "ugid": ugid.lstrip("@"),
+                            "roleid": key if isinstance(key, str) else ",".join(sorted(key)),
+                            "propagate": propagate,
+                        }
+                    )
         return sorted(out, key=lambda e: (e["path"], e["type"], e["ugid"], e["roleid"]))
 
     def _check_delegation(self, user: str, path: str, roleid: str, propagate: int, delete: Any) -> None:
@@ -449,19 +482,23 @@ class LabAccess:
         verb = "remove" if delete else "add"
         for priv in sorted(self.roles[roleid]):
             if priv not in held:
-                raise param_error(role=f"Cannot {verb} role '{roleid}' - requires 'Permissions.Modify' or superset of "
-                                       "privileges.")
+                raise param_error(
+                    role=f"Cannot {verb} role '{roleid}' - requires 'Permissions.Modify' or superset of privileges."
+                )
             if propagate and held[priv] != propagate and not delete:
-                raise param_error(role=f"Cannot {verb} role '{roleid}' with propagation - requires "
-                                       "'Permissions.Modify' or propagated superset of privileges.")
+                raise param_error(
+                    role=f"Cannot {verb} role '{roleid}' with propagation - requires "
+                    "'Permissions.Modify' or propagated superset of privileges."
+                )
         if roleid == "NoAccess":
             raise param_error(role=f"Cannot {verb} role '{roleid}' - requires 'Permissions.Modify'")
 
     async def _acl_update(self, v: Values, user: str) -> None:
         users, groups, tokens = (split_list(v.get(k)) for k in ("users", "groups", "tokens"))
         if not (users or groups or tokens):
-            raise param_error(**dict.fromkeys(("users", "groups", "tokens"),
-                                              "either 'users', 'groups' or 'tokens' is required."))
+            raise param_error(
+                **dict.fromkeys(("users", "groups", "tokens"), "either 'users', 'groups' or 'tokens' is required.")
+            )
         path = normalize_path(v["path"])
         if path is None or (not v.get("delete") and not ACL_PATH.match(path)):
             raise param_error(path=f"invalid ACL path '{v['path']}'")
@@ -481,8 +518,7 @@ class LabAccess:
             for full in tokens:
                 found = TOKEN_ID.match(full)
                 if not found:
-                    raise die(fail + f"'{full}' is not a valid token ID - not able to split into user and token "
-                                     "parts")
+                    raise die(fail + f"'{full}' is not a valid token ID - not able to split into user and token parts")
                 try:
                     self._token(found.group(1), found.group(2))
                 except PveError as e:

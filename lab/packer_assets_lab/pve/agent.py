@@ -29,8 +29,7 @@ def os_release_text(expected: ExpectedOs) -> str:
     name = OS_NAMES.get(expected.id, expected.id)
     version = expected.version_id or "1"  # any release will do: the lab's is 1
     pretty = f"Windows Server {version} Standard" if expected.id == "mswindows" else f"{name} {version}"
-    return (f'NAME="{name}"\nID={expected.id}\nVERSION_ID="{version}"\n'
-            f'PRETTY_NAME="{pretty}"\n')
+    return f'NAME="{name}"\nID={expected.id}\nVERSION_ID="{version}"\nPRETTY_NAME="{pretty}"\n'
 
 
 def osinfo_from_os_release(text: str) -> dict[str, str]:
@@ -40,12 +39,25 @@ def osinfo_from_os_release(text: str) -> dict[str, str]:
         name, eq, value = line.partition("=")
         if eq:
             fields[name.strip()] = value.strip().strip('"')
-    info = {"id": fields.get("ID", ""), "name": fields.get("NAME", ""), "pretty-name": fields.get("PRETTY_NAME", ""),
-            "version-id": fields.get("VERSION_ID", ""), "version": fields.get("VERSION_ID", ""),
-            "kernel-release": "6.1.0", "kernel-version": "#1 SMP", "machine": "x86_64"}
+    info = {
+        "id": fields.get("ID", ""),
+        "name": fields.get("NAME", ""),
+        "pretty-name": fields.get("PRETTY_NAME", ""),
+        "version-id": fields.get("VERSION_ID", ""),
+        "version": fields.get("VERSION_ID", ""),
+        "kernel-release": "6.1.0",
+        "kernel-version": "#1 SMP",
+        "machine": "x86_64",
+    }
     if info["id"] == "mswindows":
-        info.update({"kernel-release": "20348", "kernel-version": "10.0", "machine": "x86_64",
-                     "version": f"Microsoft Windows Server {info['version-id']}"})
+        info.update(
+            {
+                "kernel-release": "20348",
+                "kernel-version": "10.0",
+                "machine": "x86_64",
+                "version": f"Microsoft Windows Server {info['version-id']}",
+            }
+        )
     return info
 
 
@@ -78,8 +90,11 @@ class LabAgent:
 
     async def _network_list(self, v: dict[str, Any], user: str) -> list[dict[str, Any]]:
         wanted = v.get("type")
-        kinds = {"any_bridge": ("bridge", "OVSBridge"), "any_local_bridge": ("bridge", "OVSBridge"),
-                 "include_sdn": None}.get(wanted, (wanted,) if wanted else None)
+        kinds = {
+            "any_bridge": ("bridge", "OVSBridge"),
+            "any_local_bridge": ("bridge", "OVSBridge"),
+            "include_sdn": None,
+        }.get(wanted, (wanted,) if wanted else None)
         return [dict(n) for n in self.lab_networks if kinds is None or n["type"] in kinds]
 
     async def _agent_call(self, match: Match, values: dict[str, Any]) -> dict[str, Any]:
@@ -140,8 +155,18 @@ class LabAgent:
         mac = found.group(1).lower() if found else "bc:24:11:00:00:01"
         family = "ipv6" if ":" in self.lab_guest_ip else "ipv4"
         prefix = 64 if family == "ipv6" else 8 if self.lab_guest_ip.startswith("127.") else 24
-        return [{"name": "lo", "hardware-address": "00:00:00:00:00:00",
-                 "ip-addresses": [{"ip-address": "127.0.0.1", "ip-address-type": "ipv4", "prefix": 8},
-                                  {"ip-address": "::1", "ip-address-type": "ipv6", "prefix": 128}]},
-                {"name": "eth0", "hardware-address": mac,
-                 "ip-addresses": [{"ip-address": self.lab_guest_ip, "ip-address-type": family, "prefix": prefix}]}]
+        return [
+            {
+                "name": "lo",
+                "hardware-address": "00:00:00:00:00:00",
+                "ip-addresses": [
+                    {"ip-address": "127.0.0.1", "ip-address-type": "ipv4", "prefix": 8},
+                    {"ip-address": "::1", "ip-address-type": "ipv6", "prefix": 128},
+                ],
+            },
+            {
+                "name": "eth0",
+                "hardware-address": mac,
+                "ip-addresses": [{"ip-address": self.lab_guest_ip, "ip-address-type": family, "prefix": prefix}],
+            },
+        ]

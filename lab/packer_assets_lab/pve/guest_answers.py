@@ -27,8 +27,9 @@ from fakepve.schema import Match
 from packer_assets.inspection import guest_checks, sbom
 from packer_assets_lab.pve.inventory import inventory_output
 
-FAULTS = frozenset({"cloud_init", "fresh_identity", "password_locked", "guest_agent_enabled", "ssh_login",
-                    "inventory", "commands"})
+FAULTS = frozenset(
+    {"cloud_init", "fresh_identity", "password_locked", "guest_agent_enabled", "ssh_login", "inventory", "commands"}
+)
 INVENTORY, OTHER = "inventory", "commands"  # command kinds besides the checks' names
 FAMILY_OF_OS = {"debian": "debian", "ubuntu": "ubuntu", "rocky": "rocky", "mswindows": "windows"}
 # Dates in answers (boot, clone tag) count from here, so the same VM answers the same text in every run.
@@ -80,7 +81,7 @@ def command_kind(argv: list[str], family: str) -> str:
     """The name of the family's agent check that argv runs (its argv is a prefix: params follow),
     INVENTORY for the family's inventory command, else OTHER."""
     for check in guest_checks.FAMILY_CHECKS.get(family, ()):
-        if check.via == "agent" and tuple(argv[:len(check.argv)]) == check.argv:
+        if check.via == "agent" and tuple(argv[: len(check.argv)]) == check.argv:
             return check.name
     if argv == sbom.inventory_command(family):
         return INVENTORY
@@ -95,12 +96,21 @@ def answer(argv: list[str], guest: Guest) -> Answer:
 
 def _cloud_init(guest: Guest, argv: list[str], broken: bool) -> Answer:
     status = "error" if broken else "done"
-    errors = ["errors:", "\t- ('scripts_user', RuntimeError('Runparts: 1 failures (part-001) in 1 attempted "
-                         "commands'))"] if broken else ["errors: []"]
-    out = guest.text(f"status: {status}", f"extended_status: {'error - done' if broken else 'done'}",
-                     "boot_status_code: enabled-by-generator",
-                     f"last_update: {guest.booted_at + dt.timedelta(seconds=21):%a, %d %b %Y %H:%M:%S +0000}",
-                     "detail:", "DataSourceNoCloud [seed=/dev/sr1][dsmode=net]", *errors, "recoverable_errors: {}")
+    errors = (
+        ["errors:", "\t- ('scripts_user', RuntimeError('Runparts: 1 failures (part-001) in 1 attempted commands'))"]
+        if broken
+        else ["errors: []"]
+    )
+    out = guest.text(
+        f"status: {status}",
+        f"extended_status: {'error - done' if broken else 'done'}",
+        "boot_status_code: enabled-by-generator",
+        f"last_update: {guest.booted_at + dt.timedelta(seconds=21):%a, %d %b %Y %H:%M:%S +0000}",
+        "detail:",
+        "DataSourceNoCloud [seed=/dev/sr1][dsmode=net]",
+        *errors,
+        "recoverable_errors: {}",
+    )
     return Answer(1 if broken else 0, out)
 
 
@@ -110,16 +120,22 @@ def _fresh_identity(guest: Guest, argv: list[str], broken: bool) -> Answer:
             return Answer(1, guest.text("HKLM:\\SYSTEM\\Setup has no CloneTag: sysprep /generalize never ran"))
         return Answer(0, guest.text(f"clone-tag {guest.booted_at:%a %b %d %H:%M:%S %Y}"))
     if broken:
-        return Answer(1, guest.text("/etc/machine-id dates from before this boot: the template kept the "
-                                    "install's identity (not generalized)"))
+        return Answer(
+            1,
+            guest.text(
+                "/etc/machine-id dates from before this boot: the template kept the "
+                "install's identity (not generalized)"
+            ),
+        )
     return Answer(0, guest.text(f"machine-id {guest.machine_id}", *(f"host-key {key}" for key in guest.host_keys)))
 
 
 def _password_locked(guest: Guest, argv: list[str], broken: bool) -> Answer:
     user = argv[-1]  # the check appends the install user to its script's argv
     if broken:
-        return Answer(1, guest.text(f"{user} can still log in with the install password: the template was not "
-                                    "generalized"))
+        return Answer(
+            1, guest.text(f"{user} can still log in with the install password: the template was not generalized")
+        )
     return Answer(0, guest.text(f"{user}: password locked"))
 
 
@@ -150,8 +166,12 @@ def _other(guest: Guest, argv: list[str], broken: bool) -> Answer:
 
 
 ANSWERS: dict[str, Callable[[Guest, list[str], bool], Answer]] = {
-    "cloud_init": _cloud_init, "fresh_identity": _fresh_identity, "password_locked": _password_locked,
-    "guest_agent_enabled": _agent_enabled, INVENTORY: _inventory, OTHER: _other,
+    "cloud_init": _cloud_init,
+    "fresh_identity": _fresh_identity,
+    "password_locked": _password_locked,
+    "guest_agent_enabled": _agent_enabled,
+    INVENTORY: _inventory,
+    OTHER: _other,
 }
 
 
@@ -200,17 +220,22 @@ class LabGuestExec:
         """What the VM's guest is: the OS its agent reports, its mirror release, identity and faults."""
         os_info = self.lab_reported_os(vm)
         boot = getattr(vm, "lab_boot", None)
-        return Guest(family=FAMILY_OF_OS.get(str(os_info.get("id", "")).lower(), "debian"),
-                     os_version=str(os_info.get("version-id") or ""),
-                     release=getattr(vm, "lab_release", None) or 1, vmid=int(vm.vmid),
-                     boot=boot if boot is not None else self._lab_count_start(vm),  # started some other way
-                     host_keys=tuple(self.lab_guest_host_keys), faults=self.lab_vm_faults(vm))
+        return Guest(
+            family=FAMILY_OF_OS.get(str(os_info.get("id", "")).lower(), "debian"),
+            os_version=str(os_info.get("version-id") or ""),
+            release=getattr(vm, "lab_release", None) or 1,
+            vmid=int(vm.vmid),
+            boot=boot if boot is not None else self._lab_count_start(vm),  # started some other way
+            host_keys=tuple(self.lab_guest_host_keys),
+            faults=self.lab_vm_faults(vm),
+        )
 
     def lab_vm_faults(self, vm: FakeVm) -> frozenset[str]:
         """The faults that apply to vm (by its name). Read from other threads too: iterates copies."""
         name = str(vm.config.get("name") or vm.name or "")
-        return frozenset(fault for key, names in list(self.lab_faults.items()) if name.startswith(f"{key}-")
-                         for fault in list(names))
+        return frozenset(
+            fault for key, names in list(self.lab_faults.items()) if name.startswith(f"{key}-") for fault in list(names)
+        )
 
     def lab_ssh_keys(self, username: str) -> list[str]:
         """OpenSSH public key lines `username` logs in with: the decoded `sshkeys` of every running VM whose
@@ -220,7 +245,11 @@ class LabGuestExec:
         for vm in list(self.vms):
             config = dict(vm.config)
             real = getattr(self, "lab_machines", {}).get(vm.vmid)  # a real guest has its own sshd
-            if vm.status == "running" and config.get("ciuser") == username and real is None \
-                    and "ssh_login" not in self.lab_vm_faults(vm):
+            if (
+                vm.status == "running"
+                and config.get("ciuser") == username
+                and real is None
+                and "ssh_login" not in self.lab_vm_faults(vm)
+            ):
                 keys += decode_sshkeys(str(config.get("sshkeys") or ""))
         return keys

@@ -163,10 +163,11 @@ WINDOWS_HOTFIXES = ("KB5012170", "KB5041160", "KB5041948", "KB5042881")
 FIRST_NEW_HOTFIX = 5043000  # release r adds KB<FIRST_NEW_HOTFIX + r>
 
 # A kernel removed with its config kept (status rc): dpkg-query -W lists it, the parser must skip it.
-REMOVED_KERNELS = {"debian": "rc \tlinux-image-6.1.0-23-amd64\t6.1.99-1\tamd64\n",
-                   "ubuntu": "rc \tlinux-image-5.15.0-117-generic\t5.15.0-117.127\tamd64\n"}
-LINUX_TABLES = {"debian": (DEBIAN, DEBIAN_EXTRAS), "ubuntu": (UBUNTU, UBUNTU_EXTRAS),
-                "rocky": (ROCKY, ROCKY_EXTRAS)}
+REMOVED_KERNELS = {
+    "debian": "rc \tlinux-image-6.1.0-23-amd64\t6.1.99-1\tamd64\n",
+    "ubuntu": "rc \tlinux-image-5.15.0-117-generic\t5.15.0-117.127\tamd64\n",
+}
+LINUX_TABLES = {"debian": (DEBIAN, DEBIAN_EXTRAS), "ubuntu": (UBUNTU, UBUNTU_EXTRAS), "rocky": (ROCKY, ROCKY_EXTRAS)}
 
 
 def _rows(table: str, os_version: str) -> list[list[str]]:
@@ -220,6 +221,8 @@ def _windows_output(release: int) -> str:
     # programs get updated; each release also installs one more cumulative update (a hotfix)
     programs = _updated("windows", rows, release)
     hotfixes = [*WINDOWS_HOTFIXES, *(f"KB{FIRST_NEW_HOTFIX + r}" for r in range(2, release + 1))]
-    data = {"programs": [{"DisplayName": n, "DisplayVersion": v, "Publisher": p} for n, v, p in programs],
-            "hotfixes": [{"HotFixID": h} for h in hotfixes]}
+    data = {
+        "programs": [{"DisplayName": n, "DisplayVersion": v, "Publisher": p} for n, v, p in programs],
+        "hotfixes": [{"HotFixID": h} for h in hotfixes],
+    }
     return json.dumps(data, separators=(",", ":")) + "\r\n"  # ConvertTo-Json -Compress, one CRLF line

@@ -64,14 +64,28 @@ QEMU_KEYS = frozenset(_QEMU_KEY_TEXT.split())
 _US: dict[str, tuple[str, str]] = dict(
     [(c, (c, c.upper())) for c in "abcdefghijklmnopqrstuvwxyz"]
     + list(zip("1234567890", zip("1234567890", "!@#$%^&*()", strict=True), strict=True))
-    + [("minus", ("-", "_")), ("equal", ("=", "+")), ("bracket_left", ("[", "{")), ("bracket_right", ("]", "}")),
-       ("semicolon", (";", ":")), ("apostrophe", ("'", '"')), ("grave_accent", ("`", "~")),
-       ("backslash", ("\\", "|")), ("comma", (",", "<")), ("dot", (".", ">")), ("slash", ("/", "?")),
-       ("spc", (" ", " ")), ("ret", ("\n", "\n")), ("kp_enter", ("\n", "\n")), ("tab", ("\t", "\t")),
-       ("asterisk", ("*", "*"))])
+    + [
+        ("minus", ("-", "_")),
+        ("equal", ("=", "+")),
+        ("bracket_left", ("[", "{")),
+        ("bracket_right", ("]", "}")),
+        ("semicolon", (";", ":")),
+        ("apostrophe", ("'", '"')),
+        ("grave_accent", ("`", "~")),
+        ("backslash", ("\\", "|")),
+        ("comma", (",", "<")),
+        ("dot", (".", ">")),
+        ("slash", ("/", "?")),
+        ("spc", (" ", " ")),
+        ("ret", ("\n", "\n")),
+        ("kp_enter", ("\n", "\n")),
+        ("tab", ("\t", "\t")),
+        ("asterisk", ("*", "*")),
+    ]
+)
 _SHIFT = ("shift", "shift_r")
 # The size of a new cloud-init drive (PVE::QemuServer::Cloudinit::CLOUDINIT_DISK_SIZE).
-CLOUDINIT_SIZE = 4 * 1024 ** 2
+CLOUDINIT_SIZE = 4 * 1024**2
 CLOUDINIT_VOLUME = re.compile(r"^(?:([^/:\s]+):)?cloudinit$")
 
 
@@ -167,8 +181,13 @@ class PackerCompat:
             if store["avail"] < CLOUDINIT_SIZE:
                 raise die(f"unable to write to storage '{sid}': No space left on device")
             store["avail"] -= CLOUDINIT_SIZE
-        store.setdefault("volumes", {})[volname] = {"content": "images", "format": fmt, "size": CLOUDINIT_SIZE,
-                                                    "vmid": vmid, "ctime": int(time.time())}
+        store.setdefault("volumes", {})[volname] = {
+            "content": "images",
+            "format": fmt,
+            "size": CLOUDINIT_SIZE,
+            "vmid": vmid,
+            "ctime": int(time.time()),
+        }
         return f"{sid}:{volname}", fmt
 
     @staticmethod

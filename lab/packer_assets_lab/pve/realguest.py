@@ -249,6 +249,7 @@ class LabRealGuest:
                     raise TaskError(f"start failed: {exc}") from exc
             vm.status = vm.qmpstatus = "running"
             vm.started_at = time.time()
+
         return await self.task(vm.node, "qmstart", vm.vmid, user, body, vm=vm)
 
     def _boot(self, vm: FakeVm, machine: Machine, loop: asyncio.AbstractEventLoop) -> None:
@@ -260,13 +261,24 @@ class LabRealGuest:
         if self._ci_attached(config):
             cdroms.append(cidata.write_nocloud_drive(run_dir / "cidata.iso", config, vm.vmid))
         found = MAC.search(str(config.get("net0", "")))
-        spec = VmSpec(name=f"{vm.name}-{vm.vmid}", disk=machine.disk, kernel=real.image.kernel,
-                      initrd=real.image.initrd, cmdline=real.image.cmdline, memory_mb=_memory_mb(config),
-                      cpus=_cpus(config), cdroms=cdroms, mac=found.group(1).lower() if found else None,
-                      ssh_host_port=real.ssh_ports.get(machine.key, 0), accel=real.accel)
+        spec = VmSpec(
+            name=f"{vm.name}-{vm.vmid}",
+            disk=machine.disk,
+            kernel=real.image.kernel,
+            initrd=real.image.initrd,
+            cmdline=real.image.cmdline,
+            memory_mb=_memory_mb(config),
+            cpus=_cpus(config),
+            cdroms=cdroms,
+            mac=found.group(1).lower() if found else None,
+            ssh_host_port=real.ssh_ports.get(machine.key, 0),
+            accel=real.accel,
+        )
         qemu = QemuVm(spec, run_dir).start()
         machine.qemu, machine.phase = qemu, "running"
-        threading.Thread(target=self._watch, args=(vm, machine, qemu, loop), name=f"lab-vm-{vm.vmid}", daemon=True).start()
+        threading.Thread(
+            target=self._watch, args=(vm, machine, qemu, loop), name=f"lab-vm-{vm.vmid}", daemon=True
+        ).start()
 
     @staticmethod
     def _watch(vm: FakeVm, machine: Machine, qemu: QemuVm, loop: asyncio.AbstractEventLoop) -> None:
@@ -277,6 +289,7 @@ class LabRealGuest:
             if machine.qemu is qemu:
                 machine.qemu, machine.phase = None, "off"
                 vm.status = vm.qmpstatus = "stopped"
+
         if not loop.is_closed():
             loop.call_soon_threadsafe(stopped)
 
@@ -290,6 +303,7 @@ class LabRealGuest:
         async def body() -> None:
             await asyncio.to_thread(self._power_off, machine)
             vm.status = vm.qmpstatus = "stopped"
+
         return await self.task(vm.node, "qmstop", vm.vmid, user, body, vm=vm)
 
     def _power_off(self, machine: Machine) -> None:
@@ -316,6 +330,7 @@ class LabRealGuest:
             await asyncio.to_thread(self._power_off, machine)
             vm.status = vm.qmpstatus = "stopped"
             return None if clean else "VM still running - terminating now with SIGTERM"
+
         return await self.task(vm.node, "qmshutdown", vm.vmid, user, body, vm=vm)
 
     @staticmethod
@@ -348,18 +363,32 @@ class LabRealGuest:
             machine.disk = await asyncio.to_thread(linked_clone_disk, self.lab_real.image.disk, machine.disk_path)
             run_dir = machine.next_boot_dir()
             report = await asyncio.to_thread(
-                emulate_install, self.lab_real.image, machine.disk, preseed, run_dir,
-                timeout=self.lab_real.install_timeout, accel=self.lab_real.accel, memory_mb=_memory_mb(vm.config))
-            machine.install = {"preseed_url": url, "applied": list(report.applied), "ignored": list(report.ignored),
-                               "seconds": round(report.seconds, 1)}
+                emulate_install,
+                self.lab_real.image,
+                machine.disk,
+                preseed,
+                run_dir,
+                timeout=self.lab_real.install_timeout,
+                accel=self.lab_real.accel,
+                memory_mb=_memory_mb(vm.config),
+            )
+            machine.install = {
+                "preseed_url": url,
+                "applied": list(report.applied),
+                "ignored": list(report.ignored),
+                "seconds": round(report.seconds, 1),
+            }
             # what the emulation did, beside the disk (the installer boot's console is in run_dir/serial.log)
             (machine.folder / "install.json").write_text(json.dumps(machine.install, indent=2) + "\n")
             if machine.phase != "installing" or vm.status != "running":
                 return  # stopped or destroyed meanwhile
             await asyncio.to_thread(self._boot, vm, machine, asyncio.get_running_loop())
         except Exception as exc:  # noqa: BLE001 - a background task: whatever failed is the VM's failure, kept
-            reason = exc.stderr.decode(errors="replace").strip() if isinstance(exc, subprocess.CalledProcessError) \
-                and exc.stderr else str(exc)
+            reason = (
+                exc.stderr.decode(errors="replace").strip()
+                if isinstance(exc, subprocess.CalledProcessError) and exc.stderr
+                else str(exc)
+            )
             machine.failure, machine.phase = f"installer emulation failed: {reason}", "failed"
             try:
                 (machine.folder / "failure.txt").write_text(machine.failure + "\n")
@@ -416,12 +445,21 @@ class LabRealGuest:
             if command == "file-read":
                 data = agent.read_file(str(values["file"]))
                 return {"content": data.decode(errors="replace"), "truncated": False}
-            name = {"ping": "guest-ping", "get-osinfo": "guest-get-osinfo", "info": "guest-info",
-                    "network-get-interfaces": "guest-network-get-interfaces", "get-host-name": "guest-get-host-name",
-                    "get-time": "guest-get-time", "get-timezone": "guest-get-timezone",
-                    "get-fsinfo": "guest-get-fsinfo", "get-vcpus": "guest-get-vcpus", "get-users": "guest-get-users",
-                    "get-memory-blocks": "guest-get-memory-blocks", "fsfreeze-status": "guest-fsfreeze-status",
-                    "shutdown": "guest-shutdown"}.get(command)
+            name = {
+                "ping": "guest-ping",
+                "get-osinfo": "guest-get-osinfo",
+                "info": "guest-info",
+                "network-get-interfaces": "guest-network-get-interfaces",
+                "get-host-name": "guest-get-host-name",
+                "get-time": "guest-get-time",
+                "get-timezone": "guest-get-timezone",
+                "get-fsinfo": "guest-get-fsinfo",
+                "get-vcpus": "guest-get-vcpus",
+                "get-users": "guest-get-users",
+                "get-memory-blocks": "guest-get-memory-blocks",
+                "fsfreeze-status": "guest-fsfreeze-status",
+                "shutdown": "guest-shutdown",
+            }.get(command)
             if name is None:
                 raise AgentError(f"the lab's real guest does not answer {command!r}")
             return {"result": agent.command(name)}
@@ -433,9 +471,15 @@ class LabRealGuest:
         machine = self.machine(vmid)
         if machine is None:
             return None
-        return {"key": machine.key, "phase": machine.phase, "folder": str(machine.folder), "failure": machine.failure,
-                "disk": str(machine.disk) if machine.disk else None, "install": machine.install,
-                "ssh_port": machine.qemu.ssh_port if machine.qemu else None}
+        return {
+            "key": machine.key,
+            "phase": machine.phase,
+            "folder": str(machine.folder),
+            "failure": machine.failure,
+            "disk": str(machine.disk) if machine.disk else None,
+            "install": machine.install,
+            "ssh_port": machine.qemu.ssh_port if machine.qemu else None,
+        }
 
 
 def _fetch(url: str) -> str:
@@ -444,4 +488,3 @@ def _fetch(url: str) -> str:
         raise InstallerError(f"the boot command's preseed URL {url!r} is not http(s)")
     with urllib.request.urlopen(url, timeout=PRESEED_TIMEOUT) as response:
         return response.read().decode()
-

@@ -14,20 +14,48 @@ from fakepve.shapes import PRIVILEGES
 # PVE::AccessControl's privilege groups (PVE 9): per category the privileges only root@pam has,
 # and those of the category's admin, user and audit roles. The built-in roles are derived from them.
 PRIV_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
-    "VM": {"root": (),
-           "admin": ("VM.Config.Disk", "VM.Config.CPU", "VM.Config.Memory", "VM.Config.Network",
-                     "VM.Config.HWType", "VM.Config.Options", "VM.Allocate", "VM.Clone", "VM.Migrate",
-                     "VM.Replicate", "VM.Snapshot", "VM.Snapshot.Rollback", "VM.GuestAgent.FileRead",
-                     "VM.GuestAgent.FileWrite", "VM.GuestAgent.FileSystemMgmt", "VM.GuestAgent.Unrestricted"),
-           "user": ("VM.Config.CDROM", "VM.Config.Cloudinit", "VM.Console", "VM.Backup", "VM.PowerMgmt"),
-           "audit": ("VM.Audit", "VM.GuestAgent.Audit")},
-    "Sys": {"root": ("Sys.PowerMgmt", "Sys.Modify", "Sys.Incoming", "Sys.AccessNetwork"),
-            "admin": ("Sys.Console", "Sys.Syslog"), "user": (), "audit": ("Sys.Audit",)},
-    "Datastore": {"root": (), "admin": ("Datastore.Allocate", "Datastore.AllocateTemplate"),
-                  "user": ("Datastore.AllocateSpace",), "audit": ("Datastore.Audit",)},
+    "VM": {
+        "root": (),
+        "admin": (
+            "VM.Config.Disk",
+            "VM.Config.CPU",
+            "VM.Config.Memory",
+            "VM.Config.Network",
+            "VM.Config.HWType",
+            "VM.Config.Options",
+            "VM.Allocate",
+            "VM.Clone",
+            "VM.Migrate",
+            "VM.Replicate",
+            "VM.Snapshot",
+            "VM.Snapshot.Rollback",
+            "VM.GuestAgent.FileRead",
+            "VM.GuestAgent.FileWrite",
+            "VM.GuestAgent.FileSystemMgmt",
+            "VM.GuestAgent.Unrestricted",
+        ),
+        "user": ("VM.Config.CDROM", "VM.Config.Cloudinit", "VM.Console", "VM.Backup", "VM.PowerMgmt"),
+        "audit": ("VM.Audit", "VM.GuestAgent.Audit"),
+    },
+    "Sys": {
+        "root": ("Sys.PowerMgmt", "Sys.Modify", "Sys.Incoming", "Sys.AccessNetwork"),
+        "admin": ("Sys.Console", "Sys.Syslog"),
+        "user": (),
+        "audit": ("Sys.Audit",),
+    },
+    "Datastore": {
+        "root": (),
+        "admin": ("Datastore.Allocate", "Datastore.AllocateTemplate"),
+        "user": ("Datastore.AllocateSpace",),
+        "audit": ("Datastore.Audit",),
+    },
     "SDN": {"root": (), "admin": ("SDN.Allocate",), "user": ("SDN.Use",), "audit": ("SDN.Audit",)},
-    "User": {"root": ("Realm.Allocate",), "admin": ("User.Modify", "Group.Allocate", "Realm.AllocateUser"),
-             "user": (), "audit": ()},
+    "User": {
+        "root": ("Realm.Allocate",),
+        "admin": ("User.Modify", "Group.Allocate", "Realm.AllocateUser"),
+        "user": (),
+        "audit": (),
+    },
     "Pool": {"root": (), "admin": ("Pool.Allocate",), "user": (), "audit": ("Pool.Audit",)},
     "Mapping": {"root": (), "admin": ("Mapping.Modify",), "user": ("Mapping.Use",), "audit": ("Mapping.Audit",)},
 }
@@ -35,8 +63,12 @@ PRIV_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
 
 def builtin_roles() -> dict[str, frozenset[str]]:
     """PVE's special (auto-generated) roles: roleid -> frozenset of privileges."""
-    roles = {"Administrator": frozenset(PRIVILEGES), "NoAccess": frozenset(),
-             "PVETemplateUser": frozenset({"VM.Clone", "VM.Audit"}), "PVEPoolUser": frozenset({"Pool.Audit"})}
+    roles = {
+        "Administrator": frozenset(PRIVILEGES),
+        "NoAccess": frozenset(),
+        "PVETemplateUser": frozenset({"VM.Clone", "VM.Audit"}),
+        "PVEPoolUser": frozenset({"Pool.Audit"}),
+    }
     admin: set[str] = set()
     auditor: set[str] = set()
     for cat, group in PRIV_GROUPS.items():

@@ -28,8 +28,11 @@ from packer_assets.evidence.layout import file_digest
 
 # Where a content type lives below a directory storage (PVE::Storage::Plugin's get_subdir).
 CONTENT_DIRS = {"iso": "template/iso", "vztmpl": "template/cache", "import": "import"}
-EXTENSIONS = {"iso": r"\.(?:iso|img)$", "vztmpl": r"\.tar\.(?:gz|xz|zst|bz2)$",
-              "import": r"\.(?:ova|ovf|qcow2|raw|vmdk)$"}
+EXTENSIONS = {
+    "iso": r"\.(?:iso|img)$",
+    "vztmpl": r"\.tar\.(?:gz|xz|zst|bz2)$",
+    "import": r"\.(?:ova|ovf|qcow2|raw|vmdk)$",
+}
 HASHES = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512")
 CHUNK = 1024 * 1024
 # wget's exit codes, which PVE reports: network failure, TLS failure, error answer from the server.
@@ -123,8 +126,9 @@ class LabTransfer:
             raise die(f"can't upload to storage type '{store.get('type')}'")
         filename = normalize_content_filename(v["filename"])
         if not re.search(EXTENSIONS[content], filename, re.IGNORECASE):
-            raise param_error(filename="invalid filename or wrong extension" if content == "import"
-                              else "wrong file extension")
+            raise param_error(
+                filename="invalid filename or wrong extension" if content == "import" else "wrong file extension"
+            )
         if verb == "upload" and content not in split_list(store.get("content")):
             raise die(f"storage '{name}' does not support '{content}' content")
         pve_path = f"{self._base_path(name)}/{CONTENT_DIRS[content]}/{filename}"
@@ -149,6 +153,7 @@ class LabTransfer:
 
         async def call(_match: Match, values: dict[str, Any]) -> str:
             return await self._download(values, user)
+
         return ok(await self.answer(request, self.resolve(request, API), await params(request), user, call))
 
     async def _download(self, v: dict[str, Any], user: str) -> str:
@@ -168,8 +173,7 @@ class LabTransfer:
                 return self._existing(path, pve_path, algorithm, expected, log)
             tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
             try:
-                size, got = await self._fetch(url, tmp, algorithm, bool(v.get("verify-certificates", 1)), pve_path,
-                                              log)
+                size, got = await self._fetch(url, tmp, algorithm, bool(v.get("verify-certificates", 1)), pve_path, log)
                 if algorithm:
                     if got.lower() != expected.lower():
                         log.append("calculating checksum...")
@@ -182,14 +186,23 @@ class LabTransfer:
                 raise
             self.downloads.append(self._download_entry(v, filename, size, expected, None))
             return f"download of '{url}' to '{pve_path}' finished"
+
         return await self.task(v["node"], "download", encode_text(filename), user, body, log=[first])
 
     @staticmethod
-    def _download_entry(v: dict[str, Any], filename: str, size: int | None, checksum: str | None,
-                        error: str | None) -> dict[str, Any]:
-        return {"url": v["url"], "storage": v["storage"], "content": v["content"], "filename": filename,
-                "size": size, "checksum": checksum, "checksum-algorithm": v.get("checksum-algorithm"),
-                "error": error}
+    def _download_entry(
+        v: dict[str, Any], filename: str, size: int | None, checksum: str | None, error: str | None
+    ) -> dict[str, Any]:
+        return {
+            "url": v["url"],
+            "storage": v["storage"],
+            "content": v["content"],
+            "filename": filename,
+            "size": size,
+            "checksum": checksum,
+            "checksum-algorithm": v.get("checksum-algorithm"),
+            "error": error,
+        }
 
     @staticmethod
     def _existing(path: Path, pve_path: str, algorithm: str | None, expected: str | None, log: list[str]) -> str:
@@ -203,8 +216,9 @@ class LabTransfer:
         return "calculating checksum of existing file...OK, got correct file already, no need to download"
 
     @staticmethod
-    async def _fetch(url: str, tmp: Path, algorithm: str | None, verify: bool, pve_path: str,
-                     log: list[str]) -> tuple[int, str | None]:
+    async def _fetch(
+        url: str, tmp: Path, algorithm: str | None, verify: bool, pve_path: str, log: list[str]
+    ) -> tuple[int, str | None]:
         """Stream url into tmp, hashing on the way: (size, hex digest or None). Errors as PVE's wget ones."""
         digest = hashlib.new(algorithm) if algorithm else None
         size = 0
@@ -248,6 +262,7 @@ class LabTransfer:
 
         async def call(_match: Match, values: dict[str, Any]) -> str:
             return await self._store_upload(values, upload[1], user)
+
         return ok(await self.answer(request, self.resolve(request, API), fields, user, call))
 
     async def _store_upload(self, v: dict[str, Any], data: bytes, user: str) -> str:
@@ -265,8 +280,12 @@ class LabTransfer:
                     log.append("calculating checksum...")
                     raise TaskError(f"checksum mismatch: got '{got}' != expect '{expected}'")
                 log.append("calculating checksum...OK, checksum verified")
-            log += ["target node: " + v["node"], "target file: " + pve_path, f"file size is: {len(data)}",
-                    f"command: cp -- {tmpname} {pve_path}"]
+            log += [
+                "target node: " + v["node"],
+                "target file: " + pve_path,
+                f"file size is: {len(data)}",
+                f"command: cp -- {tmpname} {pve_path}",
+            ]
             path = self.content_file(name, content, filename)
             tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
             try:
@@ -276,4 +295,5 @@ class LabTransfer:
                 tmp.unlink(missing_ok=True)
                 raise
             return "finished file import successfully"
+
         return await self.task(v["node"], "imgcopy", "", user, body, log=[first])

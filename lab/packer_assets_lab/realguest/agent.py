@@ -192,16 +192,22 @@ class GuestAgent:
                 status[field] = base64.b64decode(status[field])
         return status
 
-    def exec(self, argv: list[str], input_data: bytes | None = None, timeout: float = 300.0,
-             poll: float = 0.5) -> ExecResult:
+    def exec(
+        self, argv: list[str], input_data: bytes | None = None, timeout: float = 300.0, poll: float = 0.5
+    ) -> ExecResult:
         """Run a command in the guest and wait for it (as PVE's agent/exec then agent/exec-status)."""
         pid = self.exec_start(argv, input_data)
         deadline = time.monotonic() + timeout
         while True:
             status = self.exec_status(pid)
             if status.get("exited"):
-                return ExecResult(status.get("exitcode"), status.get("out-data", b""), status.get("err-data", b""),
-                                  status.get("signal"), bool(status.get("out-truncated") or status.get("err-truncated")))
+                return ExecResult(
+                    status.get("exitcode"),
+                    status.get("out-data", b""),
+                    status.get("err-data", b""),
+                    status.get("signal"),
+                    bool(status.get("out-truncated") or status.get("err-truncated")),
+                )
             if time.monotonic() > deadline:
                 raise AgentTimeout(f"guest-exec {argv[0]!r} (pid {pid}) still running after {timeout:.0f} s")
             time.sleep(poll)

@@ -73,8 +73,22 @@ def parse_property_string(value: str, default_key: str | None = None) -> dict[st
     return props
 
 
-NET_MODELS = ("e1000", "e1000-82540em", "e1000-82544gc", "e1000-82545em", "e1000e", "i82551", "i82557b",
-              "i82559er", "ne2k_isa", "ne2k_pci", "pcnet", "rtl8139", "virtio", "vmxnet3")
+NET_MODELS = (
+    "e1000",
+    "e1000-82540em",
+    "e1000-82544gc",
+    "e1000-82545em",
+    "e1000e",
+    "i82551",
+    "i82557b",
+    "i82559er",
+    "ne2k_isa",
+    "ne2k_pci",
+    "pcnet",
+    "rtl8139",
+    "virtio",
+    "vmxnet3",
+)
 
 
 def parse_net(value: str) -> dict[str, str]:
@@ -93,8 +107,12 @@ def parse_ipconfig(value: str) -> dict[str, str]:
     (PVE warns and writes no subnet), and one with neither address means DHCP for both."""
     props = parse_property_string(value)
     ip, ip6 = props.get("ip"), props.get("ip6")
-    if (props.get("gw") and not ip) or (props.get("gw6") and not ip6) or (props.get("gw") and ip == "dhcp") \
-            or (props.get("gw6") and ip6 in ("dhcp", "auto")):
+    if (
+        (props.get("gw") and not ip)
+        or (props.get("gw6") and not ip6)
+        or (props.get("gw") and ip == "dhcp")
+        or (props.get("gw6") and ip6 in ("dhcp", "auto"))
+    ):
         return {}
     if not ip and not ip6:
         return {"ip": "dhcp", "ip6": "dhcp"}
@@ -190,8 +208,9 @@ def network_config(config: Mapping[str, Any], resolv_conf: str | os.PathLike[str
         if not net.get("macaddr"):
             raise ValueError(f"network interface '{iface}' has no mac address")
         i = indent
-        out += (f"{i}- type: physical\n{i}  name: eth{index}\n{i}  mac_address: '{net['macaddr'].lower()}'\n"
-                f"{i}  subnets:\n")
+        out += (
+            f"{i}- type: physical\n{i}  name: eth{index}\n{i}  mac_address: '{net['macaddr'].lower()}'\n{i}  subnets:\n"
+        )
         i += "  "
         if (ip := ipconfig.get("ip")) is not None:
             if ip == "dhcp":
@@ -226,8 +245,9 @@ def meta_data(user: str, network: str) -> str:
     return f"instance-id: {hashlib.sha1((user + network).encode()).hexdigest()}\n"
 
 
-def nocloud_files(config: Mapping[str, Any], vmid: int,
-                  resolv_conf: str | os.PathLike[str] = "/etc/resolv.conf") -> dict[str, bytes]:
+def nocloud_files(
+    config: Mapping[str, Any], vmid: int, resolv_conf: str | os.PathLike[str] = "/etc/resolv.conf"
+) -> dict[str, bytes]:
     """The four files of a VM's NoCloud drive, by name, from its PVE config."""
     user = user_data(config, vmid)
     network = network_config(config, resolv_conf)
@@ -255,7 +275,11 @@ def write_cidata_iso(path: str | os.PathLike[str], files: Mapping[str, bytes]) -
     return atomic_write(Path(path), out.getvalue(), mode=0o600)
 
 
-def write_nocloud_drive(path: str | os.PathLike[str], config: Mapping[str, Any], vmid: int,
-                        resolv_conf: str | os.PathLike[str] = "/etc/resolv.conf") -> Path:
+def write_nocloud_drive(
+    path: str | os.PathLike[str],
+    config: Mapping[str, Any],
+    vmid: int,
+    resolv_conf: str | os.PathLike[str] = "/etc/resolv.conf",
+) -> Path:
     """The cidata ISO of a VM's PVE config at `path` (what PVE writes to `vm-<vmid>-cloudinit`)."""
     return write_cidata_iso(path, nocloud_files(config, vmid, resolv_conf))

@@ -55,14 +55,28 @@ TEMPLATE_PACKAGES = ("openssh-server", "qemu-guest-agent", "cloud-init", "sudo")
 # No ifupdown: cloud-init then renders its network config for systemd-networkd, which also runs the
 # image's own DHCP fallback (one network stack, not two DHCP clients on one NIC).
 SYSTEM_PACKAGES = (
-    "linux-image-amd64", "initramfs-tools", "systemd-sysv", "udev", "dbus", "iproute2", "netbase",
-    "ca-certificates", "locales", "python3-cffi-backend",  # cloud-init's cryptography needs the latter
-    "procps", "less",
+    "linux-image-amd64",
+    "initramfs-tools",
+    "systemd-sysv",
+    "udev",
+    "dbus",
+    "iproute2",
+    "netbase",
+    "ca-certificates",
+    "locales",
+    "python3-cffi-backend",  # cloud-init's cryptography needs the latter
+    "procps",
+    "less",
 )
 PACKAGES = TEMPLATE_PACKAGES + SYSTEM_PACKAGES
 DISK_SIZE = 4 * 1024**3  # the ext4 filesystem's size; a clone's overlay can be grown (resizefs grows it)
 DISK_NAME, KERNEL_NAME, INITRD_NAME, MANIFEST_NAME, LOG_NAME = (
-    "disk.qcow2", "vmlinuz", "initrd.img", "image.json", "build.log")
+    "disk.qcow2",
+    "vmlinuz",
+    "initrd.img",
+    "image.json",
+    "build.log",
+)
 # Bumped when the build steps change in a way the recipe's text does not show.
 BUILDER_VERSION = 1
 
@@ -106,7 +120,8 @@ if [ "$status" -eq 0 ]; then result ok; else result "failed (exit $status)"; fi
 """
 
 # Run inside the chroot (by /bin/sh) once the packages are in. $ROOT_UUID is the filesystem's UUID.
-CONFIGURE_SCRIPT = r"""set -eu
+CONFIGURE_SCRIPT = (
+    r"""set -eu
 echo debian > /etc/hostname
 printf '127.0.0.1\tlocalhost\n127.0.1.1\tdebian\n\n::1\tlocalhost ip6-localhost ip6-loopback\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n' > /etc/hosts
 printf 'UUID=%s\t/\text4\terrors=remount-ro\t0\t1\n' "$ROOT_UUID" > /etc/fstab
@@ -149,12 +164,15 @@ passwd -l root >/dev/null
 # The installer emulation's init (above); qemu_fw_cfg must be a module of this kernel (Debian's is).
 mkdir -p /usr/local/sbin
 cat > /usr/local/sbin/packer-assets-installer <<'INSTALLER_INIT'
-""" + INSTALLER_INIT + r"""INSTALLER_INIT
+"""
+    + INSTALLER_INIT
+    + r"""INSTALLER_INIT
 chmod 755 /usr/local/sbin/packer-assets-installer
 find /lib/modules -name 'qemu_fw_cfg.ko*' | grep -q . || { echo "no qemu_fw_cfg module in /lib/modules" >&2; exit 1; }
 apt-get clean
 rm -rf /var/lib/apt/lists/* /var/log/*.log /var/log/apt/* /tmp/* /var/tmp/*
 """
+)
 
 # Run in its own mount namespace with the root folder as $1: the chroot gets /proc, /sys, /dev,
 # services are kept from starting (policy-rc.d), the packages go in with apt's real resolver.
@@ -182,6 +200,7 @@ class ImageBuildError(OperationError):
 @dataclass(frozen=True)
 class BaseImage:
     """A built image: the folder, its disk, kernel, initrd and the kernel command line to boot it."""
+
     folder: Path
     disk: Path
     kernel: Path
@@ -192,8 +211,9 @@ class BaseImage:
     @classmethod
     def load(cls, folder: Path) -> BaseImage:
         manifest = json.loads((folder / MANIFEST_NAME).read_text())
-        return cls(folder, folder / DISK_NAME, folder / KERNEL_NAME, folder / INITRD_NAME,
-                   manifest["cmdline"], manifest)
+        return cls(
+            folder, folder / DISK_NAME, folder / KERNEL_NAME, folder / INITRD_NAME, manifest["cmdline"], manifest
+        )
 
 
 def cache_root() -> Path:
@@ -201,14 +221,28 @@ def cache_root() -> Path:
     return Path(base) / "packer-assets" / "images"
 
 
-def recipe(*, mirror: str | None = None, packages: Sequence[str] = PACKAGES, suite: str = SUITE,
-           script: str = CONFIGURE_SCRIPT, disk_size: int = DISK_SIZE,
-           apt_root: str | os.PathLike[str] = "/etc/apt") -> dict:
+def recipe(
+    *,
+    mirror: str | None = None,
+    packages: Sequence[str] = PACKAGES,
+    suite: str = SUITE,
+    script: str = CONFIGURE_SCRIPT,
+    disk_size: int = DISK_SIZE,
+    apt_root: str | os.PathLike[str] = "/etc/apt",
+) -> dict:
     """Everything that shapes the image; its sha256 names the cache folder."""
     mirrors = debian_mirrors(suite, mirror=mirror, apt_root=apt_root)
-    return {"builder": BUILDER_VERSION, "suite": suite, "mirror": mirrors.mirror, "apt_lines": list(mirrors.lines),
-            "variant": "minbase", "packages": sorted(set(packages)), "script": script,
-            "packages_script": PACKAGES_SCRIPT, "disk_size": disk_size}
+    return {
+        "builder": BUILDER_VERSION,
+        "suite": suite,
+        "mirror": mirrors.mirror,
+        "apt_lines": list(mirrors.lines),
+        "variant": "minbase",
+        "packages": sorted(set(packages)),
+        "script": script,
+        "packages_script": PACKAGES_SCRIPT,
+        "disk_size": disk_size,
+    }
 
 
 def recipe_key(spec: dict) -> str:
@@ -234,14 +268,20 @@ def _die_with_parent() -> None:
 UNSHARE = ("unshare", "--pid", "--fork", "--kill-child=SIGKILL", "--mount", "--propagation", "private", "--")
 
 
-def _run(argv: Sequence[str], log: Path, step: str, env: dict[str, str] | None = None,
-         isolated: bool = False) -> None:
+def _run(argv: Sequence[str], log: Path, step: str, env: dict[str, str] | None = None, isolated: bool = False) -> None:
     argv = [*UNSHARE, *argv] if isolated else list(argv)
     with open(log, "ab") as out:
         out.write(f"\n### {step}: {' '.join(argv[:12])}{' ...' if len(argv) > 12 else ''}\n".encode())
         out.flush()
-        proc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                              env=env, preexec_fn=_die_with_parent, check=False)
+        proc = subprocess.run(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            preexec_fn=_die_with_parent,
+            check=False,
+        )
     if proc.returncode != 0:
         tail = log.read_bytes()[-3000:].decode(errors="replace")
         raise ImageBuildError(f"base image: {step} failed (exit {proc.returncode}); end of {log}:\n{tail}")
@@ -260,13 +300,23 @@ def _build(work: Path, spec: dict, progress: Callable[[str], None] | None, start
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C.UTF-8"}
 
     _say(progress, started, "debootstrap", f"{spec['suite']} from {spec['mirror']}")
-    _run(["debootstrap", "--variant=minbase", "--components=main", spec["suite"], str(rootfs), spec["mirror"]],
-         log, "debootstrap", env, isolated=True)
+    _run(
+        ["debootstrap", "--variant=minbase", "--components=main", spec["suite"], str(rootfs), spec["mirror"]],
+        log,
+        "debootstrap",
+        env,
+        isolated=True,
+    )
     (rootfs / "etc/apt/sources.list").write_text("\n".join(spec["apt_lines"]) + "\n")
 
     _say(progress, started, "packages", f"{len(spec['packages'])} packages and their dependencies")
-    _run(["/bin/sh", "-c", spec["packages_script"], "sh", str(rootfs), *spec["packages"]], log, "packages",
-         {**env, "CONFIGURE_SCRIPT": spec["script"], "ROOT_UUID": root_uuid}, isolated=True)
+    _run(
+        ["/bin/sh", "-c", spec["packages_script"], "sh", str(rootfs), *spec["packages"]],
+        log,
+        "packages",
+        {**env, "CONFIGURE_SCRIPT": spec["script"], "ROOT_UUID": root_uuid},
+        isolated=True,
+    )
 
     _say(progress, started, "image", "ext4 filesystem, qcow2 disk, kernel and initrd")
     kernels = sorted((rootfs / "boot").glob("vmlinuz-*"))
@@ -281,14 +331,19 @@ def _build(work: Path, spec: dict, progress: Callable[[str], None] | None, start
     _run(["mkfs.ext4", "-q", "-F", "-L", "debian-root", "-U", root_uuid, "-d", str(rootfs), str(raw)], log, "mkfs.ext4")
     _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(work / DISK_NAME)], log, "qemu-img convert")
     raw.unlink()
-    packages = subprocess.run(["chroot", str(rootfs), "dpkg-query", "-W", "-f", "${Package}\n"],
-                              capture_output=True, text=True, check=False).stdout.split()
+    packages = subprocess.run(
+        ["chroot", str(rootfs), "dpkg-query", "-W", "-f", "${Package}\n"], capture_output=True, text=True, check=False
+    ).stdout.split()
     shutil.rmtree(rootfs)
     manifest = {
-        "recipe_sha256": recipe_key(spec), "suite": spec["suite"], "mirror": spec["mirror"],
-        "kernel_version": version, "root_uuid": root_uuid,
+        "recipe_sha256": recipe_key(spec),
+        "suite": spec["suite"],
+        "mirror": spec["mirror"],
+        "kernel_version": version,
+        "root_uuid": root_uuid,
         "cmdline": f"root=UUID={root_uuid} ro console=ttyS0,115200n8",
-        "installed_packages": len(packages), "disk_size": spec["disk_size"],
+        "installed_packages": len(packages),
+        "disk_size": spec["disk_size"],
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "build_seconds": round(time.monotonic() - started),
     }
@@ -296,9 +351,14 @@ def _build(work: Path, spec: dict, progress: Callable[[str], None] | None, start
     (work / "recipe.json").write_text(json.dumps(spec, indent=2) + "\n")
 
 
-def ensure_base_image(*, mirror: str | None = None, packages: Sequence[str] = PACKAGES,
-                      cache: Path | None = None, progress: Callable[[str], None] | None = print,
-                      apt_root: str | os.PathLike[str] = "/etc/apt") -> BaseImage:
+def ensure_base_image(
+    *,
+    mirror: str | None = None,
+    packages: Sequence[str] = PACKAGES,
+    cache: Path | None = None,
+    progress: Callable[[str], None] | None = print,
+    apt_root: str | os.PathLike[str] = "/etc/apt",
+) -> BaseImage:
     """The base image for this recipe: from the cache, or built now (as root: debootstrap, chroot)."""
     spec = recipe(mirror=mirror, packages=packages, apt_root=apt_root)
     key = recipe_key(spec)
@@ -340,7 +400,9 @@ def real_guest_unavailable() -> str | None:
     image for this recipe is cached). The tests skip with this reason; `lab up --real-guest` and .ci/run say it."""
     import urllib.request
 
-    absent = [c for c in ("qemu-system-x86_64", "qemu-img", "debootstrap", "mkfs.ext4", "unshare") if not shutil.which(c)]
+    absent = [
+        c for c in ("qemu-system-x86_64", "qemu-img", "debootstrap", "mkfs.ext4", "unshare") if not shutil.which(c)
+    ]
     if absent:
         return f"needs {', '.join(absent)}: apt-get install qemu-system-x86 qemu-utils debootstrap e2fsprogs util-linux"
     if os.geteuid() != 0:

@@ -118,6 +118,7 @@ def parse_preseed(text: str) -> dict[str, str]:
 @dataclass
 class InstallPlan:
     """The payload (/bin/sh) and what it applies or leaves out, one `question: what` line each."""
+
     script: str
     applied: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
@@ -126,8 +127,9 @@ class InstallPlan:
 def _required(answers: dict[str, str], question: str) -> str:
     value = answers.get(question, "")
     if not value:
-        raise InstallerError(f"preseed: {question} is {'empty' if question in answers else 'missing'}; "
-                             "the installer would ask for it")
+        raise InstallerError(
+            f"preseed: {question} is {'empty' if question in answers else 'missing'}; the installer would ask for it"
+        )
     return value
 
 
@@ -148,11 +150,15 @@ def _netcfg(answers: dict[str, str], plan: InstallPlan, lines: list[str]) -> set
     if not re.fullmatch(r"[A-Za-z0-9.-]*", domain):
         raise InstallerError(f"preseed: netcfg/get_domain {domain!r} is not a valid domain")
     names = f"{hostname}.{domain}\t{hostname}" if domain else hostname
-    hosts = ("127.0.0.1\tlocalhost\n127.0.1.1\t%s\n\n# The following lines are desirable for IPv6 capable hosts\n"
-             "::1     localhost ip6-localhost ip6-loopback\nff02::1 ip6-allnodes\nff02::2 ip6-allrouters\n")
-    lines += ["# netcfg: host name and domain, as netcfg writes them",
-              f"printf '%s\\n' {shlex.quote(hostname)} > /etc/hostname",
-              f"printf {shlex.quote(hosts)} {shlex.quote(names)} > /etc/hosts"]
+    hosts = (
+        "127.0.0.1\tlocalhost\n127.0.1.1\t%s\n\n# The following lines are desirable for IPv6 capable hosts\n"
+        "::1     localhost ip6-localhost ip6-loopback\nff02::1 ip6-allnodes\nff02::2 ip6-allrouters\n"
+    )
+    lines += [
+        "# netcfg: host name and domain, as netcfg writes them",
+        f"printf '%s\\n' {shlex.quote(hostname)} > /etc/hostname",
+        f"printf {shlex.quote(hosts)} {shlex.quote(names)} > /etc/hosts",
+    ]
     used = {q for q in ("netcfg/hostname", "netcfg/get_hostname", "netcfg/get_domain") if q in answers}
     source = "netcfg/hostname" if answers.get("netcfg/hostname") else "netcfg/get_hostname"
     plan.applied.append(f"{source}: /etc/hostname {hostname}, /etc/hosts 127.0.1.1 {names.replace(chr(9), ' ')}")
@@ -165,17 +171,21 @@ def _clock(answers: dict[str, str], plan: InstallPlan, lines: list[str]) -> set[
         zone = answers["time/zone"].strip()
         if not ZONE.fullmatch(zone) or ".." in zone:
             raise InstallerError(f"preseed: time/zone {zone!r} is not a time zone name")
-        lines += ["# tzsetup: the time zone",
-                  f"zone={shlex.quote(zone)}",
-                  '[ -f "/usr/share/zoneinfo/$zone" ] || ' + _fail(f"time/zone: no /usr/share/zoneinfo/{zone}"),
-                  'ln -sfn "/usr/share/zoneinfo/$zone" /etc/localtime',
-                  "printf '%s\\n' \"$zone\" > /etc/timezone"]
+        lines += [
+            "# tzsetup: the time zone",
+            f"zone={shlex.quote(zone)}",
+            '[ -f "/usr/share/zoneinfo/$zone" ] || ' + _fail(f"time/zone: no /usr/share/zoneinfo/{zone}"),
+            'ln -sfn "/usr/share/zoneinfo/$zone" /etc/localtime',
+            "printf '%s\\n' \"$zone\" > /etc/timezone",
+        ]
         plan.applied.append(f"time/zone: /etc/localtime -> {zone}, /etc/timezone")
         used.add("time/zone")
     if "clock-setup/utc" in answers:
         utc = not _false(answers, "clock-setup/utc")
-        lines += ["# clock-setup: the hardware clock's time scale",
-                  f"printf '0.0 0 0.0\\n0\\n{'UTC' if utc else 'LOCAL'}\\n' > /etc/adjtime"]
+        lines += [
+            "# clock-setup: the hardware clock's time scale",
+            f"printf '0.0 0 0.0\\n0\\n{'UTC' if utc else 'LOCAL'}\\n' > /etc/adjtime",
+        ]
         plan.applied.append(f"clock-setup/utc: /etc/adjtime {'UTC' if utc else 'LOCAL'}")
         used.add("clock-setup/utc")
     return used
@@ -192,14 +202,16 @@ def _locale(answers: dict[str, str], plan: InstallPlan, lines: list[str]) -> set
     locale = f"{language}.{charset}{modifier}"  # d-i's localechooser picks UTF-8 when none is named
     installed = f"{language}.{charset.lower().replace('-', '')}{modifier}"  # as `locale -a` lists it
     entry = f"{locale} {charset}"
-    lines += ["# localechooser: the system locale, generated if the image lacks it",
-              f"if ! locale -a 2>/dev/null | grep -qxF {shlex.quote(installed)}; then",
-              f"    grep -qxF {shlex.quote(entry)} /usr/share/i18n/SUPPORTED || "
-              + _fail(f"debian-installer/locale: {locale} is not a supported locale"),
-              f"    printf '%s\\n' {shlex.quote(entry)} >> /etc/locale.gen",
-              "    locale-gen >/dev/null",
-              "fi",
-              f"printf 'LANG=%s\\n' {shlex.quote(locale)} > /etc/default/locale"]
+    lines += [
+        "# localechooser: the system locale, generated if the image lacks it",
+        f"if ! locale -a 2>/dev/null | grep -qxF {shlex.quote(installed)}; then",
+        f"    grep -qxF {shlex.quote(entry)} /usr/share/i18n/SUPPORTED || "
+        + _fail(f"debian-installer/locale: {locale} is not a supported locale"),
+        f"    printf '%s\\n' {shlex.quote(entry)} >> /etc/locale.gen",
+        "    locale-gen >/dev/null",
+        "fi",
+        f"printf 'LANG=%s\\n' {shlex.quote(locale)} > /etc/default/locale",
+    ]
     plan.applied.append(f"debian-installer/locale: /etc/default/locale LANG={locale}")
     return {"debian-installer/locale"}
 
@@ -215,11 +227,17 @@ def _accounts(answers: dict[str, str], plan: InstallPlan, lines: list[str]) -> s
     else:
         lines += ["# user-setup: root cannot log in (locked)", "passwd -l root >/dev/null"]
         plan.applied.append("passwd/root-login: false: root locked")
-    for plain in ("passwd/root-password", "passwd/root-password-again", "passwd/user-password",
-                  "passwd/user-password-again"):
+    for plain in (
+        "passwd/root-password",
+        "passwd/root-password-again",
+        "passwd/user-password",
+        "passwd/user-password-again",
+    ):
         if answers.get(plain):
-            raise InstallerError(f"preseed: {plain} is a plain password: the emulation takes only crypted "
-                                 "ones (passwd/*-password-crypted)")
+            raise InstallerError(
+                f"preseed: {plain} is a plain password: the emulation takes only crypted "
+                "ones (passwd/*-password-crypted)"
+            )
     if _false(answers, "passwd/make-user"):
         plan.applied.append("passwd/make-user: false: no user")
         return used
@@ -237,16 +255,22 @@ def _accounts(answers: dict[str, str], plan: InstallPlan, lines: list[str]) -> s
     groups = answers.get("passwd/user-default-groups", DEFAULT_GROUPS).replace(",", " ").split()
     if not root_login:
         groups.append("sudo")
-    lines += ["# user-setup: the first user, its crypted password, its groups (those that exist)",
-              "useradd -m -s /bin/bash -c " + shlex.quote(fullname) + (f" -u {uid}" if uid else "")
-              + f" -p {shlex.quote(hashed)} {shlex.quote(user)}",
-              "groups=",
-              f"for group in {' '.join(shlex.quote(g) for g in groups)}; do",
-              '    if getent group "$group" >/dev/null; then groups="${groups:+$groups,}$group"; fi',
-              "done",
-              f'if [ -n "$groups" ]; then usermod -a -G "$groups" {shlex.quote(user)}; fi']
-    plan.applied.append(f"passwd/username: user {user} ({fullname or 'no full name'}), shell /bin/bash, "
-                        f"groups {' '.join(groups)} (those that exist)")
+    lines += [
+        "# user-setup: the first user, its crypted password, its groups (those that exist)",
+        "useradd -m -s /bin/bash -c "
+        + shlex.quote(fullname)
+        + (f" -u {uid}" if uid else "")
+        + f" -p {shlex.quote(hashed)} {shlex.quote(user)}",
+        "groups=",
+        f"for group in {' '.join(shlex.quote(g) for g in groups)}; do",
+        '    if getent group "$group" >/dev/null; then groups="${groups:+$groups,}$group"; fi',
+        "done",
+        f'if [ -n "$groups" ]; then usermod -a -G "$groups" {shlex.quote(user)}; fi',
+    ]
+    plan.applied.append(
+        f"passwd/username: user {user} ({fullname or 'no full name'}), shell /bin/bash, "
+        f"groups {' '.join(groups)} (those that exist)"
+    )
     plan.applied.append("passwd/user-password-crypted: the user's password hash in /etc/shadow")
     return used
 
@@ -266,8 +290,10 @@ def _packages(answers: dict[str, str], plan: InstallPlan, lines: list[str]) -> s
     lines.append("# pkgsel: every package asked for must be in the image already (the emulation installs nothing)")
     for package in packages:
         quoted = shlex.quote(package)
-        lines.append(f"[ \"$(dpkg-query -W -f '${{db:Status-Status}}' {quoted} 2>/dev/null || true)\" = installed ] || "
-                     + _fail(f"pkgsel/include: {package} is not installed in the image (the emulation installs nothing)"))
+        lines.append(
+            f"[ \"$(dpkg-query -W -f '${{db:Status-Status}}' {quoted} 2>/dev/null || true)\" = installed ] || "
+            + _fail(f"pkgsel/include: {package} is not installed in the image (the emulation installs nothing)")
+        )
     plan.applied.append(f"pkgsel/include: {' '.join(packages) or '(none)'} checked installed in the image")
     if "openssh-server" in packages:  # installing it in d-i makes the host keys (its postinst); the image has none
         lines += ["# openssh-server's postinst: the host keys the image does not ship", "ssh-keygen -A >/dev/null"]
@@ -307,8 +333,13 @@ def plan_install(answers: dict[str, str]) -> InstallPlan:
     """The payload for these answers and the list of what it applies and what it leaves out.
     Raises InstallerError naming the question when a required answer is missing or unusable."""
     plan = InstallPlan(script="")
-    lines = ["#!/bin/sh", "# packer-assets installer emulation payload (generated; run by the image's installer init)",
-             "set -eu", "umask 022", "export LC_ALL=C.UTF-8"]
+    lines = [
+        "#!/bin/sh",
+        "# packer-assets installer emulation payload (generated; run by the image's installer init)",
+        "set -eu",
+        "umask 022",
+        "export LC_ALL=C.UTF-8",
+    ]
     used: set[str] = set()
     for step in (_netcfg, _clock, _locale, _accounts, _packages):
         used |= step(answers, plan, lines)
@@ -344,8 +375,16 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.replace("\r", "").splitlines()[-lines:]) or "(empty serial log)"
 
 
-def emulate_install(image: BaseImage, disk: Path, preseed_text: str, run_dir: Path, *, timeout: float = 900.0,
-                    accel: str | None = None, memory_mb: int = 1024) -> InstallReport:
+def emulate_install(
+    image: BaseImage,
+    disk: Path,
+    preseed_text: str,
+    run_dir: Path,
+    *,
+    timeout: float = 900.0,
+    accel: str | None = None,
+    memory_mb: int = 1024,
+) -> InstallReport:
     """Apply `preseed_text` to `disk` (a clone of `image`, not booted yet) in a one-shot installer boot.
 
     Raises InstallerError if the preseed cannot be emulated, or if the boot does not end with
@@ -359,10 +398,18 @@ def emulate_install(image: BaseImage, disk: Path, preseed_text: str, run_dir: Pa
     fd = os.open(payload, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # it holds the password hash
     with os.fdopen(fd, "w", encoding="utf-8") as out:
         out.write(plan.script)
-    spec = VmSpec(f"installer-{Path(disk).stem}", Path(disk), image.kernel, image.initrd,
-                  # panic=10 with -no-reboot: a missing init or a dying PID 1 ends QEMU instead of hanging
-                  f"{image.cmdline} init={INSTALLER_INIT_PATH} panic=10", memory_mb=memory_mb, accel=accel,
-                  fw_cfg=[(INSTALLER_FW_CFG_NAME, payload)], no_reboot=True)
+    spec = VmSpec(
+        f"installer-{Path(disk).stem}",
+        Path(disk),
+        image.kernel,
+        image.initrd,
+        # panic=10 with -no-reboot: a missing init or a dying PID 1 ends QEMU instead of hanging
+        f"{image.cmdline} init={INSTALLER_INIT_PATH} panic=10",
+        memory_mb=memory_mb,
+        accel=accel,
+        fw_cfg=[(INSTALLER_FW_CFG_NAME, payload)],
+        no_reboot=True,
+    )
     started = time.monotonic()
     vm = QemuVm(spec, run_dir)
     serial = vm.serial_log
@@ -376,10 +423,14 @@ def emulate_install(image: BaseImage, disk: Path, preseed_text: str, run_dir: Pa
         vm.kill()
     seconds = time.monotonic() - started
     if not finished:
-        raise InstallerError(f"installer boot of {disk}: no result after {timeout:.0f} s (QEMU killed); "
-                             f"end of {serial}:\n{_tail(serial)}")
+        raise InstallerError(
+            f"installer boot of {disk}: no result after {timeout:.0f} s (QEMU killed); "
+            f"end of {serial}:\n{_tail(serial)}"
+        )
     results = RESULT_LINE.findall(serial.read_text(errors="replace").replace("\r", "") if serial.exists() else "")
     if results[-1:] != ["ok"]:
         outcome = results[-1] if results else "no result line (the installer init did not finish)"
-        raise InstallerError(f"installer boot of {disk}: {outcome} after {seconds:.0f} s; end of {serial}:\n{_tail(serial)}")
+        raise InstallerError(
+            f"installer boot of {disk}: {outcome} after {seconds:.0f} s; end of {serial}:\n{_tail(serial)}"
+        )
     return InstallReport(plan.applied, plan.ignored, seconds, serial)

@@ -83,9 +83,24 @@ def probe_accel(accel: str, timeout: float = 20.0) -> bool:
         disk = Path(tmp) / "probe.img"
         disk.write_bytes(_PROBE_CODE.ljust(510, b"\0") + b"\x55\xaa")
         cpu = ["-cpu", "host"] if accel == "kvm" else []
-        argv = [QEMU, "-accel", accel, *cpu, "-machine", "pc", "-m", "32", "-nodefaults", "-display", "none",
-                "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
-                "-drive", f"file={disk},format=raw,if=ide"]
+        argv = [
+            QEMU,
+            "-accel",
+            accel,
+            *cpu,
+            "-machine",
+            "pc",
+            "-m",
+            "32",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            "-drive",
+            f"file={disk},format=raw,if=ide",
+        ]
         try:
             proc = subprocess.run(argv, capture_output=True, timeout=timeout, start_new_session=True, check=False)
         except subprocess.TimeoutExpired:
@@ -156,6 +171,7 @@ class Qmp:
 @dataclass
 class VmSpec:
     """What to run. `cmdline` is the kernel's (the base image's manifest has it)."""
+
     name: str
     disk: Path
     kernel: Path
@@ -225,26 +241,64 @@ class QemuVm:
         for guest_addr, guest_port, host_addr, host_port in s.guestfwd:
             netdev += f",guestfwd=tcp:{guest_addr}:{guest_port}-tcp:{host_addr}:{host_port}"
         nic = "virtio-net-pci,netdev=net0" + (f",mac={s.mac}" if s.mac else "")
-        argv = [QEMU, "-name", f"guest={s.name}", "-no-user-config", "-nodefaults", "-display", "none",
-                *accel_args(accel), "-machine", "pc", "-smp", str(s.cpus), "-m", str(s.memory_mb),
-                "-uuid", s.smbios_uuid,
-                "-kernel", str(s.kernel), "-initrd", str(s.initrd), "-append", s.cmdline,
-                "-chardev", f"socket,id=qmp,path={self.qmp_socket},server=on,wait=off",
-                "-mon", "chardev=qmp,mode=control",
-                "-chardev", f"file,id=serial0,path={self.serial_log}", "-device", "isa-serial,chardev=serial0",
-                "-chardev", f"socket,id=qga0,path={self.qga_socket},server=on,wait=off",
-                "-device", "virtio-serial-pci,id=qga-bus",
-                "-device", "virtserialport,bus=qga-bus.0,chardev=qga0,name=org.qemu.guest_agent.0",
-                "-device", "virtio-rng-pci",  # entropy early in boot (sshd keys, Python), as PVE can offer
-                "-drive", f"file={s.disk},if=none,id=drive-virtio0,format=qcow2,cache=writeback,discard=unmap",
-                "-device", "virtio-blk-pci,drive=drive-virtio0,bootindex=1",
-                "-netdev", netdev, "-device", nic]
+        argv = [
+            QEMU,
+            "-name",
+            f"guest={s.name}",
+            "-no-user-config",
+            "-nodefaults",
+            "-display",
+            "none",
+            *accel_args(accel),
+            "-machine",
+            "pc",
+            "-smp",
+            str(s.cpus),
+            "-m",
+            str(s.memory_mb),
+            "-uuid",
+            s.smbios_uuid,
+            "-kernel",
+            str(s.kernel),
+            "-initrd",
+            str(s.initrd),
+            "-append",
+            s.cmdline,
+            "-chardev",
+            f"socket,id=qmp,path={self.qmp_socket},server=on,wait=off",
+            "-mon",
+            "chardev=qmp,mode=control",
+            "-chardev",
+            f"file,id=serial0,path={self.serial_log}",
+            "-device",
+            "isa-serial,chardev=serial0",
+            "-chardev",
+            f"socket,id=qga0,path={self.qga_socket},server=on,wait=off",
+            "-device",
+            "virtio-serial-pci,id=qga-bus",
+            "-device",
+            "virtserialport,bus=qga-bus.0,chardev=qga0,name=org.qemu.guest_agent.0",
+            "-device",
+            "virtio-rng-pci",  # entropy early in boot (sshd keys, Python), as PVE can offer
+            "-drive",
+            f"file={s.disk},if=none,id=drive-virtio0,format=qcow2,cache=writeback,discard=unmap",
+            "-device",
+            "virtio-blk-pci,drive=drive-virtio0,bootindex=1",
+            "-netdev",
+            netdev,
+            "-device",
+            nic,
+        ]
         if len(s.cdroms) > 3:
             raise ValueError("at most three CD-ROMs besides the disk")
         # CD-ROMs where PVE puts them: ide2 (bus 1 unit 0: the cloud-init drive's usual slot), ide3, ide0.
         for index, (iso, (bus, unit)) in enumerate(zip(s.cdroms, [(1, 0), (1, 1), (0, 0)], strict=False)):
-            argv += ["-drive", f"file={iso},if=none,id=cd{index},media=cdrom,readonly=on",
-                     "-device", f"ide-cd,drive=cd{index},bus=ide.{bus},unit={unit}"]
+            argv += [
+                "-drive",
+                f"file={iso},if=none,id=cd{index},media=cdrom,readonly=on",
+                "-device",
+                f"ide-cd,drive=cd{index},bus=ide.{bus},unit={unit}",
+            ]
         for name, path in s.fw_cfg:
             argv += ["-fw_cfg", f"name={_qemu_opt(name)},file={_qemu_opt(path)}"]
         if s.no_reboot:
@@ -260,15 +314,22 @@ class QemuVm:
             path.unlink(missing_ok=True)
         self.accel = self.spec.accel or detect_accel()
         with open(self.qemu_log, "ab") as log:
-            self.proc = subprocess.Popen(self.argv(self.accel), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv(self.accel),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         # Runs on kill(), on garbage collection and at interpreter exit, whichever comes first.
         self._finalizer = weakref.finalize(self, _kill_group, self.proc.pid, self.proc)
         try:  # a failed start leaves no QEMU behind (`with` does not call __exit__ when __enter__ raises)
             deadline = time.monotonic() + timeout
             while self.qmp is None:
                 if self.proc.poll() is not None:
-                    raise QemuError(f"{self.spec.name}: QEMU exited ({self.proc.returncode}) at start: {self._log_tail()}")
+                    raise QemuError(
+                        f"{self.spec.name}: QEMU exited ({self.proc.returncode}) at start: {self._log_tail()}"
+                    )
                 if time.monotonic() > deadline:
                     raise QemuError(f"{self.spec.name}: no QMP socket after {timeout:.0f} s: {self._log_tail()}")
                 try:
@@ -384,5 +445,8 @@ class QemuVm:
 def qemu_processes_under(folder: Path) -> list[int]:
     """PIDs of QEMU processes whose command line names a path under `folder` (the tests' orphan check)."""
     needle = str(Path(folder))
-    return [pid for pid, (_ppid, argv) in proc_table().items()
-            if argv and "qemu-system" in argv[0] and any(needle in arg for arg in argv)]
+    return [
+        pid
+        for pid, (_ppid, argv) in proc_table().items()
+        if argv and "qemu-system" in argv[0] and any(needle in arg for arg in argv)
+    ]

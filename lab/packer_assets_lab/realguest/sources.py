@@ -79,13 +79,15 @@ def apt_sources(apt_root: str | os.PathLike[str] = APT_ROOT) -> list[AptSource]:
 @dataclass(frozen=True)
 class DebianMirrors:
     """The archive debootstrap fetches `suite` from, and the apt lines of the suite and its updates."""
+
     mirror: str
     suite: str
     lines: tuple[str, ...]
 
 
-def debian_mirrors(suite: str = "bookworm", *, mirror: str | None = None,
-                   apt_root: str | os.PathLike[str] = APT_ROOT) -> DebianMirrors:
+def debian_mirrors(
+    suite: str = "bookworm", *, mirror: str | None = None, apt_root: str | os.PathLike[str] = APT_ROOT
+) -> DebianMirrors:
     """The machine's mirror for `suite` (or `mirror`, an override), with `<suite>-updates` and
     `<suite>-security` where the machine has them. Only the `main` component: the image's packages
     are all in main."""
@@ -93,8 +95,9 @@ def debian_mirrors(suite: str = "bookworm", *, mirror: str | None = None,
     if mirror is None:
         base = [s for s in sources if s.suite == suite]
         if not base:
-            raise LookupError(f"no apt source for {suite} in {apt_root}/sources.list or sources.list.d/"
-                              f" (pass a mirror URL instead)")
+            raise LookupError(
+                f"no apt source for {suite} in {apt_root}/sources.list or sources.list.d/ (pass a mirror URL instead)"
+            )
         mirror = base[0].uri
     mirror = mirror.rstrip("/")
     lines = [f"deb {mirror} {suite} main"]
