@@ -68,10 +68,12 @@ from packer_assets.packer.runner import (
 from packer_assets.packer.version import BuildCredentials, PackerCapabilities, detect_packer
 from packer_assets.packer.workdir import BuildPlan, Workdir, prepare_workdir, template_sha256
 from packer_assets.pve.bootstrap import BootstrapConfig, BuildAccess, token_privilege_gaps
+from packer_assets.pve.client import PveApi
 from packer_assets.pve.guest_exec import host_key_fingerprints
-from packer_assets.pve.smoke import BASE_STEPS, SmokeResult, SmokeTestError, smoke_test
+from packer_assets.pve.smoke import BASE_STEPS, SmokeOptions, SmokeResult, SmokeStep, SmokeTestError, smoke_test
 from packer_assets.pve.staging import StagedIso, upload_iso
 from packer_assets.pve.templates import (
+    Guest,
     Promotion,
     PruneResult,
     TemplateDescription,
@@ -93,7 +95,7 @@ from packer_assets.pve.templates import (
 )
 from packer_assets.render import ANSWER_ISO_NAME, RenderResult, render_unattended
 from packer_assets.render.record import RenderRecordError, ServedFiles, read_record, served_files, write_render_record
-from packer_assets.upstream.checksums import Checksum
+from packer_assets.upstream.digests import Checksum
 
 RECORD = BUILD_RECORD_NAME
 VM_RECORD = "build-vm.json"  # in the work directory from before packer starts until the build VM is settled
@@ -130,9 +132,9 @@ class BuildOutcome:
     name: str | None = None
     log_file: Path | None = None
     record_file: Path | None = None
-    smoke: dict | None = None  # the smoke test's facts (passed builds only)
+    smoke: dict[str, Any] | None = None  # the smoke test's facts (passed builds only)
     smoke_error: str | None = None  # a failed smoke test (the new template was destroyed)
-    smoke_steps: list[dict] = field(default_factory=list)  # its steps, up to the failed one
+    smoke_steps: list[dict[str, Any]] = field(default_factory=list)  # its steps, up to the failed one
     previous_vmid: int | None = None
     pruned: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -211,15 +213,16 @@ def plan_build(
     )
 
 
-def storage_type(api, node: str, storage: str) -> str:
+def storage_type(api: PveApi, node: str, storage: str) -> str:
     # the node's storage list needs only Datastore.Audit (GET /storage/{id} wants Datastore.Allocate)
     for item in api.nodes(node).storage.get():
         if item["storage"] == storage:
-            return item["type"]
+            kind: str = item["type"]  # PVE's storage type: dir, lvmthin, zfspool, ...
+            return kind
     raise RuntimeError(f"storage {storage!r} is not listed on node {node} (re-run proxmox_env)")
 
 
-def _answer_iso(api, access: BuildAccess, entry: TemplateEntry, served: ServedFiles) -> str | None:
+def _answer_iso(api: PveApi, access: BuildAccess, entry: TemplateEntry, served: ServedFiles) -> str | None:
     """Windows: the answer ISO the render built, uploaded (its recorded checksum verified while streaming)."""
     path, recorded = served.folder / ANSWER_ISO_NAME, served.files.get(ANSWER_ISO_NAME)
     if entry.family != "windows" or recorded is None:
@@ -268,7 +271,7 @@ class Inputs:
     served: ServedFiles  # what the render wrote and validated, unchanged
     fingerprint: str
     planned: tuple[str, str]  # for the schedule's pre-check (plan.py)
-    api: Any
+    api: PveApi
     swept: list[str]
     up_to_date: bool
     current: int | None  # the key's promoted template (its VMID)
@@ -469,7 +472,11 @@ def smoke_and_sbom(job: BuildJob, inputs: Inputs, prep: Prepared, log: RunLog) -
     ssh_address = (settings.ssh_host, settings.ssh_port_for(job.key) or 22) if settings.ssh_host else None
     try:
         smoke = smoke_test(
-            inputs.api, job.node, vmid, job.entry, timeout=settings.smoke_timeout, ssh_address=ssh_address
+            inputs.api,
+            job.node,
+            vmid,
+            job.entry,
+            options=SmokeOptions(timeout=settings.smoke_timeout, ssh_address=ssh_address),
         )
         for step in smoke.steps:
             log.line(
@@ -639,7 +646,7 @@ def final_record(
     return outcome
 
 
-def write_record(log_file: Path, record: dict) -> Path:
+def write_record(log_file: Path, record: dict[str, Any]) -> Path:
     """The build record beside its log, naming the log as it is now (sha256 and size): its proof carries
     exactly those bytes, even when the log grew after the record (a run killed after this write)."""
     record.update(log_sha256=sha256_file(log_file), log_bytes=Path(log_file).stat().st_size)
@@ -648,7 +655,12 @@ def write_record(log_file: Path, record: dict) -> Path:
 
 
 def update_registry(
-    layout: Layout, api, project_dir: Path, chain: ChainId, echo=print, env: Mapping[str, str] | None = None
+    layout: Layout,
+    api: PveApi,
+    project_dir: Path,
+    chain: ChainId,
+    echo: Callable[[str], None] = print,
+    env: Mapping[str, str] | None = None,
 ) -> str | None:
     """registry.json rewritten after a promotion and prune (every catalog key, read from the node). A
     failure is a warning, never a failed build: the template is built, promoted and recorded, and the
@@ -667,13 +679,13 @@ def _named(key: str, text: str) -> str:
     return text if text.startswith(f"{key}: ") else f"{key}: {text}"
 
 
-def _step_facts(step, redact: Redactor) -> dict:
+def _step_facts(step: SmokeStep, redact: Redactor) -> dict[str, Any]:
     return {"name": step.name, "passed": step.passed, "seconds": round(step.seconds, 3), "detail": redact(step.detail)}
 
 
 def write_template_sbom(
     folder: Path, smoke: SmokeResult, entry: TemplateEntry, name: str, chain: ChainId, started: datetime
-) -> dict:
+) -> dict[str, Any]:
     """The clone's packages as a validated CycloneDX SBOM in the build's log folder (the proof copies it);
     returns what the record keeps of it: file name, sha256 and package count."""
     bom = build_sbom(
@@ -692,7 +704,14 @@ def write_template_sbom(
 
 
 def _withdrawn(
-    api, node: str, entry: TemplateEntry, vmid: int, before, exc: Exception, log, record_file: Path
+    api: PveApi,
+    node: str,
+    entry: TemplateEntry,
+    vmid: int,
+    before: Guest | None,
+    exc: Exception,
+    log: RunLog,
+    record_file: Path,
 ) -> TemplateError:
     """The error (one line) of a template that failed after its smoke test, once withdraw() took its
     promotion back and destroyed it (its record goes too: no proof follows a destroyed template)."""
@@ -710,7 +729,7 @@ def _withdrawn(
     return TemplateError(f"{failed}; {done}")
 
 
-def _destroy(api, node: str, vmid: int, entry: TemplateEntry, log) -> bool:
+def _destroy(api: PveApi, node: str, vmid: int, entry: TemplateEntry, log: RunLog) -> bool:
     """True when nothing of the build VM is left."""
     try:
         if destroy_build_vm(api, node, vmid, entry):
@@ -721,7 +740,7 @@ def _destroy(api, node: str, vmid: int, entry: TemplateEntry, log) -> bool:
         return False
 
 
-def sweep_leftovers(api, node: str, entry: TemplateEntry, layout: Layout) -> list[str]:
+def sweep_leftovers(api: PveApi, node: str, entry: TemplateEntry, layout: Layout) -> list[str]:
     """Remove what dead runs of the key left on the node; one line per thing removed.
 
     The caller holds the key's lock, so no live run of the key owns any of it: build VMs, smoke clones
@@ -772,7 +791,7 @@ class NoPromotedBuild(OperationError):
     """The key has no promoted template whose build record is in this output root: nothing to prove."""
 
 
-def promoted_record(layout: Layout, api, key: str) -> tuple[Path, dict]:
+def promoted_record(layout: Layout, api: PveApi, key: str) -> tuple[Path, dict[str, Any]]:
     """(log folder, record) of the build of the key's promoted template, found by the chain ID in the
     template's description, whatever the logs' `latest` points at (a failed or interrupted build after
     it keeps its log, and must not hide the build that is in use)."""
@@ -796,7 +815,7 @@ def promoted_record(layout: Layout, api, key: str) -> tuple[Path, dict]:
     return folder, {**built, "template": {**built["template"], "tags": sorted(guest.tags)}}
 
 
-def write_proof(layout: Layout, record: dict, log_file: Path, signer: Signer | None = None) -> Path:
+def write_proof(layout: Layout, record: dict[str, Any], log_file: Path, signer: Signer | None = None) -> Path:
     """template_proof: the bundle of a build that passed its checks (the record exists only then), with
     its SBOM and the package changes since the key's previous proved template."""
     sbom_ref, sbom_file = None, None
@@ -864,7 +883,7 @@ def recorded_log(log_file: Path, size: int | None) -> Iterator[Path]:
         yield copy
 
 
-def _checks_passed(smoke: dict) -> str:
+def _checks_passed(smoke: dict[str, Any]) -> str:
     guest = [s["name"] for s in smoke.get("steps", []) if s["name"] not in BASE_STEPS]
     return f"; in the clone: {', '.join(guest)} passed" if guest else ""
 
@@ -935,10 +954,10 @@ class CachedRender:
 
     out_dir: Path
     content_hash: str
-    recorded: dict
+    recorded: dict[str, Any]
     ignored: tuple[str, ...] = ()  # other files found in out_dir: not the render's, never served
 
-    def metadata(self) -> dict:
+    def metadata(self) -> dict[str, Any]:
         return self.recorded
 
 

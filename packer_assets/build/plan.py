@@ -25,6 +25,7 @@ import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from packer_assets import __version__
 from packer_assets.catalog import TemplateEntry
@@ -133,7 +134,7 @@ def _inputs(entry: TemplateEntry, env: Mapping[str, str], sources: SourceDigests
     }
 
 
-def _digest(blob: dict) -> str:
+def _digest(blob: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
@@ -191,9 +192,11 @@ def record_plan(layout: Layout, key: str, fingerprint: str, isos: str, vmid: int
     )
 
 
-def read_plan_state(layout: Layout, key: str) -> dict | None:
+def read_plan_state(layout: Layout, key: str) -> dict[str, Any] | None:
+    """The state record_plan wrote (plan_fingerprint, isos, vmid, chain_id), or None when unreadable."""
     try:
-        return json.loads(state_file(layout, key).read_text())
+        state: dict[str, Any] = json.loads(state_file(layout, key).read_text())
+        return state
     except (OSError, ValueError):
         return None
 

@@ -15,12 +15,14 @@ over (build.sweep_leftovers), whichever key the run that finds it is for.
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from packer_assets.build.pipeline import NoPromotedBuild, promoted_record, sweep_leftovers, write_proof
 from packer_assets.catalog import Catalog, TemplateEntry
 from packer_assets.evidence.layout import Layout, latest, swap_latest
 from packer_assets.evidence.registry import record_proof, write_registry
 from packer_assets.evidence.signing import Signer
+from packer_assets.pve.client import PveApi
 from packer_assets.runs.locks import exclusive, key_if_free
 
 
@@ -31,7 +33,7 @@ class ProofState:
     proof_dir: Path
     written: bool  # the proof was missing and is now written
     relinked: bool  # `latest` pointed elsewhere and now points at it
-    record: dict  # the build record it proves
+    record: dict[str, Any]  # the build record it proves
 
     def line(self) -> str | None:
         """What was repaired, or None when the proof stood as it was."""
@@ -41,7 +43,7 @@ class ProofState:
         return f"{self.key}: proof of the promoted template ({self.chain_id}) {' and '.join(done)}: {self.proof_dir}"
 
 
-def ensure_proof(layout: Layout, api, catalog: Catalog, key: str, signer: Signer | None) -> ProofState:
+def ensure_proof(layout: Layout, api: PveApi, catalog: Catalog, key: str, signer: Signer | None) -> ProofState:
     """The proof of the key's promoted template: written if missing, `latest` pointed at it, registry.json
     naming it (rewritten from the node when it does not list the template: a run killed before its own
     rewrite). Raises NoPromotedBuild when there is nothing this output root can prove."""
@@ -60,7 +62,7 @@ def ensure_proof(layout: Layout, api, catalog: Catalog, key: str, signer: Signer
     return ProofState(key, record["chain_id"], proof_dir, written, relinked, record)
 
 
-def repair_proofs(layout: Layout, api, catalog: Catalog, signer: Signer | None) -> list[str]:
+def repair_proofs(layout: Layout, api: PveApi, catalog: Catalog, signer: Signer | None) -> list[str]:
     """ensure_proof for each key no other live run works on (that run writes its own proof); one line
     per repair and per key whose proof could not be written."""
     lines = []
@@ -72,7 +74,7 @@ def repair_proofs(layout: Layout, api, catalog: Catalog, signer: Signer | None) 
     return lines
 
 
-def _repair_one(layout: Layout, api, catalog: Catalog, key: str, signer: Signer | None) -> str | None:
+def _repair_one(layout: Layout, api: PveApi, catalog: Catalog, key: str, signer: Signer | None) -> str | None:
     try:
         return ensure_proof(layout, api, catalog, key, signer).line()
     except NoPromotedBuild:
@@ -81,7 +83,7 @@ def _repair_one(layout: Layout, api, catalog: Catalog, key: str, signer: Signer 
         return f"{key}: the proof of its promoted template could not be written: {type(exc).__name__}: {exc}"
 
 
-def sweep_idle_keys(layout: Layout, api, node: str, entries: Iterable[TemplateEntry]) -> list[str]:
+def sweep_idle_keys(layout: Layout, api: PveApi, node: str, entries: Iterable[TemplateEntry]) -> list[str]:
     """Remove what dead runs left of each key no live run works on (build VMs, smoke clones, recorded
     build VMs); one line per thing removed, naming the key."""
     lines = []

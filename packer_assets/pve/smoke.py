@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +31,7 @@ from packer_assets.catalog import TemplateEntry
 from packer_assets.errors import ConfigError, OperationError
 from packer_assets.inspection.guest_checks import GuestCheck, checks_for, parse_identity
 from packer_assets.inspection.sbom import Package, SbomError, inventory_command, parse_inventory
-from packer_assets.pve.client import PveApi
+from packer_assets.pve.client import PveApi, PveResource
 from packer_assets.pve.guest_exec import EphemeralKey, GuestExecTimeout, GuestOutput, SshLoginError, agent_exec, ssh_run
 from packer_assets.pve.tasks import TASK_TIMEOUT, TaskError, run_task, said
 from packer_assets.pve.templates import (
@@ -190,7 +190,7 @@ class _Run:
         self.detail = ""
 
 
-def _poll(run: _Run, step: str, deadline: float, poll: float, attempt) -> Any:
+def _poll(run: _Run, step: str, deadline: float, poll: float, attempt: Callable[[], Any]) -> Any:
     """attempt() until it returns something truthy; a 500 (agent not up yet) is retried, others are not."""
     last = "no answer"
     while True:
@@ -206,6 +206,23 @@ def _poll(run: _Run, step: str, deadline: float, poll: float, attempt) -> Any:
         if time.monotonic() >= deadline:
             raise run.error(step, f"gave up after waiting; last: {last}")
         time.sleep(poll)
+
+
+@dataclass(frozen=True)
+class SmokeOptions:
+    """How one smoke test runs (smoke_test's docstring says what each does); the defaults are the build's."""
+
+    clone_vmid: int | None = None  # as asked for (None: allocated in the key's range)
+    ssh_public_key: str | None = None
+    ci_user: str = DEFAULT_CI_USER
+    storage: str | None = None
+    timeout: float = 600.0
+    task_timeout: float = TASK_TIMEOUT
+    poll: float = 2.0
+    ssh_address: tuple[str, int] | None = None
+
+
+DEFAULT_OPTIONS = SmokeOptions()
 
 
 @dataclass(frozen=True)
@@ -251,14 +268,7 @@ def smoke_test(
     template_vmid: int,
     entry: TemplateEntry,
     *,
-    clone_vmid: int | None = None,
-    ssh_public_key: str | None = None,
-    ci_user: str = DEFAULT_CI_USER,
-    storage: str | None = None,
-    timeout: float = 600.0,
-    task_timeout: float = TASK_TIMEOUT,
-    poll: float = 2.0,
-    ssh_address: tuple[str, int] | None = None,
+    options: SmokeOptions = DEFAULT_OPTIONS,
 ) -> SmokeResult:
     """Full-clone template_vmid to clone_vmid (a free VMID of the key's range; allocated when None),
     set a cloud-init user and SSH keys (Linux: `ssh_public_key` if given, and a key pair made for this
@@ -268,7 +278,9 @@ def smoke_test(
     clone, whatever happened. SSH goes to `ssh_address` when given (the lab's guest), else to the
     clone's first address on port 22.
 
-    Raises SmokeTestError naming the step; its message also says how the cleanup went."""
+    The options are SmokeOptions' fields. Raises SmokeTestError naming the step; its message also says how
+    the cleanup went."""
+    task_timeout = options.task_timeout
     run = _Run(entry.key, template_vmid)
     started = time.monotonic()
     try:
@@ -279,14 +291,14 @@ def smoke_test(
             entry,
             run,
             EphemeralKey.generate(),
-            clone_vmid,
-            ssh_public_key,
-            ci_user,
-            storage,
-            timeout,
-            task_timeout,
-            poll,
-            ssh_address,
+            options.clone_vmid,
+            options.ssh_public_key,
+            options.ci_user,
+            options.storage,
+            options.timeout,
+            options.task_timeout,
+            options.poll,
+            options.ssh_address,
         )
         seen = _test(ctx)
     except BaseException as exc:
@@ -301,8 +313,8 @@ def smoke_test(
             exc.add_note(f"smoke test cleanup: {note}")
         raise
     cleaned, note = _cleanup(api, node, run, task_timeout)
-    if not cleaned:
-        raise SmokeTestError("cleanup", template_vmid, run.clone_vmid, entry.key, note, steps=tuple(run.steps))
+    if not cleaned:  # a failed cleanup always says why (note is None only when nothing was created)
+        raise SmokeTestError("cleanup", template_vmid, run.clone_vmid, entry.key, note or "", steps=tuple(run.steps))
     return SmokeResult(
         template_vmid,
         seen.clone_vmid,
@@ -320,19 +332,20 @@ def smoke_test(
 
 
 def _cleanup(api: PveApi, node: str, run: _Run, task_timeout: float) -> tuple[bool, str | None]:
-    """Stop and destroy the clone: (True, what happened) or (False, the failure)."""
-    if not run.created:
+    """Stop and destroy the clone: (True, what happened, None when nothing was created) or (False, the failure)."""
+    vmid = run.clone_vmid
+    if not run.created or vmid is None:  # created implies clone_vmid: _clone sets it before the clone request
         return True, None
     started = time.monotonic()
     try:
-        found = find_guest(api, run.clone_vmid)
+        found = find_guest(api, vmid)
         if found is not None and found.name != run.clone_name:
             run.steps.append(SmokeStep("cleanup", time.monotonic() - started, False))
             return False, (
                 f"VM {run.clone_vmid} is not our clone (named {found.name!r}, not {run.clone_name!r}); left alone"
             )
-        destroyed = found is not None and destroy_vm(api, found.node or node, run.clone_vmid, timeout=task_timeout)
-        left = find_guest(api, run.clone_vmid)
+        destroyed = found is not None and destroy_vm(api, found.node or node, vmid, timeout=task_timeout)
+        left = find_guest(api, vmid)
     except Exception as exc:  # noqa: BLE001 - any failure here must be reported, not raised over the test's own
         run.steps.append(SmokeStep("cleanup", time.monotonic() - started, False, str(exc)))
         return False, f"FAILED to destroy clone {run.clone_vmid}, remove it by hand: {exc}"
@@ -383,7 +396,7 @@ def _clone(ctx: SmokeContext) -> int:
             )
         if find_guest(api, clone_vmid) is not None:
             raise run.error("clone", f"VMID {clone_vmid} is in use")
-        params = dict(
+        params: dict[str, Any] = dict(
             newid=clone_vmid,
             full=1,
             name=f"{entry.key}-smoke-{template_vmid}",
@@ -501,14 +514,14 @@ def _has_ciupgrade(api: PveApi) -> bool:
     except Exception:  # noqa: BLE001 - no answer: do not send an option the node may not know
         return False
     found = re.match(r"(\d+)\.(\d+)", version)
-    return bool(found) and (int(found.group(1)), int(found.group(2))) >= (8, 1)
+    return found is not None and (int(found.group(1)), int(found.group(2))) >= (8, 1)
 
 
 def _ssh_host(ips: list[str]) -> str:
     return next((ip for ip in ips if ":" not in ip), ips[0])
 
 
-def _agent_output(run: _Run, step: str, agent, argv: list[str], deadline: float) -> GuestOutput:
+def _agent_output(run: _Run, step: str, agent: PveResource, argv: list[str], deadline: float) -> GuestOutput:
     try:
         return agent_exec(agent, argv, deadline)
     except GuestExecTimeout as exc:

@@ -1,7 +1,6 @@
 """The smoke test against the lab over HTTPS, as the build token: it passes, it fails naming the step,
 and in every case the clone is gone afterwards (or its removal failure is reported)."""
 
-import functools
 from urllib.parse import parse_qs, unquote
 
 import pytest
@@ -13,6 +12,7 @@ from packer_assets_lab.pve.agent import os_release_text, osinfo_from_os_release
 from packer_assets_lab.pve import guest_answers
 from packer_assets.pve.smoke import (
     SmokeInternalError,
+    SmokeOptions,
     SmokeTestError,
     encode_sshkeys,
     guest_ips,
@@ -52,7 +52,11 @@ def smoke(lab_pve, tmp_path):
     guest = LabGuest(tmp_path / "guest", username="packer", key_source=lab_pve.lab_ssh_keys).start()
     lab_pve.lab_guest_host_keys = [f"{guest.host_key.get_name()} {guest.host_key.get_base64()}"]
     try:
-        yield functools.partial(smoke_test, ssh_address=(guest.host, guest.port))
+        def run(api, node, template_vmid, entry, **options):
+            options.setdefault("ssh_address", (guest.host, guest.port))
+            return smoke_test(api, node, template_vmid, entry, options=SmokeOptions(**options))
+
+        yield run
     finally:
         guest.stop()
 

@@ -25,7 +25,7 @@ from packer_assets.config.envfile import read_env_file
 from packer_assets_lab.realguest.qemu import qemu_processes_under
 from packer_assets.pve import smoke as smoke_module
 from packer_assets.pve.bootstrap import build_access
-from packer_assets.pve.smoke import SmokeTestError, smoke_test
+from packer_assets.pve.smoke import SmokeOptions, SmokeTestError, smoke_test
 
 # a test's own waits add up to 3667 s at most (the linked clone's: three tasks, a boot, the module's build)
 pytestmark = [pytest.mark.realguest, pytest.mark.lab, pytest.mark.packer, pytest.mark.timeout(3720)]
@@ -111,8 +111,8 @@ def test_a_clone_given_a_wrong_ssh_key_fails_the_ssh_step(built, monkeypatch):
     monkeypatch.setattr(smoke_module, "encode_sshkeys", lambda keys: real_encode(wrong))
     port = int(dict(item.split("=") for item in project.stack.env()["PACKER_ASSETS_SSH_PORTS"].split(","))[KEY])
     with pytest.raises(SmokeTestError) as err:
-        smoke_test(_api(project), "pve1", vmid, project.stack.catalog.get(KEY), timeout=900,
-                   ssh_address=("127.0.0.1", port))
+        smoke_test(_api(project), "pve1", vmid, project.stack.catalog.get(KEY),
+                   options=SmokeOptions(timeout=900, ssh_address=("127.0.0.1", port)))
     assert err.value.step == "ssh_login", err.value
     assert list(_vms(project)) == [vmid]  # the clone is gone
     assert qemu_processes_under(project.stack.state) == []
