@@ -6,16 +6,25 @@ lab/pyproject.toml, registers `lab`); without them installed, their commands do 
 Every failure prints one line naming what is wrong and exits 2; no traceback for expected errors.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:  # imported where used: the command line starts without Dagster, the catalog or the API
+    from packer_assets.catalog import Catalog
+    from packer_assets.evidence.layout import Layout
+    from packer_assets.pve.client import PveApi
+    from packer_assets.render import RenderResult
 
 PLUGINS = "packer_assets.cli"  # each entry point: a function that adds its subparser to `sub`
 
 
-def _catalog_check(args) -> int:
+def _catalog_check(args: argparse.Namespace) -> int:
     from packer_assets.catalog import check_catalog
 
     for line in check_catalog(args.catalog):
@@ -23,7 +32,7 @@ def _catalog_check(args) -> int:
     return 0
 
 
-def _validate(args) -> int:
+def _validate(args: argparse.Namespace) -> int:
     """validate-all.sh: render and validate every key (or those named), then `packer validate` each."""
     from packer_assets.build.pipeline import BuildSettings, render_and_validate
     from packer_assets.catalog import load_catalog
@@ -41,7 +50,7 @@ def _validate(args) -> int:
     for key in args.keys or catalog.keys():
         entry = catalog.get(key)
         try:
-            result, check = render_and_validate(
+            rendered, check = render_and_validate(
                 layout, entry, found.environment, settings, project_dir=catalog.project_dir
             )
         except RenderError as exc:
@@ -52,6 +61,8 @@ def _validate(args) -> int:
             print(f"FAIL {key}: {exc} (--allow-degraded accepts this)")
             failed += 1
             continue
+        # never a CachedRender: render_and_validate reuses a render only when asked (reuse=True)
+        result = cast("RenderResult", rendered)
         if result.ignored:  # never served: builds serve exactly the render's record
             print(f"warn {ignored_warning(key, result.out_dir, result.ignored)}")
         verdicts = ", ".join(sorted({v.validator for f in result.files for v in f.verdicts}))
@@ -66,7 +77,7 @@ def _validate(args) -> int:
     return 1 if failed else 0
 
 
-def _settings(args) -> int:
+def _settings(args: argparse.Namespace) -> int:
     """Every setting the live path reads, and the catalog, checked as definitions.py checks them. No secret
     is read into the model, so none is printed."""
     from dataclasses import fields, is_dataclass
@@ -95,7 +106,7 @@ def _settings(args) -> int:
     return 0
 
 
-def _build(args) -> int:
+def _build(args: argparse.Namespace) -> int:
     """`make build KEY=...`: the settings and the key checked as `settings --key` checks them (one line, exit 2;
     `dagster job execute` would run and record an unknown partition), then, in this same process, Dagster's own
     `dagster job execute` of rebuild_template for the key's partition: a run of that job in its history in the UI,
@@ -124,7 +135,7 @@ def _build(args) -> int:
     return 0
 
 
-def _registry_session():
+def _registry_session() -> tuple[Layout, Catalog, PveApi]:
     """(layout, catalog, the node's API as the build token) as builds have them: settings, env files, catalog."""
     from packer_assets.catalog import load_catalog
     from packer_assets.config.settings import load_settings
@@ -135,7 +146,7 @@ def _registry_session():
     return found.layout, catalog, node_api(found.layout)
 
 
-def _channel(args) -> int:
+def _channel(args: argparse.Namespace) -> int:
     """Point a channel of a key at one of its templates, take it away, or list the channels."""
     from packer_assets.evidence.channels import channel_name, channel_rows, set_channel, unset_channel
     from packer_assets.evidence.registry import build_registry
@@ -162,7 +173,7 @@ def _channel(args) -> int:
     return 0
 
 
-def _revoke(args) -> int:
+def _revoke(args: argparse.Namespace) -> int:
     """Mark a template revoked: consumers stop using it, its key's next build replaces it."""
     from packer_assets.evidence.channels import revoke
 
@@ -181,7 +192,7 @@ def _revoke(args) -> int:
     return 0
 
 
-def _proof_verify(args) -> int:
+def _proof_verify(args: argparse.Namespace) -> int:
     """Verify one bundle (a folder or a chain ID), or every bundle under the output root."""
     from packer_assets.config.settings import load_settings
     from packer_assets.evidence.verify import FAILED, OK, all_bundles, bundle_chain, find_bundle, verify_bundle
@@ -197,7 +208,7 @@ def _proof_verify(args) -> int:
     return OK if all(r.ok for r in reports) else FAILED
 
 
-def _chain(args) -> int:
+def _chain(args: argparse.Namespace) -> int:
     """Everything that carries a chain ID; or the chain IDs of a key, newest first."""
     from packer_assets.config.settings import load_settings
     from packer_assets.evidence.audit import chain_report, chains_of_key
@@ -228,7 +239,7 @@ def _chain(args) -> int:
     return 0 if report.found else 1
 
 
-def _runs_of_chain(chain_id: str, ui_url: str | None) -> list[dict]:
+def _runs_of_chain(chain_id: str, ui_url: str | None) -> list[dict[str, Any]]:
     """The Dagster runs tagged with the chain ID, in the instance DAGSTER_HOME names."""
     import dagster as dg
 
@@ -251,7 +262,7 @@ def _runs_of_chain(chain_id: str, ui_url: str | None) -> list[dict]:
     ]
 
 
-def _templates_of_chain(layout, chain_id: str) -> list[dict]:
+def _templates_of_chain(layout: Layout, chain_id: str) -> list[dict[str, Any]]:
     """Templates of the chain's key whose description names the chain ID (asked as the build token)."""
     from packer_assets.evidence.chain import parse_chain_id
     from packer_assets.evidence.channels import node_api
@@ -261,7 +272,7 @@ def _templates_of_chain(layout, chain_id: str) -> list[dict]:
     if key == "init":
         return []
     api = node_api(layout)
-    found = []
+    found: list[dict[str, Any]] = []
     for guest in list_templates(api, key):
         described = template_description(api, guest)
         if described is not None and described.chain_id == chain_id:
@@ -269,7 +280,7 @@ def _templates_of_chain(layout, chain_id: str) -> list[dict]:
     return found
 
 
-def _plan(args) -> int:
+def _plan(args: argparse.Namespace) -> int:
     """Which keys need a run (the weekly schedule's pre-check; `make build-all` builds those)."""
     from packer_assets.build.plan import plan_runs
     from packer_assets.catalog import load_catalog

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from packer_assets.errors import OperationError
 from packer_assets.evidence.chain import ChainId
@@ -78,7 +79,7 @@ class PackerResult:
     exit_code: int
     errors: list[str]
     duration: float
-    log_path: Path
+    log_path: Path | None  # None when the log given has no `path`
     stages: list[str] = field(default_factory=list)
 
 
@@ -88,6 +89,13 @@ class MachineLine:
     target: str
     type: str
     data: tuple[str, ...]
+
+
+class BuildLog(Protocol):
+    """What run_packer writes to: a RunLog, or anything with `.line(stage, text)`; `.path` and `.redact` are
+    read when present (getattr)."""
+
+    def line(self, stage: str, text: str) -> object: ...
 
 
 def unescape(value: str) -> str:
@@ -119,9 +127,9 @@ def open_build_log(
 class _Stream:
     """Turns output lines into log lines, stage callbacks, errors and the artifact."""
 
-    def __init__(self, log, on_stage: Callable[[str], None] | None):
+    def __init__(self, log: BuildLog, on_stage: Callable[[str], None] | None):
         self.log = log
-        self.redact = getattr(log, "redact", None) or (lambda text: text)
+        self.redact: Callable[[str], str] = getattr(log, "redact", None) or (lambda text: text)
         self.on_stage = on_stage
         self.errors: list[str] = []
         self.build_errors: list[str] = []  # packer's own verdict per build (`<target>,error,...`): the cause
@@ -210,10 +218,13 @@ def _signal_group(pgid: int, sig: int) -> bool:
 
 
 class _Run:
-    def __init__(self, proc: subprocess.Popen, stream: _Stream, log, grace: float):
+    def __init__(self, proc: subprocess.Popen[bytes], stream: _Stream, log: BuildLog, grace: float):
+        if proc.stdout is None:
+            raise ValueError("packer's process must be started with stdout=PIPE")
         self.proc, self.stream, self.log, self.grace = proc, stream, log, grace
+        self.stdout = proc.stdout
         self.pgid = proc.pid  # start_new_session: the leader's PID is the group's ID
-        self.lines: queue.Queue = queue.Queue()
+        self.lines: queue.Queue[bytes | None] = queue.Queue()
         self.eof = threading.Event()
         self.reader = threading.Thread(target=self._read, name=f"packer-{proc.pid}-stdout", daemon=True)
         self.reader.start()
@@ -221,7 +232,7 @@ class _Run:
 
     def _read(self) -> None:
         try:
-            for raw in iter(self.proc.stdout.readline, b""):
+            for raw in iter(self.stdout.readline, b""):
                 self.lines.put(raw)
         finally:
             self.eof.set()
@@ -293,14 +304,14 @@ class _Run:
         self.reader.join(timeout=5)
         while not self.lines.empty():
             self.pump(0)
-        self.proc.stdout.close()
+        self.stdout.close()
         return code
 
 
 def run_packer(
     workdir: Path,
     env: dict[str, str],
-    log,
+    log: BuildLog,
     *,
     timeout: float | None = None,
     on_stage: Callable[[str], None] | None = None,
@@ -430,7 +441,9 @@ class PackerCheck:
     argv: list[str]
 
 
-def _simple(argv: list[str], workdir: Path, env: dict[str, str], timeout: float, redact=None) -> PackerCheck:
+def _simple(
+    argv: list[str], workdir: Path, env: dict[str, str], timeout: float, redact: Callable[[str], str] | None = None
+) -> PackerCheck:
     try:
         done = subprocess.run(
             argv,
@@ -457,7 +470,7 @@ def packer_validate(
     packer: str = "packer",
     syntax_only: bool = False,
     timeout: float = 120.0,
-    redact=None,
+    redact: Callable[[str], str] | None = None,
 ) -> PackerCheck:
     """`packer validate [-syntax-only] <workdir>` (1.6.6's full validate checks the builder config
     without connecting; it needs a login configured: env.validate_env gives a placeholder one)."""
@@ -467,7 +480,12 @@ def packer_validate(
 
 
 def packer_init(
-    workdir: Path, env: dict[str, str], *, packer: str = "packer", timeout: float = 600.0, redact=None
+    workdir: Path,
+    env: dict[str, str],
+    *,
+    packer: str = "packer",
+    timeout: float = 600.0,
+    redact: Callable[[str], str] | None = None,
 ) -> PackerCheck:
     """`packer init <workdir>`: installs required_plugins (only generated where caps.needs_init)."""
     binary = shutil.which(packer, path=env.get("PATH")) or packer

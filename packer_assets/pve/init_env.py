@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from packer_assets import __version__
 from packer_assets.config.envfile import read_env_file, write_env_file
@@ -84,7 +84,14 @@ class ApiBootstrap:
         return [self.admin.password, self.admin.token_secret]
 
     def __call__(
-        self, endpoint, config, known_secret, save_secret, note, known_password=None, save_password=None
+        self,
+        endpoint: Endpoint,
+        config: BootstrapConfig,
+        known_secret: str | None,
+        save_secret: Callable[[str], None],
+        note: Callable[[str], object],
+        known_password: str | None = None,
+        save_password: Callable[[str], None] | None = None,
     ) -> BootstrapResult:
         admin = self.admin
         return bootstrap(
@@ -108,7 +115,7 @@ class InitOutcome:
     secrets_file: Path
     log_file: Path
     proof_dir: Path
-    proof: dict
+    proof: dict[str, Any]  # InitProof.model_dump(mode="json")
 
 
 def _secrets(layout: Layout) -> dict[str, str]:
@@ -145,7 +152,7 @@ def run_init(
     config: BootstrapConfig,
     chain: ChainId,
     run_id: str | None = None,
-    echo=None,
+    echo: Callable[[str], object] | None = None,
     signer: Signer | None = None,
 ) -> InitOutcome:
     """admin: an AdminLogin (the API path) or any Bootstrapper (e.g. SshBootstrap); signer: signs the
@@ -154,7 +161,8 @@ def run_init(
     started = datetime.now(UTC)
     secret = known_secret(layout)
     password = known_build_password(layout, config.user) if config.build_password else None
-    redact = Redactor([*method.secrets(), secret, password])
+    # Redactor.add skips empty values anyway: only the ones given are passed.
+    redact = Redactor([value for value in (*method.secrets(), secret, password) if value])
     ca_path = (layout.output_root / CA_FILE).absolute()  # absolute: the env file is read from anywhere
     use_fetched_ca = method.fetches_ca and not explicit_trust(endpoint)
     # Without configured trust, the CA an earlier run fetched is what proves the known secret over TLS.
@@ -167,18 +175,24 @@ def run_init(
             f"{method.describe(endpoint)}: user {config.user}, role {config.role}, "
             f"token {config.token_id} (privsep={int(config.privsep)}, rotate={int(config.rotate)})",
         )
+
+        def keep_secret(new: str) -> None:
+            redact.add(new)
+            save_secret(layout, config.token_id, new)
+
+        def keep_password(new: str) -> None:
+            redact.add(new)
+            save_secrets(layout, **{BUILD_USER_KEY: config.user, BUILD_PASSWORD_KEY: new})
+
         try:
             result = method(
                 endpoint,
                 config,
                 secret,
-                lambda new: (redact.add(new), save_secret(layout, config.token_id, new)),
+                keep_secret,
                 lambda text: log.line(method.method, text),
                 known_password=password,
-                save_password=lambda new: (
-                    redact.add(new),
-                    save_secrets(layout, **{BUILD_USER_KEY: config.user, BUILD_PASSWORD_KEY: new}),
-                ),
+                save_password=keep_password,
             )
         except Exception as exc:
             log.line("error", f"{type(exc).__name__}: {exc}")

@@ -19,10 +19,11 @@ import re
 import secrets
 import shlex
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import paramiko
 
@@ -100,7 +101,7 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
     def __init__(self, target: SshTarget, note: Callable[[str], object]):
         self.target, self.note = target, note
 
-    def missing_host_key(self, client, hostname, key):
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
         path = self.target.known_hosts_file
         if not self.target.trust_on_first_use:
             raise SshBootstrapError(
@@ -128,7 +129,8 @@ def open_ssh(target: SshTarget, note: Callable[[str], object] = lambda _text: No
                 f"{target.where}: host key check: cannot read {target.known_hosts_file}: {exc}"
             ) from None
     client.set_missing_host_key_policy(_HostKeyPolicy(target, note))
-    auth = dict(key_filename=target.key_file, password=target.password)
+    # connect()'s keyword arguments for the login: typed per name in paramiko's stubs, passed here as one dict
+    auth: dict[str, Any] = dict(key_filename=target.key_file, password=target.password)
     if target.key_file or target.password:
         auth.update(look_for_keys=False, allow_agent=False)
     try:
@@ -210,14 +212,14 @@ def run_script(client: paramiko.SSHClient, target: SshTarget, env: dict[str, str
         sftp = client.open_sftp()
     except (OSError, paramiko.SSHException) as exc:
         raise SshBootstrapError(f"{target.where}: {step}: {exc}") from None
-    made = []  # what to remove afterwards: only what this run created
+    made: list[tuple[Callable[[str], object], str]] = []  # what to remove afterwards: only what this run created
     try:
         try:
             sftp.mkdir(folder, 0o700)
             made.insert(0, (sftp.rmdir, folder))
             made.insert(0, (sftp.remove, path))
-            with sftp.open(path, "wb") as out:
-                out.write(script_bytes())
+            with sftp.open(path, "wb") as remote:
+                remote.write(script_bytes())
             sftp.chmod(path, 0o700)
         except (OSError, paramiko.SSHException) as exc:
             raise SshBootstrapError(f"{target.where}: {step} to {path}: {exc}") from None
@@ -317,10 +319,18 @@ def ssh_bootstrap(
     return _result(values, changes, known_secret, skip, endpoint, config, script)
 
 
-def _result(values, changes, known_secret, skip, endpoint, config, script) -> BootstrapResult:
+def _result(
+    values: dict[str, str],
+    changes: list[str],
+    known_secret: str | None,
+    skip: bool,
+    endpoint: Endpoint,
+    config: BootstrapConfig,
+    script: str,
+) -> BootstrapResult:
     action = values["TOKEN_ACTION"]
     if action == "reused":
-        if not skip:
+        if not skip or known_secret is None:  # skip: known_secret_works proved the secret, so it is not None
             raise SshBootstrapError(f"{script}: kept a token whose secret we do not hold")
         secret = known_secret
     elif "TOKEN_SECRET" in values:
@@ -350,7 +360,7 @@ def _result(values, changes, known_secret, skip, endpoint, config, script) -> Bo
     )
 
 
-def _redact(text: str, hide) -> str:
+def _redact(text: str, hide: Iterable[str | None]) -> str:
     for value in hide:
         if value:
             text = text.replace(value, "***")
@@ -376,7 +386,14 @@ class SshBootstrap:
         return [self.target.password]
 
     def __call__(
-        self, endpoint, config, known_secret, save_secret, note, known_password=None, save_password=None
+        self,
+        endpoint: Endpoint,
+        config: BootstrapConfig,
+        known_secret: str | None,
+        save_secret: Callable[[str], None],
+        note: Callable[[str], object],
+        known_password: str | None = None,
+        save_password: Callable[[str], None] | None = None,
     ) -> BootstrapResult:
         if config.build_password:
             # Setting it here would put the password on the node's command line (pvesh's argv).

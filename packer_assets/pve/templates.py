@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from proxmoxer.core import ResourceException
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -280,7 +280,10 @@ def read_revocation(text: str | None) -> Revocation | None:
     return _last_record(text, REVOKED_PREFIX, Revocation)
 
 
-def _last_record(text: str | None, prefix: str, model: type[BaseModel]) -> Any:
+_Record = TypeVar("_Record", bound=BaseModel)
+
+
+def _last_record(text: str | None, prefix: str, model: type[_Record]) -> _Record | None:
     for line in reversed((text or "").splitlines()):
         if line.startswith(prefix):
             try:
@@ -489,12 +492,13 @@ def promoted_template(api: PveApi, key: str) -> Guest | None:
 def promoted_vmids(api: PveApi, keys: Iterable[str]) -> dict[str, int]:
     """key -> VMID of its promoted template, for many keys from one /cluster/resources call (the newest
     wins, as in promoted_template)."""
-    wanted, found = set(keys), {}
+    wanted: set[str] = set(keys)
+    found: dict[str, tuple[int, datetime]] = {}
     for guest in sorted(guests(api).values(), key=lambda g: g.vmid):
         if guest.template and guest.promoted and not guest.revoked:
             for key in wanted.intersection(guest.tags):
                 when = name_time(key, guest.name)  # not None for a guest that is ours(key)
-                if guest.ours(key) and (key not in found or when >= found[key][1]):
+                if when is not None and guest.ours(key) and (key not in found or when >= found[key][1]):
                     found[key] = (guest.vmid, when)
     return {key: vmid for key, (vmid, _when) in found.items()}
 
@@ -646,7 +650,7 @@ def edit_config(
     change: Callable[[Mapping[str, Any]], Mapping[str, Any]],
     what: str,
     write: Callable[[Mapping[str, Any]], Any] | None = None,
-) -> tuple[dict, dict]:
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """A compare-and-set on the VM's config: read it, compute the updates from THAT read (change(config);
     empty: nothing to write), and write them with the read's digest, which PVE refuses if anyone wrote in
     between. Refused: read again and recompute, up to CONFIG_WRITE_TRIES times, then ConfigChanged.
