@@ -235,14 +235,7 @@ class SmokeContext:
     entry: TemplateEntry
     run: _Run
     login: EphemeralKey  # the key pair made for this test (Linux: in the clone's cloud-init keys)
-    clone_vmid: int | None = None  # as asked for (None: allocated in the key's range)
-    ssh_public_key: str | None = None
-    ci_user: str = DEFAULT_CI_USER
-    storage: str | None = None
-    timeout: float = 600.0
-    task_timeout: float = TASK_TIMEOUT
-    poll: float = 2.0
-    ssh_address: tuple[str, int] | None = None
+    options: SmokeOptions
 
     @property
     def linux(self) -> bool:
@@ -291,14 +284,7 @@ def smoke_test(
             entry,
             run,
             EphemeralKey.generate(),
-            options.clone_vmid,
-            options.ssh_public_key,
-            options.ci_user,
-            options.storage,
-            options.timeout,
-            options.task_timeout,
-            options.poll,
-            options.ssh_address,
+            options,
         )
         seen = _test(ctx)
     except BaseException as exc:
@@ -363,15 +349,15 @@ def _test(ctx: SmokeContext) -> Observed:
     clone = ctx.api.nodes(ctx.node).qemu(clone_vmid)
     agent_on = _configure(ctx, clone)
     with run.step("start"):
-        run_task(ctx.api, clone.status.start.post(), f"start clone {clone_vmid}", ctx.task_timeout)
-    deadline = time.monotonic() + ctx.timeout  # the guest's boot: agent up and an address, together
+        run_task(ctx.api, clone.status.start.post(), f"start clone {clone_vmid}", ctx.options.task_timeout)
+    deadline = time.monotonic() + ctx.options.timeout  # the guest's boot: agent up and an address, together
     os_info = _booted_os(ctx, clone, agent_on, deadline)
     with run.step("network"):
         interfaces = _poll(
             run,
             "network",
             deadline,
-            ctx.poll,
+            ctx.options.poll,
             lambda: _with_ips(clone.agent("network-get-interfaces").get().get("result") or []),
         )
     ips = guest_ips(interfaces)
@@ -384,7 +370,7 @@ def _clone(ctx: SmokeContext) -> int:
     """Step clone: the template full-cloned to a free VMID of the key's range (run.created once PVE took it)."""
     run, entry, api, template_vmid = ctx.run, ctx.entry, ctx.api, ctx.template_vmid
     with run.step("clone"):
-        clone_vmid = ctx.clone_vmid
+        clone_vmid = ctx.options.clone_vmid
         if clone_vmid is None:
             clone_vmid = allocate_vmid(api, entry, exclude=[template_vmid])
         run.clone_vmid = clone_vmid
@@ -403,8 +389,8 @@ def _clone(ctx: SmokeContext) -> int:
             description=f"Temporary smoke-test clone of template {template_vmid} (packer-assets); "
             "destroyed when the test ends.",
         )
-        if ctx.storage:
-            params["storage"] = ctx.storage
+        if ctx.options.storage:
+            params["storage"] = ctx.options.storage
         run.clone_name = params["name"]
         try:
             upid = api.nodes(ctx.node).qemu(template_vmid).clone.post(**params)
@@ -415,7 +401,7 @@ def _clone(ctx: SmokeContext) -> int:
             run.created = True  # _cleanup destroys it only if it carries our name
             raise
         run.created = True
-        run_task(api, upid, f"clone {template_vmid} -> {clone_vmid}", ctx.task_timeout)
+        run_task(api, upid, f"clone {template_vmid} -> {clone_vmid}", ctx.options.task_timeout)
     return clone_vmid
 
 
@@ -430,8 +416,8 @@ def _configure(ctx: SmokeContext, clone: Any) -> bool:
         if ctx.linux:
             if cloudinit_drive(config) is None:
                 raise ctx.run.error("configure", "the template has no cloud-init drive (finish_template adds one)")
-            updates["ciuser"] = ctx.ci_user
-            key = ctx.ssh_public_key
+            updates["ciuser"] = ctx.options.ci_user
+            key = ctx.options.ssh_public_key
             keys = [key.strip()] if key and key.strip() else []
             updates["sshkeys"] = encode_sshkeys("\n".join([*keys, ctx.login.public]))
             if "net0" in config:
@@ -450,7 +436,7 @@ def _booted_os(ctx: SmokeContext, clone: Any, agent_on: bool, deadline: float) -
     with run.step("agent"):
         if not agent_on:
             raise run.error("agent", "the template does not enable the QEMU guest agent (agent=1 in its config)")
-        _poll(run, "agent", deadline, ctx.poll, lambda: clone.agent.ping.post() or True)
+        _poll(run, "agent", deadline, ctx.options.poll, lambda: clone.agent.ping.post() or True)
 
     with run.step("osinfo"):
         os_info = clone.agent("get-osinfo").get().get("result") or {}
@@ -472,13 +458,13 @@ def _booted_os(ctx: SmokeContext, clone: Any, agent_on: bool, deadline: float) -
 def _guest_checks(ctx: SmokeContext, clone: Any, ips: list[str], deadline: float) -> tuple[str | None, list[str]]:
     """The family's and the catalog's checks, a step each: (machine ID, SSH host keys) as fresh_identity read them."""
     run, entry = ctx.run, ctx.entry
-    values = {"install_user": entry.install_user.name, "ci_user": ctx.ci_user}
+    values = {"install_user": entry.install_user.name, "ci_user": ctx.options.ci_user}
     machine_id: str | None = None
     host_keys: list[str] = []
     for check in checks_for(entry):
         with run.step(check.name):
             if check.via == "ssh":
-                host, port = ctx.ssh_address or (_ssh_host(ips), 22)
+                host, port = ctx.options.ssh_address or (_ssh_host(ips), 22)
                 output = _ssh_output(ctx, check, (host, port), host_keys, check.ssh_command(values), deadline)
             else:
                 output = _agent_output(run, check.name, clone.agent, check.command(values), deadline)
@@ -534,7 +520,7 @@ def _ssh_output(
     """`command` over SSH as the cloud-init user with the test's key (host keys pinned once known)."""
     host, port = address
     try:
-        return ssh_run(host, port, ctx.ci_user, ctx.login, host_keys, command, deadline=deadline)
+        return ssh_run(host, port, ctx.options.ci_user, ctx.login, host_keys, command, deadline=deadline)
     except SshLoginError as exc:
         raise ctx.run.error(check.name, f"{check.purpose}: {exc}") from None
 
