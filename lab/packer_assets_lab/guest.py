@@ -36,6 +36,8 @@ from .guest_sftp import LabSftp
 SEED_DIRS = ("tmp", "var/tmp", "etc", "opt", "srv", "root", "usr/local/bin")
 
 ExecHandler = Callable[[str], tuple[int, bytes]]
+# (the port the session came in on, command) -> (exit status, stdout): what the guest behind that port answers
+PortHandler = Callable[[int, str], tuple[int, bytes]]
 KeySource = Callable[[str], Iterable[str]]  # username -> OpenSSH public key lines it may log in with
 
 
@@ -78,6 +80,9 @@ class LabGuest:
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._transports: set[paramiko.Transport] = set()
+        # Further listening ports (one per catalog key in the lab): port_handler answers by the port used.
+        self.port_handler: PortHandler | None = None
+        self._extra: list[tuple[socket.socket, threading.Thread]] = []
         self.state_dir.mkdir(parents=True, exist_ok=True)
         for d in (*SEED_DIRS, self.home.lstrip("/")):
             (self.files_dir / d).mkdir(parents=True, exist_ok=True)
@@ -133,15 +138,31 @@ class LabGuest:
     def start(self) -> LabGuest:
         self._sock = socket.create_server((self.host, self._port))
         self._sock.settimeout(0.1)  # lets the accept loop notice stop()
-        self._thread = threading.Thread(target=self._accept_loop, name=f"lab-guest:{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._accept_loop, args=(self._sock,), name=f"lab-guest:{self.port}", daemon=True
+        )
         self._thread.start()
         return self
+
+    def listen(self, port: int = 0) -> int:
+        """Also serve on `port` (0: a free one); returns it. Sessions there reach port_handler with it."""
+        sock = socket.create_server((self.host, port))
+        sock.settimeout(0.1)
+        thread = threading.Thread(target=self._accept_loop, args=(sock,), name=f"lab-guest:{port}", daemon=True)
+        self._extra.append((sock, thread))
+        thread.start()
+        return int(sock.getsockname()[1])
 
     def stop(self) -> None:
         if not self._sock:
             return
         sock, self._sock = self._sock, None
         sock.close()
+        extra, self._extra = self._extra, []
+        for other, _thread in extra:
+            other.close()
+        for _other, thread in extra:
+            thread.join(timeout=5)
         self._thread.join(timeout=5)
         with self._lock:
             transports, self._transports = list(self._transports), set()
@@ -154,9 +175,8 @@ class LabGuest:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _accept_loop(self) -> None:
-        sock = self._sock
-        while self._sock is sock:
+    def _accept_loop(self, sock: socket.socket) -> None:
+        while self._sock is not None:
             try:
                 conn, _ = sock.accept()
             except TimeoutError:
@@ -175,7 +195,7 @@ class LabGuest:
         with self._lock:
             self._transports = {x for x in self._transports if x.is_active()} | {t}
         try:
-            t.start_server(server=_Server(self))  # handshake; channels are then served by callbacks
+            t.start_server(server=_Server(self, conn.getsockname()[1]))  # handshake; channels are then served by callbacks
         except (paramiko.SSHException, EOFError, OSError):
             t.close()
 
@@ -194,7 +214,7 @@ class LabGuest:
 
     # ---- exec ----------------------------------------------------------------------------------
 
-    def _run(self, chan: paramiko.Channel, command: str, username: str | None) -> None:
+    def _run(self, chan: paramiko.Channel, command: str, username: str | None, port: int = 0) -> None:
         status = 1
         try:
             argv = _split(command)
@@ -206,7 +226,7 @@ class LabGuest:
                 status = 0
             else:
                 self._chmod(argv)
-                status, out = self.exec_handler(command) if self.exec_handler else (0, b"")
+                status, out = self._answer(command, port)
                 chan.sendall(out)
         except Exception as e:  # noqa: BLE001 - a lab bug must still end the channel, or the client hangs
             try:
@@ -215,6 +235,19 @@ class LabGuest:
                 pass  # the client went away (a killed packer mid-upload): nobody to tell
         finally:
             _finish(chan, status)
+
+    def _answer(self, command: str, port: int) -> tuple[int, bytes]:
+        """A test's exec_handler first (a failure it returns wins); then the guest behind the port, if any."""
+        status, out = self.exec_handler(command) if self.exec_handler else (0, b"")
+        if status == 0 and self.port_handler is not None and port != self.port:
+            status, more = self.port_handler(port, command)
+            out += more
+        return status, out
+
+    def read_text(self, guest_path: str) -> str | None:
+        """An uploaded file's text (what a guest-side shell reads), or None if there is none."""
+        path = self.local_path(guest_path)
+        return path.read_text(errors="replace") if path.is_file() else None
 
     def _chmod(self, argv: list[str]) -> None:
         """`chmod <octal> <path>...` changes the uploaded files as a real guest's chmod would (packer makes
@@ -286,8 +319,9 @@ def _load_or_create_host_key(path: Path) -> paramiko.PKey:
 
 
 class _Server(paramiko.ServerInterface):
-    def __init__(self, guest: LabGuest):
+    def __init__(self, guest: LabGuest, port: int = 0):
         self.guest = guest
+        self.port = port  # the local port this connection came in on
         self.pending: dict[int, threading.Thread] = {}  # channel id -> exec worker not yet started
         self.username: str | None = None  # who this connection logged in as
 
@@ -326,7 +360,7 @@ class _Server(paramiko.ServerInterface):
         text = command.decode("utf-8", "replace")
         self.guest._record(text)
         self.pending[channel.get_id()] = threading.Thread(
-            target=self.guest._run, args=(channel, text, self.username), daemon=True
+            target=self.guest._run, args=(channel, text, self.username, self.port), daemon=True
         )
         return True
 

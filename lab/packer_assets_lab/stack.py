@@ -89,6 +89,19 @@ def check_real_guest_keys(catalog: Catalog, keys: tuple[str, ...]) -> None:
             )
 
 
+def serve_simulated_keys(guest: LabGuest, pve: LabPve, keys: list[str]) -> dict[str, int]:
+    """One lab guest port per key; a command on a key's port runs on that key's build VM (LabPve.lab_ssh_exec)."""
+    ports = {key: guest.listen() for key in keys}
+    by_port, known = {port: key for key, port in ports.items()}, frozenset(keys)
+
+    def answer(port: int, command: str) -> tuple[int, bytes]:
+        key = by_port.get(port)
+        return pve.lab_ssh_exec(key, known, command, guest.read_text) if key else (0, b"")
+
+    guest.port_handler = answer
+    return ports
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -108,6 +121,8 @@ class LabStack:
     guest_password: str
     signing: LabSigningKey
     real_guests: dict[str, int] = field(default_factory=dict)  # key -> the host port of its guests' SSH
+    # key -> the lab guest's port for that key's simulated builds: a session's port names the VM it changes
+    sim_ports: dict[str, int] = field(default_factory=dict)
 
     @property
     def pve(self) -> LabPve:
@@ -162,6 +177,7 @@ class LabStack:
             key_source=pve.lab_ssh_keys,
         ).start()
         pve.lab_guest_host_keys = [f"{guest.host_key.get_name()} {guest.host_key.get_base64()}"]
+        sim_ports = serve_simulated_keys(guest, pve, [e.key for e in catalog if e.key not in ports])
         return cls(
             state,
             pki,
@@ -174,6 +190,7 @@ class LabStack:
             guest_password,
             make_signing_key(state / "signing"),
             ports,
+            sim_ports,
         )
 
     def env(self) -> dict[str, str]:
@@ -201,9 +218,13 @@ class LabStack:
                 [*(f"{k}={GUEST_NOTES['real']}" for k in sorted(self.real_guests)), f"*={GUEST_NOTES['simulated']}"]
             ),
         }
+        # Every key has its own port: a real guest's is QEMU's forward; a simulated key's is the lab guest's
+        # port for that key, so what packer runs there changes that key's build VM (simguest.py).
+        ports = {**self.sim_ports, **self.real_guests}
+        if ports:
+            values["PACKER_ASSETS_SSH_PORTS"] = ",".join(f"{k}={p}" for k, p in sorted(ports.items()))
         if self.real_guests:
-            # A real guest is reached through QEMU's forward on a port of its own, and takes minutes to boot.
-            values["PACKER_ASSETS_SSH_PORTS"] = ",".join(f"{k}={p}" for k, p in sorted(self.real_guests.items()))
+            # A real guest takes minutes to install and boot.
             values["PACKER_ASSETS_SSH_TIMEOUT"] = REAL_GUEST_SSH_TIMEOUT
         for entry in self.catalog:
             values[entry.install_user.password_env] = self.guest_password

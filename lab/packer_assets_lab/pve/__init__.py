@@ -10,6 +10,9 @@ per module:
   bytes under `data_dir`, and an upload that keeps them too (`transfer`);
 - a guest agent that answers for a running VM whose config enables it (`agent`), and answers the smoke
   test's commands as the VM's guest would, with faults to prove each check fails (`guest_answers`);
+- simulated guests whose state (machine-id, host keys, users, packages, services, cloud-init, sysprep)
+  follows from the answer file packer's boot command names and from what the provisioners ran
+  (`simguest`, `guest_state`, `answer_files`, `guest_shell`);
 - what Debian's packer 1.6.6 proxmox-iso builder needs beyond fakepve (`packer_compat`);
 - real guests for the keys `lab up --real-guest` marks: QEMU, a real disk, the real agent (`realguest`).
 """
@@ -35,6 +38,7 @@ from .guest_answers import FAULTS, LabGuestExec, decode_sshkeys
 from .packer_compat import PackerCompat
 from .realguest import LabRealGuest, RealGuests, kill_stale_qemus
 from .roles import PRIV_GROUPS, Grant, builtin_roles
+from .simguest import LabSimGuest
 from .transfer import (
     CHUNK,
     CONTENT_DIRS,
@@ -71,6 +75,7 @@ __all__ = [
     "LabGuestExec",
     "LabPve",
     "LabRealGuest",
+    "LabSimGuest",
     "LabTransfer",
     "PackerCompat",
     "RealGuests",
@@ -85,7 +90,7 @@ __all__ = [
 ]
 
 
-class LabPve(LabRealGuest, PackerCompat, LabAccess, LabTransfer, LabGuestExec, LabAgent, FakePve):
+class LabPve(LabRealGuest, LabSimGuest, PackerCompat, LabAccess, LabTransfer, LabGuestExec, LabAgent, FakePve):
     """The lab's PVE node `pve1`, storages `local` (dir: iso, vztmpl, backup) and `local-lvm` (lvmthin).
 
     password is root@pam's (the caller picks it; there is no default). Files downloaded or uploaded
@@ -102,6 +107,7 @@ class LabPve(LabRealGuest, PackerCompat, LabAccess, LabTransfer, LabGuestExec, L
         self._init_transfer(data_dir)
         self._init_agent()
         self._init_guest_exec()
+        self._init_sim_guest()
 
     @property
     def root_password(self) -> str:

@@ -25,7 +25,9 @@ from fakepve.model import FakeVm
 from fakepve.schema import Match
 
 from packer_assets.inspection import guest_checks, sbom
-from packer_assets_lab.pve.inventory import inventory_output
+from packer_assets_lab.pve.guest_shell import Shell
+from packer_assets_lab.pve.guest_state import GuestState, user_state
+from packer_assets_lab.pve.inventory import format_inventory, inventory_output
 
 FAULTS = frozenset(
     {"cloud_init", "fresh_identity", "password_locked", "guest_agent_enabled", "ssh_login", "inventory", "commands"}
@@ -47,6 +49,7 @@ class Guest:
     boot: int  # which start of this vmid on the node was this VM's first: a new identity per clone
     host_keys: tuple[str, ...] = ()  # `type base64` of the SSH host keys (the lab guest's)
     faults: frozenset[str] = frozenset()
+    state: GuestState | None = None  # what ran on it (simguest.py); None: answers as a generalized system
 
     @property
     def windows(self) -> bool:
@@ -95,6 +98,8 @@ def answer(argv: list[str], guest: Guest) -> Answer:
 
 
 def _cloud_init(guest: Guest, argv: list[str], broken: bool) -> Answer:
+    if guest.state is not None and not guest.state.has("cloud-init"):
+        return Answer(127, err=guest.text("sh: 1: cloud-init: not found"))
     status = "error" if broken else "done"
     errors = (
         ["errors:", "\t- ('scripts_user', RuntimeError('Runparts: 1 failures (part-001) in 1 attempted commands'))"]
@@ -115,10 +120,14 @@ def _cloud_init(guest: Guest, argv: list[str], broken: bool) -> Answer:
 
 
 def _fresh_identity(guest: Guest, argv: list[str], broken: bool) -> Answer:
+    state = guest.state
     if guest.windows:
-        if broken:
+        if broken or (state is not None and state.clone_tag_boot is None):
             return Answer(1, guest.text("HKLM:\\SYSTEM\\Setup has no CloneTag: sysprep /generalize never ran"))
         return Answer(0, guest.text(f"clone-tag {guest.booted_at:%a %b %d %H:%M:%S %Y}"))
+    stale = state.identity_is_fresh() if state is not None else None
+    if stale is not None and not broken:
+        return Answer(1, guest.text(stale))
     if broken:
         return Answer(
             1,
@@ -127,12 +136,16 @@ def _fresh_identity(guest: Guest, argv: list[str], broken: bool) -> Answer:
                 "install's identity (not generalized)"
             ),
         )
-    return Answer(0, guest.text(f"machine-id {guest.machine_id}", *(f"host-key {key}" for key in guest.host_keys)))
+    machine_id = state.machine_id if state is not None else guest.machine_id
+    return Answer(0, guest.text(f"machine-id {machine_id}", *(f"host-key {key}" for key in guest.host_keys)))
 
 
 def _password_locked(guest: Guest, argv: list[str], broken: bool) -> Answer:
     user = argv[-1]  # the check appends the install user to its script's argv
-    if broken:
+    found = user_state(guest.state, user) if guest.state is not None else "locked"
+    if found is None and not broken:
+        return Answer(1, guest.text(f"user {user} does not exist: not the install user the template was built with"))
+    if broken or found != "locked":
         return Answer(
             1, guest.text(f"{user} can still log in with the install password: the template was not generalized")
         )
@@ -140,8 +153,15 @@ def _password_locked(guest: Guest, argv: list[str], broken: bool) -> Answer:
 
 
 def _agent_enabled(guest: Guest, argv: list[str], broken: bool) -> Answer:
+    state = guest.state
     if guest.windows:  # (Get-Service).StartType prints it and succeeds either way
-        return Answer(0, guest.text("Manual" if broken else "Automatic"))
+        if state is not None and not state.agent_start_type and not broken:
+            return Answer(1, err=guest.text("Get-Service : Cannot find any service with service name 'QEMU-GA'."))
+        return Answer(0, guest.text("Manual" if broken else (state.agent_start_type if state else "Automatic")))
+    if state is not None and not broken:
+        shell = Shell(state)
+        status = shell.simple(["systemctl", "is-enabled", "qemu-guest-agent"])
+        return Answer(status, guest.text(*"".join(shell.out).splitlines()))
     if broken:
         return Answer(1, guest.text("disabled"))  # systemctl is-enabled exits 1 for a disabled unit
     # Debian's unit has no [Install] section (udev starts it): static; Rocky's is enabled by a preset
@@ -158,7 +178,11 @@ INVENTORY_ERRORS = {
 def _inventory(guest: Guest, argv: list[str], broken: bool) -> Answer:
     if broken:
         return Answer(1, err=guest.text(INVENTORY_ERRORS.get(guest.family, INVENTORY_ERRORS["debian"])))
-    return Answer(0, inventory_output(guest.family, guest.os_version, guest.release))
+    state = guest.state
+    rows = [[name, *fields] for name, fields in sorted(state.packages.items())] if state else None
+    if rows is None:
+        return Answer(0, inventory_output(guest.family, guest.os_version, guest.release))
+    return Answer(0, format_inventory(guest.family, rows, guest.release))
 
 
 def _other(guest: Guest, argv: list[str], broken: bool) -> Answer:
@@ -228,6 +252,7 @@ class LabGuestExec:
             boot=boot if boot is not None else self._lab_count_start(vm),  # started some other way
             host_keys=tuple(self.lab_guest_host_keys),
             faults=self.lab_vm_faults(vm),
+            state=self.lab_state(vm),  # type: ignore[attr-defined]  # LabSimGuest
         )
 
     def lab_vm_faults(self, vm: FakeVm) -> frozenset[str]:

@@ -202,24 +202,35 @@ def _added(family: str, extras: list[list[str]], release: int) -> list[list[str]
     return [extras[r - 2] if r - 2 < len(extras) else [f"lab-update-{r}", *made_up] for r in range(2, release + 1)]
 
 
-def inventory_output(family: str, os_version: str, release: int) -> str:
-    """What `sbom.inventory_command(family)` prints on a guest of that OS version, from mirror release `release`."""
+def inventory_rows(family: str, os_version: str, release: int) -> list[list[str]]:
+    """The packages (name, version, arch; Windows: name, version, publisher) a full install of that OS version
+    from mirror release `release` has: the tables, updated and added to per release."""
     if family == "windows":
-        return _windows_output(release)
+        return _updated("windows", [line.split("|") for line in WINDOWS_PROGRAMS.splitlines()], release)
     family = family if family in LINUX_TABLES else "debian"
     table, extras = LINUX_TABLES[family]
-    rows = _updated(family, _rows(table, os_version), release) + _added(family, _rows(extras, os_version), release)
-    rows.sort(key=lambda row: row[0])
+    return _updated(family, _rows(table, os_version), release) + _added(family, _rows(extras, os_version), release)
+
+
+def inventory_output(family: str, os_version: str, release: int) -> str:
+    """What `sbom.inventory_command(family)` prints on a guest of that OS version, from mirror release `release`."""
+    return format_inventory(family, inventory_rows(family, os_version, release), release)
+
+
+def format_inventory(family: str, rows: list[list[str]], release: int) -> str:
+    """rows as the family's inventory command prints them (guest_state keeps a guest's own rows)."""
+    if family == "windows":
+        return _windows_output(rows, release)
+    family = family if family in LINUX_TABLES else "debian"
+    rows = sorted(rows, key=lambda row: row[0])
     if family == "rocky":
         return "".join(f"{name}\t{evr}\t{arch}\n" for name, evr, arch in rows) + ROCKY_KEYS
     lines = [f"ii \t{name}\t{version}\t{arch}\n" for name, version, arch in rows]
     return REMOVED_KERNELS[family] + "".join(lines)
 
 
-def _windows_output(release: int) -> str:
-    rows = [line.split("|") for line in WINDOWS_PROGRAMS.splitlines()]
-    # programs get updated; each release also installs one more cumulative update (a hotfix)
-    programs = _updated("windows", rows, release)
+def _windows_output(programs: list[list[str]], release: int) -> str:
+    # each release also installs one more cumulative update (a hotfix)
     hotfixes = [*WINDOWS_HOTFIXES, *(f"KB{FIRST_NEW_HOTFIX + r}" for r in range(2, release + 1))]
     data = {
         "programs": [{"DisplayName": n, "DisplayVersion": v, "Publisher": p} for n, v, p in programs],
