@@ -33,7 +33,7 @@ from .guest_sftp import LabSftp
 
 # Directories a fresh Linux guest has, so uploads into e.g. /tmp behave as on a real guest
 # (scp's sink writes *into* an existing directory, but *as* the target path otherwise).
-SEED_DIRS = ("tmp", "var/tmp", "etc", "opt", "srv", "root", "usr/local/bin")
+SEED_DIRS = ("tmp", "var/tmp", "etc", "opt", "srv", "root", "usr/local/bin", "c:/Windows/Temp")
 
 ExecHandler = Callable[[str], tuple[int, bytes]]
 # (the port the session came in on, command) -> (exit status, stdout): what the guest behind that port answers
@@ -108,8 +108,11 @@ class LabGuest:
     # ---- what happened -------------------------------------------------------------------------
 
     def local_path(self, guest_path: str) -> Path:
-        """Where a guest path lives on this host; relative paths are relative to the user's home."""
-        normal = posixpath.normpath(posixpath.join(self.home, guest_path))  # no escape above "/"
+        """Where a guest path lives on this host; relative paths are relative to the user's home. A Windows
+        path (`c:/Windows/Temp/...`, where packer's powershell provisioner uploads) is under files/c:/."""
+        drive = re.match(r"^[A-Za-z]:/", guest_path)
+        start = "/" if drive else self.home
+        normal = posixpath.normpath(posixpath.join(start, guest_path.lower()[:2] + guest_path[2:] if drive else guest_path))
         return self.files_dir / normal.lstrip("/")
 
     def guest_path(self, local: Path) -> str:

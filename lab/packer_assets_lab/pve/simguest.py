@@ -139,12 +139,17 @@ class LabSimGuest:
             state.seen_start = None
 
     def _lab_answer_iso(self, vm: FakeVm) -> dict[str, bytes]:
-        """The answer ISO the product uploaded for this VM's key (`<key>-answers.iso` on an ISO storage)."""
+        """The answer ISO the product uploaded for this VM's key (`<key>-answers[.<hash>].iso` on an ISO storage),
+        the newest if there are several."""
         name = str(vm.config.get("name") or vm.name or "")
-        for storage in list(self.storages):  # type: ignore[attr-defined]
-            for path in sorted((self.data_dir / storage).glob("**/*-answers.iso")):  # type: ignore[attr-defined]
-                if name.startswith(path.name.removesuffix("-answers.iso") + "-"):
-                    return read_iso(path)[1]
+        found = [
+            path
+            for storage in list(self.storages)  # type: ignore[attr-defined]
+            for path in (self.data_dir / storage).glob("**/*-answers*.iso")  # type: ignore[attr-defined]
+            if name.startswith(path.name.split("-answers", 1)[0] + "-")
+        ]
+        if found:
+            return read_iso(max(found, key=lambda p: p.stat().st_mtime_ns))[1]
         raise InstallFailed("Windows Setup: no answer file (Autounattend.xml) on any drive")
 
     # ---- the agent ------------------------------------------------------------------------------
