@@ -38,6 +38,7 @@ SEED_DIRS = ("tmp", "var/tmp", "etc", "opt", "srv", "root", "usr/local/bin", "c:
 ExecHandler = Callable[[str], tuple[int, bytes]]
 # (the port the session came in on, command) -> (exit status, stdout): what the guest behind that port answers
 PortHandler = Callable[[int, str], tuple[int, bytes]]
+PortGate = Callable[[int], bool]  # port -> is an sshd behind it (a login there may succeed)?
 KeySource = Callable[[str], Iterable[str]]  # username -> OpenSSH public key lines it may log in with
 
 
@@ -82,6 +83,7 @@ class LabGuest:
         self._transports: set[paramiko.Transport] = set()
         # Further listening ports (one per catalog key in the lab): port_handler answers by the port used.
         self.port_handler: PortHandler | None = None
+        self.port_gate: PortGate | None = None
         self._extra: list[tuple[socket.socket, threading.Thread]] = []
         self.state_dir.mkdir(parents=True, exist_ok=True)
         for d in (*SEED_DIRS, self.home.lstrip("/")):
@@ -343,6 +345,9 @@ class _Server(paramiko.ServerInterface):
         return self._answer(username, "publickey", self.guest.accepts_key(username, key))
 
     def _answer(self, username: str, method: str, ok: bool) -> int:
+        gate = self.guest.port_gate
+        if ok and gate is not None and self.port != self.guest.port and not gate(self.port):
+            ok = False  # nothing behind this port runs sshd (the VM is off, or its system has none)
         self.guest.auth_log.append((username, method, ok))
         if ok:
             self.username = username

@@ -99,6 +99,7 @@ def serve_simulated_keys(guest: LabGuest, pve: LabPve, keys: list[str]) -> dict[
         return pve.lab_ssh_exec(key, known, command, guest.read_text) if key else (0, b"")
 
     guest.port_handler = answer
+    guest.port_gate = lambda port: port not in by_port or pve.lab_sshd_runs(by_port[port], known)
     return ports
 
 

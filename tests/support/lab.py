@@ -35,15 +35,15 @@ class LabProject:
 
 
 @contextmanager
-def started_lab_project(folder: Path, monkeypatch, real_guests: tuple[str, ...] = ()):
-    """LabStack on the shipped catalog (real_guests: keys whose VMs run for real), its env in os.environ,
-    and proxmox_env run into folder/project."""
-    stack = LabStack.start(folder / "lab", REPO / "templates/catalog.yaml", secrets.token_urlsafe(16),
-                           secrets.token_urlsafe(16), project_dir=REPO, real_guests=real_guests)
+def started_lab_project(folder: Path, monkeypatch, real_guests: tuple[str, ...] = (), source: Path = REPO):
+    """LabStack on the catalog of `source` (default: this checkout's shipped one; a test's copy of templates/ to
+    edit), real_guests: keys whose VMs run for real, its env in os.environ, and proxmox_env run into folder/project."""
+    stack = LabStack.start(folder / "lab", source / "templates/catalog.yaml", secrets.token_urlsafe(16),
+                           secrets.token_urlsafe(16), project_dir=source, real_guests=real_guests)
     try:
         for name, value in stack.env().items():
             monkeypatch.setenv(name, value)
-        monkeypatch.chdir(REPO)  # packer_dir paths in the catalog are relative to the repo
+        monkeypatch.chdir(source)  # packer_dir paths in the catalog are relative to the project folder
         root = folder / "project"
         monkeypatch.setenv("PACKER_ASSETS_ROOT", str(root))
         run_init(Layout(root), Endpoint(stack.served.url, ca_file=str(stack.pki.ca_file)),

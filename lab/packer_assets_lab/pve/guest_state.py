@@ -76,6 +76,10 @@ class GuestState:
             return False
         return self.family in STATIC_AGENT or "qemu-guest-agent" in self.enabled
 
+    def sshd_runs(self) -> bool:
+        """Is there an sshd to log in to (Windows: the OpenSSH capability; Linux: openssh-server)?"""
+        return self.sshd if self.windows else self.has("openssh-server")
+
     def identity_is_fresh(self) -> str | None:
         """None if machine-id and host keys were made at this boot, else why not (fresh_identity's wording)."""
         if not self.machine_id:

@@ -67,8 +67,11 @@ class LabSimGuest:
         answer = await super()._qm_clone(v, user)  # type: ignore[misc]
         with self.lab_state_lock:
             state = self.lab_states.get(source.vmid)
-            if state is not None and self.vm(int(v["newid"])) is not None:  # type: ignore[attr-defined]
-                self.lab_states[int(v["newid"])] = gs.clone(state)
+            made = self.vm(int(v["newid"]))  # type: ignore[attr-defined]
+            if made is not None:
+                made.lab_installing = True  # a clone's disk holds a system: no installer runs on it
+                if state is not None:
+                    self.lab_states[made.vmid] = gs.clone(state)
         return answer
 
     async def _qm_destroy(self, v: dict[str, Any], user: str) -> Any:
@@ -107,10 +110,8 @@ class LabSimGuest:
     async def _qm_sendkey(self, v: dict[str, Any], user: str) -> None:
         await super()._qm_sendkey(v, user)  # type: ignore[misc]
         vm = self.find(v["node"], v["vmid"])  # type: ignore[attr-defined]
-        if getattr(self, "lab_machines", {}).get(vm.vmid) is not None or vm.vmid in self.lab_states:
-            return  # a real guest, or a system already installed
-        if getattr(vm, "lab_installing", False):
-            return
+        if getattr(self, "lab_machines", {}).get(vm.vmid) is not None or getattr(vm, "lab_installing", False):
+            return  # a real guest, a clone, or an install already started
         typed = keys_to_text(getattr(vm, "sendkeys", []))
         family = self.lab_family(vm)
         if family == "windows":
@@ -171,6 +172,17 @@ class LabSimGuest:
             if owner == key and "-smoke-" not in name and vm.status == "running" and not vm.template:
                 return vm
         return None
+
+    def lab_sshd_runs(self, key: str, keys: frozenset[str]) -> bool:
+        """Does a running VM of the key (its build VM or a smoke clone) have an sshd to log in to?"""
+        for vm in list(self.vms):  # type: ignore[attr-defined]
+            name = str(vm.config.get("name") or vm.name or "")
+            owner = max((k for k in keys if name.startswith(f"{k}-")), key=len, default=None)
+            if owner == key and vm.status == "running" and not vm.template:
+                with self.lab_state_lock:
+                    if self.lab_state(vm).sshd_runs():
+                        return True
+        return False
 
     def lab_ssh_exec(self, key: str, keys: frozenset[str], command: str, read_file: ReadFile) -> tuple[int, bytes]:
         """What the key's build VM answers to a command packer's SSH session runs (exit status, stdout)."""

@@ -1,0 +1,62 @@
+"""Real packer builds through the lab of simulated guests whose state follows from what ran (issue 26, item 1).
+
+For each of ubuntu-2204, rocky-9, windows-2022 and debian-12: the shipped template (in a copy of
+templates/) builds, passes the smoke test and is promoted, its SBOM listing what the answer file added; the
+same template with its generalize provisioner deleted then fails the smoke test at fresh_identity, and the
+promoted template stays. The state-level checks of every other duty are in test_lab_guest_state.py.
+"""
+
+import json
+import re
+import shutil
+
+import dagster as dg
+import pytest
+from support import REPO
+from support.builds import rebuild, templates_of
+from support.lab import started_lab_project
+
+pytestmark = [pytest.mark.lab, pytest.mark.packer]
+FAMILIES = {"ubuntu-2204": "ubuntu", "rocky-9": "rocky", "windows-2022": "windows", "debian-12": "debian"}
+ADDED = {"ubuntu": "qemu-guest-agent", "rocky": "qemu-guest-agent", "debian": "qemu-guest-agent",
+         "windows": "QEMU guest agent"}
+
+
+def without_generalize(text: str) -> str:
+    """The family's template with its last provisioner (the generalize step) deleted."""
+    start = text.rindex('\n  provisioner "')
+    end = text.index("\n  }\n", start) + len("\n  }\n")
+    return text[:start] + "\n" + text[end:]
+
+
+@pytest.fixture
+def project_copy(tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(REPO / "templates", source / "templates")
+    return source
+
+
+@pytest.mark.parametrize("key", list(FAMILIES))
+def test_a_template_without_its_generalize_step_fails_fresh_identity_and_the_promoted_one_stays(
+    tmp_path, monkeypatch, project_copy, key
+):
+    family = FAMILIES[key]
+    with started_lab_project(tmp_path, monkeypatch, source=project_copy) as lab_project, \
+            dg.instance_for_test() as instance:
+        first = rebuild(lab_project, instance, key=key)
+        assert first.success, [e.message for e in first.all_events if e.is_failure]
+        promoted = templates_of(lab_project.pve, key)
+        assert len(promoted) == 1
+        sbom = lab_project.root / "docs/proof/platform/packer-builds/builds" / key / "latest" / "sbom.cdx.json"
+        names = {c["name"] for c in json.loads(sbom.read_text())["components"]}
+        assert ADDED[family] in names  # added by the answer file, not in the family's base system
+
+        template = project_copy / "templates" / family / f"{family}.pkr.hcl"
+        template.write_text(without_generalize(template.read_text()))
+        second = rebuild(lab_project, instance, key=key)
+        smoke = next(c for c in second.get_asset_check_evaluations() if c.check_name == "smoke_test")
+        assert not smoke.passed
+        assert "failed at step 'fresh_identity'" in smoke.description, smoke.description
+        said = "sysprep /generalize never ran" if family == "windows" else "dates from before this boot"
+        assert re.search(re.escape(said), smoke.description), smoke.description
+        assert templates_of(lab_project.pve, key) == promoted  # the new one destroyed, the promoted one kept
