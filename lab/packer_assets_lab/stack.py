@@ -90,13 +90,14 @@ def check_real_guest_keys(catalog: Catalog, keys: tuple[str, ...]) -> None:
 
 
 def serve_simulated_keys(guest: LabGuest, pve: LabPve, keys: list[str]) -> dict[str, int]:
-    """One lab guest port per key; a command on a key's port runs on that key's build VM (LabPve.lab_ssh_exec)."""
+    """One lab guest port per key; a command on a key's port runs on that key's build VM (LabPve.lab_ssh_exec), one
+    on the guest's shared port on the only build VM running (if there is exactly one)."""
     ports = {key: guest.listen() for key in keys}
     by_port, known = {port: key for key, port in ports.items()}, frozenset(keys)
 
     def answer(port: int, command: str) -> tuple[int, bytes]:
-        key = by_port.get(port)
-        return pve.lab_ssh_exec(key, known, command, guest.read_text) if key else (0, b"")
+        # the shared port (a key added to the catalog since the lab started): the one build VM running, if any
+        return pve.lab_ssh_exec(by_port.get(port), known, command, guest.read_text)
 
     guest.port_handler = answer
     guest.port_gate = lambda port: port not in by_port or pve.lab_sshd_runs(by_port[port], known)

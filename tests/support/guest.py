@@ -51,12 +51,14 @@ def guest_ssh(lab_guest, guest_password):
 
 
 def guest_ssh_client(guest: LabGuest, **auth) -> paramiko.SSHClient:
-    """An SSHClient connected to `guest`, trusting only its host key (auth: password= or pkey=)."""
+    """An SSHClient connected to `guest` (on `port=`, default its own), trusting only its host key (auth: password=
+    or pkey=)."""
+    port = auth.pop("port", guest.port)
     client = paramiko.SSHClient()
-    client.get_host_keys().add(f"[{guest.host}]:{guest.port}", guest.host_key.get_name(), guest.host_key)
+    client.get_host_keys().add(f"[{guest.host}]:{port}", guest.host_key.get_name(), guest.host_key)
     client.set_missing_host_key_policy(paramiko.RejectPolicy())
     client.connect(
-        guest.host, guest.port, username=auth.pop("username", guest.username),
+        guest.host, port, username=auth.pop("username", guest.username),
         allow_agent=False, look_for_keys=False, timeout=10, **auth,
     )
     return client

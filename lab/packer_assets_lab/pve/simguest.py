@@ -115,10 +115,10 @@ class LabSimGuest:
         typed = keys_to_text(getattr(vm, "sendkeys", []))
         family = self.lab_family(vm)
         if family == "windows":
-            vm.lab_installing = True
+            vm.lab_installing = vm.lab_build = True
             await self._lab_install(vm, None)
         elif boots_now(typed) and (found := answer_url(typed)) is not None:
-            vm.lab_installing = True
+            vm.lab_installing = vm.lab_build = True
             await self._lab_install(vm, found)
 
     async def _lab_install(self, vm: FakeVm, found: tuple[str, str] | None) -> None:
@@ -164,8 +164,17 @@ class LabSimGuest:
 
     # ---- packer's SSH session -------------------------------------------------------------------
 
-    def lab_build_vm(self, key: str, keys: frozenset[str]) -> FakeVm | None:
-        """The key's running build VM (`<key>-...`, not a smoke clone): the longest key of `keys` names it."""
+    def lab_build_vm(self, key: str | None, keys: frozenset[str]) -> FakeVm | None:
+        """The key's running build VM (`<key>-...`, not a smoke clone): the longest key of `keys` names it.
+        key None (a session on the guest's shared port: a key the lab has no port for): the one running VM the
+        simulated installer installed, if there is exactly one."""
+        if key is None:
+            found = [
+                vm
+                for vm in list(self.vms)  # type: ignore[attr-defined]
+                if getattr(vm, "lab_build", False) and vm.status == "running" and not vm.template
+            ]
+            return found[0] if len(found) == 1 else None
         for vm in list(self.vms):  # type: ignore[attr-defined]
             name = str(vm.config.get("name") or vm.name or "")
             owner = max((k for k in keys if name.startswith(f"{k}-")), key=len, default=None)
@@ -184,7 +193,7 @@ class LabSimGuest:
                         return True
         return False
 
-    def lab_ssh_exec(self, key: str, keys: frozenset[str], command: str, read_file: ReadFile) -> tuple[int, bytes]:
+    def lab_ssh_exec(self, key: str | None, keys: frozenset[str], command: str, read_file: ReadFile) -> tuple[int, bytes]:
         """What the key's build VM answers to a command packer's SSH session runs (exit status, stdout)."""
         vm = self.lab_build_vm(key, keys)
         if vm is None:
