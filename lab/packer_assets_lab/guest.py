@@ -114,7 +114,9 @@ class LabGuest:
         path (`c:/Windows/Temp/...`, where packer's powershell provisioner uploads) is under files/c:/."""
         drive = re.match(r"^[A-Za-z]:/", guest_path)
         start = "/" if drive else self.home
-        normal = posixpath.normpath(posixpath.join(start, guest_path.lower()[:2] + guest_path[2:] if drive else guest_path))
+        normal = posixpath.normpath(
+            posixpath.join(start, guest_path.lower()[:2] + guest_path[2:] if drive else guest_path)
+        )
         return self.files_dir / normal.lstrip("/")
 
     def guest_path(self, local: Path) -> str:
@@ -200,7 +202,8 @@ class LabGuest:
         with self._lock:
             self._transports = {x for x in self._transports if x.is_active()} | {t}
         try:
-            t.start_server(server=_Server(self, conn.getsockname()[1]))  # handshake; channels are then served by callbacks
+            # handshake; channels are then served by callbacks
+            t.start_server(server=_Server(self, conn.getsockname()[1]))
         except (paramiko.SSHException, EOFError, OSError):
             t.close()
 

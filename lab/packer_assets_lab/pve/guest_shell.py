@@ -524,7 +524,10 @@ COMMANDS: dict[str, Callable[[Shell, list[str]], int]] = {
     "sh": _sh,
     "bash": _sh,
     "echo": lambda shell, args: (shell.say(" ".join(a for a in args if a != "-n")), 0)[1],
-    "printf": lambda shell, args: (shell.say(args[0].replace("%s", " ".join(args[1:])).replace("\\n", "")) if args else None, 0)[1],
+    "printf": lambda shell, args: (
+        shell.say(args[0].replace("%s", " ".join(args[1:])).replace("\\n", "")) if args else None,
+        0,
+    )[1],
 }
 
 

@@ -128,7 +128,11 @@ class LabSimGuest:
             else:
                 kind, url = found
                 text = await asyncio.to_thread(_fetch, url)
-                family = self.lab_family(vm) if getattr(vm, "lab_os", None) else {"autoinstall": "ubuntu", "kickstart": "rocky"}.get(kind, "debian")
+                family = (
+                    self.lab_family(vm)
+                    if getattr(vm, "lab_os", None)
+                    else {"autoinstall": "ubuntu", "kickstart": "rocky"}.get(kind, "debian")
+                )
                 state = install(kind, text, self.lab_base(vm, family))
         except InstallFailed as e:
             append_console(self.data_dir, vm.vmid, f"lab (simulated installer): {e}")  # type: ignore[attr-defined]
@@ -193,7 +197,9 @@ class LabSimGuest:
                         return True
         return False
 
-    def lab_ssh_exec(self, key: str | None, keys: frozenset[str], command: str, read_file: ReadFile) -> tuple[int, bytes]:
+    def lab_ssh_exec(
+        self, key: str | None, keys: frozenset[str], command: str, read_file: ReadFile
+    ) -> tuple[int, bytes]:
         """What the key's build VM answers to a command packer's SSH session runs (exit status, stdout)."""
         vm = self.lab_build_vm(key, keys)
         if vm is None:
