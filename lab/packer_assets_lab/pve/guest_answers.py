@@ -2,9 +2,13 @@
 
 fakepve's agent answers every exec with exit 0 and no output. LabGuestExec, a mixin of LabPve (next to
 LabAgent, whose reported OS it uses), answers `exec-status` from the argv of that pid as a guest of the
-VM's OS family would: the agent checks of guest_checks.FAMILY_CHECKS get their passing answer,
-sbom.inventory_command prints the packages the VM's mirror release installed (inventory.py), and any
-other command (a site command) exits 0 with no output. A test's own vm.agent['exec'] answers still win.
+VM's OS family would, FROM THE VM'S STATE (guest_state.GuestState, kept by simguest.py: what the answer
+file installed and the provisioners changed): fresh_identity fails when machine-id or the host keys date
+from an earlier boot (Windows: no CloneTag), password_locked reads the user's password state,
+guest_agent_enabled asks the state's units (`systemctl is-enabled` as guest_shell answers it), cloud_init
+fails as `not found` (127) without cloud-init, and sbom.inventory_command prints the state's packages in
+the family's format (inventory.py). Any other command (a site command) exits 0 with no output. A test's
+own vm.agent['exec'] answers still win.
 
 Faults make a guest answer as one that was not generalized would, so tests can prove each check fails:
 `lab_faults` maps a catalog key to fault names (FAULTS), applied to the VMs named `<key>-...` (smoke
