@@ -60,3 +60,27 @@ def test_a_template_without_its_generalize_step_fails_fresh_identity_and_the_pro
         said = "sysprep /generalize never ran" if family == "windows" else "dates from before this boot"
         assert re.search(re.escape(said), smoke.description), smoke.description
         assert templates_of(lab_project.pve, key) == promoted  # the new one destroyed, the promoted one kept
+
+
+@pytest.mark.parametrize(("key", "answer_file", "line"), [
+    ("ubuntu-2204", "user-data.j2", "    - qemu-guest-agent\n"),
+    ("rocky-9", "ks.cfg.j2", "qemu-guest-agent\ncloud-init\n%end"),
+])
+def test_an_answer_file_without_qemu_guest_agent_fails_the_build_and_the_console_says_why(
+    tmp_path, monkeypatch, project_copy, key, answer_file, line
+):
+    family = FAMILIES[key]
+    path = project_copy / "templates" / family / answer_file
+    text = path.read_text()
+    assert line in text
+    path.write_text(text.replace(line, "cloud-init\n%end" if family == "rocky" else ""))
+    with started_lab_project(tmp_path, monkeypatch, source=project_copy) as lab_project, \
+            dg.instance_for_test() as instance:
+        # the install fails and the VM powers off: nothing answers SSH, packer gives up at its (short) timeout
+        result = rebuild(lab_project, instance, key=key, ssh_timeout="10s")
+        assert not result.success
+        assert templates_of(lab_project.pve, key) == {}
+        (log,) = (lab_project.stack.pve.data_dir / "console").glob("*.log")
+        said = log.read_text()
+    assert "Unit file qemu-guest-agent.service does not exist" in said, said
+    assert lab_project.stack.guest_password not in said and "$6$" not in said
