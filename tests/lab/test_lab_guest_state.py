@@ -288,3 +288,14 @@ def test_d_i_paths_outside_target_are_the_installer_s_own():
     state.machine_id = "abc"
     Shell(state).run(": > /etc/machine-id")
     assert state.machine_id == ""
+
+
+def test_output_sent_to_a_file_is_not_printed_and_a_failure_never_shows_a_hash():
+    state = gs.GuestState("debian")
+    shell = Shell(state)
+    shell.run("printf '%s\\n' 'ssh-ed25519 AAAA k' > /target/home/u/.ssh/authorized_keys; echo shown")
+    assert shell.out == ["shown\n"]
+    late = "d-i preseed/late_command string echo '$6$salt$secretlookinghash'; false\n"
+    with pytest.raises(InstallFailed) as failed:
+        install("preseed", late, base("debian"))
+    assert "secretlookinghash" not in str(failed.value) and "<hash>" in str(failed.value)

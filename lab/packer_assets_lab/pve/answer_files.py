@@ -198,8 +198,12 @@ def _services(state: GuestState, words: list[str]) -> None:
             state.enabled.difference_update(units)
 
 
+CRYPT_HASH = re.compile(r"\$[0-9a-z]{1,2}\$\S+")
+
+
 def _failure(what: str, shell: Shell) -> str:
-    said = " ".join("".join(shell.out).split())[-300:]
+    """The console line of a failed step: what it printed (the tail), never anything shaped like a crypt hash."""
+    said = CRYPT_HASH.sub("<hash>", " ".join("".join(shell.out).split()))[-300:]
     return f"{what} (exit {shell.status})" + (f": {said}" if said else "")
 
 

@@ -112,10 +112,16 @@ class Shell:
                     return self._list(body)
             return self._list(node[2]) if node[2] is not None else 0
         words = [self.expand(w) for w in node[1]]
+        to_file = False
         for op, target in node[2]:
             if op == ">" and self.path(self.expand(target)) == MACHINE_ID:
                 self.state.machine_id = ""
-        return self.simple(words)
+            to_file = to_file or op in (">", ">>")
+        kept = len(self.out)
+        status = self.simple(words)
+        if to_file:
+            del self.out[kept:]  # written to the file, not printed
+        return status
 
     def expand(self, raw: str) -> str:
         """A word with quotes removed, `$VAR`, `${VAR}`, `$?` and `$(...)` substituted (no globbing)."""
