@@ -483,7 +483,7 @@ def smoke_and_sbom(job: BuildJob, inputs: Inputs, prep: Prepared, log: RunLog) -
                 "smoke",
                 redact(f"{step.name}: passed in {step.seconds:.1f} s" + (f" ({step.detail})" if step.detail else "")),
             )
-        sbom = write_template_sbom(log.path.parent, smoke, job.entry, prep.name, job.chain, inputs.started)
+        sbom = write_template_sbom(log.path.parent, smoke, job, prep.name, inputs.started)
     except (SmokeTestError, SbomError) as exc:
         return _smoke_failed(job, inputs, prep, log, exc)
     except Exception as exc:  # no verdict on the template (SmokeInternalError: our bug): it goes, the build fails
@@ -684,10 +684,11 @@ def _step_facts(step: SmokeStep, redact: Redactor) -> dict[str, Any]:
 
 
 def write_template_sbom(
-    folder: Path, smoke: SmokeResult, entry: TemplateEntry, name: str, chain: ChainId, started: datetime
+    folder: Path, smoke: SmokeResult, job: BuildJob, name: str, started: datetime
 ) -> dict[str, Any]:
-    """The clone's packages as a validated CycloneDX SBOM in the build's log folder (the proof copies it);
-    returns what the record keeps of it: file name, sha256 and package count."""
+    """The clone's packages as a validated CycloneDX SBOM in the build's log folder (the proof copies it), saying
+    what the guest was (the key's guest note); returns what the record keeps of it: file name, sha256, count."""
+    entry, chain = job.entry, job.chain
     bom = build_sbom(
         smoke.packages,
         family=entry.family,
@@ -697,6 +698,7 @@ def write_template_sbom(
         key=entry.key,
         chain_id=str(chain),
         timestamp=started,
+        guest=guest_note(job.settings.guest_notes, entry.key),
     )
     validate_sbom(bom)
     path = atomic_write(Path(folder) / SBOM_FILE, sbom_json(bom))

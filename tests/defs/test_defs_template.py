@@ -68,7 +68,10 @@ def test_build_promote_prove_then_up_to_date(lab_project):
         assert proof["sbom"]["packages"] == package_count(bom) > 10 and proof["sbom"]["changes"] is None
         assert any(c["purl"].startswith("pkg:deb/debian/openssh-server@") for c in bom["components"])
         readme = (proof_dir / "README.md").read_text()
-        assert f"| Packages (SBOM) | `{package_count(bom)} in sbom.cdx.json` |" in readme
+        # invented evidence says so: the SBOM's own property and the README beside the count name the simulated guest
+        os_props = {p["name"]: p["value"] for p in bom["metadata"]["component"]["properties"]}
+        assert os_props["packer-assets:guest"] == GUEST_NOTES["simulated"]
+        assert f"| Packages (SBOM) | `{package_count(bom)} in sbom.cdx.json, read from: {GUEST_NOTES['simulated']}` |" in readme
         assert "first SBOM of this key" in readme
         # every guest check ran in the clone and is in the proof and the check's metadata
         steps = {s["name"]: s for s in proof["checks"][0]["details"]["steps"]}
