@@ -51,6 +51,11 @@ class IsoRef(_Model):
     url: str = Field(description="The upstream URL in the catalog.")
     effective_url: str = Field(description="The URL actually fetched (differs from `url` behind a mirror).")
     checksum: str = Field(description="`<algorithm>:<hex>` the node verified the download against.")
+    checksum_source: str | None = Field(
+        default=None,
+        description="Where that checksum came from: the checksum file's URL as fetched (the catalog's, or the "
+        "mirror's own with PACKER_ASSETS_ISO_MIRROR_CHECKSUMS), or `pinned in the catalog`; absent in older proofs.",
+    )
     volid: str = Field(description="The ISO's volume on the node's ISO storage, e.g. `local:iso/x.iso`.")
 
 
@@ -284,6 +289,7 @@ def render_build_readme(proof: BuildProof) -> str:
         ("ISO", proof.iso.url),
         ("ISO fetched from", proof.iso.effective_url),
         ("ISO checksum", proof.iso.checksum),
+        ("ISO checksum from", proof.iso.checksum_source),
         ("ISO volume", proof.iso.volid),
         ("Packer", proof.packer_version),
         ("Packer template sha256", proof.packer_template_sha256),

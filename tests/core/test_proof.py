@@ -88,6 +88,7 @@ def test_readme_is_a_readable_summary():
     assert text.startswith("# Template build CHAIN-20261125T100000Z-ubuntu-2204\n")
     for needle in ("| Template | `9101 ubuntu-2204-20261125100512 on pve1` |", "| Dagster run | `run-123` |",
                    "| ISO checksum | `sha256:" + "ab" * 32 + "` |", "| Duration | `450.0 s` |",
+                   "| ISO checksum from | `http://127.0.0.1:8000/releases.ubuntu.com/22.04.5/SHA256SUMS` |",
                    "| packer_build | 400.0 |", "| smoke_test | passed | clone 9102 booted; agent answered |",
                    "| user-data | `" + "1" * 64 + "` |", "| Packer | `1.6.6` |", "| Pruned | `9099` |"):
         assert needle in text, needle
