@@ -3,25 +3,26 @@
 Used by `packer-assets lab up` (in its background process) and by the tests' `lab` fixture.
 """
 
-import posixpath
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import yaml
-
-from packer_assets.catalog import CATALOG_ENV, MIRROR_ENV, Catalog, load_catalog
+from packer_assets.catalog import CATALOG_ENV, MIRROR_CHECKSUMS_ENV, MIRROR_ENV, Catalog, load_catalog
 from packer_assets.errors import ConfigError
 
 from .certs import LabPki, LabSigningKey, make_lab_pki, make_signing_key
+from .console import console_template
 from .guest import LabGuest
 from .mirror import IsoMirror, MirrorItem
 from .pve import LabPve, RealGuests, kill_stale_qemus
 from .pve.agent import os_release_text
 from .serving import ServedPve
 
-LAB_CATALOG = "lab-catalog.yaml"
+# The mirror writes SHA256SUMS beside every ISO: a pinned checksum (Windows media) names upstream's bytes, which the
+# lab's tiny ISO cannot match, so the project reads that file instead (PACKER_ASSETS_ISO_MIRROR_CHECKSUMS, applied
+# when the catalog is loaded: the user's own catalog stays the one every run reads).
+MIRROR_CHECKSUMS = "SHA256SUMS"
 # What a real guest's build waits for SSH: the emulated install and the first boot under TCG take minutes.
 REAL_GUEST_SSH_TIMEOUT = "30m"
 # What the lab's guests are, said in every proof through PACKER_ASSETS_GUEST_NOTES (the product's generic note
@@ -52,28 +53,6 @@ def mirror_items(catalog: Catalog) -> list[MirrorItem]:
                 )
             )
     return items
-
-
-def write_lab_catalog(source: Path, target: Path) -> Path:
-    """The shipped catalog with pinned checksums swapped for the mirror's SHA256SUMS next to the ISO.
-
-    A pinned sha256 (Windows media) names the real upstream bytes, which the lab's tiny ISO cannot
-    match; everything else about the entry stays as shipped.
-    """
-    data = yaml.safe_load(source.read_text())
-    for entry in data.get("templates", []):
-        for iso in [entry.get("iso", {}), *entry.get("extra_isos", [])]:
-            if "checksum" in iso:
-                del iso["checksum"]
-                iso["checksum_url"] = posixpath.join(posixpath.dirname(iso["url"]), "SHA256SUMS")
-                iso.setdefault("filename", posixpath.basename(urlsplit(iso["url"]).path))
-    target.write_text(
-        "# Written by the lab from "
-        + str(source)
-        + " (pinned checksums -> mirror SHA256SUMS)\n"
-        + yaml.safe_dump(data, sort_keys=False)
-    )
-    return target
 
 
 def check_real_guest_keys(catalog: Catalog, keys: tuple[str, ...]) -> None:
@@ -145,9 +124,7 @@ class LabStack:
         the first time: minutes, root and the apt mirror)."""
         state = Path(state)
         state.mkdir(parents=True, exist_ok=True)
-        shipped = load_catalog(catalog_path, env={}, project_dir=project_dir)
-        lab_catalog_path = write_lab_catalog(shipped.path, state / LAB_CATALOG)
-        catalog = load_catalog(lab_catalog_path, env={}, project_dir=shipped.project_dir)
+        catalog = load_catalog(catalog_path, env={}, project_dir=project_dir)  # the user's, as written
         pki = make_lab_pki(state / "pki")
         pve = LabPve(password=root_password, data_dir=state / "pve-data")
         # A lab killed with kill -9 leaves its real guests' QEMUs (own sessions): this state's go now.
@@ -187,7 +164,7 @@ class LabStack:
             mirror,
             guest,
             catalog,
-            lab_catalog_path,
+            catalog.path,
             root_password,
             guest_password,
             make_signing_key(state / "signing"),
@@ -203,7 +180,8 @@ class LabStack:
             "PROXMOX_BOOTSTRAP_USER": "root@pam",
             "PROXMOX_BOOTSTRAP_PASSWORD": self.root_password,
             MIRROR_ENV: self.mirror.base_url,
-            CATALOG_ENV: str(self.catalog_path),
+            MIRROR_CHECKSUMS_ENV: MIRROR_CHECKSUMS,
+            CATALOG_ENV: str(self.catalog_path),  # the catalog the lab was started with: an edit counts at the next run
             # Debian's packer ignores loopback agent addresses: builds talk to the lab guest directly.
             "PACKER_ASSETS_SSH_HOST": self.guest.host,
             "PACKER_ASSETS_SSH_PORT": str(self.guest.port),
@@ -216,6 +194,8 @@ class LabStack:
             # The lab signs its proof bundles; `packer-assets proof verify --allowed-signers` with this file checks them.
             "PACKER_ASSETS_SIGNING_KEY": str(self.signing.key_file),
             "PACKER_ASSETS_SIGNING_KEY_ID": self.signing.key_id,
+            # Every lab VM's console is a file (console.py): a build whose VM stops before SSH quotes its last lines.
+            "PACKER_ASSETS_CONSOLE_LOG": console_template(self.pve.data_dir),
             "PACKER_ASSETS_GUEST_NOTES": ";".join(
                 [*(f"{k}={GUEST_NOTES['real']}" for k in sorted(self.real_guests)), f"*={GUEST_NOTES['simulated']}"]
             ),

@@ -29,6 +29,7 @@ from typing import Any
 
 from packer_assets import __version__
 from packer_assets.build.plan import SourceDigests, iso_checksums, plan_fingerprint, plan_key, record_plan, render_key
+from packer_assets.build.vmwatch import POLL_INTERVAL, VmWatch, WatchedVm
 from packer_assets.catalog import TemplateEntry, load_catalog
 from packer_assets.config.settings import guest_note, parse_ssh_ports
 from packer_assets.errors import OperationError, PackerAssetsError
@@ -113,6 +114,8 @@ class BuildSettings:
     ssh_ports: str | None = None  # PACKER_ASSETS_SSH_PORTS: a key's own port (the lab's real guests)
     guest_notes: str | None = None  # PACKER_ASSETS_GUEST_NOTES: what each key's guests are (proofs say it)
     boot_wait: str | None = None
+    console_log: str | None = None  # PACKER_ASSETS_CONSOLE_LOG: a VM's serial console log, `{vmid}` filled in
+    vm_watch_interval: float = POLL_INTERVAL  # seconds between status reads while packer waits for SSH (vmwatch)
     timeout: float = 4 * 3600
     grace: float = 60.0
     smoke_timeout: float = 600.0
@@ -423,7 +426,7 @@ def packer_and_finish(job: BuildJob, inputs: Inputs, prep: Prepared, log: RunLog
     failure destroys the build VM (its record goes once nothing of it is left) and is raised."""
     stages: dict[str, float] = {}
     try:
-        stages["packer"] = run_packer_phase(job, prep, log)
+        stages["packer"] = run_packer_phase(job, prep, log, build_vm_watch(job, inputs, prep, log))
         finish_template(
             inputs.api,
             job.node,
@@ -443,7 +446,15 @@ def packer_and_finish(job: BuildJob, inputs: Inputs, prep: Prepared, log: RunLog
     return stages
 
 
-def run_packer_phase(job: BuildJob, prep: Prepared, log: RunLog) -> float:
+def build_vm_watch(job: BuildJob, inputs: Inputs, prep: Prepared, log: RunLog) -> VmWatch:
+    """The watch that ends the build when its VM stops while packer waits for SSH (vmwatch.py)."""
+    vm = WatchedVm(inputs.api, job.node, prep.vmid, job.settings.console_log)
+    return VmWatch(
+        vm, interval=job.settings.vm_watch_interval, redact=prep.redact, note=lambda text: log.line("vm-watch", text)
+    )
+
+
+def run_packer_phase(job: BuildJob, prep: Prepared, log: RunLog, watch: VmWatch | None = None) -> float:
     """`packer init` when the plugins need it, then `packer build`: its duration (seconds, rounded)."""
     settings, penv = job.settings, prep.penv
     if prep.caps.needs_init:  # installs the plugins required_plugins names
@@ -461,6 +472,7 @@ def run_packer_phase(job: BuildJob, prep: Prepared, log: RunLog) -> float:
         cancel_event=job.cancel_event,
         grace=settings.grace,
         packer=settings.packer,
+        watch=watch,
     )
     return round(result.duration, 3)
 
@@ -483,7 +495,7 @@ def smoke_and_sbom(job: BuildJob, inputs: Inputs, prep: Prepared, log: RunLog) -
                 "smoke",
                 redact(f"{step.name}: passed in {step.seconds:.1f} s" + (f" ({step.detail})" if step.detail else "")),
             )
-        sbom = write_template_sbom(log.path.parent, smoke, job.entry, prep.name, job.chain, inputs.started)
+        sbom = write_template_sbom(log.path.parent, smoke, job, prep.name, inputs.started)
     except (SmokeTestError, SbomError) as exc:
         return _smoke_failed(job, inputs, prep, log, exc)
     except Exception as exc:  # no verdict on the template (SmokeInternalError: our bug): it goes, the build fails
@@ -572,6 +584,7 @@ def build_record(
             "url": job.entry.iso.url,
             "effective_url": iso.source,
             "checksum": f"{iso.algorithm}:{iso.checksum}",
+            "checksum_source": job.entry.iso.checksum_source,
             "volid": iso.volid,
         },
         "rendered_files": rendered_hashes(inputs.served),
@@ -684,10 +697,11 @@ def _step_facts(step: SmokeStep, redact: Redactor) -> dict[str, Any]:
 
 
 def write_template_sbom(
-    folder: Path, smoke: SmokeResult, entry: TemplateEntry, name: str, chain: ChainId, started: datetime
+    folder: Path, smoke: SmokeResult, job: BuildJob, name: str, started: datetime
 ) -> dict[str, Any]:
-    """The clone's packages as a validated CycloneDX SBOM in the build's log folder (the proof copies it);
-    returns what the record keeps of it: file name, sha256 and package count."""
+    """The clone's packages as a validated CycloneDX SBOM in the build's log folder (the proof copies it), saying
+    what the guest was (the key's guest note); returns what the record keeps of it: file name, sha256, count."""
+    entry, chain = job.entry, job.chain
     bom = build_sbom(
         smoke.packages,
         family=entry.family,
@@ -697,6 +711,7 @@ def write_template_sbom(
         key=entry.key,
         chain_id=str(chain),
         timestamp=started,
+        guest=guest_note(job.settings.guest_notes, entry.key),
     )
     validate_sbom(bom)
     path = atomic_write(Path(folder) / SBOM_FILE, sbom_json(bom))

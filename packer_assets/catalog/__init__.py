@@ -26,7 +26,12 @@ Rules the models enforce beyond plain types (documented here because they are ch
 
 Mirror: `PACKER_ASSETS_ISO_MIRROR=<base>` rewrites every upstream ISO / checksum URL to
 `<base>/<host[:port]>/<path>[?query]`. Models keep the upstream `url` and expose
-`effective_url` / `effective_checksum_url`; `provenance()` carries both.
+`effective_url` / `effective_checksum_url`; `provenance()` carries both. With the mirror set,
+`PACKER_ASSETS_ISO_MIRROR_CHECKSUMS=<file>` (e.g. SHA256SUMS; a site mirror that re-hosts media it
+re-spins) makes every ISO whose checksum is pinned take its checksum from `<file>` beside the ISO on
+the mirror, when the catalog is loaded: such an ISO has neither `checksum` nor `checksum_url` then,
+its `effective_checksum_url` is that file and `checksum_source` says so; checksum files the catalog
+names stay.
 
 The schema is `models.py`, loading and error gathering `loader.py`. No Dagster import here: this is the
 ground floor.
@@ -49,6 +54,7 @@ from packer_assets.catalog.models import (  # noqa: F401 - the catalog's public 
     ISO_FILENAME_RE,
     KEY_MAX,
     KEY_RE,
+    MIRROR_CHECKSUMS_ENV,
     MIRROR_ENV,
     OS_IDS,
     OTHER_OS_TYPES,
@@ -95,6 +101,7 @@ from packer_assets.catalog.models import (  # noqa: F401 - the catalog's public 
     check_mirror_base,
     deep_merge,
     default_expected_os,
+    mirror_checksums_from_env,
     mirror_from_env,
     mirror_url,
     parse_checksum,

@@ -19,12 +19,14 @@ from packer_assets.catalog.models import (
     CATALOG_VERSION,
     DEFAULT_CATALOG,
     KEY_MAX,
+    MIRROR_CHECKSUMS_ENV,
     MIRROR_ENV,
     CatalogError,
     Defaults,
     TemplateEntry,
     _FieldError,
     deep_merge,
+    mirror_checksums_from_env,
     mirror_from_env,
 )
 
@@ -206,6 +208,32 @@ def _validate(model: type[BaseModel], data: Any, display: str, label: str, error
         return None
 
 
+def _mirror_checksums(env: Mapping[str, str], display: str, mirror: str | None, errors: list[str]) -> str | None:
+    """PACKER_ASSETS_ISO_MIRROR_CHECKSUMS, checked: a file name, and only with a mirror (the file is the mirror's)."""
+    try:
+        name = mirror_checksums_from_env(env)
+    except ValueError as exc:
+        errors.append(f"{display}: environment: {MIRROR_CHECKSUMS_ENV}: {exc}")
+        return None
+    if name and not mirror and not (env.get(MIRROR_ENV) or "").strip():
+        errors.append(
+            f"{display}: environment: {MIRROR_CHECKSUMS_ENV}: needs {MIRROR_ENV} (the checksum file is read "
+            "beside the ISO on the mirror)"
+        )
+        return None
+    return name
+
+
+def _pins_from_mirror(entry: TemplateEntry, filename: str) -> TemplateEntry:
+    """The entry with every pinned ISO reading its checksum from `filename` beside it on the mirror."""
+    return entry.model_copy(
+        update={
+            "iso": entry.iso.with_mirror_checksums(filename),
+            "extra_isos": tuple(extra.with_mirror_checksums(filename) for extra in entry.extra_isos),
+        }
+    )
+
+
 def load_catalog(
     path: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
@@ -229,6 +257,7 @@ def load_catalog(
             f"{display}: environment: {MIRROR_ENV}: {exc} (like http://127.0.0.1:8081 or https://mirror.example.com/isos)"
         )
         mirror = None
+    mirror_checksums = _mirror_checksums(env, display, mirror, errors)
 
     try:
         text = cat_path.read_text(encoding="utf-8")
@@ -324,6 +353,8 @@ def load_catalog(
                 )
     if errors:
         raise CatalogError("\n".join(errors))
+    if mirror_checksums:
+        entries = {key: _pins_from_mirror(entry, mirror_checksums) for key, entry in entries.items()}
     for entry in entries.values():
         for iso in entry.all_isos():
             iso._mirror = mirror

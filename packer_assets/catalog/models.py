@@ -3,10 +3,11 @@ in `packer_assets/catalog/__init__.py`). No Dagster import here: this is the gro
 
 from __future__ import annotations
 
+import posixpath
 import re
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, Self, get_args
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -24,6 +25,9 @@ from packer_assets.upstream.digests import Checksum
 
 CATALOG_ENV = "PACKER_ASSETS_CATALOG"
 MIRROR_ENV = "PACKER_ASSETS_ISO_MIRROR"
+# A site mirror that re-hosts media it re-spins: a pinned checksum names upstream's bytes, not the mirror's,
+# so with this set (a file name, e.g. SHA256SUMS) a pinned ISO takes its checksum from that file beside it.
+MIRROR_CHECKSUMS_ENV = "PACKER_ASSETS_ISO_MIRROR_CHECKSUMS"
 DEFAULT_CATALOG = PurePosixPath("templates/catalog.yaml")
 CATALOG_VERSION = 1
 
@@ -151,6 +155,16 @@ def mirror_from_env(env: Mapping[str, str]) -> str | None:
     """The mirror base from `PACKER_ASSETS_ISO_MIRROR` (unset or blank: None). Raises ValueError."""
     value = (env.get(MIRROR_ENV) or "").strip()
     return check_mirror_base(value) if value else None
+
+
+def mirror_checksums_from_env(env: Mapping[str, str]) -> str | None:
+    """The checksum file name of `PACKER_ASSETS_ISO_MIRROR_CHECKSUMS` (unset or blank: None). Raises ValueError."""
+    value = (env.get(MIRROR_CHECKSUMS_ENV) or "").strip()
+    if not value:
+        return None
+    if not value.isprintable() or any(ch.isspace() or ch in "/\\?#" for ch in value) or value in (".", ".."):
+        raise ValueError("must be a file name beside the ISO on the mirror (like SHA256SUMS), not a path or URL")
+    return value
 
 
 def parse_checksum(value: str) -> tuple[str, str]:
@@ -281,6 +295,8 @@ class IsoSource(_Model):
     signature_url: Url | None = None
     _mirror: str | None = PrivateAttr(default=None)
     _keyring_path: Path | None = PrivateAttr(default=None)
+    # PACKER_ASSETS_ISO_MIRROR_CHECKSUMS: the file beside the ISO on the mirror that replaced a pinned checksum
+    _mirror_checksums: str | None = PrivateAttr(default=None)
 
     @model_validator(mode="before")
     @classmethod
@@ -332,9 +348,27 @@ class IsoSource(_Model):
 
     @property
     def effective_checksum_url(self) -> str | None:
+        if self._mirror_checksums and self._mirror:  # the mirror's own file, beside the mirrored ISO
+            beside = urlsplit(self.effective_url)._replace(query="", fragment="")
+            return beside._replace(path=posixpath.join(posixpath.dirname(beside.path), self._mirror_checksums)).geturl()
         if self.checksum_url is None or not self._mirror:
             return self.checksum_url
         return mirror_url(self.checksum_url, self._mirror)
+
+    @property
+    def checksum_source(self) -> str:
+        """Where the ISO's checksum comes from, for records and proofs: the (mirrored) checksum file's URL,
+        or `pinned in the catalog`."""
+        return self.effective_checksum_url or "pinned in the catalog"
+
+    def with_mirror_checksums(self, filename: str) -> Self:
+        """A pinned ISO's copy that reads its checksum from `filename` beside it on the mirror (the loader,
+        for PACKER_ASSETS_ISO_MIRROR_CHECKSUMS); an ISO whose catalog names a checksum file keeps it."""
+        if not self.checksum:
+            return self
+        copy = self.model_copy(update={"checksum": None})  # neither checksum nor checksum_url: the file below
+        copy._mirror_checksums = filename
+        return copy
 
     def with_mirror(self, base: str | None) -> IsoSource:
         """A copy whose effective URLs go through `base` (None: upstream)."""
@@ -350,6 +384,7 @@ class IsoSource(_Model):
             "checksum_url": self.checksum_url,
             "effective_checksum_url": self.effective_checksum_url,
             "checksum": self.checksum,
+            "checksum_source": self.checksum_source,
             "filename": self.filename,
             "mirror": self._mirror,
         }

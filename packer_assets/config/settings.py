@@ -70,6 +70,7 @@ class Settings:
     packer_ssh_timeout: str | None = None
     packer_ssh_ports: str | None = None  # `key=port,...`: the lab's real guests (parse_ssh_ports)
     guest_notes: str | None = None  # `key=text;...;*=text`: what each key's guests are, for proofs (parse_guest_notes)
+    console_log: str | None = None  # a path with `{vmid}`: where a VM's serial console is logged (parse_console_log)
     boot_wait: str | None = None
     build_user: str | None = None
     build_login: str = "auto"  # how Packer logs in: token, password (the automation user's), auto (by version)
@@ -302,6 +303,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         packer_ssh_timeout=text("PACKER_ASSETS_SSH_TIMEOUT"),
         packer_ssh_ports=checked(parse_ssh_ports, "PACKER_ASSETS_SSH_PORTS"),
         guest_notes=checked(parse_guest_notes, "PACKER_ASSETS_GUEST_NOTES"),
+        console_log=checked(parse_console_log, "PACKER_ASSETS_CONSOLE_LOG"),
         boot_wait=text("PACKER_ASSETS_BOOT_WAIT"),
         build_user=text("PROXMOX_BUILD_USER"),
         build_login=build_login,
@@ -343,6 +345,19 @@ def parse_guest_notes(value: str | None) -> dict[str, str]:
     are, which its proofs print (`guest`, the README's Guest row); `*` is every other key. Any environment may
     say it (the lab says which of its guests are real); unset, a proof says the guest is not stated."""
     return {key.strip(): note.strip() for _number, key, note in _pairs(value, "key=text", ";")}
+
+
+def parse_console_log(value: str) -> Path:
+    """PACKER_ASSETS_CONSOLE_LOG (`/var/log/pve-console/{vmid}.log`): where a VM's serial console is logged to a
+    file this host can read; a build whose VM stops before SSH came up quotes its last lines. The path of
+    VM 100 is returned; errors never echo the value (what was meant as a path may be a pasted secret)."""
+    try:
+        path = Path(value.format(vmid=100))
+    except (KeyError, IndexError, ValueError):
+        raise ValueError("holds a placeholder other than {vmid} (or a stray brace)") from None
+    if "{vmid}" not in value or not path.is_absolute():
+        raise ValueError("must be an absolute path holding {vmid}, e.g. /var/log/pve-console/{vmid}.log")
+    return path
 
 
 def guest_note(value: str | None, key: str) -> str | None:

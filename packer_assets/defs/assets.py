@@ -170,8 +170,9 @@ def iso_sources_table(entries) -> str:
             name = getattr(iso, "name", None)
             if iso.checksum:
                 source = f"pinned in the catalog: `{iso.checksum}`"
-            else:
-                source = f"[{Path(iso.checksum_url).name}]({iso.checksum_url})" + (" (signed)" if iso.keyring else "")
+            else:  # the catalog's checksum file, else the mirror's own (PACKER_ASSETS_ISO_MIRROR_CHECKSUMS)
+                url = iso.checksum_url or iso.checksum_source
+                source = f"[{Path(url).name}]({url})" + (" (signed)" if iso.keyring else "")
             rows.append(f"| `{entry.key}`{f' ({name})' if name else ''} | [{iso.filename}]({iso.url}) | {source} |")
     return "\n".join(["| key | ISO | checksum source |", "|---|---|---|", *rows])
 

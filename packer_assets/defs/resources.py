@@ -184,6 +184,14 @@ class PackerSettings(dg.ConfigurableResource):
         "said in its proofs (PACKER_ASSETS_GUEST_NOTES); unset: not stated",
     )
     boot_wait: str | None = None
+    console_log: str | None = Field(
+        default=None,
+        description="a path with `{vmid}`: where a VM's serial console is logged (PACKER_ASSETS_CONSOLE_LOG); "
+        "a build whose VM stops before SSH quotes its last lines",
+    )
+    vm_watch_seconds: float = Field(
+        default=5.0, description="while packer waits for SSH, how often the build VM's status is read"
+    )
     timeout_seconds: float = 4 * 3600
     grace_seconds: float = Field(default=60.0, description="after one SIGINT, how long Packer may clean up")
     smoke_timeout_seconds: float = 600.0
@@ -200,6 +208,8 @@ class PackerSettings(dg.ConfigurableResource):
             boot_wait=self.boot_wait,
             ssh_ports=self.ssh_ports,
             guest_notes=self.guest_notes,
+            console_log=self.console_log,
+            vm_watch_interval=self.vm_watch_seconds,
             timeout=self.timeout_seconds,
             grace=self.grace_seconds,
             smoke_timeout=self.smoke_timeout_seconds,
@@ -235,6 +245,7 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             ssh_port=settings.packer_ssh_port,
             ssh_ports=settings.packer_ssh_ports,
             guest_notes=settings.guest_notes,
+            console_log=settings.console_log,
             ssh_timeout=settings.packer_ssh_timeout,
             boot_wait=settings.boot_wait,
             build_user=settings.build_user,

@@ -23,6 +23,7 @@ from packer_assets.evidence.chain import CHAIN_RE, parse_chain_id
 from packer_assets.evidence.layout import BUILD_LOG_NAME, Layout, sha256_file, write_proof_bundle
 from packer_assets.evidence.registry import REGISTRY_SCHEMA_FILE, registry_schema
 from packer_assets.evidence.signing import Signer
+from packer_assets.inspection.sbom import GUEST_UNKNOWN
 
 SCHEMA_FILE = Path("docs/schema/build-proof.schema.json")
 INIT_SCHEMA_FILE = Path("docs/schema/init-proof.schema.json")
@@ -50,6 +51,11 @@ class IsoRef(_Model):
     url: str = Field(description="The upstream URL in the catalog.")
     effective_url: str = Field(description="The URL actually fetched (differs from `url` behind a mirror).")
     checksum: str = Field(description="`<algorithm>:<hex>` the node verified the download against.")
+    checksum_source: str | None = Field(
+        default=None,
+        description="Where that checksum came from: the checksum file's URL as fetched (the catalog's, or the "
+        "mirror's own with PACKER_ASSETS_ISO_MIRROR_CHECKSUMS), or `pinned in the catalog`; absent in older proofs.",
+    )
     volid: str = Field(description="The ISO's volume on the node's ISO storage, e.g. `local:iso/x.iso`.")
 
 
@@ -147,7 +153,7 @@ class BuildProof(_Model):
         description="What the guest was, as the environment noted it for the "
         "key (PACKER_ASSETS_GUEST_NOTES; the lab notes `lab: real "
         "guest (...)` or `lab: simulated guest (...)`); absent when "
-        "nothing was stated.",
+        "nothing was stated: the README then says the guest is unknown.",
     )
     warnings: list[str] = Field(
         default_factory=list,
@@ -265,6 +271,11 @@ def _cell(value: object) -> str:
     return "`" + text.replace("|", "\\|").replace("`", "'") + "`"
 
 
+def _packages_cell(sbom: SbomRef, guest: str | None) -> str:
+    """The package count, and beside it what they were read from: a simulated guest's are invented."""
+    return f"{sbom.packages} in {sbom.file}, read from: {guest or GUEST_UNKNOWN}"
+
+
 def render_build_readme(proof: BuildProof) -> str:
     """The proof as Markdown: a summary table, then stages, checks and rendered files."""
     t = proof.template
@@ -274,10 +285,11 @@ def render_build_readme(proof: BuildProof) -> str:
         ("Dagster run", proof.dagster_run_id),
         ("Template", f"{t.vmid} {t.name} on {t.node}"),
         ("Tags", ";".join(t.tags)),
-        ("Guest", proof.guest or "not stated (no PACKER_ASSETS_GUEST_NOTES note for this key)"),
+        ("Guest", proof.guest or GUEST_UNKNOWN),
         ("ISO", proof.iso.url),
         ("ISO fetched from", proof.iso.effective_url),
         ("ISO checksum", proof.iso.checksum),
+        ("ISO checksum from", proof.iso.checksum_source),
         ("ISO volume", proof.iso.volid),
         ("Packer", proof.packer_version),
         ("Packer template sha256", proof.packer_template_sha256),
@@ -287,7 +299,7 @@ def render_build_readme(proof: BuildProof) -> str:
         ("Duration", f"{proof.timings.seconds:.1f} s"),
         ("Previous template", proof.previous_template_vmid),
         ("Pruned", ", ".join(map(str, proof.pruned_vmids)) or None),
-        ("Packages (SBOM)", f"{proof.sbom.packages} in {proof.sbom.file}" if proof.sbom else None),
+        ("Packages (SBOM)", _packages_cell(proof.sbom, proof.guest) if proof.sbom else None),
         ("Package changes", _changes_cell(proof.sbom) if proof.sbom else None),
         ("Warnings", f"{len(proof.warnings)} (see Warnings)" if proof.warnings else "none"),
         ("Log sha256", proof.log_sha256),

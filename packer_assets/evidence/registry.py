@@ -88,6 +88,11 @@ class TemplateVersion(_Model):
     )
     built_at: datetime = Field(description="When its build started (UTC, ISO 8601).")
     iso: RegistryIso | None = Field(default=None, description="The installation ISO; null without a description.")
+    guest: str | None = Field(
+        default=None,
+        description="What the build's guest was, as its record has it (PACKER_ASSETS_GUEST_NOTES: a lab's simulated or "
+        "real guest, with what its system came from); null when nothing was stated or there is no build record.",
+    )
     packer_version: str | None = Field(default=None, description="`packer version` of the binary that built it.")
     degraded: bool | None = Field(
         default=None,
@@ -210,6 +215,7 @@ def template_version(
         chain_id=described.chain_id if described else None,
         built_at=described.built_at if described else name_time(key, guest.name),
         iso=RegistryIso(url=described.iso_url, checksum=described.iso_checksum) if described else None,
+        guest=(record or {}).get("guest"),
         packer_version=(record or {}).get("packer_version") or (described.packer_version if described else None),
         degraded=bool(gaps) if record else None,
         degraded_reasons=gaps,

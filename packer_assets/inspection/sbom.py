@@ -219,6 +219,10 @@ def purl(package: Package, distro: str) -> str | None:
 # ------------------------------------------------------------------ the SBOM
 
 
+# What an SBOM, a proof and the registry say when nothing stated what the guest was: never a guess.
+GUEST_UNKNOWN = "unknown: nothing stated what this guest was (no PACKER_ASSETS_GUEST_NOTES note for the key)"
+
+
 def _property(name: str, value: str) -> dict[str, str]:
     return {"name": f"{PROPERTY_PREFIX}:{name}", "value": value}
 
@@ -262,9 +266,13 @@ def build_sbom(
     key: str,
     chain_id: str,
     timestamp: datetime,
+    guest: str | None = None,
 ) -> dict[str, Any]:
     """The CycloneDX 1.5 SBOM of one template: the OS as metadata.component, one component per package.
 
+    `guest`: what the guest the packages were read from was, as the environment noted it (PACKER_ASSETS_GUEST_NOTES:
+    a test lab says its guests are simulated); kept as the OS component's `packer-assets:guest` property, so the
+    SBOM itself says where its packages came from. None: GUEST_UNKNOWN.
     Deterministic: the serial number is a UUID5 of the chain ID, components are sorted and deduplicated.
     """
     inventory_command(family)  # an unknown family is an error here too
@@ -291,6 +299,7 @@ def build_sbom(
                     _property("key", key),
                     _property("chain-id", chain_id),
                     _property("family", family),
+                    _property("guest", guest or GUEST_UNKNOWN),
                 ],
             },
         },

@@ -6,7 +6,9 @@
   <workdir>` and the variables come from the work directory's *.auto.pkrvars.json.
 - Every output line goes to the RunLog (redacted, chain-prefixed, echoed to stdout by the log's echo);
   stage lines (`==> source: ...`) and errors also go to `on_stage`, in the calling thread.
-- Stopping (cancel_event set, overall timeout, or ANY BaseException in the calling thread while it
+- A `watch` (RunWatch) sees every stage line and, between lines, may give a reason to stop (the build's
+  VmWatch: the VM stopped while packer waits for SSH): packer is stopped as on a cancel, PackerStopped says why.
+- Stopping (cancel_event set, overall timeout, a watch's reason, or ANY BaseException in the calling thread while it
   waits: KeyboardInterrupt, SystemExit, Dagster's interrupt): ONE SIGINT to the group, which is what
   Packer's own Ctrl-C cleanup (stop + delete the VM) answers to; a grace period; then SIGKILL to the
   group if anything is left. A second interrupt during the grace period skips to SIGKILL.
@@ -70,6 +72,18 @@ class PackerCancelled(PackerError):
 
 class PackerTimeout(PackerError):
     """Stopped because the overall timeout passed."""
+
+
+class PackerStopped(PackerError):
+    """Stopped because the run's watch gave a reason (its message leads with it)."""
+
+
+class RunWatch(Protocol):
+    """What else may end a build: told each stage line (`==> ...`, `error: ...`), asked between lines."""
+
+    def see(self, text: str) -> None: ...
+
+    def stop_reason(self) -> str | None: ...
 
 
 @dataclass
@@ -308,6 +322,19 @@ class _Run:
         return code
 
 
+def _watched(on_stage: Callable[[str], None] | None, watch: RunWatch | None) -> Callable[[str], None] | None:
+    """on_stage, with the watch told each stage line first."""
+    if watch is None:
+        return on_stage
+
+    def stage(text: str) -> None:
+        watch.see(text)
+        if on_stage is not None:
+            on_stage(text)
+
+    return stage
+
+
 def run_packer(
     workdir: Path,
     env: dict[str, str],
@@ -320,6 +347,7 @@ def run_packer(
     packer: str = "packer",
     extra_args: Iterable[str] = (),
     poll: float = 0.1,
+    watch: RunWatch | None = None,
 ) -> PackerResult:
     """Run `packer build` on a prepared work directory; see the module doc.
 
@@ -339,7 +367,7 @@ def run_packer(
     log.line("packer-runner", "run: " + " ".join(argv))
     log.line("packer-runner", "environment: " + ", ".join(sorted(env)))  # names only
 
-    stream = _Stream(log, on_stage)
+    stream = _Stream(log, _watched(on_stage, watch))
     started = time.monotonic()
     try:
         proc = subprocess.Popen(
@@ -356,7 +384,7 @@ def run_packer(
         log.line("packer-runner", f"cannot start packer: {exc}")
         raise PackerError(f"cannot start {binary}: {exc.strerror}; log: {log_path}", log_path=log_path) from None
     run = _Run(proc, stream, log, grace)
-    reason, interrupt, exited_at = None, None, None
+    reason, interrupt, exited_at, stopped_why = None, None, None, None
     try:
         try:
             while not run.finished():
@@ -365,6 +393,8 @@ def run_packer(
                     reason = "cancelled"
                 elif timeout is not None and time.monotonic() - started > timeout:
                     reason = "timeout"
+                elif watch is not None and (stopped_why := watch.stop_reason()):
+                    reason = "stopped"
                 if reason:
                     break
                 if _exited(proc.pid) and not run.eof.is_set():
@@ -381,6 +411,7 @@ def run_packer(
                     "cancelled": "cancel requested",
                     "timeout": f"timeout after {timeout:g}s" if timeout else "",
                     "interrupted": f"interrupted ({type(interrupt).__name__})",
+                    "stopped": f"{stopped_why}",
                 }[reason]
             )
     finally:
@@ -395,22 +426,21 @@ def run_packer(
     if interrupt is not None:
         raise interrupt
     first = "; ".join(errors[:3]) or "no error lines"
-    if reason == "cancelled":
-        raise PackerCancelled(
-            f"packer build cancelled (exit {code}); log: {log_path}; first errors: {first}",
-            log_path=log_path,
-            errors=errors,
-            exit_code=code,
-            reason=reason,
-        )
-    if reason == "timeout":
-        raise PackerTimeout(
-            f"packer build timed out after {timeout:g}s (exit {code}); log: {log_path}; first errors: {first}",
-            log_path=log_path,
-            errors=errors,
-            exit_code=code,
-            reason=reason,
-        )
+    # Stopped from here: the kind of stop names the error; its message is made only for the stop that happened.
+    stops: dict[str, tuple[type[PackerError], Callable[[], str]]] = {
+        "cancelled": (
+            PackerCancelled,
+            lambda: f"packer build cancelled (exit {code}); log: {log_path}; first errors: {first}",
+        ),
+        "stopped": (PackerStopped, lambda: f"{stopped_why}; packer stopped (exit {code}); log: {log_path}"),
+        "timeout": (
+            PackerTimeout,
+            lambda: f"packer build timed out after {timeout:g}s (exit {code}); log: {log_path}; first errors: {first}",
+        ),
+    }
+    if reason in stops:
+        kind, message = stops[reason]
+        raise kind(message(), log_path=log_path, errors=errors, exit_code=code, reason=reason)
     if code != 0:
         raise PackerError(
             f"packer build failed (exit {code}); log: {log_path}; first errors: {first}",

@@ -9,6 +9,7 @@ from support import REPO
 
 from packer_assets.catalog import (
     CATALOG_ENV,
+    MIRROR_CHECKSUMS_ENV,
     MIRROR_ENV,
     CatalogError,
     check_catalog,
@@ -216,6 +217,40 @@ def test_bad_mirror_env_is_one_catalog_error(tmp_path, value):
     message = str(exc.value)
     assert message.startswith(f"{path}: environment: {MIRROR_ENV}: ")
     assert "pw" not in message.split(MIRROR_ENV, 1)[1]
+
+
+def test_mirror_checksums_replace_pinned_checksums_with_the_file_beside_the_iso(tmp_path):
+    """A site mirror re-hosting media it re-spins: a pinned ISO reads the mirror's file beside it; an ISO
+    whose catalog names a checksum file keeps that file; the catalog on disk is not touched."""
+    base = "https://mirror.example.com/isos"
+    path = write(tmp_path, BASE)
+    before = path.read_text()
+    catalog = load_catalog(path, env={MIRROR_ENV: base, MIRROR_CHECKSUMS_ENV: "SHA256SUMS"})
+    beta, alpha = catalog.get("beta"), catalog.get("alpha")
+    assert beta.iso.checksum is None and beta.iso.checksum_url is None
+    assert beta.iso.effective_checksum_url == f"{base}/dl.example.com:8080/win/SHA256SUMS"
+    assert beta.iso.checksum_source == beta.iso.effective_checksum_url == beta.iso.provenance()["checksum_source"]
+    assert beta.extra_isos[0].effective_checksum_url == f"{base}/drivers.example.net/d/SHA256SUMS"  # its own file
+    assert alpha.iso.effective_checksum_url == f"{base}/releases.example.org/alpha/SHA256SUMS"  # query dropped
+    assert path.read_text() == before
+    # without the setting the pin stays, and says so
+    plain = load_catalog(path, env={MIRROR_ENV: base}).get("beta").iso
+    assert plain.checksum == SHA and plain.checksum_source == "pinned in the catalog"
+
+
+@pytest.mark.parametrize("env, problem", [
+    ({MIRROR_CHECKSUMS_ENV: "SHA256SUMS"}, f"needs {MIRROR_ENV}"),
+    ({MIRROR_ENV: "https://m.example", MIRROR_CHECKSUMS_ENV: "a/SHA256SUMS"}, "must be a file name"),
+    ({MIRROR_ENV: "https://m.example", MIRROR_CHECKSUMS_ENV: "https://m.example/SUMS"}, "must be a file name"),
+    ({MIRROR_ENV: "https://m.example", MIRROR_CHECKSUMS_ENV: ".."}, "must be a file name"),
+])
+def test_bad_mirror_checksums_setting_is_one_line_naming_it(tmp_path, env, problem):
+    path = write(tmp_path, BASE)
+    with pytest.raises(CatalogError) as exc:
+        load_catalog(path, env=env)
+    message = str(exc.value)
+    assert message.startswith(f"{path}: environment: {MIRROR_CHECKSUMS_ENV}: ") and "\n" not in message
+    assert problem in message
 
 
 # ---------------------------------------------------------------- broken catalogs

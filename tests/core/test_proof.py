@@ -88,6 +88,7 @@ def test_readme_is_a_readable_summary():
     assert text.startswith("# Template build CHAIN-20261125T100000Z-ubuntu-2204\n")
     for needle in ("| Template | `9101 ubuntu-2204-20261125100512 on pve1` |", "| Dagster run | `run-123` |",
                    "| ISO checksum | `sha256:" + "ab" * 32 + "` |", "| Duration | `450.0 s` |",
+                   "| ISO checksum from | `http://127.0.0.1:8000/releases.ubuntu.com/22.04.5/SHA256SUMS` |",
                    "| packer_build | 400.0 |", "| smoke_test | passed | clone 9102 booted; agent answered |",
                    "| user-data | `" + "1" * 64 + "` |", "| Packer | `1.6.6` |", "| Pruned | `9099` |"):
         assert needle in text, needle
@@ -129,3 +130,12 @@ def test_write_build_proof_refuses_a_log_that_is_not_the_one_recorded(tmp_path):
     with pytest.raises(ValueError, match="differs from the proof's log_sha256"):
         write_build_proof(Layout(tmp_path), sample(), log)
     assert not (tmp_path / "docs").exists()
+
+
+def test_a_proof_with_no_guest_note_says_the_guest_is_unknown_and_the_count_says_what_it_was_read_from():
+    unknown = render_build_readme(sample(guest=None))
+    assert "| Guest | `unknown: nothing stated what this guest was" in unknown and "node's VM" not in unknown
+    noted = sample(guest="lab: simulated guest (invented)",
+                   sbom={"file": "sbom.cdx.json", "sha256": "cd" * 32, "packages": 12})
+    assert "| Packages (SBOM) | `12 in sbom.cdx.json, read from: lab: simulated guest (invented)` |" in (
+        render_build_readme(noted))

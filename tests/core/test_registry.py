@@ -153,3 +153,23 @@ def test_a_registry_that_cannot_be_written_after_a_build_is_a_warning(tmp_path):
     assert warning == (f"registry {Layout(tmp_path).registry_file} not rewritten: PveAccessError: "
                        "https://pve.example:8006: API unreachable")
     assert said == [f"[{chain}] [warning] {warning}"] and not Layout(tmp_path).registry_file.exists()
+
+
+def test_a_listed_template_names_the_guest_its_build_record_noted(tmp_path):
+    from packer_assets.evidence.layout import BUILD_RECORD_NAME
+    from packer_assets.evidence.registry import template_version
+    from packer_assets.pve.templates import Guest, TemplateDescription
+
+    layout = Layout(tmp_path)
+    described = TemplateDescription(chain_id=CHAIN, key="debian-12", iso_url="https://x/debian.iso",
+                                    iso_checksum="sha256:" + "ab" * 32, input_fingerprint="4" * 64,
+                                    built_at=datetime(2026, 11, 25, 10, tzinfo=UTC), tool_version="0.1.0")
+    guest = Guest(vmid=9301, node="pve1", kind="qemu", name="debian-12-20261125100512",
+                  tags=("packer-assets-latest",), template=True, status="stopped")
+    record = layout.build_log_dir("debian-12", "20261125T100000Z") / BUILD_RECORD_NAME
+    record.parent.mkdir(parents=True)
+    note = "lab: real guest (image recipe sha256 " + "e" * 64 + ")"
+    record.write_text(json.dumps({"template": {"vmid": 9301}, "guest": note}))
+    assert template_version(layout, "debian-12", guest, described, None).guest == note
+    record.write_text(json.dumps({"template": {"vmid": 9301}}))  # nothing was noted: null, never a guess
+    assert template_version(layout, "debian-12", guest, described, None).guest is None

@@ -9,7 +9,7 @@ from packageurl import PackageURL
 
 from packer_assets import __version__
 from packer_assets.errors import OperationError
-from packer_assets.inspection.sbom import (DPKG_QUERY, RPM_QUERY, WINDOWS_QUERY, Package, SbomError, build_sbom, diff_sboms,
+from packer_assets.inspection.sbom import (DPKG_QUERY, GUEST_UNKNOWN, RPM_QUERY, WINDOWS_QUERY, Package, SbomError, build_sbom, diff_sboms,
                                 inventory_command, package_count, parse_dpkg, parse_inventory, parse_rpm,
                                 parse_windows, purl, sbom_json, validate_sbom)
 
@@ -263,3 +263,13 @@ def test_diff_none_first_and_the_limit():
     pipe = diff_sboms(bom, sbom(parse_windows('{"programs": [{"DisplayName": "a|b", "DisplayVersion": "1"}]}'),
                                 family="windows", os_id="mswindows"))
     assert "| added | a\\|b | - | 1 |" in pipe.markdown(limit=100)
+
+
+def test_the_sbom_says_what_guest_its_packages_were_read_from_and_unknown_when_nobody_said():
+    def guest_property(bom):
+        return {p["name"]: p["value"] for p in bom["metadata"]["component"]["properties"]}["packer-assets:guest"]
+
+    noted = sbom(parse_dpkg(DPKG), guest="lab: simulated guest (the lab answers for the installed system)")
+    validate_sbom(noted)
+    assert guest_property(noted) == "lab: simulated guest (the lab answers for the installed system)"
+    assert guest_property(sbom(parse_dpkg(DPKG))) == GUEST_UNKNOWN

@@ -74,6 +74,11 @@ def test_insecure_is_explicit(tmp_path):
         ({"PACKER_ASSETS_SSH_PORTS": "debian-12=40022,ubuntu-2204"}, "PACKER_ASSETS_SSH_PORTS: item 2 is not key=port"),
         ({"PACKER_ASSETS_SSH_PORTS": "debian-12=70000"}, "PACKER_ASSETS_SSH_PORTS: item 1: not a TCP port"),
         ({"PACKER_ASSETS_GUEST_NOTES": "debian-12=a VM;rocky-9"}, "PACKER_ASSETS_GUEST_NOTES: item 2 is not key=text"),
+        ({"PACKER_ASSETS_CONSOLE_LOG": "/var/log/console.log"}, "PACKER_ASSETS_CONSOLE_LOG: must be an absolute path "
+                                                                "holding {vmid}"),
+        ({"PACKER_ASSETS_CONSOLE_LOG": "console/{vmid}.log"}, "PACKER_ASSETS_CONSOLE_LOG: must be an absolute path"),
+        ({"PACKER_ASSETS_CONSOLE_LOG": "/var/log/{node}/{vmid}.log"}, "PACKER_ASSETS_CONSOLE_LOG: holds a placeholder "
+                                                                      "other than {vmid}"),
     ],
 )
 def test_bad_settings_name_the_variable(tmp_path, env, message):
@@ -182,6 +187,15 @@ def test_a_keys_own_ssh_port_and_the_note_on_its_guest(tmp_path):
     assert guest_note(None, "debian-12") is None  # nothing stated: the proof says so, and claims nothing
 
 
+def test_the_console_log_setting_reaches_the_build_with_its_vmid_placeholder(tmp_path):
+    from packer_assets.defs.resources import build_resources
+
+    settings = load_settings({"PACKER_ASSETS_ROOT": str(tmp_path), "PACKER_ASSETS_CONSOLE_LOG": "/var/log/c/{vmid}.log"})
+    assert settings.console_log == "/var/log/c/{vmid}.log"
+    assert build_resources(settings)["packer"].settings().console_log == "/var/log/c/{vmid}.log"
+    assert load_settings({"PACKER_ASSETS_ROOT": str(tmp_path)}).console_log is None
+
+
 SECRET = "Sup3rS3cretPw"
 # Each typed setting given a secret where a value belongs (a paste into the wrong variable, a URL with a password):
 # the error names the variable and where it came from, never the text.
@@ -198,6 +212,7 @@ SECRET_VALUES = [
     ("PACKER_ASSETS_UI_URL", f"localhost:{SECRET}"), ("PACKER_ASSETS_UI_URL", f"http://admin:{SECRET}@dagster:3000"),
     ("PACKER_ASSETS_SSH_PORTS", f"debian-12={SECRET}"), ("PACKER_ASSETS_SSH_PORTS", SECRET),
     ("PACKER_ASSETS_GUEST_NOTES", SECRET), ("PACKER_ASSETS_GUEST_NOTES", f"debian-12=x;{SECRET}"),
+    ("PACKER_ASSETS_CONSOLE_LOG", SECRET), ("PACKER_ASSETS_CONSOLE_LOG", f"/x/{{{SECRET}}}/{{vmid}}"),
     ("PROXMOX_NODE", f"{SECRET}\n"), ("PROXMOX_TOKEN_NAME", f" {SECRET}"), ("PROXMOX_ROLE", f"{SECRET}\x07"),
 ]
 

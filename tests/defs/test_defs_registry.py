@@ -43,6 +43,7 @@ def test_the_registry_follows_builds_and_a_revoked_template_is_rebuilt(lab_proje
         # debian-12 in the lab: packer 1.6.6 notes it leaves tags to the API, a note and not a capability gap
         assert record["warnings"] and not any(w.startswith("degraded build: ") for w in record["warnings"])
         assert current["degraded"] is False and current["degraded_reasons"] == []
+        assert current["guest"] == record["guest"] and current["guest"].startswith("lab: simulated guest")
         assert current["smoke"] == {"passed": True, "found_os": "debian 12", "expected_os": "debian 12",
                                     "packages": record["sbom"]["packages"]}
         # template_proof wrote the bundle after the build wrote the registry: the proof path was added

@@ -3,6 +3,10 @@
 import json
 import logging
 import os
+import re
+import socket
+import threading
+import time
 
 import dagster as dg
 import jsonschema
@@ -16,6 +20,7 @@ from packer_assets.evidence.layout import sha256_file
 from packer_assets.evidence.proof import build_proof_schema
 from packer_assets.pve import templates as pve_templates
 from packer_assets.inspection.sbom import package_count, validate_sbom
+from packer_assets_lab.console import append_console
 from packer_assets_lab.stack import GUEST_NOTES
 
 pytestmark = pytest.mark.packer
@@ -68,7 +73,10 @@ def test_build_promote_prove_then_up_to_date(lab_project):
         assert proof["sbom"]["packages"] == package_count(bom) > 10 and proof["sbom"]["changes"] is None
         assert any(c["purl"].startswith("pkg:deb/debian/openssh-server@") for c in bom["components"])
         readme = (proof_dir / "README.md").read_text()
-        assert f"| Packages (SBOM) | `{package_count(bom)} in sbom.cdx.json` |" in readme
+        # invented evidence says so: the SBOM's own property and the README beside the count name the simulated guest
+        os_props = {p["name"]: p["value"] for p in bom["metadata"]["component"]["properties"]}
+        assert os_props["packer-assets:guest"] == GUEST_NOTES["simulated"]
+        assert f"| Packages (SBOM) | `{package_count(bom)} in sbom.cdx.json, read from: {GUEST_NOTES['simulated']}` |" in readme
         assert "first SBOM of this key" in readme
         # every guest check ran in the clone and is in the proof and the check's metadata
         steps = {s["name"]: s for s in proof["checks"][0]["details"]["steps"]}
@@ -429,3 +437,55 @@ def test_a_bug_in_the_smoke_test_s_parsing_fails_the_build_as_ours_and_destroys_
     assert "Traceback (most recent call last)" in log and "KeyError: 'machine-id'" in log and "in broken" in log
     assert "destroying the new template" in log and "failed at step" not in log
     assert templates_of(lab_project.pve) == {} and not proofs_of(lab_project).exists()
+
+
+def stop_the_build_vm_once_packer_waits_for_ssh(lab_project, reason: str, bound: float = 300) -> threading.Thread:
+    """In a thread: once the key's build VM runs and its packer log says it waits for SSH, the VM's console
+    gets `reason` and the VM stops, as the lab's installer emulation stops a VM whose install failed."""
+    pve, vmids = lab_project.pve, lab_project.stack.catalog.get(KEY).vmid_range
+    logs = lab_project.root / "output/logs/packer/builds" / KEY
+
+    async def running_build_vm():
+        return next((vm for vm in pve.vms if vm.vmid in vmids and not vm.template and vm.status == "running"), None)
+
+    async def stop(vm):
+        vm.status = vm.qmpstatus = "stopped"
+
+    def go():
+        end = time.monotonic() + bound  # bounds a failure only, below the test's own timeout
+        while time.monotonic() < end:
+            vm = lab_project.stack.served.call(running_build_vm())
+            if vm and any("Waiting for SSH to become available" in log.read_text() for log in logs.glob("*/packer.log")):
+                append_console(pve.data_dir, vm.vmid, reason)
+                lab_project.stack.served.call(stop(vm))
+                return
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=go, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_vm_that_stops_while_packer_waits_for_ssh_fails_the_build_at_once_with_its_console(lab_project):
+    """SSH never answers (a closed port) and packer would wait 30 minutes; the VM stops (its install failed):
+    the build's watch sees it, packer is stopped as on a cancel, the failure names the VM and quotes its
+    console, and no VM of the key is left."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening
+    reason = "lab (invented): installer stopped: no kernel modules were found for this kernel"
+    try:
+        stopper = stop_the_build_vm_once_packer_waits_for_ssh(lab_project, reason)
+        with dg.instance_for_test() as instance:
+            result = rebuild(lab_project, instance, ssh_port=closed.getsockname()[1], ssh_timeout="30m",
+                             vm_watch_seconds=0.2)
+        stopper.join(timeout=10)
+    finally:
+        closed.close()
+    assert not result.success
+    error = str([e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0].event_specific_data.error)
+    vmids = lab_project.stack.catalog.get(KEY).vmid_range
+    assert re.search(rf"VM \d+ on node pve1 stopped before SSH came up; its console \(.*\) ends: .*{re.escape(reason)}",
+                     error), error
+    log = (lab_project.layout.build_log_dir(KEY, "latest") / "packer.log").read_text()
+    assert "SIGINT to packer's process group" in log and "(stopped; signals sent: SIGINT" in log
+    assert [vm.vmid for vm in lab_project.pve.vms if vm.vmid in vmids] == []  # packer's VM is gone

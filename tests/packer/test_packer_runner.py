@@ -25,6 +25,7 @@ from packer_assets.packer.env import PackerEnvError, packer_env
 from packer_assets.packer.runner import (
     PackerCancelled,
     PackerError,
+    PackerStopped,
     PackerTimeout,
     group_members,
     open_build_log,
@@ -340,6 +341,39 @@ def test_cancel_sends_one_sigint_then_sigkill_after_the_grace_period(tmp_path, p
         assert "did not exit within 2s: SIGKILL" in text and "signals sent: SIGINT, SIGKILL" in text
         assert took >= grace
     assert watcher.groups and watcher.leftovers() == []
+
+
+class TripsAfterSshWait:
+    """A RunWatch that gives its reason once packer said it waits for SSH and both processes started."""
+
+    def __init__(self, record: Path):
+        self.record, self.seen = record, []
+
+    def see(self, text):
+        self.seen.append(text)
+
+    def stop_reason(self):
+        if any("Waiting for SSH" in text for text in self.seen):
+            wait_for(self.record, 2)
+            return "VM 9100 on node pve1 stopped before SSH came up; its console ends: install failed"
+        return None
+
+
+def test_a_watch_s_reason_stops_packer_as_a_cancel_does_and_leads_the_error(tmp_path):
+    script, record = trapper(tmp_path, polite=True)
+    env = dict(fake_env(script.parent), PACKER_FAKE_RECORD=str(record))
+    log = ListLog(tmp_path / "packer.log")
+    stages = []
+    with GroupSampler() as watcher, pytest.raises(PackerStopped) as err:
+        run_packer(tmp_path, env, log, packer=str(script), on_stage=stages.append, grace=60,
+                   watch=TripsAfterSshWait(record))
+    assert str(err.value).startswith("VM 9100 on node pve1 stopped before SSH came up; its console ends: install "
+                                     "failed; packer stopped (exit ")
+    assert str(log.path) in str(err.value) and err.value.reason == "stopped"
+    assert len(int_lines(record)) == 2  # one SIGINT, reaching packer and its plugin
+    assert "signals sent: SIGINT)" in log.text() and "SIGKILL" not in log.text()
+    assert any("Waiting for SSH" in text for text in stages)  # on_stage still gets every stage line
+    assert watcher.leftovers() == []
 
 
 def test_timeout_takes_the_same_path(tmp_path):

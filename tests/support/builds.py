@@ -18,7 +18,8 @@ def resources(lab_project, **packer):
     env = stack.env()  # what lab.env tells the project (a real guest's own SSH port, what the guests are)
     settings = dict(allow_degraded=True, ssh_host=stack.guest.host, ssh_port=stack.guest.port,
                     ssh_timeout=env["PACKER_ASSETS_SSH_TIMEOUT"], ssh_ports=env.get("PACKER_ASSETS_SSH_PORTS"),
-                    guest_notes=env["PACKER_ASSETS_GUEST_NOTES"], boot_wait="100ms", build_user=kept["PROXMOX_BUILD_USER"], build_password=kept["PROXMOX_BUILD_PASSWORD"],
+                    guest_notes=env["PACKER_ASSETS_GUEST_NOTES"], console_log=env["PACKER_ASSETS_CONSOLE_LOG"],
+                    boot_wait="100ms", build_user=kept["PROXMOX_BUILD_USER"], build_password=kept["PROXMOX_BUILD_PASSWORD"],
                     grace_seconds=10, smoke_timeout_seconds=60)
     settings.update(packer)
     return {"project": ProjectSettings(output_root=str(lab_project.root)), "packer": PackerSettings(**settings)}

@@ -1,6 +1,7 @@
 """The whole lab in-process (fake PVE, mirror, guest) with a project that ran proxmox_env (loaded by conftest.py)."""
 
 import secrets
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,14 +37,14 @@ class LabProject:
 
 @contextmanager
 def started_lab_project(folder: Path, monkeypatch, real_guests: tuple[str, ...] = (), source: Path = REPO):
-    """LabStack on the catalog of `source` (default: this checkout's shipped one; a test's copy of templates/ to
-    edit), real_guests: keys whose VMs run for real, its env in os.environ, and proxmox_env run into folder/project."""
+    """LabStack on the catalog of `source` (default: the shipped one; real_guests: keys whose VMs run for real),
+    its env in os.environ, and proxmox_env run into folder/project."""
     stack = LabStack.start(folder / "lab", source / "templates/catalog.yaml", secrets.token_urlsafe(16),
                            secrets.token_urlsafe(16), project_dir=source, real_guests=real_guests)
     try:
         for name, value in stack.env().items():
             monkeypatch.setenv(name, value)
-        monkeypatch.chdir(source)  # packer_dir paths in the catalog are relative to the project folder
+        monkeypatch.chdir(source)  # packer_dir paths in the catalog are relative to the project
         root = folder / "project"
         monkeypatch.setenv("PACKER_ASSETS_ROOT", str(root))
         run_init(Layout(root), Endpoint(stack.served.url, ca_file=str(stack.pki.ca_file)),
@@ -57,4 +58,14 @@ def started_lab_project(folder: Path, monkeypatch, real_guests: tuple[str, ...] 
 def lab_project(tmp_path, monkeypatch):
     """The lab with answering guests and a project that ran proxmox_env (started_lab_project)."""
     with started_lab_project(tmp_path, monkeypatch) as project:
+        yield project
+
+
+@pytest.fixture
+def lab_user_project(tmp_path, monkeypatch):
+    """The lab started, as `make demo` starts it, on a user's project: a copy of templates/ (catalog and
+    Packer folders) the test may edit as a user does; the lab points the project at that catalog itself."""
+    user = tmp_path / "user-project"
+    shutil.copytree(REPO / "templates", user / "templates")
+    with started_lab_project(tmp_path, monkeypatch, source=user) as project:
         yield project
