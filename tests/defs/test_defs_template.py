@@ -476,8 +476,9 @@ def test_a_vm_that_stops_while_packer_waits_for_ssh_fails_the_build_at_once_with
     try:
         stopper = stop_the_build_vm_once_packer_waits_for_ssh(lab_project, reason)
         with dg.instance_for_test() as instance:
-            result = rebuild(lab_project, instance, ssh_port=closed.getsockname()[1], ssh_timeout="30m",
-                             vm_watch_seconds=0.2)
+            # ssh_ports=None: the key's own lab port (lab.env) would win over the closed one
+            result = rebuild(lab_project, instance, ssh_port=closed.getsockname()[1], ssh_ports=None,
+                             ssh_timeout="30m", vm_watch_seconds=0.2)
         stopper.join(timeout=10)
     finally:
         closed.close()

@@ -8,13 +8,10 @@ promoted template stays. The state-level checks of every other duty are in test_
 
 import json
 import re
-import shutil
 
 import dagster as dg
 import pytest
-from support import REPO
 from support.builds import rebuild, templates_of
-from support.lab import started_lab_project
 
 pytestmark = [pytest.mark.lab, pytest.mark.packer]
 FAMILIES = {"ubuntu-2204": "ubuntu", "rocky-9": "rocky", "windows-2022": "windows", "debian-12": "debian"}
@@ -29,20 +26,17 @@ def without_generalize(text: str) -> str:
     return text[:start] + "\n" + text[end:]
 
 
-@pytest.fixture
-def project_copy(tmp_path):
-    source = tmp_path / "source"
-    shutil.copytree(REPO / "templates", source / "templates")
-    return source
+def user_templates(tmp_path):
+    """The templates/ folder of lab_user_project (a copy of the shipped one the test edits as a user does)."""
+    return tmp_path / "user-project" / "templates"
 
 
 @pytest.mark.parametrize("key", list(FAMILIES))
 def test_a_template_without_its_generalize_step_fails_fresh_identity_and_the_promoted_one_stays(
-    tmp_path, monkeypatch, project_copy, key
+    tmp_path, lab_user_project, key
 ):
-    family = FAMILIES[key]
-    with started_lab_project(tmp_path, monkeypatch, source=project_copy) as lab_project, \
-            dg.instance_for_test() as instance:
+    family, lab_project = FAMILIES[key], lab_user_project
+    with dg.instance_for_test() as instance:
         first = rebuild(lab_project, instance, key=key)
         assert first.success, [e.message for e in first.all_events if e.is_failure]
         promoted = templates_of(lab_project.pve, key)
@@ -51,7 +45,7 @@ def test_a_template_without_its_generalize_step_fails_fresh_identity_and_the_pro
         names = {c["name"] for c in json.loads(sbom.read_text())["components"]}
         assert ADDED[family] in names  # added by the answer file, not in the family's base system
 
-        template = project_copy / "templates" / family / f"{family}.pkr.hcl"
+        template = user_templates(tmp_path) / family / f"{family}.pkr.hcl"
         template.write_text(without_generalize(template.read_text()))
         second = rebuild(lab_project, instance, key=key)
         smoke = next(c for c in second.get_asset_check_evaluations() if c.check_name == "smoke_test")
@@ -67,15 +61,14 @@ def test_a_template_without_its_generalize_step_fails_fresh_identity_and_the_pro
     ("rocky-9", "ks.cfg.j2", "qemu-guest-agent\ncloud-init\n%end"),
 ])
 def test_an_answer_file_without_qemu_guest_agent_fails_the_build_and_the_console_says_why(
-    tmp_path, monkeypatch, project_copy, key, answer_file, line
+    tmp_path, lab_user_project, key, answer_file, line
 ):
-    family = FAMILIES[key]
-    path = project_copy / "templates" / family / answer_file
+    family, lab_project = FAMILIES[key], lab_user_project
+    path = user_templates(tmp_path) / family / answer_file
     text = path.read_text()
     assert line in text
     path.write_text(text.replace(line, "cloud-init\n%end" if family == "rocky" else ""))
-    with started_lab_project(tmp_path, monkeypatch, source=project_copy) as lab_project, \
-            dg.instance_for_test() as instance:
+    with dg.instance_for_test() as instance:
         # the install fails and the VM powers off: nothing answers SSH, packer gives up at its (short) timeout
         result = rebuild(lab_project, instance, key=key, ssh_timeout="10s")
         assert not result.success
