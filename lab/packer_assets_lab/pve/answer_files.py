@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import yaml
 
+from packer_assets_lab.realguest.installer import InstallerError, parse_preseed
+
 from .guest_shell import Shell
 from .guest_state import LOCKED, SET, WINDOWS_TOOLS, GuestState
 
@@ -95,8 +97,6 @@ def install(kind: str, text: str, base: Base) -> GuestState:
 
 
 def _preseed(text: str, base: Base) -> GuestState:
-    from packer_assets_lab.realguest.installer import InstallerError, parse_preseed
-
     try:
         answers = parse_preseed(text)
     except InstallerError as e:

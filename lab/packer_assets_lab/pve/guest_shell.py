@@ -19,7 +19,6 @@ from __future__ import annotations
 import fnmatch
 import posixpath
 import re
-import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -505,6 +504,18 @@ def run_script(shell: Shell, script: str, errexit: bool) -> int:
     return status
 
 
+def _echo(shell: Shell, args: list[str]) -> int:
+    shell.say(" ".join(a for a in args if a != "-n"))
+    return 0
+
+
+def _printf(shell: Shell, args: list[str]) -> int:
+    """printf FORMAT ARGS, as far as the templates use it (`%s`, `\\n`)."""
+    if args:
+        shell.say(args[0].replace("%s", " ".join(args[1:])).replace("\\n", ""))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[Shell, list[str]], int]] = {
     "passwd": _passwd,
     "usermod": _passwd,
@@ -529,16 +540,6 @@ COMMANDS: dict[str, Callable[[Shell, list[str]], int]] = {
     "curtin": lambda shell, args: _in_target(shell, args[1:]) if args[:1] == ["in-target"] else 0,
     "sh": _sh,
     "bash": _sh,
-    "echo": lambda shell, args: (shell.say(" ".join(a for a in args if a != "-n")), 0)[1],
-    "printf": lambda shell, args: (
-        shell.say(args[0].replace("%s", " ".join(args[1:])).replace("\\n", "")) if args else None,
-        0,
-    )[1],
+    "echo": _echo,
+    "printf": _printf,
 }
-
-
-def split_words(line: str) -> list[str]:
-    try:
-        return shlex.split(line)
-    except ValueError:
-        return line.split()
