@@ -30,14 +30,16 @@ build {
     cloud_init_storage_pool = var.vm_storage
   }
 
-  # sudo with the install password on stdin, never on a command line (local.sudo_*).
+  # sudo with the install password on stdin, never on a command line (local.sudo_*). The agent and cloud-init
+  # come from the preseed (pkgsel/include): a template is what its answer file says, so a preseed that lost one
+  # fails here, by name, instead of being patched from the network at build time.
   provisioner "shell" {
     environment_vars = local.sudo_environment
     use_env_var_file = true
     execute_command  = local.sudo_execute_command
     inline = concat(local.wait_cloud_init, [
       "export DEBIAN_FRONTEND=noninteractive",
-      "dpkg -s qemu-guest-agent cloud-init >/dev/null 2>&1 || { apt-get update && apt-get install -y qemu-guest-agent cloud-init; }",
+      "dpkg -s qemu-guest-agent cloud-init >/dev/null 2>&1 || { echo 'qemu-guest-agent or cloud-init is not installed: the preseed (pkgsel/include) must install both' >&2; exit 1; }",
       "systemctl enable qemu-guest-agent",
       "apt-get clean",
     ])

@@ -190,19 +190,18 @@ def test_rocky_without_the_agent_package_fails_at_post_erroronfail(rendered):
         installed("rocky", files)
 
 
-def test_debian_without_the_agent_package_gets_it_from_the_template_or_fails(rendered):
+def test_debian_without_the_agent_package_fails_at_the_template_s_check(rendered):
     """d-i judges late_command by its last command's status (`sh -c`): the failed enable does not stop the
-    install. The shipped provisioner then installs the agent (so the build passes and the SBOM has it); a
-    template that drops that fallback too fails at its `systemctl enable`, and the agent never answers."""
+    install. The template's first provisioner then checks that the preseed installed the agent and cloud-init,
+    and fails the build by name; the agent never answers."""
     preseed = rendered["debian"]["preseed.cfg"].replace(" qemu-guest-agent cloud-init", " cloud-init")
     files = dict(rendered["debian"], **{"preseed.cfg": preseed})
     assert not installed("debian", files).has("qemu-guest-agent")
-    assert smoke(built_template("debian", files, provisioner_steps("debian")))["guest_agent_enabled"][0] == 0
-    steps = without(provisioner_steps("debian"), "dpkg -s qemu-guest-agent")
     state = gs.boot(installed("debian", files), 1, "iid-build")
-    results = provision(state, steps)
-    assert results[-1][0] == 1
-    assert results[-1][1].endswith("Failed to enable unit: Unit file qemu-guest-agent.service does not exist.\n")
+    results = provision(state, provisioner_steps("debian"))
+    assert results[0][0] == 1, results
+    assert "qemu-guest-agent or cloud-init is not installed: the preseed (pkgsel/include) must install both" in (
+        results[0][1]), results
     assert not state.agent_runs()
 
 
@@ -299,3 +298,16 @@ def test_output_sent_to_a_file_is_not_printed_and_a_failure_never_shows_a_hash()
     with pytest.raises(InstallFailed) as failed:
         install("preseed", late, base("debian"))
     assert "secretlookinghash" not in str(failed.value) and "<hash>" in str(failed.value)
+
+
+def test_a_grub_command_line_boots_the_installer_at_its_boot_line_not_at_the_url_line():
+    """Ubuntu's boot command opens GRUB's command line with `c` (which types nothing there), then `linux ...`
+    naming the answer file, `initrd ...`, `boot`: the installer starts (and may fail, powering off) only at
+    `boot`, so packer's remaining keys still reach a running VM."""
+    from packer_assets_lab.pve.answer_files import boots_now
+
+    url_line = "clinux /casper/vmlinuz --- autoinstall ds=nocloud-net;s=http://10.0.2.2:8000/\n"
+    assert not boots_now(url_line)
+    assert not boots_now(url_line + "initrd /casper/initrd\n")
+    assert boots_now(url_line + "initrd /casper/initrd\nboot\n")
+    assert boots_now(" auto url=http://10.0.2.2:8000/preseed.cfg priority=critical\n")  # isolinux: at once

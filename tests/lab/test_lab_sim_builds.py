@@ -69,11 +69,30 @@ def test_an_answer_file_without_qemu_guest_agent_fails_the_build_and_the_console
     assert line in text
     path.write_text(text.replace(line, "cloud-init\n%end" if family == "rocky" else ""))
     with dg.instance_for_test() as instance:
-        # the install fails and the VM powers off: nothing answers SSH, packer gives up at its (short) timeout
-        result = rebuild(lab_project, instance, key=key, ssh_timeout="10s")
+        # the install fails and the VM powers off: packer would wait for SSH for 30 minutes; the build's watch of
+        # the VM ends it at once, quoting the console
+        result = rebuild(lab_project, instance, key=key, ssh_timeout="30m", vm_watch_seconds=0.2)
         assert not result.success
         assert templates_of(lab_project.pve, key) == {}
         (log,) = (lab_project.stack.pve.data_dir / "console").glob("*.log")
         said = log.read_text()
+        error = str([e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0].event_specific_data.error)
     assert "Unit file qemu-guest-agent.service does not exist" in said, said
+    assert re.search(r"VM \d+ on node pve1 stopped before SSH came up; its console .* ends: .*"
+                     r"Unit file qemu-guest-agent.service does not exist", error), error
     assert lab_project.stack.guest_password not in said and "$6$" not in said
+
+
+def test_a_preseed_without_qemu_guest_agent_fails_the_debian_build_at_the_template_s_check(tmp_path, lab_user_project):
+    """d-i does not stop for the late command's failed enable (it judges the last command): the install finishes,
+    and the template's first provisioner fails the build, naming what the preseed must install."""
+    path = user_templates(tmp_path) / "debian" / "preseed.cfg.j2"
+    text = path.read_text()
+    assert "pkgsel/include string openssh-server qemu-guest-agent cloud-init sudo" in text
+    path.write_text(text.replace(" qemu-guest-agent cloud-init", " cloud-init"))
+    with dg.instance_for_test() as instance:
+        result = rebuild(lab_user_project, instance, key="debian-12", ssh_timeout="30m", vm_watch_seconds=0.2)
+        assert not result.success
+        assert templates_of(lab_user_project.pve, "debian-12") == {}
+    log = (lab_user_project.layout.build_log_dir("debian-12", "latest") / "packer.log").read_text()
+    assert "qemu-guest-agent or cloud-init is not installed: the preseed (pkgsel/include) must install both" in log

@@ -84,9 +84,10 @@ def answer_url(typed: str) -> tuple[str, str] | None:
 
 def boots_now(typed: str) -> bool:
     """Has the installer been started? A GRUB command line (`linux ...`) boots at its `boot` line; any
-    other boot command at the line that named the answer file."""
+    other boot command at the line that named the answer file. The `c` that opens GRUB's command line types
+    nothing there, so a first line `clinux ...` is GRUB's `linux ...`."""
     lines = [re.sub(r"<[A-Za-z0-9_-]+>", "", line).strip() for line in typed.split("\n")[:-1]]
-    if any(line.startswith("linux ") for line in lines):
+    if any(re.match(r"c?linux ", line) for line in lines):
         return bool(lines) and lines[-1] == "boot"
     return answer_url(typed) is not None
 
