@@ -27,9 +27,15 @@ REAL_GUEST_SSH_TIMEOUT = "30m"
 # What the lab's guests are, said in every proof through PACKER_ASSETS_GUEST_NOTES (the product's generic note
 # per key): real VMs for the keys run for real, answering fakes for the rest.
 GUEST_NOTES = {
-    "real": "lab: real guest (a QEMU VM running Debian 12, installer emulated, not a real install)",
+    "real": "lab: real guest (a QEMU VM running Debian 12, installer emulated, not a real install; "
+    "base image recipe sha256 {recipe_sha256})",
     "simulated": "lab: simulated guest (the lab answers for the installed system, nothing ran in a VM)",
 }
+
+
+def real_guest_note(recipe_sha256: str) -> str:
+    """The real guests' note: the image recipe names the system they started from, beside the ISO."""
+    return GUEST_NOTES["real"].format(recipe_sha256=recipe_sha256)
 
 
 def _url_path(url: str) -> str:
@@ -108,6 +114,7 @@ class LabStack:
     guest_password: str
     signing: LabSigningKey
     real_guests: dict[str, int] = field(default_factory=dict)  # key -> the host port of its guests' SSH
+    real_image_recipe: str = ""  # the real guests' base image recipe sha256
 
     @property
     def pve(self) -> LabPve:
@@ -136,15 +143,20 @@ class LabStack:
         # A lab killed with kill -9 leaves its real guests' QEMUs (own sessions): this state's go now.
         kill_stale_qemus(state / "pve-data" / "realguest")
         ports: dict[str, int] = {}
+        recipe = ""
         if real_guests:
             from .realguest.image import ensure_base_image  # debootstrap and QEMU only for real guests
+            from .realguest.qemu import detect_accel
 
             check_real_guest_keys(catalog, tuple(real_guests))
             ports = {key: _free_port() for key in real_guests}
+            image = ensure_base_image(progress=progress)
+            recipe = image.recipe_sha256
             pve.enable_real_guests(
                 RealGuests(
                     keys=frozenset(real_guests),
-                    image=ensure_base_image(progress=progress),
+                    image=image,
+                    accel=detect_accel(image.kernel, log=progress),  # probed (or remembered) now, logged once
                     root=state / "pve-data" / "realguest",
                     ssh_ports=ports,
                 )
@@ -174,6 +186,7 @@ class LabStack:
             guest_password,
             make_signing_key(state / "signing"),
             ports,
+            recipe,
         )
 
     def env(self) -> dict[str, str]:
@@ -198,7 +211,10 @@ class LabStack:
             "PACKER_ASSETS_SIGNING_KEY": str(self.signing.key_file),
             "PACKER_ASSETS_SIGNING_KEY_ID": self.signing.key_id,
             "PACKER_ASSETS_GUEST_NOTES": ";".join(
-                [*(f"{k}={GUEST_NOTES['real']}" for k in sorted(self.real_guests)), f"*={GUEST_NOTES['simulated']}"]
+                [
+                    *(f"{k}={real_guest_note(self.real_image_recipe)}" for k in sorted(self.real_guests)),
+                    f"*={GUEST_NOTES['simulated']}",
+                ]
             ),
         }
         if self.real_guests:
