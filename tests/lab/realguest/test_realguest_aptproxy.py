@@ -60,7 +60,7 @@ def get(netloc: str, path: str, method: str = "GET") -> bytes:
     return f"{method} http://{netloc}{path} HTTP/1.1\r\nHost: {netloc}\r\nConnection: close\r\n\r\n".encode()
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(150)
 def test_debs_are_fetched_once_and_indexes_always(mirror, tmp_path):
     netloc, served = mirror
     deb = "/debian/pool/main/s/sudo/sudo_1.9_amd64.deb"
@@ -75,7 +75,7 @@ def test_debs_are_fetched_once_and_indexes_always(mirror, tmp_path):
     assert (tmp_path / "apt" / netloc.replace(":", "_") / deb.lstrip("/")).read_bytes() == DEB
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(150)
 def test_only_the_mirror_hosts_are_reachable(mirror, tmp_path):
     netloc, served = mirror
     with AptProxy(["deb.example"], cache=tmp_path / "apt") as proxy:
