@@ -29,8 +29,8 @@ from packer_assets.pve.bootstrap import build_access
 from packer_assets.pve.smoke import SmokeOptions, SmokeTestError, smoke_test
 from packer_assets_lab.realguest.qemu import qemu_processes_under
 
-# a test's own waits add up to 3667 s at most (the linked clone's: three tasks, a boot, the module's build)
-pytestmark = [pytest.mark.realguest, pytest.mark.lab, pytest.mark.packer, pytest.mark.timeout(3720)]
+# a test's own waits add up to 2467 s at most (the linked clone's: three tasks, a boot, the module's build)
+pytestmark = [pytest.mark.realguest, pytest.mark.lab, pytest.mark.packer, pytest.mark.timeout(2520)]
 
 KEY = "debian-12"
 REAL = {"smoke_timeout_seconds": 900}  # a clone's boot under TCG: minutes
@@ -66,7 +66,7 @@ def _failure(project) -> str:
     return logs[-1].read_text(errors="replace")[-4000:] if logs else "(no build log)"
 
 
-def wait_task(api, upid, timeout=600):
+def wait_task(api, upid, timeout=300):
     deadline = time.monotonic() + timeout
     while (status := api.nodes("pve1").tasks(upid).status.get())["status"] == "running":
         assert time.monotonic() < deadline, f"task {upid} still running"
@@ -200,7 +200,7 @@ def test_a_linked_clone_runs_powers_itself_off_and_is_destroyed_with_its_disk(bu
     clone = api.nodes(node).qemu(clone_id)
     clone.config.put(ciuser="smoke", ipconfig0="ip=dhcp", ciupgrade=0)
     wait_task(api, clone.status.start.post())
-    deadline = time.monotonic() + 900
+    deadline = time.monotonic() + 600
     while True:  # the agent answers once the guest has booted
         try:
             clone.agent.ping.post()
