@@ -27,7 +27,7 @@ REAL_GUEST_SSH_TIMEOUT = "30m"
 # What the lab's guests are, said in every proof through PACKER_ASSETS_GUEST_NOTES (the product's generic note
 # per key): real VMs for the keys run for real, answering fakes for the rest.
 GUEST_NOTES = {
-    "real": "lab: real guest (a QEMU VM running Debian 12, installer emulated, not a real install; "
+    "real": "lab: real guest (a QEMU VM running Debian 12, installer emulated, not a real install, "
     "base image recipe sha256 {recipe_sha256})",
     "simulated": "lab: simulated guest (the lab answers for the installed system, nothing ran in a VM)",
 }

@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 from support.realguest import INSTALL_BOUND, rendered_preseed, without_package
 
+from packer_assets.config.settings import parse_guest_notes
 from packer_assets_lab.console import console_path
 from packer_assets_lab.pve import RealGuests
 from packer_assets_lab.realguest.image import BaseImage
 from packer_assets_lab.realguest.qemu import qemu_processes_under
+from packer_assets_lab.stack import GUEST_NOTES, real_guest_note
 
 pytestmark = pytest.mark.lab
 
@@ -200,3 +202,12 @@ def test_a_preseed_without_qemu_guest_agent_fails_the_install_at_its_late_comman
     console = console_path(pve.data_dir, 142).read_text()
     assert "lab: VM 142 stopped: installer emulation failed" in console and "qemu-guest-agent.service" in console
     assert qemu_processes_under(tmp_path) == []
+
+
+def test_the_real_guest_note_names_the_image_recipe_and_is_a_valid_setting():
+    """The proof and the registry name the system's image recipe beside the ISO: the note carries its sha256 and
+    parses as PACKER_ASSETS_GUEST_NOTES (whose items are `;`-separated)."""
+    recipe = "0123456789abcdef" * 4
+    notes = parse_guest_notes(f"debian-12={real_guest_note(recipe)};*={GUEST_NOTES['simulated']}")
+    assert notes["debian-12"].startswith("lab: real guest") and f"base image recipe sha256 {recipe}" in notes["debian-12"]
+    assert notes["*"] == GUEST_NOTES["simulated"]
