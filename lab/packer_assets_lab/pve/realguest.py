@@ -6,9 +6,11 @@ lab's data with its qcow2 disk and one `boot-<n>` folder per start (serial conso
 
 - start: a VM that was created from an installer ISO and has no system yet waits for its boot command
   (the installer is "running"). When packer types a line with `url=...` (sendkey), the lab fetches the
-  preseed from packer's HTTP server at that URL, makes the disk a copy (qcow2 overlay) of the cached
-  base image, runs the installer emulation on it (realguest/installer.py: what the preseed asks of the
-  installed system, its late_command in a chroot) and boots the installed system. A VM with a disk
+  preseed from packer's HTTP server at that URL, runs the installer emulation (realguest/installer.py:
+  the preseed's packages from the mirror as a cached layer on the base image, the disk an overlay on it,
+  what the preseed asks of the installed system, its late_command in a chroot) and boots the installed
+  system. A failed install stops the VM; its reason goes to failure.txt and the VM's console log
+  (console.py), where the end of a real guest's serial console also goes whenever its QEMU exits. A VM with a disk
   boots it; a cloud-init drive in its config is written as PVE writes it (realguest/cidata.py) and
   attached. SSH reaches the guest on 127.0.0.1:<the key's port> (QEMU's hostfwd; PACKER_ASSETS_SSH_PORTS
   in lab.env tells the project).

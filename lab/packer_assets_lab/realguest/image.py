@@ -1,9 +1,10 @@
 """A Debian 12 base image for real lab guests, built with debootstrap and cached per recipe.
 
 No Debian installer can run on a CI machine (its .udebs and ISOs are out of reach), but the Debian
-archive is: debootstrap builds the system the Debian template would have installed, with the
-packages the template's preseed asks for (openssh-server, qemu-guest-agent, cloud-init, sudo) plus
-what booting needs. The disk holds one ext4 filesystem (no partition table, no bootloader): QEMU boots
+archive is: debootstrap builds Debian's base system (minbase) plus what the emulation needs to boot and
+reach it (SYSTEM_PACKAGES, each with its reason), and nothing of the template: the installer emulation
+installs what the preseed asks for from the mirror (installer.py), and nothing here enables the guest
+agent or sshd. The disk holds one ext4 filesystem (no partition table, no bootloader): QEMU boots
 the kernel and initrd copied beside the disk (`-kernel/-initrd`, root by UUID, console on ttyS0).
 The image also ships `/usr/local/sbin/packer-assets-installer`, the init of the installer emulation's
 one-shot boot (installer.py): booted with `init=` it runs the payload QEMU passes as fw_cfg
@@ -12,7 +13,8 @@ in /lib/modules), prints one result line on the console and powers off.
 
 Building takes minutes, so it happens once per machine: the result lives under
 `~/.cache/packer-assets/images/<recipe-sha256>/` where the recipe is everything that shapes the
-image (suite, mirror and apt lines, package list, configure script, disk size). A changed recipe is
+image (suite, mirror and apt lines, package list, configure and packages scripts, disk size, builder
+version). A changed recipe is
 a new folder; an unchanged one is reused at once. Safety:
 
 - built in `.build-<key>-<pid>/` beside it and renamed into place, so a kill -9 leaves no half image

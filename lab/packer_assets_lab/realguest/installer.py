@@ -3,11 +3,12 @@ copy of the base image before that copy's first boot.
 
 No Debian installer runs here, so the lab does to a clone's disk what d-i would have done to /target
 from the same answers: hostname and domain, time zone, locale, the first user (with its crypted
-password, d-i's default groups and sudo when root cannot log in), root locked, `pkgsel/include` checked
-against the image (nothing is installed: the emulation is offline), and `preseed/late_command` run
-verbatim by `sh -c` with d-i's conventions: `/target` is the target's root and `in-target` chroots
-into it. Everything else (partitioning, the bootloader, the mirror, tasksel, upgrades, NTP, ...) is
-not emulated and is reported as such, with the reason.
+password, d-i's default groups and sudo when root cannot log in), root locked, tasksel's ssh-server task
+and `pkgsel/include` installed from the mirror with apt in the guest (through the lab's proxy, aptproxy.py;
+the result cached as a disk layer per selection, layers.py), and `preseed/late_command` run verbatim by
+`sh -c` with d-i's conventions: `/target` is the target's root and `in-target` chroots into it; its
+failure fails the install, as d-i stops. Everything else (partitioning, the bootloader, the standard
+task, upgrades, NTP, ...) is not emulated and is reported as such, with the reason.
 
 The work happens inside the guest, with its own kernel: a one-shot "installer boot" of the disk with
 `init=` the image's `/usr/local/sbin/packer-assets-installer` (see image.py), which reads the payload
