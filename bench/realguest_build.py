@@ -113,7 +113,7 @@ def main() -> int:
         "clone + smoke": s["clone gone"] - s["clone created"],
     }
     phases["orchestration"] = total + image_seconds - sum(phases.values())
-    print(f"real-guest build of {args.key} ({detect_accel()}; base image {image.folder.name[:12]}, "
+    print(f"real-guest build of {args.key} ({detect_accel(image.kernel)}; base image {image.folder.name[:12]}, "
           f"{'built' if image_seconds > 5 else 'cached'}): {total + image_seconds:.0f} s in all")
     for name, seconds in phases.items():
         print(f"  {name:<14} {seconds:7.1f} s  {100 * seconds / (total + image_seconds):5.1f} %")

@@ -205,13 +205,16 @@ def up(
     catalog = load_catalog(catalog_path, project_dir=project_dir)  # a broken catalog fails here, before any process
     if real_guests:
         from .realguest.image import ensure_base_image, real_guest_unavailable
+        from .realguest.qemu import detect_accel
         from .stack import check_real_guest_keys
 
         check_real_guest_keys(catalog, tuple(real_guests))
         why = real_guest_unavailable()
         if why:
             raise LabError(f"--real-guest: this machine cannot run real guests: {why}")
-        ensure_base_image(progress=lambda line: print(line, flush=True))  # minutes the first time: in the open
+        image = ensure_base_image(progress=lambda line: print(line, flush=True))  # minutes the first time
+        # The accelerator is chosen here, in the open (its probe is bounded); the service then finds it remembered.
+        detect_accel(image.kernel, log=lambda line: print(line, flush=True))
     paths.state.mkdir(parents=True, exist_ok=True)
     paths.state_json.unlink(missing_ok=True)
     argv = [

@@ -28,9 +28,15 @@ REAL_GUEST_SSH_TIMEOUT = "30m"
 # What the lab's guests are, said in every proof through PACKER_ASSETS_GUEST_NOTES (the product's generic note
 # per key): real VMs for the keys run for real, answering fakes for the rest.
 GUEST_NOTES = {
-    "real": "lab: real guest (a QEMU VM running Debian 12, installer emulated, not a real install)",
+    "real": "lab: real guest (a QEMU VM running Debian 12, installer emulated, not a real install, "
+    "base image recipe sha256 {recipe_sha256})",
     "simulated": "lab: simulated guest (the lab answers for the installed system, nothing ran in a VM)",
 }
+
+
+def real_guest_note(recipe_sha256: str) -> str:
+    """The real guests' note: the image recipe names the system they started from, beside the ISO."""
+    return GUEST_NOTES["real"].format(recipe_sha256=recipe_sha256)
 
 
 def _url_path(url: str) -> str:
@@ -104,6 +110,7 @@ class LabStack:
     real_guests: dict[str, int] = field(default_factory=dict)  # key -> the host port of its guests' SSH
     # key -> the lab guest's port for that key's simulated builds: a session's port names the VM it changes
     sim_ports: dict[str, int] = field(default_factory=dict)
+    real_image_recipe: str = ""  # the real guests' base image recipe sha256
 
     @property
     def pve(self) -> LabPve:
@@ -130,15 +137,20 @@ class LabStack:
         # A lab killed with kill -9 leaves its real guests' QEMUs (own sessions): this state's go now.
         kill_stale_qemus(state / "pve-data" / "realguest")
         ports: dict[str, int] = {}
+        recipe = ""
         if real_guests:
             from .realguest.image import ensure_base_image  # debootstrap and QEMU only for real guests
+            from .realguest.qemu import detect_accel
 
             check_real_guest_keys(catalog, tuple(real_guests))
             ports = {key: _free_port() for key in real_guests}
+            image = ensure_base_image(progress=progress)
+            recipe = image.recipe_sha256
             pve.enable_real_guests(
                 RealGuests(
                     keys=frozenset(real_guests),
-                    image=ensure_base_image(progress=progress),
+                    image=image,
+                    accel=detect_accel(image.kernel, log=progress),  # probed (or remembered) now, logged once
                     root=state / "pve-data" / "realguest",
                     ssh_ports=ports,
                 )
@@ -170,6 +182,7 @@ class LabStack:
             make_signing_key(state / "signing"),
             ports,
             sim_ports,
+            recipe,
         )
 
     def env(self) -> dict[str, str]:
@@ -197,7 +210,10 @@ class LabStack:
             # Every lab VM's console is a file (console.py): a build whose VM stops before SSH quotes its last lines.
             "PACKER_ASSETS_CONSOLE_LOG": console_template(self.pve.data_dir),
             "PACKER_ASSETS_GUEST_NOTES": ";".join(
-                [*(f"{k}={GUEST_NOTES['real']}" for k in sorted(self.real_guests)), f"*={GUEST_NOTES['simulated']}"]
+                [
+                    *(f"{k}={real_guest_note(self.real_image_recipe)}" for k in sorted(self.real_guests)),
+                    f"*={GUEST_NOTES['simulated']}",
+                ]
             ),
         }
         # Every key has its own port: a real guest's is QEMU's forward; a simulated key's is the lab guest's

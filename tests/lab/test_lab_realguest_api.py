@@ -3,6 +3,7 @@ real, the installer waiting for its boot command, and a boot command whose prese
 cannot be emulated (the VM stops, the reason is kept, no disk is left, nothing secret is said). The real boots are in
 tests/lab/realguest/test_realguest_builds.py."""
 
+import asyncio
 import http.server
 import socket
 import subprocess
@@ -11,10 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
+from support.realguest import INSTALL_BOUND, rendered_preseed, without_package
 
+from packer_assets.config.settings import parse_guest_notes
+from packer_assets_lab.console import console_path
 from packer_assets_lab.pve import RealGuests
 from packer_assets_lab.realguest.image import BaseImage
 from packer_assets_lab.realguest.qemu import qemu_processes_under
+from packer_assets_lab.stack import GUEST_NOTES, real_guest_note
 
 pytestmark = pytest.mark.lab
 
@@ -61,7 +66,7 @@ def wait_for(check, what: str, timeout: float = 300):  # bounds a failure only
 def serve_once(text: str) -> str:
     """A URL that serves `text` (what packer's HTTP server would)."""
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             body = text.encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
@@ -119,6 +124,9 @@ def test_a_preseed_that_cannot_be_fetched_or_emulated_stops_the_vm_and_says_why(
     assert vm.status.current.get()["status"] == "stopped" and info["disk"] is None
     assert not Path(info["folder"], "disk.qcow2").exists()
     assert (Path(info["folder"]) / "failure.txt").read_text().startswith(reason)
+    # and in the VM's console log, where the project reads why a VM stopped before SSH
+    console = console_path(real_pve.data_dir, 140).read_text()
+    assert f"lab: VM 140 stopped: {reason}" in console and "s3cr3t-pw" not in console
     said = capsys.readouterr().out
     assert reason in said and "s3cr3t-pw" not in said + info["failure"]
 
@@ -143,3 +151,63 @@ def test_stopping_the_lab_kills_every_qemu_under_its_real_guests_folder(real_pve
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_a_real_guest_that_stops_leaves_its_serial_consoles_end_in_the_vms_console_log(real_pve, tmp_path):
+    """The thread that sees a real guest's QEMU exit appends the end of its serial console (a stand-in QEMU
+    that has exited: no boot needed)."""
+    serial = tmp_path / "serial.log"
+    serial.write_text("".join(f"boot line {n}\r\n" for n in range(200)) + "reboot: Power down\r\n")
+
+    class Exited:
+        serial_log = serial
+
+        def wait_exit(self, timeout):
+            return True
+
+    machine = type("M", (), {"qemu": None})()
+    vm = type("V", (), {"vmid": 141})()
+    loop = asyncio.new_event_loop()
+    real_pve._watch(vm, machine, Exited(), loop)
+    loop.close()
+    console = console_path(real_pve.data_dir, 141).read_text()
+    assert f"lab: real guest VM 141 stopped: last lines of {serial}" in console
+    assert "boot line 199\nreboot: Power down" in console and "boot line 100\n" not in console
+
+
+@pytest.mark.realguest
+@pytest.mark.timeout(1290)  # two installer boots (2 x INSTALL_BOUND) and the API's calls
+def test_a_preseed_without_qemu_guest_agent_fails_the_install_at_its_late_command(base_image, lab_pve_serving,
+                                                                                  pve_root, tmp_path):
+    """Issue 26: the image has no qemu-guest-agent and nothing enables it but the template, so a preseed that
+    drops it from pkgsel/include fails at its late_command (`in-target systemctl enable qemu-guest-agent ssh`):
+    the VM stops, the reason names the command and the missing unit, in failure.txt and the console log."""
+    pve = lab_pve_serving.pve
+    pve.enable_real_guests(RealGuests(keys=frozenset({"debian-12"}), image=base_image, root=tmp_path / "realguest",
+                                      ssh_ports={"debian-12": 0}, install_timeout=INSTALL_BOUND))
+
+    async def stage():
+        pve.store_file("local", ISO, 4096)
+    lab_pve_serving.call(stage())
+    url = serve_once(without_package(rendered_preseed()[0], "qemu-guest-agent"))
+    vm = create_and_start(pve_root, 142, "debian-12-20261207120000")
+    for key in ["esc", *typed(f"auto url={url} priority=critical\n")]:
+        vm.sendkey.put(key=key)
+    wait_for(lambda: pve.real_guest_info(142)["phase"] == "failed", "the install never failed",
+             timeout=1200)  # 2 x INSTALL_BOUND: the package layer's boot (when new), the install's
+    info = pve.real_guest_info(142)
+    assert "preseed/late_command failed (exit 1)" in info["failure"], info["failure"]
+    assert "qemu-guest-agent.service" in info["failure"]  # systemctl's own words, from the installer's console
+    assert vm.status.current.get()["status"] == "stopped" and info["disk"] is None
+    console = console_path(pve.data_dir, 142).read_text()
+    assert "lab: VM 142 stopped: installer emulation failed" in console and "qemu-guest-agent.service" in console
+    assert qemu_processes_under(tmp_path) == []
+
+
+def test_the_real_guest_note_names_the_image_recipe_and_is_a_valid_setting():
+    """The proof and the registry name the system's image recipe beside the ISO: the note carries its sha256 and
+    parses as PACKER_ASSETS_GUEST_NOTES (whose items are `;`-separated)."""
+    recipe = "0123456789abcdef" * 4
+    notes = parse_guest_notes(f"debian-12={real_guest_note(recipe)};*={GUEST_NOTES['simulated']}")
+    assert notes["debian-12"].startswith("lab: real guest") and f"base image recipe sha256 {recipe}" in notes["debian-12"]
+    assert notes["*"] == GUEST_NOTES["simulated"]

@@ -6,9 +6,11 @@ lab's data with its qcow2 disk and one `boot-<n>` folder per start (serial conso
 
 - start: a VM that was created from an installer ISO and has no system yet waits for its boot command
   (the installer is "running"). When packer types a line with `url=...` (sendkey), the lab fetches the
-  preseed from packer's HTTP server at that URL, makes the disk a copy (qcow2 overlay) of the cached
-  base image, runs the installer emulation on it (realguest/installer.py: what the preseed asks of the
-  installed system, its late_command in a chroot) and boots the installed system. A VM with a disk
+  preseed from packer's HTTP server at that URL, runs the installer emulation (realguest/installer.py:
+  the preseed's packages from the mirror as a cached layer on the base image, the disk an overlay on it,
+  what the preseed asks of the installed system, its late_command in a chroot) and boots the installed
+  system. A failed install stops the VM; its reason goes to failure.txt and the VM's console log
+  (console.py), where the end of a real guest's serial console also goes whenever its QEMU exits. A VM with a disk
   boots it; a cloud-init drive in its config is written as PVE writes it (realguest/cidata.py) and
   attached. SSH reaches the guest on 127.0.0.1:<the key's port> (QEMU's hostfwd; PACKER_ASSETS_SSH_PORTS
   in lab.env tells the project).
@@ -43,12 +45,15 @@ from fakepve.model import FakeVm, PveError, TaskError
 from fakepve.routing import die
 from fakepve.schema import Match
 
+from packer_assets_lab.console import append_console
 from packer_assets_lab.pve.packer_compat import keys_to_text
 from packer_assets_lab.realguest import cidata
 from packer_assets_lab.realguest.agent import AgentError, AgentTimeout, GuestAgent
 from packer_assets_lab.realguest.image import BaseImage
 from packer_assets_lab.realguest.installer import (
+    InstallBoot,
     InstallerError,
+    console_tail,
     emulate_install,
     parse_preseed,
     plan_install,
@@ -65,6 +70,7 @@ from packer_assets_lab.realguest.qemu import (
 
 __all__ = ["LabRealGuest", "Machine", "RealGuests", "kill_stale_qemus"]
 
+CONSOLE_TAIL_LINES = 80
 MAC = re.compile(r"([0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5})")
 AGENT_WAIT = 5.0  # seconds a call waits for the guest's agent before PVE's "not running" answer
 PRESEED_TIMEOUT = 30.0
@@ -280,10 +286,19 @@ class LabRealGuest:
             target=self._watch, args=(vm, machine, qemu, loop), name=f"lab-vm-{vm.vmid}", daemon=True
         ).start()
 
-    @staticmethod
-    def _watch(vm: FakeVm, machine: Machine, qemu: QemuVm, loop: asyncio.AbstractEventLoop) -> None:
+    def _console(self, vmid: int, serial: Path, why: str) -> None:
+        """The end of a real guest's serial console into the VM's console log (console.py), where the
+        project reads what a VM printed before it stopped."""
+        text = console_tail(serial, CONSOLE_TAIL_LINES)
+        append_console(self.data_dir, vmid, f"--- lab: real guest {why}: last lines of {serial} ---\n{text}")
+
+    def _watch(self, vm: FakeVm, machine: Machine, qemu: QemuVm, loop: asyncio.AbstractEventLoop) -> None:
         """A guest that powers off (or a QEMU that dies) is a stopped VM, as on PVE."""
         qemu.wait_exit(timeout=None)
+        try:
+            self._console(vm.vmid, qemu.serial_log, f"VM {vm.vmid} stopped")
+        except OSError:
+            pass  # the VM's folder or the data dir went away (destroyed, lab down)
 
         def stopped() -> None:
             if machine.qemu is qemu:
@@ -360,7 +375,7 @@ class LabRealGuest:
         try:
             preseed = await asyncio.to_thread(_fetch, url)
             plan_install(parse_preseed(preseed))  # a preseed the emulation refuses fails before any disk work
-            machine.disk = await asyncio.to_thread(linked_clone_disk, self.lab_real.image.disk, machine.disk_path)
+            machine.disk = machine.disk_path  # made by emulate_install (an overlay on the image's package layer)
             run_dir = machine.next_boot_dir()
             report = await asyncio.to_thread(
                 emulate_install,
@@ -368,14 +383,13 @@ class LabRealGuest:
                 machine.disk,
                 preseed,
                 run_dir,
-                timeout=self.lab_real.install_timeout,
-                accel=self.lab_real.accel,
-                memory_mb=_memory_mb(vm.config),
+                InstallBoot(self.lab_real.install_timeout, self.lab_real.accel, _memory_mb(vm.config)),
             )
             machine.install = {
                 "preseed_url": url,
                 "applied": list(report.applied),
                 "ignored": list(report.ignored),
+                "packages": report.packages,
                 "seconds": round(report.seconds, 1),
             }
             # what the emulation did, beside the disk (the installer boot's console is in run_dir/serial.log)
@@ -392,6 +406,7 @@ class LabRealGuest:
             machine.failure, machine.phase = f"installer emulation failed: {reason}", "failed"
             try:
                 (machine.folder / "failure.txt").write_text(machine.failure + "\n")
+                append_console(self.data_dir, vm.vmid, f"lab: VM {vm.vmid} stopped: {machine.failure}")
             except OSError:
                 pass  # the VM was destroyed meanwhile: its folder is gone
             print(f"lab: VM {vm.vmid} ({vm.name}): {machine.failure}", flush=True)

@@ -1,9 +1,10 @@
 """A Debian 12 base image for real lab guests, built with debootstrap and cached per recipe.
 
 No Debian installer can run on a CI machine (its .udebs and ISOs are out of reach), but the Debian
-archive is: debootstrap builds the system the Debian template would have installed, with the
-packages the template's preseed asks for (openssh-server, qemu-guest-agent, cloud-init, sudo) plus
-what booting needs. The disk holds one ext4 filesystem (no partition table, no bootloader): QEMU boots
+archive is: debootstrap builds Debian's base system (minbase) plus what the emulation needs to boot and
+reach it (SYSTEM_PACKAGES, each with its reason), and nothing of the template: the installer emulation
+installs what the preseed asks for from the mirror (installer.py), and nothing here enables the guest
+agent or sshd. The disk holds one ext4 filesystem (no partition table, no bootloader): QEMU boots
 the kernel and initrd copied beside the disk (`-kernel/-initrd`, root by UUID, console on ttyS0).
 The image also ships `/usr/local/sbin/packer-assets-installer`, the init of the installer emulation's
 one-shot boot (installer.py): booted with `init=` it runs the payload QEMU passes as fw_cfg
@@ -12,7 +13,8 @@ in /lib/modules), prints one result line on the console and powers off.
 
 Building takes minutes, so it happens once per machine: the result lives under
 `~/.cache/packer-assets/images/<recipe-sha256>/` where the recipe is everything that shapes the
-image (suite, mirror and apt lines, package list, configure script, disk size). A changed recipe is
+image (suite, mirror and apt lines, package list, configure and packages scripts, disk size, builder
+version). A changed recipe is
 a new folder; an unchanged one is reused at once. Safety:
 
 - built in `.build-<key>-<pid>/` beside it and renamed into place, so a kill -9 leaves no half image
@@ -49,26 +51,22 @@ from packer_assets.errors import OperationError
 from .sources import debian_mirrors
 
 SUITE = "bookworm"
-# What the Debian template's preseed installs (pkgsel/include and the ssh-server task) ...
-TEMPLATE_PACKAGES = ("openssh-server", "qemu-guest-agent", "cloud-init", "sudo")
-# ... and what a bootable, reachable, cloud-init-ready system needs on top of debootstrap's minbase.
-# No ifupdown: cloud-init then renders its network config for systemd-networkd, which also runs the
-# image's own DHCP fallback (one network stack, not two DHCP clients on one NIC).
+# What debootstrap's minbase lacks for the emulation to boot the system and reach it: nothing the
+# template's preseed asks for (openssh-server, qemu-guest-agent, cloud-init, sudo: the installer
+# emulation installs those from the mirror, as d-i does). Each one, and why:
 SYSTEM_PACKAGES = (
-    "linux-image-amd64",
-    "initramfs-tools",
-    "systemd-sysv",
-    "udev",
-    "dbus",
-    "iproute2",
-    "netbase",
-    "ca-certificates",
-    "locales",
-    "python3-cffi-backend",  # cloud-init's cryptography needs the latter
-    "procps",
-    "less",
+    "linux-image-amd64",  # the kernel QEMU boots directly (-kernel), with qemu_fw_cfg and virtio_net as modules
+    "initramfs-tools",  # the initrd that finds root=UUID on the virtio disk
+    "systemd-sysv",  # systemd as /sbin/init (minbase has systemd's libraries, not the init)
+    "udev",  # device nodes and module loading at boot (the virtio NIC, the agent's virtio-serial port)
+    "dbus",  # the system bus systemd-networkd, hostnamectl and logind talk over
+    "iproute2",  # `ip`: the installer boot brings up its NIC by hand (no systemd runs then)
+    "netbase",  # /etc/protocols and /etc/services, which networking and apt's resolver read
+    "locales",  # locale-gen: the emulation applies debian-installer/locale, as d-i's localechooser does
+    "procps",  # Priority important (d-i's base system has it, minbase does not): ps, sysctl, free
+    "less",  # Priority important: a pager for the serial console
 )
-PACKAGES = TEMPLATE_PACKAGES + SYSTEM_PACKAGES
+PACKAGES = SYSTEM_PACKAGES
 DISK_SIZE = 4 * 1024**3  # the ext4 filesystem's size; a clone's overlay can be grown (resizefs grows it)
 DISK_NAME, KERNEL_NAME, INITRD_NAME, MANIFEST_NAME, LOG_NAME = (
     "disk.qcow2",
@@ -78,7 +76,7 @@ DISK_NAME, KERNEL_NAME, INITRD_NAME, MANIFEST_NAME, LOG_NAME = (
     "build.log",
 )
 # Bumped when the build steps change in a way the recipe's text does not show.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 # The lab's installer emulation (installer.py) boots a clone once with `init=` this script: PID 1, no
 # systemd (the target is not running, as d-i's /target is not). It mounts what the initramfs did not
@@ -131,33 +129,13 @@ locale-gen >/dev/null
 update-locale LANG=en_US.UTF-8
 ln -sf /usr/share/zoneinfo/Etc/UTC /etc/localtime
 echo Etc/UTC > /etc/timezone
-# DHCP on whatever NIC there is, until cloud-init writes a config of its own (10-cloud-init-*.network
-# sorts first, so it wins for the NICs it names).
+# DHCP on whatever NIC there is, until cloud-init (when the template installs it) writes a config of its
+# own (10-cloud-init-*.network sorts first, so it wins for the NICs it names). Nothing else is enabled:
+# sshd, the guest agent and cloud-init are the template's to install and enable.
 mkdir -p /etc/systemd/network
 printf '[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n' > /etc/systemd/network/90-dhcp.network
-systemctl enable systemd-networkd serial-getty@ttyS0.service ssh
-# As the preseed's late_command: the agent starts at boot (udev starts it when its port appears; the
-# unit is static in bookworm, so enable may have nothing to do)
-systemctl enable qemu-guest-agent 2>/dev/null || true
-# No identity in a shared image: every system booted from it makes its own machine-id (systemd, first
-# boot) and SSH host keys (cloud-init on a clone; the unit below where cloud-init does not run, as
-# Debian's installer would have made them during the install).
-rm -f /etc/ssh/ssh_host_*
-cat > /etc/systemd/system/ssh-hostkeys.service <<'UNIT'
-[Unit]
-Description=Make missing SSH host keys (this image ships none)
-After=cloud-init.service
-Before=ssh.service
-ConditionPathExistsGlob=!/etc/ssh/ssh_host_*_key
-
-[Service]
-Type=oneshot
-ExecStart=/usr/bin/ssh-keygen -A
-
-[Install]
-WantedBy=multi-user.target
-UNIT
-systemctl enable ssh-hostkeys.service
+systemctl enable systemd-networkd serial-getty@ttyS0.service
+# No identity in a shared image: every system booted from it makes its own machine-id (systemd, first boot).
 truncate -s 0 /etc/machine-id
 rm -f /var/lib/dbus/machine-id
 passwd -l root >/dev/null
@@ -207,6 +185,15 @@ class BaseImage:
     initrd: Path
     cmdline: str
     manifest: dict
+
+    @property
+    def recipe_sha256(self) -> str:
+        return str(self.manifest["recipe_sha256"])
+
+    @property
+    def apt_lines(self) -> list[str]:
+        """The image's apt lines (its recipe's): the mirror hosts the installer emulation may reach."""
+        return list(json.loads((self.folder / "recipe.json").read_text())["apt_lines"])
 
     @classmethod
     def load(cls, folder: Path) -> BaseImage:

@@ -3,11 +3,12 @@ copy of the base image before that copy's first boot.
 
 No Debian installer runs here, so the lab does to a clone's disk what d-i would have done to /target
 from the same answers: hostname and domain, time zone, locale, the first user (with its crypted
-password, d-i's default groups and sudo when root cannot log in), root locked, `pkgsel/include` checked
-against the image (nothing is installed: the emulation is offline), and `preseed/late_command` run
-verbatim by `sh -c` with d-i's conventions: `/target` is the target's root and `in-target` chroots
-into it. Everything else (partitioning, the bootloader, the mirror, tasksel, upgrades, NTP, ...) is
-not emulated and is reported as such, with the reason.
+password, d-i's default groups and sudo when root cannot log in), root locked, tasksel's ssh-server task
+and `pkgsel/include` installed from the mirror with apt in the guest (through the lab's proxy, aptproxy.py;
+the result cached as a disk layer per selection, layers.py), and `preseed/late_command` run verbatim by
+`sh -c` with d-i's conventions: `/target` is the target's root and `in-target` chroots into it; its
+failure fails the install, as d-i stops. Everything else (partitioning, the bootloader, the standard
+task, upgrades, NTP, ...) is not emulated and is reported as such, with the reason.
 
 The work happens inside the guest, with its own kernel: a one-shot "installer boot" of the disk with
 `init=` the image's `/usr/local/sbin/packer-assets-installer` (see image.py), which reads the payload
@@ -24,19 +25,22 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from packer_assets.errors import OperationError
 
+from .aptproxy import GUEST_ADDRESS, GUEST_PORT, AptProxy, mirror_hosts
 from .image import (
     INSTALLER_FW_CFG_NAME,
     INSTALLER_INIT_PATH,
     INSTALLER_RESULT_PREFIX,
     BaseImage,
 )
-from .qemu import QemuError, QemuVm, VmSpec
+from .layers import Selection, ensure_layer
+from .qemu import QemuError, QemuVm, VmSpec, linked_clone_disk
 
 PAYLOAD_NAME = "installer-payload.sh"
 # The first user's groups, as d-i's user-setup gives them (passwd/user-default-groups overrides), those
@@ -50,10 +54,9 @@ LOCALE = re.compile(r"([A-Za-z]{2,3}(?:_[A-Za-z]{2})?)(?:\.([A-Za-z0-9-]+))?(@[A
 NOT_EMULATED: tuple[tuple[str, str], ...] = (
     ("partman", "no partition table: the image is one ext4 filesystem"),
     ("grub-installer/", "no bootloader: QEMU boots the image's kernel directly"),
-    ("mirror/", "offline: the image keeps the apt sources it was built with"),
-    ("apt-setup/", "offline: the image keeps the apt sources it was built with"),
-    ("tasksel/", "installs nothing: the image's packages were chosen when it was built"),
-    ("pkgsel/upgrade", "offline: the image was upgraded when it was built"),
+    ("mirror/", "the image's apt lines name this machine's mirror (reached through the lab's proxy)"),
+    ("apt-setup/", "the image's apt lines name this machine's mirror (reached through the lab's proxy)"),
+    ("pkgsel/upgrade", "the image was upgraded from the same mirror when it was built"),
     ("popularity-contest/", "popularity-contest is not in the image"),
     ("clock-setup/ntp", "offline: no NTP server is reachable during the emulation"),
     ("netcfg/", "the network is configured at boot (systemd-networkd DHCP, cloud-init on a clone)"),
@@ -117,11 +120,15 @@ def parse_preseed(text: str) -> dict[str, str]:
 
 @dataclass
 class InstallPlan:
-    """The payload (/bin/sh) and what it applies or leaves out, one `question: what` line each."""
+    """The payloads (/bin/sh) and what they apply or leave out, one `question: what` line each: `packages_script`
+    installs the selection from the mirror (its result is cached as a disk layer, layers.py; "" when nothing is
+    selected), `script` applies everything else to the disk with those packages."""
 
     script: str
     applied: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    packages_script: str = ""
+    selection: Selection = field(default_factory=lambda: Selection((), True))
 
 
 def _required(answers: dict[str, str], question: str) -> str:
@@ -280,25 +287,105 @@ def _check_hash(value: str, question: str) -> None:
         raise InstallerError(f"preseed: {question} is not a crypt hash")
 
 
-def _packages(answers: dict[str, str], plan: InstallPlan, lines: list[str]) -> set[str]:
-    if "pkgsel/include" not in answers:
-        return set()
-    packages = answers["pkgsel/include"].replace(",", " ").split()
-    for package in packages:
-        if not re.fullmatch(r"[a-z0-9][a-z0-9+.-]*(:[a-z0-9]+)?", package):
+# tasksel's tasks the emulation installs, as the package tasksel's task-* package brings (the task package
+# itself only adds tasksel). Others are reported as not emulated.
+TASKS = {"ssh-server": ("openssh-server",)}
+TASKS_NOT_EMULATED = {
+    "standard": "Priority: standard's ~50 packages (man-db, reportbug, ...): too slow to install under TCG",
+}
+PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]*(:[a-z0-9]+)?")
+
+
+@dataclass(frozen=True)
+class _Chosen:
+    """What pkgsel installs (tasksel's tasks' packages, then pkgsel/include) and the report's lines on it."""
+
+    selection: Selection
+    notes: tuple[str, ...]  # applied lines
+    skipped: tuple[str, ...]  # ignored lines
+
+
+def _selection(answers: dict[str, str]) -> _Chosen:
+    notes, skipped, packages = [], [], []
+    for task in [t.strip() for t in answers.get("tasksel/first", "").split(",") if t.strip()]:
+        if task in TASKS:
+            packages += TASKS[task]
+            notes.append(f"tasksel/first: {task}: {' '.join(TASKS[task])} from the mirror")
+        else:
+            skipped.append(f"tasksel/first: {task}: {TASKS_NOT_EMULATED.get(task, 'task not emulated')}")
+    include = answers.get("pkgsel/include", "").replace(",", " ").split()
+    for package in include:
+        if not PACKAGE.fullmatch(package):
             raise InstallerError(f"preseed: pkgsel/include: {package!r} is not a package name")
-    lines.append("# pkgsel: every package asked for must be in the image already (the emulation installs nothing)")
-    for package in packages:
-        quoted = shlex.quote(package)
-        lines.append(
-            f"[ \"$(dpkg-query -W -f '${{db:Status-Status}}' {quoted} 2>/dev/null || true)\" = installed ] || "
-            + _fail(f"pkgsel/include: {package} is not installed in the image (the emulation installs nothing)")
-        )
-    plan.applied.append(f"pkgsel/include: {' '.join(packages) or '(none)'} checked installed in the image")
-    if "openssh-server" in packages:  # installing it in d-i makes the host keys (its postinst); the image has none
-        lines += ["# openssh-server's postinst: the host keys the image does not ship", "ssh-keygen -A >/dev/null"]
-        plan.applied.append("pkgsel/include: openssh-server: SSH host keys made (ssh-keygen -A), as its postinst does")
-    return {"pkgsel/include"}
+    packages += include
+    if "pkgsel/include" in answers:
+        notes.append(f"pkgsel/include: {' '.join(include) or '(none)'} from the mirror")
+    recommends = not _false(answers, "base-installer/install-recommends")
+    notes.append(f"base-installer/install-recommends: {'true' if recommends else 'false'} (d-i's default: true)")
+    return _Chosen(Selection(tuple(dict.fromkeys(packages)), recommends), tuple(notes), tuple(skipped))
+
+
+# pkgsel as d-i runs it: apt in the target, from the mirror (here through the lab's proxy, reached by a
+# guestfwd: aptproxy.py), services kept from starting (policy-rc.d, as d-i's in-target does; no systemd
+# runs in this boot, so invoke-rc.d would otherwise run init scripts). The NIC is brought up by hand: no
+# udev, no networkd here; QEMU's user network gives 10.0.2.15/24 and the gateway 10.0.2.2.
+PKGSEL = r"""# pkgsel: %(what)s
+modprobe virtio_net 2>/dev/null || true
+nic=
+for path in /sys/class/net/*; do case "${path##*/}" in lo) ;; *) nic=${path##*/}; break ;; esac; done
+[ -n "$nic" ] || %(no_nic)s
+ip link set lo up
+ip link set "$nic" up
+ip addr add 10.0.2.15/24 dev "$nic"
+ip route add default via 10.0.2.2
+printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+chmod 755 /usr/sbin/policy-rc.d
+apt_get() {
+    DEBIAN_FRONTEND=noninteractive apt-get -q -o Acquire::http::Proxy=%(proxy)s -o Acquire::Languages=none "$@" \
+        < /dev/null
+}
+apt_get update || %(no_update)s
+apt_get install -y %(recommends)s -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+    %(packages)s || %(no_install)s
+rm -f /usr/sbin/policy-rc.d
+ip addr flush dev "$nic"
+ip link set "$nic" down
+"""
+
+
+# Per install, after the cached package layer: the SSH host keys openssh-server's postinst made when the layer
+# was built are every install's from that layer; a real install makes its own, so this one does too.
+FRESH_HOST_KEYS = """# openssh-server's postinst: this install's own SSH host keys (the package layer's are shared)
+if [ -x /usr/sbin/sshd ]; then rm -f /etc/ssh/ssh_host_*; ssh-keygen -A >/dev/null; fi"""
+
+
+def _packages(answers: dict[str, str], plan: InstallPlan, lines: list[str]) -> set[str]:
+    chosen = _selection(answers)
+    used = {q for q in ("tasksel/first", "pkgsel/include", "base-installer/install-recommends") if q in answers}
+    plan.applied += chosen.notes
+    plan.ignored += chosen.skipped
+    plan.selection = selection = chosen.selection
+    lines.append(FRESH_HOST_KEYS)
+    if not selection.packages:
+        return used
+    words = " ".join(shlex.quote(p) for p in selection.packages)
+    plan.packages_script = "\n".join(
+        [
+            *PAYLOAD_HEADER,
+            PKGSEL
+            % {
+                "what": words,
+                "proxy": shlex.quote(f"http://{GUEST_ADDRESS}:{GUEST_PORT}/"),
+                "recommends": "" if selection.recommends else "--no-install-recommends",
+                "packages": words,
+                "no_nic": _fail("pkgsel: no network interface in the installer boot"),
+                "no_update": _fail("pkgsel: apt-get update through the lab's mirror proxy failed"),
+                "no_install": _fail(f"pkgsel: apt-get install {' '.join(selection.packages)} failed"),
+            },
+            "apt-get clean  # the layer keeps no .debs (the host's proxy cache has them)",
+        ]
+    )
+    return used
 
 
 # d-i's finish-install runs the late_command with `sh -c` while the target is mounted on /target, with
@@ -329,19 +416,22 @@ fi
 """
 
 
+PAYLOAD_HEADER = (
+    "#!/bin/sh",
+    "# packer-assets installer emulation payload (generated; run by the image's installer init)",
+    "set -eu",
+    "umask 022",
+    "export LC_ALL=C.UTF-8",
+)
+
+
 def plan_install(answers: dict[str, str]) -> InstallPlan:
     """The payload for these answers and the list of what it applies and what it leaves out.
     Raises InstallerError naming the question when a required answer is missing or unusable."""
     plan = InstallPlan(script="")
-    lines = [
-        "#!/bin/sh",
-        "# packer-assets installer emulation payload (generated; run by the image's installer init)",
-        "set -eu",
-        "umask 022",
-        "export LC_ALL=C.UTF-8",
-    ]
+    lines = list(PAYLOAD_HEADER)
     used: set[str] = set()
-    for step in (_netcfg, _clock, _locale, _accounts, _packages):
+    for step in (_packages, _netcfg, _clock, _locale, _accounts):
         used |= step(answers, plan, lines)
     late = answers.get("preseed/late_command", "")
     if late.strip():
@@ -365,9 +455,11 @@ class InstallReport:
     ignored: list[str]
     seconds: float
     serial_log: Path
+    packages: str = ""  # how pkgsel's packages got there (the layer: installed now from the mirror, or cached)
 
 
-def _tail(path: Path, lines: int = 40) -> str:
+def console_tail(path: Path, lines: int = 40) -> str:
+    """The last lines of a serial console log, carriage returns dropped."""
     try:
         text = path.read_text(errors="replace")
     except OSError:
@@ -375,62 +467,103 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.replace("\r", "").splitlines()[-lines:]) or "(empty serial log)"
 
 
-def emulate_install(
-    image: BaseImage,
-    disk: Path,
-    preseed_text: str,
-    run_dir: Path,
-    *,
-    timeout: float = 900.0,
-    accel: str | None = None,
-    memory_mb: int = 1024,
-) -> InstallReport:
-    """Apply `preseed_text` to `disk` (a clone of `image`, not booted yet) in a one-shot installer boot.
-
-    Raises InstallerError if the preseed cannot be emulated, or if the boot does not end with
-    `packer-assets-installer: ok` within `timeout` seconds (quoting the end of the serial console).
-    QEMU is gone when this returns or raises."""
-    plan = plan_install(parse_preseed(preseed_text))
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def _write_payload(run_dir: Path, script: str) -> Path:
     payload = run_dir / PAYLOAD_NAME
     payload.unlink(missing_ok=True)
     fd = os.open(payload, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # it holds the password hash
     with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write(plan.script)
-    spec = VmSpec(
-        f"installer-{Path(disk).stem}",
-        Path(disk),
-        image.kernel,
-        image.initrd,
-        # panic=10 with -no-reboot: a missing init or a dying PID 1 ends QEMU instead of hanging
-        f"{image.cmdline} init={INSTALLER_INIT_PATH} panic=10",
-        memory_mb=memory_mb,
-        accel=accel,
-        fw_cfg=[(INSTALLER_FW_CFG_NAME, payload)],
-        no_reboot=True,
-    )
+        out.write(script)
+    return payload
+
+
+def relay_command(port: int) -> str:
+    """QEMU's guestfwd `cmd:` for one guest connection to the proxy on 127.0.0.1:port (relay.py)."""
+    return f"{sys.executable} -I {Path(__file__).with_name('relay.py')} {port}"
+
+
+@dataclass(frozen=True)
+class InstallBoot:
+    """How the installer boot runs: its bound, accelerator and memory."""
+
+    timeout: float = 900.0
+    accel: str | None = None
+    memory_mb: int = 1024
+
+
+def emulate_install(
+    image: BaseImage, disk: Path, preseed_text: str, run_dir: Path, boot: InstallBoot | None = None
+) -> InstallReport:
+    """Install what `preseed_text` asks into a new `disk` (an overlay made here): pkgsel's packages from the
+    mirror (a cached layer per selection, layers.py, else a boot that installs them now), then one installer
+    boot applies the rest of the preseed and its late_command.
+
+    Raises InstallerError if the preseed cannot be emulated, or if a boot does not end with
+    `packer-assets-installer: ok` within `boot.timeout` seconds (quoting the end of its serial console).
+    QEMU and the proxy are gone when this returns or raises."""
+    boot = boot or InstallBoot()
+    plan = plan_install(parse_preseed(preseed_text))
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    vm = QemuVm(spec, run_dir)
-    serial = vm.serial_log
-    serial.unlink(missing_ok=True)
-    try:
-        vm.start()
-        finished = vm.wait_exit(timeout)
-    except QemuError as err:
-        raise InstallerError(f"installer boot of {disk}: {err}") from err
-    finally:
-        vm.kill()
+    below, packages = image.disk, "pkgsel: nothing to install"
+    if plan.packages_script:
+        layer = ensure_layer(
+            image,
+            plan.selection,
+            lambda layer_disk: _run_payload(image, layer_disk, plan.packages_script, run_dir / "packages", boot),
+        )
+        below = layer.disk
+        packages = f"pkgsel: layer {layer.key[:12]} ({'installed now: ' if layer.built_now else ''}{layer.detail})"
+    Path(disk).unlink(missing_ok=True)
+    linked_clone_disk(below, Path(disk))
+    _run_payload(image, Path(disk), plan.script, run_dir, boot)
+    return InstallReport(plan.applied, plan.ignored, time.monotonic() - started, run_dir / "serial.log", packages)
+
+
+def _run_payload(image: BaseImage, disk: Path, script: str, run_dir: Path, boot: InstallBoot) -> str:
+    """One installer boot of `disk` running `script`, the mirror reachable through the apt proxy; what it took."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    payload = _write_payload(run_dir, script)
+    started = time.monotonic()
+    with AptProxy(mirror_hosts(image.apt_lines)) as proxy:
+        spec = VmSpec(
+            f"installer-{disk.stem}",
+            disk,
+            image.kernel,
+            image.initrd,
+            # panic=10 with -no-reboot: a missing init or a dying PID 1 ends QEMU instead of hanging
+            f"{image.cmdline} init={INSTALLER_INIT_PATH} panic=10",
+            memory_mb=boot.memory_mb,
+            accel=boot.accel,
+            fw_cfg=[(INSTALLER_FW_CFG_NAME, payload)],
+            guestfwd_cmd=[(GUEST_ADDRESS, GUEST_PORT, relay_command(proxy.port))],
+            no_reboot=True,
+        )
+        serial, finished = _installer_boot(spec, run_dir, boot.timeout)
+        counts = proxy.counts
     seconds = time.monotonic() - started
     if not finished:
         raise InstallerError(
-            f"installer boot of {disk}: no result after {timeout:.0f} s (QEMU killed); "
-            f"end of {serial}:\n{_tail(serial)}"
+            f"installer boot of {disk}: no result after {boot.timeout:.0f} s (QEMU killed); "
+            f"end of {serial}:\n{console_tail(serial)}"
         )
     results = RESULT_LINE.findall(serial.read_text(errors="replace").replace("\r", "") if serial.exists() else "")
     if results[-1:] != ["ok"]:
         outcome = results[-1] if results else "no result line (the installer init did not finish)"
         raise InstallerError(
-            f"installer boot of {disk}: {outcome} after {seconds:.0f} s; end of {serial}:\n{_tail(serial)}"
+            f"installer boot of {disk}: {outcome} after {seconds:.0f} s; end of {serial}:\n{console_tail(serial)}"
         )
-    return InstallReport(plan.applied, plan.ignored, seconds, serial)
+    return f"{seconds:.0f} s, {counts.fetched} .debs fetched from the mirror, {counts.cached} from the cache"
+
+
+def _installer_boot(spec: VmSpec, run_dir: Path, timeout: float) -> tuple[Path, bool]:
+    """Run the installer boot to its end (True) or to the timeout (False, QEMU killed)."""
+    vm = QemuVm(spec, run_dir)
+    vm.serial_log.unlink(missing_ok=True)
+    try:
+        vm.start()
+        return vm.serial_log, vm.wait_exit(timeout)
+    except QemuError as err:
+        raise InstallerError(f"installer boot of {spec.disk}: {err}") from err
+    finally:
+        vm.kill()

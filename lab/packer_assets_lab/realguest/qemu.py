@@ -13,14 +13,15 @@ Every QEMU runs in its own process group and is killed with its runner: on `kill
 `with` block, when the runner is garbage-collected, and at interpreter exit, so no QEMU outlives a
 test, failed ones included. Nothing secret is put on QEMU's command line.
 
-KVM is used only where it really runs a guest: /dev/kvm can exist without hardware virtualization
-(nested or paravirtual setups where `-enable-kvm` aborts or hangs), so `detect_accel` boots a
-512-byte probe under KVM and takes TCG (`thread=multi`) unless the probe exits as it should.
+KVM is used only where it really runs the guest's kernel: /dev/kvm can exist without hardware
+virtualization (nested or paravirtual setups where `-enable-kvm` aborts, or runs a boot sector and then
+hangs in Linux), so `detect_accel(kernel)` boots that kernel under KVM to its panic (no root) within a
+bound and takes TCG (`thread=multi`) unless it gets there; the choice is remembered and logged.
 """
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import json
 import os
 import shutil
@@ -32,7 +33,7 @@ import threading
 import time
 import uuid as uuidlib
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -72,53 +73,115 @@ def full_clone_disk(source: Path, target: Path) -> Path:
 
 # ------------------------------------------------------------------ accelerator
 
-# mov al,0x31; out 0xf4,al (isa-debug-exit: QEMU exits with (0x31 << 1) | 1 = 99); hlt; jmp back to hlt
-_PROBE_CODE = bytes.fromhex("b031e6f4f4ebfd")
-_PROBE_EXIT = 99
+ACCEL_PROBE_BOUND = 60.0  # seconds the kernel gets under KVM to reach its panic (it needs about 1 s there)
+KVM_DEVICE = Path("/dev/kvm")
+KERNEL_MARKERS = ("Linux version", "Kernel panic")  # in this order on the probe's serial console
 
 
-def probe_accel(accel: str, timeout: float = 20.0) -> bool:
-    """Does a guest really run under `accel`? Boots a 512-byte boot sector that exits QEMU with a code."""
+def accel_cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "packer-assets" / "accel.json"
+
+
+def probe_kernel(accel: str, kernel: Path, bound: float = ACCEL_PROBE_BOUND) -> str | None:
+    """Does `kernel` really run under `accel`? None if it does, else why not (one line).
+
+    Boots the kernel with no disk and no initrd (`console=ttyS0 panic=-1`, `-no-reboot`): it must print
+    its banner and then panic (no root) on the serial console, and QEMU must exit, within `bound` s.
+    What will run is what is probed: a machine whose KVM runs a boot sector but not Linux is caught."""
     with tempfile.TemporaryDirectory(prefix="pa-accel-") as tmp:
-        disk = Path(tmp) / "probe.img"
-        disk.write_bytes(_PROBE_CODE.ljust(510, b"\0") + b"\x55\xaa")
-        cpu = ["-cpu", "host"] if accel == "kvm" else []
-        argv = [
-            QEMU,
-            "-accel",
-            accel,
-            *cpu,
-            "-machine",
-            "pc",
-            "-m",
-            "32",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=0x04",
-            "-drive",
-            f"file={disk},format=raw,if=ide",
-        ]
+        serial = Path(tmp) / "serial.log"
+        argv = [QEMU, *accel_args(accel), "-machine", "pc", "-m", "256", "-nodefaults", "-display", "none"]
+        argv += ["-no-reboot", "-serial", f"file:{serial}", "-kernel", str(kernel)]
+        argv += ["-append", "console=ttyS0,115200n8 panic=-1"]
         try:
-            proc = subprocess.run(argv, capture_output=True, timeout=timeout, start_new_session=True, check=False)
+            proc = subprocess.run(argv, capture_output=True, timeout=bound, start_new_session=True, check=False)
         except subprocess.TimeoutExpired:
-            return False
-        except OSError:
-            return False
-        return proc.returncode == _PROBE_EXIT
+            proc = None
+        except OSError as exc:
+            return f"{QEMU} did not start ({exc})"
+        text = serial.read_text(errors="replace") if serial.exists() else ""
+    seen = [marker for marker in KERNEL_MARKERS if marker in text]
+    if proc is None:
+        return f"the kernel printed {len(text)} bytes (markers seen: {', '.join(seen) or 'none'}) in {bound:.0f} s"
+    if len(seen) < len(KERNEL_MARKERS) or text.index(KERNEL_MARKERS[0]) > text.index(KERNEL_MARKERS[1]):
+        last = (proc.stderr or b"").decode(errors="replace").strip().splitlines()[-1:] or ["no error"]
+        return f"QEMU exited {proc.returncode} before the kernel's banner and panic ({last[0][:160]})"
+    return None
 
 
-@functools.lru_cache(maxsize=1)
-def detect_accel() -> str:
-    """'kvm' where KVM really runs a guest, else 'tcg' (PACKER_ASSETS_QEMU_ACCEL overrides)."""
+@dataclass(frozen=True)
+class AccelChoice:
+    accel: str
+    why: str
+
+
+_CHOSEN: dict[str, str] = {}  # this process's choices by cache key (logged once each)
+
+
+def _accel_key(kernel: Path) -> str:
+    """What decides the choice: QEMU (path and version), the kernel's bytes, /dev/kvm being there."""
+    binary = shutil.which(QEMU) or QEMU
+    try:
+        version = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30, check=False)
+        qemu = f"{binary} {version.stdout.splitlines()[0] if version.stdout else version.returncode}"
+    except (OSError, subprocess.TimeoutExpired):
+        qemu = f"{binary} (no --version)"
+    kernel_sha = hashlib.sha256(Path(kernel).read_bytes()).hexdigest()
+    return hashlib.sha256(json.dumps([qemu, kernel_sha, KVM_DEVICE.exists()]).encode()).hexdigest()
+
+
+def _remembered(key: str) -> AccelChoice | None:
+    try:
+        entry = json.loads(accel_cache_path().read_text()).get(key)
+        return AccelChoice(entry["accel"], entry["why"]) if entry else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _remember(key: str, choice: AccelChoice) -> None:
+    path = accel_cache_path()
+    try:
+        known = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        known = {}
+    known[key] = {"accel": choice.accel, "why": choice.why, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(known, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _choose(kernel: Path, bound: float) -> AccelChoice:
+    if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
+        return AccelChoice("tcg", f"no usable {KVM_DEVICE}")
+    failed = probe_kernel("kvm", kernel, bound)
+    if failed is None:
+        return AccelChoice("kvm", f"the kernel {Path(kernel).name} booted to its panic under KVM")
+    return AccelChoice("tcg", f"KVM probe failed: {failed}")
+
+
+def detect_accel(kernel: Path, bound: float = ACCEL_PROBE_BOUND, log: Callable[[str], None] = print) -> str:
+    """'kvm' where `kernel` really runs under KVM, else 'tcg'; PACKER_ASSETS_QEMU_ACCEL=kvm|tcg overrides.
+
+    The choice is remembered in ~/.cache/packer-assets/accel.json under a key of what decides it (QEMU's
+    path and version, the kernel's sha256, /dev/kvm present), so the probe runs once per machine and
+    kernel; each choice is logged once per process, with why."""
     forced = os.environ.get(ACCEL_ENV, "").strip().lower()
     if forced in ("kvm", "tcg"):
-        return forced
-    if os.access("/dev/kvm", os.R_OK | os.W_OK) and probe_accel("kvm"):
-        return "kvm"
-    return "tcg"
+        choice, key = AccelChoice(forced, f"{ACCEL_ENV}={forced}"), f"env:{forced}"
+    else:
+        key = _accel_key(kernel)
+        remembered = _remembered(key)
+        choice = remembered or _choose(kernel, bound)
+        if remembered is None:
+            _remember(key, choice)
+        else:
+            choice = AccelChoice(choice.accel, f"{choice.why} (remembered in {accel_cache_path()})")
+    if _CHOSEN.get(key) != choice.accel:
+        _CHOSEN[key] = choice.accel
+        log(f"realguest: accelerator {choice.accel}: {choice.why}")
+    return choice.accel
 
 
 def accel_args(accel: str) -> list[str]:
@@ -184,8 +247,11 @@ class VmSpec:
     ssh_host_port: int = 0  # 0: QEMU picks a free port (read back through QMP)
     # (guest address, guest port, host address, host port): the guest connects to a host service
     guestfwd: Sequence[tuple[str, int, str, int]] = ()
+    # (guest address, guest port, command): QEMU starts the command for each connection the guest makes,
+    # the connection as its stdin/stdout (a TCP chardev guestfwd above serves one connection only)
+    guestfwd_cmd: Sequence[tuple[str, int, str]] = ()
     smbios_uuid: str = field(default_factory=lambda: str(uuidlib.uuid4()))
-    accel: str | None = None  # None: detect_accel()
+    accel: str | None = None  # None: detect_accel(kernel)
     # (name, file): firmware config files the guest reads under /sys/firmware/qemu_fw_cfg/by_name/<name>/raw
     # (the installer emulation's payload). Only the path is on QEMU's command line, never the content.
     fw_cfg: Sequence[tuple[str, Path]] = ()
@@ -240,6 +306,8 @@ class QemuVm:
         netdev = f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{s.ssh_host_port}-:22"
         for guest_addr, guest_port, host_addr, host_port in s.guestfwd:
             netdev += f",guestfwd=tcp:{guest_addr}:{guest_port}-tcp:{host_addr}:{host_port}"
+        for guest_addr, guest_port, command in s.guestfwd_cmd:
+            netdev += f",guestfwd=tcp:{guest_addr}:{guest_port}-cmd:{_qemu_opt(command)}"
         nic = "virtio-net-pci,netdev=net0" + (f",mac={s.mac}" if s.mac else "")
         argv = [
             QEMU,
@@ -312,7 +380,7 @@ class QemuVm:
             raise QemuError(f"{self.spec.name}: already started")
         for path in (self.qmp_socket, self.qga_socket):
             path.unlink(missing_ok=True)
-        self.accel = self.spec.accel or detect_accel()
+        self.accel = self.spec.accel or detect_accel(self.spec.kernel)
         with open(self.qemu_log, "ab") as log:
             self.proc = subprocess.Popen(
                 self.argv(self.accel),

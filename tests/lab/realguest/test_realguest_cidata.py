@@ -7,11 +7,11 @@ e6352be67f70) under perl on these configs, with the host's resolv.conf given as 
 
 import textwrap
 
-from packer_assets_lab.realguest import cidata
 from passlib.hash import sha256_crypt
 
 from packer_assets.pve.smoke import encode_sshkeys
 from packer_assets.render import read_iso
+from packer_assets_lab.realguest import cidata
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl smoke@test"
 HASH = "$5$abcdefgh$0123456789abcdefghijklmnopqrstuvwxyzABCDE"

@@ -1,7 +1,9 @@
 """The base image's inputs: the machine's Debian mirror (from its apt sources) and the recipe key that
 names the cached image. No debootstrap or QEMU needed."""
 
+import re
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -84,10 +86,19 @@ def test_the_recipe_key_follows_what_shapes_the_image(tmp_path):
     assert image.recipe_key(image.recipe(script=image.CONFIGURE_SCRIPT + "true\n", apt_root=root)) != key
 
 
-def test_the_template_packages_are_in_the_image():
-    # templates/debian/preseed.cfg.j2: pkgsel/include
-    assert {"openssh-server", "qemu-guest-agent", "cloud-init", "sudo"} <= set(image.PACKAGES)
-    assert {"linux-image-amd64", "systemd-sysv"} <= set(image.PACKAGES)
+def test_the_image_holds_none_of_the_templates_packages_and_enables_nothing_of_it():
+    # templates/debian/preseed.cfg.j2: tasksel's ssh-server task and pkgsel/include are the installer's to install
+    template = {"openssh-server", "qemu-guest-agent", "cloud-init", "sudo"}
+    assert not template & set(image.PACKAGES)
+    assert {"linux-image-amd64", "systemd-sysv", "udev"} <= set(image.PACKAGES)
+    # it enables only its own boot's units; no SSH host key logic (openssh-server's postinst makes them)
+    assert re.findall(r"(?m)^systemctl enable (.*)$", image.CONFIGURE_SCRIPT) == [
+        "systemd-networkd serial-getty@ttyS0.service"]
+    assert "ssh-keygen" not in image.CONFIGURE_SCRIPT and "ssh_host" not in image.CONFIGURE_SCRIPT
+    # each package the image adds to debootstrap's minbase says why, beside it
+    source = Path(image.__file__).read_text()
+    for package in image.SYSTEM_PACKAGES:
+        assert re.search(rf'"{re.escape(package)}",  # \S', source), f"{package}: no reason given"
 
 
 def test_a_cached_image_is_reused_without_building(tmp_path, monkeypatch):

@@ -39,6 +39,13 @@ def test_the_guest_gets_disk_agent_monitor_console_and_a_restricted_network(tmp_
     assert argv[argv.index("-accel") + 1] == "tcg,thread=multi"
 
 
+def test_a_command_guestfwd_starts_a_relay_per_connection_and_keeps_the_network_restricted(tmp_path):
+    argv = QemuVm(spec(guestfwd_cmd=[("10.0.2.100", 3142, "/usr/bin/python3 -I /x,y/relay.py 40001")]), tmp_path).argv("tcg")
+    netdev = option(argv, "-netdev", "user")
+    assert "restrict=on" in netdev
+    assert netdev.endswith(",guestfwd=tcp:10.0.2.100:3142-cmd:/usr/bin/python3 -I /x,,y/relay.py 40001")
+
+
 def test_kvm_means_the_host_cpu_and_too_many_cdroms_are_refused(tmp_path):
     assert accel_args("kvm") == ["-accel", "kvm", "-cpu", "host"]
     with pytest.raises(ValueError, match="three"):
