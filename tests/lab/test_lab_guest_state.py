@@ -190,12 +190,15 @@ def test_rocky_without_the_agent_package_fails_at_post_erroronfail(rendered):
         installed("rocky", files)
 
 
-def test_debian_without_the_agent_package_fails_at_the_template_s_check(rendered):
-    """d-i judges late_command by its last command's status (`sh -c`): the failed enable does not stop the
-    install. The template's first provisioner then checks that the preseed installed the agent and cloud-init,
-    and fails the build by name; the agent never answers."""
+def test_debian_without_the_agent_package_fails_at_the_late_command_or_at_the_template_s_check(rendered):
+    """The preseed's late_command joins its steps with && (d-i counts only the last status): the failed enable
+    stops the install. A preseed whose late_command does not enable the agent gets through the install, and the
+    template's first provisioner then fails the build by name; the agent never answers."""
     preseed = rendered["debian"]["preseed.cfg"].replace(" qemu-guest-agent cloud-init", " cloud-init")
-    files = dict(rendered["debian"], **{"preseed.cfg": preseed})
+    with pytest.raises(InstallFailed, match="Unit file qemu-guest-agent.service does not exist"):
+        installed("debian", dict(rendered["debian"], **{"preseed.cfg": preseed}))
+    quiet = preseed.replace("in-target systemctl enable qemu-guest-agent ssh && ", "")
+    files = dict(rendered["debian"], **{"preseed.cfg": quiet})
     assert not installed("debian", files).has("qemu-guest-agent")
     state = gs.boot(installed("debian", files), 1, "iid-build")
     results = provision(state, provisioner_steps("debian"))

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import yaml
 
+from packer_assets.errors import OperationError
 from packer_assets_lab.realguest.installer import InstallerError, parse_preseed
 
 from .guest_shell import Shell
@@ -45,7 +46,7 @@ SYNTHETIC = "0.0-lab-synthetic"
 FORMATS = {"preseed": "debian", "autoinstall": "ubuntu", "kickstart": "rocky"}
 
 
-class InstallFailed(Exception):
+class InstallFailed(OperationError):
     """The installer stopped: the message is what its console shows (never a password or hash)."""
 
 

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from packer_assets.errors import OperationError
+
 from .guest_state import LOCKED, GuestState
 
 NOT_FOUND = 127
@@ -31,7 +33,9 @@ HOST_KEY = "/etc/ssh/ssh_host_ed25519_key"
 Node = tuple[Any, ...]
 
 
-class ShellExit(Exception):
+class ShellExit(OperationError):
+    """The simulated shell's `exit N` (and `set -e` stopping a script): control flow the shell catches."""
+
     def __init__(self, status: int):
         super().__init__(status)
         self.status = status
