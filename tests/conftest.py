@@ -130,3 +130,20 @@ def pytest_runtest_teardown(item, nextitem):
     from dagster._core.storage.defs_state.base import _current_storage
 
     _current_storage.set(None)
+
+
+@pytest.fixture(autouse=True)
+def _no_defs_state_storage_of_a_gone_instance(monkeypatch):
+    """Dagster 1.13: entering a DagsterInstance (`with instance:`) sets the current DefsStateStorage (a context
+    variable) and its __exit__ (dispose) never resets it, so once that instance is gone the next definitions load
+    in this process (dg.materialize) fails with "Attempted to resolve undefined DagsterInstance weakref" — a
+    garbage-collection race seen under load. A storage whose instance is gone counts as none, as for a process that
+    never set one (the product's runs are one instance per process: `dagster asset materialize`)."""
+    from dagster._core.storage.defs_state import base
+
+    def live_storage():
+        storage = base._current_storage.get()
+        weak = getattr(storage, "_instance_weakref", None) if storage is not None else None
+        return None if weak is not None and weak() is None else storage
+
+    monkeypatch.setattr(base.DefsStateStorage, "get", classmethod(lambda cls: live_storage()))

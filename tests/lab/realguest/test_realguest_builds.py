@@ -126,10 +126,10 @@ def test_a_clone_given_a_wrong_ssh_key_fails_the_ssh_step(built, monkeypatch):
     assert qemu_processes_under(project.stack.state) == []
 
 
-def _edited_templates(tmp_path, monkeypatch, old: str, new: str):
+def _edited_templates(tmp_path, monkeypatch, old: str, new: str, file: str = "debian/debian.pkr.hcl"):
     copy = tmp_path / "project-copy"
     shutil.copytree(REPO / "templates", copy / "templates")
-    template = copy / "templates/debian/debian.pkr.hcl"
+    template = copy / "templates" / file
     text = template.read_text()
     assert old in text
     template.write_text(text.replace(old, new))
@@ -191,6 +191,24 @@ def test_a_template_without_its_generalize_step_fails_fresh_identity_and_passwor
     remaining = _vms(project)
     assert vmid in remaining and remaining[vmid].template  # the promoted template is still the one
     assert all(not vm.name.startswith(f"{KEY}-smoke") for vm in remaining.values())
+    assert qemu_processes_under(project.stack.state) == []
+
+
+def test_a_preseed_without_qemu_guest_agent_fails_the_real_build_at_once_with_the_install_s_reason(
+    built, tmp_path, monkeypatch
+):
+    """The whole chain on a real guest (issue 26): the emulated installer installs pkgsel/include from the mirror,
+    the late_command's `systemctl enable qemu-guest-agent` fails, d-i stops and the VM powers off; packer would
+    wait 30 minutes for SSH, the build's VM watch ends it at once, quoting the console."""
+    project, vmid, _proof = built
+    _edited_templates(tmp_path, monkeypatch, " qemu-guest-agent cloud-init", " cloud-init", file="debian/preseed.cfg.j2")
+    with dg.instance_for_test() as instance:
+        result = rebuild(project, instance, key=KEY, vm_watch_seconds=1, **REAL)
+    assert not result.success
+    error = str([e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0].event_specific_data.error)
+    assert re.search(r"VM \d+ on node pve1 stopped before SSH came up; its console \(.*\) ends: ", error), error
+    assert "qemu-guest-agent.service" in error, error
+    assert list(_vms(project)) == [vmid]  # packer's VM destroyed; the promoted template untouched
     assert qemu_processes_under(project.stack.state) == []
 
 
