@@ -211,3 +211,22 @@ def test_the_real_guest_note_names_the_image_recipe_and_is_a_valid_setting():
     notes = parse_guest_notes(f"debian-12={real_guest_note(recipe)};*={GUEST_NOTES['simulated']}")
     assert notes["debian-12"].startswith("lab: real guest") and f"base image recipe sha256 {recipe}" in notes["debian-12"]
     assert notes["*"] == GUEST_NOTES["simulated"]
+
+
+def test_a_failed_install_s_summary_is_the_lines_that_say_why_not_the_kernel_s_power_off():
+    """The last line of a failed real install in the VM's console log, which a build stopped by its VM watch quotes:
+    systemctl's and the installer's words, without colour codes, not the kernel's timestamped power-off lines."""
+    from packer_assets_lab.pve.realguest import failure_summary
+
+    reason = ("installer boot of /x/disk.qcow2: failed (exit 1) after 28 s; end of /x/serial.log:\n"
+              "Executing: /lib/systemd/systemd-sysv-install enable ssh\n\n"
+              "\x1b[0;1;31mFailed to enable unit, unit qemu-guest-agent.service does not exist.\x1b[0m\n\n"
+              "packer-assets-installer: preseed/late_command failed (exit 1)\n"
+              "packer-assets-installer: failed (exit 1)\n"
+              "[   23.448965] sysrq: Power Off\n"
+              "[   23.452138] I/O error, dev vda, sector 200256 op 0x0:(READ) flags 0x80700\n"
+              "[   23.453194] reboot: Power down\n")
+    assert failure_summary(reason) == (
+        "Failed to enable unit, unit qemu-guest-agent.service does not exist. | "
+        "packer-assets-installer: preseed/late_command failed (exit 1) | packer-assets-installer: failed (exit 1)")
+    assert failure_summary("") == "no reason given"

@@ -137,6 +137,18 @@ def _cpus(config: dict[str, Any]) -> int:
     return max(1, min(wanted, os.cpu_count() or 1))
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+SAYS_WHY = re.compile(r"fail|error|does not exist|not found", re.IGNORECASE)
+
+
+def failure_summary(reason: str, most: int = 3) -> str:
+    """The lines of a failed install's output that say why (an installer's or a command's words, not the kernel's
+    timestamped lines), joined on one line: the end of the VM's console log, which a failed build quotes."""
+    lines = [ANSI.sub("", line).strip() for line in reason.splitlines()]
+    why = [line for line in lines if line and not line.startswith("[") and SAYS_WHY.search(line)]
+    return " | ".join(dict.fromkeys(why[-most:])) or (lines[0] if lines else "no reason given")
+
+
 def kill_stale_qemus(folder: Path) -> None:
     """SIGKILL every QEMU whose command line names a path under folder (a dead lab's guests)."""
     for pid in qemu_processes_under(folder):
@@ -407,6 +419,8 @@ class LabRealGuest:
             try:
                 (machine.folder / "failure.txt").write_text(machine.failure + "\n")
                 append_console(self.data_dir, vm.vmid, f"lab: VM {vm.vmid} stopped: {machine.failure}")
+                # last, the lines that say why: a build quotes the end of this log (the kernel's power-off is noise)
+                append_console(self.data_dir, vm.vmid, f"lab: VM {vm.vmid} install failed: {failure_summary(reason)}")
             except OSError:
                 pass  # the VM was destroyed meanwhile: its folder is gone
             print(f"lab: VM {vm.vmid} ({vm.name}): {machine.failure}", flush=True)
