@@ -137,17 +137,19 @@ def _merged(env: Mapping[str, str] | None) -> tuple[dict[str, str], dict[str, st
     files = [output_root / TOOLKIT_CONF, layout.secrets_file, layout.env_file]
     if env.get("PACKER_ASSETS_ENV_FILE"):
         files.append(Path(env["PACKER_ASSETS_ENV_FILE"]))
-    for path in files:
+    rank: dict[str, int] = {}  # the source each value came from, weakest first (the environment last)
+    for number, path in enumerate(files):
         if path.is_file():
             for line, name, value in read_assignments(path):
                 # .env.proxmox records the last init's choice; turning TLS verification off must be asked
                 # for on each init, never inherited from that record
                 if name is None or (name == "PROXMOX_INSECURE" and path == layout.env_file):
                     continue
-                values[name], origin[name], lines[name] = value, str(path), line
+                values[name], origin[name], lines[name], rank[name] = value, str(path), line, number
     for name, value in env.items():
-        values[name], origin[name] = value, "environment"
+        values[name], origin[name], rank[name] = value, "environment", len(files)
         lines.pop(name, None)
+    _drop_weaker_url(values, rank)
     if not values.get("PROXMOX_URL") and values.get("PROXMOX_HOST"):
         # the toolkit named the node, not the URL
         port = values.get("PROXMOX_PORT") or "8006"
@@ -157,6 +159,14 @@ def _merged(env: Mapping[str, str] | None) -> tuple[dict[str, str], dict[str, st
             lines["PROXMOX_URL"] = lines["PROXMOX_HOST"]
     values.setdefault("PACKER_ASSETS_ROOT", str(output_root))
     return values, origin, lines
+
+
+def _drop_weaker_url(values: dict[str, str], rank: dict[str, int]) -> None:
+    """PROXMOX_API_URL and PROXMOX_URL name the same endpoint: where both are set, the one from the stronger source
+    counts (a lab's env file over the .env.proxmox a previous init recorded for a lab since stopped)."""
+    both = ("PROXMOX_API_URL", "PROXMOX_URL")
+    if all(values.get(name) for name in both) and rank["PROXMOX_API_URL"] != rank["PROXMOX_URL"]:
+        del values[min(both, key=lambda name: rank[name])]
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:

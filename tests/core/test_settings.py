@@ -241,3 +241,20 @@ def test_settings_command_never_prints_a_secret_from_a_bad_env_file(tmp_path):
     assert shown.returncode == 2 and shown.stdout == "" and SECRET not in shown.stderr
     assert shown.stderr == (f"packer-assets: {env_file}: line 2: PROXMOX_BOOTSTRAP_PASSWORD: an unquoted blank in or "
                             "before the value (bash would run the rest as a command); quote the whole value\n")
+
+
+def test_a_new_lab_s_url_wins_over_the_api_url_a_previous_init_recorded(tmp_path):
+    """`make demo-real` after an earlier lab in the same tree: infra/env/.env.proxmox still records the old lab's
+    PROXMOX_API_URL, the new lab's env file (the explicit, stronger source) names its PROXMOX_URL: the new one counts.
+    From one source, PROXMOX_API_URL still wins as before."""
+    from packer_assets.evidence.layout import Layout
+
+    recorded = Layout(tmp_path).env_file
+    recorded.parent.mkdir(parents=True)
+    write_env_file(recorded, {"PROXMOX_API_URL": "https://127.0.0.1:33099/api2/json"})
+    lab = write_env_file(tmp_path / "lab.env", {"PROXMOX_URL": "https://127.0.0.1:39979/api2/json"})
+    settings = load_settings({"PACKER_ASSETS_ROOT": str(tmp_path), "PACKER_ASSETS_ENV_FILE": str(lab)})
+    assert settings.proxmox_url == "https://127.0.0.1:39979/api2/json"
+    write_env_file(lab, {"PROXMOX_URL": "https://127.0.0.1:1/api2/json", "PROXMOX_API_URL": "https://127.0.0.1:2/api2/json"})
+    settings = load_settings({"PACKER_ASSETS_ROOT": str(tmp_path), "PACKER_ASSETS_ENV_FILE": str(lab)})
+    assert settings.proxmox_url == "https://127.0.0.1:2/api2/json"
