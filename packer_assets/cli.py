@@ -65,7 +65,8 @@ def _validate(args: argparse.Namespace) -> int:
         result = cast("RenderResult", rendered)
         if result.ignored:  # never served: builds serve exactly the render's record
             print(f"warn {ignored_warning(key, result.out_dir, result.ignored)}")
-        verdicts = ", ".join(sorted({v.validator for f in result.files for v in f.verdicts}))
+        # each validator with the upstream release that checked the file: "kickstart (pykickstart RHEL10)"
+        verdicts = ", ".join(sorted({v.label() for f in result.files for v in f.verdicts}))
         if check.ok:
             print(f"ok   {key}: {len(result.files)} file(s) [{verdicts}], packer validate")
         else:

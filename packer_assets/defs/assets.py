@@ -237,6 +237,7 @@ def unattended_files(
     rows = "\n".join(
         f"| `{name}` | `{f['sha256'][:16]}` | {f['size']} | "
         + ", ".join(f"{v}: {verdict}" for v, verdict in f["verdicts"].items())
+        + "".join(f" ({by})" for by in f.get("validated_by", ()))  # "pykickstart RHEL10"; older records lack it
         + " |"
         for name, f in meta["files"].items()
     )

@@ -26,6 +26,7 @@ No Dagster import: the asset calls this and turns the result into metadata.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shlex
@@ -42,6 +43,7 @@ from packer_assets.evidence.layout import Redactor, atomic_write
 from packer_assets.render import passwords
 from packer_assets.render.answer_iso import iso_bytes
 from packer_assets.render.record import stray_files
+from packer_assets.render.release_validators import NoValidator, ReleaseValidator, validator_for
 from packer_assets.render.validators import (
     Expected,
     ValidatorUnavailable,
@@ -101,9 +103,15 @@ class RenderResult:
         return {f.name: f.sha256 for f in (*self.files, *([self.answer_iso] if self.answer_iso else []))}
 
     def metadata(self) -> dict[str, Any]:
-        """Plain values for asset metadata: no secrets in here, only names, hashes and verdicts."""
+        """Plain values for asset metadata: no secrets in here, only names, hashes and verdicts, and which
+        upstream validator and release checked each file (`validated_by`, e.g. "pykickstart RHEL10")."""
         files = {
-            f.name: {"sha256": f.sha256, "size": f.size, "verdicts": {v.validator: v.summary() for v in f.verdicts}}
+            f.name: {
+                "sha256": f.sha256,
+                "size": f.size,
+                "verdicts": {v.validator: v.summary() for v in f.verdicts},
+                "validated_by": [v.checked_by for v in f.verdicts if v.checked_by],
+            }
             for f in self.files
         }
         out: dict[str, Any] = {
@@ -187,6 +195,7 @@ class _Output:
     template: str | None = None
     static: str | None = None
     validate: Callable[[str, _Job], Verdict] | None = field(default=None, compare=False)
+    by_release: bool = False  # checked by the key's release validator (its verdict names it)
 
 
 @dataclass(frozen=True)
@@ -194,6 +203,7 @@ class _Job:
     entry: TemplateEntry
     schema_dir: Path
     expected: Expected
+    validator: ReleaseValidator  # release_validators.validator_for(entry)
 
 
 FAMILIES: dict[str, tuple[_Output, ...]] = {
@@ -202,9 +212,8 @@ FAMILIES: dict[str, tuple[_Output, ...]] = {
             "user-data",
             SECRET_MODE,
             "user-data.j2",
-            validate=lambda text, job: validate_autoinstall(
-                text, job.entry.autoinstall_schema, job.schema_dir, job.expected
-            ),
+            validate=lambda text, job: validate_autoinstall(text, job.validator.release, job.schema_dir, job.expected),
+            by_release=True,
         ),
         _Output("meta-data", PUBLIC_MODE, "meta-data.j2", validate=lambda text, job: validate_yaml_mapping(text)),
     ),
@@ -214,10 +223,17 @@ FAMILIES: dict[str, tuple[_Output, ...]] = {
             SECRET_MODE,
             "preseed.cfg.j2",
             validate=lambda text, job: validate_preseed(text, job.expected),
+            by_release=True,
         ),
     ),
     "rocky": (
-        _Output("ks.cfg", SECRET_MODE, "ks.cfg.j2", validate=lambda text, job: validate_kickstart(text, job.expected)),
+        _Output(
+            "ks.cfg",
+            SECRET_MODE,
+            "ks.cfg.j2",
+            validate=lambda text, job: validate_kickstart(text, job.expected, handler=job.validator.release),
+            by_release=True,
+        ),
     ),
     "windows": (
         _Output(
@@ -225,6 +241,7 @@ FAMILIES: dict[str, tuple[_Output, ...]] = {
             SECRET_MODE,
             "Autounattend.xml.j2",
             validate=lambda text, job: validate_autounattend(text, job.expected),
+            by_release=True,
         ),
         _Output(WINDOWS_SCRIPT, PUBLIC_MODE, static=f"scripts/{WINDOWS_SCRIPT}"),
         _Output(WINDOWS_KEYS_FILE, PUBLIC_MODE),  # generated below from the authorized keys
@@ -327,8 +344,13 @@ def _redactor(env: Mapping[str, str], entry: TemplateEntry, context: Mapping[str
 def validate_files(
     entry: TemplateEntry, files: Mapping[str, bytes], expected: Expected, schema_dir: Path
 ) -> dict[str, tuple[Verdict, ...]]:
-    """Run each file's validators: {name: verdicts}. Raises RenderError if a validator cannot run."""
-    job = _Job(entry, schema_dir, expected)
+    """Run each file's validators: {name: verdicts}, the key's release validator (release_validators.py)
+    named in each verdict it gave. Raises RenderError if the key's release has no validator (one line:
+    key, release, what is missing) or a validator cannot run: nothing checked is never "ok"."""
+    try:
+        job = _Job(entry, schema_dir, expected, validator_for(entry, schema_dir))
+    except NoValidator as exc:
+        raise RenderError(str(exc)) from None
     verdicts: dict[str, tuple[Verdict, ...]] = {}
     for out in FAMILIES[entry.family]:
         if out.name not in files:
@@ -337,9 +359,12 @@ def validate_files(
             verdicts[out.name] = ()
             continue
         try:
-            verdicts[out.name] = (out.validate(files[out.name].decode("utf-8"), job),)
+            verdict = out.validate(files[out.name].decode("utf-8"), job)
         except ValidatorUnavailable as exc:
             raise RenderError(f"{entry.key}: {out.name}: validator unavailable: {exc}") from None
+        verdicts[out.name] = (
+            dataclasses.replace(verdict, checked_by=str(job.validator)) if out.by_release else verdict,
+        )
     return verdicts
 
 
@@ -360,10 +385,6 @@ def render_unattended(
     salt: an explicit crypt salt instead of the derived one.
     """
     project_dir = Path(project_dir) if project_dir is not None else PROJECT_ROOT
-    if entry.family == "ubuntu" and not entry.autoinstall_schema:
-        raise RenderError(
-            f"{entry.key}: autoinstall_schema: missing; name the Subiquity release of the ISO (like 24.04.1)"
-        )
     files, context = render_files(entry, env, project_dir=project_dir, salt=salt)
     expected = Expected(
         user=entry.install_user.name,

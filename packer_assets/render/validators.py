@@ -2,8 +2,9 @@
 
 Every validator takes the rendered text (plus what it needs) and returns a `Verdict`; problems in
 the file are messages in the verdict, never exceptions. `ValidatorUnavailable` is raised only when
-the validator itself cannot run (schema file or `debconf-set-selections` missing), because then
-nothing was checked and saying "ok" would be a lie.
+the validator itself cannot run (schema file or `debconf-set-selections` missing, no pykickstart
+handler for the release), because then nothing was checked and saying "ok" would be a lie. Which
+validator and which release of it checks a key is chosen in `release_validators.py`.
 
 `Expected` carries the values the renderer put in; validators that can parse the file back check
 that those come out unchanged (the round trip catches quoting that "validates" but means
@@ -62,6 +63,12 @@ class Verdict:
     validator: str
     ok: bool
     messages: tuple[str, ...] = ()
+    # the upstream validator and its release that checked the file ("pykickstart RHEL10"; see
+    # release_validators.py), set by the render; "" for a check that has no release (meta-data's YAML)
+    checked_by: str = ""
+
+    def label(self) -> str:
+        return f"{self.validator} ({self.checked_by})" if self.checked_by else self.validator
 
     def summary(self) -> str:
         return "ok" if self.ok else "; ".join(self.messages)
@@ -218,31 +225,35 @@ def validate_yaml_mapping(text: str) -> Verdict:
 # ------------------------------------------------------------------ kickstart (Rocky)
 
 
-def validate_kickstart(text: str, expected: Expected | None = None) -> Verdict:
-    """pykickstart with the RHEL 9 handler, errors fatal; deprecation warnings count as errors too.
+def validate_kickstart(text: str, expected: Expected | None = None, *, handler: str) -> Verdict:
+    """pykickstart with the release's handler (`RHEL10`, chosen by release_validators.py), errors
+    fatal; deprecation warnings count as errors too (the next release removes what this one deprecates).
 
     Then the round trip: user name, crypted password and DHCP networking must parse back.
     """
-    from pykickstart.errors import KickstartError
+    from pykickstart.errors import KickstartError, KickstartVersionError
     from pykickstart.parser import KickstartParser
-    from pykickstart.version import RHEL9, makeVersion
+    from pykickstart.version import makeVersion, stringToVersion
 
     name = "kickstart"
-    handler = makeVersion(RHEL9)
-    parser = KickstartParser(handler, errorsAreFatal=True, missingIncludeIsFatal=True)
+    try:
+        commands = makeVersion(stringToVersion(handler))
+    except KickstartVersionError:
+        raise ValidatorUnavailable(f"the installed pykickstart has no {handler} handler") from None
+    parser = KickstartParser(commands, errorsAreFatal=True, missingIncludeIsFatal=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             parser.readKickstartFromString(text)
         except KickstartError as exc:
-            return _verdict(name, [f"pykickstart (RHEL9): {' '.join(str(exc).split())}"])
+            return _verdict(name, [f"pykickstart ({handler}): {' '.join(str(exc).split())}"])
     messages = [
-        f"pykickstart (RHEL9) warning: {' '.join(str(w.message).split())}"
+        f"pykickstart ({handler}) warning: {' '.join(str(w.message).split())}"
         for w in caught
         if w.category.__module__.startswith("pykickstart") or "kickstart" in w.category.__name__.lower()
     ]
     if expected is not None and not messages:
-        messages += _kickstart_round_trip(handler, expected)
+        messages += _kickstart_round_trip(commands, expected)
     return _verdict(name, messages)
 
 

@@ -38,8 +38,8 @@ def test_validate_renders_and_packer_validates(tmp_path):
     proc = cli("validate", "debian-12", "rocky-9", PACKER_INSTALL_PASSWORD="pw-for-validate",
                PACKER_ASSETS_ROOT=str(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "ok   debian-12: 1 file(s) [preseed], packer validate" in proc.stdout
-    assert "ok   rocky-9: 1 file(s) [kickstart], packer validate" in proc.stdout
+    assert "ok   debian-12: 1 file(s) [preseed (debconf-set-selections Debian 12)], packer validate" in proc.stdout
+    assert "ok   rocky-9: 1 file(s) [kickstart (pykickstart RHEL9)], packer validate" in proc.stdout
     assert (tmp_path / "output/rendered/rocky-9/ks.cfg").exists()
     assert "pw-for-validate" not in proc.stdout + proc.stderr
 
@@ -53,6 +53,23 @@ def test_validate_reports_a_broken_packer_template(tmp_path):
                PYTHONPATH=str(REPO))
     assert proc.returncode == 1
     assert "FAIL rocky-9: packer validate" in proc.stdout
+
+
+def test_validate_fails_a_key_whose_release_has_no_validator(tmp_path):
+    """rocky-12: the installed pykickstart has no RHEL12 handler, so nothing could check its kickstart: the key
+    FAILs with one line naming it, its release and what is missing, and the command exits non-zero (make validate)."""
+    from importlib.metadata import version
+
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text((REPO / "templates/catalog.yaml").read_text().replace("key: rocky-9\n", "key: rocky-12\n"))
+    proc = cli("validate", "rocky-12", "--catalog", str(catalog), PACKER_INSTALL_PASSWORD="pw-1234",
+               PACKER_ASSETS_ROOT=str(tmp_path))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    line = (f"FAIL rocky-12: render: rocky-12: no kickstart validator for Rocky 12: pykickstart {version('pykickstart')} "
+            "has no RHEL12 handler")
+    assert line in proc.stdout.splitlines(), proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr and "pw-1234" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "output/rendered/rocky-12/ks.cfg").exists()
 
 
 def test_validate_names_a_missing_password(tmp_path):

@@ -106,33 +106,33 @@ def test_autoinstall_without_schemas_is_unavailable_not_ok(rendered, tmp_path):
 
 def test_kickstart_accepts_the_shipped_render(rendered):
     files, context = rendered["rocky-9"]
-    verdict = validate_kickstart(files["ks.cfg"], Expected(user="packer", password_hash=context["password_hash"]))
+    verdict = validate_kickstart(files["ks.cfg"], Expected(user="packer", password_hash=context["password_hash"]), handler="RHEL9")
     assert verdict.ok, verdict.messages
 
 
 def test_kickstart_rejects_an_unknown_command(rendered):
     text = rendered["rocky-9"][0]["ks.cfg"].replace("firstboot --disabled", "frstboot --disabled")
-    _one(validate_kickstart(text), "RHEL9", "Unknown command: frstboot")
+    _one(validate_kickstart(text, handler="RHEL9"), "RHEL9", "Unknown command: frstboot")
 
 
 def test_kickstart_rejects_a_bad_option(rendered):
     text = rendered["rocky-9"][0]["ks.cfg"].replace("autopart --type=lvm", "autopart --type=lvn")
-    _one(validate_kickstart(text), "RHEL9", "line")
+    _one(validate_kickstart(text, handler="RHEL9"), "RHEL9", "line")
 
 
 def test_kickstart_deprecations_count_as_failures(rendered):
     text = rendered["rocky-9"][0]["ks.cfg"].replace("timezone Etc/UTC --utc", "timezone Etc/UTC --isUtc")
-    _one(validate_kickstart(text), "warning", "--isUtc")
+    _one(validate_kickstart(text, handler="RHEL9"), "warning", "--isUtc")
 
 
 def test_kickstart_round_trip_checks_user_hash_and_dhcp(rendered):
     files, context = rendered["rocky-9"]
     text = files["ks.cfg"]
     good = Expected(user="packer", password_hash=context["password_hash"])
-    _one(validate_kickstart(text.replace(" --iscrypted", ""), good), "round trip", "--iscrypted")
-    _one(validate_kickstart(text, Expected(user="nobody")), "round trip", "install user")
+    _one(validate_kickstart(text.replace(" --iscrypted", ""), good, handler="RHEL9"), "round trip", "--iscrypted")
+    _one(validate_kickstart(text, Expected(user="nobody"), handler="RHEL9"), "round trip", "install user")
     static = text.replace("--bootproto=dhcp", "--bootproto=static --ip=192.0.2.10 --netmask=255.255.255.0 --gateway=192.0.2.1")
-    _one(validate_kickstart(static, good), "round trip", "dhcp")
+    _one(validate_kickstart(static, good, handler="RHEL9"), "round trip", "dhcp")
 
 
 # ------------------------------------------------------------------ preseed
