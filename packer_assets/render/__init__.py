@@ -3,6 +3,8 @@
 - `render_unattended(entry, env, out_dir)` -> `RenderResult`: render, validate, then write.
 - `build_answer_iso(files, path)` -> (path, sha256): the Windows answer ISO (pycdlib, Joliet).
 - `validate_*`: one function per format, each returning a `Verdict`.
+- `validator_for(entry, schema_dir)` -> `ReleaseValidator`: which upstream validator, and which release of
+  it, checks the key (`NoValidator`, one line, when its release has none).
 """
 
 from packer_assets.render.answer_iso import build_answer_iso, read_iso
@@ -23,6 +25,7 @@ from packer_assets.render.passwords import (
     windows_decode,
     windows_encode,
 )
+from packer_assets.render.release_validators import NoValidator, ReleaseValidator, validator_for
 from packer_assets.render.validators import (
     Expected,
     ValidatorUnavailable,
@@ -37,7 +40,9 @@ from packer_assets.render.validators import (
 __all__ = [
     "ANSWER_ISO_NAME",
     "Expected",
+    "NoValidator",
     "PasswordError",
+    "ReleaseValidator",
     "RenderError",
     "RenderResult",
     "RenderedFile",
@@ -55,6 +60,7 @@ __all__ = [
     "validate_autounattend",
     "validate_kickstart",
     "validate_preseed",
+    "validator_for",
     "verify_sha512_crypt",
     "windows_decode",
     "windows_encode",
