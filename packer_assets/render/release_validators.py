@@ -7,15 +7,17 @@ The one place that answers it (`validator_for`), from the OS release the key ins
   `schemas/` (or `$PACKER_ASSETS_SCHEMA_DIR`); no such file, no validator.
 - rocky N: pykickstart's `RHEL<N>` handler (Rocky N is a rebuild of RHEL N); a release the installed
   pykickstart has no handler for, no validator.
-- debian: `debconf-set-selections -c` for the releases in `DEBCONF_RELEASES`. Its parser is
-  release-independent: it reads the line format `<owner> <question> <type> <value>` (comments,
-  backslash continuations) and the debconf types, neither of which depends on the release being
-  installed; the question names are the installer's, and it checks none of them (it makes a dummy
-  template for each). What was checked for trixie (13): the trixie installation guide (appendix B.3)
-  gives the same line format and rules as bookworm's (one space or tab between type and value,
-  backslash continuation, `#_preseed_V1` as the recommended first line, already in bookworm's guide),
-  and d-i reads the file with the same `debconf-set-selections` format. A release outside the set
-  has not been checked that way, so it gets no validator rather than an unchecked "ok".
+- debian: `debconf-set-selections -c` (the host's, from Debian's `debconf`) for the releases in
+  `DEBCONF_RELEASES`. Its check is release-independent: it parses the line format
+  `<owner> <question> <type> <value>` (comments, backslash continuations) and the debconf types, none
+  of which depends on the release being installed; the question names are the installer's, and it
+  checks none of them (it makes a dummy template for each). What was checked for trixie (13): its
+  installation guide (appendix B.3, "for trixie") still defines the file as "the format used by the
+  debconf-set-selections command" with bookworm's rules (one space or tab between type and value,
+  backslash continuation joins lines, `#_preseed_V1` as the recommended first line, already in
+  bookworm's guide), and d-i loads it with its own `debconf-set-selections` (the `preseed` udeb).
+  Not checked: trixie's debconf 1.5.91 itself (a bookworm host runs 1.5.82). A release outside the
+  set has not been looked at, so it gets no validator rather than an unchecked "ok".
 - windows: the lxml unattend checks (the `urn:schemas-microsoft-com:unattend` namespace, the passes,
   the component attributes) for the releases in `UNATTEND_RELEASES`: Windows Setup of Server 2022 and
   2025 reads the same answer-file format.
