@@ -99,6 +99,10 @@ def test_every_render_is_recorded_and_a_build_serves_its_record_only(setup):
     record = layout.output_root / "output/state/render/debian-12.json"
     run(setup, reuse=False)
     assert json.loads(record.read_text())["render_key"] is None  # never reused: packer-assets validate's
+    # which upstream validator and release checked each file, for the proof to name
+    assert json.loads(record.read_text())["metadata"]["files"]["preseed.cfg"]["validated_by"] == [
+        "debconf-set-selections Debian 12"
+    ]
     folder = layout.rendered_dir("debian-12")
     (folder / "evil.cfg").write_text("x\n")
     served = served_render(layout, "debian-12", folder)
