@@ -4,7 +4,8 @@ The one place that answers it (`validator_for`), from the OS release the key ins
 (`entry.expected_os`: the catalog's `expect_os`, else what the key names):
 
 - ubuntu: the subiquity autoinstall schema the entry names (`autoinstall_schema`), a file shipped in
-  `schemas/` (or `$PACKER_ASSETS_SCHEMA_DIR`); no such file, no validator.
+  `schemas/` (or `$PACKER_ASSETS_SCHEMA_DIR`); no such file, or a schema of another release than the
+  key installs (24.04.1's for 26.04), no validator.
 - rocky N: pykickstart's `RHEL<N>` handler (Rocky N is a rebuild of RHEL N); a release the installed
   pykickstart has no handler for, no validator.
 - debian: `debconf-set-selections -c` (the host's, from Debian's `debconf`) for the releases in
@@ -85,6 +86,12 @@ def _ubuntu(release: _Release) -> ReleaseValidator:
     if not tag:
         raise release.refuse(
             "autoinstall", "autoinstall_schema: missing; name the Subiquity release of the ISO (like 26.04)"
+        )
+    if release.version and ".".join(tag.split(".")[:2]) != release.version:
+        # 24.04's schema lacks keys 26.04 knows (and the reverse): a file valid under the wrong one proves little
+        raise release.refuse(
+            "autoinstall",
+            f"autoinstall_schema {tag} is another release's schema; name {release.version}'s (like {release.version})",
         )
     path = autoinstall_schema_path(release.schema_dir, tag)
     if not path.is_file():

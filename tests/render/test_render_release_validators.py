@@ -108,6 +108,13 @@ NO_VALIDATOR = [
         "ubuntu-2604: no autoinstall validator for Ubuntu "
         "26.04: autoinstall_schema: missing; name the Subiquity release of the ISO (like 26.04)",
     ),
+    (
+        "ubuntu-2404",
+        "ubuntu-2604",
+        {"autoinstall_schema": "24.04.1"},
+        "ubuntu-2604: no autoinstall validator for Ubuntu 26.04: autoinstall_schema 24.04.1 is another "
+        "release's schema; name 26.04's (like 26.04)",
+    ),
 ]
 
 
