@@ -213,6 +213,7 @@ def plan_build(
         description=description,
         tags=tuple(template_tags(entry.key)),
         boot_wait=settings.boot_wait,
+        cpu_type=entry.hardware.cpu_type,
     )
 
 

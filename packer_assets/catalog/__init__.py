@@ -15,7 +15,10 @@ Rules the models enforce beyond plain types (documented here because they are ch
   the last segment of the URL path and must end in `.iso`;
 - `hardware`: `efi: true` <=> `bios: ovmf` (a template booted by OVMF needs an EFI vars disk to
   keep its boot entries); `tpm: true` requires `bios: ovmf`; windows families need a `w*` os_type,
-  the others a Linux/other one;
+  the others a Linux/other one; `cpu_type` is a Proxmox CPU type (`cpu.py`; default `host`, the node's own);
+- the VM fits the entry's OS release (`fit.py`, docs/vm-requirements.md): a CPU type at or above the release's
+  x86-64 level (never a 32-bit or ARM one; `host`, `max`, `custom-*` are not judged), the release's Proxmox
+  `os_type`, and UEFI where the release's template needs it (Windows Server 2025);
 - `vmid_range` lies within 100..999999999, first <= last, holds at least `retention + 1` VMIDs
   (the new template is built beside the kept ones), and no two entries' ranges overlap;
 - `install_user.password_env` is the NAME of an environment variable, never the password; error
@@ -33,8 +36,8 @@ the mirror, when the catalog is loaded: such an ISO has neither `checksum` nor `
 its `effective_checksum_url` is that file and `checksum_source` says so; checksum files the catalog
 names stay.
 
-The schema is `models.py`, loading and error gathering `loader.py`. No Dagster import here: this is the
-ground floor.
+The schema is `models.py`, loading and error gathering `loader.py`, CPU types `cpu.py`, the fit check `fit.py`.
+No Dagster import here: this is the ground floor.
 """
 
 from packer_assets.catalog.loader import (  # noqa: F401 - the catalog's public names, importable from packer_assets.catalog
@@ -68,6 +71,7 @@ from packer_assets.catalog.models import (  # noqa: F401 - the catalog's public 
     CatalogError,
     ChecksumText,
     Cores,
+    CpuType,
     Defaults,
     DiskSize,
     EnvName,

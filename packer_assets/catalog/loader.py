@@ -14,6 +14,7 @@ from typing import Any, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from packer_assets.catalog.fit import fit_lines
 from packer_assets.catalog.models import (
     CATALOG_ENV,
     CATALOG_VERSION,
@@ -351,6 +352,8 @@ def load_catalog(
                 errors.append(
                     f"{display}: {entry.key}: {where}.keyring: file {iso.keyring} does not exist under {project_path}"
                 )
+    for entry in entries.values():  # the VM can run its release (a CPU level, firmware, OS type)
+        errors.extend(fit_lines(display, entry))
     if errors:
         raise CatalogError("\n".join(errors))
     if mirror_checksums:

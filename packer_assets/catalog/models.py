@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from packer_assets.catalog.cpu import DEFAULT_CPU_TYPE, check_cpu_type
 from packer_assets.errors import ConfigError
 from packer_assets.upstream.digests import Checksum
 
@@ -271,6 +272,8 @@ MemoryMiB = Annotated[int, Field(ge=256)]
 DiskSize = Annotated[str, Field(pattern=r"^[1-9][0-9]*[MGT]$")]  # Proxmox size: 32G, 512M, 1T
 Machine = Annotated[str, Field(pattern=r"^(pc|q35|pc-(i440fx|q35)-\d+\.\d+(\+pve\d+)?)$")]
 Bios = Literal["seabios", "ovmf"]
+# Proxmox's VM `cpu` type (catalog/cpu.py): x86-64-v2-AES, x86-64-v3, host, Haswell, custom-<name>, ...
+CpuType = Annotated[str, AfterValidator(check_cpu_type)]
 UserName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")]
 SubiquityRelease = Annotated[str, Field(pattern=r"^\d{2}\.\d{2}(\.\d+)?$")]
 
@@ -406,6 +409,8 @@ class Hardware(_Model):
     tpm: bool = False
     machine: Machine | None = None
     os_type: OsType
+    # host: the node's own CPU, what every build used before this field; PVE's own default is kvm64
+    cpu_type: CpuType = DEFAULT_CPU_TYPE
 
     @model_validator(mode="after")
     def _firmware(self) -> Hardware:
@@ -430,6 +435,7 @@ class HardwareDefaults(_Model):
     tpm: bool | None = None
     machine: Machine | None = None
     os_type: OsType | None = None
+    cpu_type: CpuType | None = None
 
 
 class VmidRange(_Model):

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from packer_assets.catalog import TemplateEntry
+from packer_assets.catalog.cpu import DEFAULT_CPU_TYPE
 from packer_assets.errors import ConfigError
 from packer_assets.evidence.layout import sha256_file
 from packer_assets.packer.version import (
@@ -106,7 +107,7 @@ class BuildPlan:
     tags: tuple[str, ...] = ()
     boot_wait: str | None = None  # None: the family's default
     boot_command: tuple[str, ...] | None = None
-    cpu_type: str = "host"
+    cpu_type: str = DEFAULT_CPU_TYPE  # the catalog's hardware.cpu_type (plan_build)
     insecure_skip_tls_verify: bool = False
 
 

@@ -45,6 +45,7 @@ from proxmoxer.core import ResourceException
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from packer_assets.catalog import TOOL_TAG_NAMESPACE, TemplateEntry, VmidRange
+from packer_assets.catalog.cpu import DEFAULT_CPU_TYPE
 from packer_assets.errors import OperationError
 from packer_assets.pve.client import PveApi
 from packer_assets.pve.tasks import TASK_TIMEOUT, TaskError, run_task, said
@@ -448,10 +449,13 @@ NOT_BUILD_INPUTS = frozenset({"retention", "work_dirs", "expect_os", "smoke"})
 
 def catalog_entry_json(entry: TemplateEntry) -> str:
     """The entry as canonical JSON (sorted keys), without NOT_BUILD_INPUTS. The ISO mirror is not part
-    of it either (a private attribute): fetching the same ISO elsewhere does not make a template old."""
-    return json.dumps(
-        entry.model_dump(mode="json", exclude=set(NOT_BUILD_INPUTS)), sort_keys=True, separators=(",", ":")
-    )
+    of it either (a private attribute): fetching the same ISO elsewhere does not make a template old.
+    hardware.cpu_type is left out while it is `host`: every build before the field ran on host, so a
+    template built then has the same inputs, not older ones."""
+    data = entry.model_dump(mode="json", exclude=set(NOT_BUILD_INPUTS))
+    if data["hardware"].get("cpu_type") == DEFAULT_CPU_TYPE:
+        del data["hardware"]["cpu_type"]
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
 def input_fingerprint(

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from support.packer import PACKER, REPO, catalog, plan_for
 
+from packer_assets.build.pipeline import BuildSettings, plan_build
 from packer_assets.packer.env import packer_env, validate_env
 from packer_assets.packer.runner import packer_validate
 from packer_assets.packer.version import BuildCredentials, capabilities_for
@@ -113,6 +114,20 @@ def test_the_var_file_holds_every_variable_and_the_template_declares_them(tmp_pa
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("cpu_type", [None, "x86-64-v2-AES"])
+def test_the_catalog_cpu_type_reaches_the_var_file(tmp_path, cpu_type):
+    """hardware.cpu_type goes through plan_build (the one BuildPlan of builds) to packer's cpu_type; unset, host."""
+    entry = catalog().get("rocky-9")
+    if cpu_type:
+        entry = entry.model_copy(update={"hardware": entry.hardware.model_copy(update={"cpu_type": cpu_type})})
+    plan = plan_build(entry, BuildSettings(), vmid=entry.vmid_range.first, name=f"{entry.key}-20250101000000",
+                      node="pve1", iso_volid=f"local:iso/{entry.iso.filename}", vm_storage="local-lvm",
+                      vm_storage_type="lvmthin", bridge="vmbr0", http_bind_address=None, http_port=8802)
+    wd = prepare_workdir(tmp_path / "work", entry, plan, OLD, project_dir=REPO, http_dir=rendered(tmp_path, "rocky"),
+                         secrets=SECRETS)
+    assert json.loads((wd.path / VAR_FILE).read_text())["cpu_type"] == (cpu_type or "host")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -155,6 +155,16 @@ def test_fingerprint_is_canonical(entry):
     assert catalog_entry_json(mirrored) == catalog_entry_json(entry)
 
 
+def test_a_host_cpu_type_keeps_the_fingerprint_of_builds_before_the_field(entry):
+    """Every build before hardware.cpu_type ran on host: its entry JSON had no cpu_type, and a host entry's has
+    none either (no rebuild of every template for the new field); another CPU type is another build."""
+    assert entry.hardware.cpu_type == "host"
+    assert "cpu_type" not in json.loads(catalog_entry_json(entry))["hardware"]
+    kvm = entry.model_copy(update={"hardware": entry.hardware.model_copy(update={"cpu_type": "x86-64-v3"})})
+    assert json.loads(catalog_entry_json(kvm))["hardware"]["cpu_type"] == "x86-64-v3"
+    assert catalog_entry_json(kvm) != catalog_entry_json(entry)
+
+
 def test_up_to_date_compares_with_the_promoted_template(api, entry):
     assert is_up_to_date(api, entry.key, "a" * 64) == (False, None)
     vm = create_vm(api, 9100, name=template_name(entry.key, day(1)))

@@ -28,7 +28,7 @@ def plan_for(entry: TemplateEntry, **over) -> BuildPlan:
                   iso_file=f"local:iso/{entry.iso.filename}", vm_storage="local-lvm", vm_storage_type="lvmthin",
                   bridge="vmbr0", http_bind_address=None, http_port_min=8802, http_port_max=8812,
                   ssh_username=entry.install_user.name, extra_iso_files=extra,
-                  description=f"packer-assets {entry.key}", tags=tuple(entry.tags))
+                  description=f"packer-assets {entry.key}", tags=tuple(entry.tags), cpu_type=entry.hardware.cpu_type)
     values.update(over)
     return BuildPlan(**values)
 
