@@ -113,6 +113,17 @@ class _UniqueKeys(yaml.constructor.SafeConstructor):
         mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
         return mapping
 
+    def construct_yaml_timestamp(self, node: yaml.ScalarNode) -> Any:
+        """A YAML date that is no day of the calendar (`eol: 2027-02-30`) stays its text, so the field's own
+        check names key and field; PyYAML would raise a bare ValueError (a traceback, no line)."""
+        try:
+            return super().construct_yaml_timestamp(node)
+        except ValueError:
+            return self.construct_scalar(node)
+
+
+_UniqueKeys.add_constructor("tag:yaml.org,2002:timestamp", _UniqueKeys.construct_yaml_timestamp)
+
 
 class _UniqueKeyLoader(_UniqueKeys, yaml.SafeLoader):
     """The pure-Python safe loader: its error messages are the ones users see."""
