@@ -14,6 +14,8 @@ from packer_assets.build.pipeline import (
     render_and_validate,
 )
 from packer_assets.build.repair import ensure_proof, repair_proofs, sweep_idle_keys
+from packer_assets.catalog.eol import end_of_life
+from packer_assets.catalog.models import TemplateEntry
 from packer_assets.defs.partitions import catalog, key_check, template_partitions
 from packer_assets.defs.recovery import recover
 from packer_assets.defs.resources import PackerSettings, ProjectSettings, ProxmoxBootstrap
@@ -357,6 +359,14 @@ TEMPLATE_CHECKS = [
         "PACKER_ASSETS_ALLOW_DEGRADED=1). Each reason is in the evaluation, in proof.json `warnings` and in "
         "the proof README's Warnings section.",
     ),
+    key_check(
+        "end_of_life",
+        "template",
+        description="Warns (severity WARN, never blocks) when the key's OS release is past the end-of-life date "
+        "the catalog names (`eol`, the last day upstream supports it): evaluated by every build and by an "
+        "up-to-date run that keeps the promoted template. Passes before that date (the date in its metadata) and "
+        "when the catalog names none (optional: a site's own entry may have none to give).",
+    ),
 ]
 
 
@@ -393,7 +403,7 @@ def template(
 ):
     if dg.AssetKey("template") not in context.selected_asset_keys:  # can_subset lets the UI offer a check alone
         raise dg.Failure(
-            "smoke_test and degraded are evaluated by a build: materialize template (job "
+            "smoke_test, degraded and end_of_life are evaluated by a build: materialize template (job "
             "rebuild_template, or rebuild_template_forced for a key that is up to date)"
         )
     key, layout = hold_partition(context, project)
@@ -460,6 +470,7 @@ def template(
     if outcome.skipped:
         tag_outcome(context, UP_TO_DATE)
         yield up_to_date_observation(context, layout, access.connect(), key, meta)
+        yield end_of_life_check(entry)  # keeping a template is a choice too: past its date, it warns
         return
     meta.update(
         name=outcome.name,
@@ -468,7 +479,7 @@ def template(
         log_tail=log_tail(outcome.log_file),
         warnings=dg.MetadataValue.json(outcome.warnings),
     )
-    degraded = degraded_check(key, outcome.warnings)
+    degraded, eol = degraded_check(key, outcome.warnings), end_of_life_check(entry)
     if outcome.smoke_error:
         tag_outcome(context, FAILED)
         context.log.error(f"[{chain}] smoke test failed, new template destroyed: {outcome.smoke_error}")
@@ -480,7 +491,7 @@ def template(
         )
         yield dg.MaterializeResult(
             metadata={**meta, "outcome": FAILED, "promoted": False},
-            check_results=[smoke, degraded],
+            check_results=[smoke, degraded, eol],
             data_version=dg.DataVersion(outcome.input_fingerprint),
         )
         return
@@ -512,7 +523,7 @@ def template(
         },
     )
     yield dg.MaterializeResult(
-        metadata=meta, check_results=[smoke, degraded], data_version=dg.DataVersion(outcome.input_fingerprint)
+        metadata=meta, check_results=[smoke, degraded, eol], data_version=dg.DataVersion(outcome.input_fingerprint)
     )
 
 
@@ -567,6 +578,24 @@ def degraded_check(key: str, warnings: list[str]) -> dg.AssetCheckResult:
         severity=dg.AssetCheckSeverity.WARN,
         description=f"{key}: degraded build, {len(gaps)} gap(s): " + "; ".join(gaps),
         metadata={"gaps": dg.MetadataValue.md("\n".join(f"- {g}" for g in gaps))},
+    )
+
+
+def end_of_life_check(entry: TemplateEntry) -> dg.AssetCheckResult:
+    """Fails (WARN) when the key is past the catalog's eol as of today (catalog.eol.today, the one clock);
+    passes with the date, or saying the catalog names none."""
+    found = end_of_life(entry.key, entry.eol)
+    advice = ": the template still builds and stays promoted; move to a supported release" if found.past else ""
+    return dg.AssetCheckResult(
+        check_name="end_of_life",
+        passed=not found.past,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=f"{entry.key}: {found.summary()}{advice}",
+        metadata={
+            "eol": found.eol.isoformat() if found.eol else "none",
+            "today": found.on.isoformat(),
+            "days_past": found.days_past,
+        },
     )
 
 
