@@ -15,6 +15,11 @@ EOL_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 NO_EOL = "no end-of-life date in the catalog"
 
 
+def days(count: int) -> str:
+    """`1 day`, `3 days`."""
+    return f"{count} day{'' if count == 1 else 's'}"
+
+
 def today() -> date:
     """Today's date in UTC: the one clock every end-of-life decision reads (tests replace it)."""
     return datetime.now(UTC).date()
@@ -58,8 +63,8 @@ class EndOfLife:
         if self.eol is None:
             return NO_EOL
         if self.past:
-            return f"past end of life since {self.eol.isoformat()} ({self.days_past} days on {self.on.isoformat()})"
-        return f"end of life {self.eol.isoformat()} ({(self.eol - self.on).days} days left on {self.on.isoformat()})"
+            return f"past end of life since {self.eol.isoformat()} ({days(self.days_past)} on {self.on.isoformat()})"
+        return f"end of life {self.eol.isoformat()} ({days((self.eol - self.on).days)} left on {self.on.isoformat()})"
 
     def facts(self) -> dict[str, Any]:
         """What a build record and its proof keep: the date, whether it was past and by how many days."""

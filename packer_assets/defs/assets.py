@@ -385,7 +385,8 @@ TEMPLATE_CHECKS = [
             "`packer-assets-latest`) and older ones pruned to the retention count. Each materialization is one new "
             "template, with the last lines of its build log.\n\n"
             "**A run is a no-op when the key is up to date**: when the promoted template was built from the same "
-            "inputs, nothing is built or materialized (an observation says so), template_proof is skipped and the run's "
+            "inputs, nothing is built or materialized (an observation says so; end_of_life is evaluated again, the "
+            "template being kept), template_proof is skipped and the run's "
             "tag `packer-assets/outcome` says `up-to-date` (`built` or `failed` otherwise). To build anyway: the job "
             "`rebuild_template_forced` (config `force: true`).",
         )

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from packer_assets.catalog.eol import days
 from packer_assets.evidence.chain import CHAIN_RE, parse_chain_id
 from packer_assets.evidence.layout import BUILD_LOG_NAME, Layout, sha256_file, write_proof_bundle
 from packer_assets.evidence.registry import REGISTRY_SCHEMA_FILE, registry_schema
@@ -125,7 +126,7 @@ class EndOfLifeRef(_Model):
         if self.date is None:
             return "none in the catalog"
         if self.past:
-            return f"past end of life since {self.date.isoformat()} ({self.days_past} days at build time)"
+            return f"past end of life since {self.date.isoformat()} ({days(self.days_past)} at build time)"
         return f"{self.date.isoformat()} (not past at build time)"
 
 
