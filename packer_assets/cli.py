@@ -303,9 +303,15 @@ def _plan(args: argparse.Namespace) -> int:
     if args.keys_only:
         print(" ".join(plan.to_run))
     elif args.json:
-        print(json.dumps([{"key": k.key, "run": k.run, "reason": k.reason} for k in plan.keys], indent=2))
-    else:
-        print("\n".join(f"{'run ' if k.run else 'skip'} {k.key}: {k.reason}" for k in plan.keys))
+        print(
+            json.dumps([{"key": k.key, "run": k.run, "reason": k.reason, "note": k.note} for k in plan.keys], indent=2)
+        )
+    else:  # a key past its end of life says so beside its decision (a note: it decides nothing)
+        print(
+            "\n".join(
+                f"{'run ' if k.run else 'skip'} {k.key}: {k.reason}{f'; {k.note}' if k.note else ''}" for k in plan.keys
+            )
+        )
         print(plan.summary())
     return 0
 

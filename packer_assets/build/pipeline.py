@@ -31,6 +31,7 @@ from packer_assets import __version__
 from packer_assets.build.plan import SourceDigests, iso_checksums, plan_fingerprint, plan_key, record_plan, render_key
 from packer_assets.build.vmwatch import POLL_INTERVAL, VmWatch, WatchedVm
 from packer_assets.catalog import TemplateEntry, load_catalog
+from packer_assets.catalog.eol import end_of_life
 from packer_assets.config.settings import guest_note, parse_ssh_ports
 from packer_assets.errors import OperationError, PackerAssetsError
 from packer_assets.evidence.chain import ChainId, log_header, parse_chain_id
@@ -38,6 +39,7 @@ from packer_assets.evidence.layout import BUILD_RECORD_NAME, Layout, Redactor, R
 from packer_assets.evidence.proof import (
     BuildProof,
     CheckResult,
+    EndOfLifeRef,
     IsoRef,
     PackageChanges,
     SbomRef,
@@ -599,6 +601,7 @@ def build_record(
         "warnings": smoked.warnings,
         "sbom": smoked.sbom,
         "guest": guest_note(job.settings.guest_notes, key),
+        "eol": end_of_life(key, job.entry.eol).facts(),  # as the end_of_life check saw it at this build
     }
 
 
@@ -872,6 +875,7 @@ def write_proof(layout: Layout, record: dict[str, Any], log_file: Path, signer: 
         sbom=sbom_ref,
         warnings=record.get("warnings", []),
         guest=record.get("guest"),
+        eol=EndOfLifeRef(**record["eol"]) if record.get("eol") else None,
     )
     with recorded_log(Path(log_file), record.get("log_bytes")) as log_copy:
         proof_dir = write_build_proof(layout, proof, log_copy, sbom_file, signer)

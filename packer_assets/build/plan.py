@@ -29,6 +29,7 @@ from typing import Any
 
 from packer_assets import __version__
 from packer_assets.catalog import TemplateEntry
+from packer_assets.catalog.eol import end_of_life
 from packer_assets.evidence.layout import Layout, atomic_write
 from packer_assets.pve.templates import catalog_entry_json
 from packer_assets.upstream.digests import Checksum
@@ -158,6 +159,7 @@ class KeyPlan:
     key: str
     run: bool
     reason: str
+    note: str = ""  # past the catalog's end of life: since when (the end_of_life check warns)
 
 
 @dataclass
@@ -201,6 +203,34 @@ def read_plan_state(layout: Layout, key: str) -> dict[str, Any] | None:
         return None
 
 
+@dataclass(frozen=True)
+class _Known:
+    """What every key's decision reads: the sources' digests, the HMAC key, the checksums observed upstream."""
+
+    sources: SourceDigests
+    key: bytes
+    observed: dict[str, str]
+
+
+def _run_or_not(
+    layout: Layout, entry: TemplateEntry, env: Mapping[str, str], known: _Known, promoted: Mapping[str, int] | None
+) -> tuple[bool, str]:
+    """Whether the key needs a run, and why."""
+    sources, key, observed = known.sources, known.key, known.observed
+    state = read_plan_state(layout, entry.key)
+    if state is None:
+        return True, "no build recorded here"
+    isos = iso_checksums(entry, observed, known=_parse_isos(state.get("isos")))
+    if plan_fingerprint(entry, env, sources, key, isos) != state.get("plan_fingerprint"):
+        return True, "inputs changed (catalog, templates, ISO or secrets)"
+    if promoted is not None and promoted.get(entry.key) != state.get("vmid"):
+        now = promoted.get(entry.key)
+        return True, (
+            f"template {state.get('vmid')} is no longer the promoted one ({'none is' if now is None else f'{now} is'})"
+        )
+    return False, f"up to date: template {state.get('vmid')}"
+
+
 def plan_runs(
     layout: Layout,
     entries: Iterable[TemplateEntry],
@@ -210,26 +240,9 @@ def plan_runs(
 ) -> Plan:
     """Which keys need a run. `promoted`: key -> VMID of the promoted template as the node says now
     (one /cluster/resources call), or None when the node could not be asked (the state is trusted)."""
-    sources, key, observed, plan = SourceDigests(project_dir), plan_key(layout), read_observed(layout), Plan()
+    known, plan = _Known(SourceDigests(project_dir), plan_key(layout), read_observed(layout)), Plan()
     for entry in entries:
-        state = read_plan_state(layout, entry.key)
-        if state is None:
-            plan.keys.append(KeyPlan(entry.key, True, "no build recorded here"))
-            continue
-        isos = iso_checksums(entry, observed, known=_parse_isos(state.get("isos")))
-        fingerprint = plan_fingerprint(entry, env, sources, key, isos)
-        if fingerprint != state.get("plan_fingerprint"):
-            plan.keys.append(KeyPlan(entry.key, True, "inputs changed (catalog, templates, ISO or secrets)"))
-        elif promoted is not None and promoted.get(entry.key) != state.get("vmid"):
-            now = promoted.get(entry.key)
-            plan.keys.append(
-                KeyPlan(
-                    entry.key,
-                    True,
-                    f"template {state.get('vmid')} is no longer the promoted one "
-                    f"({'none is' if now is None else f'{now} is'})",
-                )
-            )
-        else:
-            plan.keys.append(KeyPlan(entry.key, False, f"up to date: template {state.get('vmid')}"))
+        run, reason = _run_or_not(layout, entry, env, known, promoted)
+        found = end_of_life(entry.key, entry.eol)  # a note, never a reason: an end of life rebuilds nothing
+        plan.keys.append(KeyPlan(entry.key, run, reason, found.summary() if found.past else ""))
     return plan

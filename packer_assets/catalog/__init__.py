@@ -24,6 +24,8 @@ Rules the models enforce beyond plain types (documented here because they are ch
 - `install_user.password_env` is the NAME of an environment variable, never the password; error
   messages never echo it;
 - `autoinstall_schema` (the Subiquity release whose autoinstall schema applies) is ubuntu-only;
+- `eol` (optional) is a date, `YYYY-MM-DD` (a YAML date or that string): a date and time, a trailing
+  newline or a day the calendar lacks is an error; it is not a build input (catalog/eol.py);
 - `tags` are Proxmox tags, lower-cased (PVE matches them without case), never one the tool sets itself
   (`packer-assets`, `packer-assets-*`: promotion, revocation, channels) nor another entry's key.
 

@@ -115,8 +115,21 @@ class _UniqueKeys(yaml.constructor.SafeConstructor):
         return mapping
 
 
+def _date_or_text(loader: Any, node: yaml.ScalarNode) -> Any:
+    """A YAML date that is no day of the calendar (`eol: 2027-02-30`) stays its text, so the field's own
+    check names key and field; PyYAML would raise a bare ValueError (a traceback, no line)."""
+    try:
+        return yaml.constructor.SafeConstructor.construct_yaml_timestamp(loader, node)
+    except ValueError:
+        return loader.construct_scalar(node)
+
+
 class _UniqueKeyLoader(_UniqueKeys, yaml.SafeLoader):
     """The pure-Python safe loader: its error messages are the ones users see."""
+
+
+TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
+_UniqueKeyLoader.add_constructor(TIMESTAMP_TAG, _date_or_text)
 
 
 # libyaml's C parser where PyYAML has it: ~7x faster on a large catalog, which the checksum sensor
@@ -126,6 +139,8 @@ if getattr(yaml, "__with_libyaml__", False):
 
     class _CUniqueKeyLoader(_UniqueKeys, yaml.CSafeLoader):
         """libyaml's parser with the safe constructor."""
+
+    _CUniqueKeyLoader.add_constructor(TIMESTAMP_TAG, _date_or_text)
 
     _FastUniqueKeyLoader = _CUniqueKeyLoader
 

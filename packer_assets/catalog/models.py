@@ -6,6 +6,7 @@ from __future__ import annotations
 import posixpath
 import re
 from collections.abc import Mapping
+from datetime import date
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, Self, get_args
 from urllib.parse import urlsplit
@@ -13,6 +14,7 @@ from urllib.parse import urlsplit
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -21,6 +23,7 @@ from pydantic import (
 )
 
 from packer_assets.catalog.cpu import DEFAULT_CPU_TYPE, check_cpu_type
+from packer_assets.catalog.eol import parse_eol
 from packer_assets.errors import ConfigError
 from packer_assets.upstream.digests import Checksum
 
@@ -276,6 +279,7 @@ Bios = Literal["seabios", "ovmf"]
 CpuType = Annotated[str, AfterValidator(check_cpu_type)]
 UserName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")]
 SubiquityRelease = Annotated[str, Field(pattern=r"^\d{2}\.\d{2}(\.\d+)?$")]
+EolDate = Annotated[date, BeforeValidator(parse_eol)]  # YAML 2028-06-30; a datetime or 'x\n' is refused
 
 
 class _Model(BaseModel):
@@ -610,6 +614,9 @@ class TemplateEntry(_Model):
     expect_os: ExpectedOs | None = None
     # the site's own smoke-test checks (guest_checks.py runs them after the family's)
     smoke: SmokeSpec | None = None
+    # the last day upstream supports the OS release (catalog/eol.py): past it, a build or a kept template
+    # warns (the end_of_life check), the registry and the proof say so; never blocks, never a build input
+    eol: EolDate | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> TemplateEntry:

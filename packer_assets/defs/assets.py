@@ -14,6 +14,8 @@ from packer_assets.build.pipeline import (
     render_and_validate,
 )
 from packer_assets.build.repair import ensure_proof, repair_proofs, sweep_idle_keys
+from packer_assets.catalog.eol import end_of_life
+from packer_assets.catalog.models import TemplateEntry
 from packer_assets.defs.partitions import catalog, key_check, template_partitions
 from packer_assets.defs.recovery import recover
 from packer_assets.defs.resources import PackerSettings, ProjectSettings, ProxmoxBootstrap
@@ -358,6 +360,14 @@ TEMPLATE_CHECKS = [
         "PACKER_ASSETS_ALLOW_DEGRADED=1). Each reason is in the evaluation, in proof.json `warnings` and in "
         "the proof README's Warnings section.",
     ),
+    key_check(
+        "end_of_life",
+        "template",
+        description="Warns (severity WARN, never blocks) when the key's OS release is past the end-of-life date "
+        "the catalog names (`eol`, the last day upstream supports it): evaluated by every build and by an "
+        "up-to-date run that keeps the promoted template. Passes before that date (the date in its metadata) and "
+        "when the catalog names none (optional: a site's own entry may have none to give).",
+    ),
 ]
 
 
@@ -376,7 +386,8 @@ TEMPLATE_CHECKS = [
             "`packer-assets-latest`) and older ones pruned to the retention count. Each materialization is one new "
             "template, with the last lines of its build log.\n\n"
             "**A run is a no-op when the key is up to date**: when the promoted template was built from the same "
-            "inputs, nothing is built or materialized (an observation says so), template_proof is skipped and the run's "
+            "inputs, nothing is built or materialized (an observation says so; end_of_life is evaluated again, the "
+            "template being kept), template_proof is skipped and the run's "
             "tag `packer-assets/outcome` says `up-to-date` (`built` or `failed` otherwise). To build anyway: the job "
             "`rebuild_template_forced` (config `force: true`).",
         )
@@ -394,7 +405,7 @@ def template(
 ):
     if dg.AssetKey("template") not in context.selected_asset_keys:  # can_subset lets the UI offer a check alone
         raise dg.Failure(
-            "smoke_test and degraded are evaluated by a build: materialize template (job "
+            "smoke_test, degraded and end_of_life are evaluated by a build: materialize template (job "
             "rebuild_template, or rebuild_template_forced for a key that is up to date)"
         )
     key, layout = hold_partition(context, project)
@@ -461,6 +472,7 @@ def template(
     if outcome.skipped:
         tag_outcome(context, UP_TO_DATE)
         yield up_to_date_observation(context, layout, access.connect(), key, meta)
+        yield end_of_life_check(entry)  # keeping a template is a choice too: past its date, it warns
         return
     meta.update(
         name=outcome.name,
@@ -469,7 +481,7 @@ def template(
         log_tail=log_tail(outcome.log_file),
         warnings=dg.MetadataValue.json(outcome.warnings),
     )
-    degraded = degraded_check(key, outcome.warnings)
+    degraded, eol = degraded_check(key, outcome.warnings), end_of_life_check(entry)
     if outcome.smoke_error:
         tag_outcome(context, FAILED)
         context.log.error(f"[{chain}] smoke test failed, new template destroyed: {outcome.smoke_error}")
@@ -481,7 +493,7 @@ def template(
         )
         yield dg.MaterializeResult(
             metadata={**meta, "outcome": FAILED, "promoted": False},
-            check_results=[smoke, degraded],
+            check_results=[smoke, degraded, eol],
             data_version=dg.DataVersion(outcome.input_fingerprint),
         )
         return
@@ -513,7 +525,7 @@ def template(
         },
     )
     yield dg.MaterializeResult(
-        metadata=meta, check_results=[smoke, degraded], data_version=dg.DataVersion(outcome.input_fingerprint)
+        metadata=meta, check_results=[smoke, degraded, eol], data_version=dg.DataVersion(outcome.input_fingerprint)
     )
 
 
@@ -568,6 +580,24 @@ def degraded_check(key: str, warnings: list[str]) -> dg.AssetCheckResult:
         severity=dg.AssetCheckSeverity.WARN,
         description=f"{key}: degraded build, {len(gaps)} gap(s): " + "; ".join(gaps),
         metadata={"gaps": dg.MetadataValue.md("\n".join(f"- {g}" for g in gaps))},
+    )
+
+
+def end_of_life_check(entry: TemplateEntry) -> dg.AssetCheckResult:
+    """Fails (WARN) when the key is past the catalog's eol as of today (catalog.eol.today, the one clock);
+    passes with the date, or saying the catalog names none."""
+    found = end_of_life(entry.key, entry.eol)
+    advice = ": the template still builds and stays promoted; move to a supported release" if found.past else ""
+    return dg.AssetCheckResult(
+        check_name="end_of_life",
+        passed=not found.past,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=f"{entry.key}: {found.summary()}{advice}",
+        metadata={
+            "eol": found.eol.isoformat() if found.eol else "none",
+            "today": found.on.isoformat(),
+            "days_past": found.days_past,
+        },
     )
 
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from packer_assets.catalog.eol import days
 from packer_assets.evidence.chain import CHAIN_RE, parse_chain_id
 from packer_assets.evidence.layout import BUILD_LOG_NAME, Layout, sha256_file, write_proof_bundle
 from packer_assets.evidence.registry import REGISTRY_SCHEMA_FILE, registry_schema
@@ -29,6 +30,7 @@ SCHEMA_FILE = Path("docs/schema/build-proof.schema.json")
 INIT_SCHEMA_FILE = Path("docs/schema/init-proof.schema.json")
 SCHEMA_VERSION: Literal[1] = 1
 
+Day = date  # the field EndOfLifeRef.date would shadow the type's name in its class
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="sha256, 64 lower-case hex digits")]
 
 
@@ -110,6 +112,24 @@ class SbomRef(_Model):
     )
 
 
+class EndOfLifeRef(_Model):
+    """The end of life of the key's OS release as the build saw it (the catalog's `eol` on the build's day)."""
+
+    date: Day | None = Field(
+        description="The catalog's `eol`: the last day upstream supports the OS release; null when it names none."
+    )
+    past: bool = Field(description="Whether the build ran after that day (the `end_of_life` check warned).")
+    days_past: int = Field(ge=0, description="How many days after it the build ran; 0 when not past.")
+
+    def line(self) -> str:
+        """The proof README's words: the date, or `past end of life since <date>`."""
+        if self.date is None:
+            return "none in the catalog"
+        if self.past:
+            return f"past end of life since {self.date.isoformat()} ({days(self.days_past)} at build time)"
+        return f"{self.date.isoformat()} (not past at build time)"
+
+
 class BuildProof(_Model):
     """Evidence of one successful, checked template build (proof.json)."""
 
@@ -162,6 +182,11 @@ class BuildProof(_Model):
         "installed Packer cannot do and the build went without: EFI disk, TPM, "
         "q35, extra ISOs; allowed by PACKER_ASSETS_ALLOW_DEGRADED=1) and notes "
         "such as tags set through the API. Empty when there were none.",
+    )
+    eol: EndOfLifeRef | None = Field(
+        default=None,
+        description="The OS release's end of life as the build saw it; a build past it is proved all the same "
+        "(the check only warns). Absent in proofs from before end-of-life dates.",
     )
 
     @model_validator(mode="after")
@@ -302,6 +327,7 @@ def render_build_readme(proof: BuildProof) -> str:
         ("Packages (SBOM)", _packages_cell(proof.sbom, proof.guest) if proof.sbom else None),
         ("Package changes", _changes_cell(proof.sbom) if proof.sbom else None),
         ("Warnings", f"{len(proof.warnings)} (see Warnings)" if proof.warnings else "none"),
+        ("End of life", proof.eol.line() if proof.eol else None),
         ("Log sha256", proof.log_sha256),
         ("Tool", f"packer-assets {proof.tool_version}"),
     ]

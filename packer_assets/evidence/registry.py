@@ -20,13 +20,15 @@ import hashlib
 import json
 import re
 import tempfile
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from packer_assets.catalog import Catalog, TemplateEntry
+from packer_assets.catalog import eol as eol_clock
+from packer_assets.catalog.eol import end_of_life
 from packer_assets.errors import ConfigError
 from packer_assets.evidence.chain import CHAIN_RE, parse_chain_id
 from packer_assets.evidence.layout import BUILD_RECORD_NAME, Layout, atomic_write
@@ -121,6 +123,16 @@ class KeyTemplates(_Model):
     """What a catalog key has on the node."""
 
     family: str = Field(description="The key's OS family.")
+    eol: date | None = Field(
+        default=None,
+        description="The catalog's end-of-life date of the key's OS release (`eol`, the last day upstream supports "
+        "it); null when the catalog names none.",
+    )
+    past_eol: bool = Field(
+        default=False,
+        description="Whether the registry was written after `eol`: the key's templates are past their OS's end "
+        "of life (the `end_of_life` check warns).",
+    )
     current: TemplateVersion | None = Field(
         description="The promoted, unrevoked template; null when there is none "
         "(never built, or revoked and not rebuilt yet)."
@@ -160,17 +172,19 @@ class Registry(_Model):
 
 
 def build_registry(layout: Layout, api: PveApi, catalog: Catalog, *, now: datetime | None = None) -> Registry:
-    """The registry as the node and the output root say now (reads only)."""
+    """The registry as the node and the output root say now (reads only); `now` (tests) also decides which
+    keys are past their end of life, else the end-of-life clock (eol.today) does."""
+    today = now.date() if now else eol_clock.today()
     return Registry(
         updated_at=now or datetime.now(UTC),
-        templates={entry.key: key_templates(layout, api, entry) for entry in catalog},
+        templates={entry.key: key_templates(layout, api, entry, today) for entry in catalog},
     )
 
 
-def key_templates(layout: Layout, api: PveApi, entry: TemplateEntry) -> KeyTemplates:
+def key_templates(layout: Layout, api: PveApi, entry: TemplateEntry, today: date) -> KeyTemplates:
     """One key: its templates whose build passed, the current one (newest promoted, unrevoked, as
-    `promoted_template` picks it) and the channels (a channel on several templates, after a change cut
-    short: the newest)."""
+    `promoted_template` picks it), the channels (a channel on several templates, after a change cut
+    short: the newest) and its end of life as of `today`."""
     versions = []
     for guest in list_templates(api, entry.key, entry.vmid_range):  # newest first
         text = api.nodes(guest.node).qemu(guest.vmid).config.get().get("description")
@@ -186,6 +200,8 @@ def key_templates(layout: Layout, api: PveApi, entry: TemplateEntry) -> KeyTempl
         channels[LATEST] = current.vmid
     return KeyTemplates(
         family=entry.family,
+        eol=entry.eol,
+        past_eol=end_of_life(entry.key, entry.eol, today).past,
         current=current,
         channels=dict(sorted(channels.items())),
         retained=[v for v in versions if v is not current],
@@ -361,13 +377,17 @@ def registry_schema() -> dict[str, Any]:
 
 
 def registry_table(registry: Registry) -> str:
-    """One row per key: its current template (or none), ISO, degraded, channels, proof."""
-    rows = ["| key | VMID | name | built | ISO | degraded | channels | proof |", "|---|---|---|---|---|---|---|---|"]
+    """One row per key: its current template (or none), ISO, degraded, channels, end of life, proof."""
+    rows = [
+        "| key | VMID | name | built | ISO | degraded | channels | end of life | proof |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for key, found in registry.templates.items():
         now = found.current
         channels = ", ".join(f"{c}={vmid}" for c, vmid in found.channels.items()) or "-"
+        eol = "-" if found.eol is None else f"{found.eol.isoformat()}{' (PAST)' if found.past_eol else ''}"
         if now is None:
-            rows.append(f"| {key} | - | none | - | - | - | {channels} | - |")
+            rows.append(f"| {key} | - | none | - | - | - | {channels} | {eol} | - |")
             continue
         # the count only: the reasons are long, and a long table is folded away in the UI (registry_json has them)
         degraded = (
@@ -375,7 +395,7 @@ def registry_table(registry: Registry) -> str:
         )
         rows.append(
             f"| {key} | {now.vmid} | {now.name} | {now.built_at.astimezone(UTC):%Y-%m-%d %H:%M} | "
-            f"{Path(now.iso.url).name if now.iso else '-'} | {degraded.replace('|', '/')} | {channels} | "
+            f"{Path(now.iso.url).name if now.iso else '-'} | {degraded.replace('|', '/')} | {channels} | {eol} | "
             f"{now.proof or '-'} |"
         )
     return "\n".join(rows)

@@ -442,9 +442,9 @@ def finish_template(
 # ------------------------------------------------------------------ up-to-date rule
 
 
-# Entry fields that never change what is built: how many templates and work directories to keep, and
-# what the smoke test expects to find.
-NOT_BUILD_INPUTS = frozenset({"retention", "work_dirs", "expect_os", "smoke"})
+# Entry fields that never change what is built: how many templates and work directories to keep, what
+# the smoke test expects to find, and upstream's end-of-life date (a new date must not rebuild anything).
+NOT_BUILD_INPUTS = frozenset({"retention", "work_dirs", "expect_os", "smoke", "eol"})
 
 
 def catalog_entry_json(entry: TemplateEntry) -> str:

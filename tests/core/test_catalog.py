@@ -95,6 +95,10 @@ def test_shipped_catalog_loads_with_the_five_keys():
     assert [x.name for x in win.extra_isos] == ["virtio-win"]
     assert win.extra_isos[0].url.startswith("https://fedorapeople.org/groups/virt/virtio-win/direct-downloads/archive-virtio/")
     assert (win.hardware.bios, win.hardware.efi, win.hardware.tpm) == ("ovmf", True, True)
+    # each shipped key names its upstream end of life (the comments beside them say which date and where from)
+    assert {e.key: e.eol.isoformat() for e in catalog} == {
+        "ubuntu-2204": "2027-04-30", "ubuntu-2404": "2029-04-30", "debian-12": "2028-06-30",
+        "rocky-9": "2032-05-31", "windows-2022": "2031-10-14"}
 
 
 def test_shipped_catalog_found_from_root_and_via_env(tmp_path):
@@ -393,6 +397,52 @@ def test_broken_catalog_names_file_key_and_field(tmp_path, mutate, key, field, f
     assert line is not None, message
     assert fragment in line
     assert "pydantic" not in message and "validation error" not in message.lower()
+
+
+def with_eol(raw: str) -> str:
+    """BASE as YAML text, alpha with `eol: <raw>` written as a user would (a YAML date is unquoted)."""
+    text = yaml.safe_dump(BASE, sort_keys=False)
+    assert text.count("- key: alpha\n") == 1
+    return text.replace("- key: alpha\n", f"- key: alpha\n  eol: {raw}\n")
+
+
+def test_eol_is_an_optional_date_and_no_build_input(tmp_path):
+    from datetime import date
+
+    from packer_assets.pve.templates import catalog_entry_json
+
+    catalog = load(tmp_path, with_eol("2028-06-30"))
+    alpha, beta = catalog.get("alpha"), catalog.get("beta")
+    assert alpha.eol == date(2028, 6, 30) and beta.eol is None  # optional
+    assert load(tmp_path, with_eol("'2028-06-30'")).get("alpha").eol == date(2028, 6, 30)  # the string form too
+    # a new end-of-life date rebuilds nothing: the entry's fingerprint input is the same without it
+    assert catalog_entry_json(alpha) == catalog_entry_json(alpha.model_copy(update={"eol": None}))
+
+
+@pytest.mark.parametrize(("raw", "fragment"), [
+    ("2027-02-30", "'2027-02-30' is not a day of the calendar"),  # a YAML date PyYAML cannot make
+    ('"2028-06-30\\n"', "got '2028-06-30\\n'"),  # a trailing newline
+    ("2028-06-30 12:00:00", "not a date and time"),
+    ("2028-06-30T00:00:00Z", "not a date and time"),
+    ("20280630", "got 20280630"),
+    ("30.06.2028", "got '30.06.2028'"),
+    ("[2028-06-30]", "must be a date like 2028-06-30"),
+], ids=["no-such-day", "trailing-newline", "datetime", "iso-datetime", "number", "other-format", "list"])
+def test_a_bad_eol_is_one_line_naming_key_and_field(tmp_path, raw, fragment):
+    path = write(tmp_path, with_eol(raw))
+    with pytest.raises(CatalogError) as exc:
+        load_catalog(path, env={})
+    lines = str(exc.value).splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{path}: alpha: eol: "), lines
+    assert fragment in lines[0], lines
+    assert "Traceback" not in lines[0] and "pydantic" not in lines[0]
+
+
+def test_eol_is_per_entry_not_a_default(tmp_path):
+    doc = copy.deepcopy(BASE)
+    doc["defaults"]["eol"] = "2030-01-01"
+    with pytest.raises(CatalogError, match=r"defaults: eol: unknown field"):
+        load(tmp_path, doc)
 
 
 def test_tags_are_lower_cased_as_proxmox_matches_them(tmp_path):

@@ -95,6 +95,25 @@ def test_catalog_secrets_iso_and_the_node_each_count(project, tmp_path):
     assert runs(layout, catalog, promoted=None) == []
 
 
+def test_a_key_past_its_end_of_life_is_noted_and_a_new_date_runs_nothing(project, tmp_path, monkeypatch):
+    """The plan notes a key past the catalog's eol (the eol clock, fixed here); the note decides nothing, and
+    moving the date is no build input."""
+    from datetime import date
+
+    layout, catalog = Layout(tmp_path / "out"), catalog_of(project)
+    promoted = record_all(layout, catalog)
+    monkeypatch.setattr("packer_assets.catalog.eol.today", lambda: date(2028, 7, 1))
+    plan = plan_runs(layout, catalog, ENV, project, promoted)
+    notes = {k.key: k.note for k in plan.keys}
+    assert plan.to_run == [] and notes["debian-12"] == "past end of life since 2028-06-30 (1 day on 2028-07-01)"
+    assert notes["ubuntu-2204"].startswith("past end of life since 2027-04-30") and notes["rocky-9"] == ""
+    doc = yaml.safe_load((project / "templates/catalog.yaml").read_text())
+    next(e for e in doc["templates"] if e["key"] == "debian-12")["eol"] = date(2030, 6, 30)
+    (project / "templates/catalog.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    moved = plan_runs(layout, catalog_of(project), ENV, project, promoted)
+    assert moved.to_run == [] and next(k for k in moved.keys if k.key == "debian-12").note == ""
+
+
 def test_the_state_holds_no_password_digest_and_the_hmac_key_is_private(project, tmp_path):
     import hashlib
 

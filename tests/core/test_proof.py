@@ -107,6 +107,21 @@ def test_a_degraded_build_s_warnings_are_in_proof_json_and_a_readme_section():
     assert sample().warnings == []  # proofs written before the field: none
 
 
+def test_the_end_of_life_is_a_line_of_the_readme_and_past_it_says_since_when():
+    past = sample(eol={"date": "2026-06-10", "past": True, "days_past": 180})
+    assert past.model_dump(mode="json")["eol"] == {"date": "2026-06-10", "past": True, "days_past": 180}
+    validator().validate(json.loads(json.dumps(past.model_dump(mode="json"))))
+    assert "| End of life | `past end of life since 2026-06-10 (180 days at build time)` |" in render_build_readme(past)
+    ahead = render_build_readme(sample(eol={"date": "2027-04-30", "past": False, "days_past": 0}))
+    assert "| End of life | `2027-04-30 (not past at build time)` |" in ahead
+    none = render_build_readme(sample(eol={"date": None, "past": False, "days_past": 0}))
+    assert "| End of life | `none in the catalog` |" in none
+    assert "| End of life | `-` |" in render_build_readme(sample())  # a proof from before end-of-life dates
+    assert sample().eol is None
+    with pytest.raises(ValidationError, match="greater than or equal to 0"):
+        sample(eol={"date": "2026-06-10", "past": True, "days_past": -1})
+
+
 def test_write_build_proof_writes_the_bundle_and_latest(tmp_path):
     layout = Layout(tmp_path)
     log = tmp_path / "output/logs/packer/builds/ubuntu-2204/20261125T100000Z/packer.log"

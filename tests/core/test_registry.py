@@ -3,7 +3,7 @@ the Markdown table, and the channel name rules. What the node says is tested aga
 (tests/pve/test_pve_channels.py) and through real builds (tests/defs/test_defs_registry.py)."""
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 import jsonschema
 import pytest
@@ -115,13 +115,27 @@ def test_a_broken_registry_file_is_read_as_none(tmp_path):
 def test_the_table_and_the_channel_rows():
     registry = sample()
     table = registry_table(registry).splitlines()
-    assert table[0] == "| key | VMID | name | built | ISO | degraded | channels | proof |"
+    assert table[0] == "| key | VMID | name | built | ISO | degraded | channels | end of life | proof |"
     assert table[2].startswith("| debian-12 | 9301 | debian-12-20261125100512 | 2026-11-25 10:00 | "
-                               "debian-12.11.0-amd64-netinst.iso | no | latest=9301, production=9301 |")
-    assert table[3] == "| rocky-9 | - | none | - | - | - | - | - |"
+                               "debian-12.11.0-amd64-netinst.iso | no | latest=9301, production=9301 | - |")
+    assert table[3] == "| rocky-9 | - | none | - | - | - | - | - | - |"
     assert channel_rows(registry) == [("debian-12", "latest", 9301, "debian-12-20261125100512"),
                                       ("debian-12", "production", 9301, "debian-12-20261125100512")]
     assert channel_rows(registry, "rocky-9") == []
+
+
+def test_the_table_shows_each_key_s_end_of_life_and_marks_one_past_it():
+    registry = sample(**{"ubuntu-2204": {"family": "ubuntu", "current": None, "eol": date(2027, 4, 30),
+                                         "past_eol": True},
+                         "rocky-10": {"family": "rocky", "current": None, "eol": "2035-05-31"}})
+    rows = {line.split(" | ")[0][2:]: line for line in registry_table(registry).splitlines()[2:]}
+    assert rows["ubuntu-2204"] == "| ubuntu-2204 | - | none | - | - | - | - | 2027-04-30 (PAST) | - |"
+    assert rows["rocky-10"] == "| rocky-10 | - | none | - | - | - | - | 2035-05-31 | - |"
+    document = json.loads(registry_json(registry))
+    validator().validate(document)
+    assert document["templates"]["ubuntu-2204"]["eol"] == "2027-04-30" and document["templates"]["debian-12"]["eol"] is None
+    assert list(validator().iter_errors({**document, "templates": {"x": {**document["templates"]["rocky-10"],
+                                                                         "eol": "2035-02-30"}}}))
 
 
 @pytest.mark.parametrize("name, said", [

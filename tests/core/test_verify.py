@@ -123,6 +123,28 @@ def test_a_proof_json_edited_with_its_manifest_still_fails_its_signature_and_sch
     assert any(p.startswith("manifest.json.sig: signature does not verify") for p in report.problems)
 
 
+@needs_ssh_keygen
+def test_a_proof_of_a_build_past_end_of_life_verifies_and_its_signature_covers_the_date(tmp_path):
+    """A build past its OS's end of life is proved all the same (the check only warns): the signed bundle
+    verifies, and moving the date in proof.json (manifest rewritten too) breaks the signature."""
+    key = keygen(tmp_path)
+    (tmp_path / "allowed_signers").write_text(f"builds@example.org {key.with_suffix('.pub').read_text()}")
+    eol = {"date": "2026-06-10", "past": True, "days_past": 168}
+    folder = written_bundle(tmp_path / "root", Signer(key, "builds@example.org"), eol=eol)
+    assert json.loads((folder / "proof.json").read_text())["eol"] == eol
+    assert "| End of life | `past end of life since 2026-06-10 (168 days at build time)` |" in (
+        folder / "README.md").read_text()
+    report = verify_bundle(folder, tmp_path / "allowed_signers")
+    assert report.ok, report.lines()
+    proof = json.loads((folder / "proof.json").read_text())
+    proof["eol"] = {"date": "2030-06-30", "past": False, "days_past": 0}  # hiding it
+    (folder / "proof.json").write_text(json.dumps(proof))
+    from packer_assets.evidence.layout import write_manifest
+    write_manifest(folder)
+    report = verify_bundle(folder, tmp_path / "allowed_signers")
+    assert any(p.startswith("manifest.json.sig: signature does not verify") for p in report.problems)
+
+
 def test_another_signer_is_refused_by_allowed_signers(signed, tmp_path):
     folder, _ = signed
     other = keygen(tmp_path, "other")

@@ -14,7 +14,7 @@ LINEAGE: dict[str, set[str]] = {
 }
 ASSET_KEYS = set(LINEAGE)
 CHECKS = {("proxmox_env", "token_authenticates"), ("proxmox_env", "token_privileges"), ("template", "smoke_test"),
-          ("template", "degraded"), ("unattended_files", "packer_validate")}
+          ("template", "degraded"), ("template", "end_of_life"), ("unattended_files", "packer_validate")}
 # Checks of per-key assets are recorded per key (their evaluations carry the partition).
 PER_KEY_CHECKS = {c for c in CHECKS if c[0] != "proxmox_env"}
 

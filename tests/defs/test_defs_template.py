@@ -7,6 +7,7 @@ import re
 import socket
 import threading
 import time
+from datetime import date
 
 import dagster as dg
 import jsonschema
@@ -40,8 +41,9 @@ def check_history(instance, name, asset="template") -> list:
                                                                         limit=100)
 
 
-def test_build_promote_prove_then_up_to_date(lab_project):
+def test_build_promote_prove_then_up_to_date(lab_project, monkeypatch):
     pve, layout = lab_project.pve, lab_project.layout
+    monkeypatch.setattr("packer_assets.catalog.eol.today", lambda: date(2026, 12, 7))  # before debian-12's 2028-06-30
     pve.requests.clear()
     with dg.instance_for_test() as instance:
         first = rebuild(lab_project, instance)
@@ -93,13 +95,16 @@ def test_build_promote_prove_then_up_to_date(lab_project):
         assert run_tags(instance, first)["chain"] == meta["chain_id"].value
         # every check evaluation is recorded against the key, and names it
         evaluations = first.get_asset_check_evaluations()
-        assert {c.check_name for c in evaluations} == {"packer_validate", "smoke_test", "degraded"}
+        assert {c.check_name for c in evaluations} == {"packer_validate", "smoke_test", "degraded", "end_of_life"}
         assert all(c.partition == KEY and c.description.startswith(f"{KEY}: ") for c in evaluations), evaluations
         assert [r.partition for r in check_history(instance, "smoke_test")] == [KEY]
         assert [r.partition for r in check_history(instance, "packer_validate", "unattended_files")] == [KEY]
         # no capability gap (packer 1.6.6 only needs the tags set through the API): the WARN check passes; the
         # proof carries the build's warnings as the template's metadata does
         assert next(c for c in evaluations if c.check_name == "degraded").passed
+        eol = next(c for c in evaluations if c.check_name == "end_of_life")
+        assert eol.passed and eol.metadata["eol"].value == "2028-06-30" and "2028-06-30 (571 days left" in eol.description
+        assert proof["eol"] == {"date": "2028-06-30", "past": False, "days_past": 0}
         assert proof["warnings"] == meta["warnings"].value and all("degraded" not in w for w in proof["warnings"])
         assert "".join(f"\n- {w}" for w in proof["warnings"]) in readme.split("## Warnings\n")[1]
         # the clone booted the OS the key names, read from the system the ISO installed
@@ -116,7 +121,8 @@ def test_build_promote_prove_then_up_to_date(lab_project):
         assert len(materializations(instance)) == 1 and len(materializations(instance, asset="template_proof")) == 1
         assert materializations(instance)[0].event_log_entry.run_id == first.run_id
         assert "template_proof" in {e.step_key for e in second.all_events if e.event_type_value == "STEP_SKIPPED"}
-        assert [c.check_name for c in second.get_asset_check_evaluations()] == ["packer_validate"]
+        # no smoke test (nothing built); the kept template's end of life is evaluated again
+        assert sorted(c.check_name for c in second.get_asset_check_evaluations()) == ["end_of_life", "packer_validate"]
         seen = second.asset_observations_for_node("template")[0].metadata
         assert seen["outcome"].value == "up-to-date" and seen["promoted_vmid"].value == vmid
         assert seen["promoted_chain_id"].value == meta["chain_id"].value == proof["chain_id"]
@@ -357,6 +363,32 @@ def test_a_degraded_build_warns_and_its_reasons_reach_the_proof(lab_project):
     assert f"| Warnings | `{len(warnings)} (see Warnings)` |" in readme
     section = readme.split("## Warnings\n\n", 1)[1].split("\n\n", 1)[0]
     assert section.splitlines() == [f"- {w}" for w in warnings]
+
+
+def test_a_build_past_its_end_of_life_warns_and_keeping_the_template_warns_again(lab_project, monkeypatch):
+    """debian-12's catalog eol is 2028-06-30 (LTS end). On 2028-07-10 a build still builds and promotes, the WARN
+    check end_of_life fails without blocking, naming key, date and days, and the proof says since when; the
+    next run keeps the template (up to date) and warns again, on the clock of that day."""
+    monkeypatch.setattr("packer_assets.catalog.eol.today", lambda: date(2028, 7, 10))
+    with dg.instance_for_test() as instance:
+        built = rebuild(lab_project, instance)
+        assert built.success and run_tags(instance, built)[assets.OUTCOME_TAG] == "built"
+        check = next(c for c in built.get_asset_check_evaluations() if c.check_name == "end_of_life")
+        assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN and check.partition == KEY
+        assert check.description.startswith(f"{KEY}: past end of life since 2028-06-30 (10 days on 2028-07-10)")
+        assert check.metadata["days_past"].value == 10 and check.metadata["today"].value == "2028-07-10"
+        proof_dir = proofs_of(lab_project, KEY) / "latest"
+        assert json.loads((proof_dir / "proof.json").read_text())["eol"] == {
+            "date": "2028-06-30", "past": True, "days_past": 10}
+        assert "| End of life | `past end of life since 2028-06-30 (10 days at build time)` |" in (
+            proof_dir / "README.md").read_text()
+        monkeypatch.setattr("packer_assets.catalog.eol.today", lambda: date(2028, 8, 1))
+        kept = rebuild(lab_project, instance)
+        assert kept.success and run_tags(instance, kept)[assets.OUTCOME_TAG] == "up-to-date"
+        again = next(c for c in kept.get_asset_check_evaluations() if c.check_name == "end_of_life")
+        assert not again.passed and again.severity == dg.AssetCheckSeverity.WARN and again.partition == KEY
+        assert again.description.startswith(f"{KEY}: past end of life since 2028-06-30 (32 days on 2028-08-01)")
+        assert [r.partition for r in check_history(instance, "end_of_life")] == [KEY, KEY]
 
 
 def test_a_no_op_run_renders_nothing_and_looks_the_isos_up_once(lab_project):

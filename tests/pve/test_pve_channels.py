@@ -6,7 +6,7 @@ import os
 import shutil
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 import jsonschema
 import pytest
@@ -32,7 +32,13 @@ from packer_assets.pve.templates import (
     split_tags,
     template_name,
 )
-from packer_assets.evidence.registry import build_registry, read_registry, registry_schema, write_registry
+from packer_assets.evidence.registry import (
+    build_registry,
+    read_registry,
+    registry_schema,
+    registry_table,
+    write_registry,
+)
 
 KEY = "debian-12"  # the shipped catalog's key, VMIDs 9300-9399
 FINGERPRINT = "f" * 64
@@ -96,6 +102,24 @@ def test_the_registry_lists_every_key_with_its_current_template(api, access, lay
     assert all(registry.templates[k].current is None and registry.templates[k].channels == {}
                for k in catalog.keys() if k != KEY)
     assert access.token_secret not in layout.registry_file.read_text()
+
+
+def test_the_registry_names_each_key_s_end_of_life_and_whether_it_is_past(api, layout, catalog, monkeypatch):
+    """registry.json carries the catalog's eol per key, and past_eol as of when it was written (the eol clock;
+    a test's `now`): debian-12's LTS ends 2028-06-30, so a registry of 2028-07-01 marks it past, its table too."""
+    built(api, layout, 9301, day(2), promoted=True)
+    monkeypatch.setattr("packer_assets.catalog.eol.today", lambda: date(2028, 6, 30))  # the last supported day
+    debian = write_registry(layout, api, catalog).templates[KEY]
+    assert debian.eol == date(2028, 6, 30) and debian.past_eol is False
+    assert json.loads(layout.registry_file.read_text())["templates"][KEY]["eol"] == "2028-06-30"
+    monkeypatch.setattr("packer_assets.catalog.eol.today", lambda: date(2028, 7, 1))
+    later = write_registry(layout, api, catalog)  # past_eol changed: the file is rewritten
+    assert later.templates[KEY].past_eol is True and read_registry(layout).templates[KEY].past_eol is True
+    assert later.templates["rocky-9"].past_eol is False  # its end of life is 2032-05-31
+    row = next(line for line in registry_table(later).splitlines() if line.startswith(f"| {KEY} | 9301 |"))
+    assert "| 2028-06-30 (PAST) |" in row
+    stamped = build_registry(layout, api, catalog, now=datetime(2027, 1, 1, tzinfo=UTC))
+    assert stamped.templates[KEY].past_eol is False  # a given `now` decides, not the clock
 
 
 def test_an_unchanged_registry_is_kept_byte_for_byte(api, layout, catalog):

@@ -32,9 +32,10 @@ def sample(log_sha256="0" * 64, **changes):
     return BuildProof.model_validate(data)
 
 
-def written_bundle(root: Path, signer=None) -> Path:
-    """A build's log and its proof bundle under root (an output root), signed when a signer is given."""
+def written_bundle(root: Path, signer=None, **changes) -> Path:
+    """A build's log and its proof bundle under root (an output root), signed when a signer is given; changes
+    go to the sample proof."""
     log = Layout(root).build_log_dir("ubuntu-2204", "20261125T100000Z") / "packer.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("[CHAIN-20261125T100000Z-ubuntu-2204] [packer] Build 'proxmox' finished.\n")
-    return write_build_proof(Layout(root), sample(log_sha256=sha256_file(log)), log, signer=signer)
+    return write_build_proof(Layout(root), sample(log_sha256=sha256_file(log), **changes), log, signer=signer)
