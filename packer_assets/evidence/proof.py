@@ -147,6 +147,11 @@ class BuildProof(_Model):
     template: TemplateRef = Field(description="The template built (promoted when the proof was written).")
     iso: IsoRef = Field(description="The installation ISO.")
     rendered_files: dict[str, Sha256] = Field(description="Unattended files served to the installer: name -> sha256.")
+    validated_by: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Rendered file name -> the upstream validators and releases that checked it "
+        "(`pykickstart RHEL10`, `subiquity autoinstall schema 26.04`); empty for builds from before.",
+    )
     packer_template_sha256: Sha256 | None = Field(
         default=None,
         description="sha256 of the Packer input used: the family's template and "
@@ -349,8 +354,11 @@ def render_build_readme(proof: BuildProof) -> str:
             for what, items in (("changed", c.changed), ("added", c.added), ("removed", c.removed))
             for item in items
         ] or ["| - | no changes |"]
-    out += ["", "## Rendered files", "", "| File | sha256 |", "|---|---|"]
-    out += [f"| {name} | {_cell(digest)} |" for name, digest in sorted(proof.rendered_files.items())] or ["| - | - |"]
+    out += ["", "## Rendered files", "", "| File | sha256 | Validated by |", "|---|---|---|"]
+    out += [
+        f"| {name} | {_cell(digest)} | {_cell(', '.join(proof.validated_by.get(name, ())) or '-')} |"
+        for name, digest in sorted(proof.rendered_files.items())
+    ] or ["| - | - | - |"]
     return "\n".join(out) + "\n"
 
 

@@ -31,6 +31,7 @@ class ServedFiles:
     folder: Path
     files: dict[str, str]  # name -> sha256, as the render recorded them (checked on disk)
     ignored: tuple[str, ...] = ()  # in the folder, not written by the render: never served
+    validated_by: dict[str, list[str]] | None = None  # name -> the upstream validators that checked it
 
     def warnings(self, key: str) -> list[str]:
         return [ignored_warning(key, self.folder, self.ignored)] if self.ignored else []
@@ -111,4 +112,14 @@ def served_files(key: str, folder: Path, record_path: Path) -> ServedFiles:
         why = changed_file(folder / name, digest)
         if why:
             raise RenderRecordError(refusal(key, folder / name, why))
-    return ServedFiles(folder, files, stray_files(folder, files))
+    return ServedFiles(folder, files, stray_files(folder, files), recorded_validators(record))
+
+
+def recorded_validators(record: Mapping[str, Any]) -> dict[str, list[str]]:
+    """name -> validators ("pykickstart RHEL10") the render recorded for each file (older records: none)."""
+    described = (record.get("metadata") or {}).get("files") or {}
+    return {
+        str(name): [str(v) for v in info.get("validated_by", ())]
+        for name, info in sorted(described.items())
+        if isinstance(info, dict) and info.get("validated_by")
+    }

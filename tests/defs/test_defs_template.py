@@ -418,6 +418,10 @@ def test_the_template_carries_the_catalog_tags_and_the_proof_its_tags_of_now(lab
                        .read_text())
     assert proof["template"]["vmid"] == vmid and "packer-assets-latest" in proof["template"]["tags"]
     assert set(entry.tags) <= set(proof["template"]["tags"])
+    # and which upstream validator (of which release) checked each file the installer was served
+    assert proof["validated_by"] == {"preseed.cfg": ["debconf-set-selections Debian 12"]}, proof["validated_by"]
+    readme = (lab_project.root / "docs/proof/platform/packer-builds/builds" / KEY / "latest/README.md").read_text()
+    assert "| `debconf-set-selections Debian 12` |" in readme and "| preseed.cfg |" in readme
 
 
 def test_rebuild_template_forced_forces_without_its_preset_config_or_tag(lab_project):
