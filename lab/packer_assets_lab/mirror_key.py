@@ -19,11 +19,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from packer_assets.errors import OperationError
+
 UID = "packer-assets lab mirror (invented lab key, not an upstream key) <lab-mirror@lab.invalid>"
 GPG_TIMEOUT = 60  # key generation and a signature take well under a second
 
 
-class MirrorKeyError(RuntimeError):
+class MirrorKeyError(OperationError):
     """gpg could not make or use the lab mirror's key; the message says what gpg said."""
 
 

@@ -1,4 +1,4 @@
-"""The upstream keys shipped under keys/ parse, and hold exactly the fingerprints keys/SOURCES.md documents."""
+"""The upstream keys shipped under templates/keys/ parse, and hold exactly the fingerprints templates/keys/SOURCES.md documents."""
 
 import re
 import shutil
@@ -8,8 +8,8 @@ import pytest
 
 from support import REPO
 
-KEYS = REPO / "keys"
-# What upstream documents (keys/SOURCES.md says where): file -> {fingerprint: uid}
+KEYS = REPO / "templates/keys"
+# What upstream documents (templates/keys/SOURCES.md says where): file -> {fingerprint: uid}
 EXPECTED = {
     "debian-cd.asc": {
         "DF9B9C49EAA9298432589D76DA87E80D6294BE9B": "Debian CD signing key <debian-cd@lists.debian.org>",

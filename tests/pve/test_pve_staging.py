@@ -240,7 +240,7 @@ def test_a_signed_checksum_file_is_verified_with_the_mirrors_key_and_a_tampered_
     item = MirrorItem("debian-13", f"{SIGNED}/debian-13.2.0-amd64-netinst.iso", f"{SIGNED}/SHA256SUMS",
                       signature_path=f"{SIGNED}/SHA256SUMS.sign")
     (tmp_path / "keys").mkdir()
-    (tmp_path / "keys/debian-cd.asc").write_bytes((REPO / "keys/debian-cd.asc").read_bytes())
+    (tmp_path / "keys/debian-cd.asc").write_bytes((REPO / "templates/keys/debian-cd.asc").read_bytes())
     (tmp_path / "catalog.yaml").write_text(signed_catalog("debian-13", item, "keys/debian-cd.asc", item.signature_path))
     with IsoMirror(tmp_path / "mirror", [item]) as mirror:
         env = {"PACKER_ASSETS_ISO_MIRROR": mirror.base_url, MIRROR_KEYRING_ENV: str(mirror.signing_key.keyring)}
