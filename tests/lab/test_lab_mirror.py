@@ -213,11 +213,13 @@ def verified(mirror, key, signature=None):
     return verify_signature(body, sig, keyring=mirror.signing_key.keyring, source=key).text
 
 
-def test_the_mirror_signs_the_checksum_files_the_catalog_names_with_its_invented_key(mirror_root, signed_items):
+def test_the_mirror_signs_the_checksum_files_the_catalog_names_with_its_invented_key(mirror_root, signed_items,
+                                                                                     monkeypatch):
     from packer_assets.upstream.checksums import ChecksumError
+    from packer_assets_lab.mirror_key import MirrorKey
 
+    sign_path = f"{SIGNED}/SHA256SUMS.sign"
     with IsoMirror(mirror_root, signed_items) as m:
-        sign_path = f"{SIGNED}/SHA256SUMS.sign"
         assert get(m.base_url + sign_path).text.startswith("-----BEGIN PGP SIGNATURE-----")
         assert parse_gnu(verified(m, "debian-13", sign_path))["debian-13.iso"] == m.sha256("debian-13")
         assert get(m.checksum_url("clear")).text.startswith("-----BEGIN PGP SIGNED MESSAGE-----")
@@ -228,19 +230,29 @@ def test_the_mirror_signs_the_checksum_files_the_catalog_names_with_its_invented
             ["gpg", "--batch", "--homedir", str(home), "--show-keys", str(m.signing_key.keyring)],
             capture_output=True, text=True, check=True, timeout=30).stdout
         assert get(m.base_url + "/.lab-signing/secret.asc").status_code == 404  # the key is never served
-        signature = get(m.base_url + sign_path).content
         m.publish("debian-13")  # a new release: the file changes and is signed again
         assert parse_gnu(verified(m, "debian-13", sign_path))["debian-13.iso"] == m.sha256("debian-13")
-        m.tamper_checksums("debian-13")
+
+    signed, real_sign = [], MirrorKey.sign
+
+    def counted(self, texts, *, clear):  # a named point: which signatures the mirror makes
+        signed.append(clear)
+        return real_sign(self, texts, clear=clear)
+
+    monkeypatch.setattr(MirrorKey, "sign", counted)
+    with IsoMirror(mirror_root, signed_items) as m2:  # a restart keeps the key and signs no text signed before
+        assert signed == []
+        assert m2.sha256("clear") in verified(m2, "clear")
+        m2.tamper_checksums("debian-13")
         with pytest.raises(ChecksumError, match="BADSIG"):
-            verified(m, "debian-13", sign_path)
-        m.tamper_checksums("clear")
+            verified(m2, "debian-13", sign_path)
+        m2.tamper_checksums("clear")
         with pytest.raises(ChecksumError, match="BADSIG"):
-            verified(m, "clear")
-    signature = (mirror_root / sign_path.lstrip("/")).read_bytes()
-    with IsoMirror(mirror_root, signed_items) as m2:  # a restart keeps the key; a signed text is not signed again
-        assert (mirror_root / sign_path.lstrip("/")).read_bytes() == signature
-        assert m2.sha256("clear") in verified(m2, "clear")  # the tampered file was signed anew
+            verified(m2, "clear")
+    with IsoMirror(mirror_root, signed_items) as m3:  # the tampered files are written and signed anew
+        assert sorted(signed) == [False, True]
+        assert m3.sha256("clear") in verified(m3, "clear")
+        assert parse_gnu(verified(m3, "debian-13", sign_path))["debian-13.iso"] == m3.sha256("debian-13")
 
 
 def test_a_signature_needs_its_checksum_file(tmp_path):
