@@ -4,6 +4,11 @@ Files live under `root_dir` at their URL paths, so a restarted mirror (same root
 same bytes and checksums. Each key's ISO carries its key and a release number; `publish(key)` makes
 a new release under the same URL, the way upstreams re-spin point releases, so the checksum sensor
 sees a change. `corrupt(key)` serves bytes that do not match the published checksum.
+
+A checksum file whose catalog entry names a signature is signed the way upstream signs it (a detached,
+armoured signature at the item's `signature_path`, or the file clearsigned), with the lab's own invented key
+(mirror_key.py): a mirror that writes its own checksum files cannot serve upstream's signature of them.
+`tamper_checksums(key)` changes a checksum file without signing it again.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ from urllib.parse import unquote, urlsplit
 
 from packer_assets.evidence.layout import sha256_file
 from packer_assets_lab.iso import make_iso
+from packer_assets_lab.mirror_key import MirrorKey
 
 STATE_FILE = ".lab-mirror.json"  # {key: release}; dotfiles are never served
+SIGNING_DIR = ".lab-signing"  # the lab mirror's key, under the root (never served)
 DEFAULT_CHECKSUM_NAMES = ("SHA256SUMS", "CHECKSUM")
 
 
@@ -38,6 +45,10 @@ class MirrorItem:
     # The installed system's /etc/os-release the ISO stands for (a boot ISO): the lab's VMs installed
     # from it report this OS through their guest agent (pve/agent.py).
     os_release: str | None = None
+    # The signature the catalog names for the checksum file (URL path of a detached signature), or the
+    # checksum file clearsigned (a keyring and no signature_url): the mirror signs it with its own key.
+    signature_path: str | None = None
+    clearsigned: bool = False
 
 
 def checksum_text(name: str, entries: dict[str, str], sizes: dict[str, int]) -> str:
@@ -89,6 +100,9 @@ class IsoMirror:
                 raise ValueError(f"IsoMirror: iso_path of {i.key!r} must start with '/'")
             if i.checksum_path and posixpath.dirname(i.checksum_path) != posixpath.dirname(i.iso_path):
                 raise ValueError(f"IsoMirror: checksum_path of {i.key!r} must sit next to its ISO")
+            if (i.signature_path or i.clearsigned) and not i.checksum_path:
+                raise ValueError(f"IsoMirror: {i.key!r} signs a checksum file: give its checksum_path")
+        self.signing_key = MirrorKey(self.root / SIGNING_DIR)
         self.host, self._port = host, port
         self.hits: Counter[tuple[str, int]] = Counter()  # (url path, status)
         self.requests: list[tuple[str, str, int]] = []  # (method, url path, status)
@@ -136,8 +150,29 @@ class IsoMirror:
         names = set(DEFAULT_CHECKSUM_NAMES)
         names |= {posixpath.basename(i.checksum_path) for i in isos if i.checksum_path}
         for name in names:
-            text = checksum_text(name, entries, sizes)
-            _write_if_changed(self._file(posixpath.join(url_dir, name)), text.encode())
+            self._write_checksum_file(posixpath.join(url_dir, name), checksum_text(name, entries, sizes).encode())
+
+    def _write_checksum_file(self, url_path: str, text: bytes) -> None:
+        """The checksum file, and signed as the items listed in it ask; a text signed before keeps its
+        signatures (and their Last-Modified), so a restarted mirror serves the same bytes."""
+        wanted = [i for i in self.items.values() if i.checksum_path == url_path]
+        signatures = sorted({i.signature_path for i in wanted if i.signature_path})
+        clear = any(i.clearsigned for i in wanted)
+        path = self._file(url_path)
+        if not signatures and not clear:
+            return _write_if_changed(path, text)
+        signed = path.with_name(f".{path.name}.signed")  # the text last signed
+        outputs = [path, *(self._file(s) for s in signatures)]
+        if signed.exists() and signed.read_bytes() == text and all(p.exists() for p in outputs):
+            return None
+        _write_if_changed(path, self.signing_key.sign([text], clear=True)[0] if clear else text)
+        if signatures:
+            detached = self.signing_key.sign([text], clear=False)[0]
+            for sig in outputs[1:]:
+                sig.parent.mkdir(parents=True, exist_ok=True)
+                _write_if_changed(sig, detached)
+        signed.write_bytes(text)
+        return None
 
     # ---- the lab's knobs -----------------------------------------------------------------------
 
@@ -155,6 +190,14 @@ class IsoMirror:
             self._build(key, self._releases[key] + 1, self.items[system_of].os_release if system_of else None)
             self._write_checksums(posixpath.dirname(self.items[key].iso_path))
             return self.sha256(key)
+
+    def tamper_checksums(self, key: str) -> None:
+        """Change key's line in its checksum file without signing it again: the signature no longer matches."""
+        with self._lock:
+            path = self._file(urlsplit(self.checksum_url(key)).path)
+            digest = self.sha256(key)
+            path.write_text(path.read_text().replace(digest, digest[::-1]))
+            path.with_name(f".{path.name}.signed").unlink(missing_ok=True)  # the next publish signs again
 
     def corrupt(self, key: str, on: bool = True) -> None:
         """Serve key's ISO with one byte flipped; checksum files keep the published value."""

@@ -8,7 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from packer_assets.catalog import CATALOG_ENV, MIRROR_CHECKSUMS_ENV, MIRROR_ENV, Catalog, load_catalog
+from packer_assets.catalog import (
+    CATALOG_ENV,
+    MIRROR_CHECKSUMS_ENV,
+    MIRROR_ENV,
+    MIRROR_KEYRING_ENV,
+    Catalog,
+    load_catalog,
+)
 from packer_assets.errors import ConfigError
 
 from .certs import LabPki, LabSigningKey, make_lab_pki, make_signing_key
@@ -56,6 +63,8 @@ def mirror_items(catalog: Catalog) -> list[MirrorItem]:
                     iso_path=_url_path(iso.url),
                     checksum_path=_url_path(iso.checksum_url) if iso.checksum_url else None,
                     os_release=None if name else os_release_text(entry.expected_os),
+                    signature_path=_url_path(iso.signature_url) if iso.signature_url else None,
+                    clearsigned=bool(iso.keyring and not iso.signature_url),
                 )
             )
     return items
@@ -194,6 +203,9 @@ class LabStack:
             "PROXMOX_BOOTSTRAP_PASSWORD": self.root_password,
             MIRROR_ENV: self.mirror.base_url,
             MIRROR_CHECKSUMS_ENV: MIRROR_CHECKSUMS,
+            # The mirror signs the checksum files it writes with its own invented key (mirror_key.py):
+            # a catalog entry with a keyring is verified against this keyring, and its proof says so.
+            MIRROR_KEYRING_ENV: str(self.mirror.signing_key.ensure().keyring),
             CATALOG_ENV: str(self.catalog_path),  # the catalog the lab was started with: an edit counts at the next run
             # Debian's packer ignores loopback agent addresses: builds talk to the lab guest directly.
             "PACKER_ASSETS_SSH_HOST": self.guest.host,

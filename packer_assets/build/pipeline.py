@@ -588,6 +588,7 @@ def build_record(
             "effective_url": iso.source,
             "checksum": f"{iso.algorithm}:{iso.checksum}",
             "checksum_source": job.entry.iso.checksum_source,
+            "signed_by": job.entry.iso.signed_by,
             "volid": iso.volid,
         },
         "rendered_files": rendered_hashes(inputs.served),

@@ -36,7 +36,10 @@ Mirror: `PACKER_ASSETS_ISO_MIRROR=<base>` rewrites every upstream ISO / checksum
 re-spins) makes every ISO whose checksum is pinned take its checksum from `<file>` beside the ISO on
 the mirror, when the catalog is loaded: such an ISO has neither `checksum` nor `checksum_url` then,
 its `effective_checksum_url` is that file and `checksum_source` says so; checksum files the catalog
-names stay.
+names stay. `PACKER_ASSETS_ISO_MIRROR_KEYRING=<keyring file>` (with the mirror set; a mirror that signs the
+checksum files it serves with its own key) makes every ISO whose catalog names a `keyring` verify its
+(mirrored) checksum file and signature against that keyring instead: `signature_keyring` is the one used,
+`signed_by` says whose it is (`mirror: ...` or `upstream: ...`) for records and proofs.
 
 The schema is `models.py`, loading and error gathering `loader.py`, CPU types `cpu.py`, the fit check `fit.py`.
 No Dagster import here: this is the ground floor.
@@ -61,6 +64,7 @@ from packer_assets.catalog.models import (  # noqa: F401 - the catalog's public 
     KEY_RE,
     MIRROR_CHECKSUMS_ENV,
     MIRROR_ENV,
+    MIRROR_KEYRING_ENV,
     OS_IDS,
     OTHER_OS_TYPES,
     RESERVED_STEPS,
@@ -109,6 +113,7 @@ from packer_assets.catalog.models import (  # noqa: F401 - the catalog's public 
     default_expected_os,
     mirror_checksums_from_env,
     mirror_from_env,
+    mirror_keyring_from_env,
     mirror_url,
     parse_checksum,
 )

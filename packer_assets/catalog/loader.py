@@ -22,6 +22,7 @@ from packer_assets.catalog.models import (
     KEY_MAX,
     MIRROR_CHECKSUMS_ENV,
     MIRROR_ENV,
+    MIRROR_KEYRING_ENV,
     CatalogError,
     Defaults,
     TemplateEntry,
@@ -29,6 +30,7 @@ from packer_assets.catalog.models import (
     deep_merge,
     mirror_checksums_from_env,
     mirror_from_env,
+    mirror_keyring_from_env,
 )
 
 # ---------------------------------------------------------------- the catalog
@@ -240,6 +242,22 @@ def _mirror_checksums(env: Mapping[str, str], display: str, mirror: str | None, 
     return name
 
 
+def _mirror_keyring(env: Mapping[str, str], display: str, project_path: Path, errors: list[str]) -> Path | None:
+    """PACKER_ASSETS_ISO_MIRROR_KEYRING, checked: an existing file, and only with a mirror (the key signs its files)."""
+    try:
+        keyring = mirror_keyring_from_env(env, project_path)
+    except ValueError as exc:
+        errors.append(f"{display}: environment: {MIRROR_KEYRING_ENV}: {exc}")
+        return None
+    if keyring and not (env.get(MIRROR_ENV) or "").strip():
+        errors.append(
+            f"{display}: environment: {MIRROR_KEYRING_ENV}: needs {MIRROR_ENV} (the keyring verifies the "
+            "checksum files the mirror signed)"
+        )
+        return None
+    return keyring
+
+
 def _pins_from_mirror(entry: TemplateEntry, filename: str) -> TemplateEntry:
     """The entry with every pinned ISO reading its checksum from `filename` beside it on the mirror."""
     return entry.model_copy(
@@ -274,6 +292,7 @@ def load_catalog(
         )
         mirror = None
     mirror_checksums = _mirror_checksums(env, display, mirror, errors)
+    mirror_keyring = _mirror_keyring(env, display, project_path, errors)
 
     try:
         text = cat_path.read_text(encoding="utf-8")
@@ -377,6 +396,7 @@ def load_catalog(
         for iso in entry.all_isos():
             iso._mirror = mirror
             iso._keyring_path = (project_path / iso.keyring).resolve() if iso.keyring else None
+            iso._mirror_keyring = mirror_keyring if iso.keyring else None  # only a signed source is re-signed
     return Catalog(cat_path, display, project_path, mirror, defaults or Defaults(), entries)
 
 

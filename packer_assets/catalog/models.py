@@ -32,6 +32,9 @@ MIRROR_ENV = "PACKER_ASSETS_ISO_MIRROR"
 # A site mirror that re-hosts media it re-spins: a pinned checksum names upstream's bytes, not the mirror's,
 # so with this set (a file name, e.g. SHA256SUMS) a pinned ISO takes its checksum from that file beside it.
 MIRROR_CHECKSUMS_ENV = "PACKER_ASSETS_ISO_MIRROR_CHECKSUMS"
+# A mirror that writes its own checksum files signs them with its own key: upstream's signature cannot cover them.
+# With this set (a keyring file), an ISO whose catalog names a keyring is verified against the mirror's keyring.
+MIRROR_KEYRING_ENV = "PACKER_ASSETS_ISO_MIRROR_KEYRING"
 DEFAULT_CATALOG = PurePosixPath("templates/catalog.yaml")
 CATALOG_VERSION = 1
 
@@ -171,6 +174,18 @@ def mirror_checksums_from_env(env: Mapping[str, str]) -> str | None:
     return value
 
 
+def mirror_keyring_from_env(env: Mapping[str, str], project_dir: Path) -> Path | None:
+    """The keyring file of `PACKER_ASSETS_ISO_MIRROR_KEYRING` (unset or blank: None; relative: to the project
+    directory). Raises ValueError when it is no file."""
+    value = (env.get(MIRROR_KEYRING_ENV) or "").strip()
+    if not value:
+        return None
+    path = project_dir / Path(value).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{value}: no such file (want the mirror's public OpenPGP keyring)")
+    return path.resolve()
+
+
 def parse_checksum(value: str) -> tuple[str, str]:
     """`'sha256:<hex>'` -> `('sha256', '<lower-case hex>')`; raises ValueError when malformed. The catalog
     pins with sha256 or sha512 only (digests.Checksum parses the form)."""
@@ -304,6 +319,8 @@ class IsoSource(_Model):
     _keyring_path: Path | None = PrivateAttr(default=None)
     # PACKER_ASSETS_ISO_MIRROR_CHECKSUMS: the file beside the ISO on the mirror that replaced a pinned checksum
     _mirror_checksums: str | None = PrivateAttr(default=None)
+    # PACKER_ASSETS_ISO_MIRROR_KEYRING: the mirror's own keyring, for an ISO whose catalog names a keyring
+    _mirror_keyring: Path | None = PrivateAttr(default=None)
 
     @model_validator(mode="before")
     @classmethod
@@ -331,6 +348,22 @@ class IsoSource(_Model):
     def keyring_path(self) -> Path | None:
         """The keyring as an absolute path (resolved against the project root at load)."""
         return self._keyring_path
+
+    @property
+    def signature_keyring(self) -> Path | None:
+        """The keyring the checksum file's signature is checked against: the mirror's (it re-signs the files it
+        serves) when PACKER_ASSETS_ISO_MIRROR_KEYRING is set, else upstream's from the catalog; None: unsigned."""
+        return self._mirror_keyring or self._keyring_path
+
+    @property
+    def signed_by(self) -> str | None:
+        """Whose key verifies the checksum file, for records and proofs: `mirror: <keyring> (<env>)` or
+        `upstream: <catalog keyring>`; None when the catalog names no keyring."""
+        if not self.keyring:
+            return None
+        if self._mirror_keyring:
+            return f"mirror: {self._mirror_keyring} ({MIRROR_KEYRING_ENV})"
+        return f"upstream: {self.keyring} (the catalog's keyring)"
 
     @property
     def upstream_name(self) -> str:
@@ -392,6 +425,7 @@ class IsoSource(_Model):
             "effective_checksum_url": self.effective_checksum_url,
             "checksum": self.checksum,
             "checksum_source": self.checksum_source,
+            "signed_by": self.signed_by,
             "filename": self.filename,
             "mirror": self._mirror,
         }

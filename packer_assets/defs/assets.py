@@ -174,7 +174,9 @@ def iso_sources_table(entries) -> str:
                 source = f"pinned in the catalog: `{iso.checksum}`"
             else:  # the catalog's checksum file, else the mirror's own (PACKER_ASSETS_ISO_MIRROR_CHECKSUMS)
                 url = iso.checksum_url or iso.checksum_source
-                source = f"[{Path(url).name}]({url})" + (" (signed)" if iso.keyring else "")
+                source = f"[{Path(url).name}]({url})" + (
+                    f" (signed; verified with {iso.signed_by})" if iso.keyring else ""
+                )
             rows.append(f"| `{entry.key}`{f' ({name})' if name else ''} | [{iso.filename}]({iso.url}) | {source} |")
     return "\n".join(["| key | ISO | checksum source |", "|---|---|---|", *rows])
 

@@ -58,6 +58,12 @@ class IsoRef(_Model):
         description="Where that checksum came from: the checksum file's URL as fetched (the catalog's, or the "
         "mirror's own with PACKER_ASSETS_ISO_MIRROR_CHECKSUMS), or `pinned in the catalog`; absent in older proofs.",
     )
+    signed_by: str | None = Field(
+        default=None,
+        description="Whose key verified the checksum file's signature: `upstream: <keyring> (the catalog's keyring)`, "
+        "or `mirror: <keyring> (PACKER_ASSETS_ISO_MIRROR_KEYRING)` for a mirror that signs the checksum files it "
+        "serves; null when the catalog names no keyring (the file was not signature-checked) or in older proofs.",
+    )
     volid: str = Field(description="The ISO's volume on the node's ISO storage, e.g. `local:iso/x.iso`.")
 
 
@@ -320,6 +326,7 @@ def render_build_readme(proof: BuildProof) -> str:
         ("ISO fetched from", proof.iso.effective_url),
         ("ISO checksum", proof.iso.checksum),
         ("ISO checksum from", proof.iso.checksum_source),
+        ("ISO checksum signed by", proof.iso.signed_by or "not signature-checked"),
         ("ISO volume", proof.iso.volid),
         ("Packer", proof.packer_version),
         ("Packer template sha256", proof.packer_template_sha256),

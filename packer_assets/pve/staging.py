@@ -150,7 +150,9 @@ def stage_iso(
     """Have the node download iso (its effective, i.e. mirrored, URL) and verify it against checksum
     (resolved from the catalog when not given). Nothing is downloaded when the release is there."""
     started = time.monotonic()
-    checksum = checksum or resolve_checksum(iso, cache=cache, keyring=iso.keyring_path, signature_url=iso.signature_url)
+    checksum = checksum or resolve_checksum(
+        iso, cache=cache, keyring=iso.signature_keyring, signature_url=iso.signature_url
+    )
     filename = release_filename(iso.filename, checksum)
     volid, url = _volid(storage, filename), iso.effective_url
     found = iso_volumes(api, node, storage).get(volid)

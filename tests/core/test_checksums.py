@@ -305,6 +305,16 @@ def test_gnu_escaped_names():
     assert ChecksumFile.parse(line).names == ["we\\ird\nname.iso"]
 
 
+def _signed_catalog(tmp_path, item, keyring_bytes):
+    """A catalog whose debian-12 ISO (the mirror item's paths) names KEYRING and a detached signature; the keyring
+    file keys/debian.gpg holds `keyring_bytes`."""
+    from support.mirror import signed_catalog
+
+    (tmp_path / "keys").mkdir(exist_ok=True)
+    (tmp_path / "keys/debian.gpg").write_bytes(keyring_bytes)
+    return signed_catalog("debian-12", item, "KEYRING", item.checksum_path + ".sign")
+
+
 def test_catalog_keyring_is_used_by_staging_resolution(iso_mirror, signer, tmp_path, monkeypatch):
     """keyring + signature_url in the catalog reach the resolver staging uses (and a bad path is named)."""
     from packer_assets.catalog import CatalogError, load_catalog
@@ -313,24 +323,7 @@ def test_catalog_keyring_is_used_by_staging_resolution(iso_mirror, signer, tmp_p
     item = iso_mirror.items["debian-12"]
     sums = iso_mirror.root / item.checksum_path.lstrip("/")
     sums.with_name("SHA256SUMS.sign").write_bytes(signer.detach(sums.read_bytes()))
-    (tmp_path / "keys").mkdir()
-    (tmp_path / "keys/debian.gpg").write_bytes(signer.keyring.read_bytes())
-    text = f"""version: 1
-defaults:
-  hardware: {{cores: 1, memory: 1024, disk: 8G, bios: seabios, os_type: l26}}
-  install_user: {{name: packer, password_env: PW}}
-  retention: 1
-templates:
-  - key: debian-12
-    family: debian
-    iso:
-      url: https:/{item.iso_path}
-      checksum_url: https:/{item.checksum_path}
-      keyring: KEYRING
-      signature_url: https:/{item.checksum_path}.sign
-    vmid_range: {{first: 9000, last: 9009}}
-    packer_dir: templates/debian
-"""
+    text = _signed_catalog(tmp_path, item, signer.keyring.read_bytes())
     catalog_file = tmp_path / "catalog.yaml"
     catalog_file.write_text(text.replace("KEYRING", "keys/debian.gpg"))
     env = {"PACKER_ASSETS_ISO_MIRROR": iso_mirror.base_url}
@@ -351,3 +344,48 @@ templates:
     catalog_file.write_text(text.replace("KEYRING", "keys/missing.gpg"))
     with pytest.raises(CatalogError, match=r"debian-12: iso.keyring: file keys/missing.gpg does not exist"):
         load_catalog(catalog_file, env=env, project_dir=tmp_path)
+
+
+def test_a_mirror_that_signs_its_checksum_files_is_verified_against_its_own_keyring(iso_mirror, signer, tmp_path):
+    """PACKER_ASSETS_ISO_MIRROR_KEYRING: the mirror re-signed the checksum file (upstream's key, the stranger
+    here, cannot verify it): with the setting the mirror's keyring verifies it and the ISO says so; without
+    it the catalog's keyring is used against the mirror's files and fails; bad settings are one line."""
+    from packer_assets.catalog import MIRROR_KEYRING_ENV, CatalogError, load_catalog
+
+    item = iso_mirror.items["debian-12"]
+    sums = iso_mirror.root / item.checksum_path.lstrip("/")
+    sums.with_name("SHA256SUMS.sign").write_bytes(signer.detach(sums.read_bytes()))  # the mirror's own signature
+    catalog_file = tmp_path / "catalog.yaml"
+    catalog_file.write_text(_signed_catalog(tmp_path, item, signer.stranger.read_bytes()).replace("KEYRING", "keys/debian.gpg"))
+    env = {"PACKER_ASSETS_ISO_MIRROR": iso_mirror.base_url, MIRROR_KEYRING_ENV: str(signer.keyring)}
+    iso = load_catalog(catalog_file, env=env, project_dir=tmp_path).get("debian-12").iso
+    assert iso.signature_keyring == signer.keyring.resolve()
+    assert iso.signed_by == f"mirror: {signer.keyring.resolve()} ({MIRROR_KEYRING_ENV})" == iso.provenance()["signed_by"]
+    found = resolve_checksum(iso, keyring=iso.signature_keyring, signature_url=iso.signature_url)
+    assert found.hex == iso_mirror.sha256("debian-12")
+
+    upstream = load_catalog(catalog_file, env={"PACKER_ASSETS_ISO_MIRROR": iso_mirror.base_url}, project_dir=tmp_path)
+    iso = upstream.get("debian-12").iso
+    assert iso.signature_keyring == (tmp_path / "keys/debian.gpg").resolve()
+    assert iso.signed_by == "upstream: keys/debian.gpg (the catalog's keyring)"
+    with pytest.raises(ChecksumError, match="ERRSIG"):
+        resolve_checksum(iso, keyring=iso.signature_keyring, signature_url=iso.signature_url)
+
+    for bad, said in (({MIRROR_KEYRING_ENV: str(signer.keyring)}, "needs PACKER_ASSETS_ISO_MIRROR"),
+                      ({**env, MIRROR_KEYRING_ENV: "keys/none.gpg"}, "keys/none.gpg: no such file")):
+        with pytest.raises(CatalogError) as err:
+            load_catalog(catalog_file, env=bad, project_dir=tmp_path)
+        assert str(err.value) == f"catalog.yaml: environment: {MIRROR_KEYRING_ENV}: " + str(err.value).split(": ", 3)[3]
+        assert said in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_iso_without_a_keyring_stays_unsigned_with_the_mirror_keyring(iso_mirror, signer, tmp_path):
+    """The mirror's keyring replaces a keyring the catalog names; it never makes an unsigned source signed."""
+    from packer_assets.catalog import MIRROR_KEYRING_ENV, load_catalog
+
+    text = _signed_catalog(tmp_path, iso_mirror.items["debian-12"], signer.keyring.read_bytes())
+    (tmp_path / "catalog.yaml").write_text("\n".join(ln for ln in text.splitlines() if "KEYRING" not in ln
+                                                     and "signature_url" not in ln))
+    env = {"PACKER_ASSETS_ISO_MIRROR": iso_mirror.base_url, MIRROR_KEYRING_ENV: str(signer.keyring)}
+    iso = load_catalog(tmp_path / "catalog.yaml", env=env, project_dir=tmp_path).get("debian-12").iso
+    assert (iso.keyring, iso.signature_keyring, iso.signed_by) == (None, None, None)

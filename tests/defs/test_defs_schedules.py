@@ -103,7 +103,8 @@ def test_an_edit_of_the_users_catalog_after_a_demo_plans_and_rebuilds_exactly_th
     """The lab reads the catalog it was started with, never a copy: after builds, an edit of that file (one
     key's memory) is what `packer-assets plan` and the schedule name, and building each built key again
     rebuilds exactly that key. windows-2022 pins its ISO checksum: the lab's mirror file stands in for it
-    (PACKER_ASSETS_ISO_MIRROR_CHECKSUMS), and its proof names that file."""
+    (PACKER_ASSETS_ISO_MIRROR_CHECKSUMS), and its proof names that file; debian-12's signed checksum file was
+    verified with the lab mirror's own key, and its proof says so."""
     lab_project, catalog = lab_user_project, Path.cwd() / "templates/catalog.yaml"
     assert os.environ["PACKER_ASSETS_CATALOG"] == str(catalog)
     assert not [p for p in lab_project.stack.state.rglob("*.yaml")]  # no lab copy of the catalog
@@ -115,6 +116,10 @@ def test_an_edit_of_the_users_catalog_after_a_demo_plans_and_rebuilds_exactly_th
         proof = json.loads((lab_project.root / PROOFS / "windows-2022/latest/proof.json").read_text())
         assert proof["iso"]["checksum_source"] == lab_project.mirror.checksum_url("windows-2022")
         assert proof["iso"]["checksum_source"].endswith("/SHA256SUMS")
+        assert proof["iso"]["signed_by"] is None  # a pinned checksum: no keyring
+        # debian-12 names Debian's key and SHA256SUMS.sign: the lab mirror re-signed its file, so its keyring verified it
+        signed = json.loads((lab_project.root / PROOFS / "debian-12/latest/proof.json").read_text())["iso"]["signed_by"]
+        assert signed == f"mirror: {lab_project.mirror.signing_key.keyring.resolve()} (PACKER_ASSETS_ISO_MIRROR_KEYRING)"
         assert set(planned(capsys)) == never
 
         doc = yaml.safe_load(catalog.read_text())

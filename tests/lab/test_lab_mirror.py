@@ -3,6 +3,7 @@
 import hashlib
 import posixpath
 import re
+import subprocess
 
 import pycdlib
 import pytest
@@ -186,3 +187,74 @@ def test_bad_items_are_refused(tmp_path):
         IsoMirror(tmp_path, [MirrorItem("k", "/a/k.iso", "/b/SHA256SUMS")])
     with pytest.raises(ValueError, match="duplicate"):
         IsoMirror(tmp_path, [MirrorItem("k", "/a/k.iso"), MirrorItem("k", "/a/j.iso")])
+
+
+# ------------------------------------------------------------------ the mirror signs (its own invented key)
+
+SIGNED = "/cdimage.debian.org/debian-cd/13.2.0/amd64/iso-cd"
+CLEAR = "/releases.example.org/clear"
+
+
+@pytest.fixture
+def signed_items():
+    """A detached signature (Debian's SHA256SUMS.sign) and a clearsigned checksum file, as the catalog names them."""
+    return [
+        MirrorItem("debian-13", f"{SIGNED}/debian-13.iso", f"{SIGNED}/SHA256SUMS", signature_path=f"{SIGNED}/SHA256SUMS.sign"),
+        MirrorItem("clear", f"{CLEAR}/clear.iso", f"{CLEAR}/SHA256SUMS", clearsigned=True),
+    ]
+
+
+def verified(mirror, key, signature=None):
+    """The checksum file's text as the product verifies it against the lab key's keyring (or raises)."""
+    from packer_assets.upstream.checksums import verify_signature
+
+    body = get(mirror.checksum_url(key)).content
+    sig = get(mirror.base_url + signature).content if signature else None
+    return verify_signature(body, sig, keyring=mirror.signing_key.keyring, source=key).text
+
+
+def test_the_mirror_signs_the_checksum_files_the_catalog_names_with_its_invented_key(mirror_root, signed_items,
+                                                                                     monkeypatch):
+    from packer_assets.upstream.checksums import ChecksumError
+    from packer_assets_lab.mirror_key import MirrorKey
+
+    sign_path = f"{SIGNED}/SHA256SUMS.sign"
+    with IsoMirror(mirror_root, signed_items) as m:
+        assert get(m.base_url + sign_path).text.startswith("-----BEGIN PGP SIGNATURE-----")
+        assert parse_gnu(verified(m, "debian-13", sign_path))["debian-13.iso"] == m.sha256("debian-13")
+        assert get(m.checksum_url("clear")).text.startswith("-----BEGIN PGP SIGNED MESSAGE-----")
+        assert m.sha256("clear") in verified(m, "clear")
+        home = mirror_root.parent / "gnupg"
+        home.mkdir(mode=0o700)
+        assert "invented lab key" in subprocess.run(
+            ["gpg", "--batch", "--homedir", str(home), "--show-keys", str(m.signing_key.keyring)],
+            capture_output=True, text=True, check=True, timeout=30).stdout
+        assert get(m.base_url + "/.lab-signing/secret.asc").status_code == 404  # the key is never served
+        m.publish("debian-13")  # a new release: the file changes and is signed again
+        assert parse_gnu(verified(m, "debian-13", sign_path))["debian-13.iso"] == m.sha256("debian-13")
+
+    signed, real_sign = [], MirrorKey.sign
+
+    def counted(self, texts, *, clear):  # a named point: which signatures the mirror makes
+        signed.append(clear)
+        return real_sign(self, texts, clear=clear)
+
+    monkeypatch.setattr(MirrorKey, "sign", counted)
+    with IsoMirror(mirror_root, signed_items) as m2:  # a restart keeps the key and signs no text signed before
+        assert signed == []
+        assert m2.sha256("clear") in verified(m2, "clear")
+        m2.tamper_checksums("debian-13")
+        with pytest.raises(ChecksumError, match="BADSIG"):
+            verified(m2, "debian-13", sign_path)
+        m2.tamper_checksums("clear")
+        with pytest.raises(ChecksumError, match="BADSIG"):
+            verified(m2, "clear")
+    with IsoMirror(mirror_root, signed_items) as m3:  # the tampered files are written and signed anew
+        assert sorted(signed) == [False, True]
+        assert m3.sha256("clear") in verified(m3, "clear")
+        assert parse_gnu(verified(m3, "debian-13", sign_path))["debian-13.iso"] == m3.sha256("debian-13")
+
+
+def test_a_signature_needs_its_checksum_file(tmp_path):
+    with pytest.raises(ValueError, match="give its checksum_path"):
+        IsoMirror(tmp_path, [MirrorItem("k", "/a/k.iso", clearsigned=True)])

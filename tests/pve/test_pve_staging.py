@@ -10,7 +10,8 @@ import pytest
 pytestmark = pytest.mark.lab
 pytest.importorskip("packer_assets_lab", reason="needs the lab: pip install -e ./lab (make test installs it)")
 
-from support.mirror import LAB_MIRROR_ITEMS
+from support import REPO
+from support.mirror import LAB_MIRROR_ITEMS, signed_catalog
 
 from packer_assets.catalog import IsoSource, TemplateEntry
 from packer_assets.upstream.checksums import Checksum
@@ -222,3 +223,37 @@ def test_follow_task_passes_every_log_line(pve_root, lab_pve, iso_mirror):
     status = follow_task(pve_root, upid, timeout=120, on_progress=lines.append, poll=0.05, log_interval=0.1)
     assert status["exitstatus"] == "OK"
     assert [entry["t"] for entry in pve_root.nodes(NODE).tasks(upid).log.get(limit=1000)] == lines
+
+
+SIGNED = "/cdimage.debian.org/debian-cd/13.2.0/amd64/iso-cd"
+
+
+def test_a_signed_checksum_file_is_verified_with_the_mirrors_key_and_a_tampered_one_fails_in_one_line(
+        build_api, lab_pve, tmp_path):
+    """Debian's shape (SHA256SUMS + detached SHA256SUMS.sign, upstream keyring keys/debian-cd.asc): the lab mirror
+    re-signs with its own key, PACKER_ASSETS_ISO_MIRROR_KEYRING names that keyring, staging verifies and
+    downloads; a checksum file changed on the mirror after signing fails before any download, in one line."""
+    from packer_assets.catalog import MIRROR_KEYRING_ENV, load_catalog
+    from packer_assets.upstream.checksums import ChecksumError
+    from packer_assets_lab.mirror import IsoMirror
+
+    item = MirrorItem("debian-13", f"{SIGNED}/debian-13.2.0-amd64-netinst.iso", f"{SIGNED}/SHA256SUMS",
+                      signature_path=f"{SIGNED}/SHA256SUMS.sign")
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys/debian-cd.asc").write_bytes((REPO / "templates/keys/debian-cd.asc").read_bytes())
+    (tmp_path / "catalog.yaml").write_text(signed_catalog("debian-13", item, "keys/debian-cd.asc", item.signature_path))
+    with IsoMirror(tmp_path / "mirror", [item]) as mirror:
+        env = {"PACKER_ASSETS_ISO_MIRROR": mirror.base_url, MIRROR_KEYRING_ENV: str(mirror.signing_key.keyring)}
+        iso = load_catalog(tmp_path / "catalog.yaml", env=env, project_dir=tmp_path).get("debian-13").iso
+        staged = stage_iso(build_api, NODE, STORAGE, iso, **FAST)
+        assert staged.checksum == mirror.sha256("debian-13") and staged.downloaded
+        assert mirror.hits[(item.signature_path, 200)] == 1
+        mirror.publish("debian-13")
+        mirror.tamper_checksums("debian-13")
+        with pytest.raises(ChecksumError) as err:
+            stage_iso(build_api, NODE, STORAGE, iso, **FAST)
+        url = mirror.checksum_url("debian-13")
+    message = str(err.value)
+    assert message.startswith(f"{url}: signature verification against {mirror.signing_key.keyring} failed: BADSIG")
+    assert "BADSIG" in message and "\n" not in message
+    assert len(lab_pve.downloads) == 1  # nothing fetched on a checksum file that failed its signature

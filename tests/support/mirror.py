@@ -36,3 +36,24 @@ def iso_mirror(mirror_root, mirror_items):
     """A started IsoMirror on 127.0.0.1 (ephemeral port), stopped after the test."""
     with IsoMirror(mirror_root, mirror_items) as mirror:
         yield mirror
+
+
+def signed_catalog(key: str, item: MirrorItem, keyring: str, signature_path: str) -> str:
+    """A one-entry catalog whose Debian ISO is `item` (upstream URL = https:/<mirror path>), its checksum file
+    signed as `keyring` (a path under the project) and the detached signature at `signature_path`."""
+    return f"""version: 1
+defaults:
+  hardware: {{cores: 1, memory: 1024, disk: 8G, bios: seabios, os_type: l26}}
+  install_user: {{name: packer, password_env: PW}}
+  retention: 1
+templates:
+  - key: {key}
+    family: debian
+    iso:
+      url: https:/{item.iso_path}
+      checksum_url: https:/{item.checksum_path}
+      keyring: {keyring}
+      signature_url: https:/{signature_path}
+    vmid_range: {{first: 9000, last: 9009}}
+    packer_dir: templates/debian
+"""
