@@ -40,7 +40,7 @@ KEYS = [e.key for e in catalog()]
 FAMILIES = sorted({e.family for e in catalog()})
 SECRETS = ["tok-5ecret-0123", "pw-5ecret-4567", "ssh-5ecret-89ab"]
 EXPECTED_VARS = {
-    "node", "vm_id", "vm_name", "template_description", "tags", "iso_file", "extra_iso_files", "vm_storage",
+    "node", "vm_id", "vm_name", "os_version", "template_description", "tags", "iso_file", "extra_iso_files", "vm_storage",
     "disk_storage_pool_type", "disk_format", "bridge", "http_bind_address", "http_port_min", "http_port_max",
     "ssh_host", "ssh_port", "ssh_username", "ssh_timeout", "cores", "sockets", "memory", "disk_size", "os_type",
     "cpu_type", "bios", "machine", "efi", "tpm", "boot_wait", "boot_command", "insecure_skip_tls_verify",
