@@ -250,7 +250,9 @@ def windows_release(entry: TemplateEntry) -> tuple[str, str]:
     release = entry.expected_os.version_id or WINDOWS_DEFAULT_RELEASE
     if release not in WINDOWS_RELEASES:
         known = ", ".join(WINDOWS_RELEASES)
-        raise RenderError(f"{entry.key}: expect_os.version_id: Windows Server {release} is not one the template knows ({known})")
+        raise RenderError(
+            f"{entry.key}: expect_os.version_id: Windows Server {release} is not one the template knows ({known})"
+        )
     return WINDOWS_RELEASES[release]
 
 
