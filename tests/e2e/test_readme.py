@@ -20,7 +20,8 @@ from support.checkout import export_repository
 from packer_assets.inspection.sbom import package_count, validate_sbom
 
 pytestmark = [pytest.mark.lab, pytest.mark.packer, pytest.mark.e2e]
-KEYS = ("ubuntu-2204", "ubuntu-2404", "debian-12", "rocky-9", "windows-2022")
+KEYS = ("ubuntu-2204", "ubuntu-2404", "debian-12", "rocky-9", "windows-2022", "debian-13", "ubuntu-2604", "rocky-10",
+        "windows-2025")
 
 BUILD_UBUNTU = ("dagster job execute -j rebuild_template --tags '{\"dagster/partition\": \"ubuntu-2204\"}' "
                 "-m packer_assets.definitions")
