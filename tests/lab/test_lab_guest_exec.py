@@ -23,7 +23,8 @@ from packer_assets.catalog import ExpectedOs, SmokeCommand
 from packer_assets_lab.guest import LabGuest
 from packer_assets_lab.mirror import IsoMirror, MirrorItem
 from packer_assets_lab.pve import FAULTS, decode_sshkeys
-from packer_assets_lab.pve.agent import os_release_text
+from packer_assets_lab.pve.agent import os_release_text, osinfo_from_os_release
+from packer_assets_lab.pve.inventory import inventory_rows
 from packer_assets_lab.stack import LabStack
 from packer_assets.pve.guest_exec import EphemeralKey
 from packer_assets.pve.smoke import encode_sshkeys
@@ -352,3 +353,27 @@ def test_the_stack_wires_the_guest_to_the_clones(tmp_path):
         assert stack.guest.key_source == stack.pve.lab_ssh_keys
     finally:
         stack.stop()
+
+
+@pytest.mark.parametrize(("os_id", "version", "pretty", "codename"), [
+    ("debian", "13", "Debian GNU/Linux 13 (trixie)", "trixie"),
+    ("ubuntu", "26.04", "Ubuntu 26.04 LTS", "resolute"),
+    ("rocky", "10", "Rocky Linux 10 (Red Quartz)", None),
+    ("mswindows", "2025", "Windows Server 2025 Standard", None),
+])
+def test_each_release_s_iso_names_its_own_system(os_id, version, pretty, codename):
+    """The os-release a lab ISO carries, and what the guest agent's get-osinfo makes of it."""
+    text = os_release_text(ExpectedOs(id=os_id, version_id=version))
+    info = osinfo_from_os_release(text)
+    assert (info["id"], info["version-id"], info["pretty-name"]) == (os_id, version, pretty)
+    assert (f"VERSION_CODENAME={codename}\n" in text) if codename else "VERSION_CODENAME" not in text
+    if os_id == "ubuntu":
+        assert info["version"] == "26.04 LTS (Resolute Raccoon)"
+    if os_id == "mswindows":
+        assert info["kernel-release"] == "26100"  # Server 2025's build; 2022's is 20348
+
+
+def test_ubuntu_26_04_has_sudo_rs_and_the_rust_coreutils_instead_of_sudo_and_gnu_coreutils():
+    names = {row[0] for row in inventory_rows("ubuntu", "26.04", 1)}
+    assert {"sudo-rs", "rust-coreutils", "chrony", "dracut"} <= names and not {"sudo", "coreutils"} & names
+    assert {"sudo", "coreutils"} <= {row[0] for row in inventory_rows("ubuntu", "24.04", 1)}
