@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/noop_rerun.py [--keys debian-12 ...] [--no-cli] [--multiprocess]
 
-In the lab (bench/_lab.py: fake PVE, mirror and guest in this process; the shipped catalog, 5 keys;
-windows-2022 builds degraded, as the lab's env file says), with PACKER_BINARY set to a counting shim
+In the lab (bench/_lab.py: fake PVE, mirror and guest in this process; the shipped catalog, 9 keys;
+the Windows keys build degraded, as the lab's env file says), with PACKER_BINARY set to a counting shim
 (bash, logs `<pid> <args>` and execs the real packer):
   first   every key materialized once (unattended_files + staged_iso + template + template_proof,
           no force): the builds, for reference;

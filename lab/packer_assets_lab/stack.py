@@ -52,11 +52,15 @@ def _url_path(url: str) -> str:
 
 
 def mirror_items(catalog: Catalog) -> list[MirrorItem]:
-    """One mirror item per ISO of every entry (extra ISOs get `<key>--<name>`), at upstream URL paths."""
-    items = []
+    """One mirror item per ISO of every entry (extra ISOs get `<key>--<name>`), at upstream URL paths. An ISO
+    several keys share (windows-2022 and windows-2025 name the same virtio-win URL) is one upstream file: one
+    item, named by the first key that names it."""
+    items: list[MirrorItem] = []
     for entry in catalog:
         for iso in entry.all_isos():
             name = getattr(iso, "name", None)
+            if any(item.iso_path == _url_path(iso.url) for item in items):
+                continue
             items.append(
                 MirrorItem(
                     key=f"{entry.key}--{name}" if name else entry.key,

@@ -274,6 +274,7 @@ def variables_for(entry: TemplateEntry, plan: BuildPlan, caps: PackerCapabilitie
         "vm_id": plan.vm_id,
         "vm_name": plan.vm_name,
         "template_description": plan.description,
+        "os_version": entry.expected_os.version_id or "",  # the family template's release branches (boot command)
         "tags": list(plan.tags),
         "iso_file": plan.iso_file,
         "extra_iso_files": extra,

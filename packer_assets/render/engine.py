@@ -61,10 +61,14 @@ ANSWER_ISO_NAME = "autounattend.iso"
 SECRET_MODE, PUBLIC_MODE = 0o600, 0o644
 WINDOWS_SCRIPT = "firstlogon.ps1"
 WINDOWS_KEYS_FILE = "administrators_authorized_keys"
-# The Windows edition and virtio-win driver folder the template installs (Server 2022 evaluation,
-# Desktop Experience). A catalog field would replace this when a second Windows key appears.
-WINDOWS_IMAGE_NAME = "Windows Server 2022 SERVERSTANDARD"
-WINDOWS_VIRTIO_OS = "2k22"
+# Per Windows Server release (the key's expect_os version): the edition the template installs (install.wim's
+# /IMAGE/NAME of Standard with Desktop Experience, the same on the evaluation media) and the virtio-win driver
+# folder (<driver>\\<os>\\amd64). A key that names no release installs 2022. Sources: docs/releases.md.
+WINDOWS_RELEASES = {
+    "2022": ("Windows Server 2022 SERVERSTANDARD", "2k22"),
+    "2025": ("Windows Server 2025 SERVERSTANDARD", "2k25"),
+}
+WINDOWS_DEFAULT_RELEASE = "2022"
 
 
 class RenderError(ConfigError):
@@ -258,19 +262,33 @@ def read_ssh_keys(entry: TemplateEntry, env: Mapping[str, str]) -> tuple[str, ..
     return tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
 
 
+def windows_release(entry: TemplateEntry) -> tuple[str, str]:
+    """(/IMAGE/NAME, virtio-win folder) of the Windows Server release the key expects (WINDOWS_RELEASES)."""
+    release = entry.expected_os.version_id or WINDOWS_DEFAULT_RELEASE
+    if release not in WINDOWS_RELEASES:
+        known = ", ".join(WINDOWS_RELEASES)
+        raise RenderError(
+            f"{entry.key}: expect_os.version_id: Windows Server {release} is not one the template knows ({known})"
+        )
+    return WINDOWS_RELEASES[release]
+
+
 def _context(entry: TemplateEntry, password: str, ssh_keys: tuple[str, ...], salt: str) -> dict[str, Any]:
-    """Template variables. Linux contexts never hold the password, only its hash."""
+    """Template variables. Linux contexts never hold the password, only its hash. `release`: the OS version the
+    key expects ("" when it names none), for the few lines a family's release changes."""
     user = entry.install_user.name
     context: dict[str, Any] = {"key": entry.key, "hostname": entry.key, "user": user, "ssh_keys": list(ssh_keys)}
+    context["release"] = entry.expected_os.version_id or ""
     if entry.family == "windows":
+        image_name, virtio_os = windows_release(entry)
         context.update(
             admin_password_b64=passwords.windows_encode(password, passwords.ADMIN_SUFFIX),
             user_password_b64=passwords.windows_encode(password, passwords.USER_SUFFIX),
             builtin_admin=user.lower() == "administrator",
             computer_name=entry.key[:15].rstrip("-"),  # NetBIOS names hold 15 characters
             efi=entry.hardware.efi,
-            image_name=WINDOWS_IMAGE_NAME,
-            virtio_os=WINDOWS_VIRTIO_OS,
+            image_name=image_name,
+            virtio_os=virtio_os,
             virtio_drivers=["vioscsi", "viostor", "NetKVM"],
             virtio_drive_letters=list("DEFGH"),
             first_logon_script=WINDOWS_SCRIPT,

@@ -23,6 +23,11 @@
 variable "node" { type = string }
 variable "vm_id" { type = number }
 variable "vm_name" { type = string }
+variable "os_version" {
+  type        = string
+  default     = ""
+  description = "The OS release the key installs (its expect_os version_id, e.g. 10 or 26.04; \"\": any): the few family defaults a release changes branch on it."
+}
 variable "template_description" {
   type    = string
   default = ""

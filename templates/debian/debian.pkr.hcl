@@ -1,4 +1,4 @@
-# Debian (netinst, preseed) as a Proxmox template.
+# Debian 12 and 13 (netinst, preseed) as a Proxmox template.
 #
 # Run only from a work directory prepared by packer_assets/packer/workdir.py, which puts
 # templates/common/common.pkr.hcl next to this file: every variable (none are declared here), the
@@ -11,7 +11,7 @@ locals {
   # This family's defaults: the shared source uses them where var.boot_command, var.ssh_timeout or
   # var.boot_wait is null.
   #
-  # isolinux (BIOS): <esc> leaves the menu for the boot: prompt; the `auto` label preseeds from the URL
+  # isolinux (BIOS; Debian 13's netinst still boots with it): <esc> leaves the menu for the boot: prompt; the `auto` label preseeds from the URL
   # (priority=critical: no questions before the preseed file is read).
   default_boot_command = [
     "<esc><wait>",

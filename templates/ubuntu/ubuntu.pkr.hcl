@@ -1,4 +1,4 @@
-# Ubuntu Server (22.04 / 24.04 live-server, Subiquity autoinstall) as a Proxmox template.
+# Ubuntu Server (22.04 / 24.04 / 26.04 live-server, Subiquity autoinstall) as a Proxmox template.
 #
 # Run only from a work directory prepared by packer_assets/packer/workdir.py, which puts
 # templates/common/common.pkr.hcl next to this file: every variable (none are declared here), the
@@ -32,7 +32,8 @@ build {
     cloud_init_storage_pool = var.vm_storage
   }
 
-  # sudo with the install password on stdin, never on a command line (local.sudo_*).
+  # sudo with the install password on stdin, never on a command line (local.sudo_*). 26.04's sudo is sudo-rs,
+  # which takes the same -S and -p '' (docs/releases.md); env -u is GNU's and uutils' alike.
   provisioner "shell" {
     environment_vars = local.sudo_environment
     use_env_var_file = true

@@ -1,4 +1,4 @@
-# Windows Server (Autounattend on an answer ISO, OpenSSH for Packer) as a Proxmox template.
+# Windows Server 2022 and 2025 (Autounattend on an answer ISO, OpenSSH for Packer) as a Proxmox template.
 #
 # Run only from a work directory prepared by packer_assets/packer/workdir.py, which puts
 # templates/common/common.pkr.hcl next to this file: every variable (none are declared here), the

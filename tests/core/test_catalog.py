@@ -21,7 +21,8 @@ from packer_assets.catalog import (
 from packer_assets.evidence.chain import CHAIN_RE
 from packer_assets.pve.templates import CHANNEL_TAG_PREFIX, LATEST_TAG, REVOKED_TAG, SMOKE_TAG, TOOL_TAG
 
-SHIPPED_KEYS = ["ubuntu-2204", "ubuntu-2404", "debian-12", "rocky-9", "windows-2022"]
+SHIPPED_KEYS = ["ubuntu-2204", "ubuntu-2404", "debian-12", "rocky-9", "windows-2022", "debian-13", "ubuntu-2604",
+                "rocky-10", "windows-2025"]
 SHA = "sha256:" + "ab" * 32
 
 BASE = {
@@ -76,7 +77,7 @@ def load(tmp_path: Path, doc, env=None):
 # ---------------------------------------------------------------- the shipped catalog
 
 
-def test_shipped_catalog_loads_with_the_five_keys():
+def test_shipped_catalog_loads_with_the_nine_keys():
     catalog = load_catalog(REPO / "templates" / "catalog.yaml", env={}, project_dir=REPO)
     assert catalog.keys() == SHIPPED_KEYS
     assert catalog.display == "templates/catalog.yaml"
@@ -98,7 +99,21 @@ def test_shipped_catalog_loads_with_the_five_keys():
     # each shipped key names its upstream end of life (the comments beside them say which date and where from)
     assert {e.key: e.eol.isoformat() for e in catalog} == {
         "ubuntu-2204": "2027-04-30", "ubuntu-2404": "2029-04-30", "debian-12": "2028-06-30",
-        "rocky-9": "2032-05-31", "windows-2022": "2031-10-14"}
+        "rocky-9": "2032-05-31", "windows-2022": "2031-10-14", "debian-13": "2030-06-30",
+        "ubuntu-2604": "2031-04-30", "rocky-10": "2035-05-31", "windows-2025": "2034-10-10"}
+    assert catalog.get("ubuntu-2604").autoinstall_schema == "26.04"
+    assert catalog.get("rocky-10").iso.checksum_url.endswith("/pub/rocky/10/isos/x86_64/CHECKSUM")
+    win25 = catalog.get("windows-2025")  # the eval ISOs share the upstream name: its own on storage
+    assert win25.iso.filename == "windows-server-2025-eval-x64-en-us.iso" != win.iso.filename
+    assert win25.extra_isos == win.extra_isos
+    fields = ("bios", "efi", "tpm", "machine", "os_type", "memory", "disk")
+    assert [getattr(win25.hardware, f) for f in fields] == [getattr(win.hardware, f) for f in fields]
+    assert catalog.get("rocky-10").hardware.cpu_type == "x86-64-v3"  # RHEL 10 needs v3 (the fit check)
+    signed = {e.key: e.iso.keyring for e in catalog if e.iso.keyring}
+    assert signed == {
+        "ubuntu-2204": "templates/keys/ubuntu-cdimage.asc", "ubuntu-2404": "templates/keys/ubuntu-cdimage.asc",
+        "debian-12": "templates/keys/debian-cd.asc", "debian-13": "templates/keys/debian-cd.asc",
+        "ubuntu-2604": "templates/keys/ubuntu-cdimage.asc", "rocky-10": "templates/keys/rocky-10.asc"}
 
 
 def test_shipped_catalog_found_from_root_and_via_env(tmp_path):
@@ -110,7 +125,7 @@ def test_shipped_catalog_found_from_root_and_via_env(tmp_path):
 
 def test_check_catalog_lines_for_the_shipped_catalog():
     lines = check_catalog(env={MIRROR_ENV: "http://127.0.0.1:8081"}, project_dir=REPO, check_dirs=False)
-    assert lines[0] == "catalog templates/catalog.yaml: 5 templates, version 1"
+    assert lines[0] == "catalog templates/catalog.yaml: 9 templates, version 1"
     assert lines[1] == "iso mirror: http://127.0.0.1:8081"
     assert [line.split(":")[0] for line in lines[2:]] == SHIPPED_KEYS
     assert "http://127.0.0.1:8081/releases.ubuntu.com/22.04.5/SHA256SUMS" in lines[2]
@@ -530,7 +545,8 @@ def test_the_expected_os_comes_from_the_key_or_the_entry(tmp_path):
 
     shipped = {e.key: str(e.expected_os) for e in load_shipped(env={}, project_dir=REPO)}
     assert shipped == {"ubuntu-2204": "ubuntu 22.04", "ubuntu-2404": "ubuntu 24.04", "debian-12": "debian 12",
-                       "rocky-9": "rocky 9", "windows-2022": "mswindows 2022"}
+                       "rocky-9": "rocky 9", "windows-2022": "mswindows 2022", "debian-13": "debian 13",
+                       "ubuntu-2604": "ubuntu 26.04", "rocky-10": "rocky 10", "windows-2025": "mswindows 2025"}
     doc = copy.deepcopy(BASE)
     doc["templates"][1]["expect_os"] = {"id": "mswindows", "version_id": "2025"}
     catalog = load(tmp_path, doc)

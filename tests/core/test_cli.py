@@ -21,7 +21,8 @@ def cli(*args, cwd=REPO, **env):
 def test_catalog_check_lists_every_key():
     proc = cli("catalog", "check")
     assert proc.returncode == 0, proc.stderr
-    for key in ("ubuntu-2204", "ubuntu-2404", "debian-12", "rocky-9", "windows-2022"):
+    for key in ("ubuntu-2204", "ubuntu-2404", "debian-12", "rocky-9", "windows-2022", "debian-13", "ubuntu-2604",
+                "rocky-10", "windows-2025"):
         assert f"{key}:" in proc.stdout
 
 
@@ -129,10 +130,10 @@ def test_make_build_of_an_unknown_key_is_one_line_and_runs_nothing(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PACKER_ASSETS_", "PROXMOX_"))}
     home = tmp_path / "home"
     env.update(PACKER_ASSETS_ROOT=str(tmp_path), DAGSTER_HOME=str(home))
-    made = subprocess.run(["make", "--no-print-directory", "build", "KEY=debian-13", "PACKER_ASSETS_ENV_FILE="],
+    made = subprocess.run(["make", "--no-print-directory", "build", "KEY=debian-14", "PACKER_ASSETS_ENV_FILE="],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert made.returncode != 0 and "Traceback" not in made.stderr
-    assert "packer-assets: templates/catalog.yaml: debian-13: unknown template key; known keys: " in made.stderr
+    assert "packer-assets: templates/catalog.yaml: debian-14: unknown template key; known keys: " in made.stderr
     assert not (home / "storage").exists()  # no run was recorded
 
 
@@ -159,5 +160,6 @@ def test_make_build_takes_any_key_text_as_one_argument(tmp_path, key):
     assert made.returncode != 0 and "Traceback" not in made.stderr
     errors = [line for line in made.stderr.splitlines() if not line.startswith("make")]
     assert errors == [f"packer-assets: templates/catalog.yaml: {key}: unknown template key; known keys: "
-                      "ubuntu-2204, ubuntu-2404, debian-12, rocky-9, windows-2022"]
+                      "ubuntu-2204, ubuntu-2404, debian-12, rocky-9, windows-2022, debian-13, ubuntu-2604, rocky-10, "
+                      "windows-2025"]
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "home" / "storage").exists()

@@ -20,7 +20,8 @@ from support.checkout import export_repository
 from packer_assets.inspection.sbom import package_count, validate_sbom
 
 pytestmark = [pytest.mark.lab, pytest.mark.packer, pytest.mark.e2e]
-KEYS = ("ubuntu-2204", "ubuntu-2404", "debian-12", "rocky-9", "windows-2022")
+KEYS = ("ubuntu-2204", "ubuntu-2404", "debian-12", "rocky-9", "windows-2022", "debian-13", "ubuntu-2604", "rocky-10",
+        "windows-2025")
 
 BUILD_UBUNTU = ("dagster job execute -j rebuild_template --tags '{\"dagster/partition\": \"ubuntu-2204\"}' "
                 "-m packer_assets.definitions")
@@ -225,7 +226,7 @@ def check_after(command: str, clone: Path, proc: subprocess.CompletedProcess) ->
             assert [(v["revoked"], v["revoked_reason"]) for v in debian["retained"] if v["vmid"] == 9300] == [
                 (True, "CVE-2026-1234 in openssl")]
     elif command == "packer-assets plan":  # right after make build-all: nothing left to run
-        assert proc.stdout.strip().endswith("0 of 5 key(s) to run, 5 unchanged"), proc.stdout
+        assert proc.stdout.strip().endswith(f"0 of {len(KEYS)} key(s) to run, {len(KEYS)} unchanged"), proc.stdout
     elif command == "make clean":
         assert not (clone / ".lab").exists() and not (clone / "output").exists()
 

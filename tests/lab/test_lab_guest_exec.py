@@ -23,7 +23,8 @@ from packer_assets.catalog import ExpectedOs, SmokeCommand
 from packer_assets_lab.guest import LabGuest
 from packer_assets_lab.mirror import IsoMirror, MirrorItem
 from packer_assets_lab.pve import FAULTS, decode_sshkeys
-from packer_assets_lab.pve.agent import os_release_text
+from packer_assets_lab.pve.agent import os_release_text, osinfo_from_os_release
+from packer_assets_lab.pve.inventory import inventory_rows
 from packer_assets_lab.stack import LabStack
 from packer_assets.pve.guest_exec import EphemeralKey
 from packer_assets.pve.smoke import encode_sshkeys
@@ -31,7 +32,8 @@ from packer_assets.pve.smoke import encode_sshkeys
 NODE = "pve1"
 # key -> (catalog family, os-release ID, VERSION_ID)
 SYSTEMS = {"debian-12": ("debian", "debian", "12"), "rocky-9": ("rocky", "rocky", "9"),
-           "windows-2022": ("windows", "mswindows", "2022")}
+           "windows-2022": ("windows", "mswindows", "2022"), "rocky-10": ("rocky", "rocky", "10"),
+           "windows-2025": ("windows", "mswindows", "2025")}
 VALUES = {"install_user": "packer", "ci_user": "packer-smoke"}
 TEMPLATE_VMID = 100
 
@@ -54,15 +56,16 @@ def ok(api, upid):
     assert (status["status"], status.get("exitstatus")) == ("stopped", "OK"), status
 
 
-def install(api, mirror, key, vmid, name=None):
-    """A VM installed from key's current ISO on the mirror, started: its OS and release come from the ISO."""
+def install(api, mirror, key, vmid, name=None, cpu="host"):
+    """A VM installed from key's current ISO on the mirror, started: its OS and release come from the ISO.
+    cpu: the VM's CPU type (packer's default, host, unless a test says otherwise; "": unset, PVE's kvm64)."""
     filename = f"{key}-r{mirror.release(key)}.iso"
     # with the checksum, as the pipeline stages it: a second VM from the same ISO downloads nothing
     ok(api, api.nodes(NODE).storage("local")("download-url").post(
         url=mirror.url(key), filename=filename, content="iso", checksum=mirror.sha256(key),
         **{"checksum-algorithm": "sha256"}))
     ok(api, api.nodes(NODE).qemu.post(vmid=vmid, name=name or f"{key}-build", agent=1, net0="virtio,bridge=vmbr0",
-                                      ide2=f"local:iso/{filename},media=cdrom"))
+                                      ide2=f"local:iso/{filename},media=cdrom", **({"cpu": cpu} if cpu else {})))
     ok(api, api.nodes(NODE).qemu(vmid).status.start.post())
     return api.nodes(NODE).qemu(vmid)
 
@@ -228,7 +231,10 @@ def test_inventory_parses_and_a_new_mirror_release_adds_and_updates_one_package(
                               "sudo", "openssl"},
                 "rocky-9": {"kernel", "openssh-server", "qemu-guest-agent", "cloud-init", "sudo", "openssl"},
                 "windows-2022": {"QEMU guest agent", "Cloudbase-Init 1.1.6", "KB5041948"}}
+    expected.update({"rocky-10": expected["rocky-9"], "windows-2025": expected["windows-2022"]})
     assert expected[key] <= names
+    if key == "rocky-10":  # the release's own system (inventory.RELEASE_ROWS), not rocky-9's with el10 in it
+        assert {p.version for p in first if p.name == "kernel"} == {"6.12.0-55.37.1.el10_0"}
     assert inventory(install(pve_root, os_mirror, key, 101), key) == first  # same ISO, same system
 
     os_mirror.publish(key)
@@ -347,3 +353,27 @@ def test_the_stack_wires_the_guest_to_the_clones(tmp_path):
         assert stack.guest.key_source == stack.pve.lab_ssh_keys
     finally:
         stack.stop()
+
+
+@pytest.mark.parametrize(("os_id", "version", "pretty", "codename"), [
+    ("debian", "13", "Debian GNU/Linux 13 (trixie)", "trixie"),
+    ("ubuntu", "26.04", "Ubuntu 26.04 LTS", "resolute"),
+    ("rocky", "10", "Rocky Linux 10 (Red Quartz)", None),
+    ("mswindows", "2025", "Windows Server 2025 Standard", None),
+])
+def test_each_release_s_iso_names_its_own_system(os_id, version, pretty, codename):
+    """The os-release a lab ISO carries, and what the guest agent's get-osinfo makes of it."""
+    text = os_release_text(ExpectedOs(id=os_id, version_id=version))
+    info = osinfo_from_os_release(text)
+    assert (info["id"], info["version-id"], info["pretty-name"]) == (os_id, version, pretty)
+    assert (f"VERSION_CODENAME={codename}\n" in text) if codename else "VERSION_CODENAME" not in text
+    if os_id == "ubuntu":
+        assert info["version"] == "26.04 LTS (Resolute Raccoon)"
+    if os_id == "mswindows":
+        assert info["kernel-release"] == "26100"  # Server 2025's build; 2022's is 20348
+
+
+def test_ubuntu_26_04_has_sudo_rs_and_the_rust_coreutils_instead_of_sudo_and_gnu_coreutils():
+    names = {row[0] for row in inventory_rows("ubuntu", "26.04", 1)}
+    assert {"sudo-rs", "rust-coreutils", "chrony", "dracut"} <= names and not {"sudo", "coreutils"} & names
+    assert {"sudo", "coreutils"} <= {row[0] for row in inventory_rows("ubuntu", "24.04", 1)}

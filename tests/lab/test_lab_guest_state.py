@@ -28,6 +28,10 @@ from packer_assets_lab.pve.simguest import _powershell
 pytestmark = pytest.mark.lab
 
 KEYS = {"debian": "debian-12", "ubuntu": "ubuntu-2204", "rocky": "rocky-9", "windows": "windows-2022"}
+# every shipped key of each family (the release's template, rendered for its key): the family's tests above by family,
+# the pass/fail of the shipped template and of its generalize-less variant per key
+RELEASES = {"debian-12": "debian", "debian-13": "debian", "ubuntu-2204": "ubuntu", "ubuntu-2604": "ubuntu",
+            "rocky-9": "rocky", "rocky-10": "rocky", "windows-2022": "windows", "windows-2025": "windows"}
 ANSWER = {"debian": ("preseed", "preseed.cfg"), "ubuntu": ("autoinstall", "user-data"), "rocky": ("kickstart", "ks.cfg")}
 LINUX = ["debian", "ubuntu", "rocky"]
 USER = "packer"
@@ -69,26 +73,35 @@ def provisioner_steps(family: str, template: str | None = None) -> list[list[str
 
 @pytest.fixture(scope="module")
 def rendered():
-    """{family: {file name: text}} of the shipped templates, rendered as a build renders them."""
+    """{family or key: {file name: text}} of the shipped templates, rendered as a build renders them (a family
+    names its KEYS key)."""
     catalog = load_catalog(REPO / "templates/catalog.yaml", env={}, project_dir=REPO)
     out = {}
-    for family, key in KEYS.items():
+    for key in RELEASES:
         entry = catalog.get(key)
         files, _context = render_files(entry, {entry.install_user.password_env: "lab-test-pass"}, project_dir=REPO)
-        out[family] = {name: data.decode() for name, data in files.items()}
-    return out
+        out[key] = {name: data.decode() for name, data in files.items()}
+    return out | {family: out[key] for family, key in KEYS.items()}
 
 
-def base(family: str) -> Base:
-    rows = inventory_rows(family, {"debian": "12", "ubuntu": "22.04", "rocky": "9.4", "windows": "2022"}[family], 1)
+DEFAULT_VERSIONS = {"debian": "12", "ubuntu": "22.04", "rocky": "9.4", "windows": "2022"}
+
+
+def os_version(key: str) -> str:
+    """The OS version of a key's system (its expect_os, as the lab's ISO carries it)."""
+    return load_catalog(REPO / "templates/catalog.yaml", env={}, project_dir=REPO).get(key).expected_os.version_id
+
+
+def base(family: str, version: str | None = None) -> Base:
+    rows = inventory_rows(family, version or DEFAULT_VERSIONS[family], 1)
     return Base(family, {row[0]: (row[1], row[2]) for row in rows})
 
 
-def installed(family: str, files: dict[str, str]) -> gs.GuestState:
+def installed(family: str, files: dict[str, str], version: str | None = None) -> gs.GuestState:
     if family == "windows":
-        return install_windows({k: v.encode() for k, v in files.items()}, base(family))
+        return install_windows({k: v.encode() for k, v in files.items()}, base(family, version))
     kind, name = ANSWER[family]
-    return install(kind, files[name], base(family))
+    return install(kind, files[name], base(family, version))
 
 
 def provision(state: gs.GuestState, steps: list[list[str]]) -> list[tuple[int, str]]:
@@ -109,9 +122,11 @@ def provision(state: gs.GuestState, steps: list[list[str]]) -> list[tuple[int, s
     return results
 
 
-def built_template(family: str, files: dict[str, str], steps: list[list[str]]) -> gs.GuestState:
-    """Install, the first boot (stamp 1), the provisioners: the template's disk."""
-    state = gs.boot(installed(family, files), 1, "iid-build")
+def built_template(family: str, files: dict[str, str], steps: list[list[str]], version: str | None = None
+                   ) -> gs.GuestState:
+    """Install (of OS `version`, default the family's first), the first boot (stamp 1), the provisioners: the
+    template's disk."""
+    state = gs.boot(installed(family, files, version), 1, "iid-build")
     results = provision(state, steps)
     assert all(status == 0 for status, _ in results), results
     return state
@@ -140,18 +155,20 @@ def without(steps: list[list[str]], line: str) -> list[list[str]]:
 # ---- the shipped templates pass; each duty removed fails its check --------------------------------
 
 
-@pytest.mark.parametrize("family", [*LINUX, "windows"])
-def test_the_shipped_template_passes_every_check(rendered, family):
-    checks = smoke(built_template(family, rendered[family], provisioner_steps(family)))
+@pytest.mark.parametrize("key", list(RELEASES))
+def test_the_shipped_template_passes_every_check(rendered, key):
+    family = RELEASES[key]
+    checks = smoke(built_template(family, rendered[key], provisioner_steps(family), os_version(key)))
     for name, check in ((c.name, c) for c in guest_checks.FAMILY_CHECKS[family] if c.via == "agent"):
         passed, why = check.judge(checks[name][0], checks[name][1], {"install_user": re.escape(USER)})
         assert passed, f"{name}: {why}"
 
 
-@pytest.mark.parametrize("family", [*LINUX, "windows"])
-def test_without_the_generalize_step_fresh_identity_fails(rendered, family):
+@pytest.mark.parametrize("key", list(RELEASES))
+def test_without_the_generalize_step_fresh_identity_fails(rendered, key):
+    family = RELEASES[key]
     steps = provisioner_steps(family)[:-1]  # every template's last provisioner generalizes
-    status, said = smoke(built_template(family, rendered[family], steps))["fresh_identity"]
+    status, said = smoke(built_template(family, rendered[key], steps, os_version(key)))["fresh_identity"]
     assert status == 1
     assert ("sysprep /generalize never ran" if family == "windows" else "dates from before this boot") in said
 

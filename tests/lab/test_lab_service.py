@@ -80,7 +80,7 @@ def test_broken_catalog_fails_before_starting(lab_state, tmp_path):
 @pytest.mark.parametrize(("keys", "message"), [
     ("ubuntu-2204", "--real-guest ubuntu-2204: the lab's real guest is Debian 12 (debootstrap); ubuntu-2204 expects "
                     "ubuntu 22.04"),
-    ("debian-13", "--real-guest debian-13: no such key in"),
+    ("debian-14", "--real-guest debian-14: no such key in"),
 ])
 def test_a_real_guest_only_for_a_debian_12_key_refused_before_any_process(lab_state, keys, message):
     proc = cli("lab", "up", "--state", str(lab_state), "--real-guest", keys, check=False)

@@ -1,6 +1,7 @@
 """Real packer builds through the lab of simulated guests whose state follows from what ran (issue 26, item 1).
 
-For each of ubuntu-2204, rocky-9, windows-2022 and debian-12: the shipped template (in a copy of
+For each family's shipped keys (ubuntu-2204 and -2604, rocky-9 and -10, windows-2022 and -2025, debian-12 and -13):
+the shipped template (in a copy of
 templates/) builds, passes the smoke test and is promoted, its SBOM listing what the answer file added; the
 same template with its generalize provisioner deleted then fails the smoke test at fresh_identity, and the
 promoted template stays. The state-level checks of every other duty are in test_lab_guest_state.py.
@@ -14,7 +15,8 @@ import pytest
 from support.builds import rebuild, templates_of
 
 pytestmark = [pytest.mark.lab, pytest.mark.packer]
-FAMILIES = {"ubuntu-2204": "ubuntu", "rocky-9": "rocky", "windows-2022": "windows", "debian-12": "debian"}
+FAMILIES = {"ubuntu-2204": "ubuntu", "rocky-9": "rocky", "windows-2022": "windows", "debian-12": "debian",
+            "ubuntu-2604": "ubuntu", "rocky-10": "rocky", "windows-2025": "windows", "debian-13": "debian"}
 ADDED = {"ubuntu": "qemu-guest-agent", "rocky": "qemu-guest-agent", "debian": "qemu-guest-agent",
          "windows": "QEMU guest agent"}
 
@@ -83,3 +85,21 @@ def test_an_answer_file_without_qemu_guest_agent_fails_the_build_and_the_console
                      r"Unit file qemu-guest-agent.service does not exist", error), error
     assert lab_project.stack.guest_password not in said and "$6$" not in said
 
+
+
+def test_rocky_10_on_kvm64_stops_in_the_installer_and_the_build_quotes_the_console(tmp_path, lab_user_project):
+    """A user's template that sets PVE's old default CPU type: Rocky 10's installer needs x86-64-v3, so the VM
+    powers off before the kickstart is read and the build's watch of the VM ends the build, quoting why."""
+    common = user_templates(tmp_path) / "common" / "common.pkr.hcl"
+    text = common.read_text()
+    assert "  cpu_type = var.cpu_type\n" in text
+    common.write_text(text.replace("  cpu_type = var.cpu_type\n", '  cpu_type = "kvm64"\n'))
+    with dg.instance_for_test() as instance:
+        result = rebuild(lab_user_project, instance, key="rocky-10", ssh_timeout="30m", vm_watch_seconds=0.2)
+        assert not result.success
+        error = str([e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0].event_specific_data.error)
+    assert templates_of(lab_user_project.pve, "rocky-10") == {}
+    (log,) = (lab_user_project.stack.pve.data_dir / "console").glob("*.log")
+    assert "Fatal glibc error: CPU does not support x86-64-v3 (lab: CPU type kvm64 is x86-64-v1)" in log.read_text()
+    assert re.search(r"VM \d+ on node pve1 stopped before SSH came up; its console .* ends: .*"
+                     r"CPU does not support x86-64-v3", error), error

@@ -68,8 +68,8 @@ def type_line(vm, line):
         vm.sendkey.put(key=key)
 
 
-def installed_vm(pve_root, os_mirror, key, line, vmid=100):  # noqa: F811 - the fixture's value
-    vm = install(pve_root, os_mirror, key, vmid)
+def installed_vm(pve_root, os_mirror, key, line, vmid=100, cpu="host"):  # noqa: F811 - the fixture's value
+    vm = install(pve_root, os_mirror, key, vmid, cpu=cpu)
     type_line(vm, line)
     return vm
 
@@ -104,6 +104,36 @@ def test_a_failing_post_erroronfail_stops_the_install_and_says_why_without_the_h
     assert "%post --erroronfail script failed" in said
     assert "Unit file qemu-guest-agent.service does not exist" in said
     assert HASH not in said and "labsalt" not in said
+
+
+@pytest.mark.parametrize(("key", "cpu", "said"), [
+    ("rocky-10", None, "Fatal glibc error: CPU does not support x86-64-v3 (lab: CPU type kvm64 is x86-64-v1)"),
+    ("rocky-10", "x86-64-v2-AES", "CPU does not support x86-64-v3 (lab: CPU type x86-64-v2-AES is x86-64-v2)"),
+    ("rocky-9", "cputype=qemu64,flags=+aes", "CPU does not support x86-64-v2 (lab: CPU type qemu64 is x86-64-v1)"),
+    ("windows-2025", "kvm64", "lacks SSE4.2/POPCNT, which Windows Server 2025 requires (x86-64-v2)"),
+])
+def test_an_installer_below_its_release_s_cpu_level_stops_and_the_console_says_why(
+    pve_root, lab_pve, os_mirror, answers, key, cpu, said  # noqa: F811
+):
+    """PVE's default CPU type (kvm64, cpu unset) and the other baseline models run no RHEL 10 installer; the VM
+    powers off before any answer file is read, its console naming the level."""
+    folder, url = answers
+    (folder / "ks.cfg").write_text(KICKSTART)
+    line = " inst.text inst.ks=" + url + "/ks.cfg" if key.startswith("rocky") else ""  # Setup: at the first key
+    vm = installed_vm(pve_root, os_mirror, key, line, cpu=cpu or "")
+    assert vm.status.current.get()["status"] == "stopped"
+    assert said in console_path(lab_pve.data_dir, 100).read_text()
+
+
+@pytest.mark.parametrize("key", ["rocky-10", "windows-2025"])
+@pytest.mark.parametrize("cpu", ["host", "max", "x86-64-v3", "Haswell"])
+def test_a_cpu_at_the_release_s_level_boots_its_installer(pve_root, lab_pve, os_mirror, answers, key, cpu):  # noqa: F811
+    folder, url = answers
+    (folder / "ks.cfg").write_text(KICKSTART.replace("cloud-init\n", "cloud-init\nqemu-guest-agent\n"))
+    line = " inst.text inst.ks=" + url + "/ks.cfg" if key.startswith("rocky") else ""  # Setup: at the first key
+    vm = installed_vm(pve_root, os_mirror, key, line, cpu=cpu)
+    said = console_path(lab_pve.data_dir, 100).read_text()
+    assert "x86-64-v" not in said and "SSE4.2" not in said, said
 
 
 def test_without_qemu_ga_the_agent_is_not_running(pve_root, lab_pve, os_mirror, answers):  # noqa: F811

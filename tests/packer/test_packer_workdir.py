@@ -41,7 +41,7 @@ KEYS = [e.key for e in catalog()]
 FAMILIES = sorted({e.family for e in catalog()})
 SECRETS = ["tok-5ecret-0123", "pw-5ecret-4567", "ssh-5ecret-89ab"]
 EXPECTED_VARS = {
-    "node", "vm_id", "vm_name", "template_description", "tags", "iso_file", "extra_iso_files", "vm_storage",
+    "node", "vm_id", "vm_name", "os_version", "template_description", "tags", "iso_file", "extra_iso_files", "vm_storage",
     "disk_storage_pool_type", "disk_format", "bridge", "http_bind_address", "http_port_min", "http_port_max",
     "ssh_host", "ssh_port", "ssh_username", "ssh_timeout", "cores", "sockets", "memory", "disk_size", "os_type",
     "cpu_type", "bios", "machine", "efi", "tpm", "boot_wait", "boot_command", "insecure_skip_tls_verify",
@@ -395,3 +395,17 @@ def test_the_current_packer_form_is_valid_hcl(tmp_path, key):
     assert check.ok, check.output
     fmt = subprocess.run([PACKER, "fmt", "-check", str(moved)], capture_output=True, text=True)
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+
+
+@needs_packer
+@pytest.mark.parametrize(("key", "boots"), [
+    ("rocky-9", "<up><tab> inst.text inst.ks="),  # isolinux
+    ("rocky-10", "linux /images/pxeboot/vmlinuz inst.repo=cdrom inst.text inst.ks="),  # GRUB 2's command line
+])
+def test_the_rocky_boot_command_follows_the_key_s_release(tmp_path, key, boots):
+    """Packer itself evaluates the family's default boot command with the work directory's variables (os_version)."""
+    _e, wd = prepare(tmp_path, key)
+    said = subprocess.run([PACKER, "console", "-var", "ssh_password=pw-5ecret-unused", str(wd.path)],
+                          input="local.default_boot_command",
+                          capture_output=True, text=True, timeout=60)
+    assert said.returncode == 0 and boots in said.stdout, said.stdout + said.stderr

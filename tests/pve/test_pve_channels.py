@@ -156,7 +156,7 @@ def test_channel_set_moves_the_tag_and_unset_takes_it(api, layout, catalog):
 @pytest.mark.parametrize("args, said", [
     (("Prod", KEY, "9300"), "bad channel name 'Prod'"),
     (("latest", KEY, "9300"), "channel latest is the promoted template"),
-    (("production", "debian-13", "9300"), "debian-13: unknown template key"),
+    (("production", "debian-14", "9300"), "debian-14: unknown template key"),
     (("production", KEY, "9200"), "9200: no template of key debian-12"),  # ubuntu-2404's template
     (("production", KEY, "9399"), "9399: no template of key debian-12"),  # no VM at all
     (("production", KEY, "CHAIN-20261101T120000Z-ubuntu-2404"), "is of key ubuntu-2404, not debian-12"),
@@ -340,7 +340,7 @@ def test_the_cli_sets_lists_unsets_and_revokes(api, cli_project, capsys):
 @pytest.mark.parametrize("argv, said", [
     (("channel", "set", "Prod", KEY, "9300"), "packer-assets: bad channel name 'Prod'"),
     (("channel", "set", "production", KEY, "9301"), "packer-assets: debian-12: template 9301"),
-    (("channel", "list", "debian-13"), "packer-assets: templates/catalog.yaml: debian-13: unknown template key"),
+    (("channel", "list", "debian-14"), "packer-assets: templates/catalog.yaml: debian-14: unknown template key"),
     (("revoke", "9399"), "packer-assets: 9399: no template of any catalog key"),
     (("revoke", "9301"), "packer-assets: debian-12: template 9301"),
 ])

@@ -13,7 +13,7 @@ from pykickstart.parser import KickstartParser
 from pykickstart.version import RHEL9, makeVersion
 from support import REPO
 
-from packer_assets.catalog import InstallUser, load_catalog
+from packer_assets.catalog import ExpectedOs, InstallUser, load_catalog
 from packer_assets.render import (
     ANSWER_ISO_NAME,
     RenderError,
@@ -61,7 +61,8 @@ def _render(entry, tmp_path, env=ENV, **kw):
 # ------------------------------------------------------------------ every key
 
 
-@pytest.mark.parametrize("key", ["ubuntu-2204", "ubuntu-2404", "debian-12", "rocky-9", "windows-2022"])
+@pytest.mark.parametrize("key", ["ubuntu-2204", "ubuntu-2404", "debian-12", "rocky-9", "windows-2022", "debian-13",
+                                 "ubuntu-2604", "rocky-10", "windows-2025"])
 def test_every_catalog_key_renders_and_passes_its_validators(catalog, tmp_path, key):
     entry = catalog[key]
     result = _render(entry, tmp_path)
@@ -146,6 +147,34 @@ def test_windows_passwords_decode_back_and_iso_holds_the_files(catalog, tmp_path
     assert files["Autounattend.xml"] == xml
     assert files["administrators_authorized_keys"].decode().splitlines() == list(KEYS)
     assert b"Add-WindowsCapability" in files["firstlogon.ps1"]
+
+
+@pytest.mark.parametrize(("key", "image", "folder"), [
+    ("windows-2022", "Windows Server 2022 SERVERSTANDARD", "2k22"),
+    ("windows-2025", "Windows Server 2025 SERVERSTANDARD", "2k25"),
+])
+def test_the_windows_release_picks_its_image_and_virtio_folder(catalog, tmp_path, key, image, folder):
+    root = etree.fromstring(_render(catalog[key], tmp_path).file("Autounattend.xml").path.read_bytes())
+    ns = {"u": UNATTEND_NS}
+    assert root.xpath("string(//u:InstallFrom/u:MetaData/u:Value)", namespaces=ns) == image
+    paths = root.xpath("//u:DriverPaths/u:PathAndCredentials/u:Path/text()", namespaces=ns)
+    assert paths and all(f"\\{folder}\\amd64" in path for path in paths), paths
+
+
+def test_a_windows_release_the_template_does_not_know_is_one_line(catalog, tmp_path):
+    entry = catalog["windows-2025"].model_copy(update={"expect_os": ExpectedOs(id="mswindows", version_id="2019")})
+    with pytest.raises(RenderError) as failed:
+        _render(entry, tmp_path)
+    assert str(failed.value) == (
+        "windows-2025: expect_os.version_id: Windows Server 2019 is not one the template knows (2022, 2025)")
+
+
+@pytest.mark.parametrize(("key", "repo"), [("rocky-9", "AppStream-9"), ("rocky-10", "AppStream-10")])
+def test_the_kickstart_names_the_appstream_of_its_release(catalog, tmp_path, key, repo):
+    ks = _render(catalog[key], tmp_path).file("ks.cfg").path.read_text()
+    assert f"mirrorlist?arch=x86_64&repo={repo}'" in ks
+    unversioned = catalog[key].model_copy(update={"key": "rocky-custom", "expect_os": ExpectedOs(id="rocky")})
+    assert "repo=AppStream-$releasever'" in _render(unversioned, tmp_path).file("ks.cfg").path.read_text()
 
 
 def test_windows_without_keys_has_no_authorized_keys_file_nor_keeps_an_old_one(catalog, tmp_path):

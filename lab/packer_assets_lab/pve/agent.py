@@ -21,15 +21,37 @@ from packer_assets.render import read_iso
 
 # What the lab's ISOs stand for: the OS name per os-release ID (Windows: the agent's id is mswindows).
 OS_NAMES = {"ubuntu": "Ubuntu", "debian": "Debian GNU/Linux", "rocky": "Rocky Linux", "mswindows": "Microsoft Windows"}
+# Each release's codename as its own /etc/os-release writes it (VERSION="13 (trixie)", VERSION_CODENAME=trixie;
+# Ubuntu: VERSION="26.04 LTS (Resolute Raccoon)"; Rocky names its releases in VERSION only).
+RELEASE_NAMES: dict[tuple[str, str], tuple[str, str]] = {  # (id, major) -> (VERSION_CODENAME, the name in VERSION)
+    ("debian", "12"): ("bookworm", "bookworm"),
+    ("debian", "13"): ("trixie", "trixie"),
+    ("ubuntu", "22"): ("jammy", "Jammy Jellyfish"),
+    ("ubuntu", "24"): ("noble", "Noble Numbat"),
+    ("ubuntu", "26"): ("resolute", "Resolute Raccoon"),
+    ("rocky", "9"): ("", "Blue Onyx"),
+    ("rocky", "10"): ("", "Red Quartz"),
+}
+# Windows Server releases: the OS build the guest agent reports as kernel-release.
+WINDOWS_BUILDS = {"2022": "20348", "2025": "26100"}
 ISO_VOLUME = re.compile(r"(?:^|,)(?:file=)?([^:,=]+):iso/([^,]+\.iso)(?:,|$)")
 
 
 def os_release_text(expected: ExpectedOs) -> str:
-    """/etc/os-release of the system a lab ISO installs (the OS its key expects)."""
+    """/etc/os-release of the system a lab ISO installs (the OS its key expects), with the release's own
+    NAME, VERSION, VERSION_CODENAME and PRETTY_NAME where the lab knows the release."""
     name = OS_NAMES.get(expected.id, expected.id)
-    version = expected.version_id or "1"  # any release will do: the lab's is 1
-    pretty = f"Windows Server {version} Standard" if expected.id == "mswindows" else f"{name} {version}"
-    return f'NAME="{name}"\nID={expected.id}\nVERSION_ID="{version}"\nPRETTY_NAME="{pretty}"\n'
+    version_id = expected.version_id or "1"  # any release will do: the lab's is 1
+    if expected.id == "mswindows":
+        pretty = f"Windows Server {version_id} Standard"
+        return f'NAME="{name}"\nID={expected.id}\nVERSION_ID="{version_id}"\nPRETTY_NAME="{pretty}"\n'
+    codename, called = RELEASE_NAMES.get((expected.id, version_id.split(".")[0]), ("", ""))
+    lts = " LTS" if expected.id == "ubuntu" and version_id.split(".")[0] in ("22", "24", "26") else ""
+    version = f"{version_id}{lts} ({called})" if called else version_id
+    pretty = f"{name} {version_id}{lts}" + (f" ({called})" if called and expected.id != "ubuntu" else "")
+    lines = [f'NAME="{name}"', f'VERSION="{version}"', f"ID={expected.id}", f'VERSION_ID="{version_id}"']
+    lines += [f"VERSION_CODENAME={codename}"] if codename else []
+    return "\n".join([*lines, f'PRETTY_NAME="{pretty}"']) + "\n"
 
 
 def osinfo_from_os_release(text: str) -> dict[str, str]:
@@ -44,7 +66,7 @@ def osinfo_from_os_release(text: str) -> dict[str, str]:
         "name": fields.get("NAME", ""),
         "pretty-name": fields.get("PRETTY_NAME", ""),
         "version-id": fields.get("VERSION_ID", ""),
-        "version": fields.get("VERSION_ID", ""),
+        "version": fields.get("VERSION") or fields.get("VERSION_ID", ""),
         "kernel-release": "6.1.0",
         "kernel-version": "#1 SMP",
         "machine": "x86_64",
@@ -52,7 +74,7 @@ def osinfo_from_os_release(text: str) -> dict[str, str]:
     if info["id"] == "mswindows":
         info.update(
             {
-                "kernel-release": "20348",
+                "kernel-release": WINDOWS_BUILDS.get(info["version-id"], "20348"),
                 "kernel-version": "10.0",
                 "machine": "x86_64",
                 "version": f"Microsoft Windows Server {info['version-id']}",

@@ -147,6 +147,63 @@ policycoreutils 0:3.6-2.1.{el} x86_64"""
 # Not packages, but rpm lists them: the imported signing keys (the parser skips them).
 ROCKY_KEYS = "gpg-pubkey\t0:350d275d-6279464b\t(none)\n"
 
+# Where a release's system differs from its family's table above (lab data: the packages and versions of the
+# release as public material names them, approximate, not read from its archive): (family, major) ->
+# rows that replace a package or add one (name version arch), and names the release no longer installs.
+RELEASE_ROWS: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
+    # Debian 13 "trixie": apt 3.0, OpenSSH 10, Python 3.13, Linux 6.12, the 64-bit time_t library names (t64)
+    ("debian", "13"): (
+        """\
+apt 3.0.3 amd64
+base-files 13.8+deb13u1 amd64
+bash 5.2.37-2+b5 amd64
+cloud-init 25.1.4-1 all
+coreutils 9.7-3 amd64
+libc6 2.41-12 amd64
+libssl3t64 3.5.1-1 amd64
+linux-image-amd64 6.12.48-1 amd64
+openssh-client 1:10.0p1-7 amd64
+openssh-server 1:10.0p1-7 amd64
+openssl 3.5.1-1 amd64
+python3 3.13.5-1 amd64
+qemu-guest-agent 1:10.0.3+ds-0+deb13u1 amd64
+sudo 1.9.16p2-3 amd64
+systemd 257.8-1~deb13u2 amd64""",
+        ("libssl3",),
+    ),
+    # Ubuntu 26.04 "Resolute Raccoon": sudo-rs and the uutils (Rust) coreutils by default, chrony, dracut
+    ("ubuntu", "26"): (
+        """\
+sudo-rs 0.2.10-1ubuntu1 amd64
+rust-coreutils 0.2.2-0ubuntu2 amd64
+coreutils-from-uutils 0.0.0~ubuntu21 all
+chrony 4.7-1ubuntu1 amd64
+dracut 106-5ubuntu2 amd64
+openssh-client 1:10.2p1-2ubuntu1 amd64
+openssh-server 1:10.2p1-2ubuntu1 amd64
+python3 3.13.7-1 amd64
+systemd 258.2-2ubuntu1 amd64
+cloud-init 25.3-0ubuntu1 all""",
+        ("sudo", "coreutils"),
+    ),
+    # Rocky Linux 10 "Red Quartz": Linux 6.12, OpenSSH 9.9, Python 3.12, glibc 2.39, systemd 257
+    ("rocky", "10"): (
+        """\
+glibc 0:2.39-37.{el}_0 x86_64
+glibc-langpack-en 0:2.39-37.{el}_0 x86_64
+kernel 0:6.12.0-55.37.1.{el}_0 x86_64
+kernel-core 0:6.12.0-55.37.1.{el}_0 x86_64
+openssh 0:9.9p1-7.{el}_0 x86_64
+openssh-clients 0:9.9p1-7.{el}_0 x86_64
+openssh-server 0:9.9p1-7.{el}_0 x86_64
+python3 0:3.12.9-1.{el} x86_64
+systemd 0:257-9.{el}_0 x86_64
+dnf 0:4.20.0-14.{el} noarch
+sudo 0:1.9.15-8.p5.{el} x86_64""",
+        (),
+    ),
+}
+
 # DisplayName|DisplayVersion|Publisher, as the registry's Uninstall keys hold them
 WINDOWS_PROGRAMS = """\
 Cloudbase-Init 1.1.6|1.1.6.0|Cloudbase Solutions Srl
@@ -209,7 +266,16 @@ def inventory_rows(family: str, os_version: str, release: int) -> list[list[str]
         return _updated("windows", [line.split("|") for line in WINDOWS_PROGRAMS.splitlines()], release)
     family = family if family in LINUX_TABLES else "debian"
     table, extras = LINUX_TABLES[family]
-    return _updated(family, _rows(table, os_version), release) + _added(family, _rows(extras, os_version), release)
+    rows = _release_rows(family, os_version, _rows(table, os_version))
+    return _updated(family, rows, release) + _added(family, _rows(extras, os_version), release)
+
+
+def _release_rows(family: str, os_version: str, rows: list[list[str]]) -> list[list[str]]:
+    """The family's rows as this OS version installs them (RELEASE_ROWS): replaced in place, dropped, added last."""
+    changed, dropped = RELEASE_ROWS.get((family, os_version.split(".")[0]), ("", ()))
+    own = {row[0]: row for row in _rows(changed, os_version)} if changed else {}
+    kept = [own.pop(row[0], row) for row in rows if row[0] not in dropped]
+    return [*kept, *own.values()]
 
 
 def inventory_output(family: str, os_version: str, release: int) -> str:

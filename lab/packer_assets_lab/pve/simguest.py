@@ -4,7 +4,9 @@
   answer file (answer_files.answer_url); the lab fetches it from packer's HTTP server, as the installer
   does, and installs (answer_files.install). A URL nothing serves, or a late command that fails, is a
   failed install: the VM powers off (status stopped) and the reason goes to its console log
-  (console.append_console). Windows: packer 1.6.6 cannot attach the answer ISO the product uploaded
+  (console.append_console); so is a VM whose `cpu` is below the level the release's installer needs
+  (cpu_levels: Rocky 10 below x86-64-v3, Rocky 9 and Windows Server 2025 below x86-64-v2).
+  Windows: packer 1.6.6 cannot attach the answer ISO the product uploaded
   (`<key>-answers.iso`), so at the first key typed the lab reads that ISO from the node's ISO storage as
   if Setup had found it on a CD (a stand-in for the extra CD-ROM).
 - Boot: every start of a VM is a new stamp of the lab-wide boot counter (guest_state.boot, applied when the
@@ -37,6 +39,7 @@ from packer_assets.render import read_iso
 from packer_assets_lab.console import append_console
 from packer_assets_lab.pve import guest_state as gs
 from packer_assets_lab.pve.answer_files import Base, InstallFailed, answer_url, boots_now, install, install_windows
+from packer_assets_lab.pve.cpu_levels import boot_failure
 from packer_assets_lab.pve.guest_shell import Shell
 from packer_assets_lab.pve.inventory import inventory_rows
 from packer_assets_lab.pve.packer_compat import keys_to_text
@@ -123,6 +126,7 @@ class LabSimGuest:
 
     async def _lab_install(self, vm: FakeVm, found: tuple[str, str] | None) -> None:
         try:
+            self._lab_check_cpu(vm)
             if found is None:
                 state = install_windows(self._lab_answer_iso(vm), self.lab_base(vm, "windows"))
             else:
@@ -142,6 +146,14 @@ class LabSimGuest:
         with self.lab_state_lock:
             self.lab_states[vm.vmid] = state  # the next look boots it (the installer's reboot)
             state.seen_start = None
+
+    def _lab_check_cpu(self, vm: FakeVm) -> None:
+        """The installer kernel of a release whose CPU level the VM's `cpu` does not reach stops (cpu_levels)."""
+        os_info = self.lab_reported_os(vm)  # type: ignore[attr-defined]
+        os_id, version = str(os_info.get("id") or ""), str(os_info.get("version-id") or "")
+        reason = boot_failure(os_id, version, vm.config.get("cpu"))
+        if reason is not None:
+            raise InstallFailed(reason)
 
     def _lab_answer_iso(self, vm: FakeVm) -> dict[str, bytes]:
         """The answer ISO the product uploaded for this VM's key (`<key>-answers[.<hash>].iso` on an ISO storage),

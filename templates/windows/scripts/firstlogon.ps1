@@ -26,7 +26,8 @@ if ($tools) {
 Set-Service -Name 'QEMU-GA' -StartupType Automatic -ErrorAction SilentlyContinue
 Start-Service -Name 'QEMU-GA' -ErrorAction SilentlyContinue
 
-# OpenSSH Server: a Windows capability on Server 2022 (fetched from Windows Update when absent).
+# OpenSSH Server: a Windows capability. Server 2022 lacks it (fetched from Windows Update here); Server 2025
+# has it installed but its sshd service disabled, so the add is skipped and the service is set below.
 $capability = Get-WindowsCapability -Online -Name 'OpenSSH.Server*' | Select-Object -First 1
 if ($capability.State -ne 'Installed') {
     Add-WindowsCapability -Online -Name $capability.Name | Out-Null
@@ -46,7 +47,8 @@ if ((Test-Path -LiteralPath $keys) -and (Get-Item -LiteralPath $keys).Length -gt
     icacls.exe $target /inheritance:r /grant 'Administrators:F' /grant 'SYSTEM:F' | Out-Null
 }
 
-# Port 22 on every profile: the build network is usually "Public" until someone says otherwise.
+# Port 22 on every profile: the build network is usually "Public" until someone says otherwise (Server 2025's
+# preinstalled rule allows only the Domain and Private profiles).
 $rule = Get-NetFirewallRule -Name 'OpenSSH-Server-In-TCP' -ErrorAction SilentlyContinue
 if ($rule) {
     Set-NetFirewallRule -Name 'OpenSSH-Server-In-TCP' -Enabled True -Profile Any
