@@ -28,22 +28,23 @@ def _shipped(key: str) -> dict:
 
 
 def rocky_10(**hardware) -> dict:
-    """A rocky-10 entry (the shipped rocky-9's, in its own VMID range) with `hardware` over it."""
-    entry = _shipped("rocky-9") | {"key": "rocky-10", "vmid_range": {"first": 9600, "last": 9699}}
+    """The shipped rocky-10 entry with `hardware` over it."""
+    entry = _shipped("rocky-10")
     entry["hardware"] = {**entry.get("hardware", {}), **hardware}
     return entry
 
 
 def windows_2025(**hardware) -> dict:
-    entry = _shipped("windows-2022") | {"key": "windows-2025", "vmid_range": {"first": 9700, "last": 9799}}
+    entry = _shipped("windows-2025")
     entry["hardware"] = {**entry["hardware"], **hardware}
     return entry
 
 
 def catalog_with(tmp_path: Path, *entries: dict) -> Path:
-    """The shipped catalog plus `entries`, written to tmp_path/catalog.yaml."""
+    """The shipped catalog with `entries` in place of the shipped ones of their keys, written to tmp_path/catalog.yaml."""
     doc = copy.deepcopy(SHIPPED)
-    doc["templates"] += list(entries)
+    replaced = {e["key"] for e in entries}
+    doc["templates"] = [t for t in doc["templates"] if t["key"] not in replaced] + list(entries)
     path = tmp_path / "catalog.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -68,7 +69,7 @@ def test_cpu_type_defaults_to_host_and_the_shipped_catalog_still_loads():
 def test_cpu_type_from_defaults_and_entry(tmp_path):
     doc = copy.deepcopy(SHIPPED)
     doc["defaults"]["hardware"]["cpu_type"] = "x86-64-v2-AES"
-    doc["templates"].append(rocky_10(cpu_type="x86-64-v3"))
+    doc["templates"] = [t for t in doc["templates"] if t["key"] != "rocky-10"] + [rocky_10(cpu_type="x86-64-v3")]
     path = tmp_path / "catalog.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     catalog = load_catalog(path, env={}, project_dir=REPO)
@@ -172,13 +173,14 @@ def test_windows_2025_fits_on_uefi_without_tpm(tmp_path):
 ])
 def test_no_amd64_installer_runs_on_a_32_bit_or_arm_cpu(tmp_path, cpu_type, said):
     """Also for a key whose release is not in the table (expect_os names no release)."""
-    entry = rocky_10(cpu_type=cpu_type) | {"key": "rocky-site", "expect_os": {"id": "rocky"}}
+    entry = rocky_10(cpu_type=cpu_type) | {"key": "rocky-site", "expect_os": {"id": "rocky"}, "vmid_range": {"first": 5000, "last": 5099}}
     (line,) = problem_lines(catalog_with(tmp_path, entry))
     assert f": rocky-site: hardware.cpu_type: {said}" in line
 
 
 def test_the_release_comes_from_expect_os_down_to_its_major(tmp_path):
-    entry = rocky_10(cpu_type="kvm64") | {"key": "el-site", "expect_os": {"id": "rocky", "version_id": "10.1"}}
+    entry = rocky_10(cpu_type="kvm64") | {"key": "el-site", "expect_os": {"id": "rocky", "version_id": "10.1"},
+                                           "vmid_range": {"first": 5000, "last": 5099}}
     (line,) = problem_lines(catalog_with(tmp_path, entry))
     assert ": el-site: hardware.cpu_type: kvm64 is x86-64-v1; Rocky Linux 10 needs x86-64-v3" in line
 
