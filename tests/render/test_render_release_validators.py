@@ -118,6 +118,11 @@ NO_VALIDATOR = [
 ]
 
 
+RENDER_LINES = {
+    "windows-2019": "windows-2019: expect_os.version_id: Windows Server 2019 is not one the template knows (2022, 2025)"
+}
+
+
 @pytest.mark.parametrize(("base", "key", "fields", "line"), NO_VALIDATOR)
 def test_a_release_without_a_validator_fails_its_render_with_one_line(catalog, tmp_path, base, key, fields, line):
     entry = release_entry(catalog, base, key, **fields)
@@ -126,7 +131,8 @@ def test_a_release_without_a_validator_fails_its_render_with_one_line(catalog, t
     assert str(chosen.value) == line
     with pytest.raises(RenderError) as failed:
         render_unattended(entry, ENV, tmp_path / key, schema_dir=SCHEMAS, project_dir=REPO)
-    assert str(failed.value) == line  # the whole error: one line, no traceback, no secret
+    # the whole error: one line, no traceback, no secret (Windows: the template itself knows no 2019 edition first)
+    assert str(failed.value) == RENDER_LINES.get(key, line)
     assert not (tmp_path / key).exists(), "nothing unchecked is written"
 
 
