@@ -78,11 +78,11 @@ def test_broken_catalog_fails_before_starting(lab_state, tmp_path):
 
 
 @pytest.mark.parametrize(("keys", "message"), [
-    ("ubuntu-2204", "--real-guest ubuntu-2204: the lab's real guest is Debian 12 (debootstrap); ubuntu-2204 expects "
-                    "ubuntu 22.04"),
-    ("debian-13", "--real-guest debian-13: no such key in"),
+    ("ubuntu-2204", "--real-guest ubuntu-2204: the lab's real guest is Debian 12 (bookworm) or 13 (trixie), "
+                    "debootstrapped; ubuntu-2204 expects ubuntu 22.04"),
+    ("debian-11", "--real-guest debian-11: no such key in"),
 ])
-def test_a_real_guest_only_for_a_debian_12_key_refused_before_any_process(lab_state, keys, message):
+def test_a_real_guest_only_for_a_debian_12_or_13_key_refused_before_any_process(lab_state, keys, message):
     proc = cli("lab", "up", "--state", str(lab_state), "--real-guest", keys, check=False)
     assert proc.returncode == 2 and message in proc.stderr + proc.stdout, proc.stderr
     assert "Traceback" not in proc.stderr
