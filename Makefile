@@ -23,7 +23,7 @@ TEST_PACKAGES := packer openssh-server openssh-client debconf gnupg postgresql c
 # pytest arguments, e.g. `make test PYTEST_ARGS="-m 'not slow'"` (markers: pyproject.toml)
 PYTEST_ARGS ?=
 
-.PHONY: settings-check init demo demo-real lab-up-real build build-all validate test test-deps test-fast test-lab lint bench bench-builds ui venv packer dagster-home lab-up lab-down lab-status catalog-check clean
+.PHONY: settings-check init demo demo-real real-keys lab-up-real build build-all validate test test-deps test-fast test-lab lint bench bench-builds ui venv packer dagster-home lab-up lab-down lab-status catalog-check clean
 
 demo: venv packer lab-up catalog-check ## the lab, then every asset of every template against it
 	$(MAKE) init PACKER_ASSETS_ENV_FILE=$(abspath $(LAB_STATE))/lab.env
@@ -41,7 +41,9 @@ REAL_GUEST_PACKAGES := qemu-system-x86 qemu-utils debootstrap
 # The keys built for real, one or both (`make demo-real REAL_KEYS=debian-13`). The default is those of the two the
 # project's catalog has (`packer-assets catalog check` lists them), so it builds debian-13 once the catalog ships it;
 # a key named here that the catalog lacks is refused by `lab up` in one line.
-REAL_KEYS ?= $(filter debian-12 debian-13,$(shell $(BIN)/packer-assets catalog check 2>/dev/null | sed -n 's/^\([a-z0-9.-]*\): .*/\1/p'))
+# (Read once, when first used: after `venv` made the command.)
+REAL_KEYS ?= $(eval REAL_KEYS := $(filter debian-12 debian-13,$(shell $(BIN)/packer-assets catalog check 2>/dev/null \
+  | sed -n 's/^\([a-z0-9.-]*\): .*/\1/p')))$(REAL_KEYS)
 comma := ,
 empty :=
 space := $(empty) $(empty)
@@ -60,12 +62,16 @@ demo-real: venv packer lab-up-real catalog-check ## the lab with real Debian gue
 	  $(REAL_LAB_ENV) timeout $(DEMO_REAL_TIMEOUT) $(DAGSTER) --select '$(REAL_ASSETS)' --partition $$key; \
 	  $(REAL_LAB_ENV) $(BIN)/packer-assets proof verify docs/proof/platform/packer-builds/builds/$$key/latest \
 	    --allowed-signers $(LAB_STATE)/signing/allowed_signers; \
-	  grep -E '^\| (Guest|Packages \(SBOM\)) ' docs/proof/platform/packer-builds/builds/$$key/latest/README.md; \
+	  grep -E '^\| (Guest|Packages \(SBOM\)|smoke_test) \|' docs/proof/platform/packer-builds/builds/$$key/latest/README.md; \
 	done
 	@echo "Stop the lab with: make lab-down"
 
+real-keys: ## the keys make demo-real builds (REAL_KEYS)
+	@echo $(REAL_KEYS)
+
 lab-up-real: venv
-	@[ -n "$(strip $(REAL_KEYS))" ] || { echo "REAL_KEYS: none of debian-12 debian-13 is in the catalog"; exit 2; }
+	@[ -n "$(strip $(REAL_KEYS))" ] || { $(BIN)/packer-assets catalog check; \
+	  echo "REAL_KEYS: the catalog has neither debian-12 nor debian-13 (above); name keys: make demo-real REAL_KEYS=<key>"; exit 2; }
 	@tools/system-packages.sh $(REAL_GUEST_PACKAGES)
 	$(BIN)/packer-assets lab up --state $(LAB_STATE) --real-guest $(subst $(space),$(comma),$(strip $(REAL_KEYS)))
 
