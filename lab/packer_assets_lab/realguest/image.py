@@ -51,9 +51,7 @@ from packer_assets.errors import OperationError
 
 from .sources import debian_mirrors
 
-SUITE = "bookworm"
-# The Debian releases the real guest can be, by the catalog's expected_os version_id (os-release's VERSION_ID).
-SUITES = {"12": "bookworm", "13": "trixie"}
+SUITE = "bookworm"  # the default suite; a key's release picks its own (sources.SUITES)
 # What debootstrap's minbase lacks for the emulation to boot the system and reach it: nothing the
 # template's preseed asks for (openssh-server, qemu-guest-agent, cloud-init, sudo: the installer
 # emulation installs those from the mirror, as d-i does). Each one, and why:
