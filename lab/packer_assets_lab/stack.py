@@ -93,7 +93,7 @@ def serve_simulated_keys(guest: LabGuest, pve: LabPve, keys: list[str]) -> dict[
 
 def real_guest_images(catalog: Catalog, keys: tuple[str, ...], progress) -> dict[str, BaseImage]:
     """Each key's base image: its Debian release's (built here the first time: minutes), one per suite."""
-    from .realguest.image import ensure_base_image  # debootstrap and QEMU only for real guests
+    from .realguest.image import ensure_base_image  # looked up when called: a stand-in may take the build's place
 
     suites = check_real_guest_keys(catalog, keys)
     built = {suite: ensure_base_image(suite=suite, progress=progress) for suite in sorted(set(suites.values()))}

@@ -238,6 +238,12 @@ def test_each_marked_key_runs_its_debian_releases_image(tmp_path, monkeypatch):
     assert sorted(asked) == ["bookworm", "trixie"]
     assert {key: image.suite for key, image in images.items()} == {"debian-12": "bookworm", "debian-13": "trixie"}
     assert RealGuests(images=images, root=tmp_path, ssh_ports={}).keys == {"debian-12", "debian-13"}
+    # the accelerator is probed on each image's kernel; kernels that disagree leave it to each VM's QEMU (None)
+    from packer_assets_lab.realguest import qemu
+
+    for choices, expected in (({"bookworm": "tcg", "trixie": "tcg"}, "tcg"), ({"bookworm": "kvm", "trixie": "tcg"}, None)):
+        monkeypatch.setattr(qemu, "detect_accel", lambda kernel, log, choices=choices: choices[kernel.parent.name])
+        assert stack.real_guest_accel(images, print) == expected
 
 
 def test_a_failed_install_s_summary_is_the_lines_that_say_why_not_the_kernel_s_power_off():
