@@ -204,17 +204,17 @@ def up(
     project_dir = (project_dir or Path.cwd()).resolve()
     catalog = load_catalog(catalog_path, project_dir=project_dir)  # a broken catalog fails here, before any process
     if real_guests:
-        from .realguest.image import ensure_base_image, real_guest_unavailable
-        from .realguest.qemu import detect_accel
-        from .stack import check_real_guest_keys
+        from .realguest.image import real_guest_unavailable
+        from .stack import check_real_guest_keys, real_guest_accel, real_guest_images
 
-        check_real_guest_keys(catalog, tuple(real_guests))
-        why = real_guest_unavailable()
-        if why:
-            raise LabError(f"--real-guest: this machine cannot run real guests: {why}")
-        image = ensure_base_image(progress=lambda line: print(line, flush=True))  # minutes the first time
+        for suite in sorted(set(check_real_guest_keys(catalog, tuple(real_guests)).values())):
+            why = real_guest_unavailable(suite)
+            if why:
+                raise LabError(f"--real-guest: this machine cannot run real guests: {why}")
+        say = lambda line: print(line, flush=True)  # noqa: E731
+        images = real_guest_images(catalog, tuple(real_guests), say)  # minutes the first time per suite
         # The accelerator is chosen here, in the open (its probe is bounded); the service then finds it remembered.
-        detect_accel(image.kernel, log=lambda line: print(line, flush=True))
+        real_guest_accel(images, say)
     paths.state.mkdir(parents=True, exist_ok=True)
     paths.state_json.unlink(missing_ok=True)
     argv = [

@@ -24,6 +24,8 @@ from .guest import LabGuest
 from .mirror import IsoMirror, MirrorItem
 from .pve import LabPve, RealGuests, kill_stale_qemus
 from .pve.agent import os_release_text
+from .realguest.image import BaseImage
+from .realguest.sources import SUITES, suite_for
 from .serving import ServedPve
 
 # The mirror writes SHA256SUMS beside every ISO: a pinned checksum (Windows media) names upstream's bytes, which the
@@ -35,15 +37,16 @@ REAL_GUEST_SSH_TIMEOUT = "30m"
 # What the lab's guests are, said in every proof through PACKER_ASSETS_GUEST_NOTES (the product's generic note
 # per key): real VMs for the keys run for real, answering fakes for the rest.
 GUEST_NOTES = {
-    "real": "lab: real guest (a QEMU VM running Debian 12, installer emulated, not a real install, "
+    "real": "lab: real guest (a QEMU VM running Debian {release} ({suite}), installer emulated, not a real install, "
     "base image recipe sha256 {recipe_sha256})",
     "simulated": "lab: simulated guest (the lab answers for the installed system, nothing ran in a VM)",
 }
 
 
-def real_guest_note(recipe_sha256: str) -> str:
+def real_guest_note(recipe_sha256: str, suite: str = "bookworm") -> str:
     """The real guests' note: the image recipe names the system they started from, beside the ISO."""
-    return GUEST_NOTES["real"].format(recipe_sha256=recipe_sha256)
+    release = {name: number for number, name in SUITES.items()}[suite]
+    return GUEST_NOTES["real"].format(release=release, suite=suite, recipe_sha256=recipe_sha256)
 
 
 def _url_path(url: str) -> str:
@@ -74,17 +77,16 @@ def mirror_items(catalog: Catalog) -> list[MirrorItem]:
     return items
 
 
-def check_real_guest_keys(catalog: Catalog, keys: tuple[str, ...]) -> None:
-    """The keys `--real-guest` marks must be catalog keys that expect Debian 12 (the real guest's system)."""
+def check_real_guest_keys(catalog: Catalog, keys: tuple[str, ...]) -> dict[str, str]:
+    """The keys `--real-guest` marks must be catalog keys that expect a Debian release the real guest can be
+    (sources.SUITES); each key's suite, the base image its VMs run."""
+    suites = {}
     for key in keys:
         if key not in catalog:
             raise ConfigError(f"--real-guest {key}: no such key in {catalog.path} (keys: {', '.join(catalog.keys())})")
-        entry = catalog.get(key)
-        if not entry.expected_os.matches("debian", "12"):
-            raise ConfigError(
-                f"--real-guest {key}: the lab's real guest is Debian 12 (debootstrap); {key} expects "
-                f"{entry.expected_os}"
-            )
+        expected = catalog.get(key).expected_os
+        suites[key] = suite_for(key, expected.id, expected.version_id)
+    return suites
 
 
 def serve_simulated_keys(guest: LabGuest, pve: LabPve, keys: list[str]) -> dict[str, int]:
@@ -100,6 +102,24 @@ def serve_simulated_keys(guest: LabGuest, pve: LabPve, keys: list[str]) -> dict[
     guest.port_handler = answer
     guest.port_gate = lambda port: port not in by_port or pve.lab_sshd_runs(by_port[port], known)
     return ports
+
+
+def real_guest_images(catalog: Catalog, keys: tuple[str, ...], progress) -> dict[str, BaseImage]:
+    """Each key's base image: its Debian release's (built here the first time: minutes), one per suite."""
+    from .realguest.image import ensure_base_image  # looked up when called: a stand-in may take the build's place
+
+    suites = check_real_guest_keys(catalog, keys)
+    built = {suite: ensure_base_image(suite=suite, progress=progress) for suite in sorted(set(suites.values()))}
+    return {key: built[suite] for key, suite in suites.items()}
+
+
+def real_guest_accel(images: dict[str, BaseImage], progress) -> str | None:
+    """The accelerator, probed (or remembered) now on each image's kernel and logged once; None (each VM's QEMU
+    finds its kernel's remembered choice) where the kernels disagree."""
+    from .realguest.qemu import detect_accel
+
+    found = {detect_accel(image.kernel, log=progress) for image in images.values()}
+    return found.pop() if len(found) == 1 else None
 
 
 def _free_port() -> int:
@@ -123,7 +143,7 @@ class LabStack:
     real_guests: dict[str, int] = field(default_factory=dict)  # key -> the host port of its guests' SSH
     # key -> the lab guest's port for that key's simulated builds: a session's port names the VM it changes
     sim_ports: dict[str, int] = field(default_factory=dict)
-    real_image_recipe: str = ""  # the real guests' base image recipe sha256
+    real_images: dict[str, BaseImage] = field(default_factory=dict)  # key -> the base image its real guests run
 
     @property
     def pve(self) -> LabPve:
@@ -140,8 +160,8 @@ class LabStack:
         real_guests: tuple[str, ...] = (),
         progress=print,
     ) -> "LabStack":
-        """real_guests: keys whose VMs run for real (QEMU on the cached Debian 12 base image, built here
-        the first time: minutes, root and the apt mirror)."""
+        """real_guests: keys whose VMs run for real (QEMU on the cached base image of the key's Debian release,
+        built here the first time: minutes, root and the apt mirror)."""
         state = Path(state)
         state.mkdir(parents=True, exist_ok=True)
         catalog = load_catalog(catalog_path, env={}, project_dir=project_dir)  # the user's, as written
@@ -150,20 +170,14 @@ class LabStack:
         # A lab killed with kill -9 leaves its real guests' QEMUs (own sessions): this state's go now.
         kill_stale_qemus(state / "pve-data" / "realguest")
         ports: dict[str, int] = {}
-        recipe = ""
+        images: dict[str, BaseImage] = {}
         if real_guests:
-            from .realguest.image import ensure_base_image  # debootstrap and QEMU only for real guests
-            from .realguest.qemu import detect_accel
-
-            check_real_guest_keys(catalog, tuple(real_guests))
+            images = real_guest_images(catalog, tuple(real_guests), progress)
             ports = {key: _free_port() for key in real_guests}
-            image = ensure_base_image(progress=progress)
-            recipe = image.recipe_sha256
             pve.enable_real_guests(
                 RealGuests(
-                    keys=frozenset(real_guests),
-                    image=image,
-                    accel=detect_accel(image.kernel, log=progress),  # probed (or remembered) now, logged once
+                    images=images,
+                    accel=real_guest_accel(images, progress),
                     root=state / "pve-data" / "realguest",
                     ssh_ports=ports,
                 )
@@ -195,7 +209,7 @@ class LabStack:
             make_signing_key(state / "signing"),
             ports,
             sim_ports,
-            recipe,
+            images,
         )
 
     def env(self) -> dict[str, str]:
@@ -227,7 +241,10 @@ class LabStack:
             "PACKER_ASSETS_CONSOLE_LOG": console_template(self.pve.data_dir),
             "PACKER_ASSETS_GUEST_NOTES": ";".join(
                 [
-                    *(f"{k}={real_guest_note(self.real_image_recipe)}" for k in sorted(self.real_guests)),
+                    *(
+                        f"{k}={real_guest_note(image.recipe_sha256, image.suite)}"
+                        for k, image in sorted(self.real_images.items())
+                    ),
                     f"*={GUEST_NOTES['simulated']}",
                 ]
             ),

@@ -39,7 +39,7 @@ def real_pve(lab_pve_serving, tmp_path):
     pve = lab_pve_serving.pve
     image = BaseImage(tmp_path / "image", tmp_path / "image/disk.qcow2", tmp_path / "image/vmlinuz",
                       tmp_path / "image/initrd.img", "root=UUID=x ro", {})
-    pve.enable_real_guests(RealGuests(keys=frozenset({"debian-12"}), image=image, root=tmp_path / "realguest",
+    pve.enable_real_guests(RealGuests(images={"debian-12": image}, root=tmp_path / "realguest",
                                       ssh_ports={"debian-12": 1}))
 
     async def stage():
@@ -183,7 +183,7 @@ def test_a_preseed_without_qemu_guest_agent_fails_the_install_at_its_late_comman
     drops it from pkgsel/include fails at its late_command (`in-target systemctl enable qemu-guest-agent ssh`):
     the VM stops, the reason names the command and the missing unit, in failure.txt and the console log."""
     pve = lab_pve_serving.pve
-    pve.enable_real_guests(RealGuests(keys=frozenset({"debian-12"}), image=base_image, root=tmp_path / "realguest",
+    pve.enable_real_guests(RealGuests(images={"debian-12": base_image}, root=tmp_path / "realguest",
                                       ssh_ports={"debian-12": 0}, install_timeout=INSTALL_BOUND))
 
     async def stage():
@@ -206,11 +206,44 @@ def test_a_preseed_without_qemu_guest_agent_fails_the_install_at_its_late_comman
 
 def test_the_real_guest_note_names_the_image_recipe_and_is_a_valid_setting():
     """The proof and the registry name the system's image recipe beside the ISO: the note carries its sha256 and
-    parses as PACKER_ASSETS_GUEST_NOTES (whose items are `;`-separated)."""
-    recipe = "0123456789abcdef" * 4
-    notes = parse_guest_notes(f"debian-12={real_guest_note(recipe)};*={GUEST_NOTES['simulated']}")
+    its Debian release, and parses as PACKER_ASSETS_GUEST_NOTES (whose items are `;`-separated)."""
+    recipe, trixie = "0123456789abcdef" * 4, "fedcba9876543210" * 4
+    notes = parse_guest_notes(f"debian-12={real_guest_note(recipe)};debian-13={real_guest_note(trixie, 'trixie')};"
+                              f"*={GUEST_NOTES['simulated']}")
     assert notes["debian-12"].startswith("lab: real guest") and f"base image recipe sha256 {recipe}" in notes["debian-12"]
+    assert "running Debian 12 (bookworm)" in notes["debian-12"]
+    assert "running Debian 13 (trixie)" in notes["debian-13"] and f"recipe sha256 {trixie}" in notes["debian-13"]
     assert notes["*"] == GUEST_NOTES["simulated"]
+
+
+def test_each_marked_key_runs_its_debian_releases_image(tmp_path, monkeypatch):
+    """Issue 27: `--real-guest debian-12,debian-13` builds (or finds) one base image per suite, bookworm's and
+    trixie's, and each key's VMs run its own; the lab's env notes each key's release and recipe."""
+    from support.realguest import project_with_debian_13
+
+    from packer_assets.catalog import load_catalog
+    from packer_assets_lab import stack
+    from packer_assets_lab.realguest import image as image_module
+
+    project = project_with_debian_13(tmp_path / "project")
+    catalog = load_catalog(project / "templates/catalog.yaml", env={}, project_dir=project)
+    asked = []
+
+    def fake_image(*, suite, progress):
+        asked.append(suite)
+        return BaseImage(tmp_path / suite, tmp_path / suite / "disk.qcow2", tmp_path / suite / "vmlinuz",
+                         tmp_path / suite / "initrd.img", "root=UUID=x ro", {"suite": suite, "recipe_sha256": suite})
+    monkeypatch.setattr(image_module, "ensure_base_image", fake_image)
+    images = stack.real_guest_images(catalog, ("debian-13", "debian-12"), print)
+    assert sorted(asked) == ["bookworm", "trixie"]
+    assert {key: image.suite for key, image in images.items()} == {"debian-12": "bookworm", "debian-13": "trixie"}
+    assert RealGuests(images=images, root=tmp_path, ssh_ports={}).keys == {"debian-12", "debian-13"}
+    # the accelerator is probed on each image's kernel; kernels that disagree leave it to each VM's QEMU (None)
+    from packer_assets_lab.realguest import qemu
+
+    for choices, expected in (({"bookworm": "tcg", "trixie": "tcg"}, "tcg"), ({"bookworm": "kvm", "trixie": "tcg"}, None)):
+        monkeypatch.setattr(qemu, "detect_accel", lambda kernel, log, choices=choices: choices[kernel.parent.name])
+        assert stack.real_guest_accel(images, print) == expected
 
 
 def test_a_failed_install_s_summary_is_the_lines_that_say_why_not_the_kernel_s_power_off():

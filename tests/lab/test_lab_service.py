@@ -78,11 +78,11 @@ def test_broken_catalog_fails_before_starting(lab_state, tmp_path):
 
 
 @pytest.mark.parametrize(("keys", "message"), [
-    ("ubuntu-2204", "--real-guest ubuntu-2204: the lab's real guest is Debian 12 (debootstrap); ubuntu-2204 expects "
-                    "ubuntu 22.04"),
-    ("debian-14", "--real-guest debian-14: no such key in"),
+    ("ubuntu-2204", "--real-guest ubuntu-2204: the lab's real guest is Debian 12 (bookworm) or 13 (trixie), "
+                    "debootstrapped; ubuntu-2204 expects ubuntu 22.04"),
+    ("debian-11", "--real-guest debian-11: no such key in"),
 ])
-def test_a_real_guest_only_for_a_debian_12_key_refused_before_any_process(lab_state, keys, message):
+def test_a_real_guest_only_for_a_debian_12_or_13_key_refused_before_any_process(lab_state, keys, message):
     proc = cli("lab", "up", "--state", str(lab_state), "--real-guest", keys, check=False)
     assert proc.returncode == 2 and message in proc.stderr + proc.stdout, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -131,3 +131,35 @@ def test_real_guests_on_a_machine_that_cannot_run_them_say_why_in_one_line(lab_s
     assert proc.returncode == 2, proc.stderr
     assert "--real-guest: this machine cannot run real guests: needs qemu-system-x86_64" in proc.stderr
     assert "Traceback" not in proc.stderr and not (lab_state / "state.json").exists()
+
+
+def make_plan(target, tmp_path, *assignments, catalog=None):
+    """What `make -n <target>` would run (make's recursive `$(MAKE) init` is only planned too), with the venv
+    this test runs in and, when given, the catalog PACKER_ASSETS_CATALOG names."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PACKER_ASSETS_")}
+    env |= {"PACKER_ASSETS_CATALOG": str(catalog)} if catalog else {}
+    venv = Path(sys.executable).parent.parent
+    done = subprocess.run(["make", "--no-print-directory", "-n", target, f"VENV={venv}", f"LAB_STATE={tmp_path}/lab",
+                           f"DAGSTER_HOME={tmp_path}/dh", *assignments], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.parametrize(("with_debian_13", "assignments", "keys"), [
+    (False, (), ["debian-12"]),  # the shipped catalog before it has debian-13
+    (True, (), ["debian-12", "debian-13"]),  # a catalog with both: the default builds both
+    (True, ("REAL_KEYS=debian-13",), ["debian-13"]),  # one of them, by the variable
+])
+def test_make_demo_real_builds_the_real_keys_the_catalog_has_or_those_named(tmp_path, with_debian_13, assignments,
+                                                                            keys):
+    """Issue 27: REAL_KEYS defaults to debian-12 and debian-13 as far as the catalog has them; each is marked for a
+    real guest at `lab up` and built, verified and its rows printed in turn."""
+    from support.realguest import project_with_debian_13
+
+    catalog = project_with_debian_13(tmp_path / "p") / "templates/catalog.yaml" if with_debian_13 else None
+    plan = make_plan("demo-real", tmp_path, *assignments, catalog=catalog)
+    assert f"lab up --state {tmp_path}/lab --real-guest {','.join(keys)}" in plan
+    assert f"for key in {' '.join(keys)}; do" in plan
+    assert "--partition $key" in plan and "proof verify docs/proof/platform/packer-builds/builds/$key/latest" in plan
+    assert "timeout 1800 " in plan and "smoke_test" in plan

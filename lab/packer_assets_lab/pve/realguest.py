@@ -1,7 +1,8 @@
 """Real guests behind the lab's API: a VM of a key marked for it is a QEMU process with a real disk.
 
-`packer-assets lab up --real-guest` marks keys (debian-12 by default). A VM created for such a key (its
-name is `<key>-...`, as packer's and the smoke test's are) gets a machine (`Machine`): a folder under the
+`packer-assets lab up --real-guest` marks keys (debian-12 by default, debian-13 too: each on its Debian
+release's base image). A VM created for such a key (its name is `<key>-...`, as packer's and the smoke
+test's are) gets a machine (`Machine`): a folder under the
 lab's data with its qcow2 disk and one `boot-<n>` folder per start (serial console, QEMU's log). Then:
 
 - start: a VM that was created from an installer ISO and has no system yet waits for its boot command
@@ -37,6 +38,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,14 +84,18 @@ class _NotRunning(AgentError):
 
 @dataclass(frozen=True)
 class RealGuests:
-    """Which keys get real guests, the base image they run, where their disks live, their SSH ports."""
+    """Which keys get real guests and the base image each runs (its Debian release's: debian-12 bookworm's,
+    debian-13 trixie's), where their disks live, their SSH ports."""
 
-    keys: frozenset[str]
-    image: BaseImage
+    images: Mapping[str, BaseImage]  # key -> its base image
     root: Path
     ssh_ports: dict[str, int]
-    accel: str | None = None  # None: detect (KVM where it really runs, else TCG)
+    accel: str | None = None  # None: detect per VM's kernel (KVM where it really runs, else TCG)
     install_timeout: float = 900.0
+
+    @property
+    def keys(self) -> frozenset[str]:
+        return frozenset(self.images)
 
     def key_of(self, name: str) -> str | None:
         """The marked key a VM name `<key>-...` belongs to (the longest that matches), or None."""
@@ -273,6 +279,7 @@ class LabRealGuest:
     def _boot(self, vm: FakeVm, machine: Machine, loop: asyncio.AbstractEventLoop) -> None:
         """Start QEMU on the machine's disk, with the config's cloud-init drive written as PVE does."""
         real, config = self.lab_real, dict(vm.config)
+        image = real.images[machine.key]
         run_dir = machine.next_boot_dir()
         run_dir.mkdir(parents=True, exist_ok=True)
         cdroms = []
@@ -282,9 +289,9 @@ class LabRealGuest:
         spec = VmSpec(
             name=f"{vm.name}-{vm.vmid}",
             disk=machine.disk,
-            kernel=real.image.kernel,
-            initrd=real.image.initrd,
-            cmdline=real.image.cmdline,
+            kernel=image.kernel,
+            initrd=image.initrd,
+            cmdline=image.cmdline,
             memory_mb=_memory_mb(config),
             cpus=_cpus(config),
             cdroms=cdroms,
@@ -391,7 +398,7 @@ class LabRealGuest:
             run_dir = machine.next_boot_dir()
             report = await asyncio.to_thread(
                 emulate_install,
-                self.lab_real.image,
+                self.lab_real.images[machine.key],
                 machine.disk,
                 preseed,
                 run_dir,

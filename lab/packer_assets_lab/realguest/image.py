@@ -1,4 +1,5 @@
-"""A Debian 12 base image for real lab guests, built with debootstrap and cached per recipe.
+"""A Debian base image for real lab guests (12 bookworm or 13 trixie), built with debootstrap and cached
+per recipe.
 
 No Debian installer can run on a CI machine (its .udebs and ISOs are out of reach), but the Debian
 archive is: debootstrap builds Debian's base system (minbase) plus what the emulation needs to boot and
@@ -50,7 +51,7 @@ from packer_assets.errors import OperationError
 
 from .sources import debian_mirrors
 
-SUITE = "bookworm"
+SUITE = "bookworm"  # the default suite; a key's release picks its own (sources.SUITES)
 # What debootstrap's minbase lacks for the emulation to boot the system and reach it: nothing the
 # template's preseed asks for (openssh-server, qemu-guest-agent, cloud-init, sudo: the installer
 # emulation installs those from the mirror, as d-i does). Each one, and why:
@@ -189,6 +190,11 @@ class BaseImage:
     @property
     def recipe_sha256(self) -> str:
         return str(self.manifest["recipe_sha256"])
+
+    @property
+    def suite(self) -> str:
+        """The Debian suite the image was debootstrapped from (bookworm, trixie)."""
+        return str(self.manifest.get("suite", SUITE))
 
     @property
     def apt_lines(self) -> list[str]:
@@ -340,14 +346,15 @@ def _build(work: Path, spec: dict, progress: Callable[[str], None] | None, start
 
 def ensure_base_image(
     *,
+    suite: str = SUITE,
     mirror: str | None = None,
     packages: Sequence[str] = PACKAGES,
     cache: Path | None = None,
     progress: Callable[[str], None] | None = print,
     apt_root: str | os.PathLike[str] = "/etc/apt",
 ) -> BaseImage:
-    """The base image for this recipe: from the cache, or built now (as root: debootstrap, chroot)."""
-    spec = recipe(mirror=mirror, packages=packages, apt_root=apt_root)
+    """The base image of `suite` for this recipe: from the cache, or built now (as root: debootstrap, chroot)."""
+    spec = recipe(suite=suite, mirror=mirror, packages=packages, apt_root=apt_root)
     key = recipe_key(spec)
     root = Path(cache) if cache else cache_root()
     final = root / key
@@ -381,7 +388,7 @@ def ensure_base_image(
         os.close(fd)  # closing drops the flock
 
 
-def real_guest_unavailable() -> str | None:
+def real_guest_unavailable(suite: str = SUITE) -> str | None:
     """Why this machine cannot run the lab's real guests, in one line; None when it can. Needs QEMU, qemu-img
     and the image builder's tools, root, the builder's PID/mount namespaces, and the apt mirror (unless the
     image for this recipe is cached). The tests skip with this reason; `lab up --real-guest` and .ci/run say it."""
@@ -398,7 +405,7 @@ def real_guest_unavailable() -> str | None:
     if probe.returncode != 0:
         return f"this machine refuses the image builder's PID/mount namespaces ({probe.stderr.strip()[:120]})"
     try:
-        spec = recipe()
+        spec = recipe(suite=suite)
     except LookupError as exc:
         return f"no Debian mirror to build the base image from: {exc}"
     if (cache_root() / recipe_key(spec) / MANIFEST_NAME).is_file():

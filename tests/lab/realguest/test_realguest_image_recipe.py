@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from packer_assets.errors import ConfigError
 from packer_assets_lab.realguest import image
-from packer_assets_lab.realguest.sources import apt_sources, debian_mirrors
+from packer_assets_lab.realguest.sources import apt_sources, debian_mirrors, suite_for
 
 
 def apt_dir(tmp_path, sources_list="", parts=None):
@@ -64,12 +65,54 @@ def test_one_line_sources_with_options_comments_and_other_suites(tmp_path):
     assert mirrors.lines[-1] == "deb http://security.example/debian-security bookworm-security main"
 
 
-def test_an_override_wins_and_no_bookworm_source_is_a_clear_error(tmp_path):
-    root = apt_dir(tmp_path, sources_list="deb http://archive.example/debian trixie main\n")
-    with pytest.raises(LookupError, match="no apt source for bookworm"):
+def test_an_override_wins_and_no_debian_source_is_a_clear_error(tmp_path):
+    root = apt_dir(tmp_path, sources_list="deb http://other.example/apt stable main\n")
+    with pytest.raises(LookupError, match="no apt source for bookworm or another Debian release"):
         debian_mirrors(apt_root=root)
     assert debian_mirrors(mirror="http://local.example/debian/", apt_root=root).lines == (
         "deb http://local.example/debian bookworm main",)
+
+
+def test_trixie_comes_from_the_archives_a_bookworm_machine_names(tmp_path):
+    """Issue 27: this machine names bookworm only; the same archives serve trixie, its updates and its security
+    fixes (each pocket from where the machine gets bookworm's)."""
+    mirrors = debian_mirrors("trixie", apt_root=apt_dir(tmp_path, parts={"debian.sources": DEB822}))
+    assert mirrors.mirror == "http://deb.debian.org/debian"
+    assert mirrors.lines == ("deb http://deb.debian.org/debian trixie main",
+                             "deb http://deb.debian.org/debian trixie-updates main",
+                             "deb http://deb.debian.org/debian-security trixie-security main")
+
+
+def test_a_suite_the_machine_names_itself_comes_from_there(tmp_path):
+    root = apt_dir(tmp_path, sources_list=textwrap.dedent("""\
+        deb http://mirror.example/debian bookworm main
+        deb http://mirror.example/debian bookworm-security main
+        deb http://trixie.example/debian trixie main
+        deb http://trixie.example/debian-security trixie-security main
+        """))
+    assert debian_mirrors("trixie", apt_root=root).lines == (
+        "deb http://trixie.example/debian trixie main",
+        "deb http://trixie.example/debian-security trixie-security main")  # no -updates line anywhere
+
+
+@pytest.mark.parametrize(("os_id", "version_id", "suite"), [("debian", "12", "bookworm"), ("debian", "13", "trixie")])
+def test_the_keys_release_picks_the_suite_and_the_suite_is_in_the_recipe(tmp_path, os_id, version_id, suite):
+    assert suite_for(f"debian-{version_id}", os_id, version_id) == suite
+    root = apt_dir(tmp_path, parts={"debian.sources": DEB822})
+    spec = image.recipe(suite=suite, apt_root=root)
+    assert spec["suite"] == suite and spec["apt_lines"][0] == f"deb http://deb.debian.org/debian {suite} main"
+    other = image.recipe(suite={"bookworm": "trixie", "trixie": "bookworm"}[suite], apt_root=root)
+    assert image.recipe_key(spec) != image.recipe_key(other)  # the two images live side by side in the cache
+
+
+@pytest.mark.parametrize(("key", "os_id", "version_id"), [("debian-11", "debian", "11"), ("rocky-9", "rocky", "9"),
+                                                          ("debian-any", "debian", None)])
+def test_any_other_release_is_one_line_naming_the_key(key, os_id, version_id):
+    with pytest.raises(ConfigError) as err:
+        suite_for(key, os_id, version_id)
+    message = str(err.value)
+    assert message.startswith(f"--real-guest {key}: the lab's real guest is Debian 12 (bookworm) or 13 (trixie)")
+    assert f"{key} expects {os_id} {version_id or '(any release)'}" in message and "\n" not in message
 
 
 def test_the_recipe_key_follows_what_shapes_the_image(tmp_path):
