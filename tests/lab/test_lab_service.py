@@ -11,6 +11,7 @@ import pytest
 pytestmark = pytest.mark.lab
 pytest.importorskip("packer_assets_lab", reason="needs the lab: pip install -e ./lab (make test installs it)")
 import requests
+import yaml
 from support import REPO as ROOT
 
 from packer_assets.config.envfile import read_env_file
@@ -147,8 +148,8 @@ def make_plan(target, tmp_path, *assignments, catalog=None):
 
 
 @pytest.mark.parametrize(("with_debian_13", "assignments", "keys"), [
-    (False, (), ["debian-12"]),  # the shipped catalog before it has debian-13
-    (True, (), ["debian-12", "debian-13"]),  # a catalog with both: the default builds both
+    (False, (), ["debian-12"]),  # a site catalog without debian-13
+    (True, (), ["debian-12", "debian-13"]),  # a catalog with both (the shipped one): the default builds both
     (True, ("REAL_KEYS=debian-13",), ["debian-13"]),  # one of them, by the variable
 ])
 def test_make_demo_real_builds_the_real_keys_the_catalog_has_or_those_named(tmp_path, with_debian_13, assignments,
@@ -157,7 +158,11 @@ def test_make_demo_real_builds_the_real_keys_the_catalog_has_or_those_named(tmp_
     real guest at `lab up` and built, verified and its rows printed in turn."""
     from support.realguest import project_with_debian_13
 
-    catalog = project_with_debian_13(tmp_path / "p") / "templates/catalog.yaml" if with_debian_13 else None
+    catalog = project_with_debian_13(tmp_path / "p") / "templates/catalog.yaml"
+    if not with_debian_13:
+        data = yaml.safe_load(catalog.read_text())
+        data["templates"] = [t for t in data["templates"] if t["key"] != "debian-13"]
+        catalog.write_text(yaml.safe_dump(data, sort_keys=False))
     plan = make_plan("demo-real", tmp_path, *assignments, catalog=catalog)
     assert f"lab up --state {tmp_path}/lab --real-guest {','.join(keys)}" in plan
     assert f"for key in {' '.join(keys)}; do" in plan
