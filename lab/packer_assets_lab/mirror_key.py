@@ -37,13 +37,24 @@ def _gpg_home() -> Iterator[Path]:
     try:
         yield home
     finally:
-        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True, check=False)
+        try:  # bounded: a wedged agent must not hang the lab; the folder goes either way
+            subprocess.run(
+                ["gpgconf", "--homedir", str(home), "--kill", "all"],
+                capture_output=True,
+                check=False,
+                timeout=GPG_TIMEOUT,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            pass
         shutil.rmtree(home, ignore_errors=True)
 
 
 def _gpg(home: Path, *args: str, stdin: bytes | None = None) -> bytes:
     cmd = ["gpg", "--batch", "--no-tty", "--homedir", str(home), "--pinentry-mode", "loopback", "--passphrase", ""]
-    out = subprocess.run([*cmd, *args], input=stdin, capture_output=True, timeout=GPG_TIMEOUT, check=False)
+    try:
+        out = subprocess.run([*cmd, *args], input=stdin, capture_output=True, timeout=GPG_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        raise MirrorKeyError(f"gpg {args[0]}: no answer within {GPG_TIMEOUT} s") from None
     if out.returncode != 0:
         said = out.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [f"exit {out.returncode}"]
         raise MirrorKeyError(f"gpg {args[0]}: {said[0]}")
